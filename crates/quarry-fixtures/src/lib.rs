@@ -1,0 +1,110 @@
+//! Test support shared by the workspace's integration tests.
+//!
+//! Real models are never committed: [`model_path`] runs the project's `scripts/fetch-models`
+//! (idempotent; a no-op once the cache is filled) and returns the cached file. The golden
+//! references measured with llama.cpp live in `fixtures/goldens/` (copied from the project's
+//! shared goldens; see `fixtures/goldens/README.md` for provenance).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+/// The two real models the tests run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestModel {
+    /// Gemma 3 270M "Q4_K_M" (Q8_0, Q5_0, Q4_K, Q6_K blocks), `gemma3` architecture.
+    Gemma3,
+    /// SmolLM2-135M-Instruct Q4_1, `llama` architecture, GPT-2 BPE tokenizer.
+    SmolLm2,
+}
+
+impl TestModel {
+    pub const ALL: [TestModel; 2] = [TestModel::Gemma3, TestModel::SmolLm2];
+
+    /// The name `scripts/fetch-models` takes.
+    pub fn fetch_name(self) -> &'static str {
+        match self {
+            TestModel::Gemma3 => "gemma",
+            TestModel::SmolLm2 => "smollm2",
+        }
+    }
+
+    /// The model's key in `fixtures/goldens/llamacpp.json`.
+    pub fn golden_key(self) -> &'static str {
+        match self {
+            TestModel::Gemma3 => "gemma-3-270m-q4_k_m",
+            TestModel::SmolLm2 => "SmolLM2-135M-Instruct.Q4_1",
+        }
+    }
+}
+
+/// The workspace root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crate lives two levels below the workspace root")
+        .to_path_buf()
+}
+
+/// Path of a real test model, fetched into the cache on first use.
+///
+/// Panics with the script's message when the model cannot be fetched: a test on real data must
+/// fail loudly rather than pass by skipping.
+pub fn model_path(model: TestModel) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let script = workspace_root().join("scripts/fetch-models");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(model.fetch_name())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} {} failed: {}",
+        script.display(),
+        model.fetch_name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(path.is_file(), "fetch-models printed {}, which is not a file", path.display());
+    path
+}
+
+/// The directory of golden reference files.
+pub fn goldens_dir() -> PathBuf {
+    workspace_root().join("fixtures/goldens")
+}
+
+/// `fixtures/goldens/llamacpp.json`, parsed once.
+pub fn llamacpp_goldens() -> &'static serde_json::Value {
+    static GOLDENS: OnceLock<serde_json::Value> = OnceLock::new();
+    GOLDENS.get_or_init(|| {
+        let path = goldens_dir().join("llamacpp.json");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    })
+}
+
+/// The golden entry of one model (`models.<key>` in `llamacpp.json`).
+pub fn model_goldens(model: TestModel) -> &'static serde_json::Value {
+    &llamacpp_goldens()["models"][model.golden_key()]
+}
+
+/// The text the golden perplexities were computed on.
+pub fn perplexity_text() -> String {
+    let path = goldens_dir().join("gpl-3.txt");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// A JSON array of integers as token ids.
+pub fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("expected an array of ids, got {value}"))
+        .iter()
+        .map(|v| v.as_u64().expect("token id") as u32)
+        .collect()
+}
