@@ -1,0 +1,308 @@
+//! The subcommands. Each returns `anyhow::Result`; `main` turns errors into one line + exit 1.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use quarry_engine::{perplexity as ppl, GenerateOptions, Generation, SamplingParams, Session};
+use quarry_format::GgufFile;
+use quarry_model::Model;
+use quarry_tokenize::{ChatMessage, ChatTemplate, Tokenizer};
+use serde_json::json;
+
+use crate::{models, ChatArgs, GenArgs, InfoArgs, PerplexityArgs, RunArgs, TokenizeArgs};
+
+/// Largest default context: enough for chat, small enough that the KV cache stays modest.
+const DEFAULT_CTX_LIMIT: usize = 4096;
+
+fn open(model: &str) -> Result<GgufFile> {
+    let path = models::resolve(model)?;
+    Ok(GgufFile::open(&path)?)
+}
+
+fn init_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        anyhow::ensure!(n > 0, "invalid --threads 0: must be at least 1");
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("starting the thread pool")?;
+    }
+    Ok(())
+}
+
+fn generate_options(g: &GenArgs, stop_at_eog: bool) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: g.n_predict,
+        sampling: SamplingParams {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            min_p: g.min_p,
+            repeat_penalty: g.repeat_penalty,
+            frequency_penalty: g.frequency_penalty,
+            presence_penalty: g.presence_penalty,
+            penalty_last_n: g.repeat_last_n,
+            seed: g.seed,
+        },
+        stop: g.stop.clone(),
+        stop_at_eog,
+    }
+}
+
+fn context_size(g: &GenArgs, model: &Model<'_>) -> Result<usize> {
+    let ctx = g.ctx.unwrap_or(model.config().context_length.min(DEFAULT_CTX_LIMIT));
+    anyhow::ensure!(ctx >= 2, "invalid --ctx {ctx}: must be at least 2");
+    Ok(ctx)
+}
+
+fn tok_per_s(tokens: usize, time: Duration) -> f64 {
+    tokens as f64 / time.as_secs_f64().max(1e-9)
+}
+
+fn print_timings(g: &Generation, load: Duration) {
+    eprintln!(
+        "\n[load {:.0} ms | prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | finish: {}]",
+        load.as_secs_f64() * 1e3,
+        g.prompt_eval_tokens,
+        tok_per_s(g.prompt_eval_tokens, g.prompt_eval_time),
+        g.decode_tokens,
+        tok_per_s(g.decode_tokens, g.decode_time),
+        g.finish.as_str()
+    );
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    init_threads(a.gen.threads)?;
+    let t0 = Instant::now();
+    let file = open(&a.model)?;
+    let model = Model::load(&file)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let load = t0.elapsed();
+    let prompt = tokenizer.encode(&a.prompt, !a.no_bos, true);
+    let mut session = Session::new(&model, &tokenizer, context_size(&a.gen, &model)?);
+    let options = generate_options(&a.gen, true);
+    let mut out = io::stdout().lock();
+    let json = a.json;
+    let g = session.generate(&prompt, &options, |piece| {
+        if !json {
+            // A closed stdout (e.g. `| head`) must not abort generation with a panic.
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    if json {
+        let v = json!({
+            "model": file.source(),
+            "prompt": a.prompt,
+            "prompt_ids": prompt,
+            "ids": g.tokens,
+            "text": g.text,
+            "finish_reason": g.finish.as_str(),
+            "timings": {
+                "load_ms": load.as_secs_f64() * 1e3,
+                "prompt_tokens": g.prompt_eval_tokens,
+                "prompt_ms": g.prompt_eval_time.as_secs_f64() * 1e3,
+                "prompt_tok_s": tok_per_s(g.prompt_eval_tokens, g.prompt_eval_time),
+                "decode_tokens": g.decode_tokens,
+                "decode_ms": g.decode_time.as_secs_f64() * 1e3,
+                "decode_tok_s": tok_per_s(g.decode_tokens, g.decode_time),
+            }
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out)?;
+        print_timings(&g, load);
+    }
+    Ok(())
+}
+
+pub fn chat(a: ChatArgs) -> Result<()> {
+    init_threads(a.gen.threads)?;
+    let t0 = Instant::now();
+    let file = open(&a.model)?;
+    let model = Model::load(&file)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let template = ChatTemplate::from_gguf(&file, &tokenizer)?;
+    let load = t0.elapsed();
+    if template.is_fallback() {
+        eprintln!("note: {}", template.description());
+    }
+    let mut session = Session::new(&model, &tokenizer, context_size(&a.gen, &model)?);
+    let options = generate_options(&a.gen, true);
+    let mut messages = Vec::new();
+    if let Some(system) = &a.system {
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: system.clone(),
+        });
+    }
+    eprintln!("[chat with {}; end with Ctrl-D or /exit]", file.source());
+    let stdin = io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        let line = line.trim();
+        if line == "/exit" {
+            break;
+        }
+        if line.is_empty() {
+            continue;
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: line.to_string(),
+        });
+        let rendered = template.render(&messages, true)?;
+        let mut prompt = tokenizer.encode(&rendered, false, true);
+        // Templates normally spell out BOS; add it when the model wants one and it is missing.
+        if let Some(bos) = tokenizer.bos_id().filter(|_| tokenizer.add_bos()) {
+            if prompt.first() != Some(&bos) {
+                prompt.insert(0, bos);
+            }
+        }
+        let mut out = io::stdout().lock();
+        let g = session.generate(&prompt, &options, |piece| {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        })?;
+        writeln!(out)?;
+        drop(out);
+        print_timings(&g, load);
+        messages.push(ChatMessage {
+            role: "assistant".into(),
+            content: g.text.trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+pub fn perplexity(a: PerplexityArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("cannot read text file {}", a.file.display()))?;
+    let file = open(&a.model)?;
+    let model = Model::load(&file)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let mut tokens = tokenizer.encode(&text, true, true);
+    if let Some(max) = a.chunks {
+        tokens.truncate(max.saturating_mul(a.ctx));
+    }
+    let bos = tokenizer.bos_id().filter(|_| tokenizer.add_bos());
+    let bar = ProgressBar::new((tokens.len() / a.ctx.max(1)) as u64).with_style(
+        ProgressStyle::with_template("{spinner} perplexity [{bar:30}] {pos}/{len} chunks {msg} ({eta})")
+            .expect("valid template"),
+    );
+    let t0 = Instant::now();
+    let report = ppl::perplexity(&model, &tokens, a.ctx, bos, |_, _, running| {
+        bar.inc(1);
+        bar.set_message(format!("ppl {running:.4}"));
+    })?;
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        let v = json!({
+            "model": file.source(),
+            "file": a.file,
+            "tokens": tokens.len(),
+            "ctx": report.ctx,
+            "chunks": report.chunks,
+            "scored_tokens": report.scored_tokens,
+            "ppl": report.ppl,
+            "ppl_stderr": report.ppl_stderr,
+            "running_ppl": report.running_ppl,
+            "seconds": secs,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "PPL = {:.4} +/- {:.4} ({} chunks of {} tokens, {} scored, {:.1} s)",
+            report.ppl, report.ppl_stderr, report.chunks, report.ctx, report.scored_tokens, secs
+        );
+    }
+    Ok(())
+}
+
+pub fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let file = open(&a.model)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let ids = tokenizer.encode(&a.text, !a.no_bos, !a.no_parse_special);
+    let pieces: Vec<String> = ids
+        .iter()
+        .map(|&id| {
+            if tokenizer.is_control(id) {
+                tokenizer.token_text(id).to_string()
+            } else {
+                String::from_utf8_lossy(&tokenizer.token_bytes(id)).into_owned()
+            }
+        })
+        .collect();
+    if a.json {
+        println!("{}", json!({ "ids": ids, "pieces": pieces }));
+    } else {
+        for (id, piece) in ids.iter().zip(&pieces) {
+            println!("{id:>8} -> {piece:?}");
+        }
+    }
+    Ok(())
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let file = open(&a.model)?;
+    let model = Model::load(&file)?;
+    let c = model.config();
+    let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    let mut params = 0u64;
+    for t in file.tensors() {
+        let e = by_type.entry(t.dtype.name().to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.n_bytes;
+        params += t.n_elements();
+    }
+    let size = std::fs::metadata(file.source()).map(|m| m.len()).unwrap_or(0);
+    let name = file.get("general.name").and_then(|v| v.as_str()).unwrap_or("");
+    if a.json {
+        let types: serde_json::Map<String, serde_json::Value> = by_type
+            .iter()
+            .map(|(k, (n, b))| (k.clone(), json!({ "tensors": n, "bytes": b })))
+            .collect();
+        let v = json!({
+            "file": file.source(), "name": name, "size_bytes": size, "gguf_version": file.version(),
+            "architecture": c.architecture, "parameters": params,
+            "n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads,
+            "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "ff_dim": c.ff_dim,
+            "vocab_size": c.vocab_size, "context_length": c.context_length,
+            "norm_eps": c.norm_eps, "activation": format!("{:?}", c.activation),
+            "rope_style": format!("{:?}", c.rope_style), "rope_base": c.rope_base,
+            "rope_base_local": c.rope_base_local, "sliding_window": c.sliding_window,
+            "global_layers": c.global_layers.iter().enumerate().filter(|(_, g)| **g).map(|(i, _)| i).collect::<Vec<_>>(),
+            "attn_softcap": c.attn_softcap, "final_softcap": c.final_softcap,
+            "embed_scale": c.embed_scale, "tensor_types": types,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("file          {} ({:.1} MiB, GGUF v{})", file.source(), size as f64 / 1048576.0, file.version());
+    println!("name          {name}");
+    println!("architecture  {} ({:.1} M parameters)", c.architecture, params as f64 / 1e6);
+    println!("layers        {}", c.n_layers);
+    println!("d_model       {}   ff {}   vocab {}", c.d_model, c.ff_dim, c.vocab_size);
+    println!("heads         {} query / {} kv, head dim {}", c.n_heads, c.n_kv_heads, c.head_dim);
+    println!("context       {}", c.context_length);
+    println!("norm          RMSNorm eps {:e}", c.norm_eps);
+    println!("activation    {:?}", c.activation);
+    println!("rope          {:?}, {} dims, base {} (local {})", c.rope_style, c.rope_dims, c.rope_base, c.rope_base_local);
+    if let Some(w) = c.sliding_window {
+        let globals: Vec<usize> = c.global_layers.iter().enumerate().filter(|(_, g)| **g).map(|(i, _)| i).collect();
+        println!("sliding       window {w}; global layers {globals:?}");
+    }
+    println!("tensors       {}", file.tensors().len());
+    for (t, (n, bytes)) in &by_type {
+        println!("  {t:<6} {n:>4} tensors {:>9.1} MiB", *bytes as f64 / 1048576.0);
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! `quarry`: run, chat with, evaluate and inspect GGUF models.
+//!
+//! Errors are printed as one line on stderr with exit code 1; usage errors exit with 2.
+
+mod commands;
+mod models;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "quarry", version, about = "Run large language models from GGUF files")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt, streaming the generated text.
+    Run(RunArgs),
+    /// Multi-turn chat using the model's chat template (reads turns from stdin).
+    Chat(ChatArgs),
+    /// Perplexity of a text file, with llama.cpp's method.
+    Perplexity(PerplexityArgs),
+    /// Show the token ids of a text.
+    Tokenize(TokenizeArgs),
+    /// Show a model's architecture, hyper-parameters and tensor types.
+    Info(InfoArgs),
+}
+
+/// Options shared by everything that generates text.
+#[derive(Args, Clone, Debug)]
+pub struct GenArgs {
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    pub n_predict: usize,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0 disables).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches P (1 disables).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than M times the most likely one (0 disables).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalty for recently seen tokens (1 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Subtracted from a token's logit once per earlier occurrence.
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Subtracted from a token's logit if it occurred at all.
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Recent tokens the penalties look at.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed (same seed, same text).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// GGUF file, or a model alias (gemma3, smollm2) fetched on first use.
+    pub model: String,
+    /// The text to continue.
+    pub prompt: String,
+    #[command(flatten)]
+    pub gen: GenArgs,
+    /// Do not add the model's BOS token.
+    #[arg(long)]
+    pub no_bos: bool,
+    /// Print one JSON object (token ids, text, timings) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// GGUF file, or a model alias (gemma3, smollm2) fetched on first use.
+    pub model: String,
+    /// A system message placed before the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub gen: GenArgs,
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    /// GGUF file, or a model alias.
+    pub model: String,
+    /// The text file to score.
+    pub file: std::path::PathBuf,
+    /// Window size in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Score at most this many windows.
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    /// GGUF file, or a model alias.
+    pub model: String,
+    /// The text to tokenize.
+    pub text: String,
+    /// Do not add the model's BOS token.
+    #[arg(long)]
+    pub no_bos: bool,
+    /// Treat control-token texts such as <|im_start|> as plain text.
+    #[arg(long)]
+    pub no_parse_special: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// GGUF file, or a model alias.
+    pub model: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => commands::run(a),
+        Command::Chat(a) => commands::chat(a),
+        Command::Perplexity(a) => commands::perplexity(a),
+        Command::Tokenize(a) => commands::tokenize(a),
+        Command::Info(a) => commands::info(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,47 @@
+use quarry_format::{FormatError, GgmlType};
+use quarry_kernels::KernelError;
+
+/// Everything that can go wrong building or running a model. Messages name the file, tensor or
+/// key concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("{file}: unsupported architecture '{arch}' (supported: {supported})")]
+    UnsupportedArchitecture {
+        file: String,
+        arch: String,
+        supported: &'static str,
+    },
+    #[error("{file}: tensor '{tensor}' has shape {found:?}, expected {expected:?}")]
+    WrongShape {
+        file: String,
+        tensor: String,
+        expected: Vec<u64>,
+        found: Vec<u64>,
+    },
+    #[error("{file}: tensor '{tensor}' has type {dtype}, which cannot be used as {role}")]
+    WrongType {
+        file: String,
+        tensor: String,
+        dtype: GgmlType,
+        role: &'static str,
+    },
+    #[error("{file}: invalid hyper-parameter {key} = {value}: {reason}")]
+    BadHyperParameter {
+        file: String,
+        key: String,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("{file}: tensor '{tensor}': {source}")]
+    Kernel {
+        file: String,
+        tensor: String,
+        source: KernelError,
+    },
+    #[error("{needed} tokens do not fit in the context of {capacity} tokens")]
+    ContextOverflow { needed: usize, capacity: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { id: u32, vocab: usize },
+}

@@ -1,0 +1,87 @@
+//! Key/value storage for incremental decoding.
+//!
+//! The forward pass talks to the cache only through [`KvCache`], so a contiguous cache (here)
+//! and a paged, block-table cache (for batched serving) are interchangeable. Positions are
+//! appended in order; a layer's keys and values for position `p` are `kv_dim` floats each.
+
+/// Storage of the attention keys and values of past positions, per layer.
+pub trait KvCache {
+    /// Positions stored (the next token goes at this position).
+    fn len(&self) -> usize;
+    /// True when no position is stored.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Most positions the cache can hold.
+    fn capacity(&self) -> usize;
+    /// Writes keys and values of `n` new positions (starting at `len()`) for one layer; `k` and
+    /// `v` hold `n × kv_dim` floats. Visible to readers once [`KvCache::advance`] is called.
+    fn write(&mut self, layer: usize, k: &[f32], v: &[f32]);
+    /// Keys of `layer` at position `pos` (`kv_dim` floats); `pos` may be one of the positions
+    /// written but not yet advanced past.
+    fn key(&self, layer: usize, pos: usize) -> &[f32];
+    /// Values of `layer` at position `pos`.
+    fn value(&self, layer: usize, pos: usize) -> &[f32];
+    /// Makes `n` written positions part of the sequence.
+    fn advance(&mut self, n: usize);
+    /// Drops every position at or after `len` (to rewind or reuse a prefix).
+    fn truncate(&mut self, len: usize);
+}
+
+/// One contiguous buffer per layer, sized for the whole context up front.
+#[derive(Clone, Debug)]
+pub struct ContiguousKvCache {
+    kv_dim: usize,
+    capacity: usize,
+    len: usize,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+impl ContiguousKvCache {
+    pub fn new(n_layers: usize, kv_dim: usize, capacity: usize) -> ContiguousKvCache {
+        ContiguousKvCache {
+            kv_dim,
+            capacity,
+            len: 0,
+            keys: vec![vec![0.0; kv_dim * capacity]; n_layers],
+            values: vec![vec![0.0; kv_dim * capacity]; n_layers],
+        }
+    }
+}
+
+impl KvCache for ContiguousKvCache {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let start = self.len * self.kv_dim;
+        assert!(
+            start + k.len() <= self.capacity * self.kv_dim,
+            "KV cache overflow (the caller checks capacity before the forward pass)"
+        );
+        self.keys[layer][start..start + k.len()].copy_from_slice(k);
+        self.values[layer][start..start + v.len()].copy_from_slice(v);
+    }
+
+    fn key(&self, layer: usize, pos: usize) -> &[f32] {
+        &self.keys[layer][pos * self.kv_dim..(pos + 1) * self.kv_dim]
+    }
+
+    fn value(&self, layer: usize, pos: usize) -> &[f32] {
+        &self.values[layer][pos * self.kv_dim..(pos + 1) * self.kv_dim]
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.capacity);
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}

@@ -1,0 +1,16 @@
+//! Transformer architectures as configuration over shared blocks, and the forward pass.
+//!
+//! `quarry-model` knows transformers, not text or HTTP: it maps a GGUF file's tensors into a
+//! [`Model`] (weights stay quantized in the memory map), runs batches of token ids through the
+//! one forward pass all families share, and keeps attention state in a [`KvCache`].
+
+mod config;
+mod error;
+mod kv_cache;
+mod model;
+pub mod ops;
+
+pub use config::{Activation, Family, ModelConfig, RopeStyle};
+pub use error::ModelError;
+pub use kv_cache::{ContiguousKvCache, KvCache};
+pub use model::Model;

@@ -1,0 +1,327 @@
+//! Weights borrowed from a GGUF file and the one forward pass every family shares.
+//!
+//! Matrices stay in their quantized blocks inside the memory map ([`WeightView`]); only norm
+//! vectors (a few KiB each) are copied out as `f32`. The forward pass processes a batch of
+//! consecutive tokens of one sequence — the whole prompt at once during prefill, one token
+//! during decoding — so every weight matrix is read once per call whatever the batch size.
+
+use std::ops::Range;
+
+use quarry_format::{GgufFile, TensorView};
+use quarry_kernels::{matmul, WeightView};
+use rayon::prelude::*;
+
+use crate::config::ModelConfig;
+use crate::kv_cache::{ContiguousKvCache, KvCache};
+use crate::ops::{dot, gated_activation, rms_norm, softcap, softmax, Rope};
+use crate::ModelError;
+
+/// A loaded model: configuration plus weights borrowed from `'a`'s memory map.
+pub struct Model<'a> {
+    config: ModelConfig,
+    token_embd: WeightView<'a>,
+    output: WeightView<'a>,
+    output_norm: Vec<f32>,
+    layers: Vec<Layer<'a>>,
+    rope_global: Rope,
+    rope_local: Rope,
+}
+
+struct Layer<'a> {
+    attn_norm: Vec<f32>,
+    wq: WeightView<'a>,
+    wk: WeightView<'a>,
+    wv: WeightView<'a>,
+    wo: WeightView<'a>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    gate: WeightView<'a>,
+    up: WeightView<'a>,
+    down: WeightView<'a>,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+impl<'a> Model<'a> {
+    /// Builds a model over `file`'s tensors, checking every shape against the configuration.
+    pub fn load(file: &'a GgufFile) -> Result<Model<'a>, ModelError> {
+        let config = ModelConfig::from_gguf(file)?;
+        let (d, q, kv, ff) = (config.d_model, config.q_dim(), config.kv_dim(), config.ff_dim);
+        let weights = Weights { file };
+        let token_embd = weights.matrix("token_embd.weight", config.vocab_size, d)?;
+        // Tied embeddings: without an output matrix the embedding doubles as the head.
+        let output = match file.tensor("output.weight") {
+            Ok(_) => weights.matrix("output.weight", config.vocab_size, d)?,
+            Err(_) => token_embd,
+        };
+        let layers = (0..config.n_layers)
+            .map(|i| {
+                let name = |s: &str| format!("blk.{i}.{s}.weight");
+                Ok(Layer {
+                    attn_norm: weights.vector(&name("attn_norm"), d)?,
+                    wq: weights.matrix(&name("attn_q"), q, d)?,
+                    wk: weights.matrix(&name("attn_k"), kv, d)?,
+                    wv: weights.matrix(&name("attn_v"), kv, d)?,
+                    wo: weights.matrix(&name("attn_output"), d, q)?,
+                    q_norm: weights.optional_vector(&name("attn_q_norm"), config.head_dim)?,
+                    k_norm: weights.optional_vector(&name("attn_k_norm"), config.head_dim)?,
+                    post_attn_norm: weights.optional_vector(&name("post_attention_norm"), d)?,
+                    ffn_norm: weights.vector(&name("ffn_norm"), d)?,
+                    gate: weights.matrix(&name("ffn_gate"), ff, d)?,
+                    up: weights.matrix(&name("ffn_up"), ff, d)?,
+                    down: weights.matrix(&name("ffn_down"), d, ff)?,
+                    post_ffn_norm: weights.optional_vector(&name("post_ffw_norm"), d)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let rope_global = Rope::new(
+            config.rope_style,
+            config.rope_dims,
+            config.rope_base,
+            config.rope_scale,
+        );
+        let rope_local = Rope::new(config.rope_style, config.rope_dims, config.rope_base_local, 1.0);
+        Ok(Model {
+            output_norm: weights.vector("output_norm.weight", d)?,
+            config,
+            token_embd,
+            output,
+            layers,
+            rope_global,
+            rope_local,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// A contiguous KV cache for up to `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> ContiguousKvCache {
+        ContiguousKvCache::new(self.config.n_layers, self.config.kv_dim(), capacity)
+    }
+
+    /// Runs `tokens` (placed after what `cache` holds) through the model and returns the logits
+    /// of the tokens whose indices within `tokens` lie in `rows`, `vocab_size` floats each.
+    pub fn forward<C: KvCache + Sync>(
+        &self,
+        tokens: &[u32],
+        cache: &mut C,
+        rows: Range<usize>,
+    ) -> Result<Vec<f32>, ModelError> {
+        let hidden = self.forward_hidden(tokens, cache, rows)?;
+        Ok(self.logits(&hidden))
+    }
+
+    /// Like [`Model::forward`] but stops before the output head: the final-normed hidden states
+    /// of the selected rows (`d_model` floats each). [`Model::logits`] finishes the job, which
+    /// lets callers project a long batch a few rows at a time.
+    pub fn forward_hidden<C: KvCache + Sync>(
+        &self,
+        tokens: &[u32],
+        cache: &mut C,
+        rows: Range<usize>,
+    ) -> Result<Vec<f32>, ModelError> {
+        let cfg = &self.config;
+        let n = tokens.len();
+        let start = cache.len();
+        if start + n > cache.capacity() {
+            return Err(ModelError::ContextOverflow {
+                needed: start + n,
+                capacity: cache.capacity(),
+            });
+        }
+        assert!(rows.start <= rows.end && rows.end <= n, "rows {rows:?} outside a batch of {n}");
+        let d = cfg.d_model;
+        let mut x = vec![0.0f32; n * d];
+        for (row, &id) in x.chunks_exact_mut(d).zip(tokens) {
+            if id as usize >= cfg.vocab_size {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    vocab: cfg.vocab_size,
+                });
+            }
+            self.token_embd.dequantize_row(id as usize, row);
+            if cfg.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= cfg.embed_scale);
+            }
+        }
+        let mut scratch = Scratch::new(cfg, n);
+        for (index, layer) in self.layers.iter().enumerate() {
+            self.attention_block(index, layer, &mut x, cache, start, &mut scratch);
+            self.ffn_block(layer, &mut x, &mut scratch);
+        }
+        cache.advance(n);
+        let mut hidden = x[rows.start * d..rows.end * d].to_vec();
+        rms_norm(&mut hidden, &self.output_norm, cfg.norm_eps);
+        Ok(hidden)
+    }
+
+    /// Projects final hidden states (from [`Model::forward_hidden`]) onto the vocabulary.
+    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        let n = hidden.len() / self.config.d_model;
+        let mut logits = vec![0.0f32; n * self.config.vocab_size];
+        matmul(&self.output, hidden, n, &mut logits);
+        if let Some(cap) = self.config.final_softcap {
+            softcap(&mut logits, cap);
+        }
+        logits
+    }
+
+    fn attention_block<C: KvCache + Sync>(
+        &self,
+        index: usize,
+        layer: &Layer<'a>,
+        x: &mut [f32],
+        cache: &mut C,
+        start: usize,
+        s: &mut Scratch,
+    ) {
+        let cfg = &self.config;
+        let n = x.len() / cfg.d_model;
+        let hd = cfg.head_dim;
+        s.norm.copy_from_slice(x);
+        rms_norm(&mut s.norm, &layer.attn_norm, cfg.norm_eps);
+        matmul(&layer.wq, &s.norm, n, &mut s.q);
+        matmul(&layer.wk, &s.norm, n, &mut s.k);
+        matmul(&layer.wv, &s.norm, n, &mut s.v);
+        if let Some(w) = &layer.q_norm {
+            rms_norm(&mut s.q, w, cfg.norm_eps);
+        }
+        if let Some(w) = &layer.k_norm {
+            rms_norm(&mut s.k, w, cfg.norm_eps);
+        }
+        let global = cfg.global_layers[index];
+        let rope = if global { &self.rope_global } else { &self.rope_local };
+        for t in 0..n {
+            rope.apply(&mut s.q[t * cfg.q_dim()..(t + 1) * cfg.q_dim()], hd, start + t);
+            rope.apply(&mut s.k[t * cfg.kv_dim()..(t + 1) * cfg.kv_dim()], hd, start + t);
+        }
+        cache.write(index, &s.k, &s.v);
+
+        let window = if global { None } else { cfg.sliding_window };
+        let group = cfg.n_heads / cfg.n_kv_heads;
+        let cache: &C = cache;
+        let q = &s.q;
+        s.attn
+            .par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(slot, out)| {
+                let (t, h) = (slot / cfg.n_heads, slot % cfg.n_heads);
+                let pos = start + t;
+                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let kv_off = (h / group) * hd;
+                let qh = &q[slot * hd..(slot + 1) * hd];
+                let mut scores: Vec<f32> = (first..=pos)
+                    .map(|j| dot(qh, &cache.key(index, j)[kv_off..kv_off + hd]) * cfg.attn_scale)
+                    .collect();
+                if let Some(cap) = cfg.attn_softcap {
+                    softcap(&mut scores, cap);
+                }
+                softmax(&mut scores);
+                out.fill(0.0);
+                for (j, p) in (first..=pos).zip(&scores) {
+                    let v = &cache.value(index, j)[kv_off..kv_off + hd];
+                    for (o, vv) in out.iter_mut().zip(v) {
+                        *o += p * vv;
+                    }
+                }
+            });
+        matmul(&layer.wo, &s.attn, n, &mut s.norm);
+        if let Some(w) = &layer.post_attn_norm {
+            rms_norm(&mut s.norm, w, cfg.norm_eps);
+        }
+        x.iter_mut().zip(&s.norm).for_each(|(a, b)| *a += b);
+    }
+
+    fn ffn_block(&self, layer: &Layer<'a>, x: &mut [f32], s: &mut Scratch) {
+        let cfg = &self.config;
+        let n = x.len() / cfg.d_model;
+        s.norm.copy_from_slice(x);
+        rms_norm(&mut s.norm, &layer.ffn_norm, cfg.norm_eps);
+        matmul(&layer.gate, &s.norm, n, &mut s.gate);
+        matmul(&layer.up, &s.norm, n, &mut s.up);
+        gated_activation(&mut s.gate, &s.up, cfg.activation);
+        matmul(&layer.down, &s.gate, n, &mut s.norm);
+        if let Some(w) = &layer.post_ffn_norm {
+            rms_norm(&mut s.norm, w, cfg.norm_eps);
+        }
+        x.iter_mut().zip(&s.norm).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// Activation buffers of one forward call, allocated once and reused by every layer.
+struct Scratch {
+    norm: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(cfg: &ModelConfig, n: usize) -> Scratch {
+        Scratch {
+            norm: vec![0.0; n * cfg.d_model],
+            q: vec![0.0; n * cfg.q_dim()],
+            k: vec![0.0; n * cfg.kv_dim()],
+            v: vec![0.0; n * cfg.kv_dim()],
+            attn: vec![0.0; n * cfg.q_dim()],
+            gate: vec![0.0; n * cfg.ff_dim],
+            up: vec![0.0; n * cfg.ff_dim],
+        }
+    }
+}
+
+/// Looks tensors up by name and checks them against the shapes the configuration implies.
+struct Weights<'a> {
+    file: &'a GgufFile,
+}
+
+impl<'a> Weights<'a> {
+    fn tensor(&self, name: &str, expected: &[u64]) -> Result<TensorView<'a>, ModelError> {
+        let view = self.file.tensor(name)?;
+        if view.info.dims != expected {
+            return Err(ModelError::WrongShape {
+                file: self.file.source().to_string(),
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                found: view.info.dims.clone(),
+            });
+        }
+        Ok(view)
+    }
+
+    /// A `rows × cols` matrix (GGUF dims `[cols, rows]`).
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightView<'a>, ModelError> {
+        let view = self.tensor(name, &[cols as u64, rows as u64])?;
+        WeightView::new(view.info.dtype, rows, cols, view.data).map_err(|source| self.kernel(name, source))
+    }
+
+    /// A vector of `len` values, dequantized to `f32`.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let view = self.tensor(name, &[len as u64])?;
+        let mut out = vec![0.0f32; len];
+        quarry_kernels::dequantize(view.info.dtype, view.data, &mut out)
+            .map_err(|source| self.kernel(name, source))?;
+        Ok(out)
+    }
+
+    fn optional_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        if self.file.tensor(name).is_err() {
+            return Ok(None);
+        }
+        self.vector(name, len).map(Some)
+    }
+
+    fn kernel(&self, name: &str, source: quarry_kernels::KernelError) -> ModelError {
+        ModelError::Kernel {
+            file: self.file.source().to_string(),
+            tensor: name.to_string(),
+            source,
+        }
+    }
+}
