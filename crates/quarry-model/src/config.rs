@@ -117,7 +117,12 @@ impl ModelConfig {
         let head_dim = get_usize_or("attention.key_length", d_model / n_heads)?;
         let value_dim = get_usize_or("attention.value_length", head_dim)?;
         if value_dim != head_dim {
-            return Err(bad(file, &key("attention.value_length"), value_dim, "must equal key_length"));
+            return Err(bad(
+                file,
+                &key("attention.value_length"),
+                value_dim,
+                "must equal key_length",
+            ));
         }
         if n_heads % n_kv_heads != 0 {
             return Err(bad(
@@ -148,8 +153,12 @@ impl ModelConfig {
             Some("linear") => get_f32_or("rope.scaling.factor", 1.0)?,
             _ => 1.0,
         };
-        let attn_softcap = file.get(&key("attn_logit_softcapping")).and_then(|v| v.as_f32());
-        let final_softcap = file.get(&key("final_logit_softcapping")).and_then(|v| v.as_f32());
+        let attn_softcap = file
+            .get(&key("attn_logit_softcapping"))
+            .and_then(|v| v.as_f32());
+        let final_softcap = file
+            .get(&key("final_logit_softcapping"))
+            .and_then(|v| v.as_f32());
         let sliding = match file.get(&key("attention.sliding_window")) {
             Some(_) => Some(get_usize("attention.sliding_window")?),
             None => None,

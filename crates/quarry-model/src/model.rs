@@ -47,7 +47,12 @@ impl<'a> Model<'a> {
     /// Builds a model over `file`'s tensors, checking every shape against the configuration.
     pub fn load(file: &'a GgufFile) -> Result<Model<'a>, ModelError> {
         let config = ModelConfig::from_gguf(file)?;
-        let (d, q, kv, ff) = (config.d_model, config.q_dim(), config.kv_dim(), config.ff_dim);
+        let (d, q, kv, ff) = (
+            config.d_model,
+            config.q_dim(),
+            config.kv_dim(),
+            config.ff_dim,
+        );
         let weights = Weights { file };
         let token_embd = weights.matrix("token_embd.weight", config.vocab_size, d)?;
         // Tied embeddings: without an output matrix the embedding doubles as the head.
@@ -81,7 +86,12 @@ impl<'a> Model<'a> {
             config.rope_base,
             config.rope_scale,
         );
-        let rope_local = Rope::new(config.rope_style, config.rope_dims, config.rope_base_local, 1.0);
+        let rope_local = Rope::new(
+            config.rope_style,
+            config.rope_dims,
+            config.rope_base_local,
+            1.0,
+        );
         Ok(Model {
             output_norm: weights.vector("output_norm.weight", d)?,
             config,
@@ -132,7 +142,10 @@ impl<'a> Model<'a> {
                 capacity: cache.capacity(),
             });
         }
-        assert!(rows.start <= rows.end && rows.end <= n, "rows {rows:?} outside a batch of {n}");
+        assert!(
+            rows.start <= rows.end && rows.end <= n,
+            "rows {rows:?} outside a batch of {n}"
+        );
         let d = cfg.d_model;
         let mut x = vec![0.0f32; n * d];
         for (row, &id) in x.chunks_exact_mut(d).zip(tokens) {
@@ -193,10 +206,22 @@ impl<'a> Model<'a> {
             rms_norm(&mut s.k, w, cfg.norm_eps);
         }
         let global = cfg.global_layers[index];
-        let rope = if global { &self.rope_global } else { &self.rope_local };
+        let rope = if global {
+            &self.rope_global
+        } else {
+            &self.rope_local
+        };
         for t in 0..n {
-            rope.apply(&mut s.q[t * cfg.q_dim()..(t + 1) * cfg.q_dim()], hd, start + t);
-            rope.apply(&mut s.k[t * cfg.kv_dim()..(t + 1) * cfg.kv_dim()], hd, start + t);
+            rope.apply(
+                &mut s.q[t * cfg.q_dim()..(t + 1) * cfg.q_dim()],
+                hd,
+                start + t,
+            );
+            rope.apply(
+                &mut s.k[t * cfg.kv_dim()..(t + 1) * cfg.kv_dim()],
+                hd,
+                start + t,
+            );
         }
         cache.write(index, &s.k, &s.v);
 
@@ -298,7 +323,8 @@ impl<'a> Weights<'a> {
     /// A `rows × cols` matrix (GGUF dims `[cols, rows]`).
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightView<'a>, ModelError> {
         let view = self.tensor(name, &[cols as u64, rows as u64])?;
-        WeightView::new(view.info.dtype, rows, cols, view.data).map_err(|source| self.kernel(name, source))
+        WeightView::new(view.info.dtype, rows, cols, view.data)
+            .map_err(|source| self.kernel(name, source))
     }
 
     /// A vector of `len` values, dequantized to `f32`.

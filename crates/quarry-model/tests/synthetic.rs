@@ -1,0 +1,278 @@
+//! Invariants of the forward pass on tiny random models written with the GGUF writer:
+//! batched prefill equals token-by-token decoding through the KV cache, sliding windows really
+//! bound what a local layer sees, and malformed files give errors that name the problem.
+
+use std::borrow::Cow;
+
+use quarry_format::{gguf::GgufWriter, GgmlType, GgufFile, Value};
+use quarry_model::{Model, ModelError};
+
+const D: usize = 32;
+const HEAD: usize = 16;
+const FF: usize = 64;
+const VOCAB: usize = 50;
+
+/// Deterministic pseudo-random values in [-scale, scale].
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, scale: f32) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next(scale)).collect()
+    }
+}
+
+struct Spec {
+    arch: &'static str,
+    layers: usize,
+    sliding_window: Option<u32>,
+    pattern: Option<u32>,
+    skip_tensor: Option<&'static str>,
+    bad_shape: Option<&'static str>,
+}
+
+impl Spec {
+    fn llama() -> Spec {
+        Spec {
+            arch: "llama",
+            layers: 2,
+            sliding_window: None,
+            pattern: None,
+            skip_tensor: None,
+            bad_shape: None,
+        }
+    }
+    fn gemma3(window: u32, pattern: u32) -> Spec {
+        Spec {
+            arch: "gemma3",
+            layers: 2,
+            sliding_window: Some(window),
+            pattern: Some(pattern),
+            ..Spec::llama()
+        }
+    }
+}
+
+fn quantized(dtype: GgmlType, values: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; dtype.bytes_for(values.len() as u64).unwrap() as usize];
+    quarry_kernels::quantize(dtype, values, &mut out).unwrap();
+    out
+}
+
+fn build(spec: &Spec) -> GgufFile {
+    let mut rng = Lcg(7);
+    let mut w = GgufWriter::new();
+    let a = spec.arch;
+    let mut meta = |k: &str, v: Value| w.add_metadata(k, v).unwrap();
+    meta("general.architecture", Value::String(a.into()));
+    meta(&format!("{a}.block_count"), Value::U32(spec.layers as u32));
+    meta(&format!("{a}.embedding_length"), Value::U32(D as u32));
+    meta(&format!("{a}.feed_forward_length"), Value::U32(FF as u32));
+    meta(&format!("{a}.attention.head_count"), Value::U32(4));
+    meta(&format!("{a}.attention.head_count_kv"), Value::U32(2));
+    meta(
+        &format!("{a}.attention.key_length"),
+        Value::U32(HEAD as u32),
+    );
+    meta(
+        &format!("{a}.attention.value_length"),
+        Value::U32(HEAD as u32),
+    );
+    meta(&format!("{a}.context_length"), Value::U32(64));
+    meta(&format!("{a}.vocab_size"), Value::U32(VOCAB as u32));
+    meta(
+        &format!("{a}.attention.layer_norm_rms_epsilon"),
+        Value::F32(1e-6),
+    );
+    if let Some(win) = spec.sliding_window {
+        meta(&format!("{a}.attention.sliding_window"), Value::U32(win));
+    }
+    if let Some(p) = spec.pattern {
+        meta(
+            &format!("{a}.attention.sliding_window_pattern"),
+            Value::U32(p),
+        );
+    }
+    let mut tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)> = Vec::new();
+    let matrix = |name: String, rows: usize, cols: usize, rng: &mut Lcg| {
+        let data = quantized(GgmlType::Q8_0, &rng.vec(rows * cols, 0.3));
+        (name, vec![cols as u64, rows as u64], GgmlType::Q8_0, data)
+    };
+    let norm = |name: String, n: usize, rng: &mut Lcg| {
+        let v: Vec<f32> = rng.vec(n, 0.2).iter().map(|x| 1.0 + x).collect();
+        (name, vec![n as u64], GgmlType::F32, bytemuck_f32(&v))
+    };
+    tensors.push(matrix("token_embd.weight".into(), VOCAB, D, &mut rng));
+    tensors.push(norm("output_norm.weight".into(), D, &mut rng));
+    for i in 0..spec.layers {
+        let n = |s: &str| format!("blk.{i}.{s}.weight");
+        tensors.push(norm(n("attn_norm"), D, &mut rng));
+        tensors.push(matrix(n("attn_q"), 4 * HEAD, D, &mut rng));
+        tensors.push(matrix(n("attn_k"), 2 * HEAD, D, &mut rng));
+        tensors.push(matrix(n("attn_v"), 2 * HEAD, D, &mut rng));
+        tensors.push(matrix(n("attn_output"), D, 4 * HEAD, &mut rng));
+        tensors.push(norm(n("ffn_norm"), D, &mut rng));
+        tensors.push(matrix(n("ffn_gate"), FF, D, &mut rng));
+        tensors.push(matrix(n("ffn_up"), FF, D, &mut rng));
+        tensors.push(matrix(n("ffn_down"), D, FF, &mut rng));
+        if a == "gemma3" {
+            tensors.push(norm(n("attn_q_norm"), HEAD, &mut rng));
+            tensors.push(norm(n("attn_k_norm"), HEAD, &mut rng));
+            tensors.push(norm(n("post_attention_norm"), D, &mut rng));
+            tensors.push(norm(n("post_ffw_norm"), D, &mut rng));
+        }
+    }
+    for (name, mut dims, dtype, data) in tensors {
+        if spec.skip_tensor == Some(name.as_str()) {
+            continue;
+        }
+        let data = if spec.bad_shape == Some(name.as_str()) {
+            dims[0] *= 2;
+            [data.clone(), data].concat()
+        } else {
+            data
+        };
+        w.add_tensor(name, &dims, dtype, Cow::Owned(data)).unwrap();
+    }
+    GgufFile::from_bytes(w.to_bytes(), "synthetic.gguf").unwrap()
+}
+
+fn bytemuck_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn tokens(n: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7 + 3) % VOCAB) as u32).collect()
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
+            "{what}: element {i}: {x} vs {y}"
+        );
+    }
+}
+
+fn prefill_equals_incremental(spec: Spec) {
+    let file = build(&spec);
+    let m = Model::load(&file).unwrap();
+    let toks = tokens(20);
+    let mut cache = m.new_cache(32);
+    let all = m.forward(&toks, &mut cache, 0..toks.len()).unwrap();
+
+    // One token at a time, and in uneven chunks: every row must equal the batched one.
+    let mut one = m.new_cache(32);
+    let mut chunked = m.new_cache(32);
+    let mut done = 0;
+    for (step, &t) in toks.iter().enumerate() {
+        let row = m.forward(&[t], &mut one, 0..1).unwrap();
+        assert_close(
+            &row,
+            &all[step * VOCAB..(step + 1) * VOCAB],
+            &format!("{} token {step}", spec.arch),
+        );
+    }
+    for size in [3, 5, 1, 7, 4] {
+        let chunk = &toks[done..done + size];
+        let rows = m.forward(chunk, &mut chunked, 0..size).unwrap();
+        assert_close(
+            &rows,
+            &all[done * VOCAB..(done + size) * VOCAB],
+            &format!("{} chunk at {done}", spec.arch),
+        );
+        done += size;
+    }
+}
+
+#[test]
+fn llama_prefill_equals_incremental_decoding() {
+    prefill_equals_incremental(Spec::llama());
+}
+
+#[test]
+fn gemma3_prefill_equals_incremental_decoding_across_windows() {
+    prefill_equals_incremental(Spec::gemma3(4, 2));
+}
+
+#[test]
+fn sliding_window_bounds_what_local_layers_see() {
+    // Two local layers with a window of 4: position 12 sees back at most 2 × 3 positions.
+    let local = build(&Spec::gemma3(4, 100));
+    let m = Model::load(&local).unwrap();
+    assert_eq!(m.config().global_layers, vec![false, false]);
+    let a = tokens(13);
+    let mut b = a.clone();
+    b[0] = (b[0] + 1) % VOCAB as u32;
+    let la = m.forward(&a, &mut m.new_cache(13), 12..13).unwrap();
+    let lb = m.forward(&b, &mut m.new_cache(13), 12..13).unwrap();
+    assert_eq!(
+        la, lb,
+        "token 0 is outside the receptive field of position 12"
+    );
+
+    // With the second layer global, the change reaches position 12.
+    let mixed = build(&Spec::gemma3(4, 2));
+    let m = Model::load(&mixed).unwrap();
+    assert_eq!(m.config().global_layers, vec![false, true]);
+    let la = m.forward(&a, &mut m.new_cache(13), 12..13).unwrap();
+    let lb = m.forward(&b, &mut m.new_cache(13), 12..13).unwrap();
+    assert_ne!(la, lb);
+}
+
+#[test]
+fn context_overflow_is_an_error() {
+    let file = build(&Spec::llama());
+    let m = Model::load(&file).unwrap();
+    let err = m
+        .forward(&tokens(9), &mut m.new_cache(8), 8..9)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::ContextOverflow {
+                needed: 9,
+                capacity: 8
+            }
+        ),
+        "{err}"
+    );
+    let err = m
+        .forward(&[VOCAB as u32], &mut m.new_cache(8), 0..1)
+        .unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn load_errors_name_the_problem() {
+    let missing = build(&Spec {
+        skip_tensor: Some("blk.1.ffn_up.weight"),
+        ..Spec::llama()
+    });
+    let err = Model::load(&missing).err().unwrap().to_string();
+    assert!(
+        err.contains("blk.1.ffn_up.weight") && err.contains("synthetic.gguf"),
+        "{err}"
+    );
+
+    let shape = build(&Spec {
+        bad_shape: Some("blk.0.attn_k.weight"),
+        ..Spec::llama()
+    });
+    let err = Model::load(&shape).err().unwrap();
+    assert!(matches!(err, ModelError::WrongShape { .. }), "{err}");
+    assert!(err.to_string().contains("blk.0.attn_k.weight"), "{err}");
+
+    let arch = build(&Spec {
+        arch: "mamba",
+        ..Spec::llama()
+    });
+    let err = Model::load(&arch).err().unwrap().to_string();
+    assert!(err.contains("unsupported architecture 'mamba'"), "{err}");
+}
