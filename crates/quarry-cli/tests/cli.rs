@@ -1,0 +1,163 @@
+//! The `quarry` binary end to end: real-model runs and the one-line errors of bad input.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use quarry_fixtures::{ids, model_goldens, model_path, TestModel};
+use quarry_format::{gguf::GgufWriter, GgmlType, Value};
+
+fn quarry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .args(args)
+        .output()
+        .expect("run quarry")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Exit code 1 and a single `error:` line on stderr containing `needle`.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{stderr}");
+}
+
+#[test]
+fn missing_file_is_a_one_line_error() {
+    let out = quarry(&["run", "/nonexistent/model.gguf", "hi"]);
+    assert_one_line_error(&out, "/nonexistent/model.gguf");
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("notes.txt");
+    std::fs::write(&p, "this is not a model, just some text").unwrap();
+    let out = quarry(&["run", path_str(&p), "hi"]);
+    assert_one_line_error(&out, "notes.txt");
+}
+
+#[test]
+fn unknown_architecture_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("mamba.gguf");
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", Value::String("mamba".into())).unwrap();
+    w.add_tensor("token_embd.weight", &[4], GgmlType::F32, Cow::Owned(vec![0u8; 16])).unwrap();
+    w.write(&p).unwrap();
+    let out = quarry(&["run", path_str(&p), "hi"]);
+    assert_one_line_error(&out, "unsupported architecture 'mamba'");
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_a_one_line_error() {
+    let model = model_path(TestModel::SmolLm2);
+    let prompt = "word ".repeat(40);
+    let out = quarry(&["run", path_str(&model), &prompt, "--ctx", "16", "-n", "4"]);
+    assert_one_line_error(&out, "context holds 16");
+}
+
+#[test]
+fn bad_sampling_parameter_is_a_one_line_error() {
+    let model = model_path(TestModel::SmolLm2);
+    let out = quarry(&["run", path_str(&model), "hi", "--top-p", "1.5"]);
+    assert_one_line_error(&out, "top_p");
+}
+
+/// Greedy `quarry run --json` on llama.cpp's prompts: the first tokens, which llama.cpp chose
+/// by a wide margin, must be the same.
+#[test]
+fn greedy_run_starts_like_llamacpp() {
+    for model in TestModel::ALL {
+        let path = model_path(model);
+        let g = &model_goldens(model)["greedy_fa_on"]["The capital of France is"]["model_default"];
+        let expected = ids(&g["greedy_ids"]);
+        let out = quarry(&[
+            "run",
+            path_str(&path),
+            "The capital of France is",
+            "--temperature",
+            "0",
+            "-n",
+            "8",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ids(&v["prompt_ids"]), ids(&g["prompt_ids"]), "{model:?} prompt tokens");
+        let got = ids(&v["ids"]);
+        let gaps = g["step_top1_minus_top2"].as_array().unwrap();
+        // Free-running greedy may part ways only after a near tie; up to then it must agree.
+        for (step, (a, b)) in got.iter().zip(&expected).enumerate() {
+            if a != b {
+                assert!(gaps[step].as_f64().unwrap() < 0.5, "{model:?} step {step}: {a} vs {b}");
+                break;
+            }
+        }
+        assert_eq!(v["finish_reason"], "length");
+        assert!(v["timings"]["decode_tok_s"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn same_seed_same_text() {
+    let model = model_path(TestModel::SmolLm2);
+    let run = |seed: &str| {
+        let out = quarry(&["run", path_str(&model), "Once upon a time", "-n", "12", "--seed", seed, "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        ids(&v["ids"])
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"), "different seeds should (almost surely) differ in 12 tokens");
+}
+
+#[test]
+fn chat_answers_each_turn_from_stdin() {
+    let model = model_path(TestModel::SmolLm2);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .args(["chat", path_str(&model), "--temperature", "0", "-n", "24"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"What is the capital of France?\nAnd of Germany?\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Paris"), "first answer: {stdout}");
+    assert!(stdout.contains("Berlin"), "second answer uses the history: {stdout}");
+    assert!(!stdout.contains("<|im_end|>"), "end-of-turn is not printed: {stdout}");
+}
+
+#[test]
+fn tokenize_json_matches_llamacpp() {
+    let model = model_path(TestModel::Gemma3);
+    let out = quarry(&["tokenize", path_str(&model), "The capital of France is", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let golden = &model_goldens(TestModel::Gemma3)["tokenize"]["The capital of France is"];
+    assert_eq!(ids(&v["ids"]), ids(&golden["add_special=true,parse_special=true"]));
+}
+
+#[test]
+fn info_reports_the_architecture() {
+    let model = model_path(TestModel::Gemma3);
+    let out = quarry(&["info", path_str(&model), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["architecture"], "gemma3");
+    assert_eq!(v["n_layers"], 18);
+    assert_eq!(v["tensor_types"]["Q5_0"]["tensors"], 81);
+    assert_eq!(v["global_layers"], serde_json::json!([5, 11, 17]));
+}

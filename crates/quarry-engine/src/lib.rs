@@ -1,0 +1,17 @@
+//! Generation engine: choosing tokens, deciding when to stop, running sessions, scoring text.
+//!
+//! - [`sampling`]: the sampler chain that turns logits into the next token.
+//! - [`stop`]: stop strings watched over streamed text.
+//! - [`session`]: a KV cache plus the decode loop; reuses cached prefixes across chat turns.
+//! - [`perplexity`]: llama.cpp's perplexity method, so figures compare.
+
+mod error;
+pub mod perplexity;
+pub mod sampling;
+pub mod session;
+pub mod stop;
+
+pub use error::EngineError;
+pub use sampling::{Sampler, SamplingError, SamplingParams};
+pub use session::{FinishReason, GenerateOptions, Generation, Session};
+pub use stop::StopStrings;

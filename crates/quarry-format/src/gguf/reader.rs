@@ -1,0 +1,622 @@
+//! Parsing a GGUF file into metadata, a tensor table and borrowed views of tensor data.
+//!
+//! The whole file is validated when it is opened (see the invariants in the parent module), so
+//! queries afterwards only look things up. Reads go through [`Cursor`], which checks every
+//! length against the bytes left and names the field being read when it fails.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::path::Path;
+
+use memmap2::Mmap;
+
+use crate::GgmlType;
+
+use super::{
+    align_up, tensor_size, FormatError, Value, ValueType, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAGIC,
+    MAX_ARRAY_NESTING, MAX_DIMS,
+};
+
+/// Fewest bytes of one metadata entry: key length, value type and a one-byte value.
+const MIN_KV_SIZE: u64 = 8 + 4 + 1;
+/// Fewest bytes of one tensor-table entry: name length, dimension count, one dimension, type
+/// and offset.
+const MIN_TENSOR_SIZE: u64 = 8 + 4 + 8 + 4 + 8;
+
+/// Most array elements reserved up front; longer arrays grow as they are read.
+const MAX_PREALLOCATED_ELEMENTS: usize = 4096;
+
+/// One entry of the tensor table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` is the length of a contiguous row.
+    pub dims: Vec<u64>,
+    pub dtype: GgmlType,
+    /// Offset of the first byte relative to the data section.
+    pub offset: u64,
+    /// Size of the tensor's data.
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements (product of the dimensions). Saturates at `u64::MAX` for shapes that
+    /// overflow, which no tensor read from a file has.
+    pub fn n_elements(&self) -> u64 {
+        self.dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// A tensor's description and its bytes, borrowed from the file without copying.
+#[derive(Clone, Copy)]
+pub struct TensorView<'a> {
+    pub info: &'a TensorInfo,
+    pub data: &'a [u8],
+}
+
+impl fmt::Debug for TensorView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The data can be hundreds of megabytes; show its size only.
+        f.debug_struct("TensorView")
+            .field("info", self.info)
+            .field("data_len", &self.data.len())
+            .finish()
+    }
+}
+
+/// Where the file's bytes live.
+enum Backing {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(map) => map,
+            Backing::Owned(bytes) => bytes,
+        }
+    }
+}
+
+/// An opened, fully validated GGUF file.
+pub struct GgufFile {
+    source: String,
+    backing: Backing,
+    version: u32,
+    alignment: u64,
+    metadata: Vec<(String, Value)>,
+    keys: HashMap<String, usize>,
+    tensors: Vec<TensorInfo>,
+    names: HashMap<String, usize>,
+    data_offset: u64,
+}
+
+impl fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("source", &self.source)
+            .field("version", &self.version)
+            .field("metadata_entries", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Memory-maps and validates the file at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, FormatError> {
+        let path = path.as_ref();
+        let source = path.display().to_string();
+        let io_err = |action, source_err| FormatError::Io {
+            file: source.clone(),
+            action,
+            source: source_err,
+        };
+        let file = File::open(path).map_err(|e| io_err("open", e))?;
+        let len = file.metadata().map_err(|e| io_err("stat", e))?.len();
+        // Mapping zero bytes fails on some platforms; an empty file is simply truncated.
+        let backing = if len == 0 {
+            Backing::Owned(Vec::new())
+        } else {
+            // SAFETY: the map is read-only and private to this value. Like every mmap-based
+            // reader we rely on nobody truncating or rewriting the file while it is open;
+            // GgufWriter never does (it replaces files by renaming a new one over them).
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err("map", e))?;
+            Backing::Mapped(map)
+        };
+        GgufFile::parse(source, backing)
+    }
+
+    /// Validates a file held in memory; `name` stands for the path in errors.
+    pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Result<GgufFile, FormatError> {
+        GgufFile::parse(name.to_owned(), Backing::Owned(bytes))
+    }
+
+    fn parse(source: String, backing: Backing) -> Result<GgufFile, FormatError> {
+        let parsed = Parsed::read(&source, backing.bytes())?;
+        Ok(GgufFile {
+            source,
+            backing,
+            version: parsed.version,
+            alignment: parsed.alignment,
+            metadata: parsed.metadata,
+            keys: parsed.keys,
+            tensors: parsed.tensors,
+            names: parsed.names,
+            data_offset: parsed.data_offset,
+        })
+    }
+
+    /// The path or name the file was opened with, as used in error messages.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The GGUF version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Alignment of the data section and of each tensor's offset.
+    pub fn alignment(&self) -> u64 {
+        self.alignment
+    }
+
+    /// All metadata entries in file order.
+    pub fn metadata(&self) -> &[(String, Value)] {
+        &self.metadata
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.keys
+            .get(key)
+            .and_then(|&i| self.metadata.get(i))
+            .map(|(_, v)| v)
+    }
+
+    /// The value of `key` converted by `convert`, or an error naming the key and the file.
+    fn typed<'s, T>(
+        &'s self,
+        key: &str,
+        expected: &'static str,
+        convert: impl FnOnce(&'s Value) -> Option<T>,
+    ) -> Result<T, FormatError> {
+        let value = self.get(key).ok_or_else(|| FormatError::MissingKey {
+            file: self.source.clone(),
+            key: key.to_owned(),
+        })?;
+        convert(value).ok_or_else(|| FormatError::WrongType {
+            file: self.source.clone(),
+            key: key.to_owned(),
+            expected,
+            found: value.describe(),
+        })
+    }
+
+    /// Any integer value that fits in a `u32`.
+    pub fn get_u32(&self, key: &str) -> Result<u32, FormatError> {
+        self.typed(key, "an integer in u32 range", |v| {
+            v.as_u64().and_then(|n| u32::try_from(n).ok())
+        })
+    }
+
+    /// Any non-negative integer value.
+    pub fn get_u64(&self, key: &str) -> Result<u64, FormatError> {
+        self.typed(key, "a non-negative integer", Value::as_u64)
+    }
+
+    /// Any numeric value, rounded to `f32`.
+    pub fn get_f32(&self, key: &str) -> Result<f32, FormatError> {
+        self.typed(key, "a number", Value::as_f32)
+    }
+
+    pub fn get_bool(&self, key: &str) -> Result<bool, FormatError> {
+        self.typed(key, "a bool", Value::as_bool)
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<&str, FormatError> {
+        self.typed(key, "a string", Value::as_str)
+    }
+
+    pub fn get_array(&self, key: &str) -> Result<&[Value], FormatError> {
+        self.typed(key, "an array", Value::as_array)
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Result<&str, FormatError> {
+        self.get_str("general.architecture")
+    }
+
+    /// The tensor table in file order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The tensor called `name` with its data.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>, FormatError> {
+        let info = self
+            .names
+            .get(name)
+            .and_then(|&i| self.tensors.get(i))
+            .ok_or_else(|| FormatError::MissingTensor {
+                file: self.source.clone(),
+                tensor: name.to_owned(),
+            })?;
+        // Bounds were validated when opening; `get` keeps this path panic-free regardless.
+        let data = self
+            .data_offset
+            .checked_add(info.offset)
+            .and_then(|start| {
+                Some((
+                    usize::try_from(start).ok()?,
+                    usize::try_from(info.n_bytes).ok()?,
+                ))
+            })
+            .and_then(|(start, len)| self.backing.bytes().get(start..start.checked_add(len)?))
+            .ok_or_else(|| FormatError::TensorOutOfBounds {
+                file: self.source.clone(),
+                tensor: info.name.clone(),
+                offset: info.offset,
+                n_bytes: info.n_bytes,
+                data_len: self.data_len(),
+            })?;
+        Ok(TensorView { info, data })
+    }
+
+    /// Absolute offset of the data section (aligned). Past the end of the file only when the
+    /// file has no tensors.
+    pub fn data_offset(&self) -> u64 {
+        self.data_offset
+    }
+
+    fn data_len(&self) -> u64 {
+        (self.backing.bytes().len() as u64).saturating_sub(self.data_offset)
+    }
+}
+
+/// The field being read, for error messages. Kept as borrowed parts and formatted only when
+/// an error occurs, because the hot path reads hundreds of thousands of vocabulary strings.
+#[derive(Clone, Copy)]
+enum Field<'k> {
+    Header(&'static str),
+    Key(u64),
+    Value(&'k str),
+    TensorName(u64),
+    Tensor(&'k str, &'static str),
+}
+
+impl fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Field::Header(what) => write!(f, "header {what}"),
+            Field::Key(i) => write!(f, "key of metadata entry #{i}"),
+            Field::Value(key) => write!(f, "value of metadata key '{key}'"),
+            Field::TensorName(i) => write!(f, "name of tensor #{i}"),
+            Field::Tensor(name, what) => write!(f, "{what} of tensor '{name}'"),
+        }
+    }
+}
+
+/// A bounds-checked little-endian reader over the file's bytes.
+struct Cursor<'b> {
+    file: &'b str,
+    buf: &'b [u8],
+    pos: usize,
+}
+
+impl<'b> Cursor<'b> {
+    fn remaining(&self) -> u64 {
+        self.buf.len().saturating_sub(self.pos) as u64
+    }
+
+    fn take(&mut self, n: u64, field: Field<'_>) -> Result<&'b [u8], FormatError> {
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| self.pos.checked_add(n));
+        match end.and_then(|end| self.buf.get(self.pos..end)) {
+            Some(bytes) => {
+                self.pos += bytes.len();
+                Ok(bytes)
+            }
+            None => Err(FormatError::Truncated {
+                file: self.file.to_owned(),
+                field: field.to_string(),
+                offset: self.pos as u64,
+                needed: n,
+                available: self.remaining(),
+            }),
+        }
+    }
+
+    fn array<const N: usize>(&mut self, field: Field<'_>) -> Result<[u8; N], FormatError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N as u64, field)?);
+        Ok(out)
+    }
+
+    fn u32(&mut self, field: Field<'_>) -> Result<u32, FormatError> {
+        self.array(field).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, field: Field<'_>) -> Result<u64, FormatError> {
+        self.array(field).map(u64::from_le_bytes)
+    }
+
+    fn string(&mut self, field: Field<'_>) -> Result<String, FormatError> {
+        let len = self.u64(field)?;
+        let start = self.pos as u64;
+        let bytes = self.take(len, field)?;
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Ok(s.to_owned()),
+            Err(_) => Err(FormatError::InvalidUtf8 {
+                file: self.file.to_owned(),
+                field: field.to_string(),
+                offset: start,
+            }),
+        }
+    }
+
+    /// Checks that `count` entries of at least `min_size` bytes fit in the rest of the file, so
+    /// that allocating `count` slots is bounded by the file's size.
+    fn count(&self, count: u64, min_size: u64, field: Field<'_>) -> Result<usize, FormatError> {
+        let fits = count
+            .checked_mul(min_size)
+            .is_some_and(|n| n <= self.remaining());
+        match usize::try_from(count) {
+            Ok(n) if fits => Ok(n),
+            _ => Err(FormatError::CountTooLarge {
+                file: self.file.to_owned(),
+                field: field.to_string(),
+                count,
+                min_size,
+                available: self.remaining(),
+            }),
+        }
+    }
+
+    fn value_type(&mut self, field: Field<'_>) -> Result<ValueType, FormatError> {
+        let id = self.u32(field)?;
+        ValueType::from_id(id).ok_or_else(|| FormatError::UnknownValueType {
+            file: self.file.to_owned(),
+            field: field.to_string(),
+            id,
+        })
+    }
+
+    /// Reads one value of type `ty`; `depth` is the number of arrays enclosing it.
+    fn value(
+        &mut self,
+        ty: ValueType,
+        field: Field<'_>,
+        depth: usize,
+    ) -> Result<Value, FormatError> {
+        Ok(match ty {
+            ValueType::U8 => Value::U8(u8::from_le_bytes(self.array(field)?)),
+            ValueType::I8 => Value::I8(i8::from_le_bytes(self.array(field)?)),
+            ValueType::U16 => Value::U16(u16::from_le_bytes(self.array(field)?)),
+            ValueType::I16 => Value::I16(i16::from_le_bytes(self.array(field)?)),
+            ValueType::U32 => Value::U32(u32::from_le_bytes(self.array(field)?)),
+            ValueType::I32 => Value::I32(i32::from_le_bytes(self.array(field)?)),
+            ValueType::F32 => Value::F32(f32::from_le_bytes(self.array(field)?)),
+            ValueType::U64 => Value::U64(u64::from_le_bytes(self.array(field)?)),
+            ValueType::I64 => Value::I64(i64::from_le_bytes(self.array(field)?)),
+            ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(field)?)),
+            ValueType::Bool => {
+                let offset = self.pos as u64;
+                match self.array::<1>(field)? {
+                    [0] => Value::Bool(false),
+                    [1] => Value::Bool(true),
+                    [byte] => {
+                        return Err(FormatError::InvalidBool {
+                            file: self.file.to_owned(),
+                            field: field.to_string(),
+                            offset,
+                            byte,
+                        })
+                    }
+                }
+            }
+            ValueType::String => Value::String(self.string(field)?),
+            ValueType::Array => {
+                if depth >= MAX_ARRAY_NESTING {
+                    return Err(FormatError::NestingTooDeep {
+                        file: self.file.to_owned(),
+                        field: field.to_string(),
+                        max: MAX_ARRAY_NESTING,
+                    });
+                }
+                let elem = self.value_type(field)?;
+                let count = self.u64(field)?;
+                let n = self.count(count, elem.min_encoded_size(), field)?;
+                // The count fits the rest of the file, but nested arrays each check against the
+                // same remaining bytes; capping the reservation keeps memory proportional to
+                // what is actually decoded.
+                let mut items = Vec::with_capacity(n.min(MAX_PREALLOCATED_ELEMENTS));
+                for _ in 0..n {
+                    items.push(self.value(elem, field, depth + 1)?);
+                }
+                Value::Array(elem, items)
+            }
+        })
+    }
+}
+
+/// Everything read from a file, before it is attached to its backing bytes.
+struct Parsed {
+    version: u32,
+    alignment: u64,
+    metadata: Vec<(String, Value)>,
+    keys: HashMap<String, usize>,
+    tensors: Vec<TensorInfo>,
+    names: HashMap<String, usize>,
+    data_offset: u64,
+}
+
+impl Parsed {
+    fn read(file: &str, buf: &[u8]) -> Result<Parsed, FormatError> {
+        let mut cur = Cursor { file, buf, pos: 0 };
+
+        let magic = cur.array::<4>(Field::Header("magic"))?;
+        if magic != MAGIC {
+            return Err(FormatError::BadMagic {
+                file: file.to_owned(),
+                found: magic,
+            });
+        }
+        let version = cur.u32(Field::Header("version"))?;
+        // Version 1 had u32 counts; 2 and 3 differ only in allowing big-endian files, which
+        // announce themselves with a byte-swapped (hence unsupported) version number.
+        if !(2..=3).contains(&version) {
+            return Err(FormatError::UnsupportedVersion {
+                file: file.to_owned(),
+                version,
+            });
+        }
+        let n_tensors = cur.u64(Field::Header("tensor count"))?;
+        let n_kv = cur.u64(Field::Header("metadata count"))?;
+
+        let n_kv = cur.count(n_kv, MIN_KV_SIZE, Field::Header("metadata count"))?;
+        let mut metadata = Vec::with_capacity(n_kv);
+        let mut keys = HashMap::with_capacity(n_kv);
+        for i in 0..n_kv {
+            let key = cur.string(Field::Key(i as u64))?;
+            if keys.contains_key(&key) {
+                return Err(FormatError::DuplicateKey {
+                    file: file.to_owned(),
+                    key,
+                });
+            }
+            let ty = cur.value_type(Field::Value(&key))?;
+            let value = cur.value(ty, Field::Value(&key), 0)?;
+            keys.insert(key.clone(), i);
+            metadata.push((key, value));
+        }
+
+        let alignment = match keys.get(ALIGNMENT_KEY).and_then(|&i| metadata.get(i)) {
+            None => DEFAULT_ALIGNMENT,
+            Some((_, Value::U32(a))) if a.is_power_of_two() => u64::from(*a),
+            Some((_, other)) => {
+                return Err(FormatError::BadAlignment {
+                    file: file.to_owned(),
+                    found: other.describe(),
+                })
+            }
+        };
+
+        let n_tensors = cur.count(n_tensors, MIN_TENSOR_SIZE, Field::Header("tensor count"))?;
+        let mut tensors = Vec::with_capacity(n_tensors);
+        let mut names = HashMap::with_capacity(n_tensors);
+        for i in 0..n_tensors {
+            let info = read_tensor_info(&mut cur, i as u64, alignment)?;
+            if names.contains_key(&info.name) {
+                return Err(FormatError::DuplicateTensor {
+                    file: file.to_owned(),
+                    tensor: info.name,
+                });
+            }
+            names.insert(info.name.clone(), i);
+            tensors.push(info);
+        }
+
+        // An unrepresentable start only arises with no room for data, so it reads as "past the
+        // end", which every tensor then fails.
+        let data_offset = align_up(cur.pos as u64, alignment).unwrap_or(u64::MAX);
+        let data_len = (buf.len() as u64).saturating_sub(data_offset);
+        check_layout(file, &tensors, data_len)?;
+
+        Ok(Parsed {
+            version,
+            alignment,
+            metadata,
+            keys,
+            tensors,
+            names,
+            data_offset,
+        })
+    }
+}
+
+fn read_tensor_info(
+    cur: &mut Cursor<'_>,
+    index: u64,
+    alignment: u64,
+) -> Result<TensorInfo, FormatError> {
+    let file = cur.file;
+    let name = cur.string(Field::TensorName(index))?;
+    let n_dims = cur.u32(Field::Tensor(&name, "dimension count"))?;
+    // Checked before reading so a huge count allocates nothing.
+    if n_dims == 0 || n_dims as usize > MAX_DIMS {
+        return Err(FormatError::BadDimCount {
+            file: file.to_owned(),
+            tensor: name,
+            n_dims: n_dims.into(),
+        });
+    }
+    let mut dims = Vec::with_capacity(MAX_DIMS);
+    for _ in 0..n_dims {
+        dims.push(cur.u64(Field::Tensor(&name, "dimensions"))?);
+    }
+    let type_id = cur.u32(Field::Tensor(&name, "type"))?;
+    let Some(dtype) = GgmlType::from_id(type_id) else {
+        return Err(FormatError::UnknownGgmlType {
+            file: file.to_owned(),
+            tensor: name,
+            id: type_id,
+        });
+    };
+    let offset = cur.u64(Field::Tensor(&name, "offset"))?;
+    let n_bytes = tensor_size(file, &name, &dims, dtype)?;
+    if offset % alignment != 0 {
+        return Err(FormatError::MisalignedTensor {
+            file: file.to_owned(),
+            tensor: name,
+            offset,
+            alignment,
+        });
+    }
+    Ok(TensorInfo {
+        name,
+        dims,
+        dtype,
+        offset,
+        n_bytes,
+    })
+}
+
+/// Checks that every tensor lies inside the data section and that no two overlap.
+fn check_layout(file: &str, tensors: &[TensorInfo], data_len: u64) -> Result<(), FormatError> {
+    for t in tensors {
+        if t.offset
+            .checked_add(t.n_bytes)
+            .is_none_or(|end| end > data_len)
+        {
+            return Err(FormatError::TensorOutOfBounds {
+                file: file.to_owned(),
+                tensor: t.name.clone(),
+                offset: t.offset,
+                n_bytes: t.n_bytes,
+                data_len,
+            });
+        }
+    }
+    let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
+    by_offset.sort_by_key(|t| t.offset);
+    for pair in by_offset.windows(2) {
+        if let [a, b] = pair {
+            // Both ends are within data_len, so the sum cannot overflow.
+            if a.offset + a.n_bytes > b.offset {
+                return Err(FormatError::OverlappingTensors {
+                    file: file.to_owned(),
+                    tensor: a.name.clone(),
+                    other: b.name.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}

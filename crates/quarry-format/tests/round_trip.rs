@@ -1,0 +1,283 @@
+//! Writer/reader round trips (random metadata of all thirteen types, random tensors, random
+//! alignments) and random corruption of a valid file, which must never panic.
+
+mod common;
+
+use std::borrow::Cow;
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
+use quarry_format::gguf::GgufWriter;
+use quarry_format::{GgmlType, GgufFile, Value, ValueType};
+
+/// Equality that compares floats by their bits, so NaNs round-trip too.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::F32(x), Value::F32(y)) => x.to_bits() == y.to_bits(),
+        (Value::F64(x), Value::F64(y)) => x.to_bits() == y.to_bits(),
+        (Value::Array(ta, xs), Value::Array(tb, ys)) => {
+            ta == tb && xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| same(x, y))
+        }
+        _ => a == b,
+    }
+}
+
+fn scalar(ty: ValueType) -> BoxedStrategy<Value> {
+    match ty {
+        ValueType::U8 => any::<u8>().prop_map(Value::U8).boxed(),
+        ValueType::I8 => any::<i8>().prop_map(Value::I8).boxed(),
+        ValueType::U16 => any::<u16>().prop_map(Value::U16).boxed(),
+        ValueType::I16 => any::<i16>().prop_map(Value::I16).boxed(),
+        ValueType::U32 => any::<u32>().prop_map(Value::U32).boxed(),
+        ValueType::I32 => any::<i32>().prop_map(Value::I32).boxed(),
+        ValueType::F32 => any::<u32>()
+            .prop_map(|b| Value::F32(f32::from_bits(b)))
+            .boxed(),
+        ValueType::Bool => any::<bool>().prop_map(Value::Bool).boxed(),
+        ValueType::String => "\\PC{0,12}".prop_map(Value::String).boxed(),
+        ValueType::U64 => any::<u64>().prop_map(Value::U64).boxed(),
+        ValueType::I64 => any::<i64>().prop_map(Value::I64).boxed(),
+        ValueType::F64 => any::<u64>()
+            .prop_map(|b| Value::F64(f64::from_bits(b)))
+            .boxed(),
+        // Arrays are built by `value`; an empty one stands in here.
+        ValueType::Array => Just(Value::Array(ValueType::U8, vec![])).boxed(),
+    }
+}
+
+fn scalar_type() -> impl Strategy<Value = ValueType> {
+    proptest::sample::select(
+        ValueType::ALL
+            .into_iter()
+            .filter(|t| *t != ValueType::Array)
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Any value: scalars, homogeneous arrays of scalars, and arrays of arrays.
+fn value() -> impl Strategy<Value = Value> {
+    scalar_type()
+        .prop_flat_map(scalar)
+        .prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                scalar_type()
+                    .prop_flat_map(|t| vec(scalar(t), 0..6).prop_map(move |v| Value::Array(t, v))),
+                vec(inner, 0..4).prop_map(|items| {
+                    // Elements of an array of arrays must be arrays: wrap scalars.
+                    let items = items
+                        .into_iter()
+                        .map(|v| match v {
+                            a @ Value::Array(..) => a,
+                            s => Value::Array(s.value_type(), vec![s]),
+                        })
+                        .collect();
+                    Value::Array(ValueType::Array, items)
+                }),
+            ]
+        })
+}
+
+/// A tensor's shape and type, with a seed for its bytes.
+fn tensor() -> impl Strategy<Value = (Vec<u64>, GgmlType, u8)> {
+    let dtype = proptest::sample::select(GgmlType::ALL.to_vec());
+    (dtype, 1u64..3, vec(1u64..4, 0..4), any::<u8>()).prop_map(|(dtype, blocks, rest, seed)| {
+        let mut dims = vec![blocks * dtype.block_size() as u64];
+        dims.extend(rest.into_iter().take(3));
+        (dims, dtype, seed)
+    })
+}
+
+fn bytes_of(dims: &[u64], dtype: GgmlType, seed: u8) -> Vec<u8> {
+    let n = dtype.bytes_for(dims.iter().product()).unwrap() as usize;
+    (0..n)
+        .map(|j| seed.wrapping_add((j * 31 % 251) as u8))
+        .collect()
+}
+
+/// Reads every metadata value and every tensor byte of `file`.
+fn touch_everything(file: &GgufFile) -> u64 {
+    fn walk(v: &Value) -> u64 {
+        match v.as_array() {
+            Some(items) => items.iter().map(walk).sum(),
+            None => v.as_u64().unwrap_or(1),
+        }
+    }
+    let meta: u64 = file
+        .metadata()
+        .iter()
+        .map(|(_, v)| walk(v))
+        .fold(0, u64::wrapping_add);
+    let data: u64 = file
+        .tensors()
+        .iter()
+        .map(|t| {
+            file.tensor(&t.name)
+                .unwrap()
+                .data
+                .iter()
+                .map(|&b| u64::from(b))
+                .sum::<u64>()
+        })
+        .sum();
+    meta.wrapping_add(data)
+}
+
+/// Runs `cases` cases, keeping failing seeds beside this file (the default location needs a
+/// `lib.rs`, which integration tests lack).
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "tests/round_trip.proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    #[test]
+    fn written_files_read_back_identically(
+        metadata in vec(("[a-z]{1,8}", value()), 0..8),
+        tensors in vec(tensor(), 0..6),
+        align_shift in 0u32..9,
+    ) {
+        let alignment = 1u64 << align_shift;
+        let mut w = GgufWriter::new();
+        w.set_alignment(alignment).unwrap();
+        let mut expected = Vec::new();
+        if alignment != 32 {
+            expected.push(("general.alignment".to_owned(), Value::U32(alignment as u32)));
+        }
+        for (i, (suffix, value)) in metadata.into_iter().enumerate() {
+            let key = format!("k{i}.{suffix}");
+            w.add_metadata(key.clone(), value.clone()).unwrap();
+            expected.push((key, value));
+        }
+        let mut datas = Vec::new();
+        for (i, (dims, dtype, seed)) in tensors.iter().enumerate() {
+            let data = bytes_of(dims, *dtype, *seed);
+            w.add_tensor(format!("t{i}"), dims, *dtype, Cow::Owned(data.clone())).unwrap();
+            datas.push(data);
+        }
+
+        let file = GgufFile::from_bytes(w.to_bytes(), "prop.gguf").unwrap();
+        prop_assert_eq!(file.version(), 3);
+        prop_assert_eq!(file.alignment(), alignment);
+        prop_assert_eq!(file.data_offset() % alignment, 0);
+        prop_assert_eq!(file.metadata().len(), expected.len());
+        for ((k, v), (ek, ev)) in file.metadata().iter().zip(&expected) {
+            prop_assert_eq!(k, ek);
+            prop_assert!(same(v, ev), "{k}: {v:?} != {ev:?}");
+            prop_assert!(same(file.get(k).unwrap(), ev));
+        }
+        prop_assert_eq!(file.tensors().len(), tensors.len());
+        for (i, ((dims, dtype, _), data)) in tensors.iter().zip(&datas).enumerate() {
+            let info = &file.tensors()[i];
+            prop_assert_eq!(&info.name, &format!("t{i}"));
+            prop_assert_eq!(&info.dims, dims);
+            prop_assert_eq!(info.dtype, *dtype);
+            prop_assert_eq!(info.n_bytes, data.len() as u64);
+            prop_assert_eq!(info.n_elements(), dims.iter().product::<u64>());
+            prop_assert_eq!(info.offset % alignment, 0);
+            let view = file.tensor(&info.name).unwrap();
+            prop_assert_eq!(view.info, info);
+            prop_assert_eq!(view.data, &data[..]);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(20_000))]
+
+    #[test]
+    fn random_mutations_never_panic(
+        edits in vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in any::<prop::sample::Index>(),
+        truncate in any::<bool>(),
+    ) {
+        let mut bytes = common::sample_file();
+        for (at, byte) in edits {
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+        }
+        if truncate {
+            bytes.truncate(cut.index(bytes.len()));
+        }
+        if let Ok(file) = GgufFile::from_bytes(bytes, "mutated.gguf") {
+            touch_everything(&file);
+        }
+    }
+}
+
+#[test]
+fn the_sample_reads_back() {
+    let file = GgufFile::from_bytes(common::sample_file(), "sample.gguf").unwrap();
+    assert_eq!(file.architecture().unwrap(), "llama");
+    assert_eq!(file.alignment(), 64);
+    assert_eq!(file.get_u32("test.u32").unwrap(), 4_000_000_000);
+    assert_eq!(file.get_u64("test.u64").unwrap(), u64::MAX);
+    assert_eq!(file.get("test.i64").unwrap().as_i64(), Some(i64::MIN));
+    assert_eq!(file.get_f32("test.f64").unwrap(), -0.25);
+    assert!(file.get_bool("test.bool").unwrap());
+    assert_eq!(
+        file.get_array("test.strings").unwrap()[1].as_str(),
+        Some("ü")
+    );
+    let names: Vec<&str> = file.tensors().iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["f32", "q4_0", "q8_0", "f16"]);
+    let q4 = file.tensor("q4_0").unwrap();
+    assert_eq!(q4.info.dims, [32, 2]);
+    assert_eq!(q4.data.len(), 2 * 18);
+    assert!(touch_everything(&file) > 0);
+}
+
+#[test]
+fn write_is_atomic_and_replaces_existing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.gguf");
+    std::fs::write(&path, b"old contents").unwrap();
+    let original = GgufFile::from_bytes(common::sample_file(), "sample.gguf").unwrap();
+
+    let mut w = GgufWriter::new();
+    for (k, v) in original.metadata() {
+        w.add_metadata(k.clone(), v.clone()).unwrap();
+    }
+    for t in original.tensors() {
+        let view = original.tensor(&t.name).unwrap();
+        w.add_tensor(t.name.clone(), &t.dims, t.dtype, Cow::Borrowed(view.data))
+            .unwrap();
+    }
+    w.write(&path).unwrap();
+
+    assert_eq!(std::fs::read(&path).unwrap(), common::sample_file());
+    let reread = GgufFile::open(&path).unwrap();
+    assert_eq!(reread.source(), path.display().to_string());
+    assert_eq!(reread.metadata(), original.metadata());
+    assert_eq!(reread.tensors(), original.tensors());
+    let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(entries.len(), 1, "temporary files were left behind");
+
+    let err = w.write(dir.path().join("missing/out.gguf")).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("missing/out.gguf") && msg.contains("temporary file"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_empty_writer_writes_a_valid_file() {
+    let file = GgufFile::from_bytes(GgufWriter::default().to_bytes(), "empty.gguf").unwrap();
+    assert!(file.metadata().is_empty());
+    assert!(file.tensors().is_empty());
+    assert_eq!(file.alignment(), 32);
+}
+
+#[test]
+fn files_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<GgufFile>();
+}

@@ -1,0 +1,22 @@
+//! Quantized blocks and the arithmetic over them.
+//!
+//! This crate knows what the bytes of ggml's element types mean: it decodes every float and
+//! block-quantized weight format to `f32` ([`dequantize`]), encodes the few formats the engine
+//! writes itself ([`quantize`]), and multiplies activations by weights that stay in their
+//! stored format ([`WeightView`], [`matmul`]).
+//!
+//! The scalar decoders are the reference: any faster kernel added later must agree with them
+//! and be tested against them. Bad input (an unsupported type, a buffer of the wrong length)
+//! is reported as a [`KernelError`]; shape mismatches between buffers the caller allocated
+//! itself are bugs and panic with a message naming both sizes.
+
+mod dequant;
+mod error;
+mod matmul;
+mod quant;
+
+pub use dequant::dequantize;
+pub use error::KernelError;
+pub use matmul::{matmul, WeightView};
+pub use quant::quantize;
+pub use quarry_format::{GgmlType, QK_K};

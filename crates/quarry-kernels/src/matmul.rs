@@ -1,0 +1,385 @@
+//! Weight matrices borrowed from a model file, and the reference matrix product over them.
+//!
+//! Weights stay in their stored block format; only a small piece is ever decoded to `f32`:
+//! a few hundred values per row for a single token, or a tile of rows (at most
+//! [`TILE_BYTES`] of `f32`) for a batch. Rows are split across rayon threads in chunks so
+//! each task amortizes its scheduling cost.
+//!
+//! Invariant: a [`WeightView`] always holds a decodable type, `cols` a whole number of
+//! blocks and exactly `rows * row_bytes` bytes, so decoding any row or run of rows is
+//! in bounds.
+
+use std::fmt;
+
+use quarry_format::GgmlType;
+use rayon::prelude::*;
+
+use crate::dequant::{decoder, encoded_len, DecodeFn};
+use crate::KernelError;
+
+/// A 2-D weight matrix borrowed from a file: `rows` rows of `cols` values each, rows
+/// contiguous, each row a whole number of blocks.
+#[derive(Clone, Copy)]
+pub struct WeightView<'a> {
+    dtype: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: &'a [u8],
+}
+
+impl<'a> WeightView<'a> {
+    /// Checks that `dtype` can be decoded, that `cols` is a whole number of blocks and that
+    /// `data` holds exactly `rows` rows.
+    pub fn new(
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<Self, KernelError> {
+        if decoder(dtype).is_none() {
+            return Err(KernelError::UnsupportedType {
+                dtype,
+                op: "weight matrix",
+            });
+        }
+        let row_bytes = encoded_len(dtype, cols)?;
+        let expected = rows.checked_mul(row_bytes).ok_or(KernelError::TooLarge {
+            what: "weight matrix size",
+            dtype,
+            rows,
+            cols,
+        })?;
+        if data.len() != expected {
+            return Err(KernelError::LengthMismatch {
+                what: "weight matrix bytes",
+                expected,
+                actual: data.len(),
+            });
+        }
+        Ok(WeightView {
+            dtype,
+            rows,
+            cols,
+            row_bytes,
+            data,
+        })
+    }
+
+    pub fn dtype(&self) -> GgmlType {
+        self.dtype
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of one encoded row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// The encoded matrix, `rows * row_bytes` bytes.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Decodes row `row` into `out` (an embedding lookup). Panics if `row >= rows` or
+    /// `out.len() != cols`.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        assert!(
+            row < self.rows,
+            "dequantize_row: row {row} out of range for {} rows",
+            self.rows
+        );
+        assert_eq!(
+            out.len(),
+            self.cols,
+            "dequantize_row: output has {} values, the matrix has {} columns",
+            out.len(),
+            self.cols
+        );
+        self.decode()(self.row_data(row, 1), out);
+    }
+
+    fn decode(&self) -> DecodeFn {
+        decoder(self.dtype).expect("WeightView::new accepts only decodable types")
+    }
+
+    /// The encoded bytes of rows `first..first + n`.
+    fn row_data(&self, first: usize, n: usize) -> &'a [u8] {
+        &self.data[first * self.row_bytes..(first + n) * self.row_bytes]
+    }
+}
+
+/// Shows the shape, not the (possibly gigabytes of) data.
+impl fmt::Debug for WeightView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeightView")
+            .field("dtype", &self.dtype)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("row_bytes", &self.row_bytes)
+            .field("data_len", &self.data.len())
+            .finish()
+    }
+}
+
+/// y = x · Wᵀ for a batch: `x` is `n_tokens × cols` (row-major), `y` is `n_tokens × rows`.
+///
+/// Panics when `x` or `y` do not have those lengths: the caller sized both buffers, so a
+/// mismatch is a bug in the caller, not bad input.
+pub fn matmul(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    assert_eq!(
+        Some(x.len()),
+        n_tokens.checked_mul(w.cols),
+        "matmul: x has {} values, expected n_tokens {n_tokens} × cols {}",
+        x.len(),
+        w.cols
+    );
+    assert_eq!(
+        Some(y.len()),
+        n_tokens.checked_mul(w.rows),
+        "matmul: y has {} values, expected n_tokens {n_tokens} × rows {}",
+        y.len(),
+        w.rows
+    );
+    if y.is_empty() {
+        return;
+    }
+    if n_tokens == 1 {
+        matvec(w, x, y);
+    } else {
+        matmul_tiled(w, x, n_tokens, y);
+    }
+}
+
+/// Values decoded at once by [`matvec`]; every block size (1, 32, 256) divides it, so each
+/// piece of a row is whole blocks.
+const PIECE: usize = 256;
+
+/// Single-token product: each row is decoded piece by piece into a stack buffer and dotted
+/// with `x`, so the weights are read once and nothing is allocated.
+fn matvec(w: &WeightView<'_>, x: &[f32], y: &mut [f32]) {
+    let decode = w.decode();
+    let piece_bytes = w.dtype.type_size() * (PIECE / w.dtype.block_size());
+    // A few chunks per thread balance uneven progress without one task per row.
+    let chunk = w
+        .rows
+        .div_ceil(4 * rayon::current_num_threads())
+        .clamp(8, 256);
+    y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
+        let mut buf = [0f32; PIECE];
+        for (i, out) in ys.iter_mut().enumerate() {
+            let row = w.row_data(c * chunk + i, 1);
+            let mut acc = 0f32;
+            for (xs, bytes) in x.chunks(PIECE).zip(row.chunks(piece_bytes)) {
+                let vals = &mut buf[..xs.len()];
+                decode(bytes, vals);
+                acc += dot(vals, xs);
+            }
+            *out = acc;
+        }
+    });
+}
+
+/// Dot product with independent lane accumulators, a shape the compiler vectorizes (a
+/// single running sum would serialize on the floating-point add).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let split = a.len() - a.len() % LANES;
+    let mut acc = [0f32; LANES];
+    for (ca, cb) in a[..split]
+        .chunks_exact(LANES)
+        .zip(b[..split].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = a[split..].iter().zip(&b[split..]).map(|(p, q)| p * q).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Upper bound on one decoded tile: half of a typical 1 MiB L2, leaving room for the
+/// GEMM's packing buffers. Tiles much narrower than ~128 rows lose GEMM efficiency.
+const TILE_BYTES: usize = 512 * 1024;
+
+/// Rows per tile: as many as fit in [`TILE_BYTES`] (16 to 256), adjusted so the tile count
+/// is a multiple of the thread count (no thread idles while another finishes a last tile),
+/// and rounded to a multiple of 8 to suit the GEMM's register blocking.
+fn tile_rows(rows: usize, cols: usize) -> usize {
+    let by_cache = (TILE_BYTES / (4 * cols.max(1))).clamp(16, 256);
+    let tiles = rows
+        .div_ceil(by_cache)
+        .next_multiple_of(rayon::current_num_threads());
+    rows.div_ceil(tiles).next_multiple_of(8)
+}
+
+/// `y`'s base pointer, shared by tiles that each write a disjoint set of its columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: tasks write through the pointer only at the columns of their own tile (see
+// `matmul_tiled`), so no element is touched by two threads.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method rather than field access, so closures capture the `Sync` wrapper and not
+    /// the bare pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Batched product: tiles of rows are decoded into an `f32` scratch buffer and multiplied
+/// with all of `x` by `matrixmultiply::sgemm` (which picks AVX/FMA kernels at run time),
+/// writing the tile's columns of `y` in place.
+fn matmul_tiled(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    let decode = w.decode();
+    let (rows, cols) = (w.rows, w.cols);
+    let tile = tile_rows(rows, cols);
+    let out = OutPtr(y.as_mut_ptr());
+    (0..rows.div_ceil(tile)).into_par_iter().for_each_init(
+        Vec::new,
+        |scratch: &mut Vec<f32>, t| {
+            let first = t * tile;
+            let n = tile.min(rows - first);
+            scratch.resize(n * cols, 0.0);
+            // Rows are contiguous whole blocks, so a run of rows decodes as one run of blocks.
+            decode(w.row_data(first, n), scratch);
+            // C (n_tokens × n) = A (x: n_tokens × cols) · B (tileᵀ: cols × n), with C living
+            // inside y at column offset `first` and row stride `rows`.
+            //
+            // SAFETY: `x` holds n_tokens × cols values and `scratch` n × cols (both checked
+            // above), read with in-bounds strides. C's elements are y[t * rows + first + j]
+            // for t < n_tokens, j < n, all below n_tokens × rows = y.len(); tiles have
+            // disjoint `first..first + n`, so no two tasks write the same element, and `y`
+            // is exclusively borrowed for the whole call. beta = 0 means C is not read.
+            unsafe {
+                matrixmultiply::sgemm(
+                    n_tokens,
+                    cols,
+                    n,
+                    1.0,
+                    x.as_ptr(),
+                    cols as isize,
+                    1,
+                    scratch.as_ptr(),
+                    1,
+                    cols as isize,
+                    0.0,
+                    out.get().add(first),
+                    rows as isize,
+                    1,
+                );
+            }
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_checks_type_blocks_and_length() {
+        assert_eq!(
+            WeightView::new(GgmlType::Q4_0, 2, 48, &[0u8; 72]).unwrap_err(),
+            KernelError::NotBlockMultiple {
+                dtype: GgmlType::Q4_0,
+                n: 48
+            }
+        );
+        assert_eq!(
+            WeightView::new(GgmlType::Q4_0, 2, 64, &[0u8; 71]).unwrap_err(),
+            KernelError::LengthMismatch {
+                what: "weight matrix bytes",
+                expected: 72,
+                actual: 71
+            }
+        );
+        assert_eq!(
+            WeightView::new(GgmlType::I32, 1, 1, &[0u8; 4]).unwrap_err(),
+            KernelError::UnsupportedType {
+                dtype: GgmlType::I32,
+                op: "weight matrix"
+            }
+        );
+        assert!(matches!(
+            WeightView::new(GgmlType::Q8_0, usize::MAX, 32, &[]),
+            Err(KernelError::TooLarge { .. })
+        ));
+        let w = WeightView::new(GgmlType::Q4_0, 2, 64, &[0u8; 72]).unwrap();
+        assert_eq!(
+            (w.dtype(), w.rows(), w.cols(), w.row_bytes(), w.data().len()),
+            (GgmlType::Q4_0, 2, 64, 36, 72)
+        );
+        assert_eq!(
+            format!("{w:?}"),
+            "WeightView { dtype: Q4_0, rows: 2, cols: 64, row_bytes: 36, data_len: 72 }"
+        );
+    }
+
+    #[test]
+    fn tiles_respect_the_cache_budget_and_balance_threads() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let tile = |rows, cols| pool.install(|| tile_rows(rows, cols));
+        // 512 KiB / 2560 B = 204 rows -> 11 tiles -> 12 (even) -> 171 rows -> 176.
+        assert_eq!(tile(2048, 640), 176);
+        assert_eq!(2048usize.div_ceil(176), 12);
+        // 512 KiB / 8 KiB = 64 rows, 10 tiles already even.
+        assert_eq!(tile(640, 2048), 64);
+        // Few rows: split in two, rounded up to 8.
+        assert_eq!(tile(37, 64), 24);
+        assert_eq!(tile(1, 1), 8);
+        // Enormous rows still take at least 16 rows per tile.
+        assert_eq!(tile(130, 1 << 20), 16);
+    }
+
+    #[test]
+    fn dot_handles_tails() {
+        for n in [0, 1, 15, 16, 17, 40] {
+            let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let b = vec![2f32; n];
+            assert_eq!(dot(&a, &b), (n * n.saturating_sub(1)) as f32, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn zero_tokens_or_rows_do_nothing() {
+        let w = WeightView::new(GgmlType::F32, 0, 4, &[]).unwrap();
+        matmul(&w, &[1.0; 8], 2, &mut []);
+        let w = WeightView::new(GgmlType::F32, 3, 1, &[0u8; 12]).unwrap();
+        matmul(&w, &[], 0, &mut []);
+    }
+
+    #[test]
+    #[should_panic(expected = "matmul: x has 7 values, expected n_tokens 2 × cols 4")]
+    fn matmul_panics_on_bad_x() {
+        let w = WeightView::new(GgmlType::F32, 1, 4, &[0u8; 16]).unwrap();
+        matmul(&w, &[0.0; 7], 2, &mut [0.0; 2]);
+    }
+
+    #[test]
+    #[should_panic(expected = "matmul: y has 3 values, expected n_tokens 2 × rows 1")]
+    fn matmul_panics_on_bad_y() {
+        let w = WeightView::new(GgmlType::F32, 1, 4, &[0u8; 16]).unwrap();
+        matmul(&w, &[0.0; 8], 2, &mut [0.0; 3]);
+    }
+
+    #[test]
+    #[should_panic(expected = "dequantize_row: row 2 out of range for 2 rows")]
+    fn dequantize_row_panics_past_the_end() {
+        let w = WeightView::new(GgmlType::F32, 2, 1, &[0u8; 8]).unwrap();
+        w.dequantize_row(2, &mut [0.0]);
+    }
+}

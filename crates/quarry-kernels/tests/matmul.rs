@@ -1,0 +1,150 @@
+//! `matmul` and `WeightView::dequantize_row` against a naive reference that decodes the
+//! whole matrix with `dequantize` and multiplies in f64, for every decodable type and
+//! awkward shapes (single rows, rows that split unevenly into chunks and tiles, one token
+//! through the matrix-vector path and several through the tiled GEMM path).
+
+mod common;
+
+use proptest::prelude::*;
+use quarry_kernels::{dequantize, matmul, quantize, GgmlType, WeightView};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Every type `dequantize` and `WeightView` accept.
+const DECODABLE: [GgmlType; 15] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q8_1,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::Q8_K,
+];
+
+/// Byte offsets of the float scale fields in one block, with their width (2 = f16,
+/// 4 = f32); every other byte of a block may hold any value.
+fn scale_fields(dtype: GgmlType) -> &'static [(usize, usize)] {
+    match dtype {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[(0, 2)],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 => &[(0, 2), (2, 2)],
+        GgmlType::Q4_K | GgmlType::Q5_K => &[(0, 2), (2, 2)],
+        GgmlType::Q2_K => &[(80, 2), (82, 2)],
+        GgmlType::Q3_K => &[(108, 2)],
+        GgmlType::Q6_K => &[(208, 2)],
+        GgmlType::Q8_K => &[(0, 4)],
+        other => panic!("{other} has no block scales"),
+    }
+}
+
+/// `n` values' worth of encoded data: float types hold Gaussian values; block types hold
+/// random bytes with finite, moderate scales, so every bit of every field is exercised.
+fn random_encoded(rng: &mut StdRng, dtype: GgmlType, n: usize) -> Vec<u8> {
+    let len = dtype.bytes_for(n as u64).expect("whole blocks") as usize;
+    let mut out = vec![0u8; len];
+    if !dtype.is_quantized() {
+        quantize(dtype, &common::gaussian(rng, n, 1.0), &mut out).unwrap();
+        return out;
+    }
+    rng.fill(&mut out[..]);
+    for block in out.chunks_exact_mut(dtype.type_size()) {
+        for &(at, width) in scale_fields(dtype) {
+            let s: f32 = rng.gen_range(-0.1..0.1);
+            if width == 2 {
+                block[at..at + 2].copy_from_slice(&half::f16::from_f32(s).to_le_bytes());
+            } else {
+                block[at..at + 4].copy_from_slice(&s.to_le_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Checks `matmul` on one random case; the error bound is relative to Σ|w||x| per output,
+/// which bounds f32 rounding whatever the cancellation.
+fn check(dtype: GgmlType, rows: usize, cols: usize, n_tokens: usize, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let data = random_encoded(&mut rng, dtype, rows * cols);
+    let x = common::gaussian(&mut rng, n_tokens * cols, 1.0);
+    let w = WeightView::new(dtype, rows, cols, &data).unwrap();
+
+    let mut dense = vec![0f32; rows * cols];
+    dequantize(dtype, &data, &mut dense).unwrap();
+    let mut row = vec![0f32; cols];
+    for r in [0, rows / 2, rows - 1] {
+        w.dequantize_row(r, &mut row);
+        assert_eq!(row, dense[r * cols..(r + 1) * cols], "{dtype} row {r}");
+    }
+
+    let mut y = vec![f32::NAN; n_tokens * rows];
+    matmul(&w, &x, n_tokens, &mut y);
+    for t in 0..n_tokens {
+        let xt = &x[t * cols..(t + 1) * cols];
+        for r in 0..rows {
+            let wr = &dense[r * cols..(r + 1) * cols];
+            let exact: f64 = wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let scale: f64 = wr
+                .iter()
+                .zip(xt)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            let got = y[t * rows + r] as f64;
+            assert!(
+                (got - exact).abs() <= 1e-5 * scale + 1e-30,
+                "{dtype} {rows}x{cols}, {n_tokens} tokens: y[{t}][{r}] = {got}, want {exact}"
+            );
+        }
+    }
+}
+
+/// Column counts for a type: one to three blocks, plus odd lengths for scalar types.
+fn cols_for(dtype: GgmlType, pick: usize) -> usize {
+    match dtype.block_size() {
+        1 => [1, 5, 67, 300, 640][pick % 5],
+        bs => bs * (1 + pick % 3),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 96,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn matmul_matches_the_naive_reference(
+        dtype in proptest::sample::select(DECODABLE.to_vec()),
+        rows in proptest::sample::select(vec![1usize, 3, 37, 130]),
+        n_tokens in proptest::sample::select(vec![1usize, 2, 7, 33]),
+        pick in 0usize..15,
+        seed in any::<u64>(),
+    ) {
+        check(dtype, rows, cols_for(dtype, pick), n_tokens, seed);
+    }
+}
+
+#[test]
+fn every_type_through_both_paths() {
+    for (i, dtype) in DECODABLE.into_iter().enumerate() {
+        for n_tokens in [1, 2, 33] {
+            check(dtype, 37, cols_for(dtype, i), n_tokens, i as u64);
+        }
+    }
+}
+
+#[test]
+fn wide_rows_split_into_several_tiles() {
+    // 4096 f32 columns leave room for 16 rows per tile, so 130 rows take several tiles
+    // with a short last one; 2048 Q4_K columns make decode pieces span many super-blocks.
+    check(GgmlType::F32, 130, 4096, 5, 1);
+    check(GgmlType::Q4_K, 130, 2048, 3, 2);
+    check(GgmlType::Q4_K, 130, 2048, 1, 3);
+}

@@ -1,0 +1,123 @@
+//! Reading a tokenizer's description from GGUF metadata (`tokenizer.ggml.*`).
+//!
+//! Defaults follow llama.cpp: for "llama" (SentencePiece) vocabularies BOS is 1, EOS 2 and the
+//! unknown token 0 unless the file says otherwise (each only if inside the vocabulary), a space
+//! prefix and BOS are added, EOS is not; "gpt2" (byte-level BPE) vocabularies add neither and have
+//! no default special ids. A missing `tokenizer.ggml.pre` means "default".
+
+use quarry_format::{GgufFile, Value};
+
+use crate::bpe::Merges;
+use crate::pretokenize::PreTokenizer;
+use crate::tokenizer::{ModelSpec, TokenizerSpec};
+use crate::vocab::{Token, TokenType};
+use crate::{TokenizeError, Tokenizer};
+
+const MODEL: &str = "tokenizer.ggml.model";
+const PRE: &str = "tokenizer.ggml.pre";
+const TOKENS: &str = "tokenizer.ggml.tokens";
+const SCORES: &str = "tokenizer.ggml.scores";
+const TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+const MERGES: &str = "tokenizer.ggml.merges";
+const ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
+
+impl Tokenizer {
+    /// The tokenizer a GGUF file describes. Errors name the metadata key (and element or token
+    /// id) that is missing, of the wrong type or inconsistent.
+    pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, TokenizeError> {
+        Tokenizer::from_spec(read_spec(file)?)
+    }
+}
+
+fn read_spec(file: &GgufFile) -> Result<TokenizerSpec, TokenizeError> {
+    let texts = elements(file.get_array(TOKENS)?, TOKENS, "a string", Value::as_str)?;
+    let n_vocab = texts.len();
+    let scores = per_token(file, SCORES, n_vocab, "a number", Value::as_f32)?;
+    let types = per_token(file, TOKEN_TYPE, n_vocab, "an integer", Value::as_i64)?;
+    let tokens = texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let score = scores.as_ref().map_or(0.0, |s| s[i]);
+            let kind = types.as_ref().map_or(TokenType::Normal, |t| TokenType::from_gguf(t[i]));
+            Token::new(text, score, kind)
+        })
+        .collect();
+
+    let id = |key: &'static str| -> Result<Option<u32>, TokenizeError> {
+        Ok(match file.get(key) {
+            Some(_) => Some(file.get_u32(key)?),
+            None => None,
+        })
+    };
+    let flag = |key: &'static str| -> Result<Option<bool>, TokenizeError> {
+        Ok(match file.get(key) {
+            Some(_) => Some(file.get_bool(key)?),
+            None => None,
+        })
+    };
+    // A default special id only applies when the vocabulary has it.
+    let default_id = |id: u32| ((id as usize) < n_vocab).then_some(id);
+
+    let (model, default_bos, default_eos, default_unk, default_add_bos) = match file.get_str(MODEL)? {
+        "llama" => {
+            let add_space_prefix = flag(ADD_SPACE_PREFIX)?.unwrap_or(true);
+            (ModelSpec::Spm { add_space_prefix }, default_id(1), default_id(2), default_id(0), true)
+        }
+        "gpt2" => {
+            let name = match file.get(PRE) {
+                Some(_) => file.get_str(PRE)?,
+                None => "default",
+            };
+            let pre = PreTokenizer::from_name(name)
+                .ok_or_else(|| TokenizeError::UnknownPreTokenizer(name.to_string()))?;
+            let merges = elements(file.get_array(MERGES)?, MERGES, "a string", Value::as_str)?;
+            (ModelSpec::Bpe { pre, merges: Merges::new(merges) }, None, None, None, false)
+        }
+        other => return Err(TokenizeError::UnsupportedModel(other.to_string())),
+    };
+
+    Ok(TokenizerSpec {
+        model,
+        tokens,
+        bos: id("tokenizer.ggml.bos_token_id")?.or(default_bos),
+        eos: id("tokenizer.ggml.eos_token_id")?.or(default_eos),
+        eot: id("tokenizer.ggml.eot_token_id")?,
+        eom: id("tokenizer.ggml.eom_token_id")?,
+        unk: id("tokenizer.ggml.unknown_token_id")?.or(default_unk),
+        add_bos: flag("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos),
+        add_eos: flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+    })
+}
+
+/// Converts every element of an array, naming the first one that has the wrong type.
+fn elements<'v, T>(
+    values: &'v [Value],
+    key: &'static str,
+    expected: &'static str,
+    convert: impl Fn(&'v Value) -> Option<T>,
+) -> Result<Vec<T>, TokenizeError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(index, v)| convert(v).ok_or(TokenizeError::BadElement { key, index, expected }))
+        .collect()
+}
+
+/// An optional array with one entry per token (extra entries are ignored, as llama.cpp does).
+fn per_token<'v, T>(
+    file: &'v GgufFile,
+    key: &'static str,
+    n_vocab: usize,
+    expected: &'static str,
+    convert: impl Fn(&'v Value) -> Option<T>,
+) -> Result<Option<Vec<T>>, TokenizeError> {
+    if file.get(key).is_none() {
+        return Ok(None);
+    }
+    let values = file.get_array(key)?;
+    if values.len() < n_vocab {
+        return Err(TokenizeError::LengthMismatch { key, len: values.len(), n_vocab });
+    }
+    elements(&values[..n_vocab], key, expected, convert).map(Some)
+}
