@@ -104,7 +104,12 @@ pub(crate) fn encode_word(vocab: &Vocab, merges: &Merges, word: &str, out: &mut 
     let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
     for (start, c) in text.char_indices() {
         let index = symbols.len();
-        symbols.push(Symbol { start, len: c.len_utf8(), prev: index.checked_sub(1), next: None });
+        symbols.push(Symbol {
+            start,
+            len: c.len_utf8(),
+            prev: index.checked_sub(1),
+            next: None,
+        });
         if index > 0 {
             symbols[index - 1].next = Some(index);
         }
@@ -149,7 +154,11 @@ pub(crate) fn encode_word(vocab: &Vocab, merges: &Merges, word: &str, out: &mut 
             Some(id) => out.push(id),
             // A merge result missing from the vocabulary (a malformed file): fall back to its
             // characters, each of which is a token in any byte-level vocabulary.
-            None => out.extend(piece.char_indices().filter_map(|(i, c)| vocab.id(&piece[i..i + c.len_utf8()]))),
+            None => out.extend(
+                piece
+                    .char_indices()
+                    .filter_map(|(i, c)| vocab.id(&piece[i..i + c.len_utf8()])),
+            ),
         }
         at = s.next;
     }
@@ -176,7 +185,10 @@ mod tests {
     #[test]
     fn merges_lowest_rank_first() {
         let texts = ["Ġ", "a", "b", "Ġa", "ab", "Ġab"];
-        let tokens = texts.iter().map(|t| Token::new(t, 0.0, TokenType::Normal)).collect();
+        let tokens = texts
+            .iter()
+            .map(|t| Token::new(t, 0.0, TokenType::Normal))
+            .collect();
         let vocab = Vocab::new(tokens).unwrap();
         let merges = Merges::new(["Ġ a", "a b", "Ġa b"]);
         let mut out = Vec::new();

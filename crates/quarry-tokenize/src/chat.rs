@@ -71,7 +71,10 @@ impl ChatTemplate {
     /// The template of a GGUF file (`tokenizer.chat_template`), or a built-in one when the file has
     /// none: Gemma's format for `general.architecture` gemma, gemma2, gemma3 and gemma3n, ChatML
     /// otherwise. `bos_token` and `eos_token` are the texts of the tokenizer's BOS and EOS.
-    pub fn from_gguf(file: &quarry_format::GgufFile, tok: &Tokenizer) -> Result<ChatTemplate, TokenizeError> {
+    pub fn from_gguf(
+        file: &quarry_format::GgufFile,
+        tok: &Tokenizer,
+    ) -> Result<ChatTemplate, TokenizeError> {
         let text = |id: Option<u32>| id.map_or("", |id| tok.token_text(id));
         let (bos, eos) = (text(tok.bos_id()), text(tok.eos_id()));
         if let Some(source) = file.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
@@ -79,7 +82,10 @@ impl ChatTemplate {
             template.description = "chat template from the GGUF (tokenizer.chat_template)".into();
             return Ok(template);
         }
-        let arch = file.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("unknown");
+        let arch = file
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown");
         let (source, name) = match arch {
             "gemma" | "gemma2" | "gemma3" | "gemma3n" => (GEMMA_TEMPLATE, "Gemma"),
             _ => (CHATML_TEMPLATE, "ChatML"),
@@ -100,11 +106,17 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<String, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|source| TokenizeError::Template { what: "syntax", source })?;
+            .map_err(|source| TokenizeError::Template {
+                what: "syntax",
+                source,
+            })?;
         Ok(ChatTemplate {
             env,
             bos: bos.to_string(),
@@ -116,7 +128,11 @@ impl ChatTemplate {
 
     /// Renders a conversation; with `add_generation_prompt` the text ends with the opening of an
     /// assistant turn. A template that raises (`raise_exception`) or fails returns its message.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizeError> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizeError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -128,7 +144,10 @@ impl ChatTemplate {
                 bos_token => &self.bos,
                 eos_token => &self.eos,
             })
-            .map_err(|source| TokenizeError::Template { what: "render", source })
+            .map_err(|source| TokenizeError::Template {
+                what: "render",
+                source,
+            })
     }
 
     /// Whether this is a built-in template standing in for one the file lacks.
@@ -144,10 +163,55 @@ impl ChatTemplate {
 
 #[cfg(test)]
 mod tests {
+    use quarry_format::Value;
+
     use super::*;
+    use crate::gguf::tests::{gguf, strings};
+
+    #[test]
+    fn template_source_by_file() {
+        let vocab = |arch: &str| {
+            vec![
+                ("general.architecture", Value::String(arch.into())),
+                ("tokenizer.ggml.model", Value::String("llama".into())),
+                (
+                    "tokenizer.ggml.tokens",
+                    strings(&["<unk>", "<bos>", "<eos>"]),
+                ),
+            ]
+        };
+        let convo = [msg("user", "hi")];
+        for (arch, expected) in [
+            ("gemma3", "<bos><start_of_turn>user\nhi<end_of_turn>\n"),
+            ("llama", "<|im_start|>user\nhi<|im_end|>\n"),
+        ] {
+            let file = gguf(vocab(arch));
+            let tok = Tokenizer::from_gguf(&file).unwrap();
+            let t = ChatTemplate::from_gguf(&file, &tok).unwrap();
+            assert!(
+                t.is_fallback() && t.description().contains(arch),
+                "{}",
+                t.description()
+            );
+            assert_eq!(t.render(&convo, false).unwrap(), expected);
+        }
+        let mut entries = vocab("gemma3");
+        entries.push((
+            "tokenizer.chat_template",
+            Value::String("{{ eos_token }}{{ messages|length }}".into()),
+        ));
+        let file = gguf(entries);
+        let tok = Tokenizer::from_gguf(&file).unwrap();
+        let t = ChatTemplate::from_gguf(&file, &tok).unwrap();
+        assert!(!t.is_fallback());
+        assert_eq!(t.render(&convo, true).unwrap(), "<eos>1");
+    }
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 
     #[test]
@@ -158,12 +222,22 @@ mod tests {
             "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
         );
         assert_eq!(
-            t.render(&[msg("system", "Be brief."), msg("user", " hi "), msg("assistant", "Hello!")], false)
-                .unwrap(),
+            t.render(
+                &[
+                    msg("system", "Be brief."),
+                    msg("user", " hi "),
+                    msg("assistant", "Hello!")
+                ],
+                false
+            )
+            .unwrap(),
             "<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n\
              <start_of_turn>model\nHello!<end_of_turn>\n"
         );
-        let err = t.render(&[msg("assistant", "x")], true).unwrap_err().to_string();
+        let err = t
+            .render(&[msg("assistant", "x")], true)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("alternate user and assistant"), "{err}");
     }
 
@@ -186,12 +260,19 @@ mod tests {
 
     #[test]
     fn malformed_templates_are_errors() {
-        let err = ChatTemplate::new("{% for m in messages %}", "", "").err().unwrap().to_string();
+        let err = ChatTemplate::new("{% for m in messages %}", "", "")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.starts_with("chat template (syntax):"), "{err}");
         let t = ChatTemplate::new("{{ raise_exception('no tools here') }}", "", "").unwrap();
         let err = t.render(&[], true).unwrap_err().to_string();
-        assert!(err.starts_with("chat template (render):") && err.contains("no tools here"), "{err}");
-        let t = ChatTemplate::new("{{ messages[0].content | nosuchfilter }}", "", "").unwrap_or_else(|e| panic!("{e}"));
-        assert!(t.render(&[msg("user", "x")], true).is_err());
+        assert!(
+            err.starts_with("chat template (render):") && err.contains("no tools here"),
+            "{err}"
+        );
+        let unknown_filter = ChatTemplate::new("{{ messages[0].content | nosuchfilter }}", "", "")
+            .and_then(|t| t.render(&[msg("user", "x")], true));
+        assert!(unknown_filter.is_err());
     }
 }

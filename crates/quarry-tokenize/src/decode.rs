@@ -17,6 +17,7 @@ pub struct StreamDecoder<'a> {
 }
 
 impl<'a> StreamDecoder<'a> {
+    /// A decoder at the start of a stream.
     pub fn new(tokenizer: &'a Tokenizer) -> StreamDecoder<'a> {
         StreamDecoder {
             tokenizer,

@@ -48,7 +48,11 @@ pub enum TokenizeError {
     },
     /// Two tokens have the same text, so text-to-id lookup would be ambiguous.
     #[error("tokenizer.ggml.tokens: {text:?} appears twice, as ids {first} and {second}")]
-    DuplicateToken { text: String, first: u32, second: u32 },
+    DuplicateToken {
+        text: String,
+        first: u32,
+        second: u32,
+    },
     /// The vocabulary has more tokens than a `u32` id can address.
     #[error("tokenizer.ggml.tokens has {0} tokens, more than a u32 id can address")]
     VocabTooLarge(usize),

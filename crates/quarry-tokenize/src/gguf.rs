@@ -39,7 +39,9 @@ fn read_spec(file: &GgufFile) -> Result<TokenizerSpec, TokenizeError> {
         .enumerate()
         .map(|(i, text)| {
             let score = scores.as_ref().map_or(0.0, |s| s[i]);
-            let kind = types.as_ref().map_or(TokenType::Normal, |t| TokenType::from_gguf(t[i]));
+            let kind = types
+                .as_ref()
+                .map_or(TokenType::Normal, |t| TokenType::from_gguf(t[i]));
             Token::new(text, score, kind)
         })
         .collect();
@@ -59,23 +61,39 @@ fn read_spec(file: &GgufFile) -> Result<TokenizerSpec, TokenizeError> {
     // A default special id only applies when the vocabulary has it.
     let default_id = |id: u32| ((id as usize) < n_vocab).then_some(id);
 
-    let (model, default_bos, default_eos, default_unk, default_add_bos) = match file.get_str(MODEL)? {
-        "llama" => {
-            let add_space_prefix = flag(ADD_SPACE_PREFIX)?.unwrap_or(true);
-            (ModelSpec::Spm { add_space_prefix }, default_id(1), default_id(2), default_id(0), true)
-        }
-        "gpt2" => {
-            let name = match file.get(PRE) {
-                Some(_) => file.get_str(PRE)?,
-                None => "default",
-            };
-            let pre = PreTokenizer::from_name(name)
-                .ok_or_else(|| TokenizeError::UnknownPreTokenizer(name.to_string()))?;
-            let merges = elements(file.get_array(MERGES)?, MERGES, "a string", Value::as_str)?;
-            (ModelSpec::Bpe { pre, merges: Merges::new(merges) }, None, None, None, false)
-        }
-        other => return Err(TokenizeError::UnsupportedModel(other.to_string())),
-    };
+    let (model, default_bos, default_eos, default_unk, default_add_bos) =
+        match file.get_str(MODEL)? {
+            "llama" => {
+                let add_space_prefix = flag(ADD_SPACE_PREFIX)?.unwrap_or(true);
+                (
+                    ModelSpec::Spm { add_space_prefix },
+                    default_id(1),
+                    default_id(2),
+                    default_id(0),
+                    true,
+                )
+            }
+            "gpt2" => {
+                let name = match file.get(PRE) {
+                    Some(_) => file.get_str(PRE)?,
+                    None => "default",
+                };
+                let pre = PreTokenizer::from_name(name)
+                    .ok_or_else(|| TokenizeError::UnknownPreTokenizer(name.to_string()))?;
+                let merges = elements(file.get_array(MERGES)?, MERGES, "a string", Value::as_str)?;
+                (
+                    ModelSpec::Bpe {
+                        pre,
+                        merges: Merges::new(merges),
+                    },
+                    None,
+                    None,
+                    None,
+                    false,
+                )
+            }
+            other => return Err(TokenizeError::UnsupportedModel(other.to_string())),
+        };
 
     Ok(TokenizerSpec {
         model,
@@ -100,7 +118,13 @@ fn elements<'v, T>(
     values
         .iter()
         .enumerate()
-        .map(|(index, v)| convert(v).ok_or(TokenizeError::BadElement { key, index, expected }))
+        .map(|(index, v)| {
+            convert(v).ok_or(TokenizeError::BadElement {
+                key,
+                index,
+                expected,
+            })
+        })
         .collect()
 }
 
@@ -117,7 +141,131 @@ fn per_token<'v, T>(
     }
     let values = file.get_array(key)?;
     if values.len() < n_vocab {
-        return Err(TokenizeError::LengthMismatch { key, len: values.len(), n_vocab });
+        return Err(TokenizeError::LengthMismatch {
+            key,
+            len: values.len(),
+            n_vocab,
+        });
     }
     elements(&values[..n_vocab], key, expected, convert).map(Some)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use quarry_format::{GgufWriter, ValueType};
+
+    use super::*;
+
+    pub(crate) fn gguf(entries: Vec<(&str, Value)>) -> GgufFile {
+        let mut writer = GgufWriter::new();
+        for (key, value) in entries {
+            writer.add_metadata(key, value).unwrap();
+        }
+        GgufFile::from_bytes(writer.to_bytes(), "test.gguf").unwrap()
+    }
+
+    pub(crate) fn strings(items: &[&str]) -> Value {
+        Value::Array(
+            ValueType::String,
+            items.iter().map(|s| Value::String(s.to_string())).collect(),
+        )
+    }
+
+    fn text(value: &str) -> Value {
+        Value::String(value.to_string())
+    }
+
+    fn error(entries: Vec<(&str, Value)>) -> String {
+        Tokenizer::from_gguf(&gguf(entries))
+            .err()
+            .expect("an error")
+            .to_string()
+    }
+
+    #[test]
+    fn bpe_defaults() {
+        let file = gguf(vec![
+            (MODEL, text("gpt2")),
+            (TOKENS, strings(&["a", "b", "ab", "Ġ", "<|end|>"])),
+            (MERGES, strings(&["a b"])),
+        ]);
+        let t = Tokenizer::from_gguf(&file).unwrap();
+        // No pre-tokenizer named: llama.cpp's "default". No BOS, nothing added.
+        assert_eq!(t.encode("ab ab", true, false), [2, 3, 2]);
+        assert_eq!((t.bos_id(), t.eos_id(), t.add_bos()), (None, None, false));
+        assert!(t.is_end_of_generation(4) && t.is_control(4));
+    }
+
+    #[test]
+    fn spm_defaults() {
+        let file = gguf(vec![
+            (MODEL, text("llama")),
+            (TOKENS, strings(&["<unk>", "<s>", "</s>", "▁a", "a"])),
+            (
+                SCORES,
+                Value::Array(ValueType::F32, vec![Value::F32(0.0); 5]),
+            ),
+            (
+                TOKEN_TYPE,
+                Value::Array(ValueType::I32, [2, 3, 3, 1, 1].map(Value::I32).to_vec()),
+            ),
+        ]);
+        let t = Tokenizer::from_gguf(&file).unwrap();
+        // BOS 1, EOS 2, a space prefix and BOS added: llama.cpp's SentencePiece defaults.
+        assert_eq!(
+            (t.bos_id(), t.eos_id(), t.add_bos()),
+            (Some(1), Some(2), true)
+        );
+        assert_eq!(t.encode("a", true, false), [1, 3]);
+        assert_eq!(t.decode(&[1, 3]), "a");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = error(vec![
+            (MODEL, text("gpt2")),
+            (PRE, text("llama-bpe")),
+            (TOKENS, strings(&["a"])),
+        ]);
+        assert!(
+            err.starts_with("tokenizer.ggml.pre = \"llama-bpe\" is not supported"),
+            "{err}"
+        );
+        let err = error(vec![(MODEL, text("bert")), (TOKENS, strings(&["a"]))]);
+        assert!(
+            err.starts_with("tokenizer.ggml.model = \"bert\" is not supported"),
+            "{err}"
+        );
+        let err = error(vec![(MODEL, text("llama"))]);
+        assert!(err.contains(TOKENS), "{err}");
+        let err = error(vec![(MODEL, text("gpt2")), (TOKENS, strings(&["a"]))]);
+        assert!(err.contains(MERGES), "{err}");
+        let err = error(vec![
+            (MODEL, text("llama")),
+            (TOKENS, strings(&["a", "b"])),
+            (TOKEN_TYPE, strings(&["x", "y"])),
+        ]);
+        assert_eq!(
+            err,
+            "GGUF metadata tokenizer.ggml.token_type[0]: expected an integer"
+        );
+        let err = error(vec![
+            (MODEL, text("llama")),
+            (TOKENS, strings(&["a", "b"])),
+            (SCORES, Value::Array(ValueType::F32, vec![Value::F32(0.0)])),
+        ]);
+        assert_eq!(
+            err,
+            "GGUF metadata tokenizer.ggml.scores has 1 entries but tokenizer.ggml.tokens has 2"
+        );
+        let err = error(vec![
+            (MODEL, text("llama")),
+            (TOKENS, strings(&["a", "b"])),
+            ("tokenizer.ggml.eos_token_id", Value::U32(9)),
+        ]);
+        assert_eq!(
+            err,
+            "GGUF metadata tokenizer.ggml.eos_token_id = 9 is outside the vocabulary of 2 tokens"
+        );
+    }
 }

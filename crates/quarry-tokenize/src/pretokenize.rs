@@ -52,7 +52,8 @@ impl PreTokenizer {
                 Stage::AsciiDigitTriples,
             ],
         };
-        let mut pieces = if text.is_empty() { Vec::new() } else { vec![0..text.len()] };
+        // An empty text splits into no pieces: every stage drops empty ones.
+        let mut pieces: Vec<Range<usize>> = std::iter::once(0..text.len()).collect();
         for stage in stages {
             let mut next = Vec::with_capacity(pieces.len() * 2);
             for piece in pieces {
@@ -84,7 +85,12 @@ impl Stage {
             .char_indices()
             .map(|(i, c)| (piece.start + i, c))
             .collect();
-        let mut cut = Cutter { chars: &chars, end: piece.end, last: 0, out };
+        let mut cut = Cutter {
+            chars: &chars,
+            end: piece.end,
+            last: 0,
+            out,
+        };
         match self {
             Stage::EachNumber => cut.runs(|c| class(c) == Class::Number, Some(1)),
             Stage::NumberRuns => cut.runs(|c| class(c) == Class::Number, None),
@@ -247,9 +253,18 @@ mod tests {
             words(PreTokenizer::Gpt2, "Hello world!  \n\tdon't 12345"),
             ["Hello", " world", "!", "  \n", "\t", "don", "'t", " 12345"]
         );
-        assert_eq!(words(PreTokenizer::Gpt2, "a   b  "), ["a", "  ", " b", "  "]);
-        assert_eq!(words(PreTokenizer::Gpt2, " ?!x 'll"), [" ?!", "x", " '", "ll"]);
-        assert_eq!(words(PreTokenizer::Gpt2, "日本語 über\u{a0}x"), ["日本語", " über", "\u{a0}", "x"]);
+        assert_eq!(
+            words(PreTokenizer::Gpt2, "a   b  "),
+            ["a", "  ", " b", "  "]
+        );
+        assert_eq!(
+            words(PreTokenizer::Gpt2, " ?!x 'll"),
+            [" ?!", "x", " '", "ll"]
+        );
+        assert_eq!(
+            words(PreTokenizer::Gpt2, "日本語 über\u{a0}x"),
+            ["日本語", " über", "\u{a0}", "x"]
+        );
         assert!(words(PreTokenizer::Gpt2, "").is_empty());
     }
 
@@ -260,7 +275,10 @@ mod tests {
             ["don", "'t", " ", "1", "2", "3", " ab", "4", "c"]
         );
         // The lookahead of `\s+(?!\S)` stops at the digit's piece boundary.
-        assert_eq!(words(PreTokenizer::DigitsThenGpt2, "a  1"), ["a", "  ", "1"]);
+        assert_eq!(
+            words(PreTokenizer::DigitsThenGpt2, "a  1"),
+            ["a", "  ", "1"]
+        );
     }
 
     #[test]
@@ -274,18 +292,31 @@ mod tests {
     #[test]
     fn pieces_cover_the_text() {
         let text = "Mixed: ÀÉ 12½ \r\n\t  ok?! 👍🏽 'S 're";
-        for pre in [PreTokenizer::Gpt2, PreTokenizer::DigitsThenGpt2, PreTokenizer::Default] {
+        for pre in [
+            PreTokenizer::Gpt2,
+            PreTokenizer::DigitsThenGpt2,
+            PreTokenizer::Default,
+        ] {
             let pieces = pre.split(text);
-            assert_eq!(pieces.iter().map(|r| &text[r.clone()]).collect::<String>(), text);
+            assert_eq!(
+                pieces.iter().map(|r| &text[r.clone()]).collect::<String>(),
+                text
+            );
             assert!(pieces.iter().all(|r| !r.is_empty()));
         }
     }
 
     #[test]
     fn names() {
-        assert_eq!(PreTokenizer::from_name("smollm"), Some(PreTokenizer::DigitsThenGpt2));
+        assert_eq!(
+            PreTokenizer::from_name("smollm"),
+            Some(PreTokenizer::DigitsThenGpt2)
+        );
         assert_eq!(PreTokenizer::from_name("gpt2"), Some(PreTokenizer::Gpt2));
-        assert_eq!(PreTokenizer::from_name("default"), Some(PreTokenizer::Default));
+        assert_eq!(
+            PreTokenizer::from_name("default"),
+            Some(PreTokenizer::Default)
+        );
         assert_eq!(PreTokenizer::from_name("llama-bpe"), None);
     }
 }

@@ -104,11 +104,20 @@ mod tests {
         let text = "<s>x  y";
         assert_eq!(
             t.partition(text, true),
-            [Fragment::Token(10), Fragment::Text(3..4), Fragment::Token(11), Fragment::Text(6..7)]
+            [
+                Fragment::Token(10),
+                Fragment::Text(3..4),
+                Fragment::Token(11),
+                Fragment::Text(6..7)
+            ]
         );
         assert_eq!(
             t.partition(text, false),
-            [Fragment::Text(0..4), Fragment::Token(11), Fragment::Text(6..7)]
+            [
+                Fragment::Text(0..4),
+                Fragment::Token(11),
+                Fragment::Text(6..7)
+            ]
         );
     }
 
@@ -116,9 +125,15 @@ mod tests {
     fn longest_candidate_first() {
         let t = specials();
         // Five spaces: the three-space token is cut first, then the two-space one.
-        assert_eq!(t.partition("     ", false), [Fragment::Token(12), Fragment::Token(11)]);
+        assert_eq!(
+            t.partition("     ", false),
+            [Fragment::Token(12), Fragment::Token(11)]
+        );
         // "bcd" (longer) wins over the overlapping "ab" even though "ab" starts earlier.
-        assert_eq!(t.partition("abcd", false), [Fragment::Text(0..1), Fragment::Token(13)]);
+        assert_eq!(
+            t.partition("abcd", false),
+            [Fragment::Text(0..1), Fragment::Token(13)]
+        );
         assert!(t.partition("", true).is_empty());
     }
 }

@@ -34,7 +34,9 @@ struct Candidate {
 impl Ord for Candidate {
     // Highest score first; among equal scores the leftmost pair.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score.total_cmp(&other.score).then(other.left.cmp(&self.left))
+        self.score
+            .total_cmp(&other.score)
+            .then(other.left.cmp(&self.left))
     }
 }
 
@@ -53,7 +55,12 @@ impl PartialEq for Candidate {
 impl Eq for Candidate {}
 
 /// Appends the ids of `text` to `out`. `byte_tokens[b]` is the fallback token of byte `b`.
-pub(crate) fn encode(vocab: &Vocab, byte_tokens: &[Option<u32>; 256], text: &str, out: &mut Vec<u32>) {
+pub(crate) fn encode(
+    vocab: &Vocab,
+    byte_tokens: &[Option<u32>; 256],
+    text: &str,
+    out: &mut Vec<u32>,
+) {
     let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
     for (start, c) in text.char_indices() {
         let index = symbols.len();
@@ -68,13 +75,19 @@ pub(crate) fn encode(vocab: &Vocab, byte_tokens: &[Option<u32>; 256], text: &str
         }
     }
     let mut queue = BinaryHeap::new();
-    let push = |queue: &mut BinaryHeap<Candidate>, symbols: &[Symbol], left: usize, right: usize| {
-        let (l, r) = (symbols[left], symbols[right]);
-        let len = l.len + r.len;
-        if let Some(id) = vocab.id(&text[l.start..l.start + len]) {
-            queue.push(Candidate { score: vocab.score(id), left, right, len });
-        }
-    };
+    let push =
+        |queue: &mut BinaryHeap<Candidate>, symbols: &[Symbol], left: usize, right: usize| {
+            let (l, r) = (symbols[left], symbols[right]);
+            let len = l.len + r.len;
+            if let Some(id) = vocab.id(&text[l.start..l.start + len]) {
+                queue.push(Candidate {
+                    score: vocab.score(id),
+                    left,
+                    right,
+                    len,
+                });
+            }
+        };
     for i in 1..symbols.len() {
         push(&mut queue, &symbols, i - 1, i);
     }
@@ -130,10 +143,23 @@ mod tests {
     #[test]
     fn merges_highest_score_first() {
         // "abc": "ab" scores higher than "bc", so a|b merge first and "abc" is reached via "ab".
-        let v = vocab(&[("a", -1.0), ("b", -1.0), ("c", -1.0), ("ab", -2.0), ("bc", -3.0), ("abc", -5.0)]);
+        let v = vocab(&[
+            ("a", -1.0),
+            ("b", -1.0),
+            ("c", -1.0),
+            ("ab", -2.0),
+            ("bc", -3.0),
+            ("abc", -5.0),
+        ]);
         assert_eq!(run(&v, &[None; 256], "abc"), [5]);
         // Without "abc", "bc" (higher score) merges first and "a" stays alone.
-        let v = vocab(&[("a", -1.0), ("b", -1.0), ("c", -1.0), ("ab", -2.0), ("bc", -1.5)]);
+        let v = vocab(&[
+            ("a", -1.0),
+            ("b", -1.0),
+            ("c", -1.0),
+            ("ab", -2.0),
+            ("bc", -1.5),
+        ]);
         assert_eq!(run(&v, &[None; 256], "abc"), [0, 4]);
     }
 

@@ -96,19 +96,36 @@ impl Tokenizer {
             ("tokenizer.ggml.unknown_token_id", spec.unk),
         ] {
             if let Some(id) = id.filter(|&id| id as usize >= n_vocab) {
-                return Err(TokenizeError::TokenIdOutOfRange { key, id: id.into(), n_vocab });
+                return Err(TokenizeError::TokenIdOutOfRange {
+                    key,
+                    id: id.into(),
+                    n_vocab,
+                });
             }
         }
         for (add, id, flag_key, id_key) in [
-            (spec.add_bos, spec.bos, "tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id"),
-            (spec.add_eos, spec.eos, "tokenizer.ggml.add_eos_token", "tokenizer.ggml.eos_token_id"),
+            (
+                spec.add_bos,
+                spec.bos,
+                "tokenizer.ggml.add_bos_token",
+                "tokenizer.ggml.bos_token_id",
+            ),
+            (
+                spec.add_eos,
+                spec.eos,
+                "tokenizer.ggml.add_eos_token",
+                "tokenizer.ggml.eos_token_id",
+            ),
         ] {
             if add && id.is_none() {
                 return Err(TokenizeError::MissingSpecialToken { flag_key, id_key });
             }
         }
 
-        let mut end_of_generation: Vec<u32> = [spec.eos, spec.eot, spec.eom].into_iter().flatten().collect();
+        let mut end_of_generation: Vec<u32> = [spec.eos, spec.eot, spec.eom]
+            .into_iter()
+            .flatten()
+            .collect();
         for text in END_OF_GENERATION_TEXTS {
             if let Some(id) = vocab.id(text) {
                 end_of_generation.push(id);
@@ -138,7 +155,10 @@ impl Tokenizer {
                 for (b, slot) in byte_tokens.iter_mut().enumerate() {
                     *slot = vocab.id(&format!("<0x{b:02X}>")).or(spec.unk);
                 }
-                Algorithm::Spm { add_space_prefix, byte_tokens }
+                Algorithm::Spm {
+                    add_space_prefix,
+                    byte_tokens,
+                }
             }
             ModelSpec::Bpe { pre, merges } => Algorithm::Bpe { pre, merges },
         };
@@ -169,7 +189,10 @@ impl Tokenizer {
         }
         let fragments = self.special.partition(text, parse_special);
         match &self.algorithm {
-            Algorithm::Spm { add_space_prefix, byte_tokens } => {
+            Algorithm::Spm {
+                add_space_prefix,
+                byte_tokens,
+            } => {
                 // The space prefix goes at the start of the text and after each special token.
                 let mut after_special = true;
                 for fragment in fragments {
@@ -183,7 +206,13 @@ impl Tokenizer {
                             if *add_space_prefix && after_special {
                                 escaped.push(ESCAPED_SPACE);
                             }
-                            escaped.extend(text[range].chars().map(|c| if c == ' ' { ESCAPED_SPACE } else { c }));
+                            escaped.extend(text[range].chars().map(|c| {
+                                if c == ' ' {
+                                    ESCAPED_SPACE
+                                } else {
+                                    c
+                                }
+                            }));
                             spm::encode(&self.vocab, byte_tokens, &escaped, &mut out);
                             after_special = false;
                         }
@@ -235,7 +264,9 @@ impl Tokenizer {
     }
 
     pub(crate) fn append_token_bytes(&self, id: u32, out: &mut Vec<u8>) {
-        let Some(token) = self.vocab.get(id) else { return };
+        let Some(token) = self.vocab.get(id) else {
+            return;
+        };
         let text = &*token.text;
         match token.kind {
             TokenType::Control | TokenType::Unknown | TokenType::Unused | TokenType::Undefined => {}
@@ -258,7 +289,13 @@ impl Tokenizer {
 
     /// Whether decoding drops the first token's leading space (SentencePiece with a space prefix).
     pub(crate) fn strips_leading_space(&self) -> bool {
-        matches!(self.algorithm, Algorithm::Spm { add_space_prefix: true, .. })
+        matches!(
+            self.algorithm,
+            Algorithm::Spm {
+                add_space_prefix: true,
+                ..
+            }
+        )
     }
 
     /// The token's text as the vocabulary stores it (escaped spaces, byte-level characters, or
@@ -272,14 +309,17 @@ impl Tokenizer {
         self.vocab.id(text)
     }
 
+    /// The number of tokens in the vocabulary (ids are `0..vocab_size`).
     pub fn vocab_size(&self) -> usize {
         self.vocab.len()
     }
 
+    /// The beginning-of-sequence token, when the vocabulary has one.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
     }
 
+    /// The end-of-sequence token, when the vocabulary has one.
     pub fn eos_id(&self) -> Option<u32> {
         self.eos
     }
@@ -298,14 +338,18 @@ impl Tokenizer {
 
     /// Whether `id` is a control token (BOS, EOS, turn markers, ...); false outside the vocabulary.
     pub fn is_control(&self, id: u32) -> bool {
-        self.vocab.get(id).is_some_and(|t| t.kind == TokenType::Control)
+        self.vocab
+            .get(id)
+            .is_some_and(|t| t.kind == TokenType::Control)
     }
 }
 
 /// The byte of a `<0xNN>` token.
 fn parse_byte_token(text: &str) -> Option<u8> {
     let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
-    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
+    (hex.len() == 2)
+        .then(|| u8::from_str_radix(hex, 16).ok())
+        .flatten()
 }
 
 #[cfg(test)]
@@ -325,7 +369,10 @@ pub(crate) mod tests {
         for b in 0..=255u8 {
             tokens.push(Token::new(&format!("<0x{b:02X}>"), 0.0, TokenType::Byte));
         }
-        for (i, piece) in ["▁", "h", "i", "hi", "▁hi", "▁▁", "!"].into_iter().enumerate() {
+        for (i, piece) in ["▁", "h", "i", "hi", "▁hi", "▁▁", "!"]
+            .into_iter()
+            .enumerate()
+        {
             tokens.push(Token::new(piece, -(i as f32), TokenType::Normal));
         }
         Tokenizer::from_spec(TokenizerSpec {
@@ -398,7 +445,9 @@ pub(crate) mod tests {
     #[test]
     fn invalid_metadata_is_named() {
         let spec = |bos, add_bos| TokenizerSpec {
-            model: ModelSpec::Spm { add_space_prefix: false },
+            model: ModelSpec::Spm {
+                add_space_prefix: false,
+            },
             tokens: vec![Token::new("a", 0.0, TokenType::Normal)],
             bos,
             eos: None,

@@ -44,7 +44,11 @@ pub(crate) struct Token {
 
 impl Token {
     pub(crate) fn new(text: &str, score: f32, kind: TokenType) -> Token {
-        Token { text: text.into(), score, kind }
+        Token {
+            text: text.into(),
+            score,
+            kind,
+        }
     }
 }
 
@@ -113,6 +117,9 @@ mod tests {
             Token::new("a", 0.0, TokenType::Normal),
         ];
         let err = Vocab::new(tokens).err().unwrap();
-        assert_eq!(err.to_string(), "tokenizer.ggml.tokens: \"a\" appears twice, as ids 0 and 3");
+        assert_eq!(
+            err.to_string(),
+            "tokenizer.ggml.tokens: \"a\" appears twice, as ids 0 and 3"
+        );
     }
 }

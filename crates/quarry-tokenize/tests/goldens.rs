@@ -34,15 +34,32 @@ fn tok(model: TestModel) -> &'static Tokenizer {
 fn check_golden_ids(model: TestModel) {
     let t = tok(model);
     let goldens = model_goldens(model);
-    let cases = goldens["tokenize"].as_object().expect("tokenize is an object");
-    assert!(cases.len() >= 7, "{model:?}: expected the recorded strings, got {}", cases.len());
+    let cases = goldens["tokenize"]
+        .as_object()
+        .expect("tokenize is an object");
+    assert!(
+        cases.len() >= 7,
+        "{model:?}: expected the recorded strings, got {}",
+        cases.len()
+    );
     for (text, expected) in cases {
         let bos = t.bos_id().expect("both models have a BOS id");
-        let explicit_bos: Vec<u32> = std::iter::once(bos).chain(t.encode(text, false, false)).collect();
+        let explicit_bos: Vec<u32> = std::iter::once(bos)
+            .chain(t.encode(text, false, false))
+            .collect();
         for (variant, got) in [
-            ("add_special=true,parse_special=false", t.encode(text, true, false)),
-            ("add_special=false,parse_special=false", t.encode(text, false, false)),
-            ("add_special=true,parse_special=true", t.encode(text, true, true)),
+            (
+                "add_special=true,parse_special=false",
+                t.encode(text, true, false),
+            ),
+            (
+                "add_special=false,parse_special=false",
+                t.encode(text, false, false),
+            ),
+            (
+                "add_special=true,parse_special=true",
+                t.encode(text, true, true),
+            ),
             ("explicit_bos_prepended", explicit_bos),
         ] {
             assert_eq!(got, ids(&expected[variant]), "{model:?} {text:?} {variant}");
@@ -65,7 +82,11 @@ fn special_token_metadata() {
     for model in TestModel::ALL {
         let t = tok(model);
         let g = model_goldens(model);
-        assert_eq!(t.vocab_size() as u64, g["n_vocab"].as_u64().unwrap(), "{model:?}");
+        assert_eq!(
+            t.vocab_size() as u64,
+            g["n_vocab"].as_u64().unwrap(),
+            "{model:?}"
+        );
         assert_eq!(t.bos_id().map(u64::from), g["bos_id"].as_u64(), "{model:?}");
         assert_eq!(t.eos_id().map(u64::from), g["eos_id"].as_u64(), "{model:?}");
         assert_eq!(Some(t.add_bos()), g["add_bos"].as_bool(), "{model:?}");
@@ -79,15 +100,24 @@ fn special_token_metadata() {
     assert_eq!(gemma.token_text(9259), "Hello");
     assert_eq!(gemma.token_bytes(138), b"  "); // user-defined run of spaces
     assert_eq!(gemma.token_bytes(gemma.token_id("<0x0A>").unwrap()), b"\n");
-    assert_eq!(gemma.token_bytes(gemma.token_id("▁world").unwrap()), b" world");
+    assert_eq!(
+        gemma.token_bytes(gemma.token_id("▁world").unwrap()),
+        b" world"
+    );
     assert!(gemma.token_bytes(2).is_empty());
 
     let smol = tok(TestModel::SmolLm2);
-    let (im_start, im_end) = (smol.token_id("<|im_start|>").unwrap(), smol.token_id("<|im_end|>").unwrap());
+    let (im_start, im_end) = (
+        smol.token_id("<|im_start|>").unwrap(),
+        smol.token_id("<|im_end|>").unwrap(),
+    );
     assert_eq!((im_start, im_end), (1, 2));
     assert!(smol.is_end_of_generation(im_end) && smol.is_end_of_generation(0)); // <|endoftext|>
     assert!(!smol.is_end_of_generation(im_start));
-    assert_eq!(smol.token_bytes(smol.token_id("Ġworld").unwrap()), b" world");
+    assert_eq!(
+        smol.token_bytes(smol.token_id("Ġworld").unwrap()),
+        b" world"
+    );
     assert_eq!(smol.token_text(smol.token_id("Ġworld").unwrap()), "Ġworld");
 }
 
@@ -117,7 +147,11 @@ fn decode_inverts_encode() {
         for text in ROUND_TRIPS {
             for add_special in [false, true] {
                 let ids = t.encode(text, add_special, false);
-                assert_eq!(t.decode(&ids), *text, "{model:?} add_special={add_special} {ids:?}");
+                assert_eq!(
+                    t.decode(&ids),
+                    *text,
+                    "{model:?} add_special={add_special} {ids:?}"
+                );
             }
         }
     }
@@ -144,7 +178,10 @@ fn stream_decoder_yields_the_decoded_text() {
         let mut streamed = String::new();
         for &id in &ids {
             streamed.push_str(&decoder.push(id));
-            assert!(!streamed.contains(char::REPLACEMENT_CHARACTER), "{model:?}: {streamed:?}");
+            assert!(
+                !streamed.contains(char::REPLACEMENT_CHARACTER),
+                "{model:?}: {streamed:?}"
+            );
         }
         assert_eq!(streamed + &decoder.finish(), "日本語 👨‍👩‍👧‍👦 é");
     }
@@ -170,16 +207,26 @@ fn perplexity_text_round_trips_and_fills_fourteen_chunks() {
         let start = std::time::Instant::now();
         let ids = t.encode(&text, true, false);
         let elapsed = start.elapsed();
-        eprintln!("{model:?}: gpl-3.txt is {} tokens (encoded in {elapsed:?})", ids.len());
+        eprintln!(
+            "{model:?}: gpl-3.txt is {} tokens (encoded in {elapsed:?})",
+            ids.len()
+        );
         // llama-perplexity made 14 chunks of 512 tokens from this text for both models.
         assert_eq!(ids.len() / 512, 14, "{model:?}: {} tokens", ids.len());
-        assert_eq!(t.encode(&text, true, true), ids, "{model:?}: the text has no control-token texts");
+        assert_eq!(
+            t.encode(&text, true, true),
+            ids,
+            "{model:?}: the text has no control-token texts"
+        );
         assert_eq!(t.decode(&ids), text, "{model:?}");
     }
 }
 
 fn user(content: &str) -> ChatMessage {
-    ChatMessage { role: "user".into(), content: content.into() }
+    ChatMessage {
+        role: "user".into(),
+        content: content.into(),
+    }
 }
 
 #[test]
@@ -193,9 +240,20 @@ fn smollm2_renders_its_chatml_template() {
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
          <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     );
-    let with_system =
-        template.render(&[ChatMessage { role: "system".into(), content: "Be terse.".into() }, user("hi")], false);
-    assert_eq!(with_system.unwrap(), "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n");
+    let with_system = template.render(
+        &[
+            ChatMessage {
+                role: "system".into(),
+                content: "Be terse.".into(),
+            },
+            user("hi"),
+        ],
+        false,
+    );
+    assert_eq!(
+        with_system.unwrap(),
+        "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    );
     let ids = tokenizer.encode(&rendered, false, true);
     assert_eq!(ids.iter().filter(|&&id| id == 1).count(), 3, "{ids:?}");
     assert_eq!(ids.iter().filter(|&&id| id == 2).count(), 2, "{ids:?}");
@@ -206,24 +264,48 @@ fn gemma_uses_the_built_in_template() {
     let Loaded { file, tokenizer } = loaded(TestModel::Gemma3);
     let template = ChatTemplate::from_gguf(file, tokenizer).unwrap();
     assert!(template.is_fallback());
-    assert!(template.description().contains("Gemma"), "{}", template.description());
+    assert!(
+        template.description().contains("Gemma"),
+        "{}",
+        template.description()
+    );
     let rendered = template.render(&[user("hi")], true).unwrap();
-    assert_eq!(rendered, "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n");
+    assert_eq!(
+        rendered,
+        "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    );
     let with_system = template
-        .render(&[ChatMessage { role: "system".into(), content: "Be terse.".into() }, user("hi")], true)
+        .render(
+            &[
+                ChatMessage {
+                    role: "system".into(),
+                    content: "Be terse.".into(),
+                },
+                user("hi"),
+            ],
+            true,
+        )
         .unwrap();
-    assert_eq!(with_system, "<bos><start_of_turn>user\nBe terse.\n\nhi<end_of_turn>\n<start_of_turn>model\n");
+    assert_eq!(
+        with_system,
+        "<bos><start_of_turn>user\nBe terse.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
+    );
     // The rendered prompt starts with llama.cpp's ids for the same turn, BOS included once.
-    let golden = ids(&model_goldens(TestModel::Gemma3)["tokenize"]["<start_of_turn>user\nhi<end_of_turn>"]
-        ["add_special=true,parse_special=true"]);
+    let golden = ids(&model_goldens(TestModel::Gemma3)["tokenize"]
+        ["<start_of_turn>user\nhi<end_of_turn>"]["add_special=true,parse_special=true"]);
     let prompt = tokenizer.encode(&rendered, false, true);
     assert_eq!(prompt[..golden.len()], golden[..], "{prompt:?}");
-    assert_eq!(prompt[golden.len()..], [107, 105, tokenizer.token_id("model").unwrap(), 107]);
+    assert_eq!(
+        prompt[golden.len()..],
+        [107, 105, tokenizer.token_id("model").unwrap(), 107]
+    );
 }
 
 #[test]
 fn malformed_template_is_an_error() {
-    let err = ChatTemplate::new("{% if messages %}unclosed", "<bos>", "<eos>").err().expect("syntax error");
+    let err = ChatTemplate::new("{% if messages %}unclosed", "<bos>", "<eos>")
+        .err()
+        .expect("syntax error");
     assert!(err.to_string().contains("syntax"), "{err}");
     let t = ChatTemplate::new("{{ messages[0].content.nosuchmethod() }}", "", "").unwrap();
     assert!(t.render(&[user("x")], true).is_err());
