@@ -53,7 +53,9 @@ fn generate_options(g: &GenArgs, stop_at_eog: bool) -> GenerateOptions {
 }
 
 fn context_size(g: &GenArgs, model: &Model<'_>) -> Result<usize> {
-    let ctx = g.ctx.unwrap_or(model.config().context_length.min(DEFAULT_CTX_LIMIT));
+    let ctx = g
+        .ctx
+        .unwrap_or(model.config().context_length.min(DEFAULT_CTX_LIMIT));
     anyhow::ensure!(ctx >= 2, "invalid --ctx {ctx}: must be at least 2");
     Ok(ctx)
 }
@@ -194,8 +196,10 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     }
     let bos = tokenizer.bos_id().filter(|_| tokenizer.add_bos());
     let bar = ProgressBar::new((tokens.len() / a.ctx.max(1)) as u64).with_style(
-        ProgressStyle::with_template("{spinner} perplexity [{bar:30}] {pos}/{len} chunks {msg} ({eta})")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} perplexity [{bar:30}] {pos}/{len} chunks {msg} ({eta})",
+        )
+        .expect("valid template"),
     );
     let t0 = Instant::now();
     let report = ppl::perplexity(&model, &tokens, a.ctx, bos, |_, _, running| {
@@ -263,8 +267,13 @@ pub fn info(a: InfoArgs) -> Result<()> {
         e.1 += t.n_bytes;
         params += t.n_elements();
     }
-    let size = std::fs::metadata(file.source()).map(|m| m.len()).unwrap_or(0);
-    let name = file.get("general.name").and_then(|v| v.as_str()).unwrap_or("");
+    let size = std::fs::metadata(file.source())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let name = file
+        .get("general.name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     if a.json {
         let types: serde_json::Map<String, serde_json::Value> = by_type
             .iter()
@@ -286,23 +295,50 @@ pub fn info(a: InfoArgs) -> Result<()> {
         println!("{v}");
         return Ok(());
     }
-    println!("file          {} ({:.1} MiB, GGUF v{})", file.source(), size as f64 / 1048576.0, file.version());
+    println!(
+        "file          {} ({:.1} MiB, GGUF v{})",
+        file.source(),
+        size as f64 / 1048576.0,
+        file.version()
+    );
     println!("name          {name}");
-    println!("architecture  {} ({:.1} M parameters)", c.architecture, params as f64 / 1e6);
+    println!(
+        "architecture  {} ({:.1} M parameters)",
+        c.architecture,
+        params as f64 / 1e6
+    );
     println!("layers        {}", c.n_layers);
-    println!("d_model       {}   ff {}   vocab {}", c.d_model, c.ff_dim, c.vocab_size);
-    println!("heads         {} query / {} kv, head dim {}", c.n_heads, c.n_kv_heads, c.head_dim);
+    println!(
+        "d_model       {}   ff {}   vocab {}",
+        c.d_model, c.ff_dim, c.vocab_size
+    );
+    println!(
+        "heads         {} query / {} kv, head dim {}",
+        c.n_heads, c.n_kv_heads, c.head_dim
+    );
     println!("context       {}", c.context_length);
     println!("norm          RMSNorm eps {:e}", c.norm_eps);
     println!("activation    {:?}", c.activation);
-    println!("rope          {:?}, {} dims, base {} (local {})", c.rope_style, c.rope_dims, c.rope_base, c.rope_base_local);
+    println!(
+        "rope          {:?}, {} dims, base {} (local {})",
+        c.rope_style, c.rope_dims, c.rope_base, c.rope_base_local
+    );
     if let Some(w) = c.sliding_window {
-        let globals: Vec<usize> = c.global_layers.iter().enumerate().filter(|(_, g)| **g).map(|(i, _)| i).collect();
+        let globals: Vec<usize> = c
+            .global_layers
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| **g)
+            .map(|(i, _)| i)
+            .collect();
         println!("sliding       window {w}; global layers {globals:?}");
     }
     println!("tensors       {}", file.tensors().len());
     for (t, (n, bytes)) in &by_type {
-        println!("  {t:<6} {n:>4} tensors {:>9.1} MiB", *bytes as f64 / 1048576.0);
+        println!(
+            "  {t:<6} {n:>4} tensors {:>9.1} MiB",
+            *bytes as f64 / 1048576.0
+        );
     }
     Ok(())
 }

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "quarry", version, about = "Run large language models from GGUF files")]
+#[command(
+    name = "quarry",
+    version,
+    about = "Run large language models from GGUF files"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -22,7 +22,10 @@ pub fn resolve(arg: &str) -> Result<PathBuf> {
     }
     let Some((_, fetch_name)) = ALIASES.iter().find(|(alias, _)| *alias == arg) else {
         let names: Vec<&str> = ALIASES.iter().map(|(a, _)| *a).collect();
-        bail!("{arg}: no such file (nor a known model alias: {})", names.join(", "));
+        bail!(
+            "{arg}: no such file (nor a known model alias: {})",
+            names.join(", ")
+        );
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-models");
     if !script.is_file() {
@@ -43,7 +46,10 @@ pub fn resolve(arg: &str) -> Result<PathBuf> {
     }
     let fetched = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     if !fetched.is_file() {
-        bail!("fetching model '{arg}' produced no file at {}", fetched.display());
+        bail!(
+            "fetching model '{arg}' produced no file at {}",
+            fetched.display()
+        );
     }
     Ok(fetched)
 }

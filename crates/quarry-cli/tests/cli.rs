@@ -24,7 +24,10 @@ fn assert_one_line_error(out: &Output, needle: &str) {
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{stderr}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -47,8 +50,15 @@ fn unknown_architecture_is_a_one_line_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("mamba.gguf");
     let mut w = GgufWriter::new();
-    w.add_metadata("general.architecture", Value::String("mamba".into())).unwrap();
-    w.add_tensor("token_embd.weight", &[4], GgmlType::F32, Cow::Owned(vec![0u8; 16])).unwrap();
+    w.add_metadata("general.architecture", Value::String("mamba".into()))
+        .unwrap();
+    w.add_tensor(
+        "token_embd.weight",
+        &[4],
+        GgmlType::F32,
+        Cow::Owned(vec![0u8; 16]),
+    )
+    .unwrap();
     w.write(&p).unwrap();
     let out = quarry(&["run", path_str(&p), "hi"]);
     assert_one_line_error(&out, "unsupported architecture 'mamba'");
@@ -87,15 +97,26 @@ fn greedy_run_starts_like_llamacpp() {
             "8",
             "--json",
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(ids(&v["prompt_ids"]), ids(&g["prompt_ids"]), "{model:?} prompt tokens");
+        assert_eq!(
+            ids(&v["prompt_ids"]),
+            ids(&g["prompt_ids"]),
+            "{model:?} prompt tokens"
+        );
         let got = ids(&v["ids"]);
         let gaps = g["step_top1_minus_top2"].as_array().unwrap();
         // Free-running greedy may part ways only after a near tie; up to then it must agree.
         for (step, (a, b)) in got.iter().zip(&expected).enumerate() {
             if a != b {
-                assert!(gaps[step].as_f64().unwrap() < 0.5, "{model:?} step {step}: {a} vs {b}");
+                assert!(
+                    gaps[step].as_f64().unwrap() < 0.5,
+                    "{model:?} step {step}: {a} vs {b}"
+                );
                 break;
             }
         }
@@ -108,13 +129,30 @@ fn greedy_run_starts_like_llamacpp() {
 fn same_seed_same_text() {
     let model = model_path(TestModel::SmolLm2);
     let run = |seed: &str| {
-        let out = quarry(&["run", path_str(&model), "Once upon a time", "-n", "12", "--seed", seed, "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = quarry(&[
+            "run",
+            path_str(&model),
+            "Once upon a time",
+            "-n",
+            "12",
+            "--seed",
+            seed,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         ids(&v["ids"])
     };
     assert_eq!(run("7"), run("7"));
-    assert_ne!(run("7"), run("8"), "different seeds should (almost surely) differ in 12 tokens");
+    assert_ne!(
+        run("7"),
+        run("8"),
+        "different seeds should (almost surely) differ in 12 tokens"
+    );
 }
 
 #[test]
@@ -130,31 +168,59 @@ fn chat_answers_each_turn_from_stdin() {
     {
         use std::io::Write;
         let stdin = child.stdin.as_mut().unwrap();
-        stdin.write_all(b"What is the capital of France?\nAnd of Germany?\n").unwrap();
+        stdin
+            .write_all(b"What is the capital of France?\nAnd of Germany?\n")
+            .unwrap();
     }
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("Paris"), "first answer: {stdout}");
-    assert!(stdout.contains("Berlin"), "second answer uses the history: {stdout}");
-    assert!(!stdout.contains("<|im_end|>"), "end-of-turn is not printed: {stdout}");
+    assert!(
+        stdout.contains("Berlin"),
+        "second answer uses the history: {stdout}"
+    );
+    assert!(
+        !stdout.contains("<|im_end|>"),
+        "end-of-turn is not printed: {stdout}"
+    );
 }
 
 #[test]
 fn tokenize_json_matches_llamacpp() {
     let model = model_path(TestModel::Gemma3);
-    let out = quarry(&["tokenize", path_str(&model), "The capital of France is", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = quarry(&[
+        "tokenize",
+        path_str(&model),
+        "The capital of France is",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let golden = &model_goldens(TestModel::Gemma3)["tokenize"]["The capital of France is"];
-    assert_eq!(ids(&v["ids"]), ids(&golden["add_special=true,parse_special=true"]));
+    assert_eq!(
+        ids(&v["ids"]),
+        ids(&golden["add_special=true,parse_special=true"])
+    );
 }
 
 #[test]
 fn info_reports_the_architecture() {
     let model = model_path(TestModel::Gemma3);
     let out = quarry(&["info", path_str(&model), "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["architecture"], "gemma3");
     assert_eq!(v["n_layers"], 18);

@@ -45,7 +45,10 @@ pub fn perplexity(
     if chunks == 0 {
         return Err(EngineError::InvalidArgument {
             name: "ctx",
-            reason: format!("the text has {} tokens, fewer than one window of {ctx}", tokens.len()),
+            reason: format!(
+                "the text has {} tokens, fewer than one window of {ctx}",
+                tokens.len()
+            ),
         });
     }
     let vocab = model.config().vocab_size;

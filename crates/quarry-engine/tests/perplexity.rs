@@ -28,7 +28,11 @@ fn check(model: TestModel) {
     );
     assert_eq!(report.chunks, chunks, "same chunking as llama-perplexity");
     assert_eq!(report.scored_tokens, chunks * 255);
-    assert!(rel < 0.01, "{model:?}: PPL {} is more than 1% from llama.cpp's {expected}", report.ppl);
+    assert!(
+        rel < 0.01,
+        "{model:?}: PPL {} is more than 1% from llama.cpp's {expected}",
+        report.ppl
+    );
 }
 
 #[test]

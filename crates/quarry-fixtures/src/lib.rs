@@ -68,7 +68,11 @@ pub fn model_path(model: TestModel) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(path.is_file(), "fetch-models printed {}, which is not a file", path.display());
+    assert!(
+        path.is_file(),
+        "fetch-models printed {}, which is not a file",
+        path.display()
+    );
     path
 }
 
