@@ -166,64 +166,53 @@ impl ModelConfig {
         let default_scale = 1.0 / (head_dim as f32).sqrt();
         let attn_scale = get_f32_or("attention.scale", default_scale)?;
 
-        let config = match family {
-            Family::Llama => ModelConfig {
-                family,
-                architecture: arch.clone(),
-                n_layers,
-                d_model,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-                ff_dim,
-                vocab_size,
-                context_length,
-                norm_eps,
-                activation: Activation::Silu,
-                rope_style: RopeStyle::Interleaved,
-                rope_dims,
+        // What GGUF files leave implicit, per family. Gemma 3 interleaves five sliding-window
+        // layers with one global layer, and its local layers use their own RoPE base (10k).
+        let (activation, rope_style, embed_scale, rope_base_local, global_layers) = match family {
+            Family::Llama => (
+                Activation::Silu,
+                RopeStyle::Interleaved,
+                1.0,
                 rope_base,
-                rope_base_local: rope_base,
-                rope_scale,
-                sliding_window: sliding,
-                global_layers: vec![sliding.is_none(); n_layers],
-                attn_scale,
-                attn_softcap,
-                final_softcap,
-                embed_scale: 1.0,
-            },
+                vec![sliding.is_none(); n_layers],
+            ),
             Family::Gemma3 => {
-                // Gemma 3 interleaves five sliding-window layers with one global layer; the
-                // local layers use their own RoPE base (10k) unless the file says otherwise.
                 let pattern = get_usize_or("attention.sliding_window_pattern", 6)?;
-                ModelConfig {
-                    family,
-                    architecture: arch.clone(),
-                    n_layers,
-                    d_model,
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
-                    ff_dim,
-                    vocab_size,
-                    context_length,
-                    norm_eps,
-                    activation: Activation::GeluTanh,
-                    rope_style: RopeStyle::Halves,
-                    rope_dims,
-                    rope_base,
-                    rope_base_local: get_f32_or("rope.freq_base_swa", 10_000.0)?,
-                    rope_scale,
-                    sliding_window: sliding,
-                    global_layers: (0..n_layers)
+                (
+                    Activation::GeluTanh,
+                    RopeStyle::Halves,
+                    (d_model as f32).sqrt(),
+                    get_f32_or("rope.freq_base_swa", 10_000.0)?,
+                    (0..n_layers)
                         .map(|i| sliding.is_none() || (i + 1) % pattern == 0)
                         .collect(),
-                    attn_scale,
-                    attn_softcap,
-                    final_softcap,
-                    embed_scale: (d_model as f32).sqrt(),
-                }
+                )
             }
+        };
+        let config = ModelConfig {
+            family,
+            architecture: arch.clone(),
+            n_layers,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ff_dim,
+            vocab_size,
+            context_length,
+            norm_eps,
+            activation,
+            rope_style,
+            rope_dims,
+            rope_base,
+            rope_base_local,
+            rope_scale,
+            sliding_window: sliding,
+            global_layers,
+            attn_scale,
+            attn_softcap,
+            final_softcap,
+            embed_scale,
         };
         Ok(config)
     }

@@ -120,7 +120,7 @@ mod tests {
     #[test]
     fn rms_norm_normalises_rows() {
         let mut x = vec![3.0, 4.0, 0.0, 0.0, 2.0, 2.0];
-        rms_norm(&mut x, &[1.0, 2.0], 0.0);
+        rms_norm(&mut x, &[1.0, 2.0], 1e-9);
         let r1 = (12.5f32).sqrt();
         assert!((x[0] - 3.0 / r1).abs() < 1e-6 && (x[1] - 8.0 / r1).abs() < 1e-6);
         assert_eq!(&x[2..4], &[0.0, 0.0]);
