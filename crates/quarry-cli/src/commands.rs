@@ -12,7 +12,9 @@ use quarry_model::Model;
 use quarry_tokenize::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::json;
 
-use crate::{models, ChatArgs, GenArgs, InfoArgs, PerplexityArgs, RunArgs, TokenizeArgs};
+use crate::{
+    models, BenchArgs, ChatArgs, GenArgs, InfoArgs, PerplexityArgs, RunArgs, TokenizeArgs,
+};
 
 /// Largest default context: enough for chat, small enough that the KV cache stays modest.
 const DEFAULT_CTX_LIMIT: usize = 4096;
@@ -341,4 +343,13 @@ pub fn info(a: InfoArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    let file = open(&a.model)?;
+    let model = Model::load(&file)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let bos = tokenizer.bos_id().filter(|_| tokenizer.add_bos());
+    crate::bench::run(&model, file.source(), bos, &a)
 }

@@ -2,6 +2,7 @@
 //!
 //! Errors are printed as one line on stderr with exit code 1; usage errors exit with 2.
 
+mod bench;
 mod commands;
 mod models;
 
@@ -32,6 +33,8 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Show a model's architecture, hyper-parameters and tensor types.
     Info(InfoArgs),
+    /// Prompt-processing and generation speed (llama-bench semantics).
+    Bench(BenchArgs),
 }
 
 /// Options shared by everything that generates text.
@@ -147,6 +150,28 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
+#[derive(Args)]
+pub struct BenchArgs {
+    /// GGUF file, or a model alias.
+    pub model: String,
+    /// Prompt tokens processed in one pass (0 skips the test).
+    #[arg(long, default_value_t = 512)]
+    pub pp: usize,
+    /// Tokens generated one at a time (0 skips the test).
+    #[arg(long, default_value_t = 128)]
+    pub tg: usize,
+    /// Measured repetitions of each test (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Skip the memory read-bandwidth measurement.
+    #[arg(long)]
+    pub no_bandwidth: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -155,6 +180,7 @@ fn main() -> ExitCode {
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Info(a) => commands::info(a),
+        Command::Bench(a) => commands::bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

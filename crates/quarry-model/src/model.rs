@@ -107,6 +107,18 @@ impl<'a> Model<'a> {
         &self.config
     }
 
+    /// Bytes of weight data one decode step reads: every layer matrix and the output head (the
+    /// embedding lookup reads a single row, and norm vectors are negligible).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| [l.wq, l.wk, l.wv, l.wo, l.gate, l.up, l.down])
+            .map(|w| w.data().len())
+            .sum();
+        layers + self.output.data().len()
+    }
+
     /// A contiguous KV cache for up to `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> ContiguousKvCache {
         ContiguousKvCache::new(self.config.n_layers, self.config.kv_dim(), capacity)

@@ -1,0 +1,188 @@
+//! `quarry bench`: prompt-processing and generation speed with llama-bench's semantics.
+//!
+//! - `pp N`: one forward pass over N synthetic token ids from an empty cache, logits for the last
+//!   token only.
+//! - `tg N`: N forward passes of one token each from an empty cache (the first token is BOS when
+//!   the model adds one), logits every step.
+//!
+//! Token ids are pseudo-random (seeded), so tokenization and sampling are excluded. Each test
+//! runs once to warm up, then `reps` times; the median and spread of tok/s are reported. A
+//! STREAM-like read benchmark in the same run puts decode speed in terms of memory bandwidth.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use quarry_model::{KvCache, Model};
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::BenchArgs;
+
+/// Deterministic synthetic token ids in `[0, vocab)`.
+fn synthetic_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Median, minimum and maximum of a non-empty sample.
+fn summary(samples: &[f64]) -> (f64, f64, f64) {
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let median = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    (median, s[0], s[s.len() - 1])
+}
+
+fn prompt_tok_s(model: &Model<'_>, ids: &[u32]) -> Result<f64> {
+    let mut cache = model.new_cache(ids.len());
+    let n = ids.len();
+    let t = Instant::now();
+    model.forward(ids, &mut cache, n - 1..n)?;
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+fn generate_tok_s(model: &Model<'_>, ids: &[u32]) -> Result<f64> {
+    let mut cache = model.new_cache(ids.len());
+    let t = Instant::now();
+    for &id in ids {
+        model.forward(&[id], &mut cache, 0..1)?;
+    }
+    debug_assert_eq!(cache.len(), ids.len());
+    Ok(ids.len() as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Read bandwidth in GB/s: every thread sums its share of a buffer far larger than the caches.
+fn read_bandwidth_gb_s(reps: usize) -> f64 {
+    const BYTES: usize = 1 << 30;
+    let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let threads = rayon::current_num_threads();
+    let mut best = 0.0f64;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let total: u64 = buf
+            .par_chunks(buf.len().div_ceil(threads))
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .sum();
+        std::hint::black_box(total);
+        best = best.max(BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> Result<()> {
+    anyhow::ensure!(a.reps > 0, "invalid --reps 0: must be at least 1");
+    let vocab = model.config().vocab_size;
+    let mut rows = Vec::new();
+    if a.pp > 0 {
+        let mut ids = synthetic_ids(a.pp, vocab, 1);
+        if let Some(b) = bos {
+            ids[0] = b;
+        }
+        prompt_tok_s(model, &ids)?;
+        let samples = (0..a.reps)
+            .map(|_| prompt_tok_s(model, &ids))
+            .collect::<Result<Vec<_>>>()?;
+        rows.push((format!("pp{}", a.pp), samples));
+    }
+    if a.tg > 0 {
+        let mut ids = synthetic_ids(a.tg, vocab, 2);
+        if let Some(b) = bos {
+            ids[0] = b;
+        }
+        generate_tok_s(model, &ids[..ids.len().min(8)])?;
+        let samples = (0..a.reps)
+            .map(|_| generate_tok_s(model, &ids))
+            .collect::<Result<Vec<_>>>()?;
+        rows.push((format!("tg{}", a.tg), samples));
+    }
+    let bandwidth = if a.no_bandwidth {
+        None
+    } else {
+        Some(read_bandwidth_gb_s(3))
+    };
+    let bytes_per_token = model.weight_bytes_per_token();
+    let threads = rayon::current_num_threads();
+
+    let tests: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(name, samples)| {
+            let (median, min, max) = summary(samples);
+            let mut v = json!({
+                "test": name, "tok_s_median": median, "tok_s_min": min, "tok_s_max": max,
+                "samples": samples,
+            });
+            if name.starts_with("tg") {
+                let gb_s = median * bytes_per_token as f64 / 1e9;
+                v["weights_gb_s"] = json!(gb_s);
+                if let Some(bw) = bandwidth {
+                    v["fraction_of_read_bandwidth"] = json!(gb_s / bw);
+                }
+            }
+            v
+        })
+        .collect();
+    if a.json {
+        let v = json!({
+            "model": source, "threads": threads, "reps": a.reps,
+            "weight_bytes_per_token": bytes_per_token,
+            "read_bandwidth_gb_s": bandwidth, "tests": tests,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "model {source}, {threads} threads, {} reps, weights read per token {:.1} MB",
+        a.reps,
+        bytes_per_token as f64 / 1e6
+    );
+    if let Some(bw) = bandwidth {
+        println!("read bandwidth {bw:.1} GB/s");
+    }
+    println!("| test | tok/s (median) | min | max | weights GB/s | % of bandwidth |");
+    println!("|---|---|---|---|---|---|");
+    for t in &tests {
+        let pct = t["fraction_of_read_bandwidth"]
+            .as_f64()
+            .map_or(String::new(), |f| format!("{:.0}%", 100.0 * f));
+        let gbs = t["weights_gb_s"]
+            .as_f64()
+            .map_or(String::new(), |g| format!("{g:.1}"));
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {gbs} | {pct} |",
+            t["test"].as_str().unwrap_or(""),
+            t["tok_s_median"].as_f64().unwrap_or(0.0),
+            t["tok_s_min"].as_f64().unwrap_or(0.0),
+            t["tok_s_max"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_ids_are_deterministic_and_in_range() {
+        let a = synthetic_ids(1000, 49152, 1);
+        assert_eq!(a, synthetic_ids(1000, 49152, 1));
+        assert_ne!(a, synthetic_ids(1000, 49152, 2));
+        assert!(a.iter().all(|&t| t < 49152));
+    }
+
+    #[test]
+    fn summary_takes_the_median() {
+        assert_eq!(summary(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(summary(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+    }
+}
