@@ -7,8 +7,8 @@
 //! Invariant: a [`DecodeFn`] is only called with `src.len() == dst.len() / block_size *
 //! type_size`; [`dequantize`] and `WeightView` establish that before calling.
 
-use half::slice::HalfFloatSliceExt;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use quarry_format::{GgmlType, QK_K};
 
 use crate::KernelError;

@@ -3,7 +3,7 @@
 //! This crate knows what the bytes of ggml's element types mean: it decodes every float and
 //! block-quantized weight format to `f32` ([`dequantize`]), encodes the few formats the engine
 //! writes itself ([`quantize`]), and multiplies activations by weights that stay in their
-//! stored format ([`WeightView`], [`matmul`]).
+//! stored format ([`WeightView`], [`matmul()`]).
 //!
 //! The scalar decoders are the reference: any faster kernel added later must agree with them
 //! and be tested against them. Bad input (an unsupported type, a buffer of the wrong length)

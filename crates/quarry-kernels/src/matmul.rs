@@ -1,9 +1,10 @@
 //! Weight matrices borrowed from a model file, and the reference matrix product over them.
 //!
 //! Weights stay in their stored block format; only a small piece is ever decoded to `f32`:
-//! a few hundred values per row for a single token, or a tile of rows (at most
-//! [`TILE_BYTES`] of `f32`) for a batch. Rows are split across rayon threads in chunks so
-//! each task amortizes its scheduling cost.
+//! up to [`ROWWISE_MAX_TOKENS`] tokens, a few hundred values of one row at a time, dotted
+//! with every token; for larger batches, a tile of rows (about [`TILE_BYTES`] of `f32`)
+//! handed to an sgemm. Rows are split across rayon threads in chunks or tiles so each task
+//! amortizes its scheduling cost.
 //!
 //! Invariant: a [`WeightView`] always holds a decodable type, `cols` a whole number of
 //! blocks and exactly `rows * row_bytes` bytes, so decoding any row or run of rows is
@@ -151,40 +152,66 @@ pub fn matmul(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     if y.is_empty() {
         return;
     }
-    if n_tokens == 1 {
-        matvec(w, x, y);
+    if n_tokens <= ROWWISE_MAX_TOKENS {
+        matmul_rowwise(w, x, n_tokens, y);
     } else {
         matmul_tiled(w, x, n_tokens, y);
     }
 }
 
-/// Values decoded at once by [`matvec`]; every block size (1, 32, 256) divides it, so each
-/// piece of a row is whole blocks.
+/// Up to this many tokens, decoding each piece of a row once and dotting it with every
+/// token beats the GEMM, whose packing costs dominate at small batch sizes.
+const ROWWISE_MAX_TOKENS: usize = 8;
+
+/// Values decoded at once by [`matmul_rowwise`]; every block size (1, 32, 256) divides it,
+/// so each piece of a row is whole blocks.
 const PIECE: usize = 256;
 
-/// Single-token product: each row is decoded piece by piece into a stack buffer and dotted
-/// with `x`, so the weights are read once and nothing is allocated.
-fn matvec(w: &WeightView<'_>, x: &[f32], y: &mut [f32]) {
+/// Small-batch product: each row is decoded piece by piece into a stack buffer and dotted
+/// with every token's slice of `x`, so the weights are decoded once and stay quantized.
+fn matmul_rowwise(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    if n_tokens == 1 {
+        rowwise_by_row(w, x, 1, y);
+        return;
+    }
+    // Threads own contiguous runs of rows, so results are gathered row-major and then
+    // transposed into y's token-major layout (a pass over n_tokens × rows values).
+    let mut by_row = vec![0f32; w.rows * n_tokens];
+    rowwise_by_row(w, x, n_tokens, &mut by_row);
+    for (r, vals) in by_row.chunks_exact(n_tokens).enumerate() {
+        for (t, &v) in vals.iter().enumerate() {
+            y[t * w.rows + r] = v;
+        }
+    }
+}
+
+/// Fills `out[r * n_tokens + t]` with row r of W dotted with token t of `x`.
+fn rowwise_by_row(w: &WeightView<'_>, x: &[f32], n_tokens: usize, out: &mut [f32]) {
     let decode = w.decode();
+    let cols = w.cols;
     let piece_bytes = w.dtype.type_size() * (PIECE / w.dtype.block_size());
     // A few chunks per thread balance uneven progress without one task per row.
     let chunk = w
         .rows
         .div_ceil(4 * rayon::current_num_threads())
         .clamp(8, 256);
-    y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
-        let mut buf = [0f32; PIECE];
-        for (i, out) in ys.iter_mut().enumerate() {
-            let row = w.row_data(c * chunk + i, 1);
-            let mut acc = 0f32;
-            for (xs, bytes) in x.chunks(PIECE).zip(row.chunks(piece_bytes)) {
-                let vals = &mut buf[..xs.len()];
-                decode(bytes, vals);
-                acc += dot(vals, xs);
+    out.par_chunks_mut(chunk * n_tokens)
+        .enumerate()
+        .for_each(|(c, outs)| {
+            let mut buf = [0f32; PIECE];
+            for (i, acc) in outs.chunks_exact_mut(n_tokens).enumerate() {
+                acc.fill(0.0);
+                let row = w.row_data(c * chunk + i, 1);
+                for (p, bytes) in row.chunks(piece_bytes).enumerate() {
+                    let start = p * PIECE;
+                    let vals = &mut buf[..PIECE.min(cols - start)];
+                    decode(bytes, vals);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        *a += dot(vals, &x[t * cols + start..][..vals.len()]);
+                    }
+                }
             }
-            *out = acc;
-        }
-    });
+        });
 }
 
 /// Dot product with independent lane accumulators, a shape the compiler vectorizes (a
@@ -205,15 +232,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Upper bound on one decoded tile: half of a typical 1 MiB L2, leaving room for the
-/// GEMM's packing buffers. Tiles much narrower than ~128 rows lose GEMM efficiency.
-const TILE_BYTES: usize = 512 * 1024;
+/// Target size of one decoded tile. The GEMM packs the tile into its own buffers, so the
+/// tile need not fit a cache; what matters is width: measured on AVX-512 cores,
+/// matrixmultiply reaches ~35 GFLOP/s per core on 64-row tiles, ~46 on 128 and ~56 on 256.
+const TILE_BYTES: usize = 1024 * 1024;
 
-/// Rows per tile: as many as fit in [`TILE_BYTES`] (16 to 256), adjusted so the tile count
+/// Rows per tile: as many as fit in [`TILE_BYTES`] (64 to 256), adjusted so the tile count
 /// is a multiple of the thread count (no thread idles while another finishes a last tile),
 /// and rounded to a multiple of 8 to suit the GEMM's register blocking.
 fn tile_rows(rows: usize, cols: usize) -> usize {
-    let by_cache = (TILE_BYTES / (4 * cols.max(1))).clamp(16, 256);
+    let by_cache = (TILE_BYTES / (4 * cols.max(1))).clamp(64, 256);
     let tiles = rows
         .div_ceil(by_cache)
         .next_multiple_of(rayon::current_num_threads());
@@ -238,11 +266,16 @@ impl OutPtr {
 }
 
 /// Batched product: tiles of rows are decoded into an `f32` scratch buffer and multiplied
-/// with all of `x` by `matrixmultiply::sgemm` (which picks AVX/FMA kernels at run time),
-/// writing the tile's columns of `y` in place.
+/// with all of `x` by `matrixmultiply::sgemm` (which picks AVX/FMA/AVX-512 kernels at run
+/// time), writing the tile's columns of `y` in place.
+///
+/// sgemm packs its operands into panels, and that packing gathers with a stride unless A is
+/// column-major and B row-major; the gathering version measured ~25% slower at 512 tokens
+/// and several times slower at a few dozen. So `x` is transposed once per call and each tile
+/// is decoded straight into B's row-major layout (cols × tile rows).
 fn matmul_tiled(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
-    let decode = w.decode();
     let (rows, cols) = (w.rows, w.cols);
+    let xt = transpose(x, n_tokens, cols);
     let tile = tile_rows(rows, cols);
     let out = OutPtr(y.as_mut_ptr());
     (0..rows.div_ceil(tile)).into_par_iter().for_each_init(
@@ -251,14 +284,13 @@ fn matmul_tiled(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
             let first = t * tile;
             let n = tile.min(rows - first);
             scratch.resize(n * cols, 0.0);
-            // Rows are contiguous whole blocks, so a run of rows decodes as one run of blocks.
-            decode(w.row_data(first, n), scratch);
-            // C (n_tokens × n) = A (x: n_tokens × cols) · B (tileᵀ: cols × n), with C living
-            // inside y at column offset `first` and row stride `rows`.
+            decode_transposed(w, first, n, scratch);
+            // C (n_tokens × n) = A (x, stored column-major as xt) · B (scratch, cols × n
+            // row-major), with C living inside y at column offset `first`, row stride `rows`.
             //
-            // SAFETY: `x` holds n_tokens × cols values and `scratch` n × cols (both checked
-            // above), read with in-bounds strides. C's elements are y[t * rows + first + j]
-            // for t < n_tokens, j < n, all below n_tokens × rows = y.len(); tiles have
+            // SAFETY: `xt` holds n_tokens × cols values and `scratch` cols × n, read with
+            // in-bounds strides. C's elements are y[t * rows + first + j] for t < n_tokens,
+            // j < n, all below n_tokens × rows = y.len() (checked by `matmul`); tiles have
             // disjoint `first..first + n`, so no two tasks write the same element, and `y`
             // is exclusively borrowed for the whole call. beta = 0 means C is not read.
             unsafe {
@@ -267,12 +299,12 @@ fn matmul_tiled(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
                     cols,
                     n,
                     1.0,
-                    x.as_ptr(),
-                    cols as isize,
+                    xt.as_ptr(),
                     1,
+                    n_tokens as isize,
                     scratch.as_ptr(),
+                    n as isize,
                     1,
-                    cols as isize,
                     0.0,
                     out.get().add(first),
                     rows as isize,
@@ -281,6 +313,56 @@ fn matmul_tiled(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
             }
         },
     );
+}
+
+/// Rows decoded side by side by [`decode_transposed`], so each write to the transposed tile
+/// is a contiguous run rather than one scattered value.
+const TRANSPOSE_GROUP: usize = 8;
+
+/// Decodes rows `first..first + n` of `w` into `out` transposed: `out[c * n + j]` is column
+/// c of row `first + j`.
+fn decode_transposed(w: &WeightView<'_>, first: usize, n: usize, out: &mut [f32]) {
+    let decode = w.decode();
+    let cols = w.cols;
+    let piece_bytes = w.dtype.type_size() * (PIECE / w.dtype.block_size());
+    let mut buf = [[0f32; PIECE]; TRANSPOSE_GROUP];
+    for j0 in (0..n).step_by(TRANSPOSE_GROUP) {
+        let group = TRANSPOSE_GROUP.min(n - j0);
+        for start in (0..cols).step_by(PIECE) {
+            let len = PIECE.min(cols - start);
+            let p = start / PIECE;
+            for (r, b) in buf[..group].iter_mut().enumerate() {
+                let row = w.row_data(first + j0 + r, 1);
+                let end = row.len().min((p + 1) * piece_bytes);
+                decode(&row[p * piece_bytes..end], &mut b[..len]);
+            }
+            for i in 0..len {
+                let dst = &mut out[(start + i) * n + j0..][..group];
+                for (d, b) in dst.iter_mut().zip(&buf) {
+                    *d = b[i];
+                }
+            }
+        }
+    }
+}
+
+/// `x` (n × m, row-major) transposed to m × n, in parallel over bands of output rows.
+fn transpose(x: &[f32], n: usize, m: usize) -> Vec<f32> {
+    // 16 output rows per band: each input row contributes one 64-byte line per band.
+    const BAND: usize = 16;
+    let mut xt = vec![0f32; n * m];
+    xt.par_chunks_mut(BAND * n)
+        .enumerate()
+        .for_each(|(b, band)| {
+            let c0 = b * BAND;
+            let width = band.len() / n;
+            for (t, xrow) in x.chunks_exact(m).enumerate() {
+                for (k, &v) in xrow[c0..c0 + width].iter().enumerate() {
+                    band[k * n + t] = v;
+                }
+            }
+        });
+    xt
 }
 
 #[cfg(test)]
@@ -327,22 +409,52 @@ mod tests {
     }
 
     #[test]
-    fn tiles_respect_the_cache_budget_and_balance_threads() {
+    fn tiles_respect_the_size_budget_and_balance_threads() {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
             .build()
             .unwrap();
         let tile = |rows, cols| pool.install(|| tile_rows(rows, cols));
-        // 512 KiB / 2560 B = 204 rows -> 11 tiles -> 12 (even) -> 171 rows -> 176.
-        assert_eq!(tile(2048, 640), 176);
-        assert_eq!(2048usize.div_ceil(176), 12);
-        // 512 KiB / 8 KiB = 64 rows, 10 tiles already even.
-        assert_eq!(tile(640, 2048), 64);
+        // 1 MiB / 2560 B = 409 rows, capped at 256: 8 tiles, already even.
+        assert_eq!(tile(2048, 640), 256);
+        // 1 MiB / 8 KiB = 128 rows -> 5 tiles -> 6 (even) -> 107 rows -> 112.
+        assert_eq!(tile(640, 2048), 112);
+        assert_eq!(640usize.div_ceil(112), 6);
         // Few rows: split in two, rounded up to 8.
         assert_eq!(tile(37, 64), 24);
         assert_eq!(tile(1, 1), 8);
-        // Enormous rows still take at least 16 rows per tile.
-        assert_eq!(tile(130, 1 << 20), 16);
+        // Enormous rows: the 64-row floor gives 3 tiles -> 4 -> 33 rows -> 40.
+        assert_eq!(tile(130, 1 << 20), 40);
+    }
+
+    #[test]
+    fn transposes_match_index_definitions() {
+        let (n, m) = (5, 37);
+        let x: Vec<f32> = (0..n * m).map(|i| i as f32).collect();
+        let xt = transpose(&x, n, m);
+        for t in 0..n {
+            for c in 0..m {
+                assert_eq!(xt[c * n + t], x[t * m + c]);
+            }
+        }
+
+        // 11 rows (a short second group of 3) of 300 F32 columns (a short second piece).
+        let (rows, cols) = (11, 300);
+        let vals: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let w = WeightView::new(GgmlType::F32, rows, cols, &bytes).unwrap();
+        let (first, n) = (1, 10);
+        let mut out = vec![0f32; cols * n];
+        decode_transposed(&w, first, n, &mut out);
+        for j in 0..n {
+            for c in 0..cols {
+                assert_eq!(
+                    out[c * n + j],
+                    vals[(first + j) * cols + c],
+                    "row {j} col {c}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -360,6 +472,16 @@ mod tests {
         matmul(&w, &[1.0; 8], 2, &mut []);
         let w = WeightView::new(GgmlType::F32, 3, 1, &[0u8; 12]).unwrap();
         matmul(&w, &[], 0, &mut []);
+    }
+
+    #[test]
+    fn zero_columns_give_zero_sums_on_both_paths() {
+        let w = WeightView::new(GgmlType::Q4_0, 3, 0, &[]).unwrap();
+        for n_tokens in [1, 2, ROWWISE_MAX_TOKENS + 1] {
+            let mut y = vec![f32::NAN; 3 * n_tokens];
+            matmul(&w, &[], n_tokens, &mut y);
+            assert_eq!(y, vec![0.0; 3 * n_tokens], "{n_tokens} tokens");
+        }
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Reference quantizers from `f32` to a few of ggml's block formats.
 //!
 //! Q8_0 and Q8_K follow ggml's rounding rules exactly, because activations quantized here
-//! must match what llama.cpp's dot products expect. Q4_K and Q6_K use a simple fit (range
-//! start plus least-squares refinement) rather than ggml's search; their output is a valid
-//! block that decodes with the layouts in `dequant`, but need not be bit-identical to ggml's.
-//! The round-trip tests bound their error relative to the data's RMS.
+//! must match what llama.cpp's dot products expect. Q4_K and Q6_K use a fit of their own
+//! (a few candidate grids, each refit by least squares) rather than ggml's search; their
+//! output is a valid block that decodes with the layouts in `dequant`, but need not be
+//! bit-identical to ggml's. The round-trip tests bound their error relative to the data's
+//! RMS.
 
 use half::{bf16, f16};
 use quarry_format::{GgmlType, QK_K};
@@ -54,6 +55,8 @@ pub fn quantize(dtype: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Kern
     Ok(())
 }
 
+/// Runs a fixed-size block encoder over every block; the array types let the compiler
+/// drop bounds checks inside `block`.
 #[inline(always)]
 fn each_block<const BS: usize, const TS: usize>(
     src: &[f32],

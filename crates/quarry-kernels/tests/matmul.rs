@@ -1,7 +1,7 @@
 //! `matmul` and `WeightView::dequantize_row` against a naive reference that decodes the
 //! whole matrix with `dequantize` and multiplies in f64, for every decodable type and
-//! awkward shapes (single rows, rows that split unevenly into chunks and tiles, one token
-//! through the matrix-vector path and several through the tiled GEMM path).
+//! awkward shapes (single rows, rows that split unevenly into chunks and tiles, up to 8
+//! tokens through the row-by-row path and more through the tiled GEMM path).
 
 mod common;
 
@@ -142,9 +142,10 @@ fn every_type_through_both_paths() {
 
 #[test]
 fn wide_rows_split_into_several_tiles() {
-    // 4096 f32 columns leave room for 16 rows per tile, so 130 rows take several tiles
-    // with a short last one; 2048 Q4_K columns make decode pieces span many super-blocks.
-    check(GgmlType::F32, 130, 4096, 5, 1);
-    check(GgmlType::Q4_K, 130, 2048, 3, 2);
-    check(GgmlType::Q4_K, 130, 2048, 1, 3);
+    // 4096 f32 columns leave room for 64 rows per tile, so 130 rows take at least three
+    // tiles, the last one short; 2048 Q4_K columns make a row span several decode pieces.
+    check(GgmlType::F32, 130, 4096, 9, 1);
+    check(GgmlType::Q4_K, 130, 2048, 33, 2);
+    check(GgmlType::Q4_K, 130, 2048, 3, 3);
+    check(GgmlType::Q4_K, 130, 2048, 1, 4);
 }
