@@ -60,7 +60,7 @@ pub fn dequantize(dtype: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Ke
 
 /// Bytes that `n` values of `dtype` occupy, or why they cannot.
 pub(crate) fn encoded_len(dtype: GgmlType, n: usize) -> Result<usize, KernelError> {
-    if n % dtype.block_size() != 0 {
+    if !n.is_multiple_of(dtype.block_size()) {
         return Err(KernelError::NotBlockMultiple { dtype, n });
     }
     (n / dtype.block_size())

@@ -10,13 +10,17 @@
 //! is reported as a [`KernelError`]; shape mismatches between buffers the caller allocated
 //! itself are bugs and panic with a message naming both sizes.
 
+pub mod act;
 mod dequant;
+pub mod dot;
 mod error;
 mod matmul;
+pub mod pool;
 mod quant;
 
+pub use act::QuantizedActivations;
 pub use dequant::dequantize;
 pub use error::KernelError;
-pub use matmul::{matmul, WeightView};
+pub use matmul::{matmul, matmul_quantized, WeightView};
 pub use quant::quantize;
 pub use quarry_format::{GgmlType, QK_K};

@@ -15,7 +15,9 @@ use std::fmt;
 use quarry_format::GgmlType;
 use rayon::prelude::*;
 
+use crate::act::QuantizedActivations;
 use crate::dequant::{decoder, encoded_len, DecodeFn};
+use crate::dot::{gemv_rows, has_integer_kernel, Isa};
 use crate::KernelError;
 
 /// A 2-D weight matrix borrowed from a file: `rows` rows of `cols` values each, rows
@@ -161,6 +163,49 @@ pub fn matmul(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
 
 /// Up to this many tokens, decoding each piece of a row once and dotting it with every
 /// token beats the GEMM, whose packing costs dominate at small batch sizes.
+/// y = x · Wᵀ like [`matmul`], with `x` given as [`QuantizedActivations`] so that several
+/// matrices reading the same input (Q, K and V; gate and up) share one 8-bit quantization.
+///
+/// A single token (a decode step) over a type with an integer kernel takes the fused
+/// dequantize-and-dot path on 8-bit activations; batches take [`matmul`]'s `f32` paths. Prompts
+/// are therefore evaluated with `f32` activations, whose logits track transformers' float32
+/// ones, while 8-bit activations (which llama.cpp uses throughout) move logits by a few tenths
+/// over a deep stack: acceptable for a decode step, not for scoring a prompt.
+pub fn matmul_quantized(w: &WeightView<'_>, x: &QuantizedActivations<'_>, y: &mut [f32]) {
+    assert_eq!(
+        x.cols(),
+        w.cols,
+        "matmul_quantized: activations have {} columns, W has {}",
+        x.cols(),
+        w.cols
+    );
+    if x.n_tokens() != 1 || !has_integer_kernel(w.dtype) {
+        return matmul(w, x.f32(), x.n_tokens(), y);
+    }
+    assert_eq!(
+        y.len(),
+        w.rows,
+        "matmul_quantized: y has {} values, expected {} rows",
+        y.len(),
+        w.rows
+    );
+    if y.is_empty() {
+        return;
+    }
+    let isa = Isa::best();
+    // A few tasks per thread balance uneven progress; multiples of 8 rows suit kernels that
+    // process several rows per pass over the activations.
+    let chunk = w
+        .rows
+        .div_ceil(4 * rayon::current_num_threads())
+        .clamp(16, 512)
+        .next_multiple_of(8);
+    y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
+        let first = c * chunk;
+        gemv_rows(isa, w, first..first + out.len(), x, 0, out);
+    });
+}
+
 const ROWWISE_MAX_TOKENS: usize = 8;
 
 /// Values decoded at once by [`matmul_rowwise`]; every block size (1, 32, 256) divides it,

@@ -8,7 +8,7 @@
 use std::ops::Range;
 
 use quarry_format::{GgufFile, TensorView};
-use quarry_kernels::{matmul, WeightView};
+use quarry_kernels::{matmul_quantized, QuantizedActivations, WeightView};
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
@@ -187,7 +187,8 @@ impl<'a> Model<'a> {
     pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
         let n = hidden.len() / self.config.d_model;
         let mut logits = vec![0.0f32; n * self.config.vocab_size];
-        matmul(&self.output, hidden, n, &mut logits);
+        let xq = QuantizedActivations::new(hidden, n, self.config.d_model);
+        matmul_quantized(&self.output, &xq, &mut logits);
         if let Some(cap) = self.config.final_softcap {
             softcap(&mut logits, cap);
         }
@@ -208,9 +209,10 @@ impl<'a> Model<'a> {
         let hd = cfg.head_dim;
         s.norm.copy_from_slice(x);
         rms_norm(&mut s.norm, &layer.attn_norm, cfg.norm_eps);
-        matmul(&layer.wq, &s.norm, n, &mut s.q);
-        matmul(&layer.wk, &s.norm, n, &mut s.k);
-        matmul(&layer.wv, &s.norm, n, &mut s.v);
+        let xq = QuantizedActivations::new(&s.norm, n, cfg.d_model);
+        matmul_quantized(&layer.wq, &xq, &mut s.q);
+        matmul_quantized(&layer.wk, &xq, &mut s.k);
+        matmul_quantized(&layer.wv, &xq, &mut s.v);
         if let Some(w) = &layer.q_norm {
             rms_norm(&mut s.q, w, cfg.norm_eps);
         }
@@ -265,7 +267,8 @@ impl<'a> Model<'a> {
                     }
                 }
             });
-        matmul(&layer.wo, &s.attn, n, &mut s.norm);
+        let attn = QuantizedActivations::new(&s.attn, n, cfg.q_dim());
+        matmul_quantized(&layer.wo, &attn, &mut s.norm);
         if let Some(w) = &layer.post_attn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
         }
@@ -277,10 +280,12 @@ impl<'a> Model<'a> {
         let n = x.len() / cfg.d_model;
         s.norm.copy_from_slice(x);
         rms_norm(&mut s.norm, &layer.ffn_norm, cfg.norm_eps);
-        matmul(&layer.gate, &s.norm, n, &mut s.gate);
-        matmul(&layer.up, &s.norm, n, &mut s.up);
+        let xq = QuantizedActivations::new(&s.norm, n, cfg.d_model);
+        matmul_quantized(&layer.gate, &xq, &mut s.gate);
+        matmul_quantized(&layer.up, &xq, &mut s.up);
         gated_activation(&mut s.gate, &s.up, cfg.activation);
-        matmul(&layer.down, &s.gate, n, &mut s.norm);
+        let hidden = QuantizedActivations::new(&s.gate, n, cfg.ff_dim);
+        matmul_quantized(&layer.down, &hidden, &mut s.norm);
         if let Some(w) = &layer.post_ffn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
         }

@@ -1,0 +1,166 @@
+//! Activations quantized to 8 bits, once, for every matmul that reads them.
+//!
+//! Integer dot products need the activation side in blocks that line up with the weight
+//! blocks: 32-value blocks for the legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and 256-value
+//! super-blocks with 16-value group sums for the K-quants. [`QuantizedActivations`] computes
+//! each form lazily, at most once, so Q/K/V (and gate/up) share one quantization of their
+//! common input. These forms never leave memory, so they use `f32` scales rather than ggml's
+//! `f16` (a little more precision at no cost in the weight-bandwidth-bound dot products).
+
+use std::sync::OnceLock;
+
+/// 32 activations: `x[i] ≈ d · qs[i]`; `s = d · Σ qs` lets the Q4_1/Q5_1 minimum be applied
+/// once per block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8x32 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; 32],
+}
+
+/// 256 activations: `x[i] ≈ d · qs[i]`; `bsums[g]` is the sum of `qs[16g .. 16g+16]`, which
+/// the K-quant kernels need for their per-group minimums and offsets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8x256 {
+    pub d: f32,
+    pub qs: [i8; 256],
+    pub bsums: [i16; 16],
+}
+
+/// Quantizes 32 values (round to nearest, scale from the largest magnitude).
+pub fn quantize_q8x32(x: &[f32]) -> BlockQ8x32 {
+    assert_eq!(x.len(), 32, "quantize_q8x32 takes 32 values");
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; 32];
+    let mut sum = 0i32;
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = (v * inv).round() as i8;
+        sum += *q as i32;
+    }
+    BlockQ8x32 {
+        d,
+        s: d * sum as f32,
+        qs,
+    }
+}
+
+/// Quantizes 256 values and their 16-value group sums.
+pub fn quantize_q8x256(x: &[f32]) -> BlockQ8x256 {
+    assert_eq!(x.len(), 256, "quantize_q8x256 takes 256 values");
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; 256];
+    let mut bsums = [0i16; 16];
+    for (i, (q, v)) in qs.iter_mut().zip(x).enumerate() {
+        *q = (v * inv).round() as i8;
+        bsums[i / 16] += *q as i16;
+    }
+    BlockQ8x256 { d, qs, bsums }
+}
+
+/// `n_tokens` rows of `cols` activations, with their 8-bit forms computed on first use.
+pub struct QuantizedActivations<'x> {
+    x: &'x [f32],
+    n_tokens: usize,
+    cols: usize,
+    q8x32: OnceLock<Vec<BlockQ8x32>>,
+    q8x256: OnceLock<Vec<BlockQ8x256>>,
+}
+
+impl<'x> QuantizedActivations<'x> {
+    /// Wraps `x` (`n_tokens × cols`, row-major). Nothing is quantized until a matmul asks.
+    pub fn new(x: &'x [f32], n_tokens: usize, cols: usize) -> Self {
+        assert_eq!(
+            Some(x.len()),
+            n_tokens.checked_mul(cols),
+            "activations: {} values are not {n_tokens} × {cols}",
+            x.len()
+        );
+        QuantizedActivations {
+            x,
+            n_tokens,
+            cols,
+            q8x32: OnceLock::new(),
+            q8x256: OnceLock::new(),
+        }
+    }
+
+    pub fn f32(&self) -> &'x [f32] {
+        self.x
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `token` as 32-value blocks (`cols` must be a multiple of 32).
+    pub fn q8x32(&self, token: usize) -> &[BlockQ8x32] {
+        let per_row = self.cols / 32;
+        let all = self
+            .q8x32
+            .get_or_init(|| self.x.chunks_exact(32).map(quantize_q8x32).collect());
+        &all[token * per_row..(token + 1) * per_row]
+    }
+
+    /// Row `token` as 256-value super-blocks (`cols` must be a multiple of 256).
+    pub fn q8x256(&self, token: usize) -> &[BlockQ8x256] {
+        let per_row = self.cols / 256;
+        let all = self
+            .q8x256
+            .get_or_init(|| self.x.chunks_exact(256).map(quantize_q8x256).collect());
+        &all[token * per_row..(token + 1) * per_row]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8x32_reconstructs_within_half_a_step() {
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 - 13.3) * 0.37).collect();
+        let b = quantize_q8x32(&x);
+        for (q, v) in b.qs.iter().zip(&x) {
+            assert!((*q as f32 * b.d - v).abs() <= b.d * 0.5 + 1e-6);
+        }
+        let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+        assert_eq!(b.s, b.d * sum as f32);
+        assert_eq!(b.qs.iter().map(|q| q.unsigned_abs()).max(), Some(127));
+    }
+
+    #[test]
+    fn q8x256_group_sums_match() {
+        let x: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let b = quantize_q8x256(&x);
+        for g in 0..16 {
+            let s: i32 = b.qs[16 * g..16 * g + 16].iter().map(|&q| q as i32).sum();
+            assert_eq!(b.bsums[g] as i32, s);
+        }
+    }
+
+    #[test]
+    fn zero_rows_quantize_to_zero() {
+        let b = quantize_q8x32(&[0.0; 32]);
+        assert_eq!((b.d, b.s, b.qs), (0.0, 0.0, [0; 32]));
+    }
+
+    #[test]
+    fn forms_are_computed_per_row() {
+        let x: Vec<f32> = (0..512).map(|i| i as f32).collect();
+        let a = QuantizedActivations::new(&x, 2, 256);
+        assert_eq!(a.q8x32(1).len(), 8);
+        assert_eq!(a.q8x256(1).len(), 1);
+        assert_eq!(a.q8x256(1)[0], quantize_q8x256(&x[256..]));
+    }
+}

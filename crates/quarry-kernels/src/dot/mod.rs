@@ -1,0 +1,91 @@
+//! Integer dot products of quantized weight rows with 8-bit activations (the decode path).
+//!
+//! One dispatch point: the instruction set is detected once at start-up ([`Isa::best`]) and
+//! every kernel family offers a scalar reference plus the SIMD variants this CPU supports.
+//! Tests run every available variant against the scalar reference.
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use crate::act::QuantizedActivations;
+use crate::{GgmlType, WeightView};
+
+mod kquants;
+mod legacy;
+
+/// An instruction-set level a kernel can be compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Portable Rust; the reference every other variant is tested against.
+    Scalar,
+    /// AVX2 + FMA (`vpmaddubsw`/`vpmaddwd`).
+    Avx2,
+    /// AVX-512 F/BW/VL with VNNI (`vpdpbusd`).
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// Every level this CPU can run, lowest first.
+    pub fn available() -> Vec<Isa> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(Isa::Avx512Vnni);
+            }
+        }
+        v
+    }
+
+    /// The level kernels use: the best available, or the one `QUARRY_ISA` (scalar, avx2,
+    /// avx512) names if this CPU supports it.
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let available = Isa::available();
+            let wanted = std::env::var("QUARRY_ISA")
+                .ok()
+                .and_then(|s| match s.as_str() {
+                    "scalar" => Some(Isa::Scalar),
+                    "avx2" => Some(Isa::Avx2),
+                    "avx512" => Some(Isa::Avx512Vnni),
+                    _ => None,
+                });
+            match wanted {
+                Some(isa) if available.contains(&isa) => isa,
+                _ => *available.last().expect("scalar is always available"),
+            }
+        })
+    }
+}
+
+/// True when `dtype` has an integer kernel on the decode path.
+pub fn has_integer_kernel(dtype: GgmlType) -> bool {
+    legacy::supports(dtype) || kquants::supports(dtype)
+}
+
+/// `out[i] = w.row(rows.start + i) · x.row(token)` for the rows in `rows`, using `isa`.
+/// `w.dtype()` must satisfy [`has_integer_kernel`].
+pub fn gemv_rows(
+    isa: Isa,
+    w: &WeightView<'_>,
+    rows: Range<usize>,
+    x: &QuantizedActivations<'_>,
+    token: usize,
+    out: &mut [f32],
+) {
+    debug_assert_eq!(out.len(), rows.len());
+    if legacy::supports(w.dtype()) {
+        legacy::gemv(isa, w, rows, x.q8x32(token), out);
+    } else {
+        kquants::gemv(isa, w, rows, x.q8x256(token), out);
+    }
+}
