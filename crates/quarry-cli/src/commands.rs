@@ -25,13 +25,14 @@ fn open(model: &str) -> Result<GgufFile> {
 }
 
 fn init_threads(threads: Option<usize>) -> Result<()> {
-    if let Some(n) = threads {
-        anyhow::ensure!(n > 0, "invalid --threads 0: must be at least 1");
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("starting the thread pool")?;
-    }
+    // Default: one thread per physical core, like llama.cpp.
+    let n = threads.unwrap_or_else(quarry_kernels::pool::default_threads);
+    anyhow::ensure!(n > 0, "invalid --threads 0: must be at least 1");
+    quarry_kernels::pool::set_global_threads(n).context("starting the kernel thread pool")?;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("starting the thread pool")?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 //! in bounds.
 
 use std::fmt;
+use std::sync::Mutex;
 
 use quarry_format::GgmlType;
 use rayon::prelude::*;
@@ -18,6 +19,7 @@ use rayon::prelude::*;
 use crate::act::QuantizedActivations;
 use crate::dequant::{decoder, encoded_len, DecodeFn};
 use crate::dot::{gemv_rows, has_integer_kernel, Isa};
+use crate::pool;
 use crate::KernelError;
 
 /// A 2-D weight matrix borrowed from a file: `rows` rows of `cols` values each, rows
@@ -193,16 +195,21 @@ pub fn matmul_quantized(w: &WeightView<'_>, x: &QuantizedActivations<'_>, y: &mu
         return;
     }
     let isa = Isa::best();
+    let pool = pool::global();
     // A few tasks per thread balance uneven progress; multiples of 8 rows suit kernels that
     // process several rows per pass over the activations.
     let chunk = w
         .rows
-        .div_ceil(4 * rayon::current_num_threads())
+        .div_ceil(4 * pool.n_threads())
         .clamp(16, 512)
         .next_multiple_of(8);
-    y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
+    // Each task locks only its own slice, so the locks are never contended; they let the
+    // pool's `Fn` tasks write disjoint parts of `y` without unsafe code.
+    let parts: Vec<Mutex<&mut [f32]>> = y.chunks_mut(chunk).map(Mutex::new).collect();
+    pool.run(parts.len(), &|c| {
+        let mut out = parts[c].lock().unwrap_or_else(|e| e.into_inner());
         let first = c * chunk;
-        gemv_rows(isa, w, first..first + out.len(), x, 0, out);
+        gemv_rows(isa, w, first..first + out.len(), x, 0, &mut out);
     });
 }
 

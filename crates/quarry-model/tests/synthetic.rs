@@ -100,8 +100,10 @@ fn build(spec: &Spec) -> GgufFile {
     }
     let mut tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)> = Vec::new();
     let matrix = |name: String, rows: usize, cols: usize, rng: &mut Lcg| {
-        let data = quantized(GgmlType::Q8_0, &rng.vec(rows * cols, 0.3));
-        (name, vec![cols as u64, rows as u64], GgmlType::Q8_0, data)
+        // F32 matrices: single-token steps would otherwise take the 8-bit-activation path
+        // and batches the f32 one, and these tests check the cache, not quantization.
+        let data = quantized(GgmlType::F32, &rng.vec(rows * cols, 0.3));
+        (name, vec![cols as u64, rows as u64], GgmlType::F32, data)
     };
     let norm = |name: String, n: usize, rng: &mut Lcg| {
         let v: Vec<f32> = rng.vec(n, 0.2).iter().map(|x| 1.0 + x).collect();
