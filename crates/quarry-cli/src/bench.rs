@@ -9,11 +9,12 @@
 //! runs once to warm up, then `reps` times; the median and spread of tok/s are reported. A
 //! STREAM-like read benchmark in the same run puts decode speed in terms of memory bandwidth.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Result;
+use quarry_kernels::pool;
 use quarry_model::{KvCache, Model};
-use rayon::prelude::*;
 use serde_json::json;
 
 use crate::BenchArgs;
@@ -65,15 +66,18 @@ fn generate_tok_s(model: &Model<'_>, ids: &[u32]) -> Result<f64> {
 fn read_bandwidth_gb_s(reps: usize) -> f64 {
     const BYTES: usize = 1 << 30;
     let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
-    let threads = rayon::current_num_threads();
+    let pool = pool::global();
+    let part = buf.len().div_ceil(pool.n_threads());
     let mut best = 0.0f64;
     for _ in 0..reps.max(1) {
+        let total = AtomicU64::new(0);
         let t = Instant::now();
-        let total: u64 = buf
-            .par_chunks(buf.len().div_ceil(threads))
-            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
-            .sum();
-        std::hint::black_box(total);
+        pool.run(pool.n_threads(), &|i| {
+            let chunk = &buf[(i * part).min(buf.len())..((i + 1) * part).min(buf.len())];
+            let sum = chunk.iter().fold(0u64, |a, &v| a.wrapping_add(v));
+            total.fetch_add(sum, Ordering::Relaxed);
+        });
+        std::hint::black_box(total.load(Ordering::Relaxed));
         best = best.max(BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
     }
     best
@@ -111,7 +115,7 @@ pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> 
         Some(read_bandwidth_gb_s(3))
     };
     let bytes_per_token = model.weight_bytes_per_token();
-    let threads = rayon::current_num_threads();
+    let threads = pool::global().n_threads();
 
     let tests: Vec<serde_json::Value> = rows
         .iter()

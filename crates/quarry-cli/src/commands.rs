@@ -28,11 +28,7 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
     // Default: one thread per physical core, like llama.cpp.
     let n = threads.unwrap_or_else(quarry_kernels::pool::default_threads);
     anyhow::ensure!(n > 0, "invalid --threads 0: must be at least 1");
-    quarry_kernels::pool::set_global_threads(n).context("starting the kernel thread pool")?;
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()
-        .context("starting the thread pool")?;
+    quarry_kernels::pool::set_global_threads(n).context("starting the thread pool")?;
     Ok(())
 }
 

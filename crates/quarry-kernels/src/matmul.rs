@@ -3,8 +3,8 @@
 //! Weights stay in their stored block format; only a small piece is ever decoded to `f32`:
 //! up to [`ROWWISE_MAX_TOKENS`] tokens, a few hundred values of one row at a time, dotted
 //! with every token; for larger batches, a tile of rows (about [`TILE_BYTES`] of `f32`)
-//! handed to an sgemm. Rows are split across rayon threads in chunks or tiles so each task
-//! amortizes its scheduling cost.
+//! handed to an sgemm. Rows are split across the kernel thread pool in chunks or tiles, so
+//! each task amortizes its scheduling cost.
 //!
 //! Invariant: a [`WeightView`] always holds a decodable type, `cols` a whole number of
 //! blocks and exactly `rows * row_bytes` bytes, so decoding any row or run of rows is
@@ -14,7 +14,6 @@ use std::fmt;
 use std::sync::Mutex;
 
 use quarry_format::GgmlType;
-use rayon::prelude::*;
 
 use crate::act::QuantizedActivations;
 use crate::dequant::{decoder, encoded_len, DecodeFn};
@@ -243,27 +242,25 @@ fn rowwise_by_row(w: &WeightView<'_>, x: &[f32], n_tokens: usize, out: &mut [f32
     let cols = w.cols;
     let piece_bytes = w.dtype.type_size() * (PIECE / w.dtype.block_size());
     // A few chunks per thread balance uneven progress without one task per row.
-    let chunk = w
-        .rows
-        .div_ceil(4 * rayon::current_num_threads())
-        .clamp(8, 256);
-    out.par_chunks_mut(chunk * n_tokens)
-        .enumerate()
-        .for_each(|(c, outs)| {
-            let mut buf = [0f32; PIECE];
-            for (i, acc) in outs.chunks_exact_mut(n_tokens).enumerate() {
-                acc.fill(0.0);
-                let row = w.row_data(c * chunk + i, 1);
-                for (p, bytes) in row.chunks(piece_bytes).enumerate() {
-                    let start = p * PIECE;
-                    let vals = &mut buf[..PIECE.min(cols - start)];
-                    decode(bytes, vals);
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        *a += dot(vals, &x[t * cols + start..][..vals.len()]);
-                    }
+    let pool = pool::global();
+    let chunk = w.rows.div_ceil(4 * pool.n_threads()).clamp(8, 256);
+    let parts: Vec<Mutex<&mut [f32]>> = out.chunks_mut(chunk * n_tokens).map(Mutex::new).collect();
+    pool.run(parts.len(), &|c| {
+        let mut outs = parts[c].lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = [0f32; PIECE];
+        for (i, acc) in outs.chunks_exact_mut(n_tokens).enumerate() {
+            acc.fill(0.0);
+            let row = w.row_data(c * chunk + i, 1);
+            for (p, bytes) in row.chunks(piece_bytes).enumerate() {
+                let start = p * PIECE;
+                let vals = &mut buf[..PIECE.min(cols - start)];
+                decode(bytes, vals);
+                for (t, a) in acc.iter_mut().enumerate() {
+                    *a += dot(vals, &x[t * cols + start..][..vals.len()]);
                 }
             }
-        });
+        }
+    });
 }
 
 /// Dot product with independent lane accumulators, a shape the compiler vectorizes (a
@@ -292,11 +289,9 @@ const TILE_BYTES: usize = 1024 * 1024;
 /// Rows per tile: as many as fit in [`TILE_BYTES`] (64 to 256), adjusted so the tile count
 /// is a multiple of the thread count (no thread idles while another finishes a last tile),
 /// and rounded to a multiple of 8 to suit the GEMM's register blocking.
-fn tile_rows(rows: usize, cols: usize) -> usize {
+fn tile_rows(rows: usize, cols: usize, threads: usize) -> usize {
     let by_cache = (TILE_BYTES / (4 * cols.max(1))).clamp(64, 256);
-    let tiles = rows
-        .div_ceil(by_cache)
-        .next_multiple_of(rayon::current_num_threads());
+    let tiles = rows.div_ceil(by_cache).next_multiple_of(threads);
     rows.div_ceil(tiles).next_multiple_of(8)
 }
 
@@ -328,43 +323,41 @@ impl OutPtr {
 fn matmul_tiled(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     let (rows, cols) = (w.rows, w.cols);
     let xt = transpose(x, n_tokens, cols);
-    let tile = tile_rows(rows, cols);
+    let pool = pool::global();
+    let tile = tile_rows(rows, cols, pool.n_threads());
     let out = OutPtr(y.as_mut_ptr());
-    (0..rows.div_ceil(tile)).into_par_iter().for_each_init(
-        Vec::new,
-        |scratch: &mut Vec<f32>, t| {
-            let first = t * tile;
-            let n = tile.min(rows - first);
-            scratch.resize(n * cols, 0.0);
-            decode_transposed(w, first, n, scratch);
-            // C (n_tokens × n) = A (x, stored column-major as xt) · B (scratch, cols × n
-            // row-major), with C living inside y at column offset `first`, row stride `rows`.
-            //
-            // SAFETY: `xt` holds n_tokens × cols values and `scratch` cols × n, read with
-            // in-bounds strides. C's elements are y[t * rows + first + j] for t < n_tokens,
-            // j < n, all below n_tokens × rows = y.len() (checked by `matmul`); tiles have
-            // disjoint `first..first + n`, so no two tasks write the same element, and `y`
-            // is exclusively borrowed for the whole call. beta = 0 means C is not read.
-            unsafe {
-                matrixmultiply::sgemm(
-                    n_tokens,
-                    cols,
-                    n,
-                    1.0,
-                    xt.as_ptr(),
-                    1,
-                    n_tokens as isize,
-                    scratch.as_ptr(),
-                    n as isize,
-                    1,
-                    0.0,
-                    out.get().add(first),
-                    rows as isize,
-                    1,
-                );
-            }
-        },
-    );
+    pool.run(rows.div_ceil(tile), &|t| {
+        let first = t * tile;
+        let n = tile.min(rows - first);
+        let mut scratch = vec![0f32; n * cols];
+        decode_transposed(w, first, n, &mut scratch);
+        // C (n_tokens × n) = A (x, stored column-major as xt) · B (scratch, cols × n
+        // row-major), with C living inside y at column offset `first`, row stride `rows`.
+        //
+        // SAFETY: `xt` holds n_tokens × cols values and `scratch` cols × n, read with
+        // in-bounds strides. C's elements are y[t * rows + first + j] for t < n_tokens,
+        // j < n, all below n_tokens × rows = y.len() (checked by `matmul`); tiles have
+        // disjoint `first..first + n`, so no two tasks write the same element, and `y`
+        // is exclusively borrowed for the whole call. beta = 0 means C is not read.
+        unsafe {
+            matrixmultiply::sgemm(
+                n_tokens,
+                cols,
+                n,
+                1.0,
+                xt.as_ptr(),
+                1,
+                n_tokens as isize,
+                scratch.as_ptr(),
+                n as isize,
+                1,
+                0.0,
+                out.get().add(first),
+                rows as isize,
+                1,
+            );
+        }
+    });
 }
 
 /// Rows decoded side by side by [`decode_transposed`], so each write to the transposed tile
@@ -403,17 +396,17 @@ fn transpose(x: &[f32], n: usize, m: usize) -> Vec<f32> {
     // 16 output rows per band: each input row contributes one 64-byte line per band.
     const BAND: usize = 16;
     let mut xt = vec![0f32; n * m];
-    xt.par_chunks_mut(BAND * n)
-        .enumerate()
-        .for_each(|(b, band)| {
-            let c0 = b * BAND;
-            let width = band.len() / n;
-            for (t, xrow) in x.chunks_exact(m).enumerate() {
-                for (k, &v) in xrow[c0..c0 + width].iter().enumerate() {
-                    band[k * n + t] = v;
-                }
+    let bands: Vec<Mutex<&mut [f32]>> = xt.chunks_mut(BAND * n).map(Mutex::new).collect();
+    pool::global().run(bands.len(), &|b| {
+        let mut band = bands[b].lock().unwrap_or_else(|e| e.into_inner());
+        let c0 = b * BAND;
+        let width = band.len() / n;
+        for (t, xrow) in x.chunks_exact(m).enumerate() {
+            for (k, &v) in xrow[c0..c0 + width].iter().enumerate() {
+                band[k * n + t] = v;
             }
-        });
+        }
+    });
     xt
 }
 
@@ -462,11 +455,7 @@ mod tests {
 
     #[test]
     fn tiles_respect_the_size_budget_and_balance_threads() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
-        let tile = |rows, cols| pool.install(|| tile_rows(rows, cols));
+        let tile = |rows, cols| tile_rows(rows, cols, 2);
         // 1 MiB / 2560 B = 409 rows, capped at 256: 8 tiles, already even.
         assert_eq!(tile(2048, 640), 256);
         // 1 MiB / 8 KiB = 128 rows -> 5 tiles -> 6 (even) -> 107 rows -> 112.

@@ -6,10 +6,10 @@
 //! during decoding — so every weight matrix is read once per call whatever the batch size.
 
 use std::ops::Range;
+use std::sync::Mutex;
 
 use quarry_format::{GgufFile, TensorView};
-use quarry_kernels::{matmul_quantized, QuantizedActivations, WeightView};
-use rayon::prelude::*;
+use quarry_kernels::{matmul_quantized, pool, QuantizedActivations, WeightView};
 
 use crate::config::ModelConfig;
 use crate::kv_cache::{ContiguousKvCache, KvCache};
@@ -243,30 +243,30 @@ impl<'a> Model<'a> {
         let group = cfg.n_heads / cfg.n_kv_heads;
         let cache: &C = cache;
         let q = &s.q;
-        s.attn
-            .par_chunks_mut(hd)
-            .enumerate()
-            .for_each(|(slot, out)| {
-                let (t, h) = (slot / cfg.n_heads, slot % cfg.n_heads);
-                let pos = start + t;
-                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let kv_off = (h / group) * hd;
-                let qh = &q[slot * hd..(slot + 1) * hd];
-                let mut scores: Vec<f32> = (first..=pos)
-                    .map(|j| dot(qh, &cache.key(index, j)[kv_off..kv_off + hd]) * cfg.attn_scale)
-                    .collect();
-                if let Some(cap) = cfg.attn_softcap {
-                    softcap(&mut scores, cap);
+        // One task per (token, head); each locks only its own output slice.
+        let slots: Vec<Mutex<&mut [f32]>> = s.attn.chunks_mut(hd).map(Mutex::new).collect();
+        pool::global().run(slots.len(), &|slot| {
+            let mut out = slots[slot].lock().unwrap_or_else(|e| e.into_inner());
+            let (t, h) = (slot / cfg.n_heads, slot % cfg.n_heads);
+            let pos = start + t;
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let kv_off = (h / group) * hd;
+            let qh = &q[slot * hd..(slot + 1) * hd];
+            let mut scores: Vec<f32> = (first..=pos)
+                .map(|j| dot(qh, &cache.key(index, j)[kv_off..kv_off + hd]) * cfg.attn_scale)
+                .collect();
+            if let Some(cap) = cfg.attn_softcap {
+                softcap(&mut scores, cap);
+            }
+            softmax(&mut scores);
+            out.fill(0.0);
+            for (j, p) in (first..=pos).zip(&scores) {
+                let v = &cache.value(index, j)[kv_off..kv_off + hd];
+                for (o, vv) in out.iter_mut().zip(v) {
+                    *o += p * vv;
                 }
-                softmax(&mut scores);
-                out.fill(0.0);
-                for (j, p) in (first..=pos).zip(&scores) {
-                    let v = &cache.value(index, j)[kv_off..kv_off + hd];
-                    for (o, vv) in out.iter_mut().zip(v) {
-                        *o += p * vv;
-                    }
-                }
-            });
+            }
+        });
         let attn = QuantizedActivations::new(&s.attn, n, cfg.q_dim());
         matmul_quantized(&layer.wo, &attn, &mut s.norm);
         if let Some(w) = &layer.post_attn_norm {
