@@ -471,6 +471,20 @@ mod avx2 {
         }
     }
 
+    /// Prefetches block `b`'s share of the `group` bytes after `p`. A group's rows are
+    /// contiguous and groups are walked in order, so this streams the next group in while the
+    /// current one is computed; without it the decode path reached only half of the
+    /// machine's read bandwidth (Gemma 3 270M's Q8_0 head: 45 → 71 tok/s). Prefetching past
+    /// the end of the matrix is harmless: a prefetch never faults.
+    #[inline(always)]
+    unsafe fn prefetch_next_group(p: *const u8, group: usize, blocks: usize, b: usize) {
+        let share = group.div_ceil(blocks).next_multiple_of(64);
+        let next = p.wrapping_add(group + b * share);
+        for line in (0..share).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line) as *const i8);
+        }
+    }
+
     /// `R` rows (1 or 4) of a nibble type, two rows per vector: a row pair's codes for
     /// values 0..16 meet the activations 0..16 repeated in both halves, likewise 16..32.
     #[inline]
@@ -486,6 +500,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 2];
         let mut mins = _mm_setzero_ps();
         for (b, ab) in a.iter().enumerate() {
+            prefetch_next_group(p, R * rb, a.len(), b);
             let scale = _mm_mul_ps(f16_lanes::<L, R>(p, rb, b, 0), _mm_set1_ps(ab.d));
             if let Some(m) = L::MIN {
                 mins = _mm_fmadd_ps(f16_lanes::<L, R>(p, rb, b, m), _mm_set1_ps(ab.s), mins);
@@ -554,6 +569,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 4];
         for (b, ab) in a.iter().enumerate() {
+            prefetch_next_group(p, R * rb, a.len(), b);
             let scale = _mm_mul_ps(f16_lanes::<Q8_0, R>(p, rb, b, 0), _mm_set1_ps(ab.d));
             let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
             for (r, acc) in acc.iter_mut().enumerate().take(R) {
