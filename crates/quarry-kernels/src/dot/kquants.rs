@@ -75,11 +75,31 @@ pub fn gemv(isa: Isa, w: &WeightView<'_>, rows: Range<usize>, a: &[BlockQ8x256],
         out.fill(0.0);
         return;
     }
-    for (o, row) in out.iter_mut().zip(data.chunks_exact(row_bytes)) {
+    for (i, (o, row)) in out.iter_mut().zip(data.chunks_exact(row_bytes)).enumerate() {
+        if let Some(next) = data.get((i + 1) * row_bytes..(i + 2) * row_bytes) {
+            prefetch(next);
+        }
         // SAFETY: `kernel` returned a variant whose CPU features are present, and `row` holds
         // exactly `a.len()` super-blocks (WeightView's invariant and the assert above).
         *o = unsafe { dot(row, a) };
     }
+}
+
+/// Starts loading `bytes` (the next row) into cache while the current row is computed: the
+/// hardware prefetchers alone left decode at about half of the read bandwidth.
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: SSE is part of the x86-64 baseline, and a prefetch hint never faults nor
+        // changes memory.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr() as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }
 
 /// One row's dot product: `row` holds `a.len()` super-blocks of the kernel's type.
