@@ -17,6 +17,7 @@ mod error;
 mod matmul;
 pub mod pool;
 mod quant;
+pub mod vec;
 
 pub use act::QuantizedActivations;
 pub use dequant::dequantize;

@@ -9,11 +9,12 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use quarry_format::{GgufFile, TensorView};
+use quarry_kernels::vec::{axpy, dot};
 use quarry_kernels::{matmul_quantized, pool, QuantizedActivations, WeightView};
 
 use crate::config::ModelConfig;
 use crate::kv_cache::{ContiguousKvCache, KvCache};
-use crate::ops::{dot, gated_activation, rms_norm, softcap, softmax, Rope};
+use crate::ops::{gated_activation, rms_norm, softcap, softmax, Rope};
 use crate::ModelError;
 
 /// A loaded model: configuration plus weights borrowed from `'a`'s memory map.
@@ -260,11 +261,8 @@ impl<'a> Model<'a> {
             }
             softmax(&mut scores);
             out.fill(0.0);
-            for (j, p) in (first..=pos).zip(&scores) {
-                let v = &cache.value(index, j)[kv_off..kv_off + hd];
-                for (o, vv) in out.iter_mut().zip(v) {
-                    *o += p * vv;
-                }
+            for (j, &p) in (first..=pos).zip(&scores) {
+                axpy(&mut out, p, &cache.value(index, j)[kv_off..kv_off + hd]);
             }
         });
         let attn = QuantizedActivations::new(&s.attn, n, cfg.q_dim());

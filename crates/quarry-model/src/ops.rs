@@ -96,23 +96,6 @@ impl Rope {
     }
 }
 
-/// Dot product of two equal-length slices.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums let the compiler keep several vector lanes busy.
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,12 +165,5 @@ mod tests {
         softcap(&mut x, 30.0);
         assert_eq!(x[0], 0.0);
         assert!((x[1] - 30.0).abs() < 1e-4 && (x[2] + 30.0).abs() < 1e-4);
-    }
-
-    #[test]
-    fn dot_handles_tails() {
-        let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
-        let expected: f32 = a.iter().map(|v| v * v).sum();
-        assert_eq!(dot(&a, &a), expected);
     }
 }
