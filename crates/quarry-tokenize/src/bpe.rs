@@ -12,6 +12,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::OnceLock;
 
+use crate::symbols::{char_symbols, Symbol};
 use crate::vocab::Vocab;
 
 /// GPT-2's byte → character table and its inverse.
@@ -88,32 +89,12 @@ impl Merges {
     }
 }
 
-#[derive(Clone, Copy)]
-struct Symbol {
-    start: usize,
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
-}
-
 /// Appends the ids of one pre-tokenized word (raw text, not yet byte-encoded) to `out`.
 pub(crate) fn encode_word(vocab: &Vocab, merges: &Merges, word: &str, out: &mut Vec<u32>) {
     let table = alphabet();
     let encoded: String = word.bytes().map(|b| table.chars[b as usize]).collect();
     let text = encoded.as_str();
-    let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
-    for (start, c) in text.char_indices() {
-        let index = symbols.len();
-        symbols.push(Symbol {
-            start,
-            len: c.len_utf8(),
-            prev: index.checked_sub(1),
-            next: None,
-        });
-        if index > 0 {
-            symbols[index - 1].next = Some(index);
-        }
-    }
+    let mut symbols = char_symbols(text);
     // Entries: Reverse((rank, left, right, combined length)), so the lowest rank, then the
     // leftmost pair, pops first.
     let mut queue = BinaryHeap::new();

@@ -19,6 +19,7 @@ mod gguf;
 mod pretokenize;
 mod special;
 mod spm;
+mod symbols;
 mod tokenizer;
 mod vocab;
 

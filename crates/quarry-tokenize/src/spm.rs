@@ -13,16 +13,8 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
+use crate::symbols::{char_symbols, Symbol};
 use crate::vocab::Vocab;
-
-#[derive(Clone, Copy)]
-struct Symbol {
-    start: usize,
-    /// Length in bytes; 0 once merged into its left neighbour.
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
-}
 
 struct Candidate {
     score: f32,
@@ -61,19 +53,7 @@ pub(crate) fn encode(
     text: &str,
     out: &mut Vec<u32>,
 ) {
-    let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
-    for (start, c) in text.char_indices() {
-        let index = symbols.len();
-        symbols.push(Symbol {
-            start,
-            len: c.len_utf8(),
-            prev: index.checked_sub(1),
-            next: None,
-        });
-        if index > 0 {
-            symbols[index - 1].next = Some(index);
-        }
-    }
+    let mut symbols = char_symbols(text);
     let mut queue = BinaryHeap::new();
     let push =
         |queue: &mut BinaryHeap<Candidate>, symbols: &[Symbol], left: usize, right: usize| {
