@@ -14,6 +14,17 @@ fn quarry(args: &[&str]) -> Output {
         .expect("run quarry")
 }
 
+/// Runs quarry, requires success, and parses its stdout as JSON.
+fn quarry_json(args: &[&str]) -> serde_json::Value {
+    let out = quarry(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -87,7 +98,7 @@ fn greedy_run_starts_like_llamacpp() {
         let path = model_path(model);
         let g = &model_goldens(model)["greedy_fa_on"]["The capital of France is"]["model_default"];
         let expected = ids(&g["greedy_ids"]);
-        let out = quarry(&[
+        let v = quarry_json(&[
             "run",
             path_str(&path),
             "The capital of France is",
@@ -97,12 +108,6 @@ fn greedy_run_starts_like_llamacpp() {
             "8",
             "--json",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(
             ids(&v["prompt_ids"]),
             ids(&g["prompt_ids"]),
@@ -129,7 +134,7 @@ fn greedy_run_starts_like_llamacpp() {
 fn same_seed_same_text() {
     let model = model_path(TestModel::SmolLm2);
     let run = |seed: &str| {
-        let out = quarry(&[
+        let v = quarry_json(&[
             "run",
             path_str(&model),
             "Once upon a time",
@@ -139,12 +144,6 @@ fn same_seed_same_text() {
             seed,
             "--json",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         ids(&v["ids"])
     };
     assert_eq!(run("7"), run("7"));
@@ -204,18 +203,12 @@ fn chat_answers_each_turn_from_stdin() {
 #[test]
 fn tokenize_json_matches_llamacpp() {
     let model = model_path(TestModel::Gemma3);
-    let out = quarry(&[
+    let v = quarry_json(&[
         "tokenize",
         path_str(&model),
         "The capital of France is",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let golden = &model_goldens(TestModel::Gemma3)["tokenize"]["The capital of France is"];
     assert_eq!(
         ids(&v["ids"]),
@@ -226,13 +219,7 @@ fn tokenize_json_matches_llamacpp() {
 #[test]
 fn info_reports_the_architecture() {
     let model = model_path(TestModel::Gemma3);
-    let out = quarry(&["info", path_str(&model), "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = quarry_json(&["info", path_str(&model), "--json"]);
     assert_eq!(v["architecture"], "gemma3");
     assert_eq!(v["n_layers"], 18);
     assert_eq!(v["tensor_types"]["Q5_0"]["tensors"], 81);
