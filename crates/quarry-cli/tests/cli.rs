@@ -90,6 +90,13 @@ fn bad_sampling_parameter_is_a_one_line_error() {
     assert_one_line_error(&out, "top_p");
 }
 
+#[test]
+fn zero_threads_is_a_one_line_error() {
+    let model = model_path(TestModel::SmolLm2);
+    let out = quarry(&["run", path_str(&model), "hi", "--threads", "0"]);
+    assert_one_line_error(&out, "--threads 0");
+}
+
 /// Greedy `quarry run --json` on llama.cpp's prompts: the first tokens, which llama.cpp chose
 /// by a wide margin, must be the same.
 #[test]
