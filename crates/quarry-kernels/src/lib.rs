@@ -14,6 +14,7 @@ pub mod act;
 mod dequant;
 pub mod dot;
 mod error;
+pub mod gemm;
 mod matmul;
 pub mod pool;
 mod quant;

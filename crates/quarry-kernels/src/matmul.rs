@@ -11,7 +11,6 @@
 //! in bounds.
 
 use std::fmt;
-use std::sync::Mutex;
 
 use quarry_format::GgmlType;
 
@@ -202,13 +201,9 @@ pub fn matmul_quantized(w: &WeightView<'_>, x: &QuantizedActivations<'_>, y: &mu
         .div_ceil(4 * pool.n_threads())
         .clamp(16, 512)
         .next_multiple_of(8);
-    // Each task locks only its own slice, so the locks are never contended; they let the
-    // pool's `Fn` tasks write disjoint parts of `y` without unsafe code.
-    let parts: Vec<Mutex<&mut [f32]>> = y.chunks_mut(chunk).map(Mutex::new).collect();
-    pool.run(parts.len(), &|c| {
-        let mut out = parts[c].lock().unwrap_or_else(|e| e.into_inner());
+    pool.for_each_chunk_mut(y, chunk, &|c, out| {
         let first = c * chunk;
-        gemv_rows(isa, w, first..first + out.len(), x, 0, &mut out);
+        gemv_rows(isa, w, first..first + out.len(), x, 0, out);
     });
 }
 
@@ -244,9 +239,7 @@ fn rowwise_by_row(w: &WeightView<'_>, x: &[f32], n_tokens: usize, out: &mut [f32
     // A few chunks per thread balance uneven progress without one task per row.
     let pool = pool::global();
     let chunk = w.rows.div_ceil(4 * pool.n_threads()).clamp(8, 256);
-    let parts: Vec<Mutex<&mut [f32]>> = out.chunks_mut(chunk * n_tokens).map(Mutex::new).collect();
-    pool.run(parts.len(), &|c| {
-        let mut outs = parts[c].lock().unwrap_or_else(|e| e.into_inner());
+    pool.for_each_chunk_mut(out, chunk * n_tokens, &|c, outs| {
         let mut buf = [0f32; PIECE];
         for (i, acc) in outs.chunks_exact_mut(n_tokens).enumerate() {
             acc.fill(0.0);
@@ -396,9 +389,7 @@ fn transpose(x: &[f32], n: usize, m: usize) -> Vec<f32> {
     // 16 output rows per band: each input row contributes one 64-byte line per band.
     const BAND: usize = 16;
     let mut xt = vec![0f32; n * m];
-    let bands: Vec<Mutex<&mut [f32]>> = xt.chunks_mut(BAND * n).map(Mutex::new).collect();
-    pool::global().run(bands.len(), &|b| {
-        let mut band = bands[b].lock().unwrap_or_else(|e| e.into_inner());
+    pool::global().for_each_chunk_mut(&mut xt, BAND * n, &|b, band| {
         let c0 = b * BAND;
         let width = band.len() / n;
         for (t, xrow) in x.chunks_exact(m).enumerate() {

@@ -216,6 +216,29 @@ impl ThreadPool {
     }
 }
 
+impl ThreadPool {
+    /// Runs `f(i, chunk)` for every `chunk_len`-sized chunk of `data` (the last may be
+    /// shorter), `i` counting chunks, across the pool like [`ThreadPool::run`].
+    pub fn for_each_chunk_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        chunk_len: usize,
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        assert!(
+            chunk_len > 0,
+            "for_each_chunk_mut: chunk_len must be positive"
+        );
+        // Each task locks only its own chunk, so the locks are never contended; they let the
+        // `Fn` tasks write disjoint parts of `data` without unsafe code.
+        let chunks: Vec<Mutex<&mut [T]>> = data.chunks_mut(chunk_len).map(Mutex::new).collect();
+        self.run(chunks.len(), &|i| {
+            let mut chunk = chunks[i].lock().unwrap_or_else(PoisonError::into_inner);
+            f(i, &mut chunk)
+        });
+    }
+}
+
 /// Ends a dispatch on drop: closes it to new workers and waits for joined ones to leave, so the
 /// dispatcher's `Job` cannot be freed (by return or unwind) while a worker still reads it.
 struct Dispatch<'a> {

@@ -1,8 +1,11 @@
-//! `f32` vector primitives for the model's own loops (attention scores and value sums).
+//! `f32` vector primitives for the model's own loops: attention scores and value sums, the
+//! softmax exponentials and the gated FFN activations.
 //!
 //! The workspace compiles for baseline x86-64 (SSE2), so these get an AVX2+FMA variant chosen
-//! at run time through [`Isa::best`]; the scalar versions are the reference they are tested
-//! against.
+//! at run time through [`Isa::best`]; the scalar versions (on `std`'s `exp`) are the reference
+//! they are tested against. The vector `exp` is a range reduction to `2ⁿ·e^r`, `|r| ≤ ln2/2`,
+//! with a degree-6 polynomial for `e^r`: within a few ulp of `std` over the whole `f32` range,
+//! including `0` below `e^-87.3` and `∞` above `e^88.7`.
 
 use crate::dot::Isa;
 
@@ -14,6 +17,62 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `y[i] += alpha · x[i]` over equal-length slices.
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     axpy_with(Isa::best(), y, alpha, x)
+}
+
+/// `x[i] ← e^(x[i] − shift)`, returning the sum of the new values (softmax's numerator and
+/// denominator in one pass).
+pub fn exp_sub_sum(x: &mut [f32], shift: f32) -> f32 {
+    exp_sub_sum_with(Isa::best(), x, shift)
+}
+
+/// `gate[i] ← silu(gate[i]) · up[i]` with `silu(x) = x·σ(x)` (SwiGLU).
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    gated_with(Isa::best(), Gate::Silu, gate, up)
+}
+
+/// `gate[i] ← gelu(gate[i]) · up[i]` with GELU's tanh approximation, computed in its
+/// equivalent form `x·σ(2·√(2/π)·(x + 0.044715·x³))` (GeGLU).
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    gated_with(Isa::best(), Gate::GeluTanh, gate, up)
+}
+
+/// The gate functions of [`silu_mul`] and [`gelu_tanh_mul`]: both are `x·σ(z(x))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    Silu,
+    GeluTanh,
+}
+
+/// `2·√(2/π)` and `2·√(2/π)·0.044715`: the GELU sigmoid argument is `x·(A + B·x²)`.
+const GELU_A: f32 = 1.595_769;
+const GELU_B: f32 = 0.071_354_82;
+
+/// [`exp_sub_sum`] at a chosen level; levels this CPU lacks fall back to scalar.
+pub fn exp_sub_sum_with(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { x86::exp_sub_sum(x, shift) };
+    }
+    let _ = isa;
+    exp_sub_sum_scalar(x, shift)
+}
+
+fn gated_with(isa: Isa, gate_fn: Gate, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "gated activation: lengths {} and {} differ",
+        gate.len(),
+        up.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); lengths are equal.
+        return unsafe { x86::gated(gate_fn, gate, up) };
+    }
+    let _ = isa;
+    gated_scalar(gate_fn, gate, up)
 }
 
 /// [`dot`] at a chosen level; levels this CPU lacks fall back to scalar.
@@ -76,9 +135,31 @@ fn axpy_scalar(y: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
+fn exp_sub_sum_scalar(x: &mut [f32], shift: f32) -> f32 {
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - shift).exp();
+        sum += *v;
+    }
+    sum
+}
+
+fn gated_scalar(gate_fn: Gate, gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let z = match gate_fn {
+            Gate::Silu => x,
+            Gate::GeluTanh => x * (GELU_A + GELU_B * x * x),
+        };
+        *g = x / (1.0 + (-z).exp()) * u;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::*;
+
+    use super::{gated_scalar, Gate, GELU_A, GELU_B};
 
     /// # Safety
     /// The CPU has AVX2 and FMA; `a.len() == b.len()`.
@@ -106,14 +187,126 @@ mod x86 {
             i += 8;
         }
         let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-        let quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        let mut total = _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
+        let mut total = hsum(sum);
         while i < n {
             total += *pa.add(i) * *pb.add(i);
             i += 1;
         }
         total
+    }
+
+    /// `e^x` lane by lane (see the module docs for the method and its range).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp(x: __m256) -> __m256 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        // ln 2 split in two so that n·LN2_HI is exact for |n| ≤ 128.
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const MIN: f32 = -87.336_55;
+        const MAX: f32 = 88.722_83;
+        let xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(MIN)), _mm256_set1_ps(MAX));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(xc, _mm256_set1_ps(LOG2E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        // e^r ≈ 1 + r + r²·P(r), P a degree-4 fit of (e^r − 1 − r)/r² on |r| ≤ ln2/2.
+        let mut p = _mm256_set1_ps(1.987_569_2e-4);
+        for c in [
+            1.398_2e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5e-1,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let r2 = _mm256_mul_ps(r, r);
+        let er = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        // Multiply by 2ⁿ through the exponent bits, in two halves so that each factor is a
+        // normal float for every n ∈ [−126, 128] the clamp allows.
+        let n = _mm256_cvtps_epi32(n);
+        let n1 = _mm256_srai_epi32::<1>(n);
+        let n2 = _mm256_sub_epi32(n, n1);
+        let y = _mm256_mul_ps(_mm256_mul_ps(er, pow2(n1)), pow2(n2));
+        let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(MIN));
+        let over = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(MAX));
+        let y = _mm256_andnot_ps(under, y);
+        _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), over)
+    }
+
+    /// `2^k` for integer lanes `k ∈ [−126, 127]`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn pow2(k: __m256i) -> __m256 {
+        _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            k,
+            _mm256_set1_epi32(127),
+        )))
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_sub_sum(x: &mut [f32], shift: f32) -> f32 {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let s = _mm256_set1_ps(shift);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), s));
+            _mm256_storeu_ps(p.add(i), e);
+            acc = _mm256_add_ps(acc, e);
+            i += 8;
+        }
+        let mut total = hsum(acc);
+        while i < n {
+            let e = (*p.add(i) - shift).exp();
+            *p.add(i) = e;
+            total += e;
+            i += 1;
+        }
+        total
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `gate.len() == up.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gated(gate_fn: Gate, gate: &mut [f32], up: &[f32]) {
+        let n = gate.len();
+        let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+        let (a, b) = (_mm256_set1_ps(GELU_A), _mm256_set1_ps(GELU_B));
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_loadu_ps(pg.add(i));
+            let z = match gate_fn {
+                Gate::Silu => x,
+                Gate::GeluTanh => _mm256_mul_ps(x, _mm256_fmadd_ps(b, _mm256_mul_ps(x, x), a)),
+            };
+            let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), z));
+            let g = _mm256_div_ps(x, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(pg.add(i), _mm256_mul_ps(g, _mm256_loadu_ps(pu.add(i))));
+            i += 8;
+        }
+        gated_scalar(gate_fn, &mut gate[i..], &up[i..]);
+    }
+
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)))
     }
 
     /// # Safety
@@ -167,6 +360,95 @@ mod tests {
                     prop_assert!((u - v).abs() <= 1e-5 * (1.0 + v.abs()), "{isa:?}: {u} vs {v}");
                 }
             }
+        }
+    }
+
+    fn close(a: f32, b: f32, rel: f32) -> bool {
+        a == b || (a - b).abs() <= rel * b.abs().max(f32::MIN_POSITIVE)
+    }
+
+    proptest! {
+        #[test]
+        fn exp_sub_sum_matches_the_scalar_reference(
+            x in proptest::collection::vec(-120.0f32..120.0, 0..300),
+            shift in -30.0f32..30.0,
+        ) {
+            let mut reference = x.clone();
+            let sum_ref = exp_sub_sum_scalar(&mut reference, shift);
+            for isa in Isa::available() {
+                let mut y = x.clone();
+                let sum = exp_sub_sum_with(isa, &mut y, shift);
+                for (i, (u, v)) in y.iter().zip(&reference).enumerate() {
+                    // e^x of tiny results may be subnormal in std and flushed to 0 here.
+                    prop_assert!(close(*u, *v, 4e-7) || (v.abs() < 1e-37 && u.abs() < 1e-37),
+                        "{isa:?} at {i}: exp({}) = {u}, std gives {v}", x[i] - shift);
+                }
+                prop_assert!(close(sum, sum_ref, 1e-5), "{isa:?}: sum {sum} vs {sum_ref}");
+            }
+        }
+
+        #[test]
+        fn gated_activations_match_the_scalar_reference(
+            (gate, up) in (0usize..300).prop_flat_map(|n| (
+                proptest::collection::vec(-40.0f32..40.0, n),
+                proptest::collection::vec(-5.0f32..5.0, n),
+            )),
+        ) {
+            for gate_fn in [Gate::Silu, Gate::GeluTanh] {
+                let mut reference = gate.clone();
+                gated_scalar(gate_fn, &mut reference, &up);
+                for isa in Isa::available() {
+                    let mut g = gate.clone();
+                    gated_with(isa, gate_fn, &mut g, &up);
+                    for (i, (u, v)) in g.iter().zip(&reference).enumerate() {
+                        prop_assert!((u - v).abs() <= 1e-6 * (1.0 + v.abs()),
+                            "{isa:?} {gate_fn:?} at {i}: {u} vs {v}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_limits_are_zero_one_and_infinity() {
+        for isa in Isa::available() {
+            let mut x = [
+                f32::NEG_INFINITY,
+                -200.0,
+                0.0,
+                200.0,
+                f32::INFINITY,
+                1.0,
+                -1.0,
+                10.0,
+            ];
+            let sum = exp_sub_sum_with(isa, &mut x, 0.0);
+            assert_eq!(
+                &x[..5],
+                &[0.0, 0.0, 1.0, f32::INFINITY, f32::INFINITY],
+                "{isa:?}"
+            );
+            assert!(
+                close(x[5], std::f32::consts::E, 2e-7),
+                "{isa:?}: e = {}",
+                x[5]
+            );
+            assert_eq!(sum, f32::INFINITY);
+        }
+    }
+
+    #[test]
+    fn gelu_tanh_form_equals_the_textbook_formula() {
+        for i in -800..800 {
+            let x = i as f32 / 100.0;
+            let textbook = 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh());
+            let mut g = [x];
+            gated_scalar(Gate::GeluTanh, &mut g, &[1.0]);
+            assert!(
+                (g[0] - textbook).abs() <= 1e-6 * (1.0 + x.abs()),
+                "x = {x}: {} vs {textbook}",
+                g[0]
+            );
         }
     }
 

@@ -4,6 +4,8 @@
 //! and a paged, block-table cache (for batched serving) are interchangeable. Positions are
 //! appended in order; a layer's keys and values for position `p` are `kv_dim` floats each.
 
+use std::ops::Range;
+
 /// Storage of the attention keys and values of past positions, per layer.
 pub trait KvCache {
     /// Positions stored (the next token goes at this position).
@@ -17,11 +19,11 @@ pub trait KvCache {
     /// Writes keys and values of `n` new positions (starting at `len()`) for one layer; `k` and
     /// `v` hold `n × kv_dim` floats. Visible to readers once [`KvCache::advance`] is called.
     fn write(&mut self, layer: usize, k: &[f32], v: &[f32]);
-    /// Keys of `layer` at position `pos` (`kv_dim` floats); `pos` may be one of the positions
-    /// written but not yet advanced past.
-    fn key(&self, layer: usize, pos: usize) -> &[f32];
-    /// Values of `layer` at position `pos`.
-    fn value(&self, layer: usize, pos: usize) -> &[f32];
+    /// Keys of `layer` at the positions in `positions`, `kv_dim` floats each, consecutive;
+    /// positions may include ones written but not yet advanced past.
+    fn keys(&self, layer: usize, positions: Range<usize>) -> &[f32];
+    /// Values of `layer` at the positions in `positions`, laid out like [`KvCache::keys`].
+    fn values(&self, layer: usize, positions: Range<usize>) -> &[f32];
     /// Makes `n` written positions part of the sequence.
     fn advance(&mut self, n: usize);
     /// Drops every position at or after `len` (to rewind or reuse a prefix).
@@ -69,12 +71,12 @@ impl KvCache for ContiguousKvCache {
         self.values[layer][start..start + v.len()].copy_from_slice(v);
     }
 
-    fn key(&self, layer: usize, pos: usize) -> &[f32] {
-        &self.keys[layer][pos * self.kv_dim..(pos + 1) * self.kv_dim]
+    fn keys(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+        &self.keys[layer][positions.start * self.kv_dim..positions.end * self.kv_dim]
     }
 
-    fn value(&self, layer: usize, pos: usize) -> &[f32] {
-        &self.values[layer][pos * self.kv_dim..(pos + 1) * self.kv_dim]
+    fn values(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+        &self.values[layer][positions.start * self.kv_dim..positions.end * self.kv_dim]
     }
 
     fn advance(&mut self, n: usize) {

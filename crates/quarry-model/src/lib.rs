@@ -4,6 +4,7 @@
 //! [`Model`] (weights stay quantized in the memory map), runs batches of token ids through the
 //! one forward pass all families share, and keeps attention state in a [`KvCache`].
 
+mod attention;
 mod config;
 mod error;
 mod kv_cache;

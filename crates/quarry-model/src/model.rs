@@ -5,16 +5,14 @@
 //! consecutive tokens of one sequence — the whole prompt at once during prefill, one token
 //! during decoding — so every weight matrix is read once per call whatever the batch size.
 
-use std::ops::Range;
-use std::sync::Mutex;
-
 use quarry_format::{GgufFile, TensorView};
-use quarry_kernels::vec::{axpy, dot};
-use quarry_kernels::{matmul_quantized, pool, QuantizedActivations, WeightView};
+use quarry_kernels::{matmul_quantized, QuantizedActivations, WeightView};
+use std::ops::Range;
 
+use crate::attention::{attend, AttentionSpec};
 use crate::config::ModelConfig;
 use crate::kv_cache::{ContiguousKvCache, KvCache};
-use crate::ops::{gated_activation, rms_norm, softcap, softmax, Rope};
+use crate::ops::{gated_activation, rms_norm, softcap, Rope, RopeTable};
 use crate::ModelError;
 
 /// A loaded model: configuration plus weights borrowed from `'a`'s memory map.
@@ -174,8 +172,13 @@ impl<'a> Model<'a> {
             }
         }
         let mut scratch = Scratch::new(cfg, n);
+        let batch = Batch {
+            start,
+            rope_global: self.rope_global.table(start, n),
+            rope_local: self.rope_local.table(start, n),
+        };
         for (index, layer) in self.layers.iter().enumerate() {
-            self.attention_block(index, layer, &mut x, cache, start, &mut scratch);
+            self.attention_block(index, layer, &mut x, cache, &batch, &mut scratch);
             self.ffn_block(layer, &mut x, &mut scratch);
         }
         cache.advance(n);
@@ -202,7 +205,7 @@ impl<'a> Model<'a> {
         layer: &Layer<'a>,
         x: &mut [f32],
         cache: &mut C,
-        start: usize,
+        batch: &Batch<'_>,
         s: &mut Scratch,
     ) {
         let cfg = &self.config;
@@ -222,49 +225,23 @@ impl<'a> Model<'a> {
         }
         let global = cfg.global_layers[index];
         let rope = if global {
-            &self.rope_global
+            &batch.rope_global
         } else {
-            &self.rope_local
+            &batch.rope_local
         };
-        for t in 0..n {
-            rope.apply(
-                &mut s.q[t * cfg.q_dim()..(t + 1) * cfg.q_dim()],
-                hd,
-                start + t,
-            );
-            rope.apply(
-                &mut s.k[t * cfg.kv_dim()..(t + 1) * cfg.kv_dim()],
-                hd,
-                start + t,
-            );
-        }
+        rope.apply(&mut s.q, hd);
+        rope.apply(&mut s.k, hd);
         cache.write(index, &s.k, &s.v);
 
-        let window = if global { None } else { cfg.sliding_window };
-        let group = cfg.n_heads / cfg.n_kv_heads;
-        let cache: &C = cache;
-        let q = &s.q;
-        // One task per (token, head); each locks only its own output slice.
-        let slots: Vec<Mutex<&mut [f32]>> = s.attn.chunks_mut(hd).map(Mutex::new).collect();
-        pool::global().run(slots.len(), &|slot| {
-            let mut out = slots[slot].lock().unwrap_or_else(|e| e.into_inner());
-            let (t, h) = (slot / cfg.n_heads, slot % cfg.n_heads);
-            let pos = start + t;
-            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let kv_off = (h / group) * hd;
-            let qh = &q[slot * hd..(slot + 1) * hd];
-            let mut scores: Vec<f32> = (first..=pos)
-                .map(|j| dot(qh, &cache.key(index, j)[kv_off..kv_off + hd]) * cfg.attn_scale)
-                .collect();
-            if let Some(cap) = cfg.attn_softcap {
-                softcap(&mut scores, cap);
-            }
-            softmax(&mut scores);
-            out.fill(0.0);
-            for (j, &p) in (first..=pos).zip(&scores) {
-                axpy(&mut out, p, &cache.value(index, j)[kv_off..kv_off + hd]);
-            }
-        });
+        let spec = AttentionSpec {
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: hd,
+            scale: cfg.attn_scale,
+            softcap: cfg.attn_softcap,
+            window: if global { None } else { cfg.sliding_window },
+        };
+        attend(&spec, index, &*cache, &s.q, batch.start, &mut s.attn);
         let attn = QuantizedActivations::new(&s.attn, n, cfg.q_dim());
         matmul_quantized(&layer.wo, &attn, &mut s.norm);
         if let Some(w) = &layer.post_attn_norm {
@@ -289,6 +266,14 @@ impl<'a> Model<'a> {
         }
         x.iter_mut().zip(&s.norm).for_each(|(a, b)| *a += b);
     }
+}
+
+/// What every layer of one forward call shares: where the batch starts in the sequence and
+/// its rotary tables for layers with global and with local attention.
+struct Batch<'a> {
+    start: usize,
+    rope_global: RopeTable<'a>,
+    rope_local: RopeTable<'a>,
 }
 
 /// Activation buffers of one forward call, allocated once and reused by every layer.

@@ -1,32 +1,39 @@
-//! The small per-vector operations of a transformer block, written as plain loops over `f32`
-//! (the compiler vectorizes them; the heavy lifting is in `quarry-kernels`' matmul).
+//! The small per-vector operations of a transformer block. Each works on a batch of rows and
+//! splits large batches across the kernel thread pool; the transcendental ones use
+//! `quarry-kernels`' vector exponentials.
+
+use quarry_kernels::pool;
+use quarry_kernels::vec::{gelu_tanh_mul, silu_mul};
 
 use crate::config::{Activation, RopeStyle};
+
+/// Runs `f(first_row, rows)` over `row_len`-wide rows of `x` in parallel chunks, large enough
+/// that a dispatch costs little next to the work (a single row runs inline).
+fn par_rows(x: &mut [f32], row_len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    const MIN_CHUNK: usize = 16 * 1024;
+    let rows = x.len() / row_len.max(1);
+    let threads = pool::global().n_threads();
+    let rows_per_chunk = rows
+        .div_ceil(4 * threads)
+        .max(MIN_CHUNK.div_ceil(row_len.max(1)))
+        .max(1);
+    pool::global().for_each_chunk_mut(x, rows_per_chunk * row_len, &|i, chunk| {
+        f(i * rows_per_chunk, chunk)
+    });
+}
 
 /// RMS normalisation of each `weight.len()`-wide row of `x`, in place.
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     let n = weight.len();
-    for row in x.chunks_exact_mut(n) {
-        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let inv = 1.0 / (mean_sq + eps).sqrt();
-        for (v, w) in row.iter_mut().zip(weight) {
-            *v = *v * inv * w;
+    par_rows(x, n, &|_, rows| {
+        for row in rows.chunks_exact_mut(n) {
+            let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            let inv = 1.0 / (mean_sq + eps).sqrt();
+            for (v, w) in row.iter_mut().zip(weight) {
+                *v = *v * inv * w;
+            }
         }
-    }
-}
-
-/// Numerically stable softmax in place.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
+    });
 }
 
 /// `cap · tanh(x / cap)`: bounds logits smoothly (Gemma 2's soft-capping).
@@ -38,24 +45,21 @@ pub fn softcap(x: &mut [f32], cap: f32) {
 
 /// `gate ← act(gate) · up`, the gated FFN's elementwise step.
 pub fn gated_activation(gate: &mut [f32], up: &[f32], act: Activation) {
-    match act {
-        Activation::Silu => {
-            for (g, u) in gate.iter_mut().zip(up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        }
-        Activation::GeluTanh => {
-            const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-            for (g, u) in gate.iter_mut().zip(up) {
-                let x = *g;
-                let inner = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-                *g = 0.5 * x * (1.0 + inner.tanh()) * u;
-            }
-        }
-    }
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "gated_activation: gate and up differ in length"
+    );
+    let kernel = match act {
+        Activation::Silu => silu_mul,
+        Activation::GeluTanh => gelu_tanh_mul,
+    };
+    // Elementwise, so any split works; rows of 1 value let `par_rows` pick the chunk size.
+    par_rows(gate, 1, &|first, g| kernel(g, &up[first..first + g.len()]));
 }
 
-/// Rotary position embedding tables for one base: `cos`/`sin` of `pos · base^(-2i/dims)`.
+/// Rotary position embedding for one base: rotates pairs of dimensions by `pos · θᵢ` with
+/// `θᵢ = base^(-2i/dims)`.
 #[derive(Clone, Debug)]
 pub struct Rope {
     style: RopeStyle,
@@ -77,22 +81,59 @@ impl Rope {
         }
     }
 
-    /// Rotates every `head_dim`-wide head in `x` (one token's heads, concatenated) to `pos`.
-    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
-        let half = self.dims / 2;
-        let p = pos as f64 * self.position_scale;
-        for head in x.chunks_exact_mut(head_dim) {
-            for (i, &f) in self.inv_freq.iter().enumerate() {
-                let (sin, cos) = (p * f).sin_cos();
-                let (a, b) = match self.style {
-                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                    RopeStyle::Halves => (i, i + half),
-                };
-                let (x0, x1) = (head[a] as f64, head[b] as f64);
-                head[a] = (x0 * cos - x1 * sin) as f32;
-                head[b] = (x0 * sin + x1 * cos) as f32;
+    /// The cosines and sines for positions `start..start + n`, computed once per batch and
+    /// shared by every layer and head that uses this base.
+    pub fn table(&self, start: usize, n: usize) -> RopeTable<'_> {
+        let half = self.inv_freq.len();
+        let mut cos_sin = vec![[0.0f64; 2]; n * half];
+        pool::global().for_each_chunk_mut(&mut cos_sin, half.max(1) * 64, &|c, chunk| {
+            for (i, cs) in chunk.iter_mut().enumerate() {
+                let k = c * half.max(1) * 64 + i;
+                let pos = (start + k / half) as f64 * self.position_scale;
+                let (sin, cos) = (pos * self.inv_freq[k % half]).sin_cos();
+                *cs = [cos, sin];
             }
+        });
+        RopeTable {
+            rope: self,
+            cos_sin,
         }
+    }
+}
+
+/// [`Rope`]'s rotations for a run of consecutive positions.
+pub struct RopeTable<'a> {
+    rope: &'a Rope,
+    cos_sin: Vec<[f64; 2]>,
+}
+
+impl RopeTable<'_> {
+    /// Rotates `x`, one row per position of the table, each row a run of `head_dim`-wide heads.
+    pub fn apply(&self, x: &mut [f32], head_dim: usize) {
+        let half = self.rope.inv_freq.len();
+        let n = self.cos_sin.len() / half.max(1);
+        assert!(
+            n > 0 && x.len().is_multiple_of(n),
+            "RopeTable::apply: {} values for {n} positions",
+            x.len()
+        );
+        let row_len = x.len() / n;
+        par_rows(x, row_len, &|first, rows| {
+            for (t, row) in rows.chunks_exact_mut(row_len).enumerate() {
+                let angles = &self.cos_sin[(first + t) * half..][..half];
+                for head in row.chunks_exact_mut(head_dim) {
+                    for (i, &[cos, sin]) in angles.iter().enumerate() {
+                        let (a, b) = match self.rope.style {
+                            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                            RopeStyle::Halves => (i, i + self.rope.dims / 2),
+                        };
+                        let (x0, x1) = (head[a] as f64, head[b] as f64);
+                        head[a] = (x0 * cos - x1 * sin) as f32;
+                        head[b] = (x0 * sin + x1 * cos) as f32;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -111,25 +152,21 @@ mod tests {
     }
 
     #[test]
-    fn softmax_sums_to_one_and_orders() {
-        let mut x = vec![1.0, 2.0, 3.0, -1000.0];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(x[2] > x[1] && x[1] > x[0] && x[3] == 0.0);
-    }
-
-    #[test]
     fn rope_styles_rotate_the_right_pairs() {
         // Position 1 with a single frequency (dims 2) rotates by exactly 1 radian.
         let (s, c) = 1.0f32.sin_cos();
         let mut x = vec![1.0, 0.0, 0.0, 0.0];
-        Rope::new(RopeStyle::Interleaved, 2, 10_000.0, 1.0).apply(&mut x, 4, 1);
+        Rope::new(RopeStyle::Interleaved, 2, 10_000.0, 1.0)
+            .table(1, 1)
+            .apply(&mut x, 4);
         assert!((x[0] - c).abs() < 1e-6 && (x[1] - s).abs() < 1e-6);
         assert_eq!(&x[2..], &[0.0, 0.0], "dims beyond rope_dims pass through");
 
         // With halves, dimension 0 pairs with dimension dims/2.
         let mut y = vec![1.0, 0.0, 0.0, 0.0];
-        Rope::new(RopeStyle::Halves, 4, 10_000.0, 1.0).apply(&mut y, 4, 1);
+        Rope::new(RopeStyle::Halves, 4, 10_000.0, 1.0)
+            .table(1, 1)
+            .apply(&mut y, 4);
         assert!((y[0] - c).abs() < 1e-6 && (y[2] - s).abs() < 1e-6);
         assert_eq!(y[1], 0.0);
     }
@@ -139,9 +176,9 @@ mod tests {
         let rope = Rope::new(RopeStyle::Halves, 8, 10_000.0, 1.0);
         let orig: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
         let mut x = orig.clone();
-        rope.apply(&mut x, 8, 0);
+        rope.table(0, 1).apply(&mut x, 8);
         assert_eq!(x, orig);
-        rope.apply(&mut x, 8, 77);
+        rope.table(77, 1).apply(&mut x, 8);
         let n0: f32 = orig.iter().map(|v| v * v).sum();
         let n1: f32 = x.iter().map(|v| v * v).sum();
         assert!((n0 - n1).abs() < 1e-3);

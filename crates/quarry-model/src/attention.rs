@@ -1,0 +1,259 @@
+//! Causal self-attention of a batch of consecutive tokens over the KV cache, in tiles whose
+//! memory does not grow with the context.
+//!
+//! The query rows that share one KV head (its group of query heads, for consecutive tokens)
+//! are cut into tiles of at most [`TILE_ROWS`] rows. A tile walks the keys its rows may see in
+//! blocks of [`KEY_BLOCK`] positions: one GEMM gives the block's scores, a running maximum and
+//! sum per row keep the softmax exact across blocks (online softmax, as in FlashAttention),
+//! and a second GEMM adds the block's weighted values. Every key and value is read in place
+//! from the cache, once per tile; a tile's scratch is a few tens of KiB whatever the length.
+//!
+//! Tiles write into a KV-head-major buffer (`[kv head][token][query head in group][dim]`) so
+//! that each owns a contiguous slice; [`attend`] then reorders it to the token-major layout
+//! of the queries.
+
+use std::sync::{Mutex, PoisonError};
+
+use quarry_kernels::gemm::{gemm, MatRef};
+use quarry_kernels::pool;
+use quarry_kernels::vec::exp_sub_sum;
+
+use crate::kv_cache::KvCache;
+use crate::ops::softcap;
+
+/// Most query rows per tile: enough for the GEMMs to run near full speed.
+const TILE_ROWS: usize = 64;
+/// Key positions per block.
+const KEY_BLOCK: usize = 64;
+
+/// The shape and options of one layer's attention.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionSpec {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies every score (usually `1/√head_dim`).
+    pub scale: f32,
+    /// `cap·tanh(score/cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+    /// A token at position `p` sees keys at positions `> p − window` only (sliding window).
+    pub window: Option<usize>,
+}
+
+impl AttentionSpec {
+    fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// The first key position a token at `pos` sees.
+    fn first_visible(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+}
+
+/// Attention of the `n` tokens at positions `start..start + n`, whose keys and values are
+/// already in `cache` for `layer`: `q` holds their queries (`n × n_heads × head_dim`, token
+/// major, heads of one KV head adjacent) and `out` receives the outputs in the same layout.
+pub fn attend<C: KvCache + Sync>(
+    spec: &AttentionSpec,
+    layer: usize,
+    cache: &C,
+    q: &[f32],
+    start: usize,
+    out: &mut [f32],
+) {
+    let hd = spec.head_dim;
+    let q_dim = spec.n_heads * hd;
+    let n = q.len() / q_dim;
+    assert_eq!(out.len(), q.len(), "attend: out and q differ in length");
+    let group = spec.group();
+    let rows_per_kv_head = n * group;
+    let pool = pool::global();
+    // At least two tiles per thread when there are enough rows, so threads stay busy.
+    let tile_rows = rows_per_kv_head
+        .div_ceil(2 * pool.n_threads())
+        .clamp(1, TILE_ROWS);
+    let mut by_kv_head = vec![0.0f32; q.len()];
+    // Each task locks only its own tile, so the locks are never contended.
+    let tiles: Vec<(usize, usize, Mutex<&mut [f32]>)> = by_kv_head
+        .chunks_mut(rows_per_kv_head * hd)
+        .enumerate()
+        .flat_map(|(g, head_out)| {
+            head_out
+                .chunks_mut(tile_rows * hd)
+                .enumerate()
+                .map(move |(i, tile)| (g, i * tile_rows, Mutex::new(tile)))
+        })
+        .collect();
+    pool.run(tiles.len(), &|i| {
+        // Later tiles see more keys; starting with them balances the threads' loads.
+        let (g, first_row, tile) = &tiles[tiles.len() - 1 - i];
+        let mut tile = tile.lock().unwrap_or_else(PoisonError::into_inner);
+        attend_tile(spec, layer, cache, q, start, *g, *first_row, &mut tile);
+    });
+    // Back to token-major: row (g, t, hh) goes to token t, head g·group + hh.
+    pool.for_each_chunk_mut(out, q_dim, &|t, token_out| {
+        for (g, dst) in token_out.chunks_exact_mut(group * hd).enumerate() {
+            let src = (g * rows_per_kv_head + t * group) * hd;
+            dst.copy_from_slice(&by_kv_head[src..src + group * hd]);
+        }
+    });
+}
+
+/// One tile: rows `first_row..` of KV head `g` (row r is token `r / group`, query head
+/// `g·group + r % group`), written to `out` (`rows × head_dim`).
+#[allow(clippy::too_many_arguments)]
+fn attend_tile<C: KvCache>(
+    spec: &AttentionSpec,
+    layer: usize,
+    cache: &C,
+    q: &[f32],
+    start: usize,
+    g: usize,
+    first_row: usize,
+    out: &mut [f32],
+) {
+    let hd = spec.head_dim;
+    let group = spec.group();
+    let (q_dim, kv_dim) = (spec.n_heads * hd, spec.n_kv_heads * hd);
+    let m = out.len() / hd;
+    let pos_of = |r: usize| start + (first_row + r) / group;
+    let mut qt = vec![0.0f32; m * hd];
+    for (r, row) in qt.chunks_exact_mut(hd).enumerate() {
+        let (t, hh) = ((first_row + r) / group, (first_row + r) % group);
+        let off = t * q_dim + (g * group + hh) * hd;
+        row.copy_from_slice(&q[off..off + hd]);
+    }
+    let qt = MatRef::row_major(&qt, m, hd, hd);
+    let mut scores = vec![0.0f32; m * KEY_BLOCK];
+    let mut max = vec![f32::NEG_INFINITY; m];
+    let mut sum = vec![0.0f32; m];
+    out.fill(0.0);
+    let keys_from = spec.first_visible(pos_of(0));
+    let keys_to = pos_of(m - 1) + 1;
+    for j0 in (keys_from..keys_to).step_by(KEY_BLOCK) {
+        let j1 = (j0 + KEY_BLOCK).min(keys_to);
+        let b = j1 - j0;
+        let keys = cache.keys(layer, j0..j1);
+        let values = cache.values(layer, j0..j1);
+        let k = MatRef::row_major(&keys[g * hd..], b, hd, kv_dim);
+        let v = MatRef::row_major(&values[g * hd..], b, hd, kv_dim);
+        gemm(spec.scale, qt, k.t(), 0.0, &mut scores, b);
+        for (r, row) in scores[..m * b].chunks_exact_mut(b).enumerate() {
+            if let Some(cap) = spec.softcap {
+                softcap(row, cap);
+            }
+            let pos = pos_of(r);
+            let visible = spec.first_visible(pos).max(j0)..(pos + 1).min(j1);
+            if visible.is_empty() {
+                row.fill(0.0);
+                continue;
+            }
+            row[..visible.start - j0].fill(f32::NEG_INFINITY);
+            row[visible.end - j0..].fill(f32::NEG_INFINITY);
+            let block_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let new_max = max[r].max(block_max);
+            if new_max > max[r] && sum[r] > 0.0 {
+                let rescale = (max[r] - new_max).exp();
+                sum[r] *= rescale;
+                out[r * hd..(r + 1) * hd]
+                    .iter_mut()
+                    .for_each(|o| *o *= rescale);
+            }
+            max[r] = new_max;
+            sum[r] += exp_sub_sum(row, new_max);
+        }
+        gemm(1.0, MatRef::row_major(&scores, m, b, b), v, 1.0, out, hd);
+    }
+    for (row, s) in out.chunks_exact_mut(hd).zip(&sum) {
+        let inv = 1.0 / s;
+        row.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_cache::ContiguousKvCache;
+    use proptest::prelude::*;
+
+    /// Softmax over each query's visible keys, one query and key at a time.
+    fn naive(
+        spec: &AttentionSpec,
+        keys: &[f32],
+        values: &[f32],
+        q: &[f32],
+        start: usize,
+    ) -> Vec<f32> {
+        let (hd, group) = (spec.head_dim, spec.group());
+        let (q_dim, kv_dim) = (spec.n_heads * hd, spec.n_kv_heads * hd);
+        let mut out = vec![0.0f32; q.len()];
+        for t in 0..q.len() / q_dim {
+            let pos = start + t;
+            for h in 0..spec.n_heads {
+                let qh = &q[t * q_dim + h * hd..][..hd];
+                let kv = (h / group) * hd;
+                let visible = spec.first_visible(pos)..pos + 1;
+                let mut scores: Vec<f64> = visible
+                    .clone()
+                    .map(|j| {
+                        let k = &keys[j * kv_dim + kv..][..hd];
+                        let s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * spec.scale;
+                        spec.softcap.map_or(s, |c| c * (s / c).tanh()) as f64
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                scores.iter_mut().for_each(|s| *s = (*s - max).exp());
+                let total: f64 = scores.iter().sum();
+                let o = &mut out[t * q_dim + h * hd..][..hd];
+                for (j, p) in visible.zip(&scores) {
+                    for (o, v) in o.iter_mut().zip(&values[j * kv_dim + kv..][..hd]) {
+                        *o += (p / total) as f32 * v;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 4001) as f32 / 1000.0 - 2.0
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn tiled_attention_equals_the_naive_softmax(
+            n_kv_heads in 1usize..3, group in 1usize..5, head_dim in 1usize..20,
+            past in 0usize..150, n in 1usize..140, window in prop::option::of(1usize..100),
+            softcap in prop::option::of(1.0f32..10.0), seed in any::<u64>(),
+        ) {
+            let spec = AttentionSpec {
+                n_heads: n_kv_heads * group, n_kv_heads, head_dim,
+                scale: 1.0 / (head_dim as f32).sqrt(), softcap, window,
+            };
+            let kv_dim = n_kv_heads * head_dim;
+            let total = past + n;
+            let (keys, values) = (random(total * kv_dim, seed), random(total * kv_dim, seed ^ 7));
+            let q = random(n * spec.n_heads * head_dim, seed ^ 11);
+            let mut cache = ContiguousKvCache::new(2, kv_dim, total + 3);
+            cache.write(1, &keys[..past * kv_dim], &values[..past * kv_dim]);
+            cache.advance(past);
+            cache.write(1, &keys[past * kv_dim..], &values[past * kv_dim..]);
+            let mut out = vec![f32::NAN; q.len()];
+            attend(&spec, 1, &cache, &q, past, &mut out);
+            let expected = naive(&spec, &keys, &values, &q, past);
+            for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "value {i}: {a} vs {b}");
+            }
+        }
+    }
+}
