@@ -1,8 +1,8 @@
 //! Weight matrices borrowed from a model file, and the reference matrix product over them.
 //!
 //! Weights stay in their stored block format; only a small piece is ever decoded to `f32`:
-//! up to [`ROWWISE_MAX_TOKENS`] tokens, a few hundred values of one row at a time, dotted
-//! with every token; for larger batches, a tile of rows (about [`TILE_BYTES`] of `f32`)
+//! up to [`ROWWISE_MAX_TOKENS`] tokens, a group of 8 rows at a time, dotted with every
+//! token; for larger batches, a tile of rows (about [`TILE_BYTES`] of `f32`)
 //! handed to an sgemm. Rows are split across the kernel thread pool in chunks or tiles, so
 //! each task amortizes its scheduling cost.
 //!
@@ -18,6 +18,7 @@ use crate::act::QuantizedActivations;
 use crate::dequant::{decoder, encoded_len, DecodeFn};
 use crate::dot::{gemv_rows, has_integer_kernel, Isa};
 use crate::pool;
+use crate::vec::dot_rows;
 use crate::KernelError;
 
 /// A 2-D weight matrix borrowed from a file: `rows` rows of `cols` values each, rows
@@ -161,8 +162,6 @@ pub fn matmul(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     }
 }
 
-/// Up to this many tokens, decoding each piece of a row once and dotting it with every
-/// token beats the GEMM, whose packing costs dominate at small batch sizes.
 /// y = x · Wᵀ like [`matmul`], with `x` given as [`QuantizedActivations`] so that several
 /// matrices reading the same input (Q, K and V; gate and up) share one 8-bit quantization.
 ///
@@ -207,14 +206,17 @@ pub fn matmul_quantized(w: &WeightView<'_>, x: &QuantizedActivations<'_>, y: &mu
     });
 }
 
-const ROWWISE_MAX_TOKENS: usize = 8;
+/// Up to this many tokens, decoding a few rows at a time and dotting them with every token
+/// beats decoding whole tiles for the GEMM, whose decoding, transposing and packing only pay
+/// off over many tokens (measured crossover on Gemma 3 270M and SmolLM2: 48 to 64 tokens).
+const ROWWISE_MAX_TOKENS: usize = 48;
 
 /// Values decoded at once by [`matmul_rowwise`]; every block size (1, 32, 256) divides it,
 /// so each piece of a row is whole blocks.
 const PIECE: usize = 256;
 
-/// Small-batch product: each row is decoded piece by piece into a stack buffer and dotted
-/// with every token's slice of `x`, so the weights are decoded once and stay quantized.
+/// Small-batch product: groups of rows are decoded into a small buffer and dotted with every
+/// token of `x`, so each weight is decoded once and the matrix is never decoded whole.
 fn matmul_rowwise(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     if n_tokens == 1 {
         rowwise_by_row(w, x, 1, y);
@@ -233,45 +235,27 @@ fn matmul_rowwise(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32])
 
 /// Fills `out[r * n_tokens + t]` with row r of W dotted with token t of `x`.
 fn rowwise_by_row(w: &WeightView<'_>, x: &[f32], n_tokens: usize, out: &mut [f32]) {
+    // Rows decoded together: a few tens of KiB of `f32` that stay in cache while every token
+    // is dotted with them.
+    const GROUP: usize = 8;
     let decode = w.decode();
     let cols = w.cols;
-    let piece_bytes = w.dtype.type_size() * (PIECE / w.dtype.block_size());
     // A few chunks per thread balance uneven progress without one task per row.
     let pool = pool::global();
-    let chunk = w.rows.div_ceil(4 * pool.n_threads()).clamp(8, 256);
+    let chunk = w
+        .rows
+        .div_ceil(4 * pool.n_threads())
+        .clamp(GROUP, 256)
+        .next_multiple_of(GROUP);
     pool.for_each_chunk_mut(out, chunk * n_tokens, &|c, outs| {
-        let mut buf = [0f32; PIECE];
-        for (i, acc) in outs.chunks_exact_mut(n_tokens).enumerate() {
-            acc.fill(0.0);
-            let row = w.row_data(c * chunk + i, 1);
-            for (p, bytes) in row.chunks(piece_bytes).enumerate() {
-                let start = p * PIECE;
-                let vals = &mut buf[..PIECE.min(cols - start)];
-                decode(bytes, vals);
-                for (t, a) in acc.iter_mut().enumerate() {
-                    *a += dot(vals, &x[t * cols + start..][..vals.len()]);
-                }
-            }
+        let mut buf = vec![0f32; GROUP * cols];
+        for (g, out_group) in outs.chunks_mut(GROUP * n_tokens).enumerate() {
+            let n_rows = out_group.len() / n_tokens;
+            let rows = &mut buf[..n_rows * cols];
+            decode(w.row_data(c * chunk + g * GROUP, n_rows), rows);
+            dot_rows(rows, x, cols, out_group);
         }
     });
-}
-
-/// Dot product with independent lane accumulators, a shape the compiler vectorizes (a
-/// single running sum would serialize on the floating-point add).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let split = a.len() - a.len() % LANES;
-    let mut acc = [0f32; LANES];
-    for (ca, cb) in a[..split]
-        .chunks_exact(LANES)
-        .zip(b[..split].chunks_exact(LANES))
-    {
-        for i in 0..LANES {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    let tail: f32 = a[split..].iter().zip(&b[split..]).map(|(p, q)| p * q).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Target size of one decoded tile. The GEMM packs the tile into its own buffers, so the
@@ -486,15 +470,6 @@ mod tests {
                     "row {j} col {c}"
                 );
             }
-        }
-    }
-
-    #[test]
-    fn dot_handles_tails() {
-        for n in [0, 1, 15, 16, 17, 40] {
-            let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
-            let b = vec![2f32; n];
-            assert_eq!(dot(&a, &b), (n * n.saturating_sub(1)) as f32, "n = {n}");
         }
     }
 

@@ -19,6 +19,13 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     axpy_with(Isa::best(), y, alpha, x)
 }
 
+/// `out[r · n + t] = Σₖ w[r · cols + k] · x[t · cols + k]`: every row of `w` dotted with every
+/// row of `x` (both row-major with `cols` columns; `n` rows in `x`), a small-batch matrix
+/// product whose weights were just decoded into `w`. With `cols == 0` every product is 0.
+pub fn dot_rows(w: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+    dot_rows_with(Isa::best(), w, x, cols, out)
+}
+
 /// `x[i] ← e^(x[i] − shift)`, returning the sum of the new values (softmax's numerator and
 /// denominator in one pass).
 pub fn exp_sub_sum(x: &mut [f32], shift: f32) -> f32 {
@@ -46,6 +53,36 @@ enum Gate {
 /// `2·√(2/π)` and `2·√(2/π)·0.044715`: the GELU sigmoid argument is `x·(A + B·x²)`.
 const GELU_A: f32 = 1.595_769;
 const GELU_B: f32 = 0.071_354_82;
+
+/// [`dot_rows`] at a chosen level; levels this CPU lacks fall back to scalar.
+pub fn dot_rows_with(isa: Isa, w: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+    if cols == 0 {
+        // Empty rows: every dot product is the empty sum.
+        out.fill(0.0);
+        return;
+    }
+    assert!(
+        w.len().is_multiple_of(cols) && x.len().is_multiple_of(cols),
+        "dot_rows: w ({}) and x ({}) must be whole rows of {cols}",
+        w.len(),
+        x.len()
+    );
+    assert_eq!(
+        out.len(),
+        (w.len() / cols) * (x.len() / cols),
+        "dot_rows: out has {} values for {} × {} products",
+        out.len(),
+        w.len() / cols,
+        x.len() / cols
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); shapes are checked above.
+        return unsafe { x86::dot_rows(w, x, cols, out) };
+    }
+    let _ = isa;
+    dot_rows_scalar(w, x, cols, out)
+}
 
 /// [`exp_sub_sum`] at a chosen level; levels this CPU lacks fall back to scalar.
 pub fn exp_sub_sum_with(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
@@ -132,6 +169,15 @@ fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 fn axpy_scalar(y: &mut [f32], alpha: f32, x: &[f32]) {
     for (yv, xv) in y.iter_mut().zip(x) {
         *yv += alpha * xv;
+    }
+}
+
+fn dot_rows_scalar(w: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+    let n = x.len() / cols;
+    for (r, wr) in w.chunks_exact(cols).enumerate() {
+        for (t, xt) in x.chunks_exact(cols).enumerate() {
+            out[r * n + t] = dot_scalar(wr, xt);
+        }
     }
 }
 
@@ -237,6 +283,79 @@ mod x86 {
         let over = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(MAX));
         let y = _mm256_andnot_ps(under, y);
         _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), over)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `w` and `x` are whole rows of `cols` and `out` holds one
+    /// value per (row of `w`, row of `x`).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rows(w: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+        let (rows, n) = (w.len() / cols, x.len() / cols);
+        // Two weight rows by four tokens: eight accumulators, and each loaded vector feeds
+        // two or four multiply-adds, so the loop is bound by arithmetic rather than loads.
+        let mut r = 0;
+        while r < rows {
+            let rb = (rows - r).min(2);
+            let mut t = 0;
+            while t < n {
+                let tb = (n - t).min(4);
+                match (rb, tb) {
+                    (2, 4) => block::<2, 4>(w, x, cols, r, t, n, out),
+                    (2, 3) => block::<2, 3>(w, x, cols, r, t, n, out),
+                    (2, 2) => block::<2, 2>(w, x, cols, r, t, n, out),
+                    (2, _) => block::<2, 1>(w, x, cols, r, t, n, out),
+                    (_, 4) => block::<1, 4>(w, x, cols, r, t, n, out),
+                    (_, 3) => block::<1, 3>(w, x, cols, r, t, n, out),
+                    (_, 2) => block::<1, 2>(w, x, cols, r, t, n, out),
+                    _ => block::<1, 1>(w, x, cols, r, t, n, out),
+                }
+                t += tb;
+            }
+            r += rb;
+        }
+    }
+
+    /// Rows `r..r + R` of `w` dotted with tokens `t..t + T` of `x`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the rows and tokens exist (see [`dot_rows`]).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block<const R: usize, const T: usize>(
+        w: &[f32],
+        x: &[f32],
+        cols: usize,
+        r: usize,
+        t: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let pw = w.as_ptr().add(r * cols);
+        let px = x.as_ptr().add(t * cols);
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let mut k = 0;
+        while k + 8 <= cols {
+            let mut wv = [_mm256_setzero_ps(); R];
+            for (i, v) in wv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(pw.add(i * cols + k));
+            }
+            for j in 0..T {
+                let xv = _mm256_loadu_ps(px.add(j * cols + k));
+                for (acc_row, &wr) in acc.iter_mut().zip(&wv) {
+                    acc_row[j] = _mm256_fmadd_ps(wr, xv, acc_row[j]);
+                }
+            }
+            k += 8;
+        }
+        for i in 0..R {
+            for j in 0..T {
+                let mut total = hsum(acc[i][j]);
+                for kk in k..cols {
+                    total += *pw.add(i * cols + kk) * *px.add(j * cols + kk);
+                }
+                out[(r + i) * n + t + j] = total;
+            }
+        }
     }
 
     /// `2^k` for integer lanes `k ∈ [−126, 127]`.
@@ -404,6 +523,30 @@ mod tests {
                         prop_assert!((u - v).abs() <= 1e-6 * (1.0 + v.abs()),
                             "{isa:?} {gate_fn:?} at {i}: {u} vs {v}");
                     }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn dot_rows_matches_the_scalar_reference(
+            (rows, n, cols, seed) in (0usize..7, 0usize..11, 1usize..70, any::<u64>()),
+        ) {
+            let mut state = seed | 1;
+            let mut next = move || {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+                (state % 2001) as f32 / 100.0 - 10.0
+            };
+            let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+            let x: Vec<f32> = (0..n * cols).map(|_| next()).collect();
+            let mut reference = vec![0.0; rows * n];
+            dot_rows_scalar(&w, &x, cols, &mut reference);
+            for isa in Isa::available() {
+                let mut out = vec![f32::NAN; rows * n];
+                dot_rows_with(isa, &w, &x, cols, &mut out);
+                for (i, (u, v)) in out.iter().zip(&reference).enumerate() {
+                    prop_assert!((u - v).abs() <= 1e-4 * (1.0 + v.abs()) + 1e-3, "{isa:?} at {i}: {u} vs {v}");
                 }
             }
         }

@@ -123,7 +123,7 @@ proptest! {
     fn matmul_matches_the_naive_reference(
         dtype in proptest::sample::select(DECODABLE.to_vec()),
         rows in proptest::sample::select(vec![1usize, 3, 37, 130]),
-        n_tokens in proptest::sample::select(vec![1usize, 2, 7, 33]),
+        n_tokens in proptest::sample::select(vec![1usize, 2, 7, 33, 49]),
         pick in 0usize..15,
         seed in any::<u64>(),
     ) {
@@ -134,7 +134,7 @@ proptest! {
 #[test]
 fn every_type_through_both_paths() {
     for (i, dtype) in DECODABLE.into_iter().enumerate() {
-        for n_tokens in [1, 2, 33] {
+        for n_tokens in [1, 2, 33, 49] {
             check(dtype, 37, cols_for(dtype, i), n_tokens, i as u64);
         }
     }
@@ -144,8 +144,8 @@ fn every_type_through_both_paths() {
 fn wide_rows_split_into_several_tiles() {
     // 4096 f32 columns leave room for 64 rows per tile, so 130 rows take at least three
     // tiles, the last one short; 2048 Q4_K columns make a row span several decode pieces.
-    check(GgmlType::F32, 130, 4096, 9, 1);
-    check(GgmlType::Q4_K, 130, 2048, 33, 2);
+    check(GgmlType::F32, 130, 4096, 49, 1);
+    check(GgmlType::Q4_K, 130, 2048, 49, 2);
     check(GgmlType::Q4_K, 130, 2048, 3, 3);
     check(GgmlType::Q4_K, 130, 2048, 1, 4);
 }
