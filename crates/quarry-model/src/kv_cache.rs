@@ -46,8 +46,10 @@ impl ContiguousKvCache {
             kv_dim,
             capacity,
             len: 0,
-            keys: vec![vec![0.0; kv_dim * capacity]; n_layers],
-            values: vec![vec![0.0; kv_dim * capacity]; n_layers],
+            // One zeroed allocation per buffer (not clones of one), so the OS maps pages on
+            // first write and a cache sized for a long context costs memory only as it fills.
+            keys: (0..n_layers).map(|_| vec![0.0; kv_dim * capacity]).collect(),
+            values: (0..n_layers).map(|_| vec![0.0; kv_dim * capacity]).collect(),
         }
     }
 }
