@@ -48,8 +48,12 @@ impl ContiguousKvCache {
             len: 0,
             // One zeroed allocation per buffer (not clones of one), so the OS maps pages on
             // first write and a cache sized for a long context costs memory only as it fills.
-            keys: (0..n_layers).map(|_| vec![0.0; kv_dim * capacity]).collect(),
-            values: (0..n_layers).map(|_| vec![0.0; kv_dim * capacity]).collect(),
+            keys: (0..n_layers)
+                .map(|_| vec![0.0; kv_dim * capacity])
+                .collect(),
+            values: (0..n_layers)
+                .map(|_| vec![0.0; kv_dim * capacity])
+                .collect(),
         }
     }
 }

@@ -4,7 +4,9 @@
 //! non-empty text (so text → id is a function). Empty texts are kept, for their id, but are not
 //! indexed.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
+
+use hashbrown::hash_table::{Entry, HashTable};
 
 use crate::TokenizeError;
 
@@ -52,9 +54,12 @@ impl Token {
     }
 }
 
+/// The text → id index holds only ids and hashes texts through the token list, so building it
+/// for a 262k-token vocabulary allocates nothing per token.
 pub(crate) struct Vocab {
     tokens: Vec<Token>,
-    ids: HashMap<Box<str>, u32>,
+    ids: HashTable<u32>,
+    hasher: foldhash::fast::FixedState,
 }
 
 impl Vocab {
@@ -62,20 +67,36 @@ impl Vocab {
         if u32::try_from(tokens.len()).is_err() {
             return Err(TokenizeError::VocabTooLarge(tokens.len()));
         }
-        let mut ids = HashMap::with_capacity(tokens.len());
+        let hasher = foldhash::fast::FixedState::default();
+        let mut ids = HashTable::with_capacity(tokens.len());
+        let text_of = |id: u32| &*tokens[id as usize].text;
         for (id, token) in (0u32..).zip(&tokens) {
             if token.text.is_empty() {
                 continue;
             }
-            if let Some(first) = ids.insert(token.text.clone(), id) {
-                return Err(TokenizeError::DuplicateToken {
-                    text: token.text.to_string(),
-                    first,
-                    second: id,
-                });
+            let hash = hasher.hash_one(&*token.text);
+            match ids.entry(
+                hash,
+                |&other| text_of(other) == &*token.text,
+                |&other| hasher.hash_one(text_of(other)),
+            ) {
+                Entry::Occupied(first) => {
+                    return Err(TokenizeError::DuplicateToken {
+                        text: token.text.to_string(),
+                        first: *first.get(),
+                        second: id,
+                    })
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(id);
+                }
             }
         }
-        Ok(Vocab { tokens, ids })
+        Ok(Vocab {
+            tokens,
+            ids,
+            hasher,
+        })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -91,7 +112,11 @@ impl Vocab {
     }
 
     pub(crate) fn id(&self, text: &str) -> Option<u32> {
-        self.ids.get(text).copied()
+        self.ids
+            .find(self.hasher.hash_one(text), |&id| {
+                &*self.tokens[id as usize].text == text
+            })
+            .copied()
     }
 
     /// The score of a token known to exist.
