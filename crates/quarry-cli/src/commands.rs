@@ -19,12 +19,12 @@ use crate::{
 /// Largest default context: enough for chat, small enough that the KV cache stays modest.
 const DEFAULT_CTX_LIMIT: usize = 4096;
 
-fn open(model: &str) -> Result<GgufFile> {
+pub(crate) fn open(model: &str) -> Result<GgufFile> {
     let path = models::resolve(model)?;
     Ok(GgufFile::open(&path)?)
 }
 
-fn init_threads(threads: Option<usize>) -> Result<()> {
+pub(crate) fn init_threads(threads: Option<usize>) -> Result<()> {
     // Default: one thread per physical core, like llama.cpp.
     let n = threads.unwrap_or_else(quarry_kernels::pool::default_threads);
     anyhow::ensure!(n > 0, "invalid --threads 0: must be at least 1");

@@ -5,6 +5,7 @@
 mod bench;
 mod commands;
 mod models;
+mod vindex;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,42 @@ enum Command {
     Info(InfoArgs),
     /// Prompt-processing and generation speed (llama-bench semantics).
     Bench(BenchArgs),
+    /// Decompile a model into a vindex directory (see docs/vindex.md).
+    Extract(ExtractArgs),
+    /// Re-hash every file of a vindex against its manifest.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    /// GGUF file, or a model alias.
+    pub model: String,
+    /// Output directory (conventionally NAME.vindex); must not exist.
+    #[arg(short, long)]
+    pub output: std::path::PathBuf,
+    /// browse (enough to query without running the model), inference (adds the model file for
+    /// forward passes), all (adds every feature's write vector, for editing).
+    #[arg(long, default_value = "browse", value_parser = ["browse", "inference", "all"])]
+    pub level: String,
+    /// Element type of the stored vectors.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    pub dtype: String,
+    /// Tokens kept per feature at each end of its vocabulary projection.
+    #[arg(long, default_value_t = 10)]
+    pub top_k: usize,
+    /// Threads (default: one per physical core).
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// A vindex directory.
+    pub vindex: std::path::PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options shared by everything that generates text.
@@ -181,6 +218,8 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Info(a) => commands::info(a),
         Command::Bench(a) => commands::bench(a),
+        Command::Extract(a) => vindex::extract(a),
+        Command::Verify(a) => vindex::verify(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -26,6 +26,17 @@ pub struct Model<'a> {
     rope_local: Rope,
 }
 
+/// One layer's gated FFN: `down · (act(gate · x) ⊙ (up · x))` with `x` the residual through
+/// `norm`, and the result through `post_norm` when the family has one (Gemma).
+#[derive(Clone, Copy, Debug)]
+pub struct FfnWeights<'m, 'a> {
+    pub norm: &'m [f32],
+    pub gate: WeightView<'a>,
+    pub up: WeightView<'a>,
+    pub down: WeightView<'a>,
+    pub post_norm: Option<&'m [f32]>,
+}
+
 struct Layer<'a> {
     attn_norm: Vec<f32>,
     wq: WeightView<'a>,
@@ -104,6 +115,34 @@ impl<'a> Model<'a> {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The token embedding matrix (`vocab_size × d_model`, before `embed_scale`).
+    pub fn token_embeddings(&self) -> WeightView<'a> {
+        self.token_embd
+    }
+
+    /// The output head (`vocab_size × d_model`; the embedding matrix when tied).
+    pub fn output_head(&self) -> WeightView<'a> {
+        self.output
+    }
+
+    /// The gains of the final norm, applied before the output head.
+    pub fn output_norm(&self) -> &[f32] {
+        &self.output_norm
+    }
+
+    /// The FFN weights of layer `layer` (for tools that read the model as data). Panics if
+    /// `layer >= n_layers`.
+    pub fn ffn_weights(&self, layer: usize) -> FfnWeights<'_, 'a> {
+        let l = &self.layers[layer];
+        FfnWeights {
+            norm: &l.ffn_norm,
+            gate: l.gate,
+            up: l.up,
+            down: l.down,
+            post_norm: l.post_ffn_norm.as_deref(),
+        }
     }
 
     /// Bytes of weight data one decode step reads: every layer matrix and the output head (the

@@ -1,0 +1,482 @@
+//! `quarry extract`: a GGUF model → a vindex directory.
+//!
+//! The extractor streams: it decodes one layer's matrices at a time (never the whole model in
+//! `f32`), writes each data file through a SHA-256 hasher, and builds everything in a
+//! temporary sibling directory that is renamed into place only when the manifest is written,
+//! so an interrupted extraction never leaves something that looks like a vindex.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use quarry_format::{GgufFile, GgufWriter};
+use quarry_kernels::{matmul, pool, WeightView};
+use quarry_model::{Activation, Model};
+use quarry_tokenize::Tokenizer;
+use sha2::{Digest, Sha256};
+
+use crate::error::{io, VindexError};
+use crate::layout::{
+    Bands, Dtype, Element, FileEntry, Index, Level, ModelInfo, Provenance, DOWN, EMBEDDINGS,
+    FORMAT, GATE, INDEX, MODEL, NORMS, TOKENIZER, UP, VERSION, WRITES,
+};
+use crate::TokenLogit;
+
+/// What to extract.
+#[derive(Clone, Copy, Debug)]
+pub struct ExtractOptions {
+    pub level: Level,
+    pub dtype: Dtype,
+    /// Tokens kept per feature at each end of its vocabulary projection.
+    pub top_k: usize,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        ExtractOptions {
+            level: Level::Browse,
+            dtype: Dtype::F16,
+            top_k: 10,
+        }
+    }
+}
+
+/// Progress reports: a step name with `done` of `total` units.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub step: &'static str,
+    pub done: usize,
+    pub total: usize,
+}
+
+/// Values of the output head computed at once when projecting feature write vectors
+/// (bounds the temporary logits buffer to 128 MiB).
+const PROJECTION_BUDGET: usize = 32 << 20;
+
+/// Extracts `source` (a GGUF file) into the directory `out`, which must not exist.
+pub fn extract(
+    source: &Path,
+    out: &Path,
+    options: &ExtractOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Index, VindexError> {
+    if options.top_k == 0 {
+        return Err(VindexError::Option {
+            path: out.display().to_string(),
+            problem: "top_k must be at least 1".into(),
+        });
+    }
+    if out.exists() {
+        return Err(VindexError::Exists {
+            path: out.display().to_string(),
+        });
+    }
+    let file = GgufFile::open(source)?;
+    let model = Model::load(&file)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let cfg = model.config();
+    if options.top_k > cfg.vocab_size {
+        return Err(VindexError::Option {
+            path: out.display().to_string(),
+            problem: format!(
+                "top_k {} exceeds the vocabulary of {} tokens",
+                options.top_k, cfg.vocab_size
+            ),
+        });
+    }
+    debug_assert_eq!(tokenizer.vocab_size(), cfg.vocab_size);
+
+    let tmp = temp_dir_for(out);
+    fs::create_dir_all(&tmp).map_err(io(&tmp, "create the temporary directory"))?;
+    let result = write_all(&file, &model, source, &tmp, options, progress);
+    let index = match result {
+        Ok(index) => index,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    fs::rename(&tmp, out).map_err(|e| {
+        let _ = fs::remove_dir_all(&tmp);
+        io(out, "move the finished vindex into place")(e)
+    })?;
+    Ok(index)
+}
+
+fn temp_dir_for(out: &Path) -> PathBuf {
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "vindex".into());
+    name.push(format!(".tmp-{}", std::process::id()));
+    out.with_file_name(name)
+}
+
+fn write_all(
+    file: &GgufFile,
+    model: &Model<'_>,
+    source: &Path,
+    dir: &Path,
+    options: &ExtractOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Index, VindexError> {
+    let cfg = model.config();
+    let (n_layers, d, ff, vocab) = (cfg.n_layers, cfg.d_model, cfg.ff_dim, cfg.vocab_size);
+    let dtype = options.dtype;
+    let mut files = Vec::new();
+
+    progress(Progress {
+        step: "hashing the source",
+        done: 0,
+        total: 1,
+    });
+    let (source_sha256, source_bytes) = hash_file(source)?;
+
+    files.push(write_tokenizer(file, dir)?);
+
+    let mut out = DataFile::create(dir, EMBEDDINGS, dtype.into(), vec![vocab as u64, d as u64])?;
+    let embd = model.token_embeddings();
+    let mut row = vec![0.0f32; d];
+    for token in 0..vocab {
+        embd.dequantize_row(token, &mut row);
+        out.floats(&row, dtype)?;
+        if token % 4096 == 0 {
+            progress(Progress {
+                step: "embeddings",
+                done: token,
+                total: vocab,
+            });
+        }
+    }
+    files.push(out.finish()?);
+
+    let shape = vec![n_layers as u64, ff as u64, d as u64];
+    let mut gate = DataFile::create(dir, GATE, dtype.into(), shape.clone())?;
+    let mut up = DataFile::create(dir, UP, dtype.into(), shape.clone())?;
+    let mut down = match options.level {
+        Level::All => Some(DataFile::create(dir, DOWN, dtype.into(), shape)?),
+        _ => None,
+    };
+    let k = options.top_k;
+    let mut writes = DataFile::create(
+        dir,
+        WRITES,
+        Element::TokenLogit,
+        vec![n_layers as u64, ff as u64, 2 * k as u64],
+    )?;
+    let mut norms = DataFile::create(
+        dir,
+        NORMS,
+        Element::F32,
+        vec![n_layers as u64 + 1, d as u64],
+    )?;
+    let mut matrix = Vec::new();
+    for layer in 0..n_layers {
+        progress(Progress {
+            step: "layers",
+            done: layer,
+            total: n_layers,
+        });
+        let w = model.ffn_weights(layer);
+        for (weights, out) in [(w.gate, &mut gate), (w.up, &mut up)] {
+            decode_matrix(&weights, &mut matrix);
+            out.floats(&matrix, dtype)?;
+        }
+        norms.floats(w.norm, Dtype::F32)?;
+        // Feature f writes column f of the down matrix; what reaches the head is that
+        // direction scaled per dimension by the post-FFN norm (if any) and the final norm.
+        decode_matrix(&w.down, &mut matrix);
+        let gains: Vec<f32> = (0..d)
+            .map(|j| w.post_norm.map_or(1.0, |p| p[j]) * model.output_norm()[j])
+            .collect();
+        let mut columns = vec![0.0f32; ff * d];
+        let mut raw_columns = vec![0.0f32; if down.is_some() { ff * d } else { 0 }];
+        for j in 0..d {
+            for f in 0..ff {
+                let v = matrix[j * ff + f];
+                columns[f * d + j] = v * gains[j];
+                if let Some(raw) = raw_columns.get_mut(f * d + j) {
+                    *raw = v;
+                }
+            }
+        }
+        if let Some(down) = down.as_mut() {
+            down.floats(&raw_columns, dtype)?;
+        }
+        let records = project_to_vocabulary(&model.output_head(), &columns, d, k);
+        writes.raw(bytemuck::cast_slice(&records))?;
+    }
+    norms.floats(model.output_norm(), Dtype::F32)?;
+    files.extend([
+        gate.finish()?,
+        up.finish()?,
+        writes.finish()?,
+        norms.finish()?,
+    ]);
+    if let Some(down) = down {
+        files.push(down.finish()?);
+    }
+    if options.level >= Level::Inference {
+        progress(Progress {
+            step: "copying the model",
+            done: 0,
+            total: 1,
+        });
+        files.push(copy_model(source, dir)?);
+    }
+    progress(Progress {
+        step: "layers",
+        done: n_layers,
+        total: n_layers,
+    });
+
+    let index = Index {
+        format: FORMAT.into(),
+        version: VERSION,
+        level: options.level,
+        dtype,
+        model: ModelInfo {
+            name: file
+                .get("general.name")
+                .and_then(|v| v.as_str())
+                .unwrap_or(&cfg.architecture)
+                .to_string(),
+            architecture: cfg.architecture.clone(),
+            n_layers,
+            d_model: d,
+            ff_dim: ff,
+            vocab_size: vocab,
+            activation: match cfg.activation {
+                Activation::Silu => "silu",
+                Activation::GeluTanh => "gelu_tanh",
+            }
+            .into(),
+            norm_eps: cfg.norm_eps,
+            embed_scale: cfg.embed_scale,
+        },
+        provenance: Provenance {
+            source: source.display().to_string(),
+            source_sha256,
+            source_bytes,
+            tool: "quarry".into(),
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |t| t.as_secs()),
+        },
+        bands: Bands::default_for(n_layers),
+        top_k: k,
+        files,
+    };
+    let json = serde_json::to_vec_pretty(&index).expect("the manifest serializes");
+    let path = dir.join(INDEX);
+    fs::write(&path, json).map_err(io(&path, "write"))?;
+    Ok(index)
+}
+
+/// Decodes a whole matrix (one layer's, a few MiB) into `out`, row-major.
+fn decode_matrix(w: &WeightView<'_>, out: &mut Vec<f32>) {
+    out.resize(w.rows() * w.cols(), 0.0);
+    for (r, row) in out.chunks_exact_mut(w.cols()).enumerate() {
+        w.dequantize_row(r, row);
+    }
+}
+
+/// For each of the `columns.len() / d` vectors, its `k` highest-scoring and `k` lowest-scoring
+/// tokens under `head` (highest first, then lowest first).
+fn project_to_vocabulary(
+    head: &WeightView<'_>,
+    columns: &[f32],
+    d: usize,
+    k: usize,
+) -> Vec<TokenLogit> {
+    let vocab = head.rows();
+    let n = columns.len() / d;
+    let chunk = (PROJECTION_BUDGET / vocab).clamp(1, n.max(1));
+    let mut records = vec![TokenLogit::default(); n * 2 * k];
+    let mut logits = vec![0.0f32; chunk * vocab];
+    for (c, part) in columns.chunks(chunk * d).enumerate() {
+        let m = part.len() / d;
+        matmul(head, part, m, &mut logits[..m * vocab]);
+        let out = &mut records[c * chunk * 2 * k..(c * chunk + m) * 2 * k];
+        let logits = &logits[..m * vocab];
+        pool::global().for_each_chunk_mut(out, 2 * k, &|i, rec| {
+            extremes(&logits[i * vocab..(i + 1) * vocab], k, rec);
+        });
+    }
+    records
+}
+
+/// Fills `out` (2k records) with the k largest then the k smallest values of `scores`, each
+/// list ordered from the extreme inwards. One pass; `k` is small, so the sorted candidate
+/// lists rarely change after the first few thousand values.
+fn extremes(scores: &[f32], k: usize, out: &mut [TokenLogit]) {
+    // `high` ascending (its first entry is the bar to beat), `low` descending.
+    let mut high: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    let mut low: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (id, &s) in (0u32..).zip(scores) {
+        if high.len() < k || s > high[0].0 {
+            let at = high.partition_point(|&(v, _)| v.total_cmp(&s).is_le());
+            high.insert(at, (s, id));
+            if high.len() > k {
+                high.remove(0);
+            }
+        }
+        if low.len() < k || s < low[0].0 {
+            let at = low.partition_point(|&(v, _)| v.total_cmp(&s).is_ge());
+            low.insert(at, (s, id));
+            if low.len() > k {
+                low.remove(0);
+            }
+        }
+    }
+    let ordered = high.iter().rev().chain(low.iter().rev());
+    for (slot, &(logit, token)) in out.iter_mut().zip(ordered) {
+        *slot = TokenLogit { token, logit };
+    }
+}
+
+/// A GGUF holding only the tokenizer's metadata (and the architecture name), which
+/// `Tokenizer::from_gguf` reads like any model file.
+fn write_tokenizer(file: &GgufFile, dir: &Path) -> Result<FileEntry, VindexError> {
+    let mut w = GgufWriter::new();
+    for (key, value) in file.metadata() {
+        if key.starts_with("tokenizer.") || key == "general.architecture" {
+            w.add_metadata(key.clone(), value.clone())?;
+        }
+    }
+    let path = dir.join(TOKENIZER);
+    w.write(&path)?;
+    let (sha256, bytes) = hash_file(&path)?;
+    Ok(FileEntry {
+        name: TOKENIZER.into(),
+        bytes,
+        sha256,
+        element: Element::Bytes,
+        shape: vec![],
+    })
+}
+
+fn copy_model(source: &Path, dir: &Path) -> Result<FileEntry, VindexError> {
+    let path = dir.join(MODEL);
+    fs::copy(source, &path).map_err(io(&path, "copy the model into"))?;
+    let (sha256, bytes) = hash_file(&path)?;
+    Ok(FileEntry {
+        name: MODEL.into(),
+        bytes,
+        sha256,
+        element: Element::Bytes,
+        shape: vec![],
+    })
+}
+
+/// SHA-256 (hex) and length of a file.
+pub(crate) fn hash_file(path: &Path) -> Result<(String, u64), VindexError> {
+    let mut f = File::open(path).map_err(io(path, "open"))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io(path, "read"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok((hex(&hasher.finalize()), bytes))
+}
+
+pub(crate) fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A data file being written: buffered, hashed as it goes, checked against its shape.
+struct DataFile {
+    path: PathBuf,
+    name: &'static str,
+    out: BufWriter<File>,
+    hasher: Sha256,
+    bytes: u64,
+    element: Element,
+    shape: Vec<u64>,
+}
+
+impl DataFile {
+    fn create(
+        dir: &Path,
+        name: &'static str,
+        element: Element,
+        shape: Vec<u64>,
+    ) -> Result<DataFile, VindexError> {
+        let path = dir.join(name);
+        let file = File::create(&path).map_err(io(&path, "create"))?;
+        Ok(DataFile {
+            out: BufWriter::with_capacity(1 << 20, file),
+            path,
+            name,
+            hasher: Sha256::new(),
+            bytes: 0,
+            element,
+            shape,
+        })
+    }
+
+    fn raw(&mut self, bytes: &[u8]) -> Result<(), VindexError> {
+        self.out.write_all(bytes).map_err(io(&self.path, "write"))?;
+        self.hasher.update(bytes);
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn floats(&mut self, values: &[f32], dtype: Dtype) -> Result<(), VindexError> {
+        match dtype {
+            Dtype::F32 => self.raw(bytemuck::cast_slice(values)),
+            Dtype::F16 => {
+                let mut half = vec![f16::ZERO; values.len()];
+                half.convert_from_f32_slice(values);
+                self.raw(bytemuck::cast_slice(&half))
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<FileEntry, VindexError> {
+        self.out.flush().map_err(io(&self.path, "write"))?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(io(&self.path, "sync"))?;
+        let expected = self.shape.iter().product::<u64>() * self.element.size() as u64;
+        assert_eq!(
+            self.bytes, expected,
+            "{}: wrote {} bytes for shape {:?}",
+            self.name, self.bytes, self.shape
+        );
+        Ok(FileEntry {
+            name: self.name.into(),
+            bytes: self.bytes,
+            sha256: hex(&self.hasher.finalize()),
+            element: self.element,
+            shape: self.shape,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extremes_are_sorted_and_exact() {
+        let scores = [0.5, -2.0, 3.0, 1.0, -1.0, 3.0, 0.0];
+        let mut out = vec![TokenLogit::default(); 4];
+        extremes(&scores, 2, &mut out);
+        let logits: Vec<f32> = out.iter().map(|r| r.logit).collect();
+        assert_eq!(logits, [3.0, 3.0, -2.0, -1.0]);
+        assert_eq!(out[2].token, 1);
+        assert_eq!(out[3].token, 4);
+    }
+}

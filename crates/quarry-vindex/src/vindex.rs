@@ -1,0 +1,310 @@
+//! Opening a vindex: the manifest is checked (format, version, that every file the level
+//! needs is listed with the size its shape implies and the model's dimensions), then each
+//! data file is memory-mapped and its length compared with the manifest before any of it is
+//! read. Hashes are checked only by [`Vindex::verify`], which reads everything.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use memmap2::Mmap;
+use quarry_tokenize::Tokenizer;
+
+use crate::error::{io, VindexError};
+use crate::extract::hash_file;
+use crate::layout::{
+    Dtype, Element, FileEntry, Index, Level, DOWN, EMBEDDINGS, FORMAT, GATE, INDEX, MODEL, NORMS,
+    TOKENIZER, UP, VERSION, WRITES,
+};
+use crate::TokenLogit;
+
+/// An open vindex.
+pub struct Vindex {
+    dir: PathBuf,
+    index: Index,
+    maps: HashMap<&'static str, Mmap>,
+    tokenizer: Tokenizer,
+}
+
+/// A file that did not match its manifest entry, from [`Vindex::verify`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    pub file: String,
+    pub problem: String,
+}
+
+impl Vindex {
+    /// Opens the vindex in directory `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Vindex, VindexError> {
+        let dir = dir.as_ref().to_path_buf();
+        let index = read_index(&dir)?;
+        let shown = dir.display().to_string();
+        let mut maps = HashMap::new();
+        for (name, element, shape) in expected_files(&index) {
+            let entry = index.file(name).ok_or(VindexError::MissingFile {
+                path: shown.clone(),
+                file: name,
+                level: index.level.name(),
+            })?;
+            let bad = |problem: String| VindexError::BadFile {
+                path: shown.clone(),
+                file: name.into(),
+                problem,
+            };
+            if entry.element != element || (!shape.is_empty() && entry.shape != shape) {
+                return Err(bad(format!(
+                    "is described as {:?} {:?}; this model needs {:?} {:?}",
+                    entry.element, entry.shape, element, shape
+                )));
+            }
+            let implied = entry
+                .shape
+                .iter()
+                .try_fold(element.size() as u64, |acc, &n| acc.checked_mul(n));
+            if !entry.shape.is_empty() && implied != Some(entry.bytes) {
+                return Err(bad(format!(
+                    "has {} bytes in the manifest but its shape {:?} does not",
+                    entry.bytes, entry.shape
+                )));
+            }
+            let path = dir.join(name);
+            let file = File::open(&path).map_err(io(&path, "open"))?;
+            // SAFETY: the vindex is read-only to Quarry; like any memory-mapped reader we rely
+            // on nobody truncating the file while it is open.
+            let map = unsafe { Mmap::map(&file) }.map_err(io(&path, "memory-map"))?;
+            if map.len() as u64 != entry.bytes {
+                return Err(bad(format!(
+                    "is {} bytes on disk, the manifest says {} (truncated or replaced?)",
+                    map.len(),
+                    entry.bytes
+                )));
+            }
+            maps.insert(name, map);
+        }
+        let tokenizer = Tokenizer::from_gguf(&quarry_format::GgufFile::open(dir.join(TOKENIZER))?)?;
+        if tokenizer.vocab_size() != index.model.vocab_size {
+            return Err(VindexError::BadFile {
+                path: shown,
+                file: TOKENIZER.into(),
+                problem: format!(
+                    "has {} tokens but the model has {}",
+                    tokenizer.vocab_size(),
+                    index.model.vocab_size
+                ),
+            });
+        }
+        Ok(Vindex {
+            dir,
+            index,
+            maps,
+            tokenizer,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The model file inside an `inference` or `all` vindex.
+    pub fn model_path(&self) -> Result<PathBuf, VindexError> {
+        self.require(MODEL, Level::Inference)?;
+        Ok(self.dir.join(MODEL))
+    }
+
+    /// Token `token`'s embedding row as stored (before the model's `embed_scale`).
+    pub fn embedding(&self, token: u32) -> Vec<f32> {
+        let d = self.index.model.d_model;
+        self.floats(EMBEDDINGS, token as usize * d, d)
+    }
+
+    /// `gate_l · x` for every feature of layer `layer` (`x` has `d_model` values).
+    pub fn gate_scores(&self, layer: usize, x: &[f32]) -> Vec<f32> {
+        self.matvec(GATE, layer, x)
+    }
+
+    /// `up_l · x` for every feature of layer `layer`.
+    pub fn up_scores(&self, layer: usize, x: &[f32]) -> Vec<f32> {
+        self.matvec(UP, layer, x)
+    }
+
+    /// Feature `feature`'s gate vector at layer `layer`.
+    pub fn gate_vector(&self, layer: usize, feature: usize) -> Vec<f32> {
+        let (ff, d) = (self.index.model.ff_dim, self.index.model.d_model);
+        self.floats(GATE, (layer * ff + feature) * d, d)
+    }
+
+    /// Feature `feature`'s down (write) vector at layer `layer` (an `all` vindex only).
+    pub fn down_vector(&self, layer: usize, feature: usize) -> Result<Vec<f32>, VindexError> {
+        self.require(DOWN, Level::All)?;
+        let (ff, d) = (self.index.model.ff_dim, self.index.model.d_model);
+        Ok(self.floats(DOWN, (layer * ff + feature) * d, d))
+    }
+
+    /// The gains of layer `layer`'s pre-FFN norm (`layer == n_layers`: the final norm).
+    pub fn norm(&self, layer: usize) -> &[f32] {
+        let d = self.index.model.d_model;
+        let all: &[f32] = bytemuck::cast_slice(&self.maps[NORMS][..]);
+        &all[layer * d..(layer + 1) * d]
+    }
+
+    /// The tokens feature `feature` of layer `layer` pushes up most (highest logit first) and
+    /// down most (lowest first), per unit of activation.
+    pub fn writes(&self, layer: usize, feature: usize) -> (&[TokenLogit], &[TokenLogit]) {
+        let k = self.index.top_k;
+        let ff = self.index.model.ff_dim;
+        let all: &[TokenLogit] = bytemuck::cast_slice(&self.maps[WRITES][..]);
+        let rec = &all[(layer * ff + feature) * 2 * k..][..2 * k];
+        rec.split_at(k)
+    }
+
+    /// Re-hashes every file listed in the manifest; an empty list means all match.
+    pub fn verify(dir: impl AsRef<Path>) -> Result<Vec<Mismatch>, VindexError> {
+        let dir = dir.as_ref();
+        let index = read_index(dir)?;
+        let mut mismatches = Vec::new();
+        for FileEntry {
+            name,
+            bytes,
+            sha256,
+            ..
+        } in &index.files
+        {
+            let path = dir.join(name);
+            if !path.is_file() {
+                mismatches.push(Mismatch {
+                    file: name.clone(),
+                    problem: "is missing".into(),
+                });
+                continue;
+            }
+            let (digest, len) = hash_file(&path)?;
+            if len != *bytes {
+                mismatches.push(Mismatch {
+                    file: name.clone(),
+                    problem: format!("is {len} bytes, the manifest says {bytes}"),
+                });
+            } else if digest != *sha256 {
+                mismatches.push(Mismatch {
+                    file: name.clone(),
+                    problem: format!("has sha256 {digest}, the manifest says {sha256}"),
+                });
+            }
+        }
+        Ok(mismatches)
+    }
+
+    fn require(&self, file: &'static str, needed: Level) -> Result<(), VindexError> {
+        if self.maps.contains_key(file) {
+            return Ok(());
+        }
+        Err(VindexError::LevelTooLow {
+            path: self.dir.display().to_string(),
+            file,
+            level: self.index.level.name(),
+            needed: needed.name(),
+        })
+    }
+
+    /// `len` values of an f16/f32 array file starting at element `start`, as `f32`.
+    fn floats(&self, file: &str, start: usize, len: usize) -> Vec<f32> {
+        let bytes = &self.maps[file][..];
+        match self.index.dtype {
+            Dtype::F32 => bytemuck::cast_slice::<u8, f32>(bytes)[start..start + len].to_vec(),
+            Dtype::F16 => bytemuck::cast_slice::<u8, f16>(bytes)[start..start + len]
+                .iter()
+                .map(|h| h.to_f32())
+                .collect(),
+        }
+    }
+
+    fn matvec(&self, file: &str, layer: usize, x: &[f32]) -> Vec<f32> {
+        let (ff, d) = (self.index.model.ff_dim, self.index.model.d_model);
+        assert_eq!(
+            x.len(),
+            d,
+            "matvec: x has {} values, d_model is {d}",
+            x.len()
+        );
+        let bytes = &self.maps[file][..];
+        let range = layer * ff * d..(layer + 1) * ff * d;
+        match self.index.dtype {
+            Dtype::F32 => bytemuck::cast_slice::<u8, f32>(bytes)[range]
+                .chunks_exact(d)
+                .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+                .collect(),
+            Dtype::F16 => bytemuck::cast_slice::<u8, f16>(bytes)[range]
+                .chunks_exact(d)
+                .map(|row| row.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum())
+                .collect(),
+        }
+    }
+}
+
+fn read_index(dir: &Path) -> Result<Index, VindexError> {
+    let path = dir.join(INDEX);
+    let shown = dir.display().to_string();
+    let text = std::fs::read(&path).map_err(io(&path, "read the manifest"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|source| VindexError::Manifest {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if format != FORMAT {
+        return Err(VindexError::Foreign {
+            path: shown,
+            found: format.into(),
+        });
+    }
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if version != VERSION as u64 {
+        return Err(VindexError::Version {
+            path: shown,
+            found: version as u32,
+        });
+    }
+    serde_json::from_value(value).map_err(|source| VindexError::Manifest {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The files `index`'s level requires, with their element type and (for arrays) shape.
+fn expected_files(index: &Index) -> Vec<(&'static str, Element, Vec<u64>)> {
+    let m = &index.model;
+    let (l, ff, d, v) = (
+        m.n_layers as u64,
+        m.ff_dim as u64,
+        m.d_model as u64,
+        m.vocab_size as u64,
+    );
+    let float = Element::from(index.dtype);
+    let mut files = vec![
+        (TOKENIZER, Element::Bytes, vec![]),
+        (EMBEDDINGS, float, vec![v, d]),
+        (GATE, float, vec![l, ff, d]),
+        (UP, float, vec![l, ff, d]),
+        (NORMS, Element::F32, vec![l + 1, d]),
+        (
+            WRITES,
+            Element::TokenLogit,
+            vec![l, ff, 2 * index.top_k as u64],
+        ),
+    ];
+    if index.level >= Level::Inference {
+        files.push((MODEL, Element::Bytes, vec![]));
+    }
+    if index.level >= Level::All {
+        files.push((DOWN, float, vec![l, ff, d]));
+    }
+    files
+}
