@@ -26,6 +26,26 @@ pub struct Model<'a> {
     rope_local: Rope,
 }
 
+/// Sees the inside of a forward pass (for tracing and attribution). Every slice holds one
+/// row per token of the batch; methods default to doing nothing.
+pub trait ForwardObserver {
+    /// The scaled token embeddings: the residual stream entering layer 0 (`d_model` per row).
+    fn embeddings(&mut self, _x: &[f32]) {}
+    /// What layer `layer`'s attention adds to the residual (after any post-attention norm).
+    fn attention_output(&mut self, _layer: usize, _added: &[f32]) {}
+    /// The normalized input layer `layer`'s FFN reads (`d_model` per row) and its hidden
+    /// activations `act(gate · x) ⊙ (up · x)` (`ff_dim` per row), one per feature.
+    fn ffn_activations(&mut self, _layer: usize, _input: &[f32], _activations: &[f32]) {}
+    /// What layer `layer`'s FFN adds to the residual (after any post-FFN norm).
+    fn ffn_output(&mut self, _layer: usize, _added: &[f32]) {}
+    /// The residual stream after the last layer, before the final norm.
+    fn final_residual(&mut self, _x: &[f32]) {}
+}
+
+struct NoObserver;
+
+impl ForwardObserver for NoObserver {}
+
 /// One layer's gated FFN: `down · (act(gate · x) ⊙ (up · x))` with `x` the residual through
 /// `norm`, and the result through `post_norm` when the family has one (Gemma).
 #[derive(Clone, Copy, Debug)]
@@ -183,6 +203,17 @@ impl<'a> Model<'a> {
         cache: &mut C,
         rows: Range<usize>,
     ) -> Result<Vec<f32>, ModelError> {
+        self.forward_observed(tokens, cache, rows, &mut NoObserver)
+    }
+
+    /// [`Model::forward_hidden`] that also shows `observer` the inside of every layer.
+    pub fn forward_observed<C: KvCache + Sync>(
+        &self,
+        tokens: &[u32],
+        cache: &mut C,
+        rows: Range<usize>,
+        observer: &mut dyn ForwardObserver,
+    ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.config;
         let n = tokens.len();
         let start = cache.len();
@@ -216,10 +247,13 @@ impl<'a> Model<'a> {
             rope_global: self.rope_global.table(start, n),
             rope_local: self.rope_local.table(start, n),
         };
+        observer.embeddings(&x);
         for (index, layer) in self.layers.iter().enumerate() {
             self.attention_block(index, layer, &mut x, cache, &batch, &mut scratch);
-            self.ffn_block(layer, &mut x, &mut scratch);
+            observer.attention_output(index, &scratch.norm);
+            self.ffn_block(index, layer, &mut x, &mut scratch, observer);
         }
+        observer.final_residual(&x);
         cache.advance(n);
         let mut hidden = x[rows.start * d..rows.end * d].to_vec();
         rms_norm(&mut hidden, &self.output_norm, cfg.norm_eps);
@@ -289,7 +323,14 @@ impl<'a> Model<'a> {
         x.iter_mut().zip(&s.norm).for_each(|(a, b)| *a += b);
     }
 
-    fn ffn_block(&self, layer: &Layer<'a>, x: &mut [f32], s: &mut Scratch) {
+    fn ffn_block(
+        &self,
+        index: usize,
+        layer: &Layer<'a>,
+        x: &mut [f32],
+        s: &mut Scratch,
+        observer: &mut dyn ForwardObserver,
+    ) {
         let cfg = &self.config;
         let n = x.len() / cfg.d_model;
         s.norm.copy_from_slice(x);
@@ -298,11 +339,13 @@ impl<'a> Model<'a> {
         matmul_quantized(&layer.gate, &xq, &mut s.gate);
         matmul_quantized(&layer.up, &xq, &mut s.up);
         gated_activation(&mut s.gate, &s.up, cfg.activation);
+        observer.ffn_activations(index, &s.norm, &s.gate);
         let hidden = QuantizedActivations::new(&s.gate, n, cfg.ff_dim);
         matmul_quantized(&layer.down, &hidden, &mut s.norm);
         if let Some(w) = &layer.post_ffn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
         }
+        observer.ffn_output(index, &s.norm);
         x.iter_mut().zip(&s.norm).for_each(|(a, b)| *a += b);
     }
 }

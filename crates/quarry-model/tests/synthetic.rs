@@ -278,3 +278,47 @@ fn load_errors_name_the_problem() {
     let err = Model::load(&arch).err().unwrap().to_string();
     assert!(err.contains("unsupported architecture 'mamba'"), "{err}");
 }
+
+/// Records the residual stream's pieces as a forward pass reports them.
+#[derive(Default)]
+struct Pieces {
+    sum: Vec<f32>,
+    final_residual: Vec<f32>,
+    ffn_calls: usize,
+}
+
+impl quarry_model::ForwardObserver for Pieces {
+    fn embeddings(&mut self, x: &[f32]) {
+        self.sum = x.to_vec();
+    }
+    fn attention_output(&mut self, _layer: usize, added: &[f32]) {
+        self.sum.iter_mut().zip(added).for_each(|(s, a)| *s += a);
+    }
+    fn ffn_activations(&mut self, _layer: usize, input: &[f32], activations: &[f32]) {
+        assert_eq!(input.len() / D, activations.len() / FF);
+        self.ffn_calls += 1;
+    }
+    fn ffn_output(&mut self, _layer: usize, added: &[f32]) {
+        self.sum.iter_mut().zip(added).for_each(|(s, a)| *s += a);
+    }
+    fn final_residual(&mut self, x: &[f32]) {
+        self.final_residual = x.to_vec();
+    }
+}
+
+#[test]
+fn observed_pieces_add_up_to_the_final_residual() {
+    for spec in [Spec::llama(), Spec::gemma3(4, 2)] {
+        let file = build(&spec);
+        let m = Model::load(&file).unwrap();
+        let toks = tokens(9);
+        let mut pieces = Pieces::default();
+        let observed = m
+            .forward_observed(&toks, &mut m.new_cache(16), 8..9, &mut pieces)
+            .unwrap();
+        let plain = m.forward_hidden(&toks, &mut m.new_cache(16), 8..9).unwrap();
+        assert_eq!(observed, plain, "{}: observing changes nothing", spec.arch);
+        assert_eq!(pieces.ffn_calls, spec.layers);
+        assert_close(&pieces.sum, &pieces.final_residual, spec.arch);
+    }
+}
