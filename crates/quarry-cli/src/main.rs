@@ -4,6 +4,7 @@
 
 mod bench;
 mod commands;
+mod lql;
 mod models;
 mod vindex;
 
@@ -40,6 +41,39 @@ enum Command {
     Extract(ExtractArgs),
     /// Re-hash every file of a vindex against its manifest.
     Verify(VerifyArgs),
+    /// Run LQL statements (see docs/lql.md).
+    Lql(LqlArgs),
+    /// Interactive LQL shell with history (\help for its commands).
+    Repl(ReplArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LqlArgs {
+    /// Statements separated by `;` (or use --file).
+    #[arg(required_unless_present = "file")]
+    pub statements: Option<String>,
+    /// Read the statements from a script file.
+    #[arg(short, long, conflicts_with = "statements")]
+    pub file: Option<std::path::PathBuf>,
+    /// Open this vindex first (like USE).
+    #[arg(long)]
+    pub vindex: Option<std::path::PathBuf>,
+    /// Threads (default: one per physical core).
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+    /// One JSON result set per line instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplArgs {
+    /// Open this vindex first (like USE).
+    #[arg(long)]
+    pub vindex: Option<std::path::PathBuf>,
+    /// Threads (default: one per physical core).
+    #[arg(short, long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -220,6 +254,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench(a),
         Command::Extract(a) => vindex::extract(a),
         Command::Verify(a) => vindex::verify(a),
+        Command::Lql(a) => lql::run(a),
+        Command::Repl(a) => lql::repl(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,184 @@
+//! The syntax tree of LQL.
+//!
+//! The types mirror the grammar: one variant per statement form, an `Option` or `bool` per
+//! optional clause. They carry no source positions, so two parses of differently formatted but
+//! equivalent text compare equal. Strings hold their unescaped contents.
+
+/// One LQL statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Statement {
+    /// `USE "path"`: selects the model to query.
+    Use { path: String },
+    /// `STATS`.
+    Stats,
+    /// `SHOW …`.
+    Show(ShowTarget),
+    /// `[EXPLAIN] WALK "prompt" [TOP n] [LAYERS a-b]`.
+    Walk {
+        prompt: String,
+        top: Option<u32>,
+        layers: Option<LayerRange>,
+        explain: bool,
+    },
+    /// `DESCRIBE "entity" [scope] [BRIEF | VERBOSE] [RAW]`.
+    Describe {
+        entity: String,
+        scope: DescribeScope,
+        detail: Detail,
+        raw: bool,
+    },
+    /// `SELECT … FROM …`.
+    Select(Select),
+    /// `INFER "prompt" [TOP n]` or `EXPLAIN INFER "prompt" [TOP n] [LAYERS a-b]`; `layers` is only
+    /// ever set when `explain` is.
+    Infer {
+        prompt: String,
+        top: Option<u32>,
+        explain: bool,
+        layers: Option<LayerRange>,
+    },
+    /// `TRACE "prompt" [FOR "token"] [DECOMPOSE] [LAYERS a-b]`.
+    Trace {
+        prompt: String,
+        target: Option<String>,
+        decompose: bool,
+        layers: Option<LayerRange>,
+    },
+}
+
+/// What `SHOW` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShowTarget {
+    Layers,
+    Features { layer: u32 },
+    Relations,
+    Entities,
+    Models,
+}
+
+/// An inclusive range of layers; the parser guarantees `first <= last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LayerRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+/// Which layers or aspect of an entity `DESCRIBE` looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DescribeScope {
+    /// No scope clause: the engine's default.
+    #[default]
+    Default,
+    AtLayer(u32),
+    AllLayers,
+    Syntax,
+    Knowledge,
+    Output,
+}
+
+/// How much `DESCRIBE` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Detail {
+    /// Neither `BRIEF` nor `VERBOSE`.
+    #[default]
+    Normal,
+    Brief,
+    Verbose,
+}
+
+/// A `SELECT` statement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Select {
+    pub fields: Projection,
+    pub from: Source,
+    pub nearest: Option<Nearest>,
+    pub filter: Option<Expr>,
+    /// Sort keys, most significant first; empty without `ORDER BY`.
+    pub order_by: Vec<OrderKey>,
+    pub limit: Option<u64>,
+}
+
+/// The columns a `SELECT` returns.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Projection {
+    /// `*`.
+    All,
+    /// Named fields in the order written; never empty when parsed.
+    Fields(Vec<String>),
+}
+
+/// The table a `SELECT` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    Edges,
+    Features,
+    Entities,
+}
+
+/// `NEAREST TO "entity" AT LAYER n`: rank rows by closeness to an entity at one layer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Nearest {
+    pub entity: String,
+    pub layer: u32,
+}
+
+/// One `ORDER BY` key; ascending unless `descending`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OrderKey {
+    pub field: String,
+    pub descending: bool,
+}
+
+/// A `WHERE` condition. `Or` and `And` are left-associative as parsed: `a OR b OR c` is
+/// `Or(Or(a, b), c)`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    Or(Box<Expr>, Box<Expr>),
+    And(Box<Expr>, Box<Expr>),
+    Not(Box<Expr>),
+    /// `field op value`.
+    Compare {
+        field: String,
+        op: CmpOp,
+        value: Literal,
+    },
+    /// `field [NOT] BETWEEN low AND high` (inclusive).
+    Between {
+        field: String,
+        low: Literal,
+        high: Literal,
+        negated: bool,
+    },
+    /// `field [NOT] IN (v, …)`; `values` is never empty when parsed.
+    In {
+        field: String,
+        values: Vec<Literal>,
+        negated: bool,
+    },
+    /// `field [NOT] LIKE "pattern"`; the pattern's syntax is the engine's business.
+    Like {
+        field: String,
+        pattern: String,
+        negated: bool,
+    },
+}
+
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    Eq,
+    /// `!=`, also written `<>`.
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// A constant in a condition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Literal {
+    Str(String),
+    /// Always finite when parsed.
+    Num(f64),
+}

@@ -1,0 +1,190 @@
+//! Queries answered from the vindex alone, without a forward pass: what an entity's
+//! embedding activates in each layer's FFN, and where those features push the vocabulary.
+//!
+//! # The method (and the RAW one it is compared with)
+//!
+//! An FFN reads the residual through its pre-FFN norm, so a layer is asked with what it would
+//! actually see: the entity's embedding (scaled by the model's `embed_scale`) through that
+//! layer's RMS norm. Each feature's activation is the model's own `act(gate · x) · (up · x)`,
+//! signed; its effect on token `t` is `activation × logit_t`, where `logit_t` is what one unit
+//! of the feature adds to `t` through the post-FFN norm gains, final norm gains and output
+//! head (stored at extraction). A negative activation pushes the feature's *lowest* tokens up,
+//! so both ends of every projection are kept. Features are ranked by the effect on the token
+//! they move most.
+//!
+//! RAW mode reproduces the common shortcut: the raw embedding dotted with the raw gate rows,
+//! features ranked by `|gate · e|`, each contributing its top tokens weighted by that score.
+
+use std::collections::HashMap;
+
+use quarry_kernels::vec::{gelu_tanh_mul, silu_mul};
+use quarry_vindex::{TokenLogit, Vindex};
+
+/// Features kept per layer when collecting edges.
+pub(crate) const FEATURES_PER_LAYER: usize = 16;
+
+/// The tokens an entity name stands for, as it appears inside a sentence (after a space), and
+/// the mean of their embeddings scaled like the model's input.
+pub(crate) fn entity_input(v: &Vindex, entity: &str) -> Option<(Vec<u32>, Vec<f32>)> {
+    let tok = v.tokenizer();
+    let mut ids = tok.encode(&format!(" {entity}"), false, false);
+    // A tokenizer that splits the space off on its own adds a token that is not the entity.
+    if ids.len() > 1 && tok.decode(&ids[..1]).trim().is_empty() {
+        ids.remove(0);
+    }
+    if ids.is_empty() {
+        return None;
+    }
+    let d = v.index().model.d_model;
+    let mut x = vec![0.0f32; d];
+    for &id in &ids {
+        x.iter_mut().zip(v.embedding(id)).for_each(|(a, b)| *a += b);
+    }
+    let scale = v.index().model.embed_scale / ids.len() as f32;
+    x.iter_mut().for_each(|a| *a *= scale);
+    Some((ids, x))
+}
+
+/// The band (`syntax`, `knowledge`, `output`) layer `layer` belongs to.
+pub(crate) fn band(v: &Vindex, layer: usize) -> &'static str {
+    let b = &v.index().bands;
+    if layer <= b.syntax[1] {
+        "syntax"
+    } else if layer <= b.knowledge[1] {
+        "knowledge"
+    } else {
+        "output"
+    }
+}
+
+/// `x` through layer `layer`'s pre-FFN RMS norm.
+pub(crate) fn ffn_input(v: &Vindex, layer: usize, x: &[f32]) -> Vec<f32> {
+    let eps = v.index().model.norm_eps;
+    let mean_sq = x.iter().map(|a| a * a).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (mean_sq + eps).sqrt();
+    x.iter()
+        .zip(v.norm(layer))
+        .map(|(a, w)| a * inv * w)
+        .collect()
+}
+
+/// One feature's response to an input.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Firing {
+    pub layer: usize,
+    pub feature: usize,
+    pub gate: f32,
+    pub up: f32,
+    pub activation: f32,
+}
+
+/// Every feature of `layer` on the normalized input `xn`.
+pub(crate) fn fire(v: &Vindex, layer: usize, xn: &[f32]) -> Vec<Firing> {
+    let gate = v.gate_scores(layer, xn);
+    let up = v.up_scores(layer, xn);
+    let mut act = gate.clone();
+    if v.index().model.activation == "silu" {
+        silu_mul(&mut act, &up);
+    } else {
+        gelu_tanh_mul(&mut act, &up);
+    }
+    (0..gate.len())
+        .map(|f| Firing {
+            layer,
+            feature: f,
+            gate: gate[f],
+            up: up[f],
+            activation: act[f],
+        })
+        .collect()
+}
+
+/// The tokens a firing feature pushes up, with the logit it adds to each: the top of its
+/// projection for a positive activation, the bottom for a negative one.
+pub(crate) fn pushes(v: &Vindex, firing: &Firing) -> Vec<(u32, f32)> {
+    let (top, bottom) = v.writes(firing.layer, firing.feature);
+    let side: &[TokenLogit] = if firing.activation >= 0.0 {
+        top
+    } else {
+        bottom
+    };
+    side.iter()
+        .map(|r| (r.token, firing.activation * r.logit))
+        .collect()
+}
+
+/// How strongly a firing feature moves the vocabulary: its effect on the token it moves most.
+pub(crate) fn strength(v: &Vindex, firing: &Firing) -> f32 {
+    pushes(v, firing).first().map_or(0.0, |&(_, e)| e)
+}
+
+/// The `n` strongest features of `layer` for the normalized input `xn`, strongest first.
+pub(crate) fn strongest(v: &Vindex, layer: usize, xn: &[f32], n: usize) -> Vec<(Firing, f32)> {
+    let mut ranked: Vec<(Firing, f32)> = fire(v, layer, xn)
+        .into_iter()
+        .map(|f| {
+            let s = strength(v, &f);
+            (f, s)
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ranked.truncate(n);
+    ranked
+}
+
+/// One token reached from an entity, with the summed effect of the features reaching it.
+#[derive(Clone, Debug)]
+pub(crate) struct Edge {
+    pub token: u32,
+    pub score: f32,
+    /// The feature contributing most, as (layer, feature, its share).
+    pub best: (usize, usize, f32),
+    pub features: usize,
+}
+
+/// Edges from the entity input `x` over `layers`, by our method or the RAW one, best first.
+pub(crate) fn edges(
+    v: &Vindex,
+    x: &[f32],
+    raw_embedding: &[f32],
+    layers: impl Iterator<Item = usize>,
+    raw: bool,
+) -> Vec<Edge> {
+    let mut by_token: HashMap<u32, Edge> = HashMap::new();
+    let mut add = |token: u32, share: f32, layer: usize, feature: usize| {
+        let e = by_token.entry(token).or_insert(Edge {
+            token,
+            score: 0.0,
+            best: (layer, feature, f32::NEG_INFINITY),
+            features: 0,
+        });
+        e.score += share;
+        e.features += 1;
+        if share > e.best.2 {
+            e.best = (layer, feature, share);
+        }
+    };
+    for layer in layers {
+        if raw {
+            let scores = v.gate_scores(layer, raw_embedding);
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&a, &b| scores[b].abs().total_cmp(&scores[a].abs()));
+            for &f in order.iter().take(FEATURES_PER_LAYER) {
+                let (top, _) = v.writes(layer, f);
+                for r in top {
+                    add(r.token, scores[f].abs() * r.logit, layer, f);
+                }
+            }
+        } else {
+            let xn = ffn_input(v, layer, x);
+            for (firing, _) in strongest(v, layer, &xn, FEATURES_PER_LAYER) {
+                for (token, effect) in pushes(v, &firing) {
+                    add(token, effect, layer, firing.feature);
+                }
+            }
+        }
+    }
+    let mut edges: Vec<Edge> = by_token.into_values().collect();
+    edges.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.token.cmp(&b.token)));
+    edges
+}

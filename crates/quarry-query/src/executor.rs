@@ -1,0 +1,627 @@
+//! The executor: keeps the open vindex (and, once a statement needs it, its model file) and
+//! turns each statement into a [`ResultSet`].
+
+use std::path::{Path, PathBuf};
+
+use quarry_format::GgufFile;
+use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
+use quarry_model::Model;
+use quarry_vindex::Vindex;
+
+use crate::browse::{band, edges, entity_input, ffn_input, pushes, strongest};
+use crate::error::QueryError;
+use crate::result::{Cell, ColumnType, ResultSet};
+use crate::select::select;
+use crate::trace::{attribute, ffn_feature_shares, run, softmax, top_n, Readout};
+
+/// Runs statements; state (the open vindex) carries from one to the next, as in a REPL.
+#[derive(Default)]
+pub struct Executor {
+    vindex: Option<Vindex>,
+    model_file: Option<GgufFile>,
+}
+
+impl Executor {
+    pub fn new() -> Executor {
+        Executor::default()
+    }
+
+    /// An executor with `dir` already open (like `USE "dir"`).
+    pub fn with_vindex(dir: impl AsRef<Path>) -> Result<Executor, QueryError> {
+        let mut e = Executor::new();
+        e.open(dir.as_ref(), "USE")?;
+        Ok(e)
+    }
+
+    pub fn vindex(&self) -> Option<&Vindex> {
+        self.vindex.as_ref()
+    }
+
+    /// Parses and runs every statement of `script`, stopping at the first error.
+    pub fn run_script(&mut self, script: &str) -> Result<Vec<ResultSet>, QueryError> {
+        quarry_lql::parse(script)?
+            .iter()
+            .map(|s| self.execute(s))
+            .collect()
+    }
+
+    pub fn execute(&mut self, statement: &Statement) -> Result<ResultSet, QueryError> {
+        let text = statement.to_string();
+        let invalid = |message: String| QueryError::Invalid {
+            statement: text.clone(),
+            message,
+        };
+        match statement {
+            Statement::Use { path } => self.open(Path::new(path), &text),
+            Statement::Show(ShowTarget::Models) => Ok(show_models()),
+            _ => {
+                let v = self.vindex.as_ref().ok_or(QueryError::NoVindex {
+                    statement: text.clone(),
+                })?;
+                match statement {
+                    Statement::Stats => Ok(stats(v)),
+                    Statement::Show(target) => show(v, *target).map_err(invalid),
+                    Statement::Describe {
+                        entity,
+                        scope,
+                        detail,
+                        raw,
+                    } => describe(v, entity, *scope, *detail, *raw).map_err(invalid),
+                    Statement::Walk {
+                        prompt,
+                        top,
+                        layers,
+                        explain,
+                    } => walk(v, prompt, top.unwrap_or(5), *layers, *explain).map_err(invalid),
+                    Statement::Select(q) => select(v, q).map_err(invalid),
+                    Statement::Infer {
+                        prompt,
+                        top,
+                        explain,
+                        layers,
+                    } => {
+                        let top = top.unwrap_or(10) as usize;
+                        let layers = *layers;
+                        let explain = *explain;
+                        let prompt = prompt.clone();
+                        self.with_model(&text, |v, model| {
+                            if explain {
+                                explain_infer(v, model, &prompt, top, layers)
+                            } else {
+                                infer(v, model, &prompt, top)
+                            }
+                        })
+                    }
+                    Statement::Trace {
+                        prompt,
+                        target,
+                        decompose,
+                        layers,
+                    } => {
+                        let (prompt, target, decompose, layers) =
+                            (prompt.clone(), target.clone(), *decompose, *layers);
+                        self.with_model(&text, |v, model| {
+                            trace(v, model, &prompt, target.as_deref(), decompose, layers)
+                        })
+                    }
+                    Statement::Use { .. } => unreachable!("handled above"),
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, dir: &Path, statement: &str) -> Result<ResultSet, QueryError> {
+        let v = Vindex::open(dir).map_err(|source| QueryError::Vindex {
+            statement: statement.to_string(),
+            source,
+        })?;
+        let mut r = ResultSet::new(&[("key", ColumnType::Text), ("value", ColumnType::Text)]);
+        let i = v.index();
+        for (k, val) in [
+            ("vindex", dir.display().to_string()),
+            ("model", i.model.name.clone()),
+            ("level", i.level.name().to_string()),
+            ("layers", i.model.n_layers.to_string()),
+            ("features per layer", i.model.ff_dim.to_string()),
+        ] {
+            r.push(vec![Cell::Text(k.into()), Cell::Text(val)]);
+        }
+        self.vindex = Some(v);
+        self.model_file = None;
+        Ok(r)
+    }
+
+    /// Runs `f` with the vindex's model loaded (opening its file the first time).
+    fn with_model(
+        &mut self,
+        statement: &str,
+        f: impl FnOnce(&Vindex, &Model<'_>) -> Result<ResultSet, String>,
+    ) -> Result<ResultSet, QueryError> {
+        let v = self.vindex.as_ref().ok_or(QueryError::NoVindex {
+            statement: statement.to_string(),
+        })?;
+        if self.model_file.is_none() {
+            let path = v.model_path().map_err(|source| QueryError::Vindex {
+                statement: statement.to_string(),
+                source,
+            })?;
+            self.model_file = Some(GgufFile::open(path).map_err(|source| QueryError::Format {
+                statement: statement.to_string(),
+                source,
+            })?);
+        }
+        let file = self.model_file.as_ref().expect("opened above");
+        let model = Model::load(file).map_err(|source| QueryError::Model {
+            statement: statement.to_string(),
+            source,
+        })?;
+        f(v, &model).map_err(|message| QueryError::Invalid {
+            statement: statement.to_string(),
+            message,
+        })
+    }
+}
+
+fn token(v: &Vindex, id: u32) -> Cell {
+    Cell::Text(v.tokenizer().decode(&[id]))
+}
+
+/// A token's text in double quotes, for lists of tokens in one cell.
+fn quoted(v: &Vindex, id: u32) -> String {
+    format!("\"{}\"", v.tokenizer().decode(&[id]))
+}
+
+fn layer_list(v: &Vindex, range: Option<LayerRange>) -> Result<Vec<usize>, String> {
+    let n = v.index().model.n_layers;
+    match range {
+        None => Ok((0..n).collect()),
+        Some(r) if r.last as usize >= n => Err(format!(
+            "LAYERS {}-{}: the model has layers 0-{}",
+            r.first,
+            r.last,
+            n - 1
+        )),
+        Some(r) => Ok((r.first as usize..=r.last as usize).collect()),
+    }
+}
+
+fn stats(v: &Vindex) -> ResultSet {
+    let i = v.index();
+    let mut r = ResultSet::new(&[("key", ColumnType::Text), ("value", ColumnType::Text)]);
+    let bytes: u64 = i.files.iter().map(|f| f.bytes).sum();
+    let band = |b: [usize; 2]| format!("{}-{}", b[0], b[1]);
+    for (k, val) in [
+        ("model", i.model.name.clone()),
+        ("architecture", i.model.architecture.clone()),
+        ("layers", i.model.n_layers.to_string()),
+        ("d_model", i.model.d_model.to_string()),
+        ("features per layer", i.model.ff_dim.to_string()),
+        ("features", (i.model.ff_dim * i.model.n_layers).to_string()),
+        ("vocabulary", i.model.vocab_size.to_string()),
+        ("activation", i.model.activation.clone()),
+        ("level", i.level.name().into()),
+        ("dtype", format!("{:?}", i.dtype).to_lowercase()),
+        ("tokens per feature end", i.top_k.to_string()),
+        ("files", i.files.len().to_string()),
+        ("bytes", bytes.to_string()),
+        ("syntax layers", band(i.bands.syntax)),
+        ("knowledge layers", band(i.bands.knowledge)),
+        ("output layers", band(i.bands.output)),
+        ("source sha256", i.provenance.source_sha256.clone()),
+    ] {
+        r.push(vec![Cell::Text(k.into()), Cell::Text(val)]);
+    }
+    r
+}
+
+fn show_models() -> ResultSet {
+    let mut r = ResultSet::new(&[
+        ("vindex", ColumnType::Text),
+        ("model", ColumnType::Text),
+        ("level", ColumnType::Text),
+        ("layers", ColumnType::Int),
+    ]);
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(".")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join(quarry_vindex::layout::INDEX).is_file())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        if let Ok(v) = Vindex::open(&dir) {
+            let i = v.index();
+            r.push(vec![
+                Cell::Text(dir.display().to_string()),
+                Cell::Text(i.model.name.clone()),
+                Cell::Text(i.level.name().into()),
+                Cell::Int(i.model.n_layers as i64),
+            ]);
+        }
+    }
+    r.notes
+        .push("vindexes in the current directory (USE one to query it)".into());
+    r
+}
+
+fn show(v: &Vindex, target: ShowTarget) -> Result<ResultSet, String> {
+    let m = &v.index().model;
+    match target {
+        ShowTarget::Layers => {
+            let mut r = ResultSet::new(&[
+                ("layer", ColumnType::Int),
+                ("band", ColumnType::Text),
+                ("features", ColumnType::Int),
+            ]);
+            for l in 0..m.n_layers {
+                r.push(vec![
+                    Cell::Int(l as i64),
+                    Cell::Text(band(v, l).into()),
+                    Cell::Int(m.ff_dim as i64),
+                ]);
+            }
+            Ok(r)
+        }
+        ShowTarget::Features { layer } => {
+            let layer = layer as usize;
+            if layer >= m.n_layers {
+                return Err(format!("the model has layers 0-{}", m.n_layers - 1));
+            }
+            let mut r = ResultSet::new(&[
+                ("feature", ColumnType::Int),
+                ("pushes_up", ColumnType::Text),
+                ("top_logit", ColumnType::Float),
+                ("pushes_down", ColumnType::Text),
+                ("bottom_logit", ColumnType::Float),
+            ]);
+            let list = |recs: &[quarry_vindex::TokenLogit]| {
+                recs.iter()
+                    .take(3)
+                    .map(|t| quoted(v, t.token))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            for f in 0..m.ff_dim {
+                let (top, bottom) = v.writes(layer, f);
+                r.push(vec![
+                    Cell::Int(f as i64),
+                    Cell::Text(list(top)),
+                    Cell::Float(top[0].logit as f64),
+                    Cell::Text(list(bottom)),
+                    Cell::Float(bottom[0].logit as f64),
+                ]);
+            }
+            Ok(r)
+        }
+        ShowTarget::Relations | ShowTarget::Entities => Err(
+            "relation and entity labels are not part of this vindex layout (version 1); use SELECT * FROM ENTITIES or DESCRIBE"
+                .into(),
+        ),
+        ShowTarget::Models => Ok(show_models()),
+    }
+}
+
+fn describe(
+    v: &Vindex,
+    entity: &str,
+    scope: DescribeScope,
+    detail: Detail,
+    raw: bool,
+) -> Result<ResultSet, String> {
+    let n_layers = v.index().model.n_layers;
+    let bands = v.index().bands;
+    let range = |b: [usize; 2]| (b[0]..=b[1]).collect::<Vec<_>>();
+    let layers = match scope {
+        DescribeScope::Default | DescribeScope::Knowledge => range(bands.knowledge),
+        DescribeScope::Syntax => range(bands.syntax),
+        DescribeScope::Output => range(bands.output),
+        DescribeScope::AllLayers => (0..n_layers).collect(),
+        DescribeScope::AtLayer(l) if (l as usize) < n_layers => vec![l as usize],
+        DescribeScope::AtLayer(l) => {
+            return Err(format!(
+                "AT LAYER {l}: the model has layers 0-{}",
+                n_layers - 1
+            ))
+        }
+    };
+    let (ids, x) = entity_input(v, entity).ok_or_else(|| format!("{entity:?} has no tokens"))?;
+    let raw_embedding: Vec<f32> = {
+        let mut e = vec![0.0f32; x.len()];
+        for &id in &ids {
+            e.iter_mut().zip(v.embedding(id)).for_each(|(a, b)| *a += b);
+        }
+        e
+    };
+    let found = edges(v, &x, &raw_embedding, layers.iter().copied(), raw);
+    let limit = match detail {
+        Detail::Brief => 10,
+        Detail::Normal => 20,
+        Detail::Verbose => 50,
+    };
+    let mut r = ResultSet::new(&[
+        ("rank", ColumnType::Int),
+        ("token", ColumnType::Text),
+        ("token_id", ColumnType::Int),
+        ("score", ColumnType::Float),
+        ("features", ColumnType::Int),
+        ("best_layer", ColumnType::Int),
+        ("best_feature", ColumnType::Int),
+    ]);
+    for (rank, e) in found
+        .iter()
+        .filter(|e| e.score > 0.0)
+        .take(limit)
+        .enumerate()
+    {
+        r.push(vec![
+            Cell::Int(rank as i64 + 1),
+            token(v, e.token),
+            Cell::Int(e.token as i64),
+            Cell::Float(e.score as f64),
+            Cell::Int(e.features as i64),
+            Cell::Int(e.best.0 as i64),
+            Cell::Int(e.best.1 as i64),
+        ]);
+    }
+    let pieces: Vec<String> = ids
+        .iter()
+        .map(|&id| format!("{:?}", v.tokenizer().decode(&[id])))
+        .collect();
+    r.notes.push(format!(
+        "{entity:?} = tokens [{}], layers {}-{}, {} mode",
+        pieces.join(", "),
+        layers.first().copied().unwrap_or(0),
+        layers.last().copied().unwrap_or(0),
+        if raw {
+            "RAW (|raw embedding · gate|, top tokens)"
+        } else {
+            "contribution (normalized input, signed activation × logit)"
+        }
+    ));
+    Ok(r)
+}
+
+fn walk(
+    v: &Vindex,
+    prompt: &str,
+    top: u32,
+    layers: Option<LayerRange>,
+    explain: bool,
+) -> Result<ResultSet, String> {
+    let ids = v.tokenizer().encode(prompt, false, true);
+    let last = *ids.last().ok_or("the prompt has no tokens")?;
+    let d = v.index().model.d_model;
+    let scale = v.index().model.embed_scale;
+    let x: Vec<f32> = v.embedding(last).iter().map(|a| a * scale).collect();
+    debug_assert_eq!(x.len(), d);
+    let mut cols = vec![
+        ("layer", ColumnType::Int),
+        ("feature", ColumnType::Int),
+        ("activation", ColumnType::Float),
+        ("pushes", ColumnType::Text),
+        ("effect", ColumnType::Float),
+    ];
+    if explain {
+        cols.extend([("gate", ColumnType::Float), ("up", ColumnType::Float)]);
+    }
+    let mut r = ResultSet::new(&cols);
+    for layer in layer_list(v, layers)? {
+        let xn = ffn_input(v, layer, &x);
+        for (firing, effect) in strongest(v, layer, &xn, top as usize) {
+            let pushed: Vec<String> = pushes(v, &firing)
+                .iter()
+                .take(3)
+                .map(|&(t, _)| quoted(v, t))
+                .collect();
+            let mut row = vec![
+                Cell::Int(layer as i64),
+                Cell::Int(firing.feature as i64),
+                Cell::Float(firing.activation as f64),
+                Cell::Text(pushed.join(" ")),
+                Cell::Float(effect as f64),
+            ];
+            if explain {
+                row.extend([
+                    Cell::Float(firing.gate as f64),
+                    Cell::Float(firing.up as f64),
+                ]);
+            }
+            r.push(row);
+        }
+    }
+    r.notes.push(format!(
+        "last token {:?}: its embedding through each layer's pre-FFN norm, no forward pass",
+        v.tokenizer().decode(&[last])
+    ));
+    if explain {
+        r.notes.push(
+            "activation = act(gate) × up; effect = activation × logit of the token it pushes most"
+                .into(),
+        );
+    }
+    Ok(r)
+}
+
+fn infer(v: &Vindex, model: &Model<'_>, prompt: &str, top: usize) -> Result<ResultSet, String> {
+    let result = run(model, v.tokenizer(), prompt)?;
+    let probs = softmax(&result.logits);
+    let mut r = ResultSet::new(&[
+        ("rank", ColumnType::Int),
+        ("token", ColumnType::Text),
+        ("token_id", ColumnType::Int),
+        ("probability", ColumnType::Float),
+        ("logit", ColumnType::Float),
+    ]);
+    for (rank, id) in top_n(&result.logits, top).into_iter().enumerate() {
+        r.push(vec![
+            Cell::Int(rank as i64 + 1),
+            token(v, id as u32),
+            Cell::Int(id as i64),
+            Cell::Float(probs[id]),
+            Cell::Float(result.logits[id] as f64),
+        ]);
+    }
+    r.notes
+        .push(format!("{} prompt tokens", result.tokens.len()));
+    Ok(r)
+}
+
+fn explain_infer(
+    v: &Vindex,
+    model: &Model<'_>,
+    prompt: &str,
+    top: usize,
+    layers: Option<LayerRange>,
+) -> Result<ResultSet, String> {
+    let result = run(model, v.tokenizer(), prompt)?;
+    let mut r = ResultSet::new(&[
+        ("layer", ColumnType::Int),
+        ("feature", ColumnType::Int),
+        ("activation", ColumnType::Float),
+        ("pushes", ColumnType::Text),
+        ("effect", ColumnType::Float),
+    ]);
+    for layer in layer_list(v, layers)? {
+        let acts = &result.pieces.activations[layer];
+        let mut ranked: Vec<(usize, Vec<(u32, f32)>)> = (0..acts.len())
+            .map(|f| {
+                let firing = crate::browse::Firing {
+                    layer,
+                    feature: f,
+                    gate: f32::NAN,
+                    up: f32::NAN,
+                    activation: acts[f],
+                };
+                (f, pushes(v, &firing))
+            })
+            .collect();
+        let effect = |p: &[(u32, f32)]| p.first().map_or(0.0, |&(_, e)| e);
+        ranked.sort_by(|a, b| effect(&b.1).total_cmp(&effect(&a.1)));
+        for (f, pushed) in ranked.into_iter().take(top) {
+            let names: Vec<String> = pushed.iter().take(3).map(|&(t, _)| quoted(v, t)).collect();
+            r.push(vec![
+                Cell::Int(layer as i64),
+                Cell::Int(f as i64),
+                Cell::Float(acts[f] as f64),
+                Cell::Text(names.join(" ")),
+                Cell::Float(effect(&pushed) as f64),
+            ]);
+        }
+    }
+    let best = top_n(&result.logits, 1)[0];
+    r.notes.push(format!(
+        "features firing on the real residual at the last of {} tokens; the model predicts {:?}",
+        result.tokens.len(),
+        v.tokenizer().decode(&[best as u32])
+    ));
+    Ok(r)
+}
+
+fn trace(
+    v: &Vindex,
+    model: &Model<'_>,
+    prompt: &str,
+    target: Option<&str>,
+    decompose: bool,
+    layers: Option<LayerRange>,
+) -> Result<ResultSet, String> {
+    let result = run(model, v.tokenizer(), prompt)?;
+    let tok = v.tokenizer();
+    let target = match target {
+        None => top_n(&result.logits, 1)[0] as u32,
+        Some(text) => tok
+            .token_id(text)
+            .or_else(|| single(&tok.encode(&format!(" {text}"), false, false)))
+            .or_else(|| single(&tok.encode(text, false, false)))
+            .ok_or_else(|| {
+                format!(
+                    "FOR {text:?} is not a single token (it encodes as {:?}); trace one token",
+                    tok.encode(text, false, false)
+                )
+            })?,
+    };
+    let a = attribute(model, &result, target);
+    let shown = layer_list(v, layers)?;
+    let mut r = if decompose {
+        ResultSet::new(&[
+            ("layer", ColumnType::Int),
+            ("part", ColumnType::Text),
+            ("feature", ColumnType::Int),
+            ("contribution", ColumnType::Float),
+        ])
+    } else {
+        ResultSet::new(&[
+            ("layer", ColumnType::Int),
+            ("attention", ColumnType::Float),
+            ("ffn", ColumnType::Float),
+            ("cumulative", ColumnType::Float),
+            ("lens_top", ColumnType::Text),
+            ("lens_target_logit", ColumnType::Float),
+        ])
+    };
+    let mut cumulative = a.embedding;
+    let readout = Readout::new(model, &result.pieces.final_residual, target);
+    for layer in 0..a.attention.len() {
+        cumulative += a.attention[layer] + a.ffn[layer];
+        if !shown.contains(&layer) {
+            continue;
+        }
+        if decompose {
+            r.push(vec![
+                Cell::Int(layer as i64),
+                Cell::Text("attention".into()),
+                Cell::Null,
+                Cell::Float(a.attention[layer]),
+            ]);
+            let shares = ffn_feature_shares(model, &result, &readout, layer);
+            let mut order: Vec<usize> = (0..shares.len()).collect();
+            order.sort_by(|&x, &y| shares[y].abs().total_cmp(&shares[x].abs()));
+            let mut rest = a.ffn[layer];
+            for &f in order.iter().take(5) {
+                rest -= shares[f];
+                r.push(vec![
+                    Cell::Int(layer as i64),
+                    Cell::Text("ffn feature".into()),
+                    Cell::Int(f as i64),
+                    Cell::Float(shares[f]),
+                ]);
+            }
+            r.push(vec![
+                Cell::Int(layer as i64),
+                Cell::Text("ffn other features".into()),
+                Cell::Null,
+                Cell::Float(rest),
+            ]);
+        } else {
+            let (lens_top, lens_logit) = a.lens[layer];
+            r.push(vec![
+                Cell::Int(layer as i64),
+                Cell::Float(a.attention[layer]),
+                Cell::Float(a.ffn[layer]),
+                Cell::Float(cumulative),
+                token(v, lens_top),
+                Cell::Float(lens_logit as f64),
+            ]);
+        }
+    }
+    let total = a.embedding + a.attention.iter().sum::<f64>() + a.ffn.iter().sum::<f64>();
+    r.notes.push(format!(
+        "target {:?} (id {target}): embedding {:.4} + attention {:.4} + ffn {:.4} = {:.4}; final logit {:.4} (sampled logit {:.4})",
+        tok.decode(&[target]),
+        a.embedding,
+        a.attention.iter().sum::<f64>(),
+        a.ffn.iter().sum::<f64>(),
+        total,
+        a.logit,
+        result.logits[target as usize]
+    ));
+    Ok(r)
+}
+
+fn single(ids: &[u32]) -> Option<u32> {
+    match ids {
+        [id] => Some(*id),
+        _ => None,
+    }
+}

@@ -1,0 +1,19 @@
+//! Runs LQL (parsed by `quarry-lql`) against a vindex and, for statements that need a forward
+//! pass, the model file inside it. Every statement returns a [`ResultSet`]: named, typed
+//! columns and rows, rendered as an aligned table or as JSON.
+//!
+//! Browsing statements (DESCRIBE, WALK, SELECT, SHOW, STATS) read only the vindex; INFER,
+//! EXPLAIN INFER and TRACE run the model (an `inference`-level vindex). What each statement
+//! computes is documented in `docs/lql.md` and in the modules: [`browse`](crate::browse) for
+//! how features are ranked, `trace` for the exact attribution.
+
+mod browse;
+mod error;
+mod executor;
+mod result;
+mod select;
+mod trace;
+
+pub use error::QueryError;
+pub use executor::Executor;
+pub use result::{Cell, Column, ColumnType, ResultSet};
