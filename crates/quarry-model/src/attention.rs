@@ -3,7 +3,8 @@
 //!
 //! The query rows that share one KV head (its group of query heads, for consecutive tokens)
 //! are cut into tiles of at most [`TILE_ROWS`] rows. A tile walks the keys its rows may see in
-//! blocks of [`KEY_BLOCK`] positions: one GEMM gives the block's scores, a running maximum and
+//! blocks of [`KEY_BLOCK`] positions: one GEMM gives the block's scores (plain dot products
+//! for tiles of fewer than [`GEMM_MIN_ROWS`] rows), a running maximum and
 //! sum per row keep the softmax exact across blocks (online softmax, as in FlashAttention),
 //! and a second GEMM adds the block's weighted values. Every key and value is read in place
 //! from the cache, once per tile; a tile's scratch is a few tens of KiB whatever the length.
@@ -16,7 +17,7 @@ use std::sync::{Mutex, PoisonError};
 
 use quarry_kernels::gemm::{gemm, MatRef};
 use quarry_kernels::pool;
-use quarry_kernels::vec::exp_sub_sum;
+use quarry_kernels::vec::{axpy, dot, exp_sub_sum};
 
 use crate::kv_cache::KvCache;
 use crate::ops::softcap;
@@ -25,6 +26,10 @@ use crate::ops::softcap;
 const TILE_ROWS: usize = 64;
 /// Key positions per block.
 const KEY_BLOCK: usize = 64;
+/// Tiles with fewer query rows (decoding: one token's heads) use plain dot products and
+/// AXPYs: the GEMM's packing costs more than it saves on a handful of rows (measured: 10% of
+/// a SmolLM2 decode step went to packing).
+const GEMM_MIN_ROWS: usize = 8;
 
 /// The shape and options of one layer's attention.
 #[derive(Clone, Copy, Debug)]
@@ -118,13 +123,13 @@ fn attend_tile<C: KvCache>(
     let (q_dim, kv_dim) = (spec.n_heads * hd, spec.n_kv_heads * hd);
     let m = out.len() / hd;
     let pos_of = |r: usize| start + (first_row + r) / group;
-    let mut qt = vec![0.0f32; m * hd];
-    for (r, row) in qt.chunks_exact_mut(hd).enumerate() {
+    let mut q_tile = vec![0.0f32; m * hd];
+    for (r, row) in q_tile.chunks_exact_mut(hd).enumerate() {
         let (t, hh) = ((first_row + r) / group, (first_row + r) % group);
         let off = t * q_dim + (g * group + hh) * hd;
         row.copy_from_slice(&q[off..off + hd]);
     }
-    let qt = MatRef::row_major(&qt, m, hd, hd);
+    let qt = MatRef::row_major(&q_tile, m, hd, hd);
     let mut scores = vec![0.0f32; m * KEY_BLOCK];
     let mut max = vec![f32::NEG_INFINITY; m];
     let mut sum = vec![0.0f32; m];
@@ -138,7 +143,15 @@ fn attend_tile<C: KvCache>(
         let values = cache.values(layer, j0..j1);
         let k = MatRef::row_major(&keys[g * hd..], b, hd, kv_dim);
         let v = MatRef::row_major(&values[g * hd..], b, hd, kv_dim);
-        gemm(spec.scale, qt, k.t(), 0.0, &mut scores, b);
+        if m >= GEMM_MIN_ROWS {
+            gemm(spec.scale, qt, k.t(), 0.0, &mut scores, b);
+        } else {
+            for (q, row) in q_tile.chunks_exact(hd).zip(scores.chunks_exact_mut(b)) {
+                for (s, key) in row.iter_mut().zip(keys.chunks_exact(kv_dim)) {
+                    *s = dot(q, &key[g * hd..(g + 1) * hd]) * spec.scale;
+                }
+            }
+        }
         for (r, row) in scores[..m * b].chunks_exact_mut(b).enumerate() {
             if let Some(cap) = spec.softcap {
                 softcap(row, cap);
@@ -163,7 +176,15 @@ fn attend_tile<C: KvCache>(
             max[r] = new_max;
             sum[r] += exp_sub_sum(row, new_max);
         }
-        gemm(1.0, MatRef::row_major(&scores, m, b, b), v, 1.0, out, hd);
+        if m >= GEMM_MIN_ROWS {
+            gemm(1.0, MatRef::row_major(&scores, m, b, b), v, 1.0, out, hd);
+        } else {
+            for (p, o) in scores.chunks_exact(b).zip(out.chunks_exact_mut(hd)) {
+                for (&w, value) in p.iter().zip(values.chunks_exact(kv_dim)) {
+                    axpy(o, w, &value[g * hd..(g + 1) * hd]);
+                }
+            }
+        }
     }
     for (row, s) in out.chunks_exact_mut(hd).zip(&sum) {
         let inv = 1.0 / s;
