@@ -1,0 +1,226 @@
+//! The executor on real vindexes: Gemma 3 270M (inference level, extracted once per run of
+//! this test binary, ~2 min) for the acceptance checks of INFER and TRACE, SmolLM2 for the rest.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use quarry_fixtures::{model_path, TestModel};
+use quarry_format::GgufFile;
+use quarry_model::Model;
+use quarry_query::{Cell, Executor, QueryError, ResultSet};
+use quarry_tokenize::Tokenizer;
+use quarry_vindex::{extract, Dtype, ExtractOptions, Level};
+
+fn vindex(model: TestModel) -> &'static Path {
+    static GEMMA: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    static SMOL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let cell = match model {
+        TestModel::Gemma3 => &GEMMA,
+        TestModel::SmolLm2 => &SMOL,
+    };
+    &cell
+        .get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let out = tmp.path().join("model.vindex");
+            let options = ExtractOptions {
+                level: Level::Inference,
+                dtype: Dtype::F16,
+                top_k: 10,
+            };
+            extract(&model_path(model), &out, &options, &mut |_| {}).unwrap();
+            (tmp, out)
+        })
+        .1
+}
+
+fn query(model: TestModel, script: &str) -> Vec<ResultSet> {
+    Executor::with_vindex(vindex(model))
+        .unwrap()
+        .run_script(script)
+        .unwrap_or_else(|e| panic!("{script}: {e}"))
+}
+
+fn float(c: &Cell) -> f64 {
+    c.as_f64().unwrap_or_else(|| panic!("not a number: {c:?}"))
+}
+
+fn int(c: &Cell) -> i64 {
+    match c {
+        Cell::Int(i) => *i,
+        other => panic!("not an int: {other:?}"),
+    }
+}
+
+/// The last position's logits and final normed hidden state of a plain forward pass.
+fn plain_forward(model: TestModel, prompt: &str) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let file = GgufFile::open(model_path(model)).unwrap();
+    let m = Model::load(&file).unwrap();
+    let tok = Tokenizer::from_gguf(&file).unwrap();
+    let ids = tok.encode(prompt, true, true);
+    let n = ids.len();
+    let hidden = m
+        .forward_hidden(&ids, &mut m.new_cache(n), n - 1..n)
+        .unwrap();
+    let logits = m.logits(&hidden);
+    let mut head_row = vec![0.0f32; hidden.len()];
+    let best = (0..logits.len())
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .unwrap();
+    m.output_head().dequantize_row(best, &mut head_row);
+    (logits, hidden, head_row)
+}
+
+#[test]
+fn infer_equals_the_plain_forward_pass_on_gemma() {
+    let prompt = "The capital of France is";
+    let r = &query(TestModel::Gemma3, &format!("INFER \"{prompt}\" TOP 5"))[0];
+    let (logits, _, _) = plain_forward(TestModel::Gemma3, prompt);
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    assert_eq!(r.rows.len(), 5);
+    let (id, p) = (
+        r.column("token_id").unwrap(),
+        r.column("probability").unwrap(),
+    );
+    for (row, &expected) in r.rows.iter().zip(&order) {
+        assert_eq!(int(&row[id]) as usize, expected);
+        let want = (logits[expected] as f64 - max).exp() / sum;
+        assert!((float(&row[p]) - want).abs() < 1e-4, "{row:?} vs {want}");
+    }
+}
+
+#[test]
+fn trace_contributions_add_up_to_the_final_logit_on_gemma() {
+    let prompt = "The capital of France is";
+    let (_, hidden, head_row) = plain_forward(TestModel::Gemma3, prompt);
+    let exact: f64 = hidden
+        .iter()
+        .zip(&head_row)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
+    let results = query(
+        TestModel::Gemma3,
+        &format!("TRACE \"{prompt}\"; TRACE \"{prompt}\" DECOMPOSE"),
+    );
+    let plain = &results[0];
+    let cumulative = plain.column("cumulative").unwrap();
+    let last = float(&plain.rows.last().unwrap()[cumulative]);
+    assert!((last - exact).abs() < 1e-3, "sum {last} vs logit {exact}");
+    assert_eq!(plain.rows.len(), 18);
+
+    let decomposed = &results[1];
+    let c = decomposed.column("contribution").unwrap();
+    let total: f64 = decomposed.rows.iter().map(|r| float(&r[c])).sum();
+    assert!(
+        (total - exact).abs() < 1e-3,
+        "decomposed sum {total} vs logit {exact}"
+    );
+}
+
+#[test]
+fn trace_for_a_named_token_and_its_errors() {
+    let r = &query(
+        TestModel::SmolLm2,
+        "TRACE \"The capital of France is\" FOR \"Paris\" LAYERS 20-29",
+    )[0];
+    assert_eq!(r.rows.len(), 10);
+    assert!(r.notes[0].contains("Paris"), "{}", r.notes[0]);
+    let err = Executor::with_vindex(vindex(TestModel::SmolLm2))
+        .unwrap()
+        .run_script("TRACE \"x\" FOR \"antidisestablishmentarianism\"")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not a single token"), "{err}");
+}
+
+#[test]
+fn select_projects_filters_orders_and_limits() {
+    let r = &query(
+        TestModel::SmolLm2,
+        "SELECT layer, feature, top_logit FROM FEATURES \
+         WHERE (layer BETWEEN 3 AND 5 OR layer IN (20)) AND NOT top_logit < 0.5 \
+         ORDER BY top_logit DESC, feature LIMIT 7",
+    )[0];
+    let names: Vec<&str> = r.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["layer", "feature", "top_logit"]);
+    assert_eq!(r.rows.len(), 7);
+    for pair in r.rows.windows(2) {
+        assert!(float(&pair[0][2]) >= float(&pair[1][2]));
+    }
+    for row in &r.rows {
+        let layer = int(&row[0]);
+        assert!((3..=5).contains(&layer) || layer == 20);
+        assert!(float(&row[2]) >= 0.5);
+    }
+
+    let edges = &query(
+        TestModel::SmolLm2,
+        "SELECT * FROM EDGES WHERE layer = 2 AND feature = 7 AND direction = 'up'",
+    )[0];
+    assert_eq!(edges.rows.len(), 10);
+    let like = &query(
+        TestModel::SmolLm2,
+        "SELECT id, token FROM ENTITIES WHERE token LIKE ' Par%' LIMIT 3",
+    )[0];
+    assert!(!like.rows.is_empty());
+    for row in &like.rows {
+        assert!(row[1].as_str().unwrap().starts_with(" Par"));
+    }
+}
+
+#[test]
+fn bad_queries_name_the_problem() {
+    let mut e = Executor::with_vindex(vindex(TestModel::SmolLm2)).unwrap();
+    let err = e
+        .run_script("SELECT nope FROM FEATURES")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("no column \"nope\"") && err.contains("top_token"),
+        "{err}"
+    );
+    let err = e
+        .run_script("SELECT * FROM FEATURES WHERE layer = 'x'")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("column layer is int"), "{err}");
+    let err = e.run_script("SHOW FEATURES 999").err().unwrap().to_string();
+    assert!(err.contains("layers 0-29"), "{err}");
+    let err = e.run_script("WALK 42").err().unwrap();
+    assert!(matches!(err, QueryError::Parse(_)), "{err}");
+    assert!(err.to_string().starts_with("line 1, column 6"), "{err}");
+    let err = Executor::new()
+        .run_script("STATS")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("USE"), "{err}");
+}
+
+#[test]
+fn describe_walk_and_explain_return_ranked_rows() {
+    let results = query(
+        TestModel::SmolLm2,
+        "DESCRIBE \"France\"; DESCRIBE \"France\" BRIEF RAW; DESCRIBE \"France\" AT LAYER 3 VERBOSE; \
+         WALK \"The capital of France\" TOP 3 LAYERS 0-1; EXPLAIN INFER \"The capital of France is\" TOP 2 LAYERS 5-6; \
+         STATS; SHOW LAYERS",
+    );
+    assert_eq!(results[0].rows.len(), 20);
+    assert_eq!(results[1].rows.len(), 10);
+    for r in &results[..3] {
+        let s = r.column("score").unwrap();
+        for pair in r.rows.windows(2) {
+            assert!(float(&pair[0][s]) >= float(&pair[1][s]));
+        }
+        assert!(r.rows.iter().all(|row| float(&row[s]) > 0.0));
+    }
+    assert!(results[2].rows.iter().all(|row| int(&row[5]) == 3));
+    assert_eq!(results[3].rows.len(), 6);
+    assert_eq!(results[4].rows.len(), 4);
+    assert_eq!(results[6].rows.len(), 30);
+}
