@@ -232,3 +232,59 @@ fn info_reports_the_architecture() {
     assert_eq!(v["tensor_types"]["Q5_0"]["tensors"], 81);
     assert_eq!(v["global_layers"], serde_json::json!([5, 11, 17]));
 }
+
+#[test]
+fn extract_verify_and_query_a_vindex() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm2.vindex");
+    let model = model_path(TestModel::SmolLm2);
+    let extracted = quarry_json(&["extract", path_str(&model), "-o", path_str(&out), "--json"]);
+    assert_eq!(extracted["level"], "browse");
+    assert!(extracted["files"].as_array().unwrap().len() >= 6);
+    let verified = quarry_json(&["verify", path_str(&out), "--json"]);
+    assert_eq!(verified["ok"], true);
+
+    let run = quarry(&[
+        "lql",
+        "--vindex",
+        path_str(&out),
+        "--json",
+        "STATS; DESCRIBE \"France\" BRIEF",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["columns"][1]["name"], "token");
+    assert_eq!(lines[1]["rows"].as_array().unwrap().len(), 10);
+
+    // A query that needs the model file names the level to extract at.
+    let infer = quarry(&["lql", "--vindex", path_str(&out), "INFER \"Hi\""]);
+    assert_one_line_error(&infer, "--level inference");
+    // Extracting over an existing vindex is refused and leaves it intact.
+    let again = quarry(&["extract", path_str(&model), "-o", path_str(&out)]);
+    assert_one_line_error(&again, "already exists");
+    assert_eq!(
+        quarry_json(&["verify", path_str(&out), "--json"])["ok"],
+        true
+    );
+}
+
+#[test]
+fn malformed_lql_reports_line_and_column() {
+    let out = quarry(&["lql", "STATS;\nWALK 42"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: line 2, column 6: expected a quoted prompt after WALK"),
+        "{stderr}"
+    );
+    let no_vindex = quarry(&["lql", "STATS"]);
+    assert_one_line_error(&no_vindex, "USE \"path/to/model.vindex\"");
+}

@@ -562,6 +562,14 @@ fn trace(
     };
     let mut cumulative = a.embedding;
     let readout = Readout::new(model, &result.pieces.final_residual, target);
+    if decompose {
+        r.push(vec![
+            Cell::Null,
+            Cell::Text("embedding".into()),
+            Cell::Null,
+            Cell::Float(a.embedding),
+        ]);
+    }
     for layer in 0..a.attention.len() {
         cumulative += a.attention[layer] + a.ffn[layer];
         if !shown.contains(&layer) {
