@@ -76,6 +76,9 @@ pub(crate) struct Firing {
     pub gate: f32,
     pub up: f32,
     pub activation: f32,
+    /// What the ranking weighs the feature's writes by: the activation's z-score against the
+    /// feature's baseline when browsing, the activation itself on a real residual.
+    pub weight: f32,
 }
 
 /// Every feature of `layer` on the normalized input `xn`.
@@ -89,27 +92,27 @@ pub(crate) fn fire(v: &Vindex, layer: usize, xn: &[f32]) -> Vec<Firing> {
         gelu_tanh_mul(&mut act, &up);
     }
     (0..gate.len())
-        .map(|f| Firing {
-            layer,
-            feature: f,
-            gate: gate[f],
-            up: up[f],
-            activation: act[f],
+        .map(|f| {
+            let (mean, std) = v.activation_stats(layer, f);
+            Firing {
+                layer,
+                feature: f,
+                gate: gate[f],
+                up: up[f],
+                activation: act[f],
+                weight: (act[f] - mean) / std.max(1e-6),
+            }
         })
         .collect()
 }
 
-/// The tokens a firing feature pushes up, with the logit it adds to each: the top of its
-/// projection for a positive activation, the bottom for a negative one.
+/// The tokens a firing feature pushes up, with its weighted effect on each: the top of its
+/// projection for a positive weight, the bottom for a negative one.
 pub(crate) fn pushes(v: &Vindex, firing: &Firing) -> Vec<(u32, f32)> {
     let (top, bottom) = v.writes(firing.layer, firing.feature);
-    let side: &[TokenLogit] = if firing.activation >= 0.0 {
-        top
-    } else {
-        bottom
-    };
+    let side: &[TokenLogit] = if firing.weight >= 0.0 { top } else { bottom };
     side.iter()
-        .map(|r| (r.token, firing.activation * r.logit))
+        .map(|r| (r.token, firing.weight * r.logit))
         .collect()
 }
 

@@ -376,7 +376,7 @@ fn describe(
         if raw {
             "RAW (|raw embedding · gate|, top tokens)"
         } else {
-            "contribution (normalized input, signed activation × logit)"
+            "contribution (normalized input; activation z-score against its baseline × logit)"
         }
     ));
     Ok(r)
@@ -436,7 +436,7 @@ fn walk(
     ));
     if explain {
         r.notes.push(
-            "activation = act(gate) × up; effect = activation × logit of the token it pushes most"
+            "activation = act(gate) × up; effect = its z-score against the feature's baseline × logit of the token it pushes most"
                 .into(),
         );
     }
@@ -492,6 +492,7 @@ fn explain_infer(
                     gate: f32::NAN,
                     up: f32::NAN,
                     activation: acts[f],
+                    weight: acts[f],
                 };
                 (f, pushes(v, &firing))
             })

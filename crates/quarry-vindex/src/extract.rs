@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use quarry_format::{GgufFile, GgufWriter};
+use quarry_kernels::vec::{gelu_tanh_mul, silu_mul};
 use quarry_kernels::{matmul, pool, WeightView};
 use quarry_model::{Activation, Model};
 use quarry_tokenize::Tokenizer;
@@ -21,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{io, VindexError};
 use crate::layout::{
     Bands, Dtype, Element, FileEntry, Index, Level, ModelInfo, Provenance, DOWN, EMBEDDINGS,
-    FORMAT, GATE, INDEX, MODEL, NORMS, TOKENIZER, UP, VERSION, WRITES,
+    FEATURE_STATS, FORMAT, GATE, INDEX, MODEL, NORMS, TOKENIZER, UP, VERSION, WRITES,
 };
 use crate::TokenLogit;
 
@@ -51,6 +52,10 @@ pub struct Progress {
     pub done: usize,
     pub total: usize,
 }
+
+/// Vocabulary tokens (an even stride through the vocabulary) whose embeddings calibrate each
+/// feature's typical activation on browsing inputs.
+const CALIBRATION_TOKENS: usize = 4096;
 
 /// Values of the output head computed at once when projecting feature write vectors
 /// (bounds the temporary logits buffer to 128 MiB).
@@ -173,6 +178,13 @@ fn write_all(
         Element::F32,
         vec![n_layers as u64 + 1, d as u64],
     )?;
+    let mut stats = DataFile::create(
+        dir,
+        FEATURE_STATS,
+        Element::F32,
+        vec![n_layers as u64, ff as u64, 2],
+    )?;
+    let calibration = calibration_inputs(model);
     let mut matrix = Vec::new();
     for layer in 0..n_layers {
         progress(Progress {
@@ -186,6 +198,7 @@ fn write_all(
             out.floats(&matrix, dtype)?;
         }
         norms.floats(w.norm, Dtype::F32)?;
+        stats.floats(&activation_stats(model, layer, &calibration), Dtype::F32)?;
         // Feature f writes column f of the down matrix; what reaches the head is that
         // direction scaled per dimension by the post-FFN norm (if any) and the final norm.
         decode_matrix(&w.down, &mut matrix);
@@ -215,6 +228,7 @@ fn write_all(
         up.finish()?,
         writes.finish()?,
         norms.finish()?,
+        stats.finish()?,
     ]);
     if let Some(down) = down {
         files.push(down.finish()?);
@@ -269,12 +283,66 @@ fn write_all(
         },
         bands: Bands::default_for(n_layers),
         top_k: k,
+        calibration_tokens: calibration.len() / d,
         files,
     };
     let json = serde_json::to_vec_pretty(&index).expect("the manifest serializes");
     let path = dir.join(INDEX);
     fs::write(&path, json).map_err(io(&path, "write"))?;
     Ok(index)
+}
+
+/// The scaled embeddings of an even stride of vocabulary tokens (rows of `d_model`).
+fn calibration_inputs(model: &Model<'_>) -> Vec<f32> {
+    let cfg = model.config();
+    let n = CALIBRATION_TOKENS.min(cfg.vocab_size);
+    let mut x = vec![0.0f32; n * cfg.d_model];
+    for (i, row) in x.chunks_exact_mut(cfg.d_model).enumerate() {
+        model
+            .token_embeddings()
+            .dequantize_row(i * cfg.vocab_size / n, row);
+        row.iter_mut().for_each(|v| *v *= cfg.embed_scale);
+    }
+    x
+}
+
+/// Per feature of `layer`, the mean and standard deviation of its activation
+/// `act(gate · x) · (up · x)` over the calibration embeddings through the layer's pre-FFN norm:
+/// the baseline browsing queries measure an entity's activations against.
+fn activation_stats(model: &Model<'_>, layer: usize, calibration: &[f32]) -> Vec<f32> {
+    let cfg = model.config();
+    let (d, ff) = (cfg.d_model, cfg.ff_dim);
+    let n = calibration.len() / d;
+    let w = model.ffn_weights(layer);
+    let mut xn = calibration.to_vec();
+    for row in xn.chunks_exact_mut(d) {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean_sq + cfg.norm_eps).sqrt();
+        row.iter_mut().zip(w.norm).for_each(|(v, g)| *v *= inv * g);
+    }
+    let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
+    matmul(&w.gate, &xn, n, &mut gate);
+    matmul(&w.up, &xn, n, &mut up);
+    match cfg.activation {
+        Activation::Silu => silu_mul(&mut gate, &up),
+        Activation::GeluTanh => gelu_tanh_mul(&mut gate, &up),
+    }
+    let mut sum = vec![0.0f64; ff];
+    let mut sum_sq = vec![0.0f64; ff];
+    for row in gate.chunks_exact(ff) {
+        for ((s, q), &a) in sum.iter_mut().zip(&mut sum_sq).zip(row) {
+            *s += a as f64;
+            *q += a as f64 * a as f64;
+        }
+    }
+    sum.iter()
+        .zip(&sum_sq)
+        .flat_map(|(&s, &q)| {
+            let mean = s / n as f64;
+            let var = (q / n as f64 - mean * mean).max(0.0);
+            [mean as f32, var.sqrt() as f32]
+        })
+        .collect()
 }
 
 /// Decodes a whole matrix (one layer's, a few MiB) into `out`, row-major.

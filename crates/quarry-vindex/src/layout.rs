@@ -20,6 +20,7 @@ pub const GATE: &str = "gate.bin";
 pub const UP: &str = "up.bin";
 pub const NORMS: &str = "norms.bin";
 pub const WRITES: &str = "writes.bin";
+pub const FEATURE_STATS: &str = "feature_stats.bin";
 pub const MODEL: &str = "model.gguf";
 pub const DOWN: &str = "down.bin";
 
@@ -180,6 +181,8 @@ pub struct Index {
     pub bands: Bands,
     /// Tokens kept per feature at each end of its vocabulary projection.
     pub top_k: usize,
+    /// Vocabulary tokens whose embeddings calibrated `feature_stats.bin`.
+    pub calibration_tokens: usize,
     pub files: Vec<FileEntry>,
 }
 

@@ -14,8 +14,8 @@ use quarry_tokenize::Tokenizer;
 use crate::error::{io, VindexError};
 use crate::extract::hash_file;
 use crate::layout::{
-    Dtype, Element, FileEntry, Index, Level, DOWN, EMBEDDINGS, FORMAT, GATE, INDEX, MODEL, NORMS,
-    TOKENIZER, UP, VERSION, WRITES,
+    Dtype, Element, FileEntry, Index, Level, DOWN, EMBEDDINGS, FEATURE_STATS, FORMAT, GATE, INDEX,
+    MODEL, NORMS, TOKENIZER, UP, VERSION, WRITES,
 };
 use crate::TokenLogit;
 
@@ -156,6 +156,15 @@ impl Vindex {
         &all[layer * d..(layer + 1) * d]
     }
 
+    /// Mean and standard deviation of feature `feature`'s activation at layer `layer` over the
+    /// calibration tokens' browsing inputs (see `docs/vindex.md`).
+    pub fn activation_stats(&self, layer: usize, feature: usize) -> (f32, f32) {
+        let ff = self.index.model.ff_dim;
+        let all: &[f32] = bytemuck::cast_slice(&self.maps[FEATURE_STATS][..]);
+        let at = (layer * ff + feature) * 2;
+        (all[at], all[at + 1])
+    }
+
     /// The tokens feature `feature` of layer `layer` pushes up most (highest logit first) and
     /// down most (lowest first), per unit of activation.
     pub fn writes(&self, layer: usize, feature: usize) -> (&[TokenLogit], &[TokenLogit]) {
@@ -294,6 +303,7 @@ fn expected_files(index: &Index) -> Vec<(&'static str, Element, Vec<u64>)> {
         (GATE, float, vec![l, ff, d]),
         (UP, float, vec![l, ff, d]),
         (NORMS, Element::F32, vec![l + 1, d]),
+        (FEATURE_STATS, Element::F32, vec![l, ff, 2]),
         (
             WRITES,
             Element::TokenLogit,

@@ -206,3 +206,43 @@ fn a_lower_level_vindex_names_the_level_a_query_needs() {
     let err = v.model_path().err().unwrap().to_string();
     assert!(err.contains("--level inference"), "{err}");
 }
+
+#[test]
+fn feature_stats_are_the_mean_and_spread_over_the_calibration_embeddings() {
+    let v = Vindex::open(vindex_dir()).unwrap();
+    let file = GgufFile::open(model_path(TestModel::SmolLm2)).unwrap();
+    let model = Model::load(&file).unwrap();
+    let cfg = model.config();
+    let (layer, feature) = (5, 17);
+    let w = model.ffn_weights(layer);
+    let (mut gate, mut up) = (vec![0.0f32; cfg.d_model], vec![0.0f32; cfg.d_model]);
+    w.gate.dequantize_row(feature, &mut gate);
+    w.up.dequantize_row(feature, &mut up);
+    let n = v.index().calibration_tokens;
+    assert_eq!(n, 4096);
+    let (mut sum, mut sum_sq) = (0.0f64, 0.0f64);
+    let mut x = vec![0.0f32; cfg.d_model];
+    for i in 0..n {
+        model
+            .token_embeddings()
+            .dequantize_row(i * cfg.vocab_size / n, &mut x);
+        let rms = (x.iter().map(|a| a * a).sum::<f32>() / x.len() as f32 + cfg.norm_eps).sqrt();
+        let xn: Vec<f32> = x.iter().zip(w.norm).map(|(a, g)| a / rms * g).collect();
+        let g: f32 = gate.iter().zip(&xn).map(|(a, b)| a * b).sum();
+        let u: f32 = up.iter().zip(&xn).map(|(a, b)| a * b).sum();
+        let act = (g / (1.0 + (-g).exp()) * u) as f64;
+        sum += act;
+        sum_sq += act * act;
+    }
+    let mean = sum / n as f64;
+    let std = (sum_sq / n as f64 - mean * mean).sqrt();
+    let (m, s) = v.activation_stats(layer, feature);
+    assert!(
+        (m as f64 - mean).abs() < 1e-3 * (1.0 + mean.abs()),
+        "mean {m} vs {mean}"
+    );
+    assert!(
+        (s as f64 - std).abs() < 1e-3 * (1.0 + std),
+        "std {s} vs {std}"
+    );
+}
