@@ -11,6 +11,7 @@
 //! in bounds.
 
 use std::fmt;
+use std::sync::{Mutex, PoisonError};
 
 use quarry_format::GgmlType;
 
@@ -171,38 +172,65 @@ pub fn matmul(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
 /// ones, while 8-bit activations (which llama.cpp uses throughout) move logits by a few tenths
 /// over a deep stack: acceptable for a decode step, not for scoring a prompt.
 pub fn matmul_quantized(w: &WeightView<'_>, x: &QuantizedActivations<'_>, y: &mut [f32]) {
-    assert_eq!(
-        x.cols(),
-        w.cols,
-        "matmul_quantized: activations have {} columns, W has {}",
-        x.cols(),
-        w.cols
-    );
-    if x.n_tokens() != 1 || !has_integer_kernel(w.dtype) {
-        return matmul(w, x.f32(), x.n_tokens(), y);
+    matmul_quantized_many(&mut [(w, y)], x)
+}
+
+/// Several [`matmul_quantized`] products of the same activations (Q, K and V; gate and up),
+/// computed in one dispatch of the thread pool when decoding a single token, so threads meet
+/// once instead of once per matrix.
+pub fn matmul_quantized_many(
+    products: &mut [(&WeightView<'_>, &mut [f32])],
+    x: &QuantizedActivations<'_>,
+) {
+    for (w, y) in products.iter() {
+        assert_eq!(
+            x.cols(),
+            w.cols,
+            "matmul_quantized: activations have {} columns, W has {}",
+            x.cols(),
+            w.cols
+        );
+        if x.n_tokens() == 1 {
+            assert_eq!(
+                y.len(),
+                w.rows,
+                "matmul_quantized: y has {} values, expected {} rows",
+                y.len(),
+                w.rows
+            );
+        }
     }
-    assert_eq!(
-        y.len(),
-        w.rows,
-        "matmul_quantized: y has {} values, expected {} rows",
-        y.len(),
-        w.rows
-    );
-    if y.is_empty() {
-        return;
+    let mut integer = Vec::new();
+    for (w, y) in products.iter_mut() {
+        if x.n_tokens() != 1 || !has_integer_kernel(w.dtype) {
+            matmul(w, x.f32(), x.n_tokens(), y);
+        } else {
+            integer.push((*w, &mut **y));
+        }
     }
     let isa = Isa::best();
     let pool = pool::global();
-    // A few tasks per thread balance uneven progress; multiples of 8 rows suit kernels that
-    // process several rows per pass over the activations.
-    let chunk = w
-        .rows
-        .div_ceil(4 * pool.n_threads())
-        .clamp(16, 512)
-        .next_multiple_of(8);
-    pool.for_each_chunk_mut(y, chunk, &|c, out| {
-        let first = c * chunk;
-        gemv_rows(isa, w, first..first + out.len(), x, 0, out);
+    // A few tasks per thread and matrix balance uneven progress; multiples of 8 rows suit
+    // kernels that process several rows per pass over the activations. Each task locks only
+    // its own slice, so the locks are never contended.
+    let tasks: Vec<(&WeightView<'_>, usize, Mutex<&mut [f32]>)> = integer
+        .into_iter()
+        .flat_map(|(w, y)| {
+            let chunk = w
+                .rows
+                .div_ceil(4 * pool.n_threads())
+                .clamp(16, 512)
+                .next_multiple_of(8);
+            y.chunks_mut(chunk)
+                .enumerate()
+                .map(move |(c, out)| (w, c * chunk, Mutex::new(out)))
+        })
+        .collect();
+    pool.run(tasks.len(), &|i| {
+        let (w, first, out) = &tasks[i];
+        let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
+        let rows = *first..*first + out.len();
+        gemv_rows(isa, w, rows, x, 0, &mut out);
     });
 }
 

@@ -6,7 +6,7 @@
 //! during decoding — so every weight matrix is read once per call whatever the batch size.
 
 use quarry_format::{GgufFile, TensorView};
-use quarry_kernels::{matmul_quantized, QuantizedActivations, WeightView};
+use quarry_kernels::{matmul_quantized, matmul_quantized_many, QuantizedActivations, WeightView};
 use std::ops::Range;
 
 use crate::attention::{attend, AttentionSpec};
@@ -287,9 +287,14 @@ impl<'a> Model<'a> {
         s.norm.copy_from_slice(x);
         rms_norm(&mut s.norm, &layer.attn_norm, cfg.norm_eps);
         let xq = QuantizedActivations::new(&s.norm, n, cfg.d_model);
-        matmul_quantized(&layer.wq, &xq, &mut s.q);
-        matmul_quantized(&layer.wk, &xq, &mut s.k);
-        matmul_quantized(&layer.wv, &xq, &mut s.v);
+        matmul_quantized_many(
+            &mut [
+                (&layer.wq, &mut s.q),
+                (&layer.wk, &mut s.k),
+                (&layer.wv, &mut s.v),
+            ],
+            &xq,
+        );
         if let Some(w) = &layer.q_norm {
             rms_norm(&mut s.q, w, cfg.norm_eps);
         }
@@ -336,8 +341,10 @@ impl<'a> Model<'a> {
         s.norm.copy_from_slice(x);
         rms_norm(&mut s.norm, &layer.ffn_norm, cfg.norm_eps);
         let xq = QuantizedActivations::new(&s.norm, n, cfg.d_model);
-        matmul_quantized(&layer.gate, &xq, &mut s.gate);
-        matmul_quantized(&layer.up, &xq, &mut s.up);
+        matmul_quantized_many(
+            &mut [(&layer.gate, &mut s.gate), (&layer.up, &mut s.up)],
+            &xq,
+        );
         gated_activation(&mut s.gate, &s.up, cfg.activation);
         observer.ffn_activations(index, &s.norm, &s.gate);
         let hidden = QuantizedActivations::new(&s.gate, n, cfg.ff_dim);
