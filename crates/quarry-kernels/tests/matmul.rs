@@ -1,12 +1,16 @@
 //! `matmul` and `WeightView::dequantize_row` against a naive reference that decodes the
 //! whole matrix with `dequantize` and multiplies in f64, for every decodable type and
 //! awkward shapes (single rows, rows that split unevenly into chunks and tiles, up to 8
-//! tokens through the row-by-row path and more through the tiled GEMM path).
+//! tokens through the row-by-row path and more through the tiled GEMM path), and the fused
+//! dispatch of several products against the products one by one.
 
 mod common;
 
 use proptest::prelude::*;
-use quarry_kernels::{dequantize, matmul, quantize, GgmlType, WeightView};
+use quarry_kernels::{
+    dequantize, matmul, matmul_quantized, matmul_quantized_many, quantize, GgmlType,
+    QuantizedActivations, WeightView,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -148,4 +152,44 @@ fn wide_rows_split_into_several_tiles() {
     check(GgmlType::Q4_K, 130, 2048, 49, 2);
     check(GgmlType::Q4_K, 130, 2048, 3, 3);
     check(GgmlType::Q4_K, 130, 2048, 1, 4);
+}
+
+#[test]
+fn fused_products_equal_products_one_at_a_time() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let cols = 512;
+    let shapes = [
+        (GgmlType::Q8_0, 37),
+        (GgmlType::Q4_K, 130),
+        (GgmlType::F32, 9),
+        (GgmlType::Q5_0, 1),
+    ];
+    let data: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(t, rows)| random_encoded(&mut rng, t, rows * cols))
+        .collect();
+    let views: Vec<WeightView<'_>> = shapes
+        .iter()
+        .zip(&data)
+        .map(|(&(t, rows), d)| WeightView::new(t, rows, cols, d).unwrap())
+        .collect();
+    for n_tokens in [1, 3] {
+        let x = common::gaussian(&mut rng, n_tokens * cols, 1.0);
+        let xq = QuantizedActivations::new(&x, n_tokens, cols);
+        let mut fused: Vec<Vec<f32>> = views
+            .iter()
+            .map(|w| vec![f32::NAN; n_tokens * w.rows()])
+            .collect();
+        let mut products: Vec<(&WeightView<'_>, &mut [f32])> = views
+            .iter()
+            .zip(fused.iter_mut())
+            .map(|(w, y)| (w, y.as_mut_slice()))
+            .collect();
+        matmul_quantized_many(&mut products, &xq);
+        for (w, y) in views.iter().zip(&fused) {
+            let mut single = vec![f32::NAN; n_tokens * w.rows()];
+            matmul_quantized(w, &xq, &mut single);
+            assert_eq!(&single, y, "{} with {n_tokens} tokens", w.dtype());
+        }
+    }
 }
