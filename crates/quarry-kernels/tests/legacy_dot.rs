@@ -4,6 +4,8 @@
 //! and decoded 8-bit activations, extreme codes that could overflow narrow intermediate
 //! sums, and the end-to-end error of 8-bit activations against unquantized ones.
 
+mod common;
+
 use half::f16;
 use proptest::prelude::*;
 use quarry_kernels::act::QuantizedActivations;
@@ -41,17 +43,6 @@ fn random_weights(rng: &mut StdRng, dtype: GgmlType, rows: usize, cols: usize) -
         }
     }
     bytes
-}
-
-/// Normally distributed values (Box–Muller) with standard deviation `sigma`.
-fn gaussian(rng: &mut StdRng, n: usize, sigma: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u: f32 = rng.gen_range(f32::EPSILON..1.0);
-            let v: f32 = rng.gen_range(0.0..std::f32::consts::TAU);
-            sigma * (-2.0 * u.ln()).sqrt() * v.cos()
-        })
-        .collect()
 }
 
 /// `gemv_rows` on token 0 of `x`, for rows `rows` of `w`.
@@ -144,7 +135,7 @@ proptest! {
         let total = skip + n_rows + 1;
         let bytes = random_weights(&mut rng, dtype, total, cols);
         let w = WeightView::new(dtype, total, cols, &bytes).unwrap();
-        let mut x = gaussian(&mut rng, cols, sigma);
+        let mut x = common::gaussian(&mut rng, cols, sigma);
         // A silent block: zero scale and zero sum.
         x[..32].fill(0.0);
         let x = QuantizedActivations::new(&x, 1, cols);
@@ -272,13 +263,13 @@ fn eight_bit_activations_stay_close_to_f32() {
     let mut rng = StdRng::seed_from_u64(7);
     let (rows, cols) = (24, 1536);
     for dtype in TYPES {
-        let bytes = encode(dtype, &gaussian(&mut rng, rows * cols, 0.02));
+        let bytes = encode(dtype, &common::gaussian(&mut rng, rows * cols, 0.02));
         let w = WeightView::new(dtype, rows, cols, &bytes).unwrap();
         assert!(w
             .data()
             .chunks_exact(dtype.type_size())
             .any(|b| b[0] != 0 || b[1] != 0));
-        let x = gaussian(&mut rng, cols, 1.0);
+        let x = common::gaussian(&mut rng, cols, 1.0);
         let xq = QuantizedActivations::new(&x, 1, cols);
         for isa in Isa::available() {
             let got = gemv(isa, &w, 0..rows, &xq);

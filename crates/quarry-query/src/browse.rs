@@ -18,14 +18,23 @@
 use std::collections::HashMap;
 
 use quarry_kernels::vec::{gelu_tanh_mul, silu_mul};
+use quarry_model::ops::rms_norm;
 use quarry_vindex::{TokenLogit, Vindex};
 
 /// Features kept per layer when collecting edges.
 pub(crate) const FEATURES_PER_LAYER: usize = 16;
 
-/// The tokens an entity name stands for, as it appears inside a sentence (after a space), and
-/// the mean of their embeddings scaled like the model's input.
-pub(crate) fn entity_input(v: &Vindex, entity: &str) -> Option<(Vec<u32>, Vec<f32>)> {
+/// An entity as browsing queries it.
+pub(crate) struct Entity {
+    /// Its tokens as it appears inside a sentence (after a space).
+    pub ids: Vec<u32>,
+    /// The sum of their stored embeddings (what RAW mode dots with the gate rows).
+    pub raw_sum: Vec<f32>,
+    /// The mean of their embeddings scaled like the model's input.
+    pub input: Vec<f32>,
+}
+
+pub(crate) fn entity_input(v: &Vindex, entity: &str) -> Option<Entity> {
     let tok = v.tokenizer();
     let mut ids = tok.encode(&format!(" {entity}"), false, false);
     // A tokenizer that splits the space off on its own adds a token that is not the entity.
@@ -35,14 +44,20 @@ pub(crate) fn entity_input(v: &Vindex, entity: &str) -> Option<(Vec<u32>, Vec<f3
     if ids.is_empty() {
         return None;
     }
-    let d = v.index().model.d_model;
-    let mut x = vec![0.0f32; d];
+    let mut raw_sum = vec![0.0f32; v.index().model.d_model];
     for &id in &ids {
-        x.iter_mut().zip(v.embedding(id)).for_each(|(a, b)| *a += b);
+        raw_sum
+            .iter_mut()
+            .zip(v.embedding(id))
+            .for_each(|(a, b)| *a += b);
     }
     let scale = v.index().model.embed_scale / ids.len() as f32;
-    x.iter_mut().for_each(|a| *a *= scale);
-    Some((ids, x))
+    let input = raw_sum.iter().map(|a| a * scale).collect();
+    Some(Entity {
+        ids,
+        raw_sum,
+        input,
+    })
 }
 
 /// The band (`syntax`, `knowledge`, `output`) layer `layer` belongs to.
@@ -59,13 +74,9 @@ pub(crate) fn band(v: &Vindex, layer: usize) -> &'static str {
 
 /// `x` through layer `layer`'s pre-FFN RMS norm.
 pub(crate) fn ffn_input(v: &Vindex, layer: usize, x: &[f32]) -> Vec<f32> {
-    let eps = v.index().model.norm_eps;
-    let mean_sq = x.iter().map(|a| a * a).sum::<f32>() / x.len() as f32;
-    let inv = 1.0 / (mean_sq + eps).sqrt();
-    x.iter()
-        .zip(v.norm(layer))
-        .map(|(a, w)| a * inv * w)
-        .collect()
+    let mut xn = x.to_vec();
+    rms_norm(&mut xn, v.norm(layer), v.index().model.norm_eps);
+    xn
 }
 
 /// One feature's response to an input.

@@ -325,15 +325,8 @@ fn describe(
             ))
         }
     };
-    let (ids, x) = entity_input(v, entity).ok_or_else(|| format!("{entity:?} has no tokens"))?;
-    let raw_embedding: Vec<f32> = {
-        let mut e = vec![0.0f32; x.len()];
-        for &id in &ids {
-            e.iter_mut().zip(v.embedding(id)).for_each(|(a, b)| *a += b);
-        }
-        e
-    };
-    let found = edges(v, &x, &raw_embedding, layers.iter().copied(), raw);
+    let e = entity_input(v, entity).ok_or_else(|| format!("{entity:?} has no tokens"))?;
+    let found = edges(v, &e.input, &e.raw_sum, layers.iter().copied(), raw);
     let limit = match detail {
         Detail::Brief => 10,
         Detail::Normal => 20,
@@ -364,7 +357,8 @@ fn describe(
             Cell::Int(e.best.1 as i64),
         ]);
     }
-    let pieces: Vec<String> = ids
+    let pieces: Vec<String> = e
+        .ids
         .iter()
         .map(|&id| format!("{:?}", v.tokenizer().decode(&[id])))
         .collect();
@@ -542,7 +536,8 @@ fn trace(
                 )
             })?,
     };
-    let a = attribute(model, &result, target);
+    let readout = Readout::new(model, &result.pieces.final_residual, target);
+    let a = attribute(model, &result, &readout);
     let shown = layer_list(v, layers)?;
     let mut r = if decompose {
         ResultSet::new(&[
@@ -562,7 +557,6 @@ fn trace(
         ])
     };
     let mut cumulative = a.embedding;
-    let readout = Readout::new(model, &result.pieces.final_residual, target);
     if decompose {
         r.push(vec![
             Cell::Null,

@@ -102,10 +102,10 @@ fn scan(v: &Vindex, q: &Select) -> Result<(ResultSet, Vec<(usize, bool)>), Strin
     };
     let firings: Option<Vec<Firing>> = match (&q.nearest, q.from) {
         (Some(n), Source::Features | Source::Edges) => {
-            let (_, x) = entity_input(v, &n.entity)
+            let e = entity_input(v, &n.entity)
                 .ok_or_else(|| format!("{:?} has no tokens", n.entity))?;
             let layer = n.layer as usize;
-            Some(fire(v, layer, &ffn_input(v, layer, &x)))
+            Some(fire(v, layer, &ffn_input(v, layer, &e.input)))
         }
         _ => None,
     };
@@ -140,9 +140,9 @@ fn scan(v: &Vindex, q: &Select) -> Result<(ResultSet, Vec<(usize, bool)>), Strin
     let entity_sim = match (&q.nearest, q.from) {
         (Some(n), Source::Entities) => {
             cols.push(("similarity", ColumnType::Float));
-            let (_, x) = entity_input(v, &n.entity)
+            let e = entity_input(v, &n.entity)
                 .ok_or_else(|| format!("{:?} has no tokens", n.entity))?;
-            Some(x)
+            Some(e.input)
         }
         _ => None,
     };

@@ -14,6 +14,7 @@
 //! residual would predict through the final norm (at its own scale) and head.
 
 use quarry_kernels::{matmul, WeightView};
+use quarry_model::ops::rms_norm;
 use quarry_model::{ForwardObserver, Model};
 use quarry_tokenize::Tokenizer;
 
@@ -123,6 +124,7 @@ pub(crate) struct Attribution {
 
 /// The final norm's frozen map from a residual piece to the target's logit.
 pub(crate) struct Readout {
+    target: u32,
     weights: Vec<f64>,
 }
 
@@ -141,7 +143,7 @@ impl Readout {
             .zip(model.output_norm())
             .map(|(h, w)| *h as f64 * *w as f64 * s)
             .collect();
-        Readout { weights }
+        Readout { target, weights }
     }
 
     pub fn of(&self, piece: &[f32]) -> f64 {
@@ -153,9 +155,9 @@ impl Readout {
     }
 }
 
-pub(crate) fn attribute(model: &Model<'_>, run: &Run, target: u32) -> Attribution {
+/// Splits the logit `readout` reads (one target token) over the pieces of `run`.
+pub(crate) fn attribute(model: &Model<'_>, run: &Run, readout: &Readout) -> Attribution {
     let p = &run.pieces;
-    let readout = Readout::new(model, &p.final_residual, target);
     let n_layers = p.attention.len();
     // The logit lens: each partial residual through the final norm at its own scale.
     let d = model.config().d_model;
@@ -165,22 +167,20 @@ pub(crate) fn attribute(model: &Model<'_>, run: &Run, target: u32) -> Attributio
         for (r, (a, f)) in partial.iter_mut().zip(p.attention[l].iter().zip(&p.ffn[l])) {
             *r += a + f;
         }
-        let mean_sq = partial.iter().map(|a| a * a).sum::<f32>() / d as f32;
-        let inv = 1.0 / (mean_sq + model.config().norm_eps).sqrt();
-        lens_input.extend(
-            partial
-                .iter()
-                .zip(model.output_norm())
-                .map(|(a, w)| a * inv * w),
-        );
+        lens_input.extend_from_slice(&partial);
     }
+    rms_norm(
+        &mut lens_input,
+        model.output_norm(),
+        model.config().norm_eps,
+    );
     let head: WeightView<'_> = model.output_head();
     let vocab = head.rows();
     let mut lens_logits = vec![0.0f32; n_layers * vocab];
     matmul(&head, &lens_input, n_layers, &mut lens_logits);
     let lens = lens_logits
         .chunks_exact(vocab)
-        .map(|row| (top_n(row, 1)[0] as u32, row[target as usize]))
+        .map(|row| (top_n(row, 1)[0] as u32, row[readout.target as usize]))
         .collect();
     let logit = readout.of(&p.final_residual);
     Attribution {

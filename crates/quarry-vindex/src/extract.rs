@@ -15,6 +15,7 @@ use half::slice::HalfFloatSliceExt;
 use quarry_format::{GgufFile, GgufWriter};
 use quarry_kernels::vec::{gelu_tanh_mul, silu_mul};
 use quarry_kernels::{matmul, pool, WeightView};
+use quarry_model::ops::rms_norm;
 use quarry_model::{Activation, Model};
 use quarry_tokenize::Tokenizer;
 use sha2::{Digest, Sha256};
@@ -315,11 +316,7 @@ fn activation_stats(model: &Model<'_>, layer: usize, calibration: &[f32]) -> Vec
     let n = calibration.len() / d;
     let w = model.ffn_weights(layer);
     let mut xn = calibration.to_vec();
-    for row in xn.chunks_exact_mut(d) {
-        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (mean_sq + cfg.norm_eps).sqrt();
-        row.iter_mut().zip(w.norm).for_each(|(v, g)| *v *= inv * g);
-    }
+    rms_norm(&mut xn, w.norm, cfg.norm_eps);
     let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
     matmul(&w.gate, &xn, n, &mut gate);
     matmul(&w.up, &xn, n, &mut up);

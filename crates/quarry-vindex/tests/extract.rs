@@ -246,3 +246,29 @@ fn feature_stats_are_the_mean_and_spread_over_the_calibration_embeddings() {
         "std {s} vs {std}"
     );
 }
+
+#[test]
+fn bad_extract_options_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = ExtractOptions {
+        top_k: 0,
+        ..ExtractOptions::default()
+    };
+    let out = tmp.path().join("x.vindex");
+    let err = extract(&model_path(TestModel::SmolLm2), &out, &options, &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("top_k must be at least 1"), "{err}");
+    assert!(!out.exists());
+    let options = ExtractOptions {
+        top_k: 1 << 20,
+        ..ExtractOptions::default()
+    };
+    let err = extract(&model_path(TestModel::SmolLm2), &out, &options, &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("exceeds the vocabulary of 49152"), "{err}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
