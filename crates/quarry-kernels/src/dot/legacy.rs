@@ -127,12 +127,16 @@ fn runnable(isa: Isa) -> bool {
 #[cfg(target_arch = "x86_64")]
 const GROUP: usize = 4;
 
+/// Byte offset of the f16 minimum `m` in the types that have one.
+const MIN_AT: usize = 2;
+
 /// Byte layout of one 32-value block, and the offset its codes carry.
 trait Layout {
     /// Bytes per block (the type's `type_size`).
     const BYTES: usize;
-    /// Byte offset of the f16 minimum `m`, for the types that have one.
-    const MIN: Option<usize>;
+    /// Whether an f16 minimum `m` follows the f16 scale `d` (at byte [`MIN_AT`]); the SIMD
+    /// kernels read both with one 4-byte load.
+    const HAS_MIN: bool;
     /// Byte offset of the little-endian `u32` whose bit i is the fifth bit of code i.
     const QH: Option<usize>;
     /// Byte offset of the codes: 16 bytes of nibble pairs (low nibbles are values 0..16,
@@ -155,7 +159,7 @@ struct Q8_0;
 
 impl Layout for Q4_0 {
     const BYTES: usize = 18;
-    const MIN: Option<usize> = None;
+    const HAS_MIN: bool = false;
     const QH: Option<usize> = None;
     const QS: usize = 2;
     const OFFSET: u8 = 8;
@@ -163,7 +167,7 @@ impl Layout for Q4_0 {
 
 impl Layout for Q4_1 {
     const BYTES: usize = 20;
-    const MIN: Option<usize> = Some(2);
+    const HAS_MIN: bool = true;
     const QH: Option<usize> = None;
     const QS: usize = 4;
     const OFFSET: u8 = 0;
@@ -171,7 +175,7 @@ impl Layout for Q4_1 {
 
 impl Layout for Q5_0 {
     const BYTES: usize = 22;
-    const MIN: Option<usize> = None;
+    const HAS_MIN: bool = false;
     const QH: Option<usize> = Some(2);
     const QS: usize = 6;
     const OFFSET: u8 = 16;
@@ -179,7 +183,7 @@ impl Layout for Q5_0 {
 
 impl Layout for Q5_1 {
     const BYTES: usize = 24;
-    const MIN: Option<usize> = Some(2);
+    const HAS_MIN: bool = true;
     const QH: Option<usize> = Some(4);
     const QS: usize = 8;
     const OFFSET: u8 = 0;
@@ -187,7 +191,7 @@ impl Layout for Q5_1 {
 
 impl Layout for Q8_0 {
     const BYTES: usize = 34;
-    const MIN: Option<usize> = None;
+    const HAS_MIN: bool = false;
     const QH: Option<usize> = None;
     const QS: usize = 2;
     const OFFSET: u8 = 128;
@@ -276,8 +280,8 @@ fn scalar_row<L: Layout>(row: &[u8], a: &[BlockQ8x32]) -> f32 {
             .map(|(&x, &y)| x as i32 * y as i32)
             .sum();
         sum += dot as f32 * (f16_at(block, 0) * ab.d);
-        if let Some(m) = L::MIN {
-            sum += f16_at(block, m) * ab.s;
+        if L::HAS_MIN {
+            sum += f16_at(block, MIN_AT) * ab.s;
         }
     }
     sum
@@ -310,6 +314,32 @@ mod x86 {
             bits |= (u16::from_le(h) as u64) << (16 * r);
         }
         _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
+    }
+
+    /// Block `b`'s f16 scale `d` and minimum `m` in the `R` rows (1 or 4) starting at `p`
+    /// (stride `rb`), converted to `f32`: lane 2r holds row r's `d`, lane 2r + 1 its `m` (0
+    /// for types without one).
+    ///
+    /// # Safety
+    /// `R <= 4` and the first four bytes of each of those blocks are readable.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scale_min_lanes<L: Layout, const R: usize>(
+        p: *const u8,
+        rb: usize,
+        b: usize,
+    ) -> __m256 {
+        let mut words = [0u64; 2];
+        for r in 0..R {
+            let at = p.add(r * rb + b * L::BYTES);
+            let field = if L::HAS_MIN {
+                u32_at(at)
+            } else {
+                u16::from_le(read_unaligned(at as *const u16)) as u32
+            };
+            words[r / 2] |= (field as u64) << (32 * (r % 2));
+        }
+        _mm256_cvtph_ps(_mm_set_epi64x(words[1] as i64, words[0] as i64))
     }
 
     /// The little-endian `u32` at `p`.
@@ -357,13 +387,14 @@ mod x86 {
         )
     }
 
-    /// Lanes `r0` and `r1` of a group's per-row scales in lanes 0..4 and 4..8.
+    /// Rows `r0`'s and `r1`'s scales (lanes 2·r0 and 2·r1 of a [`scale_min_lanes`] layout) in
+    /// lanes 0..4 and 4..8.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn pair_splat(lanes: __m128, r0: usize, r1: usize) -> __m256 {
-        let (r0, r1) = (r0 as i32, r1 as i32);
-        let idx = _mm256_setr_epi32(r0, r0, r0, r0, r1, r1, r1, r1);
-        _mm256_permutevar8x32_ps(_mm256_castps128_ps256(lanes), idx)
+    pub unsafe fn pair_splat(lanes: __m256, r0: usize, r1: usize) -> __m256 {
+        let (l0, l1) = (2 * r0 as i32, 2 * r1 as i32);
+        let idx = _mm256_setr_epi32(l0, l0, l0, l0, l1, l1, l1, l1);
+        _mm256_permutevar8x32_ps(lanes, idx)
     }
 
     /// The sum of four lanes.
@@ -384,28 +415,21 @@ mod x86 {
         ))
     }
 
-    /// `mins` as an array (lane r is row r's Σ m · s).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn lanes(mins: __m128) -> [f32; 4] {
-        let mut m = [0f32; 4];
-        _mm_storeu_ps(m.as_mut_ptr(), mins);
-        m
-    }
-
     /// Writes the results of a nibble kernel: pair k's accumulator holds row 2k in lanes
-    /// 0..4 and row 2k + 1 in lanes 4..8 (a group of one row fills both halves alike).
+    /// 0..4 and row 2k + 1 in lanes 4..8 (a group of one row fills both halves alike);
+    /// `mins` lane 2r + 1 is row r's Σ m · s (the [`scale_min_lanes`] layout).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn finish_pairs(acc: &[__m256; 2], mins: __m128, out: &mut [f32]) {
-        let m = lanes(mins);
+    pub unsafe fn finish_pairs(acc: &[__m256; 2], mins: __m256, out: &mut [f32]) {
+        let mut m = [0f32; 8];
+        _mm256_storeu_ps(m.as_mut_ptr(), mins);
         for (r, o) in out.iter_mut().enumerate() {
             let half = if r % 2 == 0 {
                 _mm256_castps256_ps128(acc[r / 2])
             } else {
                 _mm256_extractf128_ps(acc[r / 2], 1)
             };
-            *o = hsum128(half) + m[r];
+            *o = hsum128(half) + m[2 * r + 1];
         }
     }
 
@@ -498,12 +522,13 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let offset = _mm256_set1_epi8(L::OFFSET as i8);
         let mut acc = [_mm256_setzero_ps(); 2];
-        let mut mins = _mm_setzero_ps();
+        let mut mins = _mm256_setzero_ps();
         for (b, ab) in a.iter().enumerate() {
             prefetch_next_group(p, R * rb, a.len(), b);
-            let scale = _mm_mul_ps(f16_lanes::<L, R>(p, rb, b, 0), _mm_set1_ps(ab.d));
-            if let Some(m) = L::MIN {
-                mins = _mm_fmadd_ps(f16_lanes::<L, R>(p, rb, b, m), _mm_set1_ps(ab.s), mins);
+            let fields = scale_min_lanes::<L, R>(p, rb, b);
+            let scale = _mm256_mul_ps(fields, _mm256_set1_ps(ab.d));
+            if L::HAS_MIN {
+                mins = _mm256_fmadd_ps(fields, _mm256_set1_ps(ab.s), mins);
             }
             let (qlo, qhi) = activation_halves(ab.qs.as_ptr());
             // OFFSET · (sum of four activations), in the i16 lanes the pair sums land in.
@@ -628,11 +653,12 @@ mod avx512 {
         let sixteen = _mm256_set1_epi8(16);
         let zero = _mm256_setzero_si256();
         let mut acc = [_mm256_setzero_ps(); 2];
-        let mut mins = _mm_setzero_ps();
+        let mut mins = _mm256_setzero_ps();
         for (b, ab) in a.iter().enumerate() {
-            let scale = _mm_mul_ps(f16_lanes::<L, R>(p, rb, b, 0), _mm_set1_ps(ab.d));
-            if let Some(m) = L::MIN {
-                mins = _mm_fmadd_ps(f16_lanes::<L, R>(p, rb, b, m), _mm_set1_ps(ab.s), mins);
+            let fields = scale_min_lanes::<L, R>(p, rb, b);
+            let scale = _mm256_mul_ps(fields, _mm256_set1_ps(ab.d));
+            if L::HAS_MIN {
+                mins = _mm256_fmadd_ps(fields, _mm256_set1_ps(ab.s), mins);
             }
             let (qlo, qhi) = activation_halves(ab.qs.as_ptr());
             // −OFFSET · (sum of eight activations): where every row pair's i32 sums start.
@@ -708,8 +734,8 @@ mod tests {
         fn check<L: Layout>(dtype: GgmlType) {
             let mut block: Vec<u8> = (0..L::BYTES as u8).map(|i| i.wrapping_mul(97)).collect();
             block[..2].copy_from_slice(&f16::ONE.to_le_bytes());
-            if let Some(m) = L::MIN {
-                block[m..m + 2].copy_from_slice(&f16::ZERO.to_le_bytes());
+            if L::HAS_MIN {
+                block[MIN_AT..MIN_AT + 2].copy_from_slice(&f16::ZERO.to_le_bytes());
             }
             let mut want = [0f32; 32];
             crate::dequantize(dtype, &block, &mut want).unwrap();
