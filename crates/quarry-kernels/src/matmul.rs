@@ -281,7 +281,7 @@ fn rowwise_by_row(w: &WeightView<'_>, x: &[f32], n_tokens: usize, out: &mut [f32
             let n_rows = out_group.len() / n_tokens;
             let rows = &mut buf[..n_rows * cols];
             decode(w.row_data(c * chunk + g * GROUP, n_rows), rows);
-            dot_rows(rows, x, cols, out_group);
+            dot_rows(rows, x, cols, cols, out_group);
         }
     });
 }

@@ -19,11 +19,22 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     axpy_with(Isa::best(), y, alpha, x)
 }
 
-/// `out[r · n + t] = Σₖ w[r · cols + k] · x[t · cols + k]`: every row of `w` dotted with every
-/// row of `x` (both row-major with `cols` columns; `n` rows in `x`), a small-batch matrix
-/// product whose weights were just decoded into `w`. With `cols == 0` every product is 0.
-pub fn dot_rows(w: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
-    dot_rows_with(Isa::best(), w, x, cols, out)
+/// `out[r · n + t] = Σₖ w[r · cols + k] · x[t · x_stride + k]`: every row of `w` (row-major,
+/// `cols` columns) dotted with each of the `n = out.len() / rows` rows of `x`, which start
+/// `x_stride ≥ cols` values apart. A small-batch matrix product whose weights were just
+/// decoded into `w` (`x_stride == cols`), or attention scores of a few query rows against
+/// keys read in place from a cache row holding every KV head. With `cols == 0` every product
+/// is 0.
+pub fn dot_rows(w: &[f32], x: &[f32], cols: usize, x_stride: usize, out: &mut [f32]) {
+    dot_rows_with(Isa::best(), w, x, cols, x_stride, out)
+}
+
+/// `out[r · cols + c] += Σⱼ p[r · n + j] · v[j · v_stride + c]`: each of the `m = out.len() /
+/// cols` output rows gains its row of weights `p` (`n = p.len() / m` per row) times the `n`
+/// rows of `v`, which start `v_stride ≥ cols` values apart (attention's weighted sum of
+/// values, read in place from the cache).
+pub fn add_weighted_rows(out: &mut [f32], p: &[f32], v: &[f32], cols: usize, v_stride: usize) {
+    add_weighted_rows_with(Isa::best(), out, p, v, cols, v_stride)
 }
 
 /// `x[i] ← e^(x[i] − shift)`, returning the sum of the new values (softmax's numerator and
@@ -54,34 +65,84 @@ enum Gate {
 const GELU_A: f32 = 1.595_769;
 const GELU_B: f32 = 0.071_354_82;
 
+/// Rows of `len` values starting `stride` apart: how many of them `values` holds in full.
+fn strided_rows(values: usize, len: usize, stride: usize) -> usize {
+    if values < len {
+        0
+    } else {
+        (values - len) / stride + 1
+    }
+}
+
 /// [`dot_rows`] at a chosen level; levels this CPU lacks fall back to scalar.
-pub fn dot_rows_with(isa: Isa, w: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+pub fn dot_rows_with(
+    isa: Isa,
+    w: &[f32],
+    x: &[f32],
+    cols: usize,
+    x_stride: usize,
+    out: &mut [f32],
+) {
     if cols == 0 {
         // Empty rows: every dot product is the empty sum.
         out.fill(0.0);
         return;
     }
     assert!(
-        w.len().is_multiple_of(cols) && x.len().is_multiple_of(cols),
-        "dot_rows: w ({}) and x ({}) must be whole rows of {cols}",
+        w.len().is_multiple_of(cols) && x_stride >= cols,
+        "dot_rows: w ({}) must be whole rows of {cols}, and rows of x ({x_stride} apart) no shorter",
         w.len(),
-        x.len()
     );
-    assert_eq!(
+    let rows = w.len() / cols;
+    let n = if rows == 0 { 0 } else { out.len() / rows };
+    assert!(
+        out.len() == rows * n && strided_rows(x.len(), cols, x_stride) >= n,
+        "dot_rows: out has {} values for {rows} rows of w, and x ({} values) must hold that \
+         many rows",
         out.len(),
-        (w.len() / cols) * (x.len() / cols),
-        "dot_rows: out has {} values for {} × {} products",
-        out.len(),
-        w.len() / cols,
-        x.len() / cols
+        x.len()
     );
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked above); shapes are checked above.
-        return unsafe { x86::dot_rows(w, x, cols, out) };
+        return unsafe { x86::dot_rows(w, x, cols, x_stride, n, out) };
     }
     let _ = isa;
-    dot_rows_scalar(w, x, cols, out)
+    dot_rows_scalar(w, x, cols, x_stride, out)
+}
+
+/// [`add_weighted_rows`] at a chosen level; levels this CPU lacks fall back to scalar.
+pub fn add_weighted_rows_with(
+    isa: Isa,
+    out: &mut [f32],
+    p: &[f32],
+    v: &[f32],
+    cols: usize,
+    v_stride: usize,
+) {
+    if cols == 0 || out.is_empty() || p.is_empty() {
+        return;
+    }
+    let m = out.len() / cols;
+    let n = p.len() / m;
+    assert!(
+        out.len() == m * cols
+            && p.len() == m * n
+            && v_stride >= cols
+            && strided_rows(v.len(), cols, v_stride) >= n,
+        "add_weighted_rows: out ({}) must be whole rows of {cols}, p ({}) one row per out row, \
+         and v ({} values, rows {v_stride} apart) a row per weight",
+        out.len(),
+        p.len(),
+        v.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); shapes are checked above.
+        return unsafe { x86::add_weighted_rows(out, p, v, cols, v_stride) };
+    }
+    let _ = isa;
+    add_weighted_rows_scalar(out, p, v, cols, v_stride)
 }
 
 /// [`exp_sub_sum`] at a chosen level; levels this CPU lacks fall back to scalar.
@@ -172,11 +233,25 @@ fn axpy_scalar(y: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
-fn dot_rows_scalar(w: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
-    let n = x.len() / cols;
-    for (r, wr) in w.chunks_exact(cols).enumerate() {
-        for (t, xt) in x.chunks_exact(cols).enumerate() {
-            out[r * n + t] = dot_scalar(wr, xt);
+fn dot_rows_scalar(w: &[f32], x: &[f32], cols: usize, x_stride: usize, out: &mut [f32]) {
+    if out.is_empty() {
+        return;
+    }
+    for (wr, out_row) in w.chunks_exact(cols).zip(out.chunks_mut(out.len() / (w.len() / cols))) {
+        for (t, o) in out_row.iter_mut().enumerate() {
+            *o = dot_scalar(wr, &x[t * x_stride..t * x_stride + cols]);
+        }
+    }
+}
+
+fn add_weighted_rows_scalar(out: &mut [f32], p: &[f32], v: &[f32], cols: usize, v_stride: usize) {
+    if p.is_empty() {
+        return;
+    }
+    let n = p.len() / (out.len() / cols);
+    for (out_row, weights) in out.chunks_exact_mut(cols).zip(p.chunks_exact(n)) {
+        for (j, &w) in weights.iter().enumerate() {
+            axpy_scalar(out_row, w, &v[j * v_stride..j * v_stride + cols]);
         }
     }
 }
@@ -286,11 +361,11 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU has AVX2 and FMA; `w` and `x` are whole rows of `cols` and `out` holds one
-    /// value per (row of `w`, row of `x`).
+    /// The CPU has AVX2 and FMA; `w` is whole rows of `cols`, `x` holds `n` rows of `cols`
+    /// starting `xs` apart, and `out` one value per (row of `w`, row of `x`).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows(w: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
-        let (rows, n) = (w.len() / cols, x.len() / cols);
+    pub unsafe fn dot_rows(w: &[f32], x: &[f32], cols: usize, xs: usize, n: usize, out: &mut [f32]) {
+        let rows = w.len() / cols;
         // Two weight rows by four tokens: eight accumulators, and each loaded vector feeds
         // two or four multiply-adds, so the loop is bound by arithmetic rather than loads.
         let mut r = 0;
@@ -300,14 +375,14 @@ mod x86 {
             while t < n {
                 let tb = (n - t).min(4);
                 match (rb, tb) {
-                    (2, 4) => block::<2, 4>(w, x, cols, r, t, n, out),
-                    (2, 3) => block::<2, 3>(w, x, cols, r, t, n, out),
-                    (2, 2) => block::<2, 2>(w, x, cols, r, t, n, out),
-                    (2, _) => block::<2, 1>(w, x, cols, r, t, n, out),
-                    (_, 4) => block::<1, 4>(w, x, cols, r, t, n, out),
-                    (_, 3) => block::<1, 3>(w, x, cols, r, t, n, out),
-                    (_, 2) => block::<1, 2>(w, x, cols, r, t, n, out),
-                    _ => block::<1, 1>(w, x, cols, r, t, n, out),
+                    (2, 4) => block::<2, 4>(w, x, cols, xs, r, t, n, out),
+                    (2, 3) => block::<2, 3>(w, x, cols, xs, r, t, n, out),
+                    (2, 2) => block::<2, 2>(w, x, cols, xs, r, t, n, out),
+                    (2, _) => block::<2, 1>(w, x, cols, xs, r, t, n, out),
+                    (_, 4) => block::<1, 4>(w, x, cols, xs, r, t, n, out),
+                    (_, 3) => block::<1, 3>(w, x, cols, xs, r, t, n, out),
+                    (_, 2) => block::<1, 2>(w, x, cols, xs, r, t, n, out),
+                    _ => block::<1, 1>(w, x, cols, xs, r, t, n, out),
                 }
                 t += tb;
             }
@@ -321,17 +396,19 @@ mod x86 {
     /// The CPU has AVX2 and FMA; the rows and tokens exist (see [`dot_rows`]).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block<const R: usize, const T: usize>(
         w: &[f32],
         x: &[f32],
         cols: usize,
+        xs: usize,
         r: usize,
         t: usize,
         n: usize,
         out: &mut [f32],
     ) {
         let pw = w.as_ptr().add(r * cols);
-        let px = x.as_ptr().add(t * cols);
+        let px = x.as_ptr().add(t * xs);
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         let mut k = 0;
         while k + 8 <= cols {
@@ -340,7 +417,7 @@ mod x86 {
                 *v = _mm256_loadu_ps(pw.add(i * cols + k));
             }
             for j in 0..T {
-                let xv = _mm256_loadu_ps(px.add(j * cols + k));
+                let xv = _mm256_loadu_ps(px.add(j * xs + k));
                 for (acc_row, &wr) in acc.iter_mut().zip(&wv) {
                     acc_row[j] = _mm256_fmadd_ps(wr, xv, acc_row[j]);
                 }
@@ -351,7 +428,7 @@ mod x86 {
             for j in 0..T {
                 let mut total = hsum(acc[i][j]);
                 for kk in k..cols {
-                    total += *pw.add(i * cols + kk) * *px.add(j * cols + kk);
+                    total += *pw.add(i * cols + kk) * *px.add(j * xs + kk);
                 }
                 out[(r + i) * n + t + j] = total;
             }
@@ -446,6 +523,60 @@ mod x86 {
             i += 1;
         }
     }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `out` is whole rows of `cols`, `p` holds `n` weights per
+    /// out row and `v` `n` rows of `cols` starting `vs` apart.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn add_weighted_rows(out: &mut [f32], p: &[f32], v: &[f32], cols: usize, vs: usize) {
+        let m = out.len() / cols;
+        let n = p.len() / m;
+        let (po, pp, pv) = (out.as_mut_ptr(), p.as_ptr(), v.as_ptr());
+        // A 32-column strip of one output row stays in four registers across all n value
+        // rows, so each output value is loaded and stored once instead of once per row.
+        let mut c = 0;
+        while c + 32 <= cols {
+            for r in 0..m {
+                let o = po.add(r * cols + c);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(o.add(8 * i));
+                }
+                for j in 0..n {
+                    let w = _mm256_set1_ps(*pp.add(r * n + j));
+                    let row = pv.add(j * vs + c);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * i)), *a);
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(8 * i), *a);
+                }
+            }
+            c += 32;
+        }
+        while c + 8 <= cols {
+            for r in 0..m {
+                let o = po.add(r * cols + c);
+                let mut acc = _mm256_loadu_ps(o);
+                for j in 0..n {
+                    let w = _mm256_set1_ps(*pp.add(r * n + j));
+                    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(pv.add(j * vs + c)), acc);
+                }
+                _mm256_storeu_ps(o, acc);
+            }
+            c += 8;
+        }
+        for cc in c..cols {
+            for r in 0..m {
+                let mut total = *po.add(r * cols + cc);
+                for j in 0..n {
+                    total += *pp.add(r * n + j) * *pv.add(j * vs + cc);
+                }
+                *po.add(r * cols + cc) = total;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -531,24 +662,53 @@ mod tests {
     proptest! {
         #[test]
         fn dot_rows_matches_the_scalar_reference(
-            (rows, n, cols, seed) in (0usize..7, 0usize..11, 1usize..70, any::<u64>()),
+            (rows, n, cols, pad, seed) in (0usize..7, 0usize..11, 1usize..70, 0usize..5, any::<u64>()),
         ) {
-            let mut state = seed | 1;
-            let mut next = move || {
-                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
-                (state % 2001) as f32 / 100.0 - 10.0
-            };
+            let mut next = uniform(seed);
+            let x_stride = cols + pad;
             let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
-            let x: Vec<f32> = (0..n * cols).map(|_| next()).collect();
+            // The last row of x ends right after its `cols` values (no padding after it).
+            let x: Vec<f32> = (0..(n * x_stride).saturating_sub(pad)).map(|_| next()).collect();
             let mut reference = vec![0.0; rows * n];
-            dot_rows_scalar(&w, &x, cols, &mut reference);
+            dot_rows_scalar(&w, &x, cols, x_stride, &mut reference);
             for isa in Isa::available() {
                 let mut out = vec![f32::NAN; rows * n];
-                dot_rows_with(isa, &w, &x, cols, &mut out);
+                dot_rows_with(isa, &w, &x, cols, x_stride, &mut out);
                 for (i, (u, v)) in out.iter().zip(&reference).enumerate() {
                     prop_assert!((u - v).abs() <= 1e-4 * (1.0 + v.abs()) + 1e-3, "{isa:?} at {i}: {u} vs {v}");
                 }
             }
+        }
+
+        #[test]
+        fn add_weighted_rows_matches_the_scalar_reference(
+            (m, n, cols, pad, seed) in (1usize..5, 0usize..11, 1usize..110, 0usize..5, any::<u64>()),
+        ) {
+            let mut next = uniform(seed);
+            let v_stride = cols + pad;
+            let start: Vec<f32> = (0..m * cols).map(|_| next()).collect();
+            let p: Vec<f32> = (0..m * n).map(|_| next()).collect();
+            let v: Vec<f32> = (0..(n * v_stride).saturating_sub(pad)).map(|_| next()).collect();
+            let mut reference = start.clone();
+            add_weighted_rows_scalar(&mut reference, &p, &v, cols, v_stride);
+            for isa in Isa::available() {
+                let mut out = start.clone();
+                add_weighted_rows_with(isa, &mut out, &p, &v, cols, v_stride);
+                for (i, (u, w)) in out.iter().zip(&reference).enumerate() {
+                    prop_assert!((u - w).abs() <= 1e-4 * (1.0 + w.abs()) + 1e-3, "{isa:?} at {i}: {u} vs {w}");
+                }
+            }
+        }
+    }
+
+    /// Uniform values in [-10, 10] from a xorshift seeded by `seed`.
+    fn uniform(seed: u64) -> impl FnMut() -> f32 {
+        let mut state = seed | 1;
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 2001) as f32 / 100.0 - 10.0
         }
     }
 

@@ -17,7 +17,7 @@ use std::sync::{Mutex, PoisonError};
 
 use quarry_kernels::gemm::{gemm, MatRef};
 use quarry_kernels::pool;
-use quarry_kernels::vec::{axpy, dot, exp_sub_sum};
+use quarry_kernels::vec::{add_weighted_rows, dot_rows, exp_sub_sum};
 
 use crate::kv_cache::KvCache;
 use crate::ops::softcap;
@@ -26,9 +26,9 @@ use crate::ops::softcap;
 const TILE_ROWS: usize = 64;
 /// Key positions per block.
 const KEY_BLOCK: usize = 64;
-/// Tiles with fewer query rows (decoding: one token's heads) use plain dot products and
-/// AXPYs: the GEMM's packing costs more than it saves on a handful of rows (measured: 10% of
-/// a SmolLM2 decode step went to packing).
+/// Tiles with fewer query rows (decoding: one token's heads) use register-blocked dot
+/// products and weighted row sums on the cache in place: the GEMM's packing costs more than
+/// it saves on a handful of rows (measured: 10% of a SmolLM2 decode step went to packing).
 const GEMM_MIN_ROWS: usize = 8;
 
 /// The shape and options of one layer's attention.
@@ -127,7 +127,9 @@ fn attend_tile<C: KvCache>(
     for (r, row) in q_tile.chunks_exact_mut(hd).enumerate() {
         let (t, hh) = ((first_row + r) / group, (first_row + r) % group);
         let off = t * q_dim + (g * group + hh) * hd;
-        row.copy_from_slice(&q[off..off + hd]);
+        for (dst, &src) in row.iter_mut().zip(&q[off..off + hd]) {
+            *dst = src * spec.scale;
+        }
     }
     let qt = MatRef::row_major(&q_tile, m, hd, hd);
     let mut scores = vec![0.0f32; m * KEY_BLOCK];
@@ -144,13 +146,9 @@ fn attend_tile<C: KvCache>(
         let k = MatRef::row_major(&keys[g * hd..], b, hd, kv_dim);
         let v = MatRef::row_major(&values[g * hd..], b, hd, kv_dim);
         if m >= GEMM_MIN_ROWS {
-            gemm(spec.scale, qt, k.t(), 0.0, &mut scores, b);
+            gemm(1.0, qt, k.t(), 0.0, &mut scores, b);
         } else {
-            for (q, row) in q_tile.chunks_exact(hd).zip(scores.chunks_exact_mut(b)) {
-                for (s, key) in row.iter_mut().zip(keys.chunks_exact(kv_dim)) {
-                    *s = dot(q, &key[g * hd..(g + 1) * hd]) * spec.scale;
-                }
-            }
+            dot_rows(&q_tile, &keys[g * hd..], hd, kv_dim, &mut scores[..m * b]);
         }
         for (r, row) in scores[..m * b].chunks_exact_mut(b).enumerate() {
             if let Some(cap) = spec.softcap {
@@ -179,11 +177,7 @@ fn attend_tile<C: KvCache>(
         if m >= GEMM_MIN_ROWS {
             gemm(1.0, MatRef::row_major(&scores, m, b, b), v, 1.0, out, hd);
         } else {
-            for (p, o) in scores.chunks_exact(b).zip(out.chunks_exact_mut(hd)) {
-                for (&w, value) in p.iter().zip(values.chunks_exact(kv_dim)) {
-                    axpy(o, w, &value[g * hd..(g + 1) * hd]);
-                }
-            }
+            add_weighted_rows(out, &scores[..m * b], &values[g * hd..], hd, kv_dim);
         }
     }
     for (row, s) in out.chunks_exact_mut(hd).zip(&sum) {
