@@ -17,7 +17,7 @@ use quarry_format::GgmlType;
 
 use crate::act::QuantizedActivations;
 use crate::dequant::{decoder, encoded_len, DecodeFn};
-use crate::dot::{gemv_rows, has_integer_kernel, Isa};
+use crate::dot::{gemv_rows, has_integer_kernel, quantize_for, Isa};
 use crate::pool;
 use crate::vec::dot_rows;
 use crate::KernelError;
@@ -205,6 +205,7 @@ pub fn matmul_quantized_many(
         if x.n_tokens() != 1 || !has_integer_kernel(w.dtype) {
             matmul(w, x.f32(), x.n_tokens(), y);
         } else {
+            quantize_for(w.dtype, x);
             integer.push((*w, &mut **y));
         }
     }

@@ -72,6 +72,16 @@ pub fn has_integer_kernel(dtype: GgmlType) -> bool {
     legacy::supports(dtype) || kquants::supports(dtype)
 }
 
+/// Computes the 8-bit form of `x` that [`gemv_rows`] reads for `dtype`, so that threads
+/// calling it on a shared `x` find it ready.
+pub fn quantize_for(dtype: GgmlType, x: &QuantizedActivations<'_>) {
+    if legacy::supports(dtype) {
+        x.all_q8x32();
+    } else {
+        x.all_q8x256();
+    }
+}
+
 /// `out[i] = w.row(rows.start + i) · x.row(token)` for the rows in `rows`, using `isa`.
 /// `w.dtype()` must satisfy [`has_integer_kernel`].
 pub fn gemv_rows(
