@@ -237,7 +237,10 @@ fn dot_rows_scalar(w: &[f32], x: &[f32], cols: usize, x_stride: usize, out: &mut
     if out.is_empty() {
         return;
     }
-    for (wr, out_row) in w.chunks_exact(cols).zip(out.chunks_mut(out.len() / (w.len() / cols))) {
+    for (wr, out_row) in w
+        .chunks_exact(cols)
+        .zip(out.chunks_mut(out.len() / (w.len() / cols)))
+    {
         for (t, o) in out_row.iter_mut().enumerate() {
             *o = dot_scalar(wr, &x[t * x_stride..t * x_stride + cols]);
         }
@@ -364,7 +367,14 @@ mod x86 {
     /// The CPU has AVX2 and FMA; `w` is whole rows of `cols`, `x` holds `n` rows of `cols`
     /// starting `xs` apart, and `out` one value per (row of `w`, row of `x`).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows(w: &[f32], x: &[f32], cols: usize, xs: usize, n: usize, out: &mut [f32]) {
+    pub unsafe fn dot_rows(
+        w: &[f32],
+        x: &[f32],
+        cols: usize,
+        xs: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
         let rows = w.len() / cols;
         // Two weight rows by four tokens: eight accumulators, and each loaded vector feeds
         // two or four multiply-adds, so the loop is bound by arithmetic rather than loads.
