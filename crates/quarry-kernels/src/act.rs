@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn rounding_is_to_nearest_with_ties_to_even() {
-        for i in -1280_000..=1280_000 {
+        for i in -1_280_000..=1_280_000 {
             let y = i as f32 / 10_000.0;
             assert_eq!(round_to_i8(y), y.round_ties_even() as i8, "{y}");
         }

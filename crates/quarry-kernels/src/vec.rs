@@ -94,7 +94,7 @@ pub fn dot_rows_with(
         w.len(),
     );
     let rows = w.len() / cols;
-    let n = if rows == 0 { 0 } else { out.len() / rows };
+    let n = out.len().checked_div(rows).unwrap_or(0);
     assert!(
         out.len() == rows * n && strided_rows(x.len(), cols, x_stride) >= n,
         "dot_rows: out has {} values for {rows} rows of w, and x ({} values) must hold that \
