@@ -1,11 +1,13 @@
 //! The executor: keeps the open vindex (and, once a statement needs it, its model file) and
 //! turns each statement into a [`ResultSet`].
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use quarry_format::GgufFile;
 use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
 use quarry_model::Model;
+use quarry_vindex::relations::FeatureEdge;
 use quarry_vindex::Vindex;
 
 use crate::browse::{band, edges, entity_input, ffn_input, pushes, strongest};
@@ -294,12 +296,72 @@ fn show(v: &Vindex, target: ShowTarget) -> Result<ResultSet, String> {
             }
             Ok(r)
         }
-        ShowTarget::Relations | ShowTarget::Entities => Err(
-            "relation and entity labels are not part of this vindex layout (version 1); use SELECT * FROM ENTITIES or DESCRIBE"
-                .into(),
-        ),
+        ShowTarget::Relations => Ok(show_relations(v)),
+        ShowTarget::Entities => Ok(show_entities(v)),
         ShowTarget::Models => Ok(show_models()),
     }
+}
+
+/// The relations clustered at extraction, largest first.
+fn show_relations(v: &Vindex) -> ResultSet {
+    let rel = v.relations();
+    let mut r = ResultSet::new(&[
+        ("relation", ColumnType::Int),
+        ("label", ColumnType::Text),
+        ("features", ColumnType::Int),
+        ("examples", ColumnType::Text),
+    ]);
+    for relation in &rel.relations {
+        r.push(vec![
+            Cell::Int(relation.id as i64),
+            Cell::Text(relation.label.clone()),
+            Cell::Int(relation.features as i64),
+            Cell::Text(relation.examples.join(", ")),
+        ]);
+    }
+    r.notes.push(format!(
+        "features of layers {}-{} read as input word → output word, clustered by embedding offset",
+        rel.layers[0], rel.layers[1]
+    ));
+    r
+}
+
+/// The input words of the relation edges, by how many features read them.
+fn show_entities(v: &Vindex) -> ResultSet {
+    let rel = v.relations();
+    let mut by_entity: HashMap<u32, Vec<&FeatureEdge>> = HashMap::new();
+    for e in &rel.edges {
+        by_entity.entry(e.input).or_default().push(e);
+    }
+    let mut entities: Vec<(u32, Vec<&FeatureEdge>)> = by_entity.into_iter().collect();
+    entities.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+    let mut r = ResultSet::new(&[
+        ("entity", ColumnType::Text),
+        ("token_id", ColumnType::Int),
+        ("features", ColumnType::Int),
+        ("relations", ColumnType::Int),
+        ("outputs", ColumnType::Text),
+    ]);
+    for (id, edges) in entities {
+        let mut relations: Vec<usize> = edges.iter().map(|e| e.relation).collect();
+        relations.sort_unstable();
+        relations.dedup();
+        let mut outputs: Vec<String> = Vec::new();
+        for e in &edges {
+            let o = quoted(v, e.output);
+            if !outputs.contains(&o) {
+                outputs.push(o);
+            }
+        }
+        r.push(vec![
+            Cell::Text(v.tokenizer().decode(&[id]).trim().to_string()),
+            Cell::Int(id as i64),
+            Cell::Int(edges.len() as i64),
+            Cell::Int(relations.len() as i64),
+            Cell::Text(outputs.into_iter().take(5).collect::<Vec<_>>().join(" ")),
+        ]);
+    }
+    r
 }
 
 fn describe(
@@ -340,7 +402,19 @@ fn describe(
         ("features", ColumnType::Int),
         ("best_layer", ColumnType::Int),
         ("best_feature", ColumnType::Int),
+        ("relation", ColumnType::Text),
     ]);
+    let relation_of: HashMap<(usize, usize), &str> = v
+        .relations()
+        .edges
+        .iter()
+        .map(|e| {
+            (
+                (e.layer, e.feature),
+                v.relations().relations[e.relation].label.as_str(),
+            )
+        })
+        .collect();
     for (rank, e) in found
         .iter()
         .filter(|e| e.score > 0.0)
@@ -355,6 +429,9 @@ fn describe(
             Cell::Int(e.features as i64),
             Cell::Int(e.best.0 as i64),
             Cell::Int(e.best.1 as i64),
+            relation_of
+                .get(&(e.best.0, e.best.1))
+                .map_or(Cell::Null, |l| Cell::Text(l.to_string())),
         ]);
     }
     let pieces: Vec<String> = e

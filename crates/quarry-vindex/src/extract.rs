@@ -23,8 +23,9 @@ use sha2::{Digest, Sha256};
 use crate::error::{io, VindexError};
 use crate::layout::{
     Bands, Dtype, Element, FileEntry, Index, Level, ModelInfo, Provenance, DOWN, EMBEDDINGS,
-    FEATURE_STATS, FORMAT, GATE, INDEX, MODEL, NORMS, TOKENIZER, UP, VERSION, WRITES,
+    FEATURE_STATS, FORMAT, GATE, INDEX, MODEL, NORMS, RELATIONS, TOKENIZER, UP, VERSION, WRITES,
 };
+use crate::relations::RelationBuilder;
 use crate::TokenLogit;
 
 /// What to extract.
@@ -97,7 +98,7 @@ pub fn extract(
 
     let tmp = temp_dir_for(out);
     fs::create_dir_all(&tmp).map_err(io(&tmp, "create the temporary directory"))?;
-    let result = write_all(&file, &model, source, &tmp, options, progress);
+    let result = write_all(&file, &model, &tokenizer, source, &tmp, options, progress);
     let index = match result {
         Ok(index) => index,
         Err(e) => {
@@ -124,6 +125,7 @@ fn temp_dir_for(out: &Path) -> PathBuf {
 fn write_all(
     file: &GgufFile,
     model: &Model<'_>,
+    tokenizer: &Tokenizer,
     source: &Path,
     dir: &Path,
     options: &ExtractOptions,
@@ -186,7 +188,19 @@ fn write_all(
         vec![n_layers as u64, ff as u64, 2],
     )?;
     let calibration = calibration_inputs(model);
+    let bands = Bands::default_for(n_layers);
+    let scaled_embedding = |id: u32, row: &mut [f32]| {
+        embd.dequantize_row(id as usize, row);
+        row.iter_mut().for_each(|v| *v *= cfg.embed_scale);
+    };
+    progress(Progress {
+        step: "relation candidates",
+        done: 0,
+        total: 1,
+    });
+    let mut relations = RelationBuilder::new(tokenizer, vocab, d, cfg.norm_eps, scaled_embedding);
     let mut matrix = Vec::new();
+    let mut gate_matrix = Vec::new();
     for layer in 0..n_layers {
         progress(Progress {
             step: "layers",
@@ -194,10 +208,10 @@ fn write_all(
             total: n_layers,
         });
         let w = model.ffn_weights(layer);
-        for (weights, out) in [(w.gate, &mut gate), (w.up, &mut up)] {
-            decode_matrix(&weights, &mut matrix);
-            out.floats(&matrix, dtype)?;
-        }
+        decode_matrix(&w.gate, &mut gate_matrix);
+        gate.floats(&gate_matrix, dtype)?;
+        decode_matrix(&w.up, &mut matrix);
+        up.floats(&matrix, dtype)?;
         norms.floats(w.norm, Dtype::F32)?;
         stats.floats(&activation_stats(model, layer, &calibration), Dtype::F32)?;
         // Feature f writes column f of the down matrix; what reaches the head is that
@@ -222,7 +236,22 @@ fn write_all(
         }
         let records = project_to_vocabulary(&model.output_head(), &columns, d, k);
         writes.raw(bytemuck::cast_slice(&records))?;
+        if (bands.knowledge[0]..=bands.knowledge[1]).contains(&layer) {
+            relations.add_layer(layer, &gate_matrix, w.norm, |f| {
+                records[f * 2 * k..f * 2 * k + k]
+                    .iter()
+                    .map(|r| r.token)
+                    .collect()
+            });
+        }
     }
+    progress(Progress {
+        step: "clustering relations",
+        done: 0,
+        total: 1,
+    });
+    let relations = relations.finish(bands.knowledge, scaled_embedding);
+    files.push(write_json(dir, RELATIONS, &relations)?);
     norms.floats(model.output_norm(), Dtype::F32)?;
     files.extend([
         gate.finish()?,
@@ -282,7 +311,7 @@ fn write_all(
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |t| t.as_secs()),
         },
-        bands: Bands::default_for(n_layers),
+        bands,
         top_k: k,
         calibration_tokens: calibration.len() / d,
         files,
@@ -418,6 +447,25 @@ fn write_tokenizer(file: &GgufFile, dir: &Path) -> Result<FileEntry, VindexError
     let (sha256, bytes) = hash_file(&path)?;
     Ok(FileEntry {
         name: TOKENIZER.into(),
+        bytes,
+        sha256,
+        element: Element::Bytes,
+        shape: vec![],
+    })
+}
+
+/// Writes `value` as JSON to `dir/name` and describes the file.
+fn write_json(
+    dir: &Path,
+    name: &str,
+    value: &impl serde::Serialize,
+) -> Result<FileEntry, VindexError> {
+    let path = dir.join(name);
+    let json = serde_json::to_vec(value).expect("plain data serializes");
+    fs::write(&path, json).map_err(io(&path, "write"))?;
+    let (sha256, bytes) = hash_file(&path)?;
+    Ok(FileEntry {
+        name: name.into(),
         bytes,
         sha256,
         element: Element::Bytes,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// `format` field of every manifest.
 pub const FORMAT: &str = "quarry-vindex";
 /// Layout version this crate writes and reads. Bumped on any incompatible change.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The manifest's file name.
 pub const INDEX: &str = "index.json";
 
@@ -23,6 +23,7 @@ pub const WRITES: &str = "writes.bin";
 pub const FEATURE_STATS: &str = "feature_stats.bin";
 pub const MODEL: &str = "model.gguf";
 pub const DOWN: &str = "down.bin";
+pub const RELATIONS: &str = "relations.json";
 
 /// How much of the model a vindex holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

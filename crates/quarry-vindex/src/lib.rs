@@ -12,6 +12,7 @@
 mod error;
 mod extract;
 pub mod layout;
+pub mod relations;
 mod vindex;
 
 pub use error::VindexError;

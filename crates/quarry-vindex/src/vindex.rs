@@ -18,8 +18,9 @@ use crate::error::{io, VindexError};
 use crate::extract::hash_file;
 use crate::layout::{
     Dtype, Element, FileEntry, Index, Level, DOWN, EMBEDDINGS, FEATURE_STATS, FORMAT, GATE, INDEX,
-    MODEL, NORMS, TOKENIZER, UP, VERSION, WRITES,
+    MODEL, NORMS, RELATIONS, TOKENIZER, UP, VERSION, WRITES,
 };
+use crate::relations::Relations;
 use crate::TokenLogit;
 
 /// An open vindex.
@@ -28,6 +29,7 @@ pub struct Vindex {
     index: Index,
     maps: HashMap<&'static str, Mmap>,
     tokenizer: Tokenizer,
+    relations: Relations,
 }
 
 /// A file that did not match its manifest entry, from [`Vindex::verify`].
@@ -97,12 +99,24 @@ impl Vindex {
                 ),
             });
         }
+        let relations =
+            serde_json::from_slice(&maps[RELATIONS]).map_err(|e| VindexError::BadFile {
+                path: dir.display().to_string(),
+                file: RELATIONS.into(),
+                problem: format!("is not a relation table: {e}"),
+            })?;
         Ok(Vindex {
             dir,
             index,
             maps,
             tokenizer,
+            relations,
         })
+    }
+
+    /// The relations found at extraction (see [`crate::relations`]).
+    pub fn relations(&self) -> &Relations {
+        &self.relations
     }
 
     pub fn dir(&self) -> &Path {
@@ -317,6 +331,7 @@ fn expected_files(index: &Index) -> Vec<(&'static str, Element, Vec<u64>)> {
     let float = Element::from(index.dtype);
     let mut files = vec![
         (TOKENIZER, Element::Bytes, vec![]),
+        (RELATIONS, Element::Bytes, vec![]),
         (EMBEDDINGS, float, vec![v, d]),
         (GATE, float, vec![l, ff, d]),
         (UP, float, vec![l, ff, d]),
