@@ -224,3 +224,43 @@ fn describe_walk_and_explain_return_ranked_rows() {
     assert_eq!(results[4].rows.len(), 4);
     assert_eq!(results[6].rows.len(), 30);
 }
+
+#[test]
+fn relations_cluster_word_edges_of_the_knowledge_band() {
+    let v = quarry_vindex::Vindex::open(vindex(TestModel::Gemma3)).unwrap();
+    let rel = v.relations();
+    let knowledge = v.index().bands.knowledge;
+    assert_eq!(rel.layers, knowledge);
+    assert!(rel.relations.len() > 1, "{} relations", rel.relations.len());
+    let tok = v.tokenizer();
+    let word = |id: u32| tok.decode(&[id]);
+    for e in &rel.edges {
+        assert!((knowledge[0]..=knowledge[1]).contains(&e.layer));
+        assert!(quarry_vindex::relations::is_word(&word(e.input)));
+        assert!(quarry_vindex::relations::is_word(&word(e.output)));
+        assert_ne!(word(e.input).to_lowercase(), word(e.output).to_lowercase());
+        // The edge's output is among the feature's stored top writes.
+        let (top, _) = v.writes(e.layer, e.feature);
+        assert!(top.iter().any(|r| r.token == e.output));
+    }
+    let [shown] = &query(TestModel::Gemma3, "SHOW RELATIONS")[..] else {
+        panic!("one result")
+    };
+    assert_eq!(shown.rows.len(), rel.relations.len());
+    let total: i64 = shown.rows.iter().map(|r| int(&r[2])).sum();
+    assert_eq!(total as usize, rel.edges.len());
+    for (i, row) in shown.rows.iter().enumerate() {
+        assert_eq!(int(&row[0]), i as i64);
+        let members = rel.edges.iter().filter(|e| e.relation == i).count();
+        assert_eq!(int(&row[2]) as usize, members, "relation {i}");
+        assert!(row[1].as_str().unwrap().contains(" → "));
+    }
+    for pair in shown.rows.windows(2) {
+        assert!(int(&pair[0][2]) >= int(&pair[1][2]), "largest first");
+    }
+    let [entities] = &query(TestModel::Gemma3, "SHOW ENTITIES")[..] else {
+        panic!("one result")
+    };
+    let total: i64 = entities.rows.iter().map(|r| int(&r[2])).sum();
+    assert_eq!(total as usize, rel.edges.len());
+}
