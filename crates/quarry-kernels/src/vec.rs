@@ -677,8 +677,7 @@ mod tests {
             let mut next = uniform(seed);
             let x_stride = cols + pad;
             let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
-            // The last row of x ends right after its `cols` values (no padding after it).
-            let x: Vec<f32> = (0..(n * x_stride).saturating_sub(pad)).map(|_| next()).collect();
+            let x = strided_rows(&mut next, n, x_stride, pad);
             let mut reference = vec![0.0; rows * n];
             dot_rows_scalar(&w, &x, cols, x_stride, &mut reference);
             for isa in Isa::available() {
@@ -698,7 +697,7 @@ mod tests {
             let v_stride = cols + pad;
             let start: Vec<f32> = (0..m * cols).map(|_| next()).collect();
             let p: Vec<f32> = (0..m * n).map(|_| next()).collect();
-            let v: Vec<f32> = (0..(n * v_stride).saturating_sub(pad)).map(|_| next()).collect();
+            let v = strided_rows(&mut next, n, v_stride, pad);
             let mut reference = start.clone();
             add_weighted_rows_scalar(&mut reference, &p, &v, cols, v_stride);
             for isa in Isa::available() {
@@ -709,6 +708,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `n` rows `stride` apart whose last row ends right after its `stride − pad` values.
+    fn strided_rows(
+        next: &mut impl FnMut() -> f32,
+        n: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Vec<f32> {
+        (0..(n * stride).saturating_sub(pad))
+            .map(|_| next())
+            .collect()
     }
 
     /// Uniform values in [-10, 10] from a xorshift seeded by `seed`.
