@@ -8,10 +8,11 @@ use quarry_format::GgufFile;
 use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
 use quarry_model::Model;
 use quarry_vindex::relations::FeatureEdge;
-use quarry_vindex::Vindex;
+use quarry_vindex::{Level, Vindex};
 
 use crate::browse::{band, edges, entity_input, ffn_input, pushes, strongest};
 use crate::error::QueryError;
+use crate::in_context;
 use crate::result::{Cell, ColumnType, ResultSet};
 use crate::select::select;
 use crate::trace::{attribute, ffn_feature_shares, run, softmax, top_n, Readout};
@@ -68,7 +69,16 @@ impl Executor {
                         scope,
                         detail,
                         raw,
-                    } => describe(v, entity, *scope, *detail, *raw).map_err(invalid),
+                    } => {
+                        if *raw || v.index().level < Level::Inference {
+                            describe(v, None, entity, *scope, *detail, *raw).map_err(invalid)
+                        } else {
+                            let (entity, scope, detail) = (entity.clone(), *scope, *detail);
+                            self.with_model(&text, |v, model| {
+                                describe(v, Some(model), &entity, scope, detail, false)
+                            })
+                        }
+                    }
                     Statement::Walk {
                         prompt,
                         top,
@@ -364,8 +374,11 @@ fn show_entities(v: &Vindex) -> ResultSet {
     r
 }
 
+/// DESCRIBE: with `model` (an inference-level vindex, not RAW) by the in-context method,
+/// otherwise from the vindex alone.
 fn describe(
     v: &Vindex,
+    model: Option<&Model<'_>>,
     entity: &str,
     scope: DescribeScope,
     detail: Detail,
@@ -388,11 +401,35 @@ fn describe(
         }
     };
     let e = entity_input(v, entity).ok_or_else(|| format!("{entity:?} has no tokens"))?;
-    let found = edges(v, &e.input, &e.raw_sum, layers.iter().copied(), raw);
     let limit = match detail {
         Detail::Brief => 10,
         Detail::Normal => 20,
         Detail::Verbose => 50,
+    };
+    let (found, method) = match model {
+        Some(model) => {
+            let (found, near) = in_context::edges(v, model, &e, entity, &layers, limit)?;
+            let shown: Vec<String> = near
+                .iter()
+                .take(5)
+                .map(|&id| v.tokenizer().decode(&[id]).trim().to_string())
+                .collect();
+            let method = format!(
+                "in-context (FFN writes at the entity in a forward pass minus those of its {} nearest words: {}, …)",
+                near.len(),
+                shown.join(", ")
+            );
+            (found, method)
+        }
+        None => {
+            let found = edges(v, &e.input, &e.raw_sum, layers.iter().copied(), raw);
+            let method = if raw {
+                "RAW (|raw embedding · gate|, top tokens)"
+            } else {
+                "contribution (normalized input; activation z-score against its baseline × logit)"
+            };
+            (found, method.to_string())
+        }
     };
     let mut r = ResultSet::new(&[
         ("rank", ColumnType::Int),
@@ -444,11 +481,7 @@ fn describe(
         pieces.join(", "),
         layers.first().copied().unwrap_or(0),
         layers.last().copied().unwrap_or(0),
-        if raw {
-            "RAW (|raw embedding · gate|, top tokens)"
-        } else {
-            "contribution (normalized input; activation z-score against its baseline × logit)"
-        }
+        method
     ));
     Ok(r)
 }

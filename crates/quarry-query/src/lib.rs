@@ -10,6 +10,7 @@
 mod browse;
 mod error;
 mod executor;
+mod in_context;
 mod result;
 mod select;
 mod trace;

@@ -264,3 +264,31 @@ fn relations_cluster_word_edges_of_the_knowledge_band() {
     let total: i64 = entities.rows.iter().map(|r| int(&r[2])).sum();
     assert_eq!(total as usize, rel.edges.len());
 }
+
+#[test]
+fn describe_with_the_model_contrasts_the_entity_with_its_neighbours() {
+    let [ours, raw] = &query(
+        TestModel::Gemma3,
+        "DESCRIBE \"Japan\"; DESCRIBE \"Japan\" RAW",
+    )[..] else {
+        panic!("two results")
+    };
+    assert!(ours.notes[0].contains("in-context"), "{:?}", ours.notes);
+    assert!(raw.notes[0].contains("RAW"), "{:?}", raw.notes);
+    let tokens: Vec<&str> = ours.rows.iter().map(|r| r[1].as_str().unwrap()).collect();
+    assert_eq!(tokens.len(), 20);
+    assert!(tokens.contains(&" Tokyo"), "{tokens:?}");
+    let knowledge = quarry_vindex::Vindex::open(vindex(TestModel::Gemma3))
+        .unwrap()
+        .index()
+        .bands
+        .knowledge;
+    for row in &ours.rows {
+        assert!(quarry_vindex::relations::is_word(row[1].as_str().unwrap()));
+        let layer = int(&row[5]) as usize;
+        assert!((knowledge[0]..=knowledge[1]).contains(&layer));
+    }
+    for pair in ours.rows.windows(2) {
+        assert!(float(&pair[0][3]) >= float(&pair[1][3]));
+    }
+}
