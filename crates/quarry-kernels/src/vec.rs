@@ -677,7 +677,7 @@ mod tests {
             let mut next = uniform(seed);
             let x_stride = cols + pad;
             let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
-            let x = strided_rows(&mut next, n, x_stride, pad);
+            let x = strided_data(&mut next, n, x_stride, pad);
             let mut reference = vec![0.0; rows * n];
             dot_rows_scalar(&w, &x, cols, x_stride, &mut reference);
             for isa in Isa::available() {
@@ -697,7 +697,7 @@ mod tests {
             let v_stride = cols + pad;
             let start: Vec<f32> = (0..m * cols).map(|_| next()).collect();
             let p: Vec<f32> = (0..m * n).map(|_| next()).collect();
-            let v = strided_rows(&mut next, n, v_stride, pad);
+            let v = strided_data(&mut next, n, v_stride, pad);
             let mut reference = start.clone();
             add_weighted_rows_scalar(&mut reference, &p, &v, cols, v_stride);
             for isa in Isa::available() {
@@ -711,7 +711,7 @@ mod tests {
     }
 
     /// `n` rows `stride` apart whose last row ends right after its `stride − pad` values.
-    fn strided_rows(
+    fn strided_data(
         next: &mut impl FnMut() -> f32,
         n: usize,
         stride: usize,

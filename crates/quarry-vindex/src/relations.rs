@@ -197,42 +197,38 @@ impl<'a> RelationBuilder<'a> {
         }
         let k = (n / 40).clamp(1, 48);
         let (assignment, centroids) = spherical_kmeans(&offsets, d, k);
-        let mut relations = Vec::new();
-        for c in 0..k {
-            let mut members: Vec<(f32, usize)> = (0..n)
-                .filter(|&i| assignment[i] == c)
-                .map(|i| {
-                    (
-                        dot(&offsets[i * d..(i + 1) * d], &centroids[c * d..(c + 1) * d]),
-                        i,
-                    )
-                })
-                .collect();
-            if members.is_empty() {
-                continue;
-            }
-            members.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            let id = relations.len();
-            let name = |i: usize| {
-                let e = &self.edges[i];
-                format!(
-                    "{} → {}",
-                    self.tokenizer.decode(&[e.input]).trim(),
-                    self.tokenizer.decode(&[e.output]).trim()
-                )
-            };
+        // Each cluster's members, most central first; clusters largest first (then by index).
+        let mut clusters: Vec<Vec<usize>> = (0..k)
+            .map(|c| {
+                let centre = &centroids[c * d..(c + 1) * d];
+                let mut members: Vec<(f32, usize)> = (0..n)
+                    .filter(|&i| assignment[i] == c)
+                    .map(|i| (dot(&offsets[i * d..(i + 1) * d], centre), i))
+                    .collect();
+                members.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                members.into_iter().map(|(_, i)| i).collect()
+            })
+            .filter(|members: &Vec<usize>| !members.is_empty())
+            .collect();
+        clusters.sort_by_key(|members| std::cmp::Reverse(members.len()));
+        let name = |e: &FeatureEdge| {
+            format!(
+                "{} → {}",
+                self.tokenizer.decode(&[e.input]).trim(),
+                self.tokenizer.decode(&[e.output]).trim()
+            )
+        };
+        let mut relations = Vec::with_capacity(clusters.len());
+        for (id, members) in clusters.iter().enumerate() {
             let mut examples: Vec<String> = Vec::new();
-            for &(_, i) in &members {
-                let text = name(i);
+            for &i in members {
+                let text = name(&self.edges[i]);
                 if !examples.contains(&text) {
                     examples.push(text);
                 }
                 if examples.len() == EXAMPLES {
                     break;
                 }
-            }
-            for &(_, i) in &members {
-                self.edges[i].relation = id;
             }
             relations.push(Relation {
                 id,
@@ -241,17 +237,10 @@ impl<'a> RelationBuilder<'a> {
                 examples,
             });
         }
-        relations.sort_by(|a, b| b.features.cmp(&a.features).then(a.id.cmp(&b.id)));
-        let renumber: Vec<usize> = {
-            let mut map = vec![0; relations.len()];
-            for (new, r) in relations.iter_mut().enumerate() {
-                map[r.id] = new;
-                r.id = new;
+        for (id, members) in clusters.iter().enumerate() {
+            for &i in members {
+                self.edges[i].relation = id;
             }
-            map
-        };
-        for e in &mut self.edges {
-            e.relation = renumber[e.relation];
         }
         self.edges.sort_by_key(|e| (e.relation, e.layer, e.feature));
         Relations {

@@ -135,6 +135,17 @@ fn verify_finds_a_changed_byte_and_open_refuses_truncation() {
         err.contains("gate.bin") && err.contains("truncated"),
         "{err}"
     );
+
+    // A relation table of the right size that is not JSON is named, not a panic.
+    std::fs::copy(vindex_dir().join(layout::GATE), &gate).unwrap();
+    let relations = copy.join(layout::RELATIONS);
+    let size = std::fs::metadata(&relations).unwrap().len() as usize;
+    std::fs::write(&relations, vec![b'x'; size]).unwrap();
+    let err = Vindex::open(&copy).err().unwrap().to_string();
+    assert!(
+        err.contains("relations.json") && err.contains("not a relation table"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -295,22 +295,21 @@ mod x86 {
 
     use super::Layout;
 
-    /// The f16 fields at byte `at` of block `b` in the `R` rows starting at `p` (stride
-    /// `rb`), converted to `f32` in lanes 0..R.
+    /// Block `b`'s f16 scale `d` in the `R` rows starting at `p` (stride `rb`), converted to
+    /// `f32` in lanes 0..R (the Q8_0 kernels, which need no minimum).
     ///
     /// # Safety
-    /// `R <= 4` and each of those `R` fields is readable.
+    /// `R <= 4` and the first two bytes of each of those blocks are readable.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn f16_lanes<L: Layout, const R: usize>(
+    pub unsafe fn scale_lanes<L: Layout, const R: usize>(
         p: *const u8,
         rb: usize,
         b: usize,
-        at: usize,
     ) -> __m128 {
         let mut bits = 0u64;
         for r in 0..R {
-            let h = read_unaligned(p.add(r * rb + b * L::BYTES + at) as *const u16);
+            let h = read_unaligned(p.add(r * rb + b * L::BYTES) as *const u16);
             bits |= (u16::from_le(h) as u64) << (16 * r);
         }
         _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
@@ -595,7 +594,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 4];
         for (b, ab) in a.iter().enumerate() {
             prefetch_next_group(p, R * rb, a.len(), b);
-            let scale = _mm_mul_ps(f16_lanes::<Q8_0, R>(p, rb, b, 0), _mm_set1_ps(ab.d));
+            let scale = _mm_mul_ps(scale_lanes::<Q8_0, R>(p, rb, b), _mm_set1_ps(ab.d));
             let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
             for (r, acc) in acc.iter_mut().enumerate().take(R) {
                 let blk = p.add(r * rb + b * Q8_0::BYTES + Q8_0::QS);
@@ -694,7 +693,7 @@ mod avx512 {
         let zero = _mm256_setzero_si256();
         let mut acc = [_mm256_setzero_ps(); 4];
         for (b, ab) in a.iter().enumerate() {
-            let scale = _mm_mul_ps(f16_lanes::<Q8_0, R>(p, rb, b, 0), _mm_set1_ps(ab.d));
+            let scale = _mm_mul_ps(scale_lanes::<Q8_0, R>(p, rb, b), _mm_set1_ps(ab.d));
             let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
             let start = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, flip, q));
             for (r, acc) in acc.iter_mut().enumerate().take(R) {
