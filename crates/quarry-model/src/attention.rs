@@ -13,6 +13,7 @@
 //! that each owns a contiguous slice; [`attend`] then reorders it to the token-major layout
 //! of the queries.
 
+use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
 
 use quarry_kernels::gemm::{gemm, MatRef};
@@ -56,53 +57,101 @@ impl AttentionSpec {
     }
 }
 
-/// Attention of the `n` tokens at positions `start..start + n`, whose keys and values are
-/// already in `cache` for `layer`: `q` holds their queries (`n × n_heads × head_dim`, token
-/// major, heads of one KV head adjacent) and `out` receives the outputs in the same layout.
+/// One sequence's part of a batched attention call: its cache, the position of its first
+/// token in the batch, and which rows (tokens) of the batch's queries are its own.
+pub struct SequenceAttention<'c, C> {
+    pub cache: &'c C,
+    pub start: usize,
+    pub rows: Range<usize>,
+}
+
+/// Attention of every sequence of a batch: sequence `s` has tokens at positions
+/// `start..start + rows.len()` whose keys and values are already in its cache for `layer`.
+/// `q` holds the queries of all tokens of the batch (token major, `n_heads × head_dim` each,
+/// heads of one KV head adjacent) and `out` receives the outputs in the same layout. Tiles of
+/// all sequences share one dispatch to the pool.
 pub fn attend<C: KvCache + Sync>(
     spec: &AttentionSpec,
     layer: usize,
-    cache: &C,
+    sequences: &[SequenceAttention<'_, C>],
     q: &[f32],
-    start: usize,
     out: &mut [f32],
 ) {
     let hd = spec.head_dim;
     let q_dim = spec.n_heads * hd;
-    let n = q.len() / q_dim;
     assert_eq!(out.len(), q.len(), "attend: out and q differ in length");
     let group = spec.group();
-    let rows_per_kv_head = n * group;
     let pool = pool::global();
-    // At least two tiles per thread when there are enough rows, so threads stay busy.
-    let tile_rows = rows_per_kv_head
-        .div_ceil(2 * pool.n_threads())
-        .clamp(1, TILE_ROWS);
+    // Per sequence, a KV-head-major copy of its rows: `[kv head][token][query head][dim]`.
     let mut by_kv_head = vec![0.0f32; q.len()];
+    let mut tiles: Vec<Tile<'_, '_, C>> = Vec::new();
+    let mut rest = by_kv_head.as_mut_slice();
+    for seq in sequences {
+        let n = seq.rows.len();
+        let (mine, tail) = rest.split_at_mut(n * q_dim);
+        rest = tail;
+        let rows_per_kv_head = n * group;
+        if rows_per_kv_head == 0 {
+            continue;
+        }
+        // At least two tiles per thread when there are enough rows, so threads stay busy.
+        let tile_rows = rows_per_kv_head
+            .div_ceil(2 * pool.n_threads())
+            .clamp(1, TILE_ROWS);
+        let q_seq = &q[seq.rows.start * q_dim..seq.rows.end * q_dim];
+        for (g, head_out) in mine.chunks_mut(rows_per_kv_head * hd).enumerate() {
+            for (i, tile) in head_out.chunks_mut(tile_rows * hd).enumerate() {
+                tiles.push(Tile {
+                    cache: seq.cache,
+                    q: q_seq,
+                    start: seq.start,
+                    kv_head: g,
+                    first_row: i * tile_rows,
+                    out: Mutex::new(tile),
+                });
+            }
+        }
+    }
     // Each task locks only its own tile, so the locks are never contended.
-    let tiles: Vec<(usize, usize, Mutex<&mut [f32]>)> = by_kv_head
-        .chunks_mut(rows_per_kv_head * hd)
-        .enumerate()
-        .flat_map(|(g, head_out)| {
-            head_out
-                .chunks_mut(tile_rows * hd)
-                .enumerate()
-                .map(move |(i, tile)| (g, i * tile_rows, Mutex::new(tile)))
-        })
-        .collect();
     pool.run(tiles.len(), &|i| {
         // Later tiles see more keys; starting with them balances the threads' loads.
-        let (g, first_row, tile) = &tiles[tiles.len() - 1 - i];
-        let mut tile = tile.lock().unwrap_or_else(PoisonError::into_inner);
-        attend_tile(spec, layer, cache, q, start, *g, *first_row, &mut tile);
+        let t = &tiles[tiles.len() - 1 - i];
+        let mut tile = t.out.lock().unwrap_or_else(PoisonError::into_inner);
+        attend_tile(
+            spec,
+            layer,
+            t.cache,
+            t.q,
+            t.start,
+            t.kv_head,
+            t.first_row,
+            &mut tile,
+        );
     });
-    // Back to token-major: row (g, t, hh) goes to token t, head g·group + hh.
+    drop(tiles);
+    // Back to token-major: row (g, t, hh) of a sequence goes to its token t, head g·group + hh.
+    let token_seq: Vec<(usize, usize)> = sequences
+        .iter()
+        .flat_map(|s| s.rows.clone().map(move |_| (s.rows.start, s.rows.len())))
+        .collect();
     pool.for_each_chunk_mut(out, q_dim, &|t, token_out| {
+        let (first, n) = token_seq[t];
+        let region = &by_kv_head[first * q_dim..];
         for (g, dst) in token_out.chunks_exact_mut(group * hd).enumerate() {
-            let src = (g * rows_per_kv_head + t * group) * hd;
-            dst.copy_from_slice(&by_kv_head[src..src + group * hd]);
+            let src = (g * n * group + (t - first) * group) * hd;
+            dst.copy_from_slice(&region[src..src + group * hd]);
         }
     });
+}
+
+/// A run of query rows of one KV head of one sequence, and where its outputs go.
+struct Tile<'c, 'o, C> {
+    cache: &'c C,
+    q: &'c [f32],
+    start: usize,
+    kv_head: usize,
+    first_row: usize,
+    out: Mutex<&'o mut [f32]>,
 }
 
 /// One tile: rows `first_row..` of KV head `g` (row r is token `r / group`, query head
@@ -138,8 +187,13 @@ fn attend_tile<C: KvCache>(
     out.fill(0.0);
     let keys_from = spec.first_visible(pos_of(0));
     let keys_to = pos_of(m - 1) + 1;
-    for j0 in (keys_from..keys_to).step_by(KEY_BLOCK) {
-        let j1 = (j0 + KEY_BLOCK).min(keys_to);
+    let run = cache.contiguous_run();
+    let mut j0 = keys_from;
+    while j0 < keys_to {
+        // A block never crosses a boundary of the cache's contiguous runs.
+        let j1 = (j0 + KEY_BLOCK)
+            .min(keys_to)
+            .min((j0 - j0 % run).saturating_add(run));
         let b = j1 - j0;
         let keys = cache.keys(layer, j0..j1);
         let values = cache.values(layer, j0..j1);
@@ -179,6 +233,7 @@ fn attend_tile<C: KvCache>(
         } else {
             add_weighted_rows(out, &scores[..m * b], &values[g * hd..], hd, kv_dim);
         }
+        j0 = j1;
     }
     for (row, s) in out.chunks_exact_mut(hd).zip(&sum) {
         let inv = 1.0 / s;
@@ -243,29 +298,75 @@ mod tests {
             .collect()
     }
 
+    /// A contiguous cache that claims shorter contiguous runs, so blocks get cut at them.
+    struct ShortRuns(ContiguousKvCache, usize);
+
+    impl KvCache for ShortRuns {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn capacity(&self) -> usize {
+            self.0.capacity()
+        }
+        fn contiguous_run(&self) -> usize {
+            self.1
+        }
+        fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+            self.0.write(layer, k, v)
+        }
+        fn keys(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+            assert!(
+                positions.start / self.1 == (positions.end - 1) / self.1,
+                "{positions:?} crosses a run"
+            );
+            self.0.keys(layer, positions)
+        }
+        fn values(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+            self.0.values(layer, positions)
+        }
+        fn advance(&mut self, n: usize) {
+            self.0.advance(n)
+        }
+        fn truncate(&mut self, len: usize) {
+            self.0.truncate(len)
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
         fn tiled_attention_equals_the_naive_softmax(
             n_kv_heads in 1usize..3, group in 1usize..5, head_dim in 1usize..20,
-            past in 0usize..150, n in 1usize..140, window in prop::option::of(1usize..100),
+            shapes in prop::collection::vec((0usize..150, 1usize..140), 1..4),
+            run in prop::option::of(1usize..80), window in prop::option::of(1usize..100),
             softcap in prop::option::of(1.0f32..10.0), seed in any::<u64>(),
         ) {
             let spec = AttentionSpec {
                 n_heads: n_kv_heads * group, n_kv_heads, head_dim,
                 scale: 1.0 / (head_dim as f32).sqrt(), softcap, window,
             };
-            let kv_dim = n_kv_heads * head_dim;
-            let total = past + n;
-            let (keys, values) = (random(total * kv_dim, seed), random(total * kv_dim, seed ^ 7));
-            let q = random(n * spec.n_heads * head_dim, seed ^ 11);
-            let mut cache = ContiguousKvCache::new(2, kv_dim, total + 3);
-            cache.write(1, &keys[..past * kv_dim], &values[..past * kv_dim]);
-            cache.advance(past);
-            cache.write(1, &keys[past * kv_dim..], &values[past * kv_dim..]);
+            let (kv_dim, q_dim) = (n_kv_heads * head_dim, spec.n_heads * head_dim);
+            let mut caches = Vec::new();
+            let (mut q, mut expected, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+            for (s, &(past, n)) in shapes.iter().enumerate() {
+                let seed = seed ^ (s as u64 * 0x9E37);
+                let total = past + n;
+                let (keys, values) = (random(total * kv_dim, seed), random(total * kv_dim, seed ^ 7));
+                let q_seq = random(n * q_dim, seed ^ 11);
+                let mut cache = ShortRuns(ContiguousKvCache::new(2, kv_dim, total + 3), run.unwrap_or(usize::MAX));
+                cache.write(1, &keys[..past * kv_dim], &values[..past * kv_dim]);
+                cache.advance(past);
+                cache.write(1, &keys[past * kv_dim..], &values[past * kv_dim..]);
+                expected.extend(naive(&spec, &keys, &values, &q_seq, past));
+                rows.push((past, q.len() / q_dim..q.len() / q_dim + n));
+                q.extend(q_seq);
+                caches.push(cache);
+            }
+            let sequences: Vec<_> = caches.iter().zip(&rows)
+                .map(|(cache, (start, rows))| SequenceAttention { cache, start: *start, rows: rows.clone() })
+                .collect();
             let mut out = vec![f32::NAN; q.len()];
-            attend(&spec, 1, &cache, &q, past, &mut out);
-            let expected = naive(&spec, &keys, &values, &q, past);
+            attend(&spec, 1, &sequences, &q, &mut out);
             for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
                 prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "value {i}: {a} vs {b}");
             }

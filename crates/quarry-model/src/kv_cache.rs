@@ -1,8 +1,10 @@
 //! Key/value storage for incremental decoding.
 //!
 //! The forward pass talks to the cache only through [`KvCache`], so a contiguous cache (here)
-//! and a paged, block-table cache (for batched serving) are interchangeable. Positions are
-//! appended in order; a layer's keys and values for position `p` are `kv_dim` floats each.
+//! and a paged, block-table cache (quarry-engine's, for batched serving) are interchangeable.
+//! Positions are appended in order; a layer's keys and values for position `p` are `kv_dim`
+//! floats each, and positions within one aligned run of [`KvCache::contiguous_run`] are
+//! adjacent in memory.
 
 use std::ops::Range;
 
@@ -16,11 +18,16 @@ pub trait KvCache {
     }
     /// Most positions the cache can hold.
     fn capacity(&self) -> usize;
+    /// Positions `r·run .. (r+1)·run` are stored contiguously; ranges passed to
+    /// [`KvCache::keys`] and [`KvCache::values`] never cross a multiple of it.
+    fn contiguous_run(&self) -> usize {
+        usize::MAX
+    }
     /// Writes keys and values of `n` new positions (starting at `len()`) for one layer; `k` and
     /// `v` hold `n × kv_dim` floats. Visible to readers once [`KvCache::advance`] is called.
     fn write(&mut self, layer: usize, k: &[f32], v: &[f32]);
-    /// Keys of `layer` at the positions in `positions`, `kv_dim` floats each, consecutive;
-    /// positions may include ones written but not yet advanced past.
+    /// Keys of `layer` at the positions in `positions` (within one contiguous run), `kv_dim`
+    /// floats each, consecutive; positions may include ones written but not yet advanced past.
     fn keys(&self, layer: usize, positions: Range<usize>) -> &[f32];
     /// Values of `layer` at the positions in `positions`, laid out like [`KvCache::keys`].
     fn values(&self, layer: usize, positions: Range<usize>) -> &[f32];

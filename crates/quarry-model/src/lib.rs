@@ -14,4 +14,4 @@ pub mod ops;
 pub use config::{Activation, Family, ModelConfig, RopeStyle};
 pub use error::ModelError;
 pub use kv_cache::{ContiguousKvCache, KvCache};
-pub use model::{FfnWeights, ForwardObserver, Model};
+pub use model::{FfnWeights, ForwardObserver, Model, SequenceBatch};

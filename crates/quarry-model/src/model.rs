@@ -2,14 +2,16 @@
 //!
 //! Matrices stay in their quantized blocks inside the memory map ([`WeightView`]); only norm
 //! vectors (a few KiB each) are copied out as `f32`. The forward pass processes a batch of
-//! consecutive tokens of one sequence — the whole prompt at once during prefill, one token
-//! during decoding — so every weight matrix is read once per call whatever the batch size.
+//! tokens — the whole prompt at once during prefill, one token during decoding, or any mix of
+//! several sequences' prompt chunks and decode tokens when serving — so every weight matrix is
+//! read once per call whatever the batch size. Only RoPE, the KV cache writes and attention
+//! look at which sequence a token belongs to.
 
 use quarry_format::{GgufFile, TensorView};
 use quarry_kernels::{matmul_quantized, matmul_quantized_many, QuantizedActivations, WeightView};
 use std::ops::Range;
 
-use crate::attention::{attend, AttentionSpec};
+use crate::attention::{attend, AttentionSpec, SequenceAttention};
 use crate::config::ModelConfig;
 use crate::kv_cache::{ContiguousKvCache, KvCache};
 use crate::ops::{gated_activation, rms_norm, softcap, Rope, RopeTable};
@@ -43,6 +45,15 @@ pub trait ForwardObserver {
 }
 
 struct NoObserver;
+
+/// One sequence's part of a batched forward pass ([`Model::forward_batch`]).
+pub struct SequenceBatch<'t, 'c, C> {
+    /// Tokens placed after what `cache` holds (at least one).
+    pub tokens: &'t [u32],
+    pub cache: &'c mut C,
+    /// Indices within `tokens` of the rows whose logits are returned.
+    pub rows: Range<usize>,
+}
 
 impl ForwardObserver for NoObserver {}
 
@@ -214,21 +225,59 @@ impl<'a> Model<'a> {
         rows: Range<usize>,
         observer: &mut dyn ForwardObserver,
     ) -> Result<Vec<f32>, ModelError> {
+        self.run(
+            &mut [SequenceBatch {
+                tokens,
+                cache,
+                rows,
+            }],
+            observer,
+        )
+    }
+
+    /// Runs the tokens of several sequences, each after what its own cache holds, as one
+    /// batch; returns the logits of every sequence's selected rows, in order.
+    pub fn forward_batch<C: KvCache + Sync>(
+        &self,
+        batch: &mut [SequenceBatch<'_, '_, C>],
+    ) -> Result<Vec<f32>, ModelError> {
+        let hidden = self.run(batch, &mut NoObserver)?;
+        Ok(self.logits(&hidden))
+    }
+
+    fn run<C: KvCache + Sync>(
+        &self,
+        batch: &mut [SequenceBatch<'_, '_, C>],
+        observer: &mut dyn ForwardObserver,
+    ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.config;
-        let n = tokens.len();
-        let start = cache.len();
-        if start + n > cache.capacity() {
-            return Err(ModelError::ContextOverflow {
-                needed: start + n,
-                capacity: cache.capacity(),
+        let mut plans = Vec::with_capacity(batch.len());
+        let mut n = 0;
+        for seq in batch.iter() {
+            let (len, start) = (seq.tokens.len(), seq.cache.len());
+            if start + len > seq.cache.capacity() {
+                return Err(ModelError::ContextOverflow {
+                    needed: start + len,
+                    capacity: seq.cache.capacity(),
+                });
+            }
+            assert!(len > 0, "a sequence of the batch has no tokens");
+            assert!(
+                seq.rows.start <= seq.rows.end && seq.rows.end <= len,
+                "rows {:?} outside a batch of {len}",
+                seq.rows
+            );
+            plans.push(SequencePlan {
+                start,
+                rows: n..n + len,
+                rope_global: self.rope_global.table(start, len),
+                rope_local: self.rope_local.table(start, len),
             });
+            n += len;
         }
-        assert!(
-            rows.start <= rows.end && rows.end <= n,
-            "rows {rows:?} outside a batch of {n}"
-        );
         let d = cfg.d_model;
         let mut x = vec![0.0f32; n * d];
+        let tokens = batch.iter().flat_map(|s| s.tokens);
         for (row, &id) in x.chunks_exact_mut(d).zip(tokens) {
             if id as usize >= cfg.vocab_size {
                 return Err(ModelError::TokenOutOfRange {
@@ -242,20 +291,19 @@ impl<'a> Model<'a> {
             }
         }
         let mut scratch = Scratch::new(cfg, n);
-        let batch = Batch {
-            start,
-            rope_global: self.rope_global.table(start, n),
-            rope_local: self.rope_local.table(start, n),
-        };
         observer.embeddings(&x);
         for (index, layer) in self.layers.iter().enumerate() {
-            self.attention_block(index, layer, &mut x, cache, &batch, &mut scratch);
+            self.attention_block(index, layer, &mut x, batch, &plans, &mut scratch);
             observer.attention_output(index, &scratch.norm);
             self.ffn_block(index, layer, &mut x, &mut scratch, observer);
         }
         observer.final_residual(&x);
-        cache.advance(n);
-        let mut hidden = x[rows.start * d..rows.end * d].to_vec();
+        let mut hidden = Vec::new();
+        for (seq, plan) in batch.iter_mut().zip(&plans) {
+            seq.cache.advance(plan.rows.len());
+            let first = plan.rows.start;
+            hidden.extend_from_slice(&x[(first + seq.rows.start) * d..(first + seq.rows.end) * d]);
+        }
         rms_norm(&mut hidden, &self.output_norm, cfg.norm_eps);
         Ok(hidden)
     }
@@ -277,8 +325,8 @@ impl<'a> Model<'a> {
         index: usize,
         layer: &Layer<'a>,
         x: &mut [f32],
-        cache: &mut C,
-        batch: &Batch<'_>,
+        batch: &mut [SequenceBatch<'_, '_, C>],
+        plans: &[SequencePlan<'_>],
         s: &mut Scratch,
     ) {
         let cfg = &self.config;
@@ -302,14 +350,21 @@ impl<'a> Model<'a> {
             rms_norm(&mut s.k, w, cfg.norm_eps);
         }
         let global = cfg.global_layers[index];
-        let rope = if global {
-            &batch.rope_global
-        } else {
-            &batch.rope_local
-        };
-        rope.apply(&mut s.q, hd);
-        rope.apply(&mut s.k, hd);
-        cache.write(index, &s.k, &s.v);
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        for (seq, plan) in batch.iter_mut().zip(plans) {
+            let rope = if global {
+                &plan.rope_global
+            } else {
+                &plan.rope_local
+            };
+            let (q, kv) = (
+                plan.rows.start * q_dim..plan.rows.end * q_dim,
+                plan.rows.start * kv_dim..plan.rows.end * kv_dim,
+            );
+            rope.apply(&mut s.q[q], hd);
+            rope.apply(&mut s.k[kv.clone()], hd);
+            seq.cache.write(index, &s.k[kv.clone()], &s.v[kv]);
+        }
 
         let spec = AttentionSpec {
             n_heads: cfg.n_heads,
@@ -319,7 +374,16 @@ impl<'a> Model<'a> {
             softcap: cfg.attn_softcap,
             window: if global { None } else { cfg.sliding_window },
         };
-        attend(&spec, index, &*cache, &s.q, batch.start, &mut s.attn);
+        let sequences: Vec<_> = batch
+            .iter()
+            .zip(plans)
+            .map(|(seq, plan)| SequenceAttention {
+                cache: &*seq.cache,
+                start: plan.start,
+                rows: plan.rows.clone(),
+            })
+            .collect();
+        attend(&spec, index, &sequences, &s.q, &mut s.attn);
         let attn = QuantizedActivations::new(&s.attn, n, cfg.q_dim());
         matmul_quantized(&layer.wo, &attn, &mut s.norm);
         if let Some(w) = &layer.post_attn_norm {
@@ -357,10 +421,12 @@ impl<'a> Model<'a> {
     }
 }
 
-/// What every layer of one forward call shares: where the batch starts in the sequence and
-/// its rotary tables for layers with global and with local attention.
-struct Batch<'a> {
+/// What every layer needs to know of one sequence of a batch: where its tokens start in the
+/// sequence, which rows of the batch they are, and their rotary tables for layers with global
+/// and with local attention.
+struct SequencePlan<'a> {
     start: usize,
+    rows: Range<usize>,
     rope_global: RopeTable<'a>,
     rope_local: RopeTable<'a>,
 }

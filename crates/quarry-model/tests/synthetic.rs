@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 
 use quarry_format::{gguf::GgufWriter, GgmlType, GgufFile, Value};
-use quarry_model::{Model, ModelError};
+use quarry_model::{KvCache, Model, ModelError, SequenceBatch};
 
 const D: usize = 32;
 const HEAD: usize = 16;
@@ -191,6 +191,34 @@ fn prefill_equals_incremental(spec: Spec) {
         );
         done += size;
     }
+
+    // Sequences at different points in one batch (a prompt chunk, a decode token, a later
+    // chunk): every row equals the same tokens run alone.
+    let mut caches = [m.new_cache(32), m.new_cache(32), m.new_cache(32)];
+    let parts = [(0, 6), (4, 5), (9, 12)];
+    for (cache, &(past, _)) in caches.iter_mut().zip(&parts) {
+        m.forward(&toks[..past.max(1)], cache, 0..0).unwrap();
+        cache.truncate(past);
+    }
+    let mut batch: Vec<SequenceBatch<'_, '_, _>> = caches
+        .iter_mut()
+        .zip(&parts)
+        .map(|(cache, &(past, end))| SequenceBatch {
+            tokens: &toks[past..end],
+            cache,
+            rows: 0..end - past,
+        })
+        .collect();
+    let rows = m.forward_batch(&mut batch).unwrap();
+    let expected: Vec<f32> = parts
+        .iter()
+        .flat_map(|&(past, end)| all[past * VOCAB..end * VOCAB].iter().copied())
+        .collect();
+    assert_close(
+        &rows,
+        &expected,
+        &format!("{} batch of sequences", spec.arch),
+    );
 }
 
 #[test]
