@@ -15,4 +15,12 @@ pub enum EngineError {
     PromptTooLong { tokens: usize, context: usize },
     #[error("invalid {name}: {reason}")]
     InvalidArgument { name: &'static str, reason: String },
+    #[error("the server is busy: the request waited {waited:?} for a free slot and KV memory; retry later")]
+    Overloaded { waited: std::time::Duration },
+    #[error("the request did not finish before its deadline")]
+    Timeout,
+    #[error("the engine is shutting down and accepts no new requests")]
+    ShuttingDown,
+    #[error("the forward pass of a batch failed: {0}")]
+    Batch(String),
 }

@@ -107,7 +107,7 @@ impl<'m, 'a> Session<'m, 'a> {
                 context: self.context(),
             });
         }
-        let mut sampler = Sampler::new(options.sampling.clone())?;
+        let mut continuation = Continuation::new(self.tokenizer, options)?;
 
         // Reuse the cached prefix, but always evaluate at least the last prompt token: its
         // logits choose the first generated token.
@@ -117,50 +117,23 @@ impl<'m, 'a> Session<'m, 'a> {
 
         let t0 = Instant::now();
         let pending = &prompt[shared..];
-        let mut logits = self.eval(pending)?;
+        let logits = self.eval(pending)?;
         let prompt_eval_time = t0.elapsed();
 
-        let mut stops = StopStrings::new(options.stop.clone());
-        let mut decoder = StreamDecoder::new(self.tokenizer);
-        let mut generated = Vec::new();
         let mut text = String::new();
-        let mut emit = |piece: String, text: &mut String| {
-            if !piece.is_empty() {
-                on_text(&piece);
-                text.push_str(&piece);
-            }
-        };
-        let mut stopped_by_string = false;
         let t1 = Instant::now();
-        let finish = loop {
-            if generated.len() >= options.max_tokens {
-                break FinishReason::Length;
-            }
-            let next = sampler.sample(&logits, &self.tokens);
-            generated.push(next);
-            if options.stop_at_eog && self.tokenizer.is_end_of_generation(next) {
-                break FinishReason::Stop;
-            }
-            let (piece, hit) = stops.push(&decoder.push(next));
-            emit(piece, &mut text);
-            if hit {
-                stopped_by_string = true;
-                break FinishReason::Stop;
-            }
-            if self.tokens.len() + 1 >= self.context() {
-                break FinishReason::ContextFull;
-            }
-            if generated.len() >= options.max_tokens {
-                break FinishReason::Length;
-            }
-            logits = self.eval(&[next])?;
+        // With no tokens to generate, only the prompt is evaluated (llama.cpp's `-n 0`).
+        let finish = if options.max_tokens == 0 {
+            FinishReason::Length
+        } else {
+            self.decode(&mut continuation, logits, &mut text, &mut on_text)?
         };
-        if !stopped_by_string {
-            let tail = decoder.finish();
-            let (piece, _) = stops.push(&tail);
-            emit(piece, &mut text);
-            emit(stops.finish(), &mut text);
+        let tail = continuation.finish();
+        if !tail.is_empty() {
+            on_text(&tail);
+            text.push_str(&tail);
         }
+        let generated = continuation.into_tokens();
         Ok(Generation {
             decode_tokens: generated.len().saturating_sub(1),
             tokens: generated,
@@ -172,12 +145,118 @@ impl<'m, 'a> Session<'m, 'a> {
         })
     }
 
+    /// Samples and evaluates tokens until `continuation` says generation ends.
+    fn decode(
+        &mut self,
+        continuation: &mut Continuation<'_>,
+        mut logits: Vec<f32>,
+        text: &mut String,
+        on_text: &mut impl FnMut(&str),
+    ) -> Result<FinishReason, EngineError> {
+        loop {
+            let step = continuation.next(&logits, &self.tokens, self.context());
+            if !step.text.is_empty() {
+                on_text(&step.text);
+                text.push_str(&step.text);
+            }
+            if let Some(finish) = step.finish {
+                return Ok(finish);
+            }
+            logits = self.eval(&[step.token])?;
+        }
+    }
+
     /// Evaluates `tokens` after the cached ones; returns the logits of the last.
     fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         let n = tokens.len();
         let logits = self.model.forward(tokens, &mut self.cache, n - 1..n)?;
         self.tokens.extend_from_slice(tokens);
         Ok(logits)
+    }
+}
+
+/// The token-by-token part of generation shared by [`Session`] and the batching engine:
+/// sampling, end-of-generation and stop strings, streamed text, the token limit.
+pub(crate) struct Continuation<'t> {
+    tokenizer: &'t Tokenizer,
+    sampler: Sampler,
+    stops: StopStrings,
+    decoder: StreamDecoder<'t>,
+    max_tokens: usize,
+    stop_at_eog: bool,
+    generated: Vec<u32>,
+    stopped_by_string: bool,
+}
+
+/// One sampled token, the text it completed, and whether generation ends with it.
+pub(crate) struct Step {
+    pub token: u32,
+    pub text: String,
+    pub finish: Option<FinishReason>,
+}
+
+impl<'t> Continuation<'t> {
+    pub fn new(tokenizer: &'t Tokenizer, options: &GenerateOptions) -> Result<Self, EngineError> {
+        Ok(Continuation {
+            tokenizer,
+            sampler: Sampler::new(options.sampling.clone())?,
+            stops: StopStrings::new(options.stop.clone()),
+            decoder: StreamDecoder::new(tokenizer),
+            max_tokens: options.max_tokens,
+            stop_at_eog: options.stop_at_eog,
+            generated: Vec::new(),
+            stopped_by_string: false,
+        })
+    }
+
+    /// Samples the token after `history` (every token evaluated so far, the one these
+    /// `logits` follow last) in a context of `context` positions.
+    pub fn next(&mut self, logits: &[f32], history: &[u32], context: usize) -> Step {
+        let token = self.sampler.sample(logits, history);
+        self.generated.push(token);
+        let mut step = Step {
+            token,
+            text: String::new(),
+            finish: None,
+        };
+        if self.stop_at_eog && self.tokenizer.is_end_of_generation(token) {
+            step.finish = Some(FinishReason::Stop);
+            return step;
+        }
+        let (piece, hit) = self.stops.push(&self.decoder.push(token));
+        step.text = piece;
+        step.finish = if hit {
+            self.stopped_by_string = true;
+            Some(FinishReason::Stop)
+        } else if history.len() + 1 >= context {
+            Some(FinishReason::ContextFull)
+        } else if self.generated.len() >= self.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        step
+    }
+
+    /// Text held back until the end (a partial character or a possible stop string), once
+    /// generation has ended.
+    pub fn finish(&mut self) -> String {
+        if self.stopped_by_string {
+            return String::new();
+        }
+        let tail = self.decoder.finish();
+        let (mut piece, _) = self.stops.push(&tail);
+        piece.push_str(&self.stops.finish());
+        piece
+    }
+
+    /// Tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.generated
+    }
+
+    pub fn into_tokens(self) -> Vec<u32> {
+        self.generated
     }
 }
 

@@ -75,10 +75,15 @@ pub fn quantize_q8x256(x: &[f32]) -> BlockQ8x256 {
 }
 
 /// `n_tokens` rows of `cols` activations, with their 8-bit forms computed on first use.
+///
+/// The first [`QuantizedActivations::integer_tokens`] rows are decode tokens, which matrix
+/// products compute from the 8-bit form; the others take the `f32` path (see
+/// `matmul_quantized`).
 pub struct QuantizedActivations<'x> {
     x: &'x [f32],
     n_tokens: usize,
     cols: usize,
+    integer_tokens: usize,
     q8x32: OnceLock<Vec<BlockQ8x32>>,
     q8x256: OnceLock<Vec<BlockQ8x256>>,
 }
@@ -96,9 +101,27 @@ impl<'x> QuantizedActivations<'x> {
             x,
             n_tokens,
             cols,
+            integer_tokens: usize::from(n_tokens == 1),
             q8x32: OnceLock::new(),
             q8x256: OnceLock::new(),
         }
+    }
+
+    /// Marks the first `n` rows as decode tokens (by default: the row of a single token,
+    /// none of a batch). Panics if `n > n_tokens`.
+    pub fn with_integer_tokens(mut self, n: usize) -> Self {
+        assert!(
+            n <= self.n_tokens,
+            "{n} integer tokens of {}",
+            self.n_tokens
+        );
+        self.integer_tokens = n;
+        self
+    }
+
+    /// Leading rows that matrix products compute from 8-bit activations.
+    pub fn integer_tokens(&self) -> usize {
+        self.integer_tokens
     }
 
     pub fn f32(&self) -> &'x [f32] {

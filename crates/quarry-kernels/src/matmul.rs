@@ -166,55 +166,63 @@ pub fn matmul(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
 /// y = x · Wᵀ like [`matmul`], with `x` given as [`QuantizedActivations`] so that several
 /// matrices reading the same input (Q, K and V; gate and up) share one 8-bit quantization.
 ///
-/// A single token (a decode step) over a type with an integer kernel takes the fused
-/// dequantize-and-dot path on 8-bit activations; batches take [`matmul`]'s `f32` paths. Prompts
-/// are therefore evaluated with `f32` activations, whose logits track transformers' float32
-/// ones, while 8-bit activations (which llama.cpp uses throughout) move logits by a few tenths
-/// over a deep stack: acceptable for a decode step, not for scoring a prompt.
+/// Decode tokens (the first [`QuantizedActivations::integer_tokens`] rows: by default a
+/// single token) over a type with an integer kernel take the fused dequantize-and-dot path on
+/// 8-bit activations, each token's products exactly as if it were alone; the other rows take
+/// [`matmul`]'s `f32` paths. Prompts are therefore evaluated with `f32` activations, whose
+/// logits track transformers' float32 ones, while 8-bit activations (which llama.cpp uses
+/// throughout) move logits by a few tenths over a deep stack: acceptable for a decode step,
+/// not for scoring a prompt.
 pub fn matmul_quantized(w: &WeightView<'_>, x: &QuantizedActivations<'_>, y: &mut [f32]) {
     matmul_quantized_many(&mut [(w, y)], x)
 }
 
 /// Several [`matmul_quantized`] products of the same activations (Q, K and V; gate and up),
-/// computed in one dispatch of the thread pool when decoding a single token, so threads meet
-/// once instead of once per matrix.
+/// whose decode tokens are computed in one dispatch of the thread pool, so threads meet once
+/// instead of once per matrix.
 pub fn matmul_quantized_many(
     products: &mut [(&WeightView<'_>, &mut [f32])],
     x: &QuantizedActivations<'_>,
 ) {
+    let (n, cols) = (x.n_tokens(), x.cols());
     for (w, y) in products.iter() {
         assert_eq!(
-            x.cols(),
-            w.cols,
-            "matmul_quantized: activations have {} columns, W has {}",
-            x.cols(),
+            cols, w.cols,
+            "matmul_quantized: activations have {cols} columns, W has {}",
             w.cols
         );
-        if x.n_tokens() == 1 {
-            assert_eq!(
-                y.len(),
-                w.rows,
-                "matmul_quantized: y has {} values, expected {} rows",
-                y.len(),
-                w.rows
-            );
-        }
+        assert_eq!(
+            y.len(),
+            n * w.rows,
+            "matmul_quantized: y has {} values, expected {n} × {} rows",
+            y.len(),
+            w.rows
+        );
     }
+    let decode = x.integer_tokens();
     let mut integer = Vec::new();
     for (w, y) in products.iter_mut() {
-        if x.n_tokens() != 1 || !has_integer_kernel(w.dtype) {
-            matmul(w, x.f32(), x.n_tokens(), y);
+        let split = if has_integer_kernel(w.dtype) {
+            decode
         } else {
+            0
+        };
+        let (by_int, by_f32) = y.split_at_mut(split * w.rows);
+        if split < n {
+            matmul(w, &x.f32()[split * cols..], n - split, by_f32);
+        }
+        if split > 0 {
             quantize_for(w.dtype, x);
-            integer.push((*w, &mut **y));
+            integer.push((*w, by_int));
         }
     }
     let isa = Isa::best();
     let pool = pool::global();
     // A few tasks per thread and matrix balance uneven progress; multiples of 8 rows suit
-    // kernels that process several rows per pass over the activations. Each task locks only
-    // its own slice, so the locks are never contended.
-    let tasks: Vec<(&WeightView<'_>, usize, Mutex<&mut [f32]>)> = integer
+    // kernels that process several rows per pass over the activations. A task computes its
+    // rows for every decode token while they are in cache, and locks only its own slices,
+    // so the locks are never contended.
+    let tasks: Vec<DecodeTask<'_, '_, '_>> = integer
         .into_iter()
         .flat_map(|(w, y)| {
             let chunk = w
@@ -222,18 +230,33 @@ pub fn matmul_quantized_many(
                 .div_ceil(4 * pool.n_threads())
                 .clamp(16, 512)
                 .next_multiple_of(8);
-            y.chunks_mut(chunk)
+            let mut pieces: Vec<Vec<&mut [f32]>> = (0..w.rows.div_ceil(chunk))
+                .map(|_| Vec::with_capacity(decode))
+                .collect();
+            for token_out in y.chunks_mut(w.rows) {
+                for (c, piece) in token_out.chunks_mut(chunk).enumerate() {
+                    pieces[c].push(piece);
+                }
+            }
+            pieces
+                .into_iter()
                 .enumerate()
-                .map(move |(c, out)| (w, c * chunk, Mutex::new(out)))
+                .map(move |(c, outs)| (w, c * chunk, Mutex::new(outs)))
         })
         .collect();
     pool.run(tasks.len(), &|i| {
-        let (w, first, out) = &tasks[i];
-        let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
-        let rows = *first..*first + out.len();
-        gemv_rows(isa, w, rows, x, 0, &mut out);
+        let (w, first, outs) = &tasks[i];
+        let mut outs = outs.lock().unwrap_or_else(PoisonError::into_inner);
+        for (token, out) in outs.iter_mut().enumerate() {
+            let rows = *first..*first + out.len();
+            gemv_rows(isa, w, rows, x, token, out);
+        }
     });
 }
+
+/// A run of rows of one matrix, starting at the given row, and where its products for each
+/// decode token go.
+type DecodeTask<'w, 'd, 'y> = (&'w WeightView<'d>, usize, Mutex<Vec<&'y mut [f32]>>);
 
 /// Up to this many tokens, decoding a few rows at a time and dotting them with every token
 /// beats decoding whole tiles for the GEMM, whose decoding, transposing and packing only pay

@@ -193,3 +193,35 @@ fn fused_products_equal_products_one_at_a_time() {
         }
     }
 }
+
+#[test]
+fn decode_tokens_of_a_batch_equal_each_token_alone() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let cols = 512;
+    for (dtype, rows) in [
+        (GgmlType::Q4_K, 130),
+        (GgmlType::Q4_1, 67),
+        (GgmlType::F32, 9),
+    ] {
+        let data = random_encoded(&mut rng, dtype, rows * cols);
+        let w = WeightView::new(dtype, rows, cols, &data).unwrap();
+        let (n, decode) = (5, 3);
+        let x = common::gaussian(&mut rng, n * cols, 1.0);
+        let xq = QuantizedActivations::new(&x, n, cols).with_integer_tokens(decode);
+        let mut batch = vec![f32::NAN; n * rows];
+        matmul_quantized(&w, &xq, &mut batch);
+        for t in 0..decode {
+            let alone = QuantizedActivations::new(&x[t * cols..(t + 1) * cols], 1, cols);
+            let mut y = vec![f32::NAN; rows];
+            matmul_quantized(&w, &alone, &mut y);
+            assert_eq!(
+                &batch[t * rows..(t + 1) * rows],
+                &y[..],
+                "{dtype} token {t}"
+            );
+        }
+        let mut rest = vec![f32::NAN; (n - decode) * rows];
+        matmul(&w, &x[decode * cols..], n - decode, &mut rest);
+        assert_eq!(&batch[decode * rows..], &rest[..], "{dtype} prompt rows");
+    }
+}

@@ -237,12 +237,18 @@ impl<'a> Model<'a> {
 
     /// Runs the tokens of several sequences, each after what its own cache holds, as one
     /// batch; returns the logits of every sequence's selected rows, in order.
+    ///
+    /// Sequences at the front of the batch with a single token are decode steps: their
+    /// products, like every selected row's output head, use 8-bit activations, so each
+    /// sequence's logits are exactly those it would get from [`Model::forward`] alone with the
+    /// same tokens (a prompt of more than one token is evaluated in `f32` either way).
     pub fn forward_batch<C: KvCache + Sync>(
         &self,
         batch: &mut [SequenceBatch<'_, '_, C>],
     ) -> Result<Vec<f32>, ModelError> {
         let hidden = self.run(batch, &mut NoObserver)?;
-        Ok(self.logits(&hidden))
+        let rows = hidden.len() / self.config.d_model;
+        Ok(self.project(&hidden, rows))
     }
 
     fn run<C: KvCache + Sync>(
@@ -291,6 +297,7 @@ impl<'a> Model<'a> {
             }
         }
         let mut scratch = Scratch::new(cfg, n);
+        scratch.decode_rows = batch.iter().take_while(|s| s.tokens.len() == 1).count();
         observer.embeddings(&x);
         for (index, layer) in self.layers.iter().enumerate() {
             self.attention_block(index, layer, &mut x, batch, &plans, &mut scratch);
@@ -311,8 +318,15 @@ impl<'a> Model<'a> {
     /// Projects final hidden states (from [`Model::forward_hidden`]) onto the vocabulary.
     pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
         let n = hidden.len() / self.config.d_model;
+        self.project(hidden, usize::from(n == 1))
+    }
+
+    /// [`Model::logits`] with the first `decode_rows` rows projected as decode steps are.
+    fn project(&self, hidden: &[f32], decode_rows: usize) -> Vec<f32> {
+        let n = hidden.len() / self.config.d_model;
         let mut logits = vec![0.0f32; n * self.config.vocab_size];
-        let xq = QuantizedActivations::new(hidden, n, self.config.d_model);
+        let xq = QuantizedActivations::new(hidden, n, self.config.d_model)
+            .with_integer_tokens(decode_rows);
         matmul_quantized(&self.output, &xq, &mut logits);
         if let Some(cap) = self.config.final_softcap {
             softcap(&mut logits, cap);
@@ -334,7 +348,8 @@ impl<'a> Model<'a> {
         let hd = cfg.head_dim;
         s.norm.copy_from_slice(x);
         rms_norm(&mut s.norm, &layer.attn_norm, cfg.norm_eps);
-        let xq = QuantizedActivations::new(&s.norm, n, cfg.d_model);
+        let xq =
+            QuantizedActivations::new(&s.norm, n, cfg.d_model).with_integer_tokens(s.decode_rows);
         matmul_quantized_many(
             &mut [
                 (&layer.wq, &mut s.q),
@@ -384,7 +399,8 @@ impl<'a> Model<'a> {
             })
             .collect();
         attend(&spec, index, &sequences, &s.q, &mut s.attn);
-        let attn = QuantizedActivations::new(&s.attn, n, cfg.q_dim());
+        let attn =
+            QuantizedActivations::new(&s.attn, n, cfg.q_dim()).with_integer_tokens(s.decode_rows);
         matmul_quantized(&layer.wo, &attn, &mut s.norm);
         if let Some(w) = &layer.post_attn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
@@ -404,14 +420,16 @@ impl<'a> Model<'a> {
         let n = x.len() / cfg.d_model;
         s.norm.copy_from_slice(x);
         rms_norm(&mut s.norm, &layer.ffn_norm, cfg.norm_eps);
-        let xq = QuantizedActivations::new(&s.norm, n, cfg.d_model);
+        let xq =
+            QuantizedActivations::new(&s.norm, n, cfg.d_model).with_integer_tokens(s.decode_rows);
         matmul_quantized_many(
             &mut [(&layer.gate, &mut s.gate), (&layer.up, &mut s.up)],
             &xq,
         );
         gated_activation(&mut s.gate, &s.up, cfg.activation);
         observer.ffn_activations(index, &s.norm, &s.gate);
-        let hidden = QuantizedActivations::new(&s.gate, n, cfg.ff_dim);
+        let hidden =
+            QuantizedActivations::new(&s.gate, n, cfg.ff_dim).with_integer_tokens(s.decode_rows);
         matmul_quantized(&layer.down, &hidden, &mut s.norm);
         if let Some(w) = &layer.post_ffn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
@@ -431,8 +449,10 @@ struct SequencePlan<'a> {
     rope_local: RopeTable<'a>,
 }
 
-/// Activation buffers of one forward call, allocated once and reused by every layer.
+/// Activation buffers of one forward call, allocated once and reused by every layer, and
+/// how many leading rows are decode steps (single-token sequences: 8-bit products).
 struct Scratch {
+    decode_rows: usize,
     norm: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
@@ -445,6 +465,7 @@ struct Scratch {
 impl Scratch {
     fn new(cfg: &ModelConfig, n: usize) -> Scratch {
         Scratch {
+            decode_rows: usize::from(n == 1),
             norm: vec![0.0; n * cfg.d_model],
             q: vec![0.0; n * cfg.q_dim()],
             k: vec![0.0; n * cfg.kv_dim()],

@@ -1,0 +1,496 @@
+//! A paged KV cache: fixed-size blocks from a bounded pool, a block table per sequence, and
+//! a prefix cache that lets sequences with the same beginning share blocks.
+//!
+//! A block holds `block_size` positions of every layer's keys and values. A sequence
+//! ([`PagedSequence`]) is a list of reference-counted blocks; it writes only into its last,
+//! partly filled block, which nobody else holds — blocks are shared only once full, and full
+//! blocks are never written again. When a block fills up, the engine registers it in the
+//! [`BlockPool`]'s prefix cache under a hash of every token up to its end; a later prompt that
+//! starts with the same tokens takes those blocks instead of recomputing them.
+//!
+//! Memory is bounded by the pool's block count. A block is *used* while a sequence holds it,
+//! *cached* while only the prefix cache does (it can be evicted at any time, least recently
+//! used first), and *free* otherwise. Admission reserves every block a sequence may ever
+//! need ([`BlockPool::admit`]), so [`BlockPool::grow`] never runs out.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::ops::Range;
+use std::sync::Arc;
+
+use quarry_model::KvCache;
+
+/// The shape of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockShape {
+    pub n_layers: usize,
+    pub kv_dim: usize,
+    /// Positions per block.
+    pub block_size: usize,
+}
+
+impl BlockShape {
+    /// Floats in one block: keys and values of every layer.
+    fn floats(&self) -> usize {
+        self.n_layers * 2 * self.block_size * self.kv_dim
+    }
+
+    /// Bytes of one block.
+    pub fn bytes(&self) -> usize {
+        self.floats() * std::mem::size_of::<f32>()
+    }
+
+    /// Blocks needed for `positions` positions.
+    pub fn blocks_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.block_size)
+    }
+
+    /// Where the keys (`values = false`) or values of `layer` start within a block.
+    fn offset(&self, layer: usize, values: bool) -> usize {
+        (layer * 2 + usize::from(values)) * self.block_size * self.kv_dim
+    }
+}
+
+/// `block_size` positions of keys and values for every layer.
+#[derive(Debug)]
+pub struct KvBlock {
+    data: Vec<f32>,
+}
+
+/// One sequence's KV cache: its block table and length. Implements [`KvCache`] for the
+/// forward pass; blocks come from a [`BlockPool`] and go back to it with
+/// [`BlockPool::release`].
+#[derive(Debug)]
+pub struct PagedSequence {
+    shape: BlockShape,
+    blocks: Vec<Arc<KvBlock>>,
+    len: usize,
+    capacity: usize,
+    /// Blocks this sequence may hold at most (reserved at admission).
+    reserved: usize,
+    /// Prefix-cache hashes of its full blocks, in order.
+    hashes: Vec<u64>,
+}
+
+impl PagedSequence {
+    /// Blocks still to be allocated for this sequence, at most.
+    fn outstanding(&self) -> usize {
+        self.reserved.saturating_sub(self.blocks.len())
+    }
+
+    fn block_for_write(&mut self, index: usize) -> &mut KvBlock {
+        Arc::get_mut(&mut self.blocks[index])
+            .expect("a sequence writes only into its own last block, which it does not share")
+    }
+}
+
+impl KvCache for PagedSequence {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn contiguous_run(&self) -> usize {
+        self.shape.block_size
+    }
+
+    fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let (bs, kv_dim) = (self.shape.block_size, self.shape.kv_dim);
+        let n = k.len() / kv_dim;
+        assert!(
+            (self.len + n).div_ceil(bs) <= self.blocks.len(),
+            "KV blocks are allocated before the forward pass writes them"
+        );
+        let (key_at, value_at) = (
+            self.shape.offset(layer, false),
+            self.shape.offset(layer, true),
+        );
+        let mut done = 0;
+        while done < n {
+            let pos = self.len + done;
+            let (block, slot) = (pos / bs, pos % bs);
+            let run = (bs - slot).min(n - done);
+            let floats = done * kv_dim..(done + run) * kv_dim;
+            let data = &mut self.block_for_write(block).data;
+            let at = slot * kv_dim;
+            data[key_at + at..key_at + at + run * kv_dim].copy_from_slice(&k[floats.clone()]);
+            data[value_at + at..value_at + at + run * kv_dim].copy_from_slice(&v[floats]);
+            done += run;
+        }
+    }
+
+    fn keys(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+        self.slice(self.shape.offset(layer, false), positions)
+    }
+
+    fn values(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+        self.slice(self.shape.offset(layer, true), positions)
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.capacity);
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+impl PagedSequence {
+    fn slice(&self, base: usize, positions: Range<usize>) -> &[f32] {
+        let (bs, kv_dim) = (self.shape.block_size, self.shape.kv_dim);
+        let (block, slot) = (positions.start / bs, positions.start % bs);
+        assert!(
+            positions.is_empty() || slot + positions.len() <= bs,
+            "positions {positions:?} cross a block edge"
+        );
+        let at = base + slot * kv_dim;
+        &self.blocks[block].data[at..at + positions.len() * kv_dim]
+    }
+}
+
+/// A full block in the prefix cache.
+#[derive(Debug)]
+struct CachedBlock {
+    /// Hash of everything before this block (0 for the first block).
+    parent: u64,
+    tokens: Vec<u32>,
+    block: Arc<KvBlock>,
+    /// Position of the block in its chain: of blocks used equally recently, the later ones
+    /// of a chain are evicted first, since a chain is only reachable from its start.
+    depth: usize,
+    last_used: u64,
+}
+
+/// Block counts, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockCounts {
+    pub total: usize,
+    /// Held by at least one sequence.
+    pub used: usize,
+    /// Held only by the prefix cache (evictable).
+    pub cached: usize,
+    pub free: usize,
+}
+
+/// The bounded pool of blocks and the prefix cache; see the module docs.
+#[derive(Debug)]
+pub struct BlockPool {
+    shape: BlockShape,
+    total: usize,
+    /// Blocks ever created (each lives in a sequence, the prefix cache or `recycled`).
+    created: usize,
+    recycled: Vec<KvBlock>,
+    prefix: HashMap<u64, CachedBlock>,
+    /// Sum of [`PagedSequence::outstanding`] over admitted sequences.
+    outstanding: usize,
+    clock: u64,
+}
+
+impl BlockPool {
+    /// A pool of at most `total` blocks of `shape` (allocated as needed).
+    pub fn new(shape: BlockShape, total: usize) -> BlockPool {
+        BlockPool {
+            shape,
+            total,
+            created: 0,
+            recycled: Vec::new(),
+            prefix: HashMap::new(),
+            outstanding: 0,
+            clock: 0,
+        }
+    }
+
+    pub fn shape(&self) -> BlockShape {
+        self.shape
+    }
+
+    pub fn counts(&self) -> BlockCounts {
+        let cached = self
+            .prefix
+            .values()
+            .filter(|c| Arc::strong_count(&c.block) == 1)
+            .count();
+        let used = self.created - self.recycled.len() - cached;
+        BlockCounts {
+            total: self.total,
+            used,
+            cached,
+            free: self.total - used - cached,
+        }
+    }
+
+    /// A sequence for `tokens` (the prompt) that may grow to `limit` positions (`capacity`
+    /// is the context), starting from the longest run of cached full blocks that matches the
+    /// prompt and leaves at least its last token to evaluate. `None` when the pool cannot
+    /// promise the blocks it may need beside those of the sequences already admitted.
+    pub fn admit(
+        &mut self,
+        tokens: &[u32],
+        limit: usize,
+        capacity: usize,
+    ) -> Option<PagedSequence> {
+        let bs = self.shape.block_size;
+        let reserved = self.shape.blocks_for(limit.min(capacity));
+        let mut blocks = Vec::new();
+        let mut hashes = Vec::new();
+        let mut parent = 0;
+        // The last prompt token is always evaluated: its logits choose the first new token.
+        for chunk in tokens[..tokens.len().saturating_sub(1)].chunks_exact(bs) {
+            let hash = block_hash(parent, chunk);
+            match self.prefix.get(&hash) {
+                Some(c) if c.parent == parent && c.tokens == chunk => {
+                    blocks.push(Arc::clone(&c.block));
+                    hashes.push(hash);
+                    parent = hash;
+                }
+                _ => break,
+            }
+        }
+        let sequence = PagedSequence {
+            shape: self.shape,
+            len: blocks.len() * bs,
+            blocks,
+            capacity,
+            reserved,
+            hashes,
+        };
+        let used = self.counts().used;
+        if used + self.outstanding + sequence.outstanding() > self.total {
+            return None;
+        }
+        self.clock += 1;
+        for hash in &sequence.hashes {
+            if let Some(c) = self.prefix.get_mut(hash) {
+                c.last_used = self.clock;
+            }
+        }
+        self.outstanding += sequence.outstanding();
+        Some(sequence)
+    }
+
+    /// Gives `sequence` the blocks it needs to hold `positions` positions.
+    pub fn grow(&mut self, sequence: &mut PagedSequence, positions: usize) {
+        let needed = self.shape.blocks_for(positions);
+        assert!(
+            needed <= sequence.reserved,
+            "a sequence grows beyond the blocks reserved for it"
+        );
+        while sequence.blocks.len() < needed {
+            let block = self.take_block();
+            sequence.blocks.push(Arc::new(block));
+            self.outstanding -= 1;
+        }
+    }
+
+    fn take_block(&mut self) -> KvBlock {
+        if let Some(block) = self.recycled.pop() {
+            return block;
+        }
+        if self.created < self.total {
+            self.created += 1;
+            return KvBlock {
+                data: vec![0.0; self.shape.floats()],
+            };
+        }
+        // Admission guarantees a cached-only block exists when the pool is exhausted.
+        let (&hash, _) = self
+            .prefix
+            .iter()
+            .filter(|(_, c)| Arc::strong_count(&c.block) == 1)
+            .min_by_key(|(_, c)| (c.last_used, std::cmp::Reverse(c.depth)))
+            .expect("admission reserved every block a sequence grows into");
+        let evicted = self.prefix.remove(&hash).expect("the key was just found");
+        Arc::into_inner(evicted.block).expect("only the prefix cache held it")
+    }
+
+    /// Registers the full blocks of `sequence` (whose tokens so far are `tokens`) in the
+    /// prefix cache.
+    pub fn register_full_blocks(&mut self, sequence: &mut PagedSequence, tokens: &[u32]) {
+        let bs = self.shape.block_size;
+        let full = sequence.len.min(tokens.len()) / bs;
+        self.clock += 1;
+        while sequence.hashes.len() < full {
+            let i = sequence.hashes.len();
+            let parent = sequence.hashes.last().copied().unwrap_or(0);
+            let chunk = &tokens[i * bs..(i + 1) * bs];
+            let hash = block_hash(parent, chunk);
+            let clock = self.clock;
+            self.prefix.entry(hash).or_insert_with(|| CachedBlock {
+                parent,
+                tokens: chunk.to_vec(),
+                block: Arc::clone(&sequence.blocks[i]),
+                depth: i,
+                last_used: clock,
+            });
+            sequence.hashes.push(hash);
+        }
+    }
+
+    /// Returns `sequence`'s blocks: those nobody else holds become free, the others stay with
+    /// the prefix cache or the sequences sharing them.
+    pub fn release(&mut self, sequence: PagedSequence) {
+        self.outstanding -= sequence.outstanding();
+        for block in sequence.blocks {
+            if let Some(block) = Arc::into_inner(block) {
+                self.recycled.push(block);
+            }
+        }
+    }
+}
+
+/// The prefix-cache key of a block: its tokens and the key of the block before it.
+fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    // 0 marks "no parent"; keep it out of the range of real keys.
+    h.finish().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: BlockShape = BlockShape {
+        n_layers: 2,
+        kv_dim: 3,
+        block_size: 4,
+    };
+
+    /// Writes `n` positions of recognisable keys and values (`±(layer·1000 + pos·10 + i)`).
+    fn fill(seq: &mut PagedSequence, pool: &mut BlockPool, n: usize) {
+        let start = seq.len();
+        pool.grow(seq, start + n);
+        for layer in 0..SHAPE.n_layers {
+            let k: Vec<f32> = (start..start + n)
+                .flat_map(|p| (0..3).map(move |i| (layer * 1000 + p * 10 + i) as f32))
+                .collect();
+            let v: Vec<f32> = k.iter().map(|x| -x).collect();
+            seq.write(layer, &k, &v);
+        }
+        seq.advance(n);
+    }
+
+    fn key(layer: usize, pos: usize, i: usize) -> f32 {
+        (layer * 1000 + pos * 10 + i) as f32
+    }
+
+    #[test]
+    fn writes_across_block_edges_read_back_per_block() {
+        let mut pool = BlockPool::new(SHAPE, 8);
+        let mut seq = pool.admit(&[1; 3], 11, 16).unwrap();
+        fill(&mut seq, &mut pool, 3);
+        fill(&mut seq, &mut pool, 6);
+        fill(&mut seq, &mut pool, 1);
+        assert_eq!(seq.len(), 10);
+        for layer in 0..2 {
+            for block_start in (0..10).step_by(4) {
+                let end = (block_start + 4).min(10);
+                let keys = seq.keys(layer, block_start..end);
+                let values = seq.values(layer, block_start..end);
+                for (j, pos) in (block_start..end).enumerate() {
+                    for i in 0..3 {
+                        assert_eq!(keys[j * 3 + i], key(layer, pos, i));
+                        assert_eq!(values[j * 3 + i], -key(layer, pos, i));
+                    }
+                }
+            }
+        }
+        assert_eq!(pool.counts().used, 3);
+        pool.release(seq);
+        assert_eq!(
+            pool.counts(),
+            BlockCounts {
+                total: 8,
+                used: 0,
+                cached: 0,
+                free: 8
+            }
+        );
+    }
+
+    #[test]
+    fn admission_reserves_what_a_sequence_may_need() {
+        let mut pool = BlockPool::new(SHAPE, 5);
+        // 2 + 2 blocks promised; a third sequence needing 2 more does not fit.
+        let a = pool.admit(&[1, 2], 8, 64).unwrap();
+        let b = pool.admit(&[3, 4], 7, 64).unwrap();
+        assert!(pool.admit(&[5, 6], 5, 64).is_none());
+        // One block fits; a limit beyond the context is cut to the context.
+        let c = pool.admit(&[5, 6], 100, 4).unwrap();
+        pool.release(a);
+        let d = pool.admit(&[5, 6], 5, 64).unwrap();
+        for s in [b, c, d] {
+            pool.release(s);
+        }
+        assert_eq!(pool.counts().free, 5);
+    }
+
+    #[test]
+    fn a_prompt_reuses_cached_full_blocks_and_evaluates_its_last_token() {
+        let mut pool = BlockPool::new(SHAPE, 6);
+        let tokens: Vec<u32> = (0..10).collect();
+        let mut first = pool.admit(&tokens, 10, 16).unwrap();
+        assert_eq!(first.len(), 0);
+        fill(&mut first, &mut pool, 10);
+        pool.register_full_blocks(&mut first, &tokens);
+        pool.release(first);
+        // Two full blocks stay cached, the partial one is free again.
+        assert_eq!(pool.counts().cached, 2);
+        assert_eq!(pool.counts().used, 0);
+
+        // Same first 8 tokens: both blocks are shared, evaluation resumes at 8.
+        let mut second = pool.admit(&[0, 1, 2, 3, 4, 5, 6, 7, 99], 12, 16).unwrap();
+        assert_eq!(second.len(), 8);
+        assert_eq!(second.keys(1, 4..8)[0], key(1, 4, 0));
+        assert_eq!(pool.counts().used, 2);
+        fill(&mut second, &mut pool, 1);
+        // A prompt of exactly the cached 8 tokens shares only the first block: its last
+        // token must be evaluated again.
+        let third = pool.admit(&tokens[..8], 8, 16).unwrap();
+        assert_eq!(third.len(), 4);
+        // A different second block is not shared.
+        let fourth = pool.admit(&[0, 1, 2, 3, 9, 9, 9, 9, 9], 9, 16).unwrap();
+        assert_eq!(fourth.len(), 4);
+        for s in [second, third, fourth] {
+            pool.release(s);
+        }
+        assert_eq!(pool.counts().used, 0);
+    }
+
+    #[test]
+    fn cached_blocks_are_evicted_least_recently_used_when_memory_is_needed() {
+        let mut pool = BlockPool::new(SHAPE, 5);
+        for base in [0u32, 100] {
+            let tokens: Vec<u32> = (base..base + 8).collect();
+            let mut seq = pool.admit(&tokens, 8, 16).unwrap();
+            fill(&mut seq, &mut pool, 8);
+            pool.register_full_blocks(&mut seq, &tokens);
+            pool.release(seq);
+        }
+        assert_eq!(pool.counts().cached, 4);
+        // Touch the first prompt's first block, then grow a sequence into three blocks: one
+        // never used, then the two least recently used cached ones (the first prompt's second
+        // block, then the second prompt's second block).
+        let first = pool.admit(&[0, 1, 2, 3, 42], 5, 16).unwrap();
+        let mut fresh = pool.admit(&[7; 9], 12, 16).unwrap();
+        fill(&mut fresh, &mut pool, 12);
+        assert_eq!(pool.counts().used, 4);
+        assert_eq!(pool.counts().cached, 1);
+        // The touched block survived.
+        pool.release(fresh);
+        pool.release(first);
+        let again = pool.admit(&[0, 1, 2, 3, 42], 5, 16).unwrap();
+        assert_eq!(again.len(), 4);
+        pool.release(again);
+        // The second prompt lost its later block first.
+        let second = pool.admit(&(100..109).collect::<Vec<_>>(), 9, 16).unwrap();
+        assert_eq!(second.len(), 4);
+        pool.release(second);
+    }
+}

@@ -1,0 +1,325 @@
+//! The batching engine on SmolLM2-135M: concurrent requests give what a lone session gives,
+//! prompts share cached blocks, hung-up clients free their blocks, and a full cache makes
+//! requests wait or fail with a clear error instead of running out of memory.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use quarry_engine::{
+    Engine, EngineConfig, EngineError, EngineHandle, EngineStats, Event, FinishReason,
+    GenerateOptions, Request, SamplingParams, Session, Usage,
+};
+use quarry_fixtures::{model_path, TestModel};
+use quarry_format::GgufFile;
+use quarry_model::Model;
+use quarry_tokenize::Tokenizer;
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        parallel: 3,
+        context: 512,
+        kv_bytes: 256 << 20,
+        block_size: 64,
+        step_tokens: 512,
+        queue_timeout: Duration::from_secs(120),
+    }
+}
+
+fn options(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        stop_at_eog: true,
+    }
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
+    Request {
+        prompt,
+        options: options(max_tokens),
+        logprobs: None,
+        deadline: None,
+    }
+}
+
+/// What one request produced.
+#[derive(Debug, Default)]
+struct Outcome {
+    tokens: Vec<u32>,
+    text: String,
+    end: Option<Result<(FinishReason, Usage), String>>,
+}
+
+/// Runs an engine over SmolLM2 with `config` while `body` submits requests through the
+/// handle; returns when the body is done and the engine has drained.
+fn with_engine(config: EngineConfig, body: impl FnOnce(&EngineHandle, &Model, &Tokenizer)) {
+    let file = GgufFile::open(model_path(TestModel::SmolLm2)).unwrap();
+    let model = Model::load(&file).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    let (engine, handle) = Engine::new(&model, &tokenizer, config).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(move || engine.run());
+        body(&handle, &model, &tokenizer);
+        drop(handle);
+    });
+}
+
+/// Submits `requests` at once and collects every outcome (in submission order).
+fn run_all(handle: &EngineHandle, requests: Vec<Request>) -> Vec<Outcome> {
+    let (tx, rx) = mpsc::channel();
+    let n = requests.len();
+    for (i, r) in requests.into_iter().enumerate() {
+        let tx = tx.clone();
+        handle
+            .submit(r, Box::new(move |event| tx.send((i, event)).is_ok()))
+            .unwrap();
+    }
+    drop(tx);
+    let mut outcomes: Vec<Outcome> = (0..n).map(|_| Outcome::default()).collect();
+    for (i, event) in rx {
+        let o = &mut outcomes[i];
+        match event {
+            Event::Token { id, text, .. } => {
+                o.tokens.push(id);
+                o.text.push_str(&text);
+            }
+            Event::Done {
+                reason,
+                text,
+                usage,
+            } => {
+                o.text.push_str(&text);
+                o.end = Some(Ok((reason, usage)));
+            }
+            Event::Failed(e) => o.end = Some(Err(e.to_string())),
+        }
+    }
+    outcomes
+}
+
+/// Waits (up to 10 s) until the engine's published stats satisfy `condition`; stats are
+/// published after each step, a moment after its events.
+fn wait_for(handle: &EngineHandle, condition: impl Fn(&EngineStats) -> bool) {
+    let t0 = Instant::now();
+    while !condition(&handle.stats()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "stats stay {:?}",
+            handle.stats()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
+    [
+        "The capital of France is",
+        "Once upon a time, in a small village by the sea,",
+        "def fibonacci(n):",
+        "List three colours:",
+        "Water boils at",
+    ]
+    .iter()
+    .map(|p| tokenizer.encode(p, true, true))
+    .collect()
+}
+
+#[test]
+fn concurrent_greedy_requests_equal_lone_sessions() {
+    with_engine(config(), |handle, model, tokenizer| {
+        let prompts = prompts(tokenizer);
+        let max_tokens = 24;
+        let outcomes = run_all(
+            handle,
+            prompts
+                .iter()
+                .map(|p| request(p.clone(), max_tokens))
+                .collect(),
+        );
+        for (prompt, outcome) in prompts.iter().zip(&outcomes) {
+            let mut session = Session::new(model, tokenizer, 512);
+            let expected = session
+                .generate(prompt, &options(max_tokens), |_| {})
+                .unwrap();
+            assert_eq!(outcome.tokens, expected.tokens, "prompt {prompt:?}");
+            assert_eq!(outcome.text, expected.text);
+            let (reason, usage) = outcome.end.clone().unwrap().unwrap();
+            assert_eq!(reason, expected.finish);
+            assert_eq!(usage.prompt_tokens, prompt.len());
+            assert_eq!(usage.completion_tokens, expected.tokens.len());
+            assert!(usage.time_to_first_token <= usage.total_time);
+        }
+        wait_for(handle, |s| {
+            (s.running, s.waiting, s.kv_blocks_used) == (0, 0, 0)
+        });
+    });
+}
+
+#[test]
+fn chunked_prompts_and_logprobs() {
+    // Prompts evaluated 5 tokens per step beside running decodes; the greedy token is the
+    // most likely one, and its log-probability heads the list of alternatives.
+    let config = EngineConfig {
+        step_tokens: 5,
+        ..config()
+    };
+    with_engine(config, |handle, model, tokenizer| {
+        let prompts = prompts(tokenizer);
+        let requests: Vec<Request> = prompts
+            .iter()
+            .map(|p| Request {
+                logprobs: Some(3),
+                ..request(p.clone(), 6)
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel();
+        for (i, r) in std::iter::zip(0.., requests) {
+            let tx = tx.clone();
+            let sink = move |e| tx.send((i, e)).is_ok();
+            handle.submit(r, Box::new(sink)).unwrap();
+        }
+        drop(tx);
+        let mut firsts = vec![None; prompts.len()];
+        for (i, event) in rx {
+            if let Event::Token { id, logprob, .. } = event {
+                let lp = logprob.unwrap();
+                assert_eq!(lp.top.len(), 3);
+                assert_eq!(lp.top[0], (id, lp.logprob), "greedy picks the top token");
+                assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+                assert!(lp.logprob <= 0.0);
+                firsts[i].get_or_insert(id);
+            }
+        }
+        for (prompt, first) in prompts.iter().zip(firsts) {
+            let mut session = Session::new(model, tokenizer, 512);
+            let expected = session.generate(prompt, &options(1), |_| {}).unwrap();
+            assert_eq!(first, Some(expected.tokens[0]), "prompt {prompt:?}");
+        }
+    });
+}
+
+#[test]
+fn a_long_prompt_shares_its_cached_blocks() {
+    with_engine(config(), |handle, _, tokenizer| {
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+        let prompt = tokenizer.encode(&text, true, true);
+        assert!(prompt.len() > 129, "{} tokens", prompt.len());
+        let first = run_all(handle, vec![request(prompt.clone(), 4)]);
+        let (_, usage) = first[0].end.clone().unwrap().unwrap();
+        assert_eq!(usage.cached_tokens, 0);
+        wait_for(handle, |s| s.kv_blocks_cached >= 2);
+        let second = run_all(handle, vec![request(prompt.clone(), 4)]);
+        let (_, usage) = second[0].end.clone().unwrap().unwrap();
+        // Every full block before the last prompt token is reused.
+        assert_eq!(usage.cached_tokens, (prompt.len() - 1) / 64 * 64);
+    });
+}
+
+#[test]
+fn a_client_that_hangs_up_frees_its_blocks() {
+    with_engine(config(), |handle, _, tokenizer| {
+        let prompt = tokenizer.encode("Once upon a time, there was a dragon", true, true);
+        let mut long = request(prompt, 400);
+        long.options.stop_at_eog = false;
+        let (tx, rx) = mpsc::channel();
+        let mut seen = 0;
+        let sink = move |event| {
+            seen += 1;
+            tx.send(event).is_ok() && seen < 3
+        };
+        handle.submit(long, Box::new(sink)).unwrap();
+        let events: Vec<Event> = rx.iter().collect();
+        // The third token was the last: nothing more was sent once the sink refused.
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(events.iter().all(|e| matches!(e, Event::Token { .. })));
+        wait_for(handle, |s| s.running == 0 && s.kv_blocks_used == 0);
+    });
+}
+
+#[test]
+fn a_full_cache_makes_requests_wait_then_fail_after_the_queue_timeout() {
+    // Room for one 128-token context: the second request waits for the first's blocks.
+    let tight = EngineConfig {
+        context: 128,
+        kv_bytes: 2 * 30 * 2 * 64 * 192 * 4,
+        queue_timeout: Duration::from_millis(300),
+        ..config()
+    };
+    with_engine(tight, |handle, _, tokenizer| {
+        let prompt = tokenizer.encode("Once upon a time", true, true);
+        let long = request(prompt.clone(), 120);
+        let short = request(prompt.clone(), 2);
+        let outcomes = run_all(handle, vec![long, short]);
+        assert!(outcomes[0].end.clone().unwrap().is_ok());
+        let error = outcomes[1].end.clone().unwrap().unwrap_err();
+        assert!(error.contains("busy"), "{error}");
+        wait_for(handle, |s| s.kv_blocks_used == 0);
+    });
+    // With a longer queue timeout the second simply runs after the first.
+    let patient = EngineConfig {
+        context: 128,
+        kv_bytes: 2 * 30 * 2 * 64 * 192 * 4,
+        ..config()
+    };
+    with_engine(patient, |handle, _, tokenizer| {
+        let prompt = tokenizer.encode("Once upon a time", true, true);
+        let outcomes = run_all(
+            handle,
+            vec![request(prompt.clone(), 60), request(prompt.clone(), 60)],
+        );
+        for o in outcomes {
+            assert!(o.end.unwrap().is_ok());
+        }
+    });
+}
+
+#[test]
+fn bad_requests_and_configurations_are_refused_by_name() {
+    let file = GgufFile::open(model_path(TestModel::SmolLm2)).unwrap();
+    let model = Model::load(&file).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    let small = EngineConfig {
+        kv_bytes: 1 << 20,
+        ..config()
+    };
+    let Err(error) = Engine::new(&model, &tokenizer, small) else {
+        panic!("1 MiB of KV memory cannot hold a 512-token context");
+    };
+    assert!(error.to_string().contains("kv_bytes"), "{error}");
+
+    let (_engine, handle) = Engine::new(&model, &tokenizer, config()).unwrap();
+    let refuse = |r: Request| handle.submit(r, Box::new(|_| true)).unwrap_err();
+    assert!(matches!(
+        refuse(request(vec![], 4)),
+        EngineError::EmptyPrompt
+    ));
+    assert!(matches!(
+        refuse(request(vec![1; 600], 4)),
+        EngineError::PromptTooLong { tokens: 600, .. }
+    ));
+    assert!(refuse(request(vec![1], 0))
+        .to_string()
+        .contains("max_tokens"));
+    let mut hot = request(vec![1], 4);
+    hot.options.sampling.temperature = -1.0;
+    assert!(refuse(hot).to_string().contains("temperature"));
+    handle.shutdown();
+    assert!(matches!(
+        refuse(request(vec![1], 4)),
+        EngineError::ShuttingDown
+    ));
+}
+
+#[test]
+fn a_request_past_its_deadline_fails_with_a_timeout() {
+    with_engine(config(), |handle, _, tokenizer| {
+        let prompt = tokenizer.encode("Count to one thousand:", true, true);
+        let mut r = request(prompt, 400);
+        r.deadline = Some(Instant::now() + Duration::from_millis(200));
+        let outcome = run_all(handle, vec![r]).pop().unwrap();
+        let error = outcome.end.unwrap().unwrap_err();
+        assert!(error.contains("deadline"), "{error}");
+        assert!(outcome.tokens.len() < 400);
+    });
+}
