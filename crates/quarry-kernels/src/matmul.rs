@@ -17,7 +17,7 @@ use quarry_format::GgmlType;
 
 use crate::act::QuantizedActivations;
 use crate::dequant::{decoder, encoded_len, DecodeFn};
-use crate::dot::{gemv_rows, has_integer_kernel, quantize_for, Isa};
+use crate::dot::{gemv_rows_tokens, has_integer_kernel, quantize_for, Isa};
 use crate::pool;
 use crate::vec::dot_rows;
 use crate::KernelError;
@@ -247,10 +247,8 @@ pub fn matmul_quantized_many(
     pool.run(tasks.len(), &|i| {
         let (w, first, outs) = &tasks[i];
         let mut outs = outs.lock().unwrap_or_else(PoisonError::into_inner);
-        for (token, out) in outs.iter_mut().enumerate() {
-            let rows = *first..*first + out.len();
-            gemv_rows(isa, w, rows, x, token, out);
-        }
+        let rows = *first..*first + outs[0].len();
+        gemv_rows_tokens(isa, w, rows, x, &mut outs);
     });
 }
 
