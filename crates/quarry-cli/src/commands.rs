@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Largest default context: enough for chat, small enough that the KV cache stays modest.
-const DEFAULT_CTX_LIMIT: usize = 4096;
+pub(crate) const DEFAULT_CTX_LIMIT: usize = 4096;
 
 pub(crate) fn open(model: &str) -> Result<GgufFile> {
     let path = models::resolve(model)?;

@@ -6,6 +6,7 @@ mod bench;
 mod commands;
 mod lql;
 mod models;
+mod serve;
 mod vindex;
 
 use std::process::ExitCode;
@@ -45,6 +46,40 @@ enum Command {
     Lql(LqlArgs),
     /// Interactive LQL shell with history (\help for its commands).
     Repl(ReplArgs),
+    /// OpenAI-compatible HTTP server with continuous batching (see docs/serve.md).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// GGUF file, model alias (gemma3, smollm2), or a NAME.vindex directory (adds the
+    /// knowledge routes).
+    pub model: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0 picks a free one; the address is printed on stderr).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Sequences generated at once.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Context of each sequence in tokens (default: the model's, at most 4096).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Memory bound of the KV cache in MiB (default: room for --parallel full contexts).
+    #[arg(long)]
+    pub kv_mem: Option<usize>,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Seconds a request may take in all before it fails.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Seconds a request may wait for a free slot and KV memory before it gets a 503.
+    #[arg(long, default_value_t = 60)]
+    pub queue_timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -256,6 +291,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => vindex::verify(a),
         Command::Lql(a) => lql::run(a),
         Command::Repl(a) => lql::repl(a),
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,166 @@
+//! `GET /v1/stream`: generation over a WebSocket.
+//!
+//! The client sends JSON text frames:
+//! - `{"type": "generate", "id": any, "prompt": "…"}` (or `"messages": [...]` for a chat), with
+//!   the sampling fields of the HTTP API; the server answers one
+//!   `{"type": "token", "id", "token", "text"}` frame per token, then
+//!   `{"type": "done", "id", "finish_reason", "text", "usage", "timings"}` (`text` is any
+//!   held-back tail);
+//! - `{"type": "cancel", "id": any}` stops that generation (`{"type": "cancelled", "id"}`).
+//!
+//! Errors come as `{"type": "error", "id", "message", "param"}`. Several generations may run at
+//! once on one socket; closing the socket cancels them all.
+
+use std::collections::HashMap;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use quarry_engine::Event;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::task::AbortHandle;
+
+use crate::error::ApiError;
+use crate::params::{self, Endpoint};
+use crate::{openai, AppState};
+
+pub async fn stream(State(s): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| session(s, socket))
+}
+
+async fn session(s: AppState, socket: WebSocket) {
+    let (mut to_client, mut from_client) = socket.split();
+    let (out, mut outgoing) = unbounded_channel::<Value>();
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = outgoing.recv().await {
+            if to_client
+                .send(Message::Text(frame.to_string().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut running: HashMap<String, AbortHandle> = HashMap::new();
+    while let Some(Ok(message)) = from_client.next().await {
+        match message {
+            Message::Text(text) => handle(&s, &text, &out, &mut running),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    for task in running.values() {
+        task.abort();
+    }
+    drop(out);
+    writer.abort();
+}
+
+fn handle(
+    s: &AppState,
+    text: &str,
+    out: &UnboundedSender<Value>,
+    running: &mut HashMap<String, AbortHandle>,
+) {
+    running.retain(|_, task| !task.is_finished());
+    let error = |id: &Value, e: ApiError| {
+        out.send(json!({"type": "error", "id": id, "message": e.message, "param": e.param}))
+            .ok();
+    };
+    let body = match params::object(text.as_bytes()) {
+        Ok(b) => b,
+        Err(e) => return error(&Value::Null, e),
+    };
+    let id = body.get("id").cloned().unwrap_or(Value::Null);
+    let key = id.to_string();
+    match body.get("type").and_then(Value::as_str) {
+        Some("generate") => {
+            if running.contains_key(&key) {
+                return error(
+                    &id,
+                    ApiError::invalid("id", format!("a generation with id {key} is running")),
+                );
+            }
+            let endpoint = if body.contains_key("messages") {
+                Endpoint::Chat
+            } else {
+                Endpoint::Completions
+            };
+            let started = std::time::Instant::now();
+            let g = match params::generation(endpoint, &body, s.tokenizer, s.template, s.context())
+            {
+                Ok(g) if g.n == 1 => g,
+                Ok(_) => {
+                    return error(
+                        &id,
+                        ApiError::invalid("n", "one choice per generation here"),
+                    )
+                }
+                Err(e) => return error(&id, e),
+            };
+            let mut events = match openai::submit(s, &g) {
+                Ok(rx) => rx,
+                Err(e) => return error(&id, e),
+            };
+            let (out, frame_id) = (out.clone(), id.clone());
+            let task = tokio::spawn(async move {
+                while let Some((_, event)) = events.recv().await {
+                    let frame = match event {
+                        Event::Token { id, text, .. } => {
+                            json!({"type": "token", "id": frame_id, "token": id, "text": text})
+                        }
+                        Event::Done {
+                            reason,
+                            text,
+                            usage,
+                        } => {
+                            let total = started.elapsed().as_secs_f64();
+                            let decode =
+                                (total - usage.time_to_first_token.as_secs_f64()).max(1e-9);
+                            out.send(json!({
+                                "type": "done", "id": frame_id,
+                                "finish_reason": if reason == quarry_engine::FinishReason::Stop { "stop" } else { "length" },
+                                "text": text,
+                                "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                                          "cached_tokens": usage.cached_tokens},
+                                "timings": {
+                                    "ttft_ms": usage.time_to_first_token.as_secs_f64() * 1e3,
+                                    "total_ms": total * 1e3,
+                                    "tokens_per_second": usage.completion_tokens.saturating_sub(1) as f64 / decode,
+                                },
+                            }))
+                            .ok();
+                            return;
+                        }
+                        Event::Failed(e) => {
+                            let e = ApiError::from(e);
+                            out.send(json!({"type": "error", "id": frame_id, "message": e.message, "param": e.param})).ok();
+                            return;
+                        }
+                    };
+                    if out.send(frame).is_err() {
+                        return;
+                    }
+                }
+            });
+            running.insert(key, task.abort_handle());
+        }
+        Some("cancel") => match running.remove(&key) {
+            Some(task) => {
+                task.abort();
+                out.send(json!({"type": "cancelled", "id": id})).ok();
+            }
+            None => error(
+                &id,
+                ApiError::invalid("id", format!("no running generation has id {key}")),
+            ),
+        },
+        _ => error(
+            &id,
+            ApiError::invalid("type", "'type' must be \"generate\" or \"cancel\""),
+        ),
+    }
+}
