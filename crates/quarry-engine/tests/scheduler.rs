@@ -114,6 +114,9 @@ fn wait_for(handle: &EngineHandle, condition: impl Fn(&EngineStats) -> bool) {
 
 fn prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
     [
+        // Long enough that prompts admitted together exceed the kernels' small-batch path.
+        "In 1492, Columbus sailed the ocean blue. In 1969, the first people walked on the Moon. In",
+        "Here is a list of the planets of the solar system, in order from the sun: Mercury,",
         "The capital of France is",
         "Once upon a time, in a small village by the sea,",
         "def fibonacci(n):",

@@ -78,12 +78,15 @@ pub fn quantize_q8x256(x: &[f32]) -> BlockQ8x256 {
 ///
 /// The first [`QuantizedActivations::integer_tokens`] rows are decode tokens, which matrix
 /// products compute from the 8-bit form; the others take the `f32` path (see
-/// `matmul_quantized`).
+/// `matmul_quantized`), in [segments](QuantizedActivations::with_segments) multiplied one at a
+/// time (one per sequence of a batch: each gets the products it would get alone).
 pub struct QuantizedActivations<'x> {
     x: &'x [f32],
     n_tokens: usize,
     cols: usize,
     integer_tokens: usize,
+    /// Lengths of the runs of `f32` rows after the integer ones; empty means one run.
+    segments: Vec<usize>,
     q8x32: OnceLock<Vec<BlockQ8x32>>,
     q8x256: OnceLock<Vec<BlockQ8x256>>,
 }
@@ -102,6 +105,7 @@ impl<'x> QuantizedActivations<'x> {
             n_tokens,
             cols,
             integer_tokens: usize::from(n_tokens == 1),
+            segments: Vec::new(),
             q8x32: OnceLock::new(),
             q8x256: OnceLock::new(),
         }
@@ -117,6 +121,36 @@ impl<'x> QuantizedActivations<'x> {
         );
         self.integer_tokens = n;
         self
+    }
+
+    /// Splits the rows after the integer ones into runs of these lengths, multiplied one run
+    /// at a time. Panics unless they add up to those rows.
+    pub fn with_segments(mut self, lengths: Vec<usize>) -> Self {
+        assert_eq!(
+            lengths.iter().sum::<usize>(),
+            self.n_tokens - self.integer_tokens,
+            "segments {lengths:?} do not cover the {} f32 rows",
+            self.n_tokens - self.integer_tokens
+        );
+        self.segments = lengths;
+        self
+    }
+
+    /// Lengths of the runs of rows a product multiplies separately in `f32`, starting at row
+    /// `first`: the segments after the integer rows (`first == integer_tokens`), or, for a
+    /// type without an integer kernel (`first == 0`), each decode row alone and then those.
+    pub fn segments_from(&self, first: usize) -> Vec<usize> {
+        let tail = if self.segments.is_empty() {
+            vec![self.n_tokens - self.integer_tokens]
+        } else {
+            self.segments.clone()
+        };
+        if first == self.integer_tokens {
+            tail
+        } else {
+            assert_eq!(first, 0, "f32 rows start at 0 or after the integer rows");
+            [vec![1; self.integer_tokens], tail].concat()
+        }
     }
 
     /// Leading rows that matrix products compute from 8-bit activations.

@@ -208,8 +208,13 @@ pub fn matmul_quantized_many(
             0
         };
         let (by_int, by_f32) = y.split_at_mut(split * w.rows);
-        if split < n {
-            matmul(w, &x.f32()[split * cols..], n - split, by_f32);
+        let mut first = split;
+        let mut rest = by_f32;
+        for len in x.segments_from(split).into_iter().filter(|&l| l > 0) {
+            let (y, tail) = rest.split_at_mut(len * w.rows);
+            matmul(w, &x.f32()[first * cols..(first + len) * cols], len, y);
+            first += len;
+            rest = tail;
         }
         if split > 0 {
             quantize_for(w.dtype, x);

@@ -239,9 +239,9 @@ impl<'a> Model<'a> {
     /// batch; returns the logits of every sequence's selected rows, in order.
     ///
     /// Sequences at the front of the batch with a single token are decode steps: their
-    /// products, like every selected row's output head, use 8-bit activations, so each
-    /// sequence's logits are exactly those it would get from [`Model::forward`] alone with the
-    /// same tokens (a prompt of more than one token is evaluated in `f32` either way).
+    /// products, like every selected row's output head, use 8-bit activations; every later
+    /// sequence's rows are multiplied in `f32` apart from the others. So each sequence's logits
+    /// are exactly those it would get from [`Model::forward`] alone with the same tokens.
     pub fn forward_batch<C: KvCache + Sync>(
         &self,
         batch: &mut [SequenceBatch<'_, '_, C>],
@@ -298,6 +298,10 @@ impl<'a> Model<'a> {
         }
         let mut scratch = Scratch::new(cfg, n);
         scratch.decode_rows = batch.iter().take_while(|s| s.tokens.len() == 1).count();
+        scratch.segments = batch[scratch.decode_rows..]
+            .iter()
+            .map(|s| s.tokens.len())
+            .collect();
         observer.embeddings(&x);
         for (index, layer) in self.layers.iter().enumerate() {
             self.attention_block(index, layer, &mut x, batch, &plans, &mut scratch);
@@ -344,12 +348,10 @@ impl<'a> Model<'a> {
         s: &mut Scratch,
     ) {
         let cfg = &self.config;
-        let n = x.len() / cfg.d_model;
         let hd = cfg.head_dim;
         s.norm.copy_from_slice(x);
         rms_norm(&mut s.norm, &layer.attn_norm, cfg.norm_eps);
-        let xq =
-            QuantizedActivations::new(&s.norm, n, cfg.d_model).with_integer_tokens(s.decode_rows);
+        let xq = s.activations(&s.norm, cfg.d_model);
         matmul_quantized_many(
             &mut [
                 (&layer.wq, &mut s.q),
@@ -399,8 +401,7 @@ impl<'a> Model<'a> {
             })
             .collect();
         attend(&spec, index, &sequences, &s.q, &mut s.attn);
-        let attn =
-            QuantizedActivations::new(&s.attn, n, cfg.q_dim()).with_integer_tokens(s.decode_rows);
+        let attn = s.activations(&s.attn, cfg.q_dim());
         matmul_quantized(&layer.wo, &attn, &mut s.norm);
         if let Some(w) = &layer.post_attn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
@@ -417,19 +418,16 @@ impl<'a> Model<'a> {
         observer: &mut dyn ForwardObserver,
     ) {
         let cfg = &self.config;
-        let n = x.len() / cfg.d_model;
         s.norm.copy_from_slice(x);
         rms_norm(&mut s.norm, &layer.ffn_norm, cfg.norm_eps);
-        let xq =
-            QuantizedActivations::new(&s.norm, n, cfg.d_model).with_integer_tokens(s.decode_rows);
+        let xq = s.activations(&s.norm, cfg.d_model);
         matmul_quantized_many(
             &mut [(&layer.gate, &mut s.gate), (&layer.up, &mut s.up)],
             &xq,
         );
         gated_activation(&mut s.gate, &s.up, cfg.activation);
         observer.ffn_activations(index, &s.norm, &s.gate);
-        let hidden =
-            QuantizedActivations::new(&s.gate, n, cfg.ff_dim).with_integer_tokens(s.decode_rows);
+        let hidden = s.activations(&s.gate, cfg.ff_dim);
         matmul_quantized(&layer.down, &hidden, &mut s.norm);
         if let Some(w) = &layer.post_ffn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
@@ -449,10 +447,12 @@ struct SequencePlan<'a> {
     rope_local: RopeTable<'a>,
 }
 
-/// Activation buffers of one forward call, allocated once and reused by every layer, and
-/// how many leading rows are decode steps (single-token sequences: 8-bit products).
+/// Activation buffers of one forward call, allocated once and reused by every layer; how
+/// many leading rows are decode steps (single-token sequences: 8-bit products) and how many
+/// rows each later sequence has (multiplied apart, as if alone).
 struct Scratch {
     decode_rows: usize,
+    segments: Vec<usize>,
     norm: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
@@ -463,9 +463,18 @@ struct Scratch {
 }
 
 impl Scratch {
+    /// `x` (rows of `cols`) for the products of this batch: decode rows in 8 bits, each
+    /// later sequence's rows multiplied apart.
+    fn activations<'x>(&self, x: &'x [f32], cols: usize) -> QuantizedActivations<'x> {
+        QuantizedActivations::new(x, x.len() / cols, cols)
+            .with_integer_tokens(self.decode_rows)
+            .with_segments(self.segments.clone())
+    }
+
     fn new(cfg: &ModelConfig, n: usize) -> Scratch {
         Scratch {
             decode_rows: usize::from(n == 1),
+            segments: Vec::new(),
             norm: vec![0.0; n * cfg.d_model],
             q: vec![0.0; n * cfg.q_dim()],
             k: vec![0.0; n * cfg.kv_dim()],
