@@ -77,10 +77,14 @@ impl Server {
             None => Ok(()),
             Some(m) if m == self.config.model_id => Ok(()),
             Some(m) if self.knowledge.as_ref().is_some_and(|(id, _)| id == m) => Ok(()),
-            Some(m) => Err(ApiError::not_found(format!(
-                "the model '{m}' does not exist here; this server serves '{}'",
-                self.config.model_id
-            ))
+            Some(m) => Err(ApiError::invalid(
+                "model",
+                format!(
+                    "the model '{m}' does not exist here; this server serves '{}'",
+                    self.config.model_id
+                ),
+            )
+            .with_status(StatusCode::NOT_FOUND)
             .with_code("model_not_found")),
         }
     }
