@@ -210,9 +210,14 @@ pub fn matmul_quantized_many(
         let (by_int, by_f32) = y.split_at_mut(split * w.rows);
         let mut first = split;
         let mut rest = by_f32;
-        for len in x.segments_from(split).into_iter().filter(|&l| l > 0) {
+        for (len, short) in f32_runs(&x.segments_from(split)) {
             let (y, tail) = rest.split_at_mut(len * w.rows);
-            matmul(w, &x.f32()[first * cols..(first + len) * cols], len, y);
+            let rows = &x.f32()[first * cols..(first + len) * cols];
+            if short {
+                matmul_rowwise(w, rows, len, y);
+            } else {
+                matmul(w, rows, len, y);
+            }
             first += len;
             rest = tail;
         }
@@ -255,6 +260,22 @@ pub fn matmul_quantized_many(
         let rows = *first..*first + outs[0].len();
         gemv_rows_tokens(isa, w, rows, x, &mut outs);
     });
+}
+
+/// How the `f32` segments of a batch are multiplied: consecutive segments short enough for
+/// the row-wise path are merged into one row-wise product (its result for a token does not
+/// depend on the other tokens: tested), longer ones go alone through [`matmul`]; so each
+/// segment gets exactly what it would get alone. Yields `(rows, merged row-wise)`.
+fn f32_runs(segments: &[usize]) -> Vec<(usize, bool)> {
+    let mut runs: Vec<(usize, bool)> = Vec::new();
+    for &len in segments.iter().filter(|&&l| l > 0) {
+        let short = len <= ROWWISE_MAX_TOKENS;
+        match runs.last_mut() {
+            Some((merged, true)) if short => *merged += len,
+            _ => runs.push((len, short)),
+        }
+    }
+    runs
 }
 
 /// A run of rows of one matrix, starting at the given row, and where its products for each

@@ -225,3 +225,37 @@ fn decode_tokens_of_a_batch_equal_each_token_alone() {
         assert_eq!(&batch[decode * rows..], &rest[..], "{dtype} prompt rows");
     }
 }
+
+/// Segments of a batch (one per sequence) get exactly the products each gets alone, whether
+/// short ones are merged into one row-wise product or a long one takes the tiled path.
+#[test]
+fn each_segment_of_a_batch_equals_that_segment_alone() {
+    let mut rng = StdRng::seed_from_u64(14);
+    let cols = 512;
+    for dtype in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K] {
+        let rows = 77;
+        let data = random_encoded(&mut rng, dtype, rows * cols);
+        let w = WeightView::new(dtype, rows, cols, &data).unwrap();
+        let (decode, segments) = (2, vec![30, 1, 40, 60, 20]);
+        let n = decode + segments.iter().sum::<usize>();
+        let x = common::gaussian(&mut rng, n * cols, 1.0);
+        let xq = QuantizedActivations::new(&x, n, cols)
+            .with_integer_tokens(decode)
+            .with_segments(segments.clone());
+        let mut batch = vec![f32::NAN; n * rows];
+        matmul_quantized(&w, &xq, &mut batch);
+        let mut first = decode;
+        for len in segments {
+            let alone_x = &x[first * cols..(first + len) * cols];
+            let alone = QuantizedActivations::new(alone_x, len, cols).with_integer_tokens(0);
+            let mut y = vec![f32::NAN; len * rows];
+            matmul_quantized(&w, &alone, &mut y);
+            assert_eq!(
+                &batch[first * rows..(first + len) * rows],
+                &y[..],
+                "{dtype} segment at {first}"
+            );
+            first += len;
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! Bad input gets OpenAI-shaped errors with the right status and the field at fault, on a
 //! real engine over SmolLM2: malformed JSON, wrong types, unknown model, max_tokens < 1, n
 //! too large, a prompt longer than the context, a body over the limit, a missing API key, a
-//! full server, unknown routes, knowledge routes without a vindex. Plus the small routes.
+//! full server, unknown routes, knowledge routes without a vindex. Plus the small routes, and
+//! the knowledge routes on a SmolLM2 vindex.
 
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use quarry_engine::{Engine, EngineConfig};
 use quarry_fixtures::{model_path, TestModel};
 use quarry_format::GgufFile;
 use quarry_model::Model;
+use quarry_query::Executor;
 use quarry_server::{router, ServerConfig};
 use quarry_tokenize::{ChatTemplate, Tokenizer};
 use serde_json::{json, Value};
@@ -20,6 +22,15 @@ use tower::ServiceExt;
 
 /// The application over a fresh engine (its thread ends when the router is dropped).
 fn app(api_key: Option<&str>, context: usize, queue_timeout: Duration) -> Router {
+    app_with(api_key, context, queue_timeout, None)
+}
+
+fn app_with(
+    api_key: Option<&str>,
+    context: usize,
+    queue_timeout: Duration,
+    vindex: Option<(String, Executor)>,
+) -> Router {
     let file: &'static GgufFile = Box::leak(Box::new(
         GgufFile::open(model_path(TestModel::SmolLm2)).unwrap(),
     ));
@@ -49,7 +60,7 @@ fn app(api_key: Option<&str>, context: usize, queue_timeout: Duration) -> Router
             model_id: "smollm2".into(),
             api_key: api_key.map(str::to_string),
             request_timeout: Duration::from_secs(60),
-            vindex: None,
+            vindex,
         },
     )
 }
@@ -293,9 +304,17 @@ async fn tokenize_detokenize_health_models_and_metrics() {
     .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(b["usage"]["completion_tokens"], 3);
-    let (s, page) = call(&app, "GET", "/metrics", Body::empty(), None).await;
-    assert_eq!(s, StatusCode::OK);
-    let page = page.as_str().unwrap();
+    // The engine publishes its gauges after each step, a moment after the last event.
+    let mut page = String::new();
+    for _ in 0..200 {
+        let (s, text) = call(&app, "GET", "/metrics", Body::empty(), None).await;
+        assert_eq!(s, StatusCode::OK);
+        page = text.as_str().unwrap().to_string();
+        if page.contains("quarry_running_sequences 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for needle in [
         "quarry_requests_total{route=\"/v1/completions\",status=\"200\"} 1",
         "quarry_requests_total{route=\"/tokenize\",status=\"200\"} 1",
@@ -308,4 +327,94 @@ async fn tokenize_detokenize_health_models_and_metrics() {
     ] {
         assert!(page.contains(needle), "no {needle:?} in\n{page}");
     }
+}
+
+#[tokio::test]
+async fn knowledge_routes_run_lql_on_the_served_vindex() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("smollm2.vindex");
+    let options = quarry_vindex::ExtractOptions {
+        level: quarry_vindex::Level::Inference,
+        dtype: quarry_vindex::Dtype::F16,
+        top_k: 10,
+    };
+    quarry_vindex::extract(&model_path(TestModel::SmolLm2), &dir, &options, &mut |_| {}).unwrap();
+    let executor = Executor::with_vindex(&dir).unwrap();
+    let app = app_with(
+        None,
+        256,
+        Duration::from_secs(30),
+        Some(("smollm2.vindex".into(), executor)),
+    );
+    let columns = |b: &Value| -> Vec<String> {
+        b["columns"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{b}"))
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (s, b) = post(
+        &app,
+        "/v1/infer",
+        json!({"prompt": "The capital of France is", "top": 3}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["rows"].as_array().unwrap().len(), 3);
+    assert!(
+        b["rows"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == " Paris"),
+        "{b}"
+    );
+    for uri in [
+        "/v1/describe?entity=France",
+        "/v1/describe?entity=France&scope=all&raw=true",
+        "/v1/walk?prompt=Paris&top=5",
+        "/v1/stats",
+        "/v1/relations",
+    ] {
+        let (s, b) = call(&app, "GET", uri, Body::empty(), None).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {b}");
+        assert!(!columns(&b).is_empty(), "{uri}: {b}");
+    }
+    let (s, b) = post(
+        &app,
+        "/v1/trace",
+        json!({"prompt": "The capital of France is", "for": " Paris"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = post(
+        &app,
+        "/v1/select",
+        json!({"query": "SELECT * FROM FEATURES LIMIT 2"}),
+    )
+    .await;
+    assert_eq!(
+        (s, b["rows"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(2)),
+        "{b}"
+    );
+    let (s, b) = post(&app, "/v1/lql", json!({"query": "STATS; SHOW LAYERS"})).await;
+    assert_eq!(
+        (s, b["results"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(2)),
+        "{b}"
+    );
+    let (s, b) = post(&app, "/v1/lql", json!({"query": "DESCRIBE France"})).await;
+    let message = error(s, &b, StatusCode::BAD_REQUEST, Some("query"));
+    assert!(message.contains("line 1, column 10"), "{message}");
+    let (s, b) = post(&app, "/v1/select", json!({"query": "STATS"})).await;
+    error(s, &b, StatusCode::BAD_REQUEST, Some("query"));
+    let (s, b) = call(&app, "GET", "/v1/describe", Body::empty(), None).await;
+    error(s, &b, StatusCode::BAD_REQUEST, Some("entity"));
+    let (s, b) = call(&app, "GET", "/v1/models", Body::empty(), None).await;
+    assert_eq!(
+        (s, b["data"][1]["id"].as_str()),
+        (StatusCode::OK, Some("smollm2.vindex"))
+    );
 }

@@ -1,0 +1,148 @@
+//! `GET /v1/stream` on a real server over SmolLM2: a generation streams one frame per token
+//! then `done` with usage and timings, its text equals the HTTP completion's, and `cancel`
+//! stops a long one.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use quarry_engine::{Engine, EngineConfig};
+use quarry_fixtures::{model_path, TestModel};
+use quarry_format::GgufFile;
+use quarry_model::Model;
+use quarry_server::{router, ServerConfig};
+use quarry_tokenize::{ChatTemplate, Tokenizer};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn start() -> std::net::SocketAddr {
+    let file: &'static GgufFile = Box::leak(Box::new(
+        GgufFile::open(model_path(TestModel::SmolLm2)).unwrap(),
+    ));
+    let model: &'static Model<'static> = Box::leak(Box::new(Model::load(file).unwrap()));
+    let tokenizer: &'static Tokenizer = Box::leak(Box::new(Tokenizer::from_gguf(file).unwrap()));
+    let template: &'static ChatTemplate =
+        Box::leak(Box::new(ChatTemplate::from_gguf(file, tokenizer).unwrap()));
+    let config = EngineConfig {
+        parallel: 2,
+        context: 512,
+        kv_bytes: 128 << 20,
+        block_size: 64,
+        step_tokens: 512,
+        queue_timeout: Duration::from_secs(30),
+    };
+    let (engine, handle) = Engine::new(model, tokenizer, config).unwrap();
+    std::thread::spawn(move || engine.run());
+    let app = router(
+        handle,
+        tokenizer,
+        template,
+        ServerConfig {
+            model_id: "smollm2".into(),
+            api_key: None,
+            request_timeout: Duration::from_secs(60),
+            vindex: None,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(quarry_server::serve(listener, app, std::future::pending()));
+    addr
+}
+
+async fn next_frame<S>(ws: &mut S) -> Value
+where
+    S: StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a frame within 30 s")
+            .expect("the socket stays open")
+            .unwrap();
+        if let Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn generate_streams_tokens_then_done_and_cancel_stops() {
+    let addr = start().await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/stream"))
+        .await
+        .unwrap();
+    let prompt = "The capital of France is";
+    let generate =
+        json!({"type": "generate", "id": 1, "prompt": prompt, "max_tokens": 8, "temperature": 0});
+    ws.send(Message::Text(generate.to_string().into()))
+        .await
+        .unwrap();
+    let mut text = String::new();
+    let mut tokens = 0;
+    let done = loop {
+        let frame = next_frame(&mut ws).await;
+        assert_eq!(frame["id"], 1, "{frame}");
+        match frame["type"].as_str() {
+            Some("token") => {
+                tokens += 1;
+                text.push_str(frame["text"].as_str().unwrap());
+            }
+            Some("done") => break frame,
+            _ => panic!("unexpected frame {frame}"),
+        }
+    };
+    text.push_str(done["text"].as_str().unwrap());
+    assert_eq!(tokens, 8);
+    assert_eq!(done["finish_reason"], "length");
+    assert_eq!(done["usage"]["completion_tokens"], 8);
+    assert!(done["timings"]["ttft_ms"].as_f64().unwrap() > 0.0);
+
+    // The same text as a plain HTTP completion gives.
+    let body = json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}).to_string();
+    let reply = http_post(addr, "/v1/completions", &body).await;
+    assert_eq!(reply["choices"][0]["text"].as_str().unwrap(), text);
+
+    // A long generation, cancelled after its first token.
+    let long = json!({"type": "generate", "id": "long", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0});
+    ws.send(Message::Text(long.to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut ws).await["type"], "token");
+    ws.send(Message::Text(
+        json!({"type": "cancel", "id": "long"}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let frame = next_frame(&mut ws).await;
+        match frame["type"].as_str() {
+            Some("token") => continue,
+            Some("cancelled") => break,
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    // Bad frames get an error frame, and the socket stays usable.
+    ws.send(Message::Text("{\"type\": \"dance\"}".into()))
+        .await
+        .unwrap();
+    let frame = next_frame(&mut ws).await;
+    assert_eq!(
+        (frame["type"].as_str(), frame["param"].as_str()),
+        (Some("error"), Some("type"))
+    );
+}
+
+/// A minimal HTTP/1.1 POST (one request per connection).
+async fn http_post(addr: std::net::SocketAddr, path: &str, body: &str) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (_, json) = response.split_once("\r\n\r\n").unwrap();
+    serde_json::from_str(json).unwrap()
+}
