@@ -66,6 +66,12 @@ async fn one(s: &AppState, statement: String) -> Result<Json<Value>, ApiError> {
     Ok(Json(sets.pop().unwrap_or(Value::Null)))
 }
 
+fn required<'q>(q: &'q HashMap<String, String>, name: &str) -> Result<&'q str, ApiError> {
+    q.get(name)
+        .map(String::as_str)
+        .ok_or_else(|| ApiError::invalid(name, format!("'{name}' is required")))
+}
+
 fn query_number(q: &HashMap<String, String>, name: &str) -> Result<Option<usize>, ApiError> {
     q.get(name)
         .map(|v| {
@@ -84,9 +90,7 @@ async fn describe(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let entity = q
-        .get("entity")
-        .ok_or_else(|| ApiError::invalid("entity", "'entity' is required"))?;
+    let entity = required(&q, "entity")?;
     let mut statement = format!("DESCRIBE {}", quoted(entity));
     if let Some(layer) = query_number(&q, "layer")? {
         statement += &format!(" AT LAYER {layer}");
@@ -118,9 +122,7 @@ async fn walk(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let prompt = q
-        .get("prompt")
-        .ok_or_else(|| ApiError::invalid("prompt", "'prompt' is required"))?;
+    let prompt = required(&q, "prompt")?;
     let mut statement = format!("WALK {}", quoted(prompt));
     if let Some(top) = query_number(&q, "top")? {
         statement += &format!(" TOP {top}");

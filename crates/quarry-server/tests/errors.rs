@@ -4,19 +4,17 @@
 //! full server, unknown routes, knowledge routes without a vindex. Plus the small routes, and
 //! the knowledge routes on a SmolLM2 vindex.
 
+mod common;
+
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use quarry_engine::{Engine, EngineConfig};
+use quarry_engine::EngineConfig;
 use quarry_fixtures::{model_path, TestModel};
-use quarry_format::GgufFile;
-use quarry_model::Model;
 use quarry_query::Executor;
-use quarry_server::{router, ServerConfig};
-use quarry_tokenize::{ChatTemplate, Tokenizer};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -31,38 +29,15 @@ fn app_with(
     queue_timeout: Duration,
     vindex: Option<(String, Executor)>,
 ) -> Router {
-    let file: &'static GgufFile = Box::leak(Box::new(
-        GgufFile::open(model_path(TestModel::SmolLm2)).unwrap(),
-    ));
-    let model: &'static Model<'static> = Box::leak(Box::new(Model::load(file).unwrap()));
-    let tokenizer: &'static Tokenizer = Box::leak(Box::new(Tokenizer::from_gguf(file).unwrap()));
-    let template: &'static ChatTemplate =
-        Box::leak(Box::new(ChatTemplate::from_gguf(file, tokenizer).unwrap()));
-    let (engine, handle) = Engine::new(
-        model,
-        tokenizer,
-        EngineConfig {
-            parallel: 1,
-            context,
-            kv_bytes: 64 << 20,
-            block_size: 64,
-            step_tokens: 512,
-            queue_timeout,
-        },
-    )
-    .unwrap();
-    std::thread::spawn(move || engine.run());
-    router(
-        handle,
-        tokenizer,
-        template,
-        ServerConfig {
-            model_id: "smollm2".into(),
-            api_key: api_key.map(str::to_string),
-            request_timeout: Duration::from_secs(60),
-            vindex,
-        },
-    )
+    let config = EngineConfig {
+        parallel: 1,
+        context,
+        kv_bytes: 64 << 20,
+        block_size: 64,
+        step_tokens: 512,
+        queue_timeout,
+    };
+    common::smollm2_app(config, api_key, vindex)
 }
 
 fn default_app() -> Router {

@@ -2,26 +2,16 @@
 //! then `done` with usage and timings, its text equals the HTTP completion's, and `cancel`
 //! stops a long one.
 
+mod common;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use quarry_engine::{Engine, EngineConfig};
-use quarry_fixtures::{model_path, TestModel};
-use quarry_format::GgufFile;
-use quarry_model::Model;
-use quarry_server::{router, ServerConfig};
-use quarry_tokenize::{ChatTemplate, Tokenizer};
+use quarry_engine::EngineConfig;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn start() -> std::net::SocketAddr {
-    let file: &'static GgufFile = Box::leak(Box::new(
-        GgufFile::open(model_path(TestModel::SmolLm2)).unwrap(),
-    ));
-    let model: &'static Model<'static> = Box::leak(Box::new(Model::load(file).unwrap()));
-    let tokenizer: &'static Tokenizer = Box::leak(Box::new(Tokenizer::from_gguf(file).unwrap()));
-    let template: &'static ChatTemplate =
-        Box::leak(Box::new(ChatTemplate::from_gguf(file, tokenizer).unwrap()));
     let config = EngineConfig {
         parallel: 2,
         context: 512,
@@ -30,19 +20,7 @@ async fn start() -> std::net::SocketAddr {
         step_tokens: 512,
         queue_timeout: Duration::from_secs(30),
     };
-    let (engine, handle) = Engine::new(model, tokenizer, config).unwrap();
-    std::thread::spawn(move || engine.run());
-    let app = router(
-        handle,
-        tokenizer,
-        template,
-        ServerConfig {
-            model_id: "smollm2".into(),
-            api_key: None,
-            request_timeout: Duration::from_secs(60),
-            vindex: None,
-        },
-    );
+    let app = common::smollm2_app(config, None, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(quarry_server::serve(listener, app, std::future::pending()));

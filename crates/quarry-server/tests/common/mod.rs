@@ -1,0 +1,41 @@
+//! A router over a real engine on SmolLM2, for the server's tests.
+
+use std::time::Duration;
+
+use axum::Router;
+use quarry_engine::{Engine, EngineConfig};
+use quarry_fixtures::{model_path, TestModel};
+use quarry_format::GgufFile;
+use quarry_model::Model;
+use quarry_query::Executor;
+use quarry_server::{router, ServerConfig};
+use quarry_tokenize::{ChatTemplate, Tokenizer};
+
+/// The application over a fresh engine with `config` (the model, tokenizer and template are
+/// leaked, as `quarry serve` does; the engine thread ends when the router is dropped).
+pub fn smollm2_app(
+    config: EngineConfig,
+    api_key: Option<&str>,
+    vindex: Option<(String, Executor)>,
+) -> Router {
+    let file: &'static GgufFile = Box::leak(Box::new(
+        GgufFile::open(model_path(TestModel::SmolLm2)).unwrap(),
+    ));
+    let model: &'static Model<'static> = Box::leak(Box::new(Model::load(file).unwrap()));
+    let tokenizer: &'static Tokenizer = Box::leak(Box::new(Tokenizer::from_gguf(file).unwrap()));
+    let template: &'static ChatTemplate =
+        Box::leak(Box::new(ChatTemplate::from_gguf(file, tokenizer).unwrap()));
+    let (engine, handle) = Engine::new(model, tokenizer, config).unwrap();
+    std::thread::spawn(move || engine.run());
+    router(
+        handle,
+        tokenizer,
+        template,
+        ServerConfig {
+            model_id: "smollm2".into(),
+            api_key: api_key.map(str::to_string),
+            request_timeout: Duration::from_secs(60),
+            vindex,
+        },
+    )
+}
