@@ -1,6 +1,7 @@
 //! `quarry serve`: loads the model once for the life of the process, runs the batching engine
 //! on its own thread and the HTTP server on a small tokio runtime; Ctrl-C or SIGTERM stops
-//! accepting connections, lets in-flight requests finish, then stops the engine.
+//! accepting connections, lets in-flight requests finish and closes WebSockets, then stops the
+//! engine. A second Ctrl-C or SIGTERM exits at once.
 
 use std::path::Path;
 use std::time::Duration;
@@ -103,11 +104,24 @@ pub fn run(a: ServeArgs) -> Result<()> {
             a.parallel,
             kv_bytes >> 20
         );
-        quarry_server::serve(listener, app, shutdown_signal())
+        let shutdown = async {
+            shutdown_signal().await;
+            eprintln!(
+                "quarry serve: shutting down: finishing in-flight requests (Ctrl-C again to stop now)"
+            );
+            tokio::spawn(async {
+                shutdown_signal().await;
+                eprintln!("quarry serve: stopped with requests in flight");
+                std::process::exit(130);
+            });
+        };
+        quarry_server::serve(listener, app, shutdown)
             .await
             .context("serving")
     })?;
-    eprintln!("quarry serve: shutting down");
+    // Tasks still alive (a WebSocket session that did not close in time) hold engine handles:
+    // dropping the runtime drops them, so that the engine's loop can end.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     handle.shutdown();
     drop(handle);
     engine_thread

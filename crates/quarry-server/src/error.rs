@@ -108,3 +108,47 @@ impl IntoResponse for ApiError {
         (self.status, Json(self.body())).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn errors_have_openais_shape() {
+        let e = ApiError::invalid("max_tokens", "too small").with_code("bad");
+        assert_eq!(
+            e.body(),
+            json!({"error": {"message": "too small", "type": "invalid_request_error",
+                             "param": "max_tokens", "code": "bad"}})
+        );
+        assert_eq!(
+            ApiError::not_found("gone").body()["error"]["param"],
+            serde_json::Value::Null
+        );
+    }
+
+    #[test]
+    fn engine_errors_map_to_statuses() {
+        let busy = ApiError::from(EngineError::Overloaded {
+            waited: Duration::from_secs(60),
+        });
+        assert_eq!(
+            (busy.status, busy.kind),
+            (StatusCode::SERVICE_UNAVAILABLE, "server_error")
+        );
+        assert_eq!(
+            ApiError::from(EngineError::Timeout).status,
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        let long = ApiError::from(EngineError::PromptTooLong {
+            tokens: 9,
+            context: 8,
+        });
+        assert_eq!(
+            (long.status, long.code),
+            (StatusCode::BAD_REQUEST, Some("context_length_exceeded"))
+        );
+    }
+}

@@ -1,8 +1,13 @@
-//! The knowledge API of a served vindex: each route builds one LQL statement from its
-//! parameters (strings quoted as LQL literals, numbers checked) and runs it on the vindex's
-//! [`quarry_query::Executor`] in a blocking task; `POST /v1/lql` runs any script. Answers are
-//! the typed result sets of `quarry lql --json` (`columns`, `rows`, `notes`). LQL errors are
-//! 400s carrying the parser's line:column message.
+//! The knowledge API of a served vindex. Each parameter route builds one typed LQL
+//! [`Statement`] from its parameters (so there is no quoting to get wrong, and every bad value
+//! is refused naming its parameter); `POST /v1/select` and `POST /v1/lql` parse the LQL text
+//! they are given. Statements run on the vindex's [`quarry_query::Executor`] in a blocking
+//! task, one at a time. Answers are the typed result sets of `quarry lql --json` (`columns`,
+//! `rows`, `notes`). LQL syntax errors are 400s carrying the parser's line:column message.
+//!
+//! The executor is shared by every client and keeps state between statements, so statements
+//! that would change or reveal the server's files are refused: `USE` (it would swap the
+//! served vindex for everyone) and `SHOW MODELS` (it lists the server's working directory).
 
 use std::collections::HashMap;
 
@@ -11,11 +16,15 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
+use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::params::{self, Fields};
 use crate::{openai, AppState};
+
+/// Most results `INFER` may ask for.
+const MAX_INFER_TOP: u64 = 1000;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -29,17 +38,13 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/lql", post(lql))
 }
 
-/// An LQL string literal.
-fn quoted(s: &str) -> String {
-    let escaped = s
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n");
-    format!("\"{escaped}\"")
-}
-
-/// Runs `script` on the vindex; one result set per statement.
-async fn run(s: &AppState, script: String) -> Result<Vec<Value>, ApiError> {
+/// Runs `statements` on the vindex, stopping at the first error; one result set each. An
+/// execution error is a 400 naming `param` (the route's input that led to it).
+async fn run(
+    s: &AppState,
+    statements: Vec<Statement>,
+    param: Option<&'static str>,
+) -> Result<Vec<Value>, ApiError> {
     let Some((_, executor)) = &s.knowledge else {
         return Err(ApiError::not_found(
             "this server serves a model, not a vindex: start `quarry serve NAME.vindex` for the knowledge routes",
@@ -48,10 +53,18 @@ async fn run(s: &AppState, script: String) -> Result<Vec<Value>, ApiError> {
     let executor = executor.clone();
     tokio::task::spawn_blocking(move || {
         let mut executor = executor.lock().unwrap_or_else(|e| e.into_inner());
-        executor
-            .run_script(&script)
-            .map(|sets| sets.iter().map(|r| r.to_json()).collect())
-            .map_err(|e| ApiError::invalid("query", e.to_string()))
+        statements
+            .iter()
+            .map(|statement| {
+                executor
+                    .execute(statement)
+                    .map(|r| r.to_json())
+                    .map_err(|e| ApiError {
+                        param: param.map(str::to_string),
+                        ..ApiError::bad_request(e.to_string())
+                    })
+            })
+            .collect()
     })
     .await
     .map_err(|e| {
@@ -61,9 +74,37 @@ async fn run(s: &AppState, script: String) -> Result<Vec<Value>, ApiError> {
 }
 
 /// Runs one statement and answers its result set.
-async fn one(s: &AppState, statement: String) -> Result<Json<Value>, ApiError> {
-    let mut sets = run(s, statement).await?;
+async fn one(
+    s: &AppState,
+    statement: Statement,
+    param: Option<&'static str>,
+) -> Result<Json<Value>, ApiError> {
+    let mut sets = run(s, vec![statement], param).await?;
     Ok(Json(sets.pop().unwrap_or(Value::Null)))
+}
+
+/// Parses the LQL text of `query`, refusing statements that are not for remote clients.
+fn parse_query(query: &str) -> Result<Vec<Statement>, ApiError> {
+    let statements =
+        quarry_lql::parse(query).map_err(|e| ApiError::invalid("query", e.to_string()))?;
+    for statement in &statements {
+        match statement {
+            Statement::Use { .. } => {
+                return Err(ApiError::invalid(
+                    "query",
+                    "USE is not available over HTTP: this server serves one vindex to every client",
+                ))
+            }
+            Statement::Show(ShowTarget::Models) => {
+                return Err(ApiError::invalid(
+                    "query",
+                    "SHOW MODELS is not available over HTTP (it lists the server's directory); GET /v1/models lists what is served",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(statements)
 }
 
 fn required<'q>(q: &'q HashMap<String, String>, name: &str) -> Result<&'q str, ApiError> {
@@ -72,7 +113,7 @@ fn required<'q>(q: &'q HashMap<String, String>, name: &str) -> Result<&'q str, A
         .ok_or_else(|| ApiError::invalid(name, format!("'{name}' is required")))
 }
 
-fn query_number(q: &HashMap<String, String>, name: &str) -> Result<Option<usize>, ApiError> {
+fn query_u32(q: &HashMap<String, String>, name: &str) -> Result<Option<u32>, ApiError> {
     q.get(name)
         .map(|v| {
             v.parse().map_err(|_| {
@@ -85,138 +126,327 @@ fn query_number(q: &HashMap<String, String>, name: &str) -> Result<Option<usize>
         .transpose()
 }
 
-/// `GET /v1/describe?entity=France[&layer=N | &scope=all|syntax|knowledge|output][&raw=true][&verbose=true]`
+fn query_bool(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match q.get(name).map(String::as_str) {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(v) => Err(ApiError::invalid(
+            name,
+            format!("'{name}' must be true or false, not {v:?}"),
+        )),
+    }
+}
+
+/// `?entity=France[&layer=N | &scope=all|syntax|knowledge|output][&verbose=true][&raw=true]`
+fn describe_statement(q: &HashMap<String, String>) -> Result<Statement, ApiError> {
+    let entity = required(q, "entity")?.to_string();
+    let scope = match (query_u32(q, "layer")?, q.get("scope").map(String::as_str)) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "scope",
+                "give 'layer' or 'scope', not both",
+            ))
+        }
+        (Some(layer), None) => DescribeScope::AtLayer(layer),
+        (None, None) => DescribeScope::Default,
+        (None, Some("all")) => DescribeScope::AllLayers,
+        (None, Some("syntax")) => DescribeScope::Syntax,
+        (None, Some("knowledge")) => DescribeScope::Knowledge,
+        (None, Some("output")) => DescribeScope::Output,
+        (None, Some(_)) => {
+            return Err(ApiError::invalid(
+                "scope",
+                "'scope' must be all, syntax, knowledge or output",
+            ))
+        }
+    };
+    let detail = if query_bool(q, "verbose")? {
+        Detail::Verbose
+    } else {
+        Detail::Normal
+    };
+    Ok(Statement::Describe {
+        entity,
+        scope,
+        detail,
+        raw: query_bool(q, "raw")?,
+    })
+}
+
+/// `?prompt=…[&top=N][&layers=a-b or n]`
+fn walk_statement(q: &HashMap<String, String>) -> Result<Statement, ApiError> {
+    let prompt = required(q, "prompt")?.to_string();
+    let layers = q
+        .get("layers")
+        .map(|text| {
+            let (first, last) = text.split_once('-').unwrap_or((text, text));
+            match (first.parse(), last.parse()) {
+                (Ok(first), Ok(last)) if first <= last => Ok(LayerRange { first, last }),
+                _ => Err(ApiError::invalid(
+                    "layers",
+                    format!(
+                        "'layers' must be a layer range like 6-14 (first ≤ last), not {text:?}"
+                    ),
+                )),
+            }
+        })
+        .transpose()?;
+    Ok(Statement::Walk {
+        prompt,
+        top: query_u32(q, "top")?,
+        layers,
+        explain: false,
+    })
+}
+
+/// `{"prompt", "top"?}` (top 10 by default).
+fn infer_statement(body: &Map<String, Value>) -> Result<Statement, ApiError> {
+    let f = Fields(body);
+    let prompt = f
+        .string("prompt")?
+        .ok_or_else(|| ApiError::invalid("prompt", "'prompt' is required"))?;
+    let top = f.integer("top", 1, MAX_INFER_TOP)?.unwrap_or(10);
+    Ok(Statement::Infer {
+        prompt: prompt.to_string(),
+        top: Some(top as u32),
+        explain: false,
+        layers: None,
+    })
+}
+
+/// `{"prompt", "for"?, "decompose"?}`
+fn trace_statement(body: &Map<String, Value>) -> Result<Statement, ApiError> {
+    let f = Fields(body);
+    let prompt = f
+        .string("prompt")?
+        .ok_or_else(|| ApiError::invalid("prompt", "'prompt' is required"))?;
+    Ok(Statement::Trace {
+        prompt: prompt.to_string(),
+        target: f.string("for")?.map(str::to_string),
+        decompose: f.boolean("decompose")?,
+        layers: None,
+    })
+}
+
+/// `{"query": "SELECT …"}`: exactly one SELECT statement.
+fn select_statement(body: &Map<String, Value>) -> Result<Statement, ApiError> {
+    let query = Fields(body)
+        .string("query")?
+        .ok_or_else(|| ApiError::invalid("query", "'query' (a SELECT statement) is required"))?;
+    match <[Statement; 1]>::try_from(parse_query(query)?) {
+        Ok([statement @ Statement::Select(_)]) => Ok(statement),
+        _ => Err(ApiError::invalid(
+            "query",
+            "'query' must be one SELECT statement (POST /v1/lql runs any script)",
+        )),
+    }
+}
+
+/// `{"query": "LQL; LQL"}`
+fn script(body: &Map<String, Value>) -> Result<Vec<Statement>, ApiError> {
+    let query = Fields(body)
+        .string("query")?
+        .ok_or_else(|| ApiError::invalid("query", "'query' (LQL text) is required"))?;
+    parse_query(query)
+}
+
+fn body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+    params::object(&body.map_err(openai::rejection)?)
+}
+
+/// `GET /v1/describe`
 async fn describe(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let entity = required(&q, "entity")?;
-    let mut statement = format!("DESCRIBE {}", quoted(entity));
-    if let Some(layer) = query_number(&q, "layer")? {
-        statement += &format!(" AT LAYER {layer}");
-    } else if let Some(scope) = q.get("scope") {
-        statement += match scope.as_str() {
-            "all" => " ALL LAYERS",
-            "syntax" => " SYNTAX",
-            "knowledge" => " KNOWLEDGE",
-            "output" => " OUTPUT",
-            _ => {
-                return Err(ApiError::invalid(
-                    "scope",
-                    "'scope' must be all, syntax, knowledge or output",
-                ))
-            }
-        };
-    }
-    if q.get("verbose").is_some_and(|v| v == "true") {
-        statement += " VERBOSE";
-    }
-    if q.get("raw").is_some_and(|v| v == "true") {
-        statement += " RAW";
-    }
-    one(&s, statement).await
+    one(&s, describe_statement(&q)?, None).await
 }
 
-/// `GET /v1/walk?prompt=…[&top=N][&layers=a-b]`
+/// `GET /v1/walk`
 async fn walk(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let prompt = required(&q, "prompt")?;
-    let mut statement = format!("WALK {}", quoted(prompt));
-    if let Some(top) = query_number(&q, "top")? {
-        statement += &format!(" TOP {top}");
-    }
-    if let Some(layers) = q.get("layers") {
-        let ok = layers
-            .split_once('-')
-            .is_some_and(|(a, b)| a.parse::<usize>().is_ok() && b.parse::<usize>().is_ok());
-        if !ok {
-            return Err(ApiError::invalid("layers", "'layers' must look like 6-14"));
-        }
-        statement += &format!(" LAYERS {layers}");
-    }
-    one(&s, statement).await
+    one(&s, walk_statement(&q)?, None).await
 }
 
 async fn stats(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
-    one(&s, "STATS".into()).await
+    one(&s, Statement::Stats, None).await
 }
 
 async fn relations(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
-    one(&s, "SHOW RELATIONS".into()).await
+    one(&s, Statement::Show(ShowTarget::Relations), None).await
 }
 
-fn body(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Map<String, Value>, ApiError> {
-    params::object(&body.map_err(openai::rejection)?)
-}
-
-/// `POST /v1/select {"query": "SELECT …"}`
+/// `POST /v1/select`
 async fn select(
     State(s): State<AppState>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let b = body(b)?;
-    let query = Fields(&b)
-        .string("query")?
-        .ok_or_else(|| ApiError::invalid("query", "'query' (a SELECT statement) is required"))?;
-    if !query
-        .trim_start()
-        .to_ascii_uppercase()
-        .starts_with("SELECT")
-    {
-        return Err(ApiError::invalid(
-            "query",
-            "'query' must be a SELECT statement",
-        ));
-    }
-    one(&s, query.to_string()).await
+    one(&s, select_statement(&body(b)?)?, Some("query")).await
 }
 
-/// `POST /v1/infer {"prompt", "top"}`
+/// `POST /v1/infer`
 async fn infer(
     State(s): State<AppState>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let b = body(b)?;
-    let f = Fields(&b);
-    let prompt = f
-        .string("prompt")?
-        .ok_or_else(|| ApiError::invalid("prompt", "'prompt' is required"))?;
-    let top = f.integer("top", 1, 1000)?.unwrap_or(10);
-    one(&s, format!("INFER {} TOP {top}", quoted(prompt))).await
+    one(&s, infer_statement(&body(b)?)?, None).await
 }
 
-/// `POST /v1/trace {"prompt", "for"?, "decompose"?}`
+/// `POST /v1/trace`
 async fn trace(
     State(s): State<AppState>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let b = body(b)?;
-    let f = Fields(&b);
-    let prompt = f
-        .string("prompt")?
-        .ok_or_else(|| ApiError::invalid("prompt", "'prompt' is required"))?;
-    let mut statement = format!("TRACE {}", quoted(prompt));
-    if let Some(token) = f.string("for")? {
-        statement += &format!(" FOR {}", quoted(token));
-    }
-    if f.boolean("decompose")? {
-        statement += " DECOMPOSE";
-    }
-    one(&s, statement).await
+    one(&s, trace_statement(&body(b)?)?, None).await
 }
 
-/// `POST /v1/lql {"query": "LQL; LQL"}` → `{"results": [result set, …]}`
+/// `POST /v1/lql` → `{"results": [result set, …]}`
 async fn lql(
     State(s): State<AppState>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let b = body(b)?;
-    let query = Fields(&b)
-        .string("query")?
-        .ok_or_else(|| ApiError::invalid("query", "'query' (LQL text) is required"))?;
+    let statements = script(&body(b)?)?;
     Ok(Json(
-        json!({ "results": run(&s, query.to_string()).await? }),
+        json!({ "results": run(&s, statements, Some("query")).await? }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn object(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    /// The statement's canonical text, which must parse back to the same statement.
+    fn text(statement: &Statement) -> String {
+        let text = statement.to_string();
+        assert_eq!(quarry_lql::parse(&text).unwrap(), vec![statement.clone()]);
+        text
+    }
+
+    fn param(e: ApiError) -> Option<String> {
+        e.param
+    }
+
+    #[test]
+    fn describe_reads_entity_scope_detail_and_raw() {
+        let s = describe_statement(&query(&[("entity", "Fr\"an\\ce\n")])).unwrap();
+        assert_eq!(text(&s), r#"DESCRIBE "Fr\"an\\ce\n""#);
+        let s = describe_statement(&query(&[("entity", "France"), ("layer", "3")])).unwrap();
+        assert_eq!(text(&s), r#"DESCRIBE "France" AT LAYER 3"#);
+        let s = describe_statement(&query(&[
+            ("entity", "France"),
+            ("scope", "all"),
+            ("verbose", "true"),
+            ("raw", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(text(&s), r#"DESCRIBE "France" ALL LAYERS VERBOSE RAW"#);
+        for (q, want) in [
+            (query(&[]), "entity"),
+            (query(&[("entity", "x"), ("layer", "-1")]), "layer"),
+            (query(&[("entity", "x"), ("scope", "some")]), "scope"),
+            (
+                query(&[("entity", "x"), ("scope", "all"), ("layer", "1")]),
+                "scope",
+            ),
+            (query(&[("entity", "x"), ("raw", "yes")]), "raw"),
+        ] {
+            assert_eq!(
+                param(describe_statement(&q).unwrap_err()).as_deref(),
+                Some(want)
+            );
+        }
+    }
+
+    #[test]
+    fn walk_reads_top_and_layer_ranges() {
+        let s = walk_statement(&query(&[
+            ("prompt", "Paris"),
+            ("top", "5"),
+            ("layers", "2-4"),
+        ]))
+        .unwrap();
+        assert_eq!(text(&s), r#"WALK "Paris" TOP 5 LAYERS 2-4"#);
+        let s = walk_statement(&query(&[("prompt", "Paris"), ("layers", "3")])).unwrap();
+        assert_eq!(text(&s), r#"WALK "Paris" LAYERS 3"#);
+        for (q, want) in [
+            (query(&[("top", "5")]), "prompt"),
+            (query(&[("prompt", "x"), ("top", "many")]), "top"),
+            (query(&[("prompt", "x"), ("top", "99999999999")]), "top"),
+            (query(&[("prompt", "x"), ("layers", "4-2")]), "layers"),
+            (query(&[("prompt", "x"), ("layers", "a-b")]), "layers"),
+        ] {
+            assert_eq!(
+                param(walk_statement(&q).unwrap_err()).as_deref(),
+                Some(want)
+            );
+        }
+    }
+
+    #[test]
+    fn infer_and_trace_read_their_bodies() {
+        let s = infer_statement(&object(json!({"prompt": "The capital is"}))).unwrap();
+        assert_eq!(text(&s), r#"INFER "The capital is" TOP 10"#);
+        let e = infer_statement(&object(json!({"prompt": "x", "top": 0}))).unwrap_err();
+        assert_eq!(param(e).as_deref(), Some("top"));
+        let e = infer_statement(&object(json!({"top": 3}))).unwrap_err();
+        assert_eq!(param(e).as_deref(), Some("prompt"));
+        let s = trace_statement(&object(
+            json!({"prompt": "The capital is", "for": " Paris", "decompose": true}),
+        ))
+        .unwrap();
+        assert_eq!(text(&s), r#"TRACE "The capital is" FOR " Paris" DECOMPOSE"#);
+        let e = trace_statement(&object(json!({"prompt": "x", "for": 3}))).unwrap_err();
+        assert_eq!(param(e).as_deref(), Some("for"));
+    }
+
+    #[test]
+    fn select_takes_exactly_one_select() {
+        let s =
+            select_statement(&object(json!({"query": "select * from features limit 2"}))).unwrap();
+        assert!(matches!(s, Statement::Select(_)));
+        for query in [
+            "STATS",
+            "SELECT * FROM FEATURES LIMIT 1; SELECT * FROM FEATURES LIMIT 1",
+            r#"SELECT * FROM FEATURES LIMIT 1; USE "/elsewhere""#,
+            "",
+        ] {
+            let e = select_statement(&object(json!({ "query": query }))).unwrap_err();
+            assert_eq!(param(e).as_deref(), Some("query"), "{query}");
+        }
+    }
+
+    #[test]
+    fn scripts_refuse_use_and_show_models_and_report_positions() {
+        assert_eq!(
+            script(&object(json!({"query": "STATS; SHOW LAYERS;"})))
+                .unwrap()
+                .len(),
+            2
+        );
+        for query in [r#"STATS; USE "/etc""#, "SHOW MODELS"] {
+            let e = script(&object(json!({ "query": query }))).unwrap_err();
+            assert!(
+                e.message.contains("not available over HTTP"),
+                "{}",
+                e.message
+            );
+        }
+        let e = script(&object(json!({"query": "DESCRIBE France"}))).unwrap_err();
+        assert!(e.message.starts_with("line 1, column 10"), "{}", e.message);
+        let e = script(&object(json!({"statements": "STATS"}))).unwrap_err();
+        assert_eq!(param(e).as_deref(), Some("query"));
+    }
 }

@@ -7,6 +7,10 @@
 //! sequence at its next token — so a disconnect stops generation within one step and frees its
 //! KV blocks. Errors have OpenAI's shape ([`error::ApiError`]).
 //!
+//! Shutdown ([`serve`]): once its signal completes the server stops accepting connections,
+//! lets in-flight HTTP requests finish, and tells WebSocket sessions (which outlive their HTTP
+//! request) to send their clients an error per running generation and a close frame.
+//!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 //! `POST /tokenize`, `POST /detokenize`, `GET /health`, `GET /metrics`, `GET /v1/stream`
 //! (WebSocket) and, with a vindex, `GET /v1/describe`, `GET /v1/walk`, `POST /v1/select`,
@@ -28,16 +32,21 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use quarry_engine::EngineHandle;
 use quarry_query::Executor;
 use quarry_tokenize::{ChatTemplate, Tokenizer};
 use serde_json::json;
+use tokio::sync::{mpsc, watch};
 
 pub use error::ApiError;
 
 /// Largest request body accepted (413 beyond).
 pub const BODY_LIMIT: usize = 8 << 20;
+
+/// How long [`serve`] waits, after its last HTTP request, for WebSocket sessions to close.
+const WEBSOCKET_GRACE: Duration = Duration::from_secs(5);
 
 /// What a server serves and how.
 pub struct ServerConfig {
@@ -121,19 +130,47 @@ pub fn router(
         .merge(knowledge::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::bad_request("this route does not take that method")
+                .with_status(StatusCode::METHOD_NOT_ALLOWED)
+        })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests finish.
+/// What [`serve`] gives every request, for WebSocket sessions: `signal` turns true when the
+/// server shuts down, and every session holds `_alive` until it has closed, so that `serve`
+/// can wait for them.
+#[derive(Clone)]
+struct Closing {
+    signal: watch::Receiver<bool>,
+    _alive: mpsc::Sender<()>,
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests finish
+/// and WebSocket sessions close (for at most a few seconds more).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let (close, signal) = watch::channel(false);
+    let (alive, mut sessions) = mpsc::channel(1);
+    let app = app.layer(Extension(Closing {
+        signal,
+        _alive: alive,
+    }));
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            close.send_replace(true);
+        })
+        .await?;
+    // The router and its copy of `_alive` are gone; this ends when the last session's is.
+    tokio::time::timeout(WEBSOCKET_GRACE, sessions.recv())
         .await
+        .ok();
+    Ok(())
 }
 
 /// Checks the API key and counts every request by route and status.

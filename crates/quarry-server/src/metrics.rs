@@ -145,3 +145,92 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats() -> EngineStats {
+        EngineStats {
+            waiting: 2,
+            running: 3,
+            kv_blocks_used: 10,
+            kv_blocks_cached: 4,
+            kv_blocks_free: 50,
+            kv_blocks_total: 64,
+            ..EngineStats::default()
+        }
+    }
+
+    #[test]
+    fn histograms_are_cumulative_with_inf_sum_and_count() {
+        let m = Metrics::default();
+        for ms in [3, 40, 40, 2000] {
+            m.time_to_first_token(Duration::from_millis(ms));
+        }
+        let page = m.render(&stats());
+        let name = "quarry_time_to_first_token_seconds";
+        for (le, n) in [
+            ("0.001", 0),
+            ("0.005", 1),
+            ("0.025", 1),
+            ("0.05", 3),
+            ("1", 3),
+            ("2.5", 4),
+            ("30", 4),
+            ("+Inf", 4),
+        ] {
+            let line = format!("{name}_bucket{{le=\"{le}\"}} {n}\n");
+            assert!(page.contains(&line), "no {line:?} in\n{page}");
+        }
+        assert!(page.contains(&format!("{name}_count 4\n")));
+        let sum: f64 = page
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_sum ")))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 2.083).abs() < 1e-9, "{sum}");
+        assert!(page.contains("quarry_inter_token_latency_seconds_count 0\n"));
+    }
+
+    #[test]
+    fn the_page_is_well_formed_prometheus_text() {
+        let m = Metrics::default();
+        m.request("/v1/completions", 200);
+        m.request("/v1/completions", 200);
+        m.request("/v1/completions", 400);
+        m.tokens(12, 7);
+        m.inter_token_latency(Duration::from_millis(8));
+        let page = m.render(&stats());
+        for line in [
+            "quarry_requests_total{route=\"/v1/completions\",status=\"200\"} 2",
+            "quarry_requests_total{route=\"/v1/completions\",status=\"400\"} 1",
+            "quarry_prompt_tokens_total 12",
+            "quarry_generated_tokens_total 7",
+            "quarry_queue_depth 2",
+            "quarry_running_sequences 3",
+            "quarry_kv_blocks_used 10",
+            "quarry_kv_blocks_cached 4",
+            "quarry_kv_blocks_free 50",
+            "quarry_kv_blocks_total 64",
+        ] {
+            assert!(page.lines().any(|l| l == line), "no {line:?} in\n{page}");
+        }
+        // Every sample line is `name[{labels}] value` under a TYPE line for its family.
+        let mut typed = Vec::new();
+        for line in page.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                typed.push(name.to_string());
+            } else if !line.starts_with("# HELP ") {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+                let name = series.split('{').next().unwrap();
+                let family = typed.last().unwrap_or_else(|| panic!("{line}"));
+                assert!(name.starts_with(family.as_str()), "{line} under {family}");
+            }
+        }
+    }
+}

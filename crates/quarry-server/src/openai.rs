@@ -121,7 +121,8 @@ struct Choice {
     last_token: Option<Instant>,
 }
 
-fn finish_reason(r: FinishReason) -> &'static str {
+/// OpenAI's `finish_reason` (a full context is a length limit, as llama.cpp's server says).
+pub fn finish_reason(r: FinishReason) -> &'static str {
     match r {
         FinishReason::Stop => "stop",
         FinishReason::Length | FinishReason::ContextFull => "length",

@@ -407,3 +407,82 @@ fn completion_prompt(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn fields(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn param(e: ApiError) -> Option<String> {
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        e.param
+    }
+
+    #[test]
+    fn bodies_must_be_json_objects() {
+        assert_eq!(object(b"{\"a\": 1}").unwrap()["a"], 1);
+        let e = object(b"{\"a\": ").unwrap_err();
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
+        let e = object(b"[1]").unwrap_err();
+        assert!(e.message.contains("not an array"), "{}", e.message);
+        assert_eq!(e.param, None);
+    }
+
+    #[test]
+    fn fields_check_types_and_ranges_and_name_themselves() {
+        let body = fields(json!({
+            "t": 0.5, "s": "x", "b": true, "i": 3, "null": null,
+            "neg": -1, "frac": 1.5, "big": 9, "str_num": "3",
+        }));
+        let f = Fields(&body);
+        assert_eq!(f.number("t", 1.0, (0.0, 2.0)).unwrap(), 0.5);
+        assert_eq!(f.number("absent", 1.0, (0.0, 2.0)).unwrap(), 1.0);
+        assert_eq!(f.number("null", 1.0, (0.0, 2.0)).unwrap(), 1.0);
+        assert_eq!(f.integer("i", 1, 5).unwrap(), Some(3));
+        assert_eq!(f.integer("null", 1, 5).unwrap(), None);
+        assert_eq!(f.string("s").unwrap(), Some("x"));
+        assert!(f.boolean("b").unwrap());
+        assert!(!f.boolean("absent").unwrap());
+        for e in [
+            f.number("s", 1.0, (0.0, 2.0)).unwrap_err(),
+            f.number("big", 1.0, (0.0, 2.0)).unwrap_err(),
+        ] {
+            assert!(matches!(param(e).as_deref(), Some("s" | "big")));
+        }
+        assert_eq!(
+            param(f.integer("neg", 1, 5).unwrap_err()).as_deref(),
+            Some("neg")
+        );
+        assert_eq!(
+            param(f.integer("frac", 1, 5).unwrap_err()).as_deref(),
+            Some("frac")
+        );
+        assert_eq!(
+            param(f.integer("big", 1, 5).unwrap_err()).as_deref(),
+            Some("big")
+        );
+        assert_eq!(
+            param(f.integer("str_num", 1, 5).unwrap_err()).as_deref(),
+            Some("str_num")
+        );
+        assert_eq!(param(f.boolean("i").unwrap_err()).as_deref(), Some("i"));
+        assert_eq!(param(f.string("b").unwrap_err()).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn stop_is_a_string_or_a_list_of_strings() {
+        let stop = |v: Value| Fields(&fields(json!({ "stop": v }))).stop();
+        assert_eq!(stop(json!("\n")).unwrap(), ["\n"]);
+        assert_eq!(stop(json!(["a", "b"])).unwrap(), ["a", "b"]);
+        assert!(stop(Value::Null).unwrap().is_empty());
+        let many: Vec<String> = (0..=MAX_STOPS).map(|i| i.to_string()).collect();
+        for bad in [json!(3), json!(["a", 1]), json!(""), json!(many)] {
+            assert_eq!(param(stop(bad).unwrap_err()).as_deref(), Some("stop"));
+        }
+    }
+}

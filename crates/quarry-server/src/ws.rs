@@ -9,13 +9,15 @@
 //! - `{"type": "cancel", "id": any}` stops that generation (`{"type": "cancelled", "id"}`).
 //!
 //! Errors come as `{"type": "error", "id", "message", "param"}`. Several generations may run at
-//! once on one socket; closing the socket cancels them all.
+//! once on one socket; closing the socket cancels them all. When the server shuts down, each
+//! running generation gets an error frame and the socket a close frame (1001, going away).
 
 use std::collections::HashMap;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use futures_util::{SinkExt, StreamExt};
 use quarry_engine::Event;
 use serde_json::{json, Value};
@@ -24,13 +26,22 @@ use tokio::task::AbortHandle;
 
 use crate::error::ApiError;
 use crate::params::{self, Endpoint};
-use crate::{openai, AppState};
+use crate::{openai, AppState, Closing};
 
-pub async fn stream(State(s): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| session(s, socket))
+pub async fn stream(
+    State(s): State<AppState>,
+    closing: Option<Extension<Closing>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ws.on_upgrade(move |socket| session(s, socket, closing.map(|Extension(c)| c)))
 }
 
-async fn session(s: AppState, socket: WebSocket) {
+/// The running generations of a socket by their id's JSON text: the id and the task.
+type Running = HashMap<String, (Value, AbortHandle)>;
+
+/// Serves one socket until the client closes it or, when `closing` says so, the server
+/// shuts down (outside [`crate::serve`], as under tests' `oneshot`, there is no `closing`).
+async fn session(s: AppState, socket: WebSocket, closing: Option<Closing>) {
     let (mut to_client, mut from_client) = socket.split();
     let (out, mut outgoing) = unbounded_channel::<Value>();
     let writer = tokio::spawn(async move {
@@ -40,32 +51,57 @@ async fn session(s: AppState, socket: WebSocket) {
                 .await
                 .is_err()
             {
-                break;
+                return;
             }
         }
+        // Every sender is gone: the session ended because the server is shutting down.
+        let frame = CloseFrame {
+            code: close_code::AWAY,
+            reason: "the server is shutting down".into(),
+        };
+        to_client.send(Message::Close(Some(frame))).await.ok();
     });
-    let mut running: HashMap<String, AbortHandle> = HashMap::new();
-    while let Some(Ok(message)) = from_client.next().await {
-        match message {
-            Message::Text(text) => handle(&s, &text, &out, &mut running),
-            Message::Close(_) => break,
-            _ => {}
+    let mut running = Running::new();
+    let shutting_down = loop {
+        tokio::select! {
+            message = from_client.next() => match message {
+                Some(Ok(Message::Text(text))) => handle(&s, &text, &out, &mut running),
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break false,
+                Some(Ok(_)) => {}
+            },
+            () = shutdown(closing.as_ref()) => break true,
+        }
+    };
+    for (id, task) in running.into_values() {
+        task.abort();
+        if shutting_down && !task.is_finished() {
+            out.send(json!({"type": "error", "id": id, "message": "the server is shutting down"}))
+                .ok();
         }
     }
-    for task in running.values() {
-        task.abort();
+    if shutting_down {
+        // The writer sends what is queued, then the close frame, once the aborted generation
+        // tasks have dropped their senders too.
+        drop(out);
+        writer.await.ok();
+    } else {
+        writer.abort();
     }
-    drop(out);
-    writer.abort();
 }
 
-fn handle(
-    s: &AppState,
-    text: &str,
-    out: &UnboundedSender<Value>,
-    running: &mut HashMap<String, AbortHandle>,
-) {
-    running.retain(|_, task| !task.is_finished());
+/// Completes when the server starts shutting down; never without a [`Closing`].
+async fn shutdown(closing: Option<&Closing>) {
+    match closing {
+        Some(c) => {
+            // An error means the signal's sender is gone: the server is gone too.
+            c.signal.clone().wait_for(|&closing| closing).await.ok();
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn handle(s: &AppState, text: &str, out: &UnboundedSender<Value>, running: &mut Running) {
+    running.retain(|_, (_, task)| !task.is_finished());
     let error = |id: &Value, e: ApiError| {
         out.send(json!({"type": "error", "id": id, "message": e.message, "param": e.param}))
             .ok();
@@ -122,9 +158,10 @@ fn handle(
                                 (total - usage.time_to_first_token.as_secs_f64()).max(1e-9);
                             out.send(json!({
                                 "type": "done", "id": frame_id,
-                                "finish_reason": if reason == quarry_engine::FinishReason::Stop { "stop" } else { "length" },
+                                "finish_reason": openai::finish_reason(reason),
                                 "text": text,
                                 "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                                          "total_tokens": usage.prompt_tokens + usage.completion_tokens,
                                           "cached_tokens": usage.cached_tokens},
                                 "timings": {
                                     "ttft_ms": usage.time_to_first_token.as_secs_f64() * 1e3,
@@ -146,10 +183,10 @@ fn handle(
                     }
                 }
             });
-            running.insert(key, task.abort_handle());
+            running.insert(key, (id, task.abort_handle()));
         }
         Some("cancel") => match running.remove(&key) {
-            Some(task) => {
+            Some((_, task)) => {
                 task.abort();
                 out.send(json!({"type": "cancelled", "id": id})).ok();
             }

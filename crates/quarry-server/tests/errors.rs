@@ -1,7 +1,7 @@
 //! Bad input gets OpenAI-shaped errors with the right status and the field at fault, on a
 //! real engine over SmolLM2: malformed JSON, wrong types, unknown model, max_tokens < 1, n
 //! too large, a prompt longer than the context, a body over the limit, a missing API key, a
-//! full server, unknown routes, knowledge routes without a vindex. Plus the small routes, and
+//! full server, unknown routes and methods, knowledge routes without a vindex. Plus the small routes, and
 //! the knowledge routes on a SmolLM2 vindex.
 
 mod common;
@@ -196,6 +196,8 @@ async fn unknown_models_long_prompts_and_big_bodies() {
     error(s, &b, StatusCode::PAYLOAD_TOO_LARGE, None);
     let (s, b) = call(&app, "GET", "/v1/nothing", Body::empty(), None).await;
     error(s, &b, StatusCode::NOT_FOUND, None);
+    let (s, b) = call(&app, "GET", "/v1/completions", Body::empty(), None).await;
+    error(s, &b, StatusCode::METHOD_NOT_ALLOWED, None);
     let (s, b) = call(
         &app,
         "GET",
@@ -385,6 +387,18 @@ async fn knowledge_routes_run_lql_on_the_served_vindex() {
     assert!(message.contains("line 1, column 10"), "{message}");
     let (s, b) = post(&app, "/v1/select", json!({"query": "STATS"})).await;
     error(s, &b, StatusCode::BAD_REQUEST, Some("query"));
+    // The executor is shared: nobody may swap the served vindex.
+    let (s, b) = post(&app, "/v1/lql", json!({"query": "USE \"/tmp\""})).await;
+    assert!(error(s, &b, StatusCode::BAD_REQUEST, Some("query")).contains("USE"));
+    let (s, b) = call(
+        &app,
+        "GET",
+        "/v1/walk?prompt=x&layers=9-2",
+        Body::empty(),
+        None,
+    )
+    .await;
+    error(s, &b, StatusCode::BAD_REQUEST, Some("layers"));
     let (s, b) = call(&app, "GET", "/v1/describe", Body::empty(), None).await;
     error(s, &b, StatusCode::BAD_REQUEST, Some("entity"));
     let (s, b) = call(&app, "GET", "/v1/models", Body::empty(), None).await;

@@ -1,6 +1,7 @@
 //! `GET /v1/stream` on a real server over SmolLM2: a generation streams one frame per token
 //! then `done` with usage and timings, its text equals the HTTP completion's, and `cancel`
-//! stops a long one.
+//! stops a long one; at shutdown a running generation gets an error frame and the socket a
+//! close frame, and the server returns.
 
 mod common;
 
@@ -11,7 +12,13 @@ use quarry_engine::EngineConfig;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-async fn start() -> std::net::SocketAddr {
+/// A server on a free port, until `shutdown` completes.
+async fn start_until(
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let config = EngineConfig {
         parallel: 2,
         context: 512,
@@ -23,8 +30,14 @@ async fn start() -> std::net::SocketAddr {
     let app = common::smollm2_app(config, None, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(quarry_server::serve(listener, app, std::future::pending()));
-    addr
+    (
+        addr,
+        tokio::spawn(quarry_server::serve(listener, app, shutdown)),
+    )
+}
+
+async fn start() -> std::net::SocketAddr {
+    start_until(std::future::pending()).await.0
 }
 
 async fn next_frame<S>(ws: &mut S) -> Value
@@ -108,6 +121,47 @@ async fn generate_streams_tokens_then_done_and_cancel_stops() {
         (frame["type"].as_str(), frame["param"].as_str()),
         (Some("error"), Some("type"))
     );
+}
+
+#[tokio::test]
+async fn shutdown_ends_running_generations_and_closes_the_socket() {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, server) = start_until(async {
+        stopped.await.ok();
+    })
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/stream"))
+        .await
+        .unwrap();
+    let long = json!({"type": "generate", "id": 7, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0});
+    ws.send(Message::Text(long.to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut ws).await["type"], "token");
+    stop.send(()).unwrap();
+    let error = loop {
+        let frame = next_frame(&mut ws).await;
+        if frame["type"] != "token" {
+            break frame;
+        }
+    };
+    assert_eq!(
+        (error["type"].as_str(), &error["id"]),
+        (Some("error"), &json!(7))
+    );
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.unwrap(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 1001);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server returns")
+        .unwrap()
+        .unwrap();
 }
 
 /// A minimal HTTP/1.1 POST (one request per connection).
