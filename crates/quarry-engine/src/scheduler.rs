@@ -37,7 +37,7 @@ use crate::EngineError;
 pub struct EngineConfig {
     /// Most sequences decoding at once.
     pub parallel: usize,
-    /// Most tokens (prompt and generated) of one sequence.
+    /// Most tokens (prompt and generated) of one sequence (cut to the model's context).
     pub context: usize,
     /// Memory bound of the KV cache, in bytes.
     pub kv_bytes: usize,
@@ -139,8 +139,6 @@ struct Shared {
     config: EngineConfig,
     stats: Mutex<EngineStats>,
     accepting: AtomicBool,
-    /// Positions of the model's context, for checks at submission.
-    model_context: usize,
 }
 
 struct Submission {
@@ -154,7 +152,7 @@ impl EngineHandle {
     /// request that can never run: an empty prompt, `max_tokens` of 0, bad sampling
     /// parameters, a prompt that does not fit the context, or an engine shutting down.
     pub fn submit(&self, request: Request, sink: EventSink) -> Result<(), EngineError> {
-        let context = self.shared.config.context.min(self.shared.model_context);
+        let context = self.shared.config.context;
         if request.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -240,7 +238,7 @@ impl<'m, 'a> Engine<'m, 'a> {
     pub fn new(
         model: &'m Model<'a>,
         tokenizer: &'m Tokenizer,
-        config: EngineConfig,
+        mut config: EngineConfig,
     ) -> Result<(Engine<'m, 'a>, EngineHandle), EngineError> {
         let invalid = |name, reason: String| Err(EngineError::InvalidArgument { name, reason });
         for (name, value) in [
@@ -259,7 +257,9 @@ impl<'m, 'a> Engine<'m, 'a> {
             kv_dim: cfg.kv_dim(),
             block_size: config.block_size,
         };
-        let context = config.context.min(cfg.context_length);
+        // Beyond the model's own context, positions have no meaning; the limit is cut once here.
+        config.context = config.context.min(cfg.context_length);
+        let context = config.context;
         let blocks = config.kv_bytes / shape.bytes();
         if blocks < shape.blocks_for(context) {
             return invalid(
@@ -280,7 +280,6 @@ impl<'m, 'a> Engine<'m, 'a> {
             config,
             stats: Mutex::new(EngineStats::default()),
             accepting: AtomicBool::new(true),
-            model_context: cfg.context_length,
         });
         let engine = Engine {
             model,
@@ -365,7 +364,7 @@ impl<'m, 'a> Engine<'m, 'a> {
 
     /// Admits waiting requests in order while slots and KV blocks allow.
     fn admit(&mut self) {
-        let context = self.shared.config.context.min(self.shared.model_context);
+        let context = self.shared.config.context;
         while self.running.len() < self.shared.config.parallel {
             let Some(front) = self.waiting.front() else {
                 break;
@@ -468,7 +467,7 @@ impl<'m, 'a> Engine<'m, 'a> {
     /// Samples sequence `i`'s next token from `logits` and reports it; false when the
     /// sequence has ended (finished, or its client is gone).
     fn sample(&mut self, i: usize, logits: &[f32]) -> bool {
-        let context = self.shared.config.context.min(self.shared.model_context);
+        let context = self.shared.config.context;
         let seq = &mut self.running[i];
         let step = seq.continuation.next(logits, &seq.tokens, context);
         seq.tokens.push(step.token);
