@@ -10,12 +10,14 @@
 use std::sync::OnceLock;
 
 /// 32 activations: `x[i] ≈ d · qs[i]`; `s = d · Σ qs` lets the Q4_1/Q5_1 minimum be applied
-/// once per block.
+/// once per block, and `sum = Σ qs` lets a kernel take a weight code offset out once per
+/// block in integers.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[repr(C)]
 pub struct BlockQ8x32 {
     pub d: f32,
     pub s: f32,
+    pub sum: i32,
     pub qs: [i8; 32],
 }
 
@@ -55,6 +57,7 @@ pub fn quantize_q8x32(x: &[f32]) -> BlockQ8x32 {
     BlockQ8x32 {
         d,
         s: d * sum as f32,
+        sum,
         qs,
     }
 }
@@ -210,6 +213,7 @@ mod tests {
         }
         let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
         assert_eq!(b.s, b.d * sum as f32);
+        assert_eq!(b.sum, sum);
         assert_eq!(b.qs.iter().map(|q| q.unsigned_abs()).max(), Some(127));
     }
 

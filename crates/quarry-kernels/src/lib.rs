@@ -23,6 +23,6 @@ pub mod vec;
 pub use act::QuantizedActivations;
 pub use dequant::dequantize;
 pub use error::KernelError;
-pub use matmul::{matmul, matmul_quantized, matmul_quantized_many, WeightView};
+pub use matmul::{matmul, matmul_quantized, matmul_quantized_many, Matrix, WeightView};
 pub use quant::quantize;
 pub use quarry_format::{GgmlType, QK_K};

@@ -17,7 +17,9 @@ use quarry_format::GgmlType;
 
 use crate::act::QuantizedActivations;
 use crate::dequant::{decoder, encoded_len, DecodeFn};
-use crate::dot::{gemv_rows_tokens, has_integer_kernel, quantize_for, Isa};
+use crate::dot::{
+    gemv_packed_tokens, gemv_rows_tokens, has_integer_kernel, packed, quantize_for, Isa, PackedRows,
+};
 use crate::pool;
 use crate::vec::dot_rows;
 use crate::KernelError;
@@ -134,6 +136,46 @@ impl fmt::Debug for WeightView<'_> {
     }
 }
 
+/// A weight matrix as a model keeps it: the file's [`WeightView`], plus, where this CPU's
+/// decode kernel for its type reads a layout of its own ([`PackedRows`]), that copy, made
+/// once at load. Prompts (`f32` products) read the view; decode tokens the copy.
+pub struct Matrix<'a> {
+    view: WeightView<'a>,
+    packed: Option<PackedRows>,
+}
+
+impl<'a> Matrix<'a> {
+    /// Wraps `view`, repacking it when the kernel level in use ([`Isa::best`]) has a panel
+    /// kernel for its type.
+    pub fn new(view: WeightView<'a>) -> Matrix<'a> {
+        let packed = if Isa::best() == Isa::Avx512Vnni {
+            PackedRows::new(&view)
+        } else {
+            None
+        };
+        Matrix { view, packed }
+    }
+
+    /// The matrix as stored in the file.
+    pub fn view(&self) -> WeightView<'a> {
+        self.view
+    }
+
+    /// Whether decode products read a repacked copy.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+}
+
+impl fmt::Debug for Matrix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Matrix")
+            .field("view", &self.view)
+            .field("packed", &self.is_packed())
+            .finish()
+    }
+}
+
 /// y = x · Wᵀ for a batch: `x` is `n_tokens × cols` (row-major), `y` is `n_tokens × rows`.
 ///
 /// Panics when `x` or `y` do not have those lengths: the caller sized both buffers, so a
@@ -173,7 +215,7 @@ pub fn matmul(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
 /// logits track transformers' float32 ones, while 8-bit activations (which llama.cpp uses
 /// throughout) move logits by a few tenths over a deep stack: acceptable for a decode step,
 /// not for scoring a prompt.
-pub fn matmul_quantized(w: &WeightView<'_>, x: &QuantizedActivations<'_>, y: &mut [f32]) {
+pub fn matmul_quantized(w: &Matrix<'_>, x: &QuantizedActivations<'_>, y: &mut [f32]) {
     matmul_quantized_many(&mut [(w, y)], x)
 }
 
@@ -181,11 +223,12 @@ pub fn matmul_quantized(w: &WeightView<'_>, x: &QuantizedActivations<'_>, y: &mu
 /// whose decode tokens are computed in one dispatch of the thread pool, so threads meet once
 /// instead of once per matrix.
 pub fn matmul_quantized_many(
-    products: &mut [(&WeightView<'_>, &mut [f32])],
+    products: &mut [(&Matrix<'_>, &mut [f32])],
     x: &QuantizedActivations<'_>,
 ) {
     let (n, cols) = (x.n_tokens(), x.cols());
-    for (w, y) in products.iter() {
+    for (m, y) in products.iter() {
+        let w = &m.view;
         assert_eq!(
             cols, w.cols,
             "matmul_quantized: activations have {cols} columns, W has {}",
@@ -201,7 +244,8 @@ pub fn matmul_quantized_many(
     }
     let decode = x.integer_tokens();
     let mut integer = Vec::new();
-    for (w, y) in products.iter_mut() {
+    for (m, y) in products.iter_mut() {
+        let w = &m.view;
         let split = if has_integer_kernel(w.dtype) {
             decode
         } else {
@@ -223,7 +267,7 @@ pub fn matmul_quantized_many(
         }
         if split > 0 {
             quantize_for(w.dtype, x);
-            integer.push((*w, by_int));
+            integer.push((&**m, by_int));
         }
     }
     let isa = Isa::best();
@@ -231,19 +275,21 @@ pub fn matmul_quantized_many(
     // A few tasks per thread and matrix balance uneven progress; multiples of 8 rows suit
     // kernels that process several rows per pass over the activations. A task computes its
     // rows for every decode token while they are in cache, and locks only its own slices,
-    // so the locks are never contended.
+    // so the locks are never contended. Chunks start on panel boundaries.
     let tasks: Vec<DecodeTask<'_, '_, '_>> = integer
         .into_iter()
-        .flat_map(|(w, y)| {
-            let chunk = w
+        .flat_map(|(m, y)| {
+            let chunk = m
+                .view
                 .rows
                 .div_ceil(4 * pool.n_threads())
                 .clamp(16, 512)
-                .next_multiple_of(8);
-            let mut pieces: Vec<Vec<&mut [f32]>> = (0..w.rows.div_ceil(chunk))
+                .next_multiple_of(packed::PANEL);
+            let w = m;
+            let mut pieces: Vec<Vec<&mut [f32]>> = (0..w.view.rows.div_ceil(chunk))
                 .map(|_| Vec::with_capacity(decode))
                 .collect();
-            for token_out in y.chunks_mut(w.rows) {
+            for token_out in y.chunks_mut(w.view.rows) {
                 for (c, piece) in token_out.chunks_mut(chunk).enumerate() {
                     pieces[c].push(piece);
                 }
@@ -258,7 +304,10 @@ pub fn matmul_quantized_many(
         let (w, first, outs) = &tasks[i];
         let mut outs = outs.lock().unwrap_or_else(PoisonError::into_inner);
         let rows = *first..*first + outs[0].len();
-        gemv_rows_tokens(isa, w, rows, x, &mut outs);
+        match &w.packed {
+            Some(p) => gemv_packed_tokens(p, rows, x, &mut outs),
+            None => gemv_rows_tokens(isa, &w.view, rows, x, &mut outs),
+        }
     });
 }
 
@@ -280,7 +329,7 @@ fn f32_runs(segments: &[usize]) -> Vec<(usize, bool)> {
 
 /// A run of rows of one matrix, starting at the given row, and where its products for each
 /// decode token go.
-type DecodeTask<'w, 'd, 'y> = (&'w WeightView<'d>, usize, Mutex<Vec<&'y mut [f32]>>);
+type DecodeTask<'w, 'd, 'y> = (&'w Matrix<'d>, usize, Mutex<Vec<&'y mut [f32]>>);
 
 /// Up to this many tokens, decoding a few rows at a time and dotting them with every token
 /// beats decoding whole tiles for the GEMM, whose decoding, transposing and packing only pay

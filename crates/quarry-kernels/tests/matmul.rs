@@ -8,7 +8,7 @@ mod common;
 
 use proptest::prelude::*;
 use quarry_kernels::{
-    dequantize, matmul, matmul_quantized, matmul_quantized_many, quantize, GgmlType,
+    dequantize, matmul, matmul_quantized, matmul_quantized_many, quantize, GgmlType, Matrix,
     QuantizedActivations, WeightView,
 };
 use rand::rngs::StdRng;
@@ -173,6 +173,7 @@ fn fused_products_equal_products_one_at_a_time() {
         .zip(&data)
         .map(|(&(t, rows), d)| WeightView::new(t, rows, cols, d).unwrap())
         .collect();
+    let matrices: Vec<Matrix<'_>> = views.iter().map(|&w| Matrix::new(w)).collect();
     for n_tokens in [1, 3] {
         let x = common::gaussian(&mut rng, n_tokens * cols, 1.0);
         let xq = QuantizedActivations::new(&x, n_tokens, cols);
@@ -180,16 +181,16 @@ fn fused_products_equal_products_one_at_a_time() {
             .iter()
             .map(|w| vec![f32::NAN; n_tokens * w.rows()])
             .collect();
-        let mut products: Vec<(&WeightView<'_>, &mut [f32])> = views
+        let mut products: Vec<(&Matrix<'_>, &mut [f32])> = matrices
             .iter()
             .zip(fused.iter_mut())
             .map(|(w, y)| (w, y.as_mut_slice()))
             .collect();
         matmul_quantized_many(&mut products, &xq);
-        for (w, y) in views.iter().zip(&fused) {
-            let mut single = vec![f32::NAN; n_tokens * w.rows()];
+        for (w, y) in matrices.iter().zip(&fused) {
+            let mut single = vec![f32::NAN; n_tokens * w.view().rows()];
             matmul_quantized(w, &xq, &mut single);
-            assert_eq!(&single, y, "{} with {n_tokens} tokens", w.dtype());
+            assert_eq!(&single, y, "{} with {n_tokens} tokens", w.view().dtype());
         }
     }
 }
@@ -201,11 +202,14 @@ fn decode_tokens_of_a_batch_equal_each_token_alone() {
     for (dtype, rows) in [
         (GgmlType::Q4_K, 130),
         (GgmlType::Q4_1, 67),
+        (GgmlType::Q8_0, 35),
         (GgmlType::F32, 9),
     ] {
         let data = random_encoded(&mut rng, dtype, rows * cols);
-        let w = WeightView::new(dtype, rows, cols, &data).unwrap();
-        let (n, decode) = (5, 3);
+        let view = WeightView::new(dtype, rows, cols, &data).unwrap();
+        let w = Matrix::new(view);
+        // More decode tokens than a pass of the panel kernel takes.
+        let (n, decode) = (12, 10);
         let x = common::gaussian(&mut rng, n * cols, 1.0);
         let xq = QuantizedActivations::new(&x, n, cols).with_integer_tokens(decode);
         let mut batch = vec![f32::NAN; n * rows];
@@ -221,7 +225,7 @@ fn decode_tokens_of_a_batch_equal_each_token_alone() {
             );
         }
         let mut rest = vec![f32::NAN; (n - decode) * rows];
-        matmul(&w, &x[decode * cols..], n - decode, &mut rest);
+        matmul(&view, &x[decode * cols..], n - decode, &mut rest);
         assert_eq!(&batch[decode * rows..], &rest[..], "{dtype} prompt rows");
     }
 }
@@ -235,7 +239,7 @@ fn each_segment_of_a_batch_equals_that_segment_alone() {
     for dtype in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K] {
         let rows = 77;
         let data = random_encoded(&mut rng, dtype, rows * cols);
-        let w = WeightView::new(dtype, rows, cols, &data).unwrap();
+        let w = Matrix::new(WeightView::new(dtype, rows, cols, &data).unwrap());
         let (decode, segments) = (2, vec![30, 1, 40, 60, 20]);
         let n = decode + segments.iter().sum::<usize>();
         let x = common::gaussian(&mut rng, n * cols, 1.0);

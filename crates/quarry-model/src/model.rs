@@ -1,14 +1,17 @@
 //! Weights borrowed from a GGUF file and the one forward pass every family shares.
 //!
-//! Matrices stay in their quantized blocks inside the memory map ([`WeightView`]); only norm
-//! vectors (a few KiB each) are copied out as `f32`. The forward pass processes a batch of
+//! Matrices stay in their quantized blocks inside the memory map ([`WeightView`]), plus, where
+//! the decode kernel reads a layout of its own, one repacked copy made at load ([`Matrix`]);
+//! only norm vectors (a few KiB each) are copied out as `f32`. The forward pass processes a batch of
 //! tokens — the whole prompt at once during prefill, one token during decoding, or any mix of
 //! several sequences' prompt chunks and decode tokens when serving — so every weight matrix is
 //! read once per call whatever the batch size. Only RoPE, the KV cache writes and attention
 //! look at which sequence a token belongs to.
 
 use quarry_format::{GgufFile, TensorView};
-use quarry_kernels::{matmul_quantized, matmul_quantized_many, QuantizedActivations, WeightView};
+use quarry_kernels::{
+    matmul_quantized, matmul_quantized_many, Matrix, QuantizedActivations, WeightView,
+};
 use std::ops::Range;
 
 use crate::attention::{attend, AttentionSpec, SequenceAttention};
@@ -21,7 +24,7 @@ use crate::ModelError;
 pub struct Model<'a> {
     config: ModelConfig,
     token_embd: WeightView<'a>,
-    output: WeightView<'a>,
+    output: Matrix<'a>,
     output_norm: Vec<f32>,
     layers: Vec<Layer<'a>>,
     rope_global: Rope,
@@ -70,17 +73,17 @@ pub struct FfnWeights<'m, 'a> {
 
 struct Layer<'a> {
     attn_norm: Vec<f32>,
-    wq: WeightView<'a>,
-    wk: WeightView<'a>,
-    wv: WeightView<'a>,
-    wo: WeightView<'a>,
+    wq: Matrix<'a>,
+    wk: Matrix<'a>,
+    wv: Matrix<'a>,
+    wo: Matrix<'a>,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
-    gate: WeightView<'a>,
-    up: WeightView<'a>,
-    down: WeightView<'a>,
+    gate: Matrix<'a>,
+    up: Matrix<'a>,
+    down: Matrix<'a>,
     post_ffn_norm: Option<Vec<f32>>,
 }
 
@@ -101,22 +104,23 @@ impl<'a> Model<'a> {
             Ok(_) => weights.matrix("output.weight", config.vocab_size, d)?,
             Err(_) => token_embd,
         };
+        let output = Matrix::new(output);
         let layers = (0..config.n_layers)
             .map(|i| {
                 let name = |s: &str| format!("blk.{i}.{s}.weight");
                 Ok(Layer {
                     attn_norm: weights.vector(&name("attn_norm"), d)?,
-                    wq: weights.matrix(&name("attn_q"), q, d)?,
-                    wk: weights.matrix(&name("attn_k"), kv, d)?,
-                    wv: weights.matrix(&name("attn_v"), kv, d)?,
-                    wo: weights.matrix(&name("attn_output"), d, q)?,
+                    wq: Matrix::new(weights.matrix(&name("attn_q"), q, d)?),
+                    wk: Matrix::new(weights.matrix(&name("attn_k"), kv, d)?),
+                    wv: Matrix::new(weights.matrix(&name("attn_v"), kv, d)?),
+                    wo: Matrix::new(weights.matrix(&name("attn_output"), d, q)?),
                     q_norm: weights.optional_vector(&name("attn_q_norm"), config.head_dim)?,
                     k_norm: weights.optional_vector(&name("attn_k_norm"), config.head_dim)?,
                     post_attn_norm: weights.optional_vector(&name("post_attention_norm"), d)?,
                     ffn_norm: weights.vector(&name("ffn_norm"), d)?,
-                    gate: weights.matrix(&name("ffn_gate"), ff, d)?,
-                    up: weights.matrix(&name("ffn_up"), ff, d)?,
-                    down: weights.matrix(&name("ffn_down"), d, ff)?,
+                    gate: Matrix::new(weights.matrix(&name("ffn_gate"), ff, d)?),
+                    up: Matrix::new(weights.matrix(&name("ffn_up"), ff, d)?),
+                    down: Matrix::new(weights.matrix(&name("ffn_down"), d, ff)?),
                     post_ffn_norm: weights.optional_vector(&name("post_ffw_norm"), d)?,
                 })
             })
@@ -155,7 +159,7 @@ impl<'a> Model<'a> {
 
     /// The output head (`vocab_size × d_model`; the embedding matrix when tied).
     pub fn output_head(&self) -> WeightView<'a> {
-        self.output
+        self.output.view()
     }
 
     /// The gains of the final norm, applied before the output head.
@@ -169,9 +173,9 @@ impl<'a> Model<'a> {
         let l = &self.layers[layer];
         FfnWeights {
             norm: &l.ffn_norm,
-            gate: l.gate,
-            up: l.up,
-            down: l.down,
+            gate: l.gate.view(),
+            up: l.up.view(),
+            down: l.down.view(),
             post_norm: l.post_ffn_norm.as_deref(),
         }
     }
@@ -182,10 +186,10 @@ impl<'a> Model<'a> {
         let layers: usize = self
             .layers
             .iter()
-            .flat_map(|l| [l.wq, l.wk, l.wv, l.wo, l.gate, l.up, l.down])
-            .map(|w| w.data().len())
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .map(|w| w.view().data().len())
             .sum();
-        layers + self.output.data().len()
+        layers + self.output.view().data().len()
     }
 
     /// A contiguous KV cache for up to `capacity` positions.

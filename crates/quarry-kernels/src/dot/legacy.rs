@@ -40,6 +40,8 @@ use std::ops::Range;
 
 use half::f16;
 
+pub mod packed;
+
 use super::Isa;
 use crate::act::BlockQ8x32;
 use crate::{GgmlType, WeightView};

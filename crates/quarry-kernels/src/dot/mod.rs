@@ -13,6 +13,8 @@ use crate::{GgmlType, WeightView};
 mod kquants;
 mod legacy;
 
+pub use legacy::packed::{self, PackedRows};
+
 /// An instruction-set level a kernel can be compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
@@ -98,6 +100,19 @@ pub fn gemv_rows(
     } else {
         kquants::gemv(isa, w, rows, x.q8x256(token), out);
     }
+}
+
+/// [`gemv_rows_tokens`] on a matrix repacked into panels: `outs[t][i] = row rows.start + i
+/// · x.row(t)`, with `rows.start` a multiple of [`packed::PANEL`]. Each token's result is
+/// bit-identical whichever tokens share the call.
+pub fn gemv_packed_tokens(
+    p: &PackedRows,
+    rows: Range<usize>,
+    x: &QuantizedActivations<'_>,
+    outs: &mut [&mut [f32]],
+) {
+    let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x32(t)).collect();
+    packed::gemv_tokens(p, rows, &acts, outs);
 }
 
 /// [`gemv_rows`] for tokens `0..outs.len()` of `x`: `outs[t][i] = w.row(rows.start + i) ·

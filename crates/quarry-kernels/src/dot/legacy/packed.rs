@@ -1,0 +1,411 @@
+//! The 32-value types repacked once, at load, into panels of 16 rows for an AVX-512 VNNI
+//! kernel that multiplies a panel by up to [`TOKENS`] tokens per pass.
+//!
+//! Why: in a row's own layout one `vpdpbusd` advances one row by 32 values, every block of
+//! every row needs its own scale multiply, the row's lanes must be summed at the end, and
+//! nibbles are unpacked again for each token. In a panel, lane r of every vector belongs to
+//! row r: four consecutive codes of each of 16 rows fill one 512-bit vector, so one
+//! `vpdpbusd` against four activation bytes broadcast to every lane advances 16 rows at once,
+//! a block's 16 scales apply with one multiply, no lane is ever summed across, and each
+//! unpacked vector serves every token of the pass. A batch of decode tokens then costs
+//! little more than one token for everything but the multiply-adds themselves.
+//!
+//! Layout of panel p (rows 16p..16p + 16; a last partial panel is padded with zero rows),
+//! its blocks one after another, each block:
+//! - codes, unsigned (as in `legacy`'s docs): nibble types in 4 × 64 bytes, where byte
+//!   4r + i of vector j holds code 4j + i of row r in its low nibble and code 16 + 4j + i in
+//!   its high nibble; Q8_0 in 8 × 64 bytes, byte 4r + i of vector g being code 4g + i;
+//! - Q5_0 and Q5_1: 8 little-endian `u64`, bit 4r + i of word g the fifth bit of code
+//!   4g + i of row r (an AVX-512 byte mask as it is);
+//! - the 16 rows' f16 scales `d`, then (Q4_1, Q5_1) their f16 minimums `m`.
+//!
+//! So a panel block has as many bytes as 16 of the type's blocks: packing costs no memory
+//! beyond the copy itself.
+//!
+//! Arithmetic, per row and token, the same at every batch size, in every pass and in the
+//! scalar [`reference`]: per block the exact integer Σ (code − OFFSET) · q (accumulated from
+//! −OFFSET · Σq), then `acc = fma(isum, d · d_a, acc)`; the minimums in a sum of their own,
+//! `mins = fma(m, s, mins)`; the result `acc + mins`. Results are therefore bit-identical
+//! to the reference and independent of which tokens share a pass.
+
+use std::ops::Range;
+
+use super::{
+    block_values, f16_at, nibbles, runnable, Layout, MIN_AT, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+};
+use crate::act::BlockQ8x32;
+use crate::dot::Isa;
+use crate::{pool, GgmlType, WeightView};
+
+/// Rows per panel: one 32-bit lane each in a 512-bit vector.
+pub const PANEL: usize = 16;
+
+/// Tokens per pass: their integer sums and accumulators, with the unpacked codes, fit the
+/// 32 vector registers.
+pub const TOKENS: usize = 8;
+
+/// A matrix of a 32-value type in 16-row panels (see the module docs).
+pub struct PackedRows {
+    dtype: GgmlType,
+    rows: usize,
+    cols: usize,
+    bytes: Vec<u8>,
+}
+
+impl PackedRows {
+    /// Repacks `w` when this CPU runs the panel kernel (AVX-512 VNNI) and `w`'s type is one
+    /// of the 32-value types; `None` otherwise.
+    pub fn new(w: &WeightView<'_>) -> Option<PackedRows> {
+        if !runnable(Isa::Avx512Vnni) {
+            return None;
+        }
+        let bytes = match w.dtype() {
+            GgmlType::Q4_0 => pack::<Q4_0>(w),
+            GgmlType::Q4_1 => pack::<Q4_1>(w),
+            GgmlType::Q5_0 => pack::<Q5_0>(w),
+            GgmlType::Q5_1 => pack::<Q5_1>(w),
+            GgmlType::Q8_0 => pack::<Q8_0>(w),
+            _ => return None,
+        };
+        Some(PackedRows {
+            dtype: w.dtype(),
+            rows: w.rows(),
+            cols: w.cols(),
+            bytes,
+        })
+    }
+
+    pub fn dtype(&self) -> GgmlType {
+        self.dtype
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+const fn code_bytes<L: Layout>() -> usize {
+    if nibbles::<L>() {
+        256
+    } else {
+        512
+    }
+}
+
+const fn mask_bytes<L: Layout>() -> usize {
+    if L::QH.is_some() {
+        64
+    } else {
+        0
+    }
+}
+
+/// Offset of the 16 scales within a panel block.
+const fn scales_at<L: Layout>() -> usize {
+    code_bytes::<L>() + mask_bytes::<L>()
+}
+
+/// Bytes of one panel block: those of 16 blocks of the type.
+const fn block_bytes<L: Layout>() -> usize {
+    PANEL * L::BYTES
+}
+
+/// `w` in panels; panels are filled in parallel. Every move is of four bytes: a nibble
+/// type's code byte m already holds codes m and m + 16, which is what the panel wants, and a
+/// Q8_0 byte becomes its code by flipping the sign bit.
+fn pack<L: Layout>(w: &WeightView<'_>) -> Vec<u8> {
+    let blocks = w.cols() / 32;
+    let panel_bytes = blocks * block_bytes::<L>();
+    let mut out = vec![0u8; w.rows().div_ceil(PANEL) * panel_bytes];
+    if panel_bytes == 0 {
+        return out;
+    }
+    let rb = w.row_bytes();
+    let flip: u32 = if nibbles::<L>() { 0 } else { 0x8080_8080 };
+    pool::global().for_each_chunk_mut(&mut out, panel_bytes, &|p, panel| {
+        for r in 0..PANEL.min(w.rows() - p * PANEL) {
+            let row = &w.data()[(p * PANEL + r) * rb..][..rb];
+            for (block, dst) in row
+                .chunks_exact(L::BYTES)
+                .zip(panel.chunks_exact_mut(block_bytes::<L>()))
+            {
+                let qs = &block[L::QS..];
+                for g in 0..code_bytes::<L>() / 64 {
+                    let quad = u32::from_le_bytes([
+                        qs[4 * g],
+                        qs[4 * g + 1],
+                        qs[4 * g + 2],
+                        qs[4 * g + 3],
+                    ]);
+                    dst[64 * g + 4 * r..64 * g + 4 * r + 4]
+                        .copy_from_slice(&(quad ^ flip).to_le_bytes());
+                }
+                if let Some(h) = L::QH {
+                    let qh =
+                        u32::from_le_bytes([block[h], block[h + 1], block[h + 2], block[h + 3]]);
+                    for g in 0..8 {
+                        let at = code_bytes::<L>() + 8 * g;
+                        let mut word =
+                            u64::from_le_bytes(dst[at..at + 8].try_into().expect("8 bytes"));
+                        word |= u64::from((qh >> (4 * g)) & 0xF) << (4 * r);
+                        dst[at..at + 8].copy_from_slice(&word.to_le_bytes());
+                    }
+                }
+                let scales = &mut dst[scales_at::<L>()..];
+                scales[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+                if L::HAS_MIN {
+                    scales[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&block[MIN_AT..MIN_AT + 2]);
+                }
+            }
+        }
+    });
+    out
+}
+
+/// `outs[t][i] = row rows.start + i of p · acts[t]`. `rows.start` must be a multiple of
+/// [`PANEL`].
+///
+/// Panics on a shape mismatch between `p`, `rows`, `acts` and `outs`.
+pub fn gemv_tokens(
+    p: &PackedRows,
+    rows: Range<usize>,
+    acts: &[&[BlockQ8x32]],
+    outs: &mut [&mut [f32]],
+) {
+    assert!(
+        rows.start % PANEL == 0 && rows.start <= rows.end && rows.end <= p.rows,
+        "packed gemv: rows {rows:?} do not start a panel of a {}-row matrix",
+        p.rows
+    );
+    assert_eq!(
+        acts.len(),
+        outs.len(),
+        "packed gemv: {} activation rows for {} outputs",
+        acts.len(),
+        outs.len()
+    );
+    for (a, out) in acts.iter().zip(outs.iter()) {
+        assert_eq!(
+            a.len() * 32,
+            p.cols,
+            "packed gemv: {} activation blocks for {} columns",
+            a.len(),
+            p.cols
+        );
+        assert_eq!(
+            out.len(),
+            rows.len(),
+            "packed gemv: {} outputs for {} rows",
+            out.len(),
+            rows.len()
+        );
+    }
+    // `PackedRows::new` packs only on a CPU that runs the kernel.
+    assert!(runnable(Isa::Avx512Vnni));
+    match p.dtype {
+        GgmlType::Q4_0 => by_panels::<Q4_0>(p, rows, acts, outs),
+        GgmlType::Q4_1 => by_panels::<Q4_1>(p, rows, acts, outs),
+        GgmlType::Q5_0 => by_panels::<Q5_0>(p, rows, acts, outs),
+        GgmlType::Q5_1 => by_panels::<Q5_1>(p, rows, acts, outs),
+        GgmlType::Q8_0 => by_panels::<Q8_0>(p, rows, acts, outs),
+        _ => unreachable!("PackedRows holds only 32-value types"),
+    }
+}
+
+/// Each panel of `rows` against every token, [`TOKENS`] at a time, while the panel is in
+/// cache.
+fn by_panels<L: Layout>(
+    p: &PackedRows,
+    rows: Range<usize>,
+    acts: &[&[BlockQ8x32]],
+    outs: &mut [&mut [f32]],
+) {
+    let blocks = p.cols / 32;
+    let panel_bytes = blocks * block_bytes::<L>();
+    for first in rows.clone().step_by(PANEL) {
+        let n = PANEL.min(rows.end - first);
+        let panel = &p.bytes[first / PANEL * panel_bytes..][..panel_bytes];
+        let at = first - rows.start;
+        for t0 in (0..acts.len()).step_by(TOKENS) {
+            let tokens = TOKENS.min(acts.len() - t0);
+            let (a, o) = (&acts[t0..t0 + tokens], &mut outs[t0..t0 + tokens]);
+            macro_rules! pass {
+                ($($t:literal)*) => {
+                    match tokens {
+                        // SAFETY: the CPU runs avx512vnni (checked by `gemv_tokens`); the
+                        // panel holds `blocks` panel blocks of `L`; each activation row has
+                        // `blocks` blocks and each output `at + n` or more values (checked
+                        // by `gemv_tokens`), with `n <= PANEL`.
+                        $($t => unsafe {
+                            avx512::panel::<L, $t>(
+                                panel.as_ptr(),
+                                blocks,
+                                std::array::from_fn(|t| a[t].as_ptr()),
+                                std::array::from_fn(|t| o[t][at..].as_mut_ptr()),
+                                n,
+                            )
+                        },)*
+                        _ => unreachable!("at most TOKENS tokens per pass"),
+                    }
+                };
+            }
+            #[cfg(target_arch = "x86_64")]
+            pass!(1 2 3 4 5 6 7 8);
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("PackedRows::new packs only on x86-64");
+        }
+    }
+}
+
+/// The scalar reference of the panel kernel, read from the unpacked `w` with the same
+/// arithmetic (see the module docs): `outs[t][i] = row rows.start + i of w · acts[t]`.
+/// Panics unless `w` is a 32-value type and the shapes fit.
+pub fn reference(
+    w: &WeightView<'_>,
+    rows: Range<usize>,
+    acts: &[&[BlockQ8x32]],
+    outs: &mut [&mut [f32]],
+) {
+    match w.dtype() {
+        GgmlType::Q4_0 => reference_as::<Q4_0>(w, rows, acts, outs),
+        GgmlType::Q4_1 => reference_as::<Q4_1>(w, rows, acts, outs),
+        GgmlType::Q5_0 => reference_as::<Q5_0>(w, rows, acts, outs),
+        GgmlType::Q5_1 => reference_as::<Q5_1>(w, rows, acts, outs),
+        GgmlType::Q8_0 => reference_as::<Q8_0>(w, rows, acts, outs),
+        other => panic!("packed reference: {other} is not a 32-value type"),
+    }
+}
+
+fn reference_as<L: Layout>(
+    w: &WeightView<'_>,
+    rows: Range<usize>,
+    acts: &[&[BlockQ8x32]],
+    outs: &mut [&mut [f32]],
+) {
+    let rb = w.row_bytes();
+    for (a, out) in acts.iter().zip(outs.iter_mut()) {
+        assert_eq!(
+            a.len() * 32,
+            w.cols(),
+            "packed reference: activation length"
+        );
+        for (o, r) in out.iter_mut().zip(rows.clone()) {
+            let (mut acc, mut mins) = (0f32, 0f32);
+            for (block, ab) in w.data()[r * rb..(r + 1) * rb]
+                .chunks_exact(L::BYTES)
+                .zip(*a)
+            {
+                let isum: i32 = block_values::<L>(block)
+                    .iter()
+                    .zip(&ab.qs)
+                    .map(|(&x, &y)| x as i32 * y as i32)
+                    .sum();
+                acc = (isum as f32).mul_add(f16_at(block, 0) * ab.d, acc);
+                if L::HAS_MIN {
+                    mins = f16_at(block, MIN_AT).mul_add(ab.s, mins);
+                }
+            }
+            *o = if L::HAS_MIN { acc + mins } else { acc };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use core::arch::x86_64::*;
+    use core::ptr::read_unaligned;
+
+    use super::{block_bytes, code_bytes, nibbles, scales_at, Layout, PANEL};
+    use crate::act::BlockQ8x32;
+
+    /// Four activation bytes of `a`'s block, from value `k`, in every lane.
+    ///
+    /// # Safety
+    /// `a` points to a readable block and `k <= 28`.
+    #[inline(always)]
+    unsafe fn quad(a: *const BlockQ8x32, k: usize) -> __m512i {
+        _mm512_set1_epi32(read_unaligned((*a).qs.as_ptr().add(k) as *const i32))
+    }
+
+    /// `outs[t][0..n]` = the panel at `p` (`blocks` panel blocks of `L`) · token t.
+    ///
+    /// # Safety
+    /// The CPU has avx512f, avx512bw and avx512vnni; `p` points to `blocks` panel blocks;
+    /// each `acts[t]` to `blocks` readable blocks; each `outs[t]` to `n <= PANEL` writable
+    /// values.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn panel<L: Layout, const T: usize>(
+        p: *const u8,
+        blocks: usize,
+        acts: [*const BlockQ8x32; T],
+        outs: [*mut f32; T],
+        n: usize,
+    ) {
+        let low = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(16);
+        let mut acc = [_mm512_setzero_ps(); T];
+        for b in 0..blocks {
+            let blk = p.add(b * block_bytes::<L>());
+            let a: [*const BlockQ8x32; T] = core::array::from_fn(|t| acts[t].add(b));
+            let mut isum = [_mm512_setzero_si512(); T];
+            if L::OFFSET != 0 {
+                for t in 0..T {
+                    isum[t] = _mm512_set1_epi32(-(L::OFFSET as i32) * (*a[t]).sum);
+                }
+            }
+            if nibbles::<L>() {
+                let masks = blk.add(code_bytes::<L>()) as *const u64;
+                for j in 0..4 {
+                    let c = _mm512_loadu_si512(blk.add(64 * j) as *const _);
+                    let mut lo = _mm512_and_si512(c, low);
+                    let mut hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+                    if L::QH.is_some() {
+                        lo = _mm512_mask_add_epi8(lo, read_unaligned(masks.add(j)), lo, sixteen);
+                        hi =
+                            _mm512_mask_add_epi8(hi, read_unaligned(masks.add(j + 4)), hi, sixteen);
+                    }
+                    for t in 0..T {
+                        isum[t] = _mm512_dpbusd_epi32(isum[t], lo, quad(a[t], 4 * j));
+                        isum[t] = _mm512_dpbusd_epi32(isum[t], hi, quad(a[t], 16 + 4 * j));
+                    }
+                }
+            } else {
+                for g in 0..8 {
+                    let c = _mm512_loadu_si512(blk.add(64 * g) as *const _);
+                    for t in 0..T {
+                        isum[t] = _mm512_dpbusd_epi32(isum[t], c, quad(a[t], 4 * g));
+                    }
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(
+                blk.add(scales_at::<L>()) as *const __m256i
+            ));
+            for t in 0..T {
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps((*a[t]).d));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), scale, acc[t]);
+            }
+        }
+        if L::HAS_MIN {
+            let mut mins = [_mm512_setzero_ps(); T];
+            for b in 0..blocks {
+                let at = p.add(b * block_bytes::<L>() + scales_at::<L>() + 2 * PANEL);
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i));
+                for t in 0..T {
+                    let s = _mm512_set1_ps((*acts[t].add(b)).s);
+                    mins[t] = _mm512_fmadd_ps(m, s, mins[t]);
+                }
+            }
+            for t in 0..T {
+                acc[t] = _mm512_add_ps(acc[t], mins[t]);
+            }
+        }
+        let keep = (((1u32 << n) - 1) & 0xFFFF) as __mmask16;
+        for t in 0..T {
+            _mm512_mask_storeu_ps(outs[t], keep, acc[t]);
+        }
+    }
+}
