@@ -4,6 +4,9 @@
 //!   token only.
 //! - `tg N`: N forward passes of one token each from an empty cache (the first token is BOS when
 //!   the model adds one), logits every step.
+//! - `tg N ×B` (`--batch`): the same N steps for B sequences at once, each step one batched
+//!   forward pass of B single-token sequences with caches of their own (what a server's decode
+//!   step does); tok/s counts all B·N tokens, like llama-batched-bench's generation speed.
 //!
 //! Token ids are pseudo-random (seeded), so tokenization and sampling are excluded. Each test
 //! runs once to warm up, then `reps` times; the median and spread of tok/s are reported. A
@@ -14,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use quarry_kernels::pool;
-use quarry_model::{KvCache, Model};
+use quarry_model::{KvCache, Model, SequenceBatch};
 use serde_json::json;
 
 use crate::BenchArgs;
@@ -62,6 +65,30 @@ fn generate_tok_s(model: &Model<'_>, ids: &[u32]) -> Result<f64> {
     Ok(ids.len() as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Aggregate tok/s of `sequences` sequences stepping together through `ids` (sequence s
+/// reads `ids` shifted by s, so their tokens differ).
+fn batched_generate_tok_s(model: &Model<'_>, ids: &[u32], sequences: usize) -> Result<f64> {
+    let mut caches: Vec<_> = (0..sequences).map(|_| model.new_cache(ids.len())).collect();
+    let vocab = model.config().vocab_size as u32;
+    let t = Instant::now();
+    for step in 0..ids.len() {
+        let tokens: Vec<[u32; 1]> = (0..sequences)
+            .map(|s| [(ids[step] + s as u32) % vocab])
+            .collect();
+        let mut batch: Vec<_> = caches
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(cache, token)| SequenceBatch {
+                tokens: token,
+                cache,
+                rows: 0..1,
+            })
+            .collect();
+        model.forward_batch(&mut batch)?;
+    }
+    Ok((ids.len() * sequences) as f64 / t.elapsed().as_secs_f64())
+}
+
 /// Read bandwidth in GB/s: every thread sums its share of a buffer far larger than the caches.
 fn read_bandwidth_gb_s(reps: usize) -> f64 {
     const BYTES: usize = 1 << 30;
@@ -85,6 +112,11 @@ fn read_bandwidth_gb_s(reps: usize) -> f64 {
 
 pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> Result<()> {
     anyhow::ensure!(a.reps > 0, "invalid --reps 0: must be at least 1");
+    anyhow::ensure!(
+        a.batch.iter().all(|&b| b > 0),
+        "invalid --batch {:?}: every count must be at least 1",
+        a.batch
+    );
     let vocab = model.config().vocab_size;
     let mut rows = Vec::new();
     if a.pp > 0 {
@@ -108,6 +140,13 @@ pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> 
             .map(|_| generate_tok_s(model, &ids))
             .collect::<Result<Vec<_>>>()?;
         rows.push((format!("tg{}", a.tg), samples));
+        for &b in a.batch.iter().filter(|&&b| b > 1) {
+            batched_generate_tok_s(model, &ids[..ids.len().min(8)], b)?;
+            let samples = (0..a.reps)
+                .map(|_| batched_generate_tok_s(model, &ids, b))
+                .collect::<Result<Vec<_>>>()?;
+            rows.push((format!("tg{} ×{b}", a.tg), samples));
+        }
     }
     let bandwidth = if a.no_bandwidth {
         None
@@ -125,7 +164,7 @@ pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> 
                 "test": name, "tok_s_median": median, "tok_s_min": min, "tok_s_max": max,
                 "samples": samples,
             });
-            if name.starts_with("tg") {
+            if name.starts_with("tg") && !name.contains('×') {
                 let gb_s = median * bytes_per_token as f64 / 1e9;
                 v["weights_gb_s"] = json!(gb_s);
                 if let Some(bw) = bandwidth {

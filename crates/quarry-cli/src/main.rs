@@ -266,6 +266,11 @@ pub struct BenchArgs {
     /// Tokens generated one at a time (0 skips the test).
     #[arg(long, default_value_t = 128)]
     pub tg: usize,
+    /// Sequences decoded together in the generation test, comma-separated (`1,8`): each
+    /// count above 1 adds a `tg N ×B` row, B sequences stepping as one batch (a server's
+    /// decode), reported as their aggregate tok/s.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch: Vec<usize>,
     /// Measured repetitions of each test (after one warm-up).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,

@@ -173,30 +173,45 @@ impl<'x> QuantizedActivations<'x> {
         self.cols
     }
 
-    /// Row `token` as 32-value blocks (`cols` must be a multiple of 32).
+    /// Integer row `token` (below [`Self::integer_tokens`]) as 32-value blocks (`cols` must
+    /// be a multiple of 32).
     pub fn q8x32(&self, token: usize) -> &[BlockQ8x32] {
         let per_row = self.cols / 32;
         &self.all_q8x32()[token * per_row..(token + 1) * per_row]
     }
 
-    /// Row `token` as 256-value super-blocks (`cols` must be a multiple of 256).
+    /// Integer row `token` as 256-value super-blocks (`cols` must be a multiple of 256).
     pub fn q8x256(&self, token: usize) -> &[BlockQ8x256] {
         let per_row = self.cols / 256;
         &self.all_q8x256()[token * per_row..(token + 1) * per_row]
     }
 
-    /// Every row as 32-value blocks, computed now if not yet. Call it before threads share
-    /// `self`: threads that race to compute a form wait on its lock, and waking them costs a
-    /// system call per matmul (5% of a SmolLM2 decode step).
+    /// Every integer row as 32-value blocks, computed now if not yet; `f32` rows are never
+    /// quantized (no product reads them in 8 bits, and a prompt has hundreds). Call it
+    /// before threads share `self`: threads that race to compute a form wait on its lock, and
+    /// waking them costs a system call per matmul (5% of a SmolLM2 decode step).
     pub fn all_q8x32(&self) -> &[BlockQ8x32] {
-        self.q8x32
-            .get_or_init(|| self.x.chunks_exact(32).map(quantize_q8x32).collect())
+        self.q8x32.get_or_init(|| {
+            self.integer_rows()
+                .chunks_exact(32)
+                .map(quantize_q8x32)
+                .collect()
+        })
     }
 
-    /// Every row as 256-value super-blocks, computed now if not yet (see [`Self::all_q8x32`]).
+    /// Every integer row as 256-value super-blocks, computed now if not yet (see
+    /// [`Self::all_q8x32`]).
     pub fn all_q8x256(&self) -> &[BlockQ8x256] {
-        self.q8x256
-            .get_or_init(|| self.x.chunks_exact(256).map(quantize_q8x256).collect())
+        self.q8x256.get_or_init(|| {
+            self.integer_rows()
+                .chunks_exact(256)
+                .map(quantize_q8x256)
+                .collect()
+        })
+    }
+
+    fn integer_rows(&self) -> &'x [f32] {
+        &self.x[..self.integer_tokens * self.cols]
     }
 }
 
@@ -249,9 +264,19 @@ mod tests {
     #[test]
     fn forms_are_computed_per_row() {
         let x: Vec<f32> = (0..512).map(|i| i as f32).collect();
-        let a = QuantizedActivations::new(&x, 2, 256);
+        let a = QuantizedActivations::new(&x, 2, 256).with_integer_tokens(2);
         assert_eq!(a.q8x32(1).len(), 8);
         assert_eq!(a.q8x256(1).len(), 1);
         assert_eq!(a.q8x256(1)[0], quantize_q8x256(&x[256..]));
+    }
+
+    #[test]
+    fn only_integer_rows_are_quantized() {
+        let x: Vec<f32> = (0..3 * 64).map(|i| i as f32).collect();
+        let a = QuantizedActivations::new(&x, 3, 64).with_integer_tokens(1);
+        assert_eq!(a.all_q8x32().len(), 2);
+        assert_eq!(a.q8x32(0)[1], quantize_q8x32(&x[32..64]));
+        let none = QuantizedActivations::new(&x, 3, 64).with_integer_tokens(0);
+        assert!(none.all_q8x32().is_empty());
     }
 }

@@ -168,7 +168,7 @@ proptest! {
         let bytes = random_weights(&mut rng, dtype, total, cols);
         let w = WeightView::new(dtype, total, cols, &bytes).unwrap();
         let x = common::gaussian(&mut rng, n_tokens * cols, 1.0);
-        let x = QuantizedActivations::new(&x, n_tokens, cols);
+        let x = QuantizedActivations::new(&x, n_tokens, cols).with_integer_tokens(n_tokens);
         for isa in Isa::available() {
             let mut outs = vec![vec![f32::NAN; n_rows]; n_tokens];
             let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
@@ -234,7 +234,7 @@ proptest! {
         prop_assert_eq!((p.dtype(), p.rows(), p.cols()), (dtype, total, cols));
         let mut x = common::gaussian(&mut rng, n_tokens * cols, 1.0);
         x[..32].fill(0.0);
-        let x = QuantizedActivations::new(&x, n_tokens, cols);
+        let x = QuantizedActivations::new(&x, n_tokens, cols).with_integer_tokens(n_tokens);
         let (got, want) = packed_and_reference(&p, &w, skip..total, &x);
         for t in 0..n_tokens {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
