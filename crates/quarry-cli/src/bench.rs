@@ -71,9 +71,9 @@ fn batched_generate_tok_s(model: &Model<'_>, ids: &[u32], sequences: usize) -> R
     let mut caches: Vec<_> = (0..sequences).map(|_| model.new_cache(ids.len())).collect();
     let vocab = model.config().vocab_size as u32;
     let t = Instant::now();
-    for step in 0..ids.len() {
+    for &id in ids {
         let tokens: Vec<[u32; 1]> = (0..sequences)
-            .map(|s| [(ids[step] + s as u32) % vocab])
+            .map(|s| [(id + s as u32) % vocab])
             .collect();
         let mut batch: Vec<_> = caches
             .iter_mut()

@@ -177,7 +177,7 @@ pub fn gemv_tokens(
     outs: &mut [&mut [f32]],
 ) {
     assert!(
-        rows.start % PANEL == 0 && rows.start <= rows.end && rows.end <= p.rows,
+        rows.start.is_multiple_of(PANEL) && rows.start <= rows.end && rows.end <= p.rows,
         "packed gemv: rows {rows:?} do not start a panel of a {}-row matrix",
         p.rows
     );
