@@ -72,9 +72,7 @@ fn batched_generate_tok_s(model: &Model<'_>, ids: &[u32], sequences: usize) -> R
     let vocab = model.config().vocab_size as u32;
     let t = Instant::now();
     for &id in ids {
-        let tokens: Vec<[u32; 1]> = (0..sequences)
-            .map(|s| [(id + s as u32) % vocab])
-            .collect();
+        let tokens: Vec<[u32; 1]> = (0..sequences).map(|s| [(id + s as u32) % vocab]).collect();
         let mut batch: Vec<_> = caches
             .iter_mut()
             .zip(&tokens)

@@ -195,6 +195,20 @@ fn sanitize(logit: f32) -> f32 {
     }
 }
 
+/// The id of the highest sanitized logit, lowest id on ties: [`Sampler::best`] without
+/// building the candidate list (a tenth of the time on a 49k vocabulary, and a server runs
+/// it for every sequence of every step).
+fn greedy(logits: &[f32]) -> u32 {
+    let mut best = (0u32, sanitize(logits[0]));
+    for (id, &l) in (0u32..).zip(logits).skip(1) {
+        let l = sanitize(l);
+        if l > best.1 {
+            best = (id, l);
+        }
+    }
+    best.0
+}
+
 /// Chooses tokens according to [`SamplingParams`]. Holds the seeded RNG and reusable buffers,
 /// so one `Sampler` serves one generation stream.
 #[derive(Debug)]
@@ -236,6 +250,9 @@ impl Sampler {
             u32::try_from(logits.len() - 1).is_ok(),
             "vocabulary too large for u32 token ids"
         );
+        if self.params.temperature == 0.0 && !self.params.penalties_enabled() {
+            return greedy(logits);
+        }
         self.load(logits, history);
         if self.params.temperature == 0.0 {
             return self.best();
@@ -457,6 +474,37 @@ mod tests {
         assert_eq!(s.sample(&[1.0, 5.0, 2.0, 5.0, 5.0], &[]), 1);
         assert_eq!(s.sample(&[7.0, 7.0], &[]), 0);
         assert_eq!(s.sample(&[-0.0, 0.0], &[]), 0);
+        assert_eq!(s.sample(&[f32::NAN, -1.0, f32::INFINITY, f32::MAX], &[]), 2);
+        assert_eq!(s.sample(&[f32::NAN, f32::NAN], &[]), 0);
+    }
+
+    /// The fast greedy scan picks exactly what the candidate list's minimum picks, on random
+    /// logits salted with ties, NaN, infinities and both zeros.
+    #[test]
+    fn greedy_scan_equals_the_candidate_order() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -0.0,
+            0.0,
+        ];
+        for n in [1, 2, 3, 17, 1000] {
+            for _ in 0..50 {
+                let logits: Vec<f32> = (0..n)
+                    .map(|_| match rng.gen_range(0..10) {
+                        0 => specials[rng.gen_range(0..specials.len())],
+                        1 => 1.0,
+                        _ => rng.gen_range(-3.0f32..3.0),
+                    })
+                    .collect();
+                let mut s = sampler(SamplingParams::greedy());
+                s.load(&logits, &[]);
+                assert_eq!(greedy(&logits), s.best(), "{logits:?}");
+            }
+        }
     }
 
     #[test]
