@@ -42,12 +42,33 @@ fn round_to_i8(y: f32) -> i8 {
     ((y + ROUNDER) - ROUNDER) as i8
 }
 
-/// Quantizes 32 values (round to nearest, scale from the largest magnitude).
+/// Quantizes 32 values (round to nearest, scale from the largest magnitude), with AVX2 where
+/// the CPU has it: bit-identical to [`quantize_q8x32_scalar`] on every input without NaN
+/// (tested), and several times faster than the compiler's SSE2 version of it, which matters
+/// because decode steps quantize on one thread while the others wait.
 pub fn quantize_q8x32(x: &[f32]) -> BlockQ8x32 {
     assert_eq!(x.len(), 32, "quantize_q8x32 takes 32 values");
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 and `x` holds 32 values.
+        return unsafe { avx2::quantize_q8x32(x) };
+    }
+    quantize_q8x32_scalar(x)
+}
+
+/// The scale `d` of a block whose largest magnitude is `amax`, and its inverse (0 for a
+/// silent block).
+#[inline(always)]
+fn scale_and_inverse(amax: f32) -> (f32, f32) {
     let d = amax / 127.0;
-    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+}
+
+/// The reference [`quantize_q8x32`].
+pub fn quantize_q8x32_scalar(x: &[f32]) -> BlockQ8x32 {
+    assert_eq!(x.len(), 32, "quantize_q8x32 takes 32 values");
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let (d, inv) = scale_and_inverse(amax);
     let mut qs = [0i8; 32];
     let mut sum = 0i32;
     for (q, v) in qs.iter_mut().zip(x) {
@@ -59,6 +80,55 @@ pub fn quantize_q8x32(x: &[f32]) -> BlockQ8x32 {
         s: d * sum as f32,
         sum,
         qs,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+
+    use super::{scale_and_inverse, BlockQ8x32, ROUNDER};
+
+    /// [`super::quantize_q8x32_scalar`] in 256-bit vectors: the same maximum, the same
+    /// multiply and rounding additions per value, an exact integer sum.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and `x.len() == 32`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_q8x32(x: &[f32]) -> BlockQ8x32 {
+        debug_assert_eq!(x.len(), 32);
+        let p = x.as_ptr();
+        let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
+        let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let a = v.map(|v| _mm256_and_ps(v, magnitude));
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let (d, inv) = scale_and_inverse(amax);
+        let (inv, rounder) = (_mm256_set1_ps(inv), _mm256_set1_ps(ROUNDER));
+        let q = v.map(|v| {
+            let y = _mm256_mul_ps(v, inv);
+            _mm256_cvttps_epi32(_mm256_sub_ps(_mm256_add_ps(y, rounder), rounder))
+        });
+        // packs interleave 128-bit lanes; the permute puts the 32 codes back in order.
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut qs = [0i8; 32];
+        _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, bytes);
+        let t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)));
+        BlockQ8x32 {
+            d,
+            s: d * sum as f32,
+            sum,
+            qs,
+        }
     }
 }
 
@@ -268,6 +338,46 @@ mod tests {
         assert_eq!(a.q8x32(1).len(), 8);
         assert_eq!(a.q8x256(1).len(), 1);
         assert_eq!(a.q8x256(1)[0], quantize_q8x256(&x[256..]));
+    }
+
+    #[test]
+    fn simd_quantization_equals_the_scalar_reference() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let specials = [
+            0.0,
+            -0.0,
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            127.5,
+        ];
+        for case in 0..2000 {
+            let scale = [1e-6f32, 1.0, 1e4][case % 3];
+            let x: Vec<f32> = (0..32)
+                .map(|_| match next() % 16 {
+                    0 => specials[(next() % specials.len() as u64) as usize],
+                    1 => 0.0,
+                    _ => ((next() % 20001) as f32 - 10000.0) / 10000.0 * scale,
+                })
+                .collect();
+            let (got, want) = (quantize_q8x32(&x), quantize_q8x32_scalar(&x));
+            assert_eq!(
+                (got.d.to_bits(), got.s.to_bits(), got.sum, got.qs),
+                (want.d.to_bits(), want.s.to_bits(), want.sum, want.qs),
+                "{x:?}"
+            );
+        }
+        assert_eq!(
+            quantize_q8x32(&[0.0; 32]),
+            quantize_q8x32_scalar(&[0.0; 32])
+        );
     }
 
     #[test]
