@@ -86,6 +86,12 @@ pub fn attend<C: KvCache + Sync>(
     let mut by_kv_head = vec![0.0f32; q.len()];
     let mut tiles: Vec<Tile<'_, '_, C>> = Vec::new();
     let mut rest = by_kv_head.as_mut_slice();
+    // Decode steps of many sequences fill the threads with whole query groups: each key is
+    // then read once for its group's heads instead of once per head. A row's result does not
+    // depend on its tile below GEMM_MIN_ROWS rows (the in-place kernels treat rows apart),
+    // so this keeps a sequence's numbers the same in any batch.
+    let decode_tiles = sequences.iter().filter(|s| s.rows.len() == 1).count() * spec.n_kv_heads;
+    let whole_groups = decode_tiles >= 2 * pool.n_threads();
     for seq in sequences {
         let n = seq.rows.len();
         let (mine, tail) = rest.split_at_mut(n * q_dim);
@@ -95,9 +101,13 @@ pub fn attend<C: KvCache + Sync>(
             continue;
         }
         // At least two tiles per thread when there are enough rows, so threads stay busy.
-        let tile_rows = rows_per_kv_head
-            .div_ceil(2 * pool.n_threads())
-            .clamp(1, TILE_ROWS);
+        let tile_rows = if n == 1 && whole_groups {
+            group.min(GEMM_MIN_ROWS - 1)
+        } else {
+            rows_per_kv_head
+                .div_ceil(2 * pool.n_threads())
+                .clamp(1, TILE_ROWS)
+        };
         let q_seq = &q[seq.rows.start * q_dim..seq.rows.end * q_dim];
         for (g, head_out) in mine.chunks_mut(rows_per_kv_head * hd).enumerate() {
             for (i, tile) in head_out.chunks_mut(tile_rows * hd).enumerate() {

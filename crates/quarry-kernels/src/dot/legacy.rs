@@ -31,6 +31,9 @@
 //! lane sums are scaled per block by `d · d_a` with an FMA, and the `m · s` terms of a group
 //! add up in one vector.
 //!
+//! On AVX-512 VNNI machines models use [`packed`] instead for decode products: the same
+//! blocks repacked at load into 16-row panels, which several tokens share far better.
+//!
 //! Invariants the kernels rely on: activation codes lie in −127..=127 (what
 //! `quantize_q8x32` produces), so negating one cannot overflow and no `i16` pair sum
 //! saturates; and a SIMD variant runs only after [`runnable`] confirmed its CPU features,
