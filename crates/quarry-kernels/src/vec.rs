@@ -686,6 +686,13 @@ mod tests {
                 for (i, (u, v)) in out.iter().zip(&reference).enumerate() {
                     prop_assert!((u - v).abs() <= 1e-4 * (1.0 + v.abs()) + 1e-3, "{isa:?} at {i}: {u} vs {v}");
                 }
+                // A row's products do not depend on the rows beside it (attention tiles rely
+                // on it).
+                for r in 0..rows {
+                    let mut alone = vec![f32::NAN; n];
+                    dot_rows_with(isa, &w[r * cols..(r + 1) * cols], &x, cols, x_stride, &mut alone);
+                    prop_assert_eq!(&alone[..], &out[r * n..(r + 1) * n], "{:?} row {}", isa, r);
+                }
             }
         }
 
@@ -705,6 +712,13 @@ mod tests {
                 add_weighted_rows_with(isa, &mut out, &p, &v, cols, v_stride);
                 for (i, (u, w)) in out.iter().zip(&reference).enumerate() {
                     prop_assert!((u - w).abs() <= 1e-4 * (1.0 + w.abs()) + 1e-3, "{isa:?} at {i}: {u} vs {w}");
+                }
+                // A row's result does not depend on the rows beside it (attention tiles rely
+                // on it).
+                for r in 0..m {
+                    let mut alone = start[r * cols..(r + 1) * cols].to_vec();
+                    add_weighted_rows_with(isa, &mut alone, &p[r * n..(r + 1) * n], &v, cols, v_stride);
+                    prop_assert_eq!(&alone[..], &out[r * cols..(r + 1) * cols], "{:?} row {}", isa, r);
                 }
             }
         }
