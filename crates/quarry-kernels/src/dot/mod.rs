@@ -15,6 +15,23 @@ mod legacy;
 
 pub use legacy::packed::{self, PackedRows};
 
+/// Blocks ahead of the one a decode kernel multiplies whose bytes it asks the cache for: the
+/// weights stream from memory once per step, and the hardware prefetcher alone leaves the
+/// kernels stalled on their loads (measured: 18% of a SmolLM2 decode step).
+pub(crate) const PREFETCH_BLOCKS: usize = 8;
+
+/// Asks the cache for the `bytes` bytes at `p`, a cache line at a time. A prefetch is a hint
+/// that reads nothing and never faults, so `p` may lie past the end of the data.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8, bytes: usize) {
+    use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    for line in (0..bytes).step_by(64) {
+        // SAFETY: see above; the address is only computed, never dereferenced.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast()) }
+    }
+}
+
 /// An instruction-set level a kernel can be compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {

@@ -44,9 +44,6 @@ pub const PANEL: usize = 16;
 /// 32 vector registers.
 pub const TOKENS: usize = 8;
 
-/// Panel blocks the kernel prefetches ahead of the one it multiplies.
-const PREFETCH_BLOCKS: usize = 8;
-
 /// A matrix of a 32-value type in 16-row panels (see the module docs).
 pub struct PackedRows {
     dtype: GgmlType,
@@ -322,7 +319,8 @@ mod avx512 {
     use core::arch::x86_64::*;
     use core::ptr::read_unaligned;
 
-    use super::{block_bytes, code_bytes, nibbles, scales_at, Layout, PANEL, PREFETCH_BLOCKS};
+    use super::{block_bytes, code_bytes, nibbles, scales_at, Layout, PANEL};
+    use crate::dot::{prefetch, PREFETCH_BLOCKS};
     use crate::act::BlockQ8x32;
 
     /// Four activation bytes of `a`'s block, from value `k`, in every lane.
@@ -353,12 +351,10 @@ mod avx512 {
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..blocks {
             let blk = p.add(b * block_bytes::<L>());
-            // The weights stream from memory once per step; fetching a few blocks ahead
-            // hides the latency the hardware prefetcher leaves (a hint: it never faults).
-            let ahead = blk.wrapping_add(PREFETCH_BLOCKS * block_bytes::<L>());
-            for line in (0..block_bytes::<L>()).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
-            }
+            prefetch(
+                blk.wrapping_add(PREFETCH_BLOCKS * block_bytes::<L>()),
+                block_bytes::<L>(),
+            );
             let a: [*const BlockQ8x32; T] = core::array::from_fn(|t| acts[t].add(b));
             let mut isum = [_mm512_setzero_si512(); T];
             if L::OFFSET != 0 {
