@@ -348,14 +348,15 @@ fn matmul_rowwise(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32])
         return;
     }
     // Threads own contiguous runs of rows, so results are gathered row-major and then
-    // transposed into y's token-major layout (a pass over n_tokens × rows values).
+    // transposed into y's token-major layout (a pass over n_tokens × rows values, split
+    // across the threads by token).
     let mut by_row = vec![0f32; w.rows * n_tokens];
     rowwise_by_row(w, x, n_tokens, &mut by_row);
-    for (r, vals) in by_row.chunks_exact(n_tokens).enumerate() {
-        for (t, &v) in vals.iter().enumerate() {
-            y[t * w.rows + r] = v;
+    pool::global().for_each_chunk_mut(y, w.rows, &|t, token_out| {
+        for (v, vals) in token_out.iter_mut().zip(by_row.chunks_exact(n_tokens)) {
+            *v = vals[t];
         }
-    }
+    });
 }
 
 /// Fills `out[r * n_tokens + t]` with row r of W dotted with token t of `x`.

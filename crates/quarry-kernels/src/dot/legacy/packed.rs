@@ -320,8 +320,8 @@ mod avx512 {
     use core::ptr::read_unaligned;
 
     use super::{block_bytes, code_bytes, nibbles, scales_at, Layout, PANEL};
-    use crate::dot::{prefetch, PREFETCH_BLOCKS};
     use crate::act::BlockQ8x32;
+    use crate::dot::{prefetch, PREFETCH_BLOCKS};
 
     /// Four activation bytes of `a`'s block, from value `k`, in every lane.
     ///
