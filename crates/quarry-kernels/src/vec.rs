@@ -2,8 +2,9 @@
 //! softmax exponentials and the gated FFN activations.
 //!
 //! The workspace compiles for baseline x86-64 (SSE2), so these get an AVX2+FMA variant chosen
-//! at run time through [`Isa::best`] (and [`dot_rows`], the small-batch prompt product, an
-//! AVX-512 one: twice the multiply-adds per instruction where a prompt's time goes); the scalar versions (on `std`'s `exp`) are the reference
+//! at run time through [`Isa::best`] (and [`dot_rows`] and [`add_weighted_rows`], where
+//! prompts and attention spend their time, an AVX-512 one: twice the multiply-adds per
+//! instruction); the scalar versions (on `std`'s `exp`) are the reference
 //! they are tested against. The vector `exp` is a range reduction to `2ⁿ·e^r`, `|r| ≤ ln2/2`,
 //! with a degree-6 polynomial for `e^r`: within a few ulp of `std` over the whole `f32` range,
 //! including `0` below `e^-87.3` and `∞` above `e^88.7`.
@@ -28,6 +29,13 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 /// is 0.
 pub fn dot_rows(w: &[f32], x: &[f32], cols: usize, x_stride: usize, out: &mut [f32]) {
     dot_rows_with(Isa::best(), w, x, cols, x_stride, out)
+}
+
+/// [`dot_rows`] for an `x` read once from memory (attention keys in place in a KV cache):
+/// the AVX-512 level asks the cache for the rows of `x` a few blocks ahead of the ones it
+/// multiplies. Results are those of [`dot_rows`].
+pub fn dot_rows_streamed(w: &[f32], x: &[f32], cols: usize, x_stride: usize, out: &mut [f32]) {
+    dot_rows_at(Isa::best(), w, x, cols, x_stride, out, true)
 }
 
 /// `out[r · cols + c] += Σⱼ p[r · n + j] · v[j · v_stride + c]`: each of the `m = out.len() /
@@ -84,6 +92,18 @@ pub fn dot_rows_with(
     x_stride: usize,
     out: &mut [f32],
 ) {
+    dot_rows_at(isa, w, x, cols, x_stride, out, false)
+}
+
+fn dot_rows_at(
+    isa: Isa,
+    w: &[f32],
+    x: &[f32],
+    cols: usize,
+    x_stride: usize,
+    out: &mut [f32],
+    streamed: bool,
+) {
     if cols == 0 {
         // Empty rows: every dot product is the empty sum.
         out.fill(0.0);
@@ -106,7 +126,7 @@ pub fn dot_rows_with(
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Vnni && avx512() {
         // SAFETY: the CPU has AVX-512 F (checked above); shapes are checked above.
-        return unsafe { x86_512::dot_rows(w, x, cols, x_stride, n, out) };
+        return unsafe { x86_512::dot_rows(w, x, cols, x_stride, n, out, streamed) };
     }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && avx2_fma() {
@@ -142,6 +162,11 @@ pub fn add_weighted_rows_with(
         p.len(),
         v.len()
     );
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni && avx512() {
+        // SAFETY: the CPU has AVX-512 F (checked above); shapes are checked above.
+        return unsafe { x86_512::add_weighted_rows(out, p, v, cols, v_stride) };
+    }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked above); shapes are checked above.
@@ -605,6 +630,8 @@ mod x86 {
 mod x86_512 {
     use core::arch::x86_64::*;
 
+    use crate::dot::prefetch;
+
     /// [`super::x86::dot_rows`] in 512-bit vectors: blocks of up to four rows of `w` by four
     /// rows of `x`, sixteen accumulators each fed by a multiply-add per loaded vector pair.
     /// Every product sums its 16-lane partials the same way whatever block it is in.
@@ -612,6 +639,7 @@ mod x86_512 {
     /// # Safety
     /// The CPU has AVX-512 F; `w` is whole rows of `cols`, `x` holds `n` rows of `cols`
     /// starting `xs` apart, and `out` one value per (row of `w`, row of `x`).
+    /// With `streamed`, each block first prefetches the rows of `x` two blocks ahead.
     #[target_feature(enable = "avx2,fma,avx512f")]
     pub unsafe fn dot_rows(
         w: &[f32],
@@ -620,6 +648,7 @@ mod x86_512 {
         xs: usize,
         n: usize,
         out: &mut [f32],
+        streamed: bool,
     ) {
         let rows = w.len() / cols;
         let mut r = 0;
@@ -628,6 +657,11 @@ mod x86_512 {
             let mut t = 0;
             while t < n {
                 let tb = (n - t).min(4);
+                if streamed && r == 0 {
+                    for j in t + 8..t + 8 + tb {
+                        prefetch(x.as_ptr().wrapping_add(j * xs).cast(), 4 * cols);
+                    }
+                }
                 macro_rules! blocks {
                     ($(($r:literal, $t:literal))*) => {
                         match (rb, tb) {
@@ -691,6 +725,62 @@ mod x86_512 {
             for (j, &a) in acc_row.iter().enumerate() {
                 out[(r + i) * n + t + j] = _mm512_reduce_add_ps(a);
             }
+        }
+    }
+
+    /// [`super::x86::add_weighted_rows`] in 512-bit vectors: a 64-column strip of an output
+    /// row stays in four registers across all value rows; the last `cols % 64` columns go
+    /// by masked 16-lane vectors. Each output value gets the same fused multiply-adds in the
+    /// same order as in the AVX2 version, so the two agree bit for bit (where `cols` is a
+    /// multiple of 8: the AVX2 tail multiplies and adds apart).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; `out` is `m` rows of `cols`, `p` `m` rows of `n` weights, and
+    /// `v` holds `n` rows of `cols` starting `vs` apart.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn add_weighted_rows(out: &mut [f32], p: &[f32], v: &[f32], cols: usize, vs: usize) {
+        let m = out.len() / cols;
+        let n = p.len() / m;
+        let (po, pp, pv) = (out.as_mut_ptr(), p.as_ptr(), v.as_ptr());
+        let mut c = 0;
+        while c + 64 <= cols {
+            for r in 0..m {
+                let o = po.add(r * cols + c);
+                let mut acc = [0, 1, 2, 3].map(|i| _mm512_loadu_ps(o.add(16 * i)));
+                for j in 0..n {
+                    if r == 0 {
+                        // Value rows stream from the cache once: fetch a few ahead.
+                        prefetch(pv.wrapping_add((j + 8) * vs + c).cast(), 256);
+                    }
+                    let w = _mm512_set1_ps(*pp.add(r * n + j));
+                    let row = pv.add(j * vs + c);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(row.add(16 * i)), *a);
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(16 * i), *a);
+                }
+            }
+            c += 64;
+        }
+        while c < cols {
+            let keep: __mmask16 = if cols - c >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << (cols - c)) - 1
+            };
+            for r in 0..m {
+                let o = po.add(r * cols + c);
+                let mut acc = _mm512_maskz_loadu_ps(keep, o);
+                for j in 0..n {
+                    let w = _mm512_set1_ps(*pp.add(r * n + j));
+                    let row = _mm512_maskz_loadu_ps(keep, pv.add(j * vs + c));
+                    acc = _mm512_fmadd_ps(w, row, acc);
+                }
+                _mm512_mask_storeu_ps(o, keep, acc);
+            }
+            c += 16;
         }
     }
 }
@@ -792,6 +882,9 @@ mod tests {
                 for (i, (u, v)) in out.iter().zip(&reference).enumerate() {
                     prop_assert!((u - v).abs() <= 1e-4 * (1.0 + v.abs()) + 1e-3, "{isa:?} at {i}: {u} vs {v}");
                 }
+                let mut streamed = vec![f32::NAN; rows * n];
+                dot_rows_at(isa, &w, &x, cols, x_stride, &mut streamed, true);
+                prop_assert_eq!(&streamed, &out, "{:?} streamed", isa);
                 // A row's products do not depend on the rows beside it (attention tiles rely
                 // on it).
                 for r in 0..rows {
@@ -818,6 +911,13 @@ mod tests {
                 add_weighted_rows_with(isa, &mut out, &p, &v, cols, v_stride);
                 for (i, (u, w)) in out.iter().zip(&reference).enumerate() {
                     prop_assert!((u - w).abs() <= 1e-4 * (1.0 + w.abs()) + 1e-3, "{isa:?} at {i}: {u} vs {w}");
+                }
+                if isa > Isa::Scalar && cols % 8 == 0 {
+                    // The vector levels do each value's multiply-adds in the same order (the
+                    // AVX2 one multiplies and adds apart in its last cols % 8 columns).
+                    let mut avx2 = start.clone();
+                    add_weighted_rows_with(Isa::Avx2, &mut avx2, &p, &v, cols, v_stride);
+                    prop_assert_eq!(&out, &avx2, "{:?} vs AVX2", isa);
                 }
                 // A row's result does not depend on the rows beside it (attention tiles rely
                 // on it).

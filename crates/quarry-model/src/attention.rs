@@ -18,7 +18,7 @@ use std::sync::{Mutex, PoisonError};
 
 use quarry_kernels::gemm::{gemm, MatRef};
 use quarry_kernels::pool;
-use quarry_kernels::vec::{add_weighted_rows, dot_rows, exp_sub_sum};
+use quarry_kernels::vec::{add_weighted_rows, dot_rows_streamed, exp_sub_sum};
 
 use crate::kv_cache::KvCache;
 use crate::ops::softcap;
@@ -212,7 +212,7 @@ fn attend_tile<C: KvCache>(
         if m >= GEMM_MIN_ROWS {
             gemm(1.0, qt, k.t(), 0.0, &mut scores, b);
         } else {
-            dot_rows(&q_tile, &keys[g * hd..], hd, kv_dim, &mut scores[..m * b]);
+            dot_rows_streamed(&q_tile, &keys[g * hd..], hd, kv_dim, &mut scores[..m * b]);
         }
         for (r, row) in scores[..m * b].chunks_exact_mut(b).enumerate() {
             if let Some(cap) = spec.softcap {
