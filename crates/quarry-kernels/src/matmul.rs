@@ -181,6 +181,49 @@ impl fmt::Debug for Matrix<'_> {
 /// Panics when `x` or `y` do not have those lengths: the caller sized both buffers, so a
 /// mismatch is a bug in the caller, not bad input.
 pub fn matmul(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    matmul_from(w, x, n_tokens, y)
+}
+
+/// Where the `f32` paths read a matrix's encoded rows: its file view, or for a packed
+/// [`Matrix`] the packed copy written back a few rows at a time into a scratch buffer, so a
+/// packed matrix's file pages are never read again after packing.
+trait EncodedRows: Sync {
+    fn view(&self) -> &WeightView<'_>;
+
+    /// The encoded bytes of rows `first..first + n`, using `scratch` if they must be made.
+    fn rows<'s>(&'s self, first: usize, n: usize, scratch: &'s mut Vec<u8>) -> &'s [u8];
+}
+
+impl EncodedRows for WeightView<'_> {
+    fn view(&self) -> &WeightView<'_> {
+        self
+    }
+
+    fn rows<'s>(&'s self, first: usize, n: usize, _: &'s mut Vec<u8>) -> &'s [u8] {
+        self.row_data(first, n)
+    }
+}
+
+impl EncodedRows for Matrix<'_> {
+    fn view(&self) -> &WeightView<'_> {
+        &self.view
+    }
+
+    fn rows<'s>(&'s self, first: usize, n: usize, scratch: &'s mut Vec<u8>) -> &'s [u8] {
+        match &self.packed {
+            Some(p) => {
+                scratch.resize(n * self.view.row_bytes, 0);
+                p.unpack_rows(first, n, scratch);
+                scratch
+            }
+            None => self.view.row_data(first, n),
+        }
+    }
+}
+
+/// [`matmul`] on any source of encoded rows.
+fn matmul_from<W: EncodedRows>(m: &W, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    let w = m.view();
     assert_eq!(
         Some(x.len()),
         n_tokens.checked_mul(w.cols),
@@ -199,9 +242,9 @@ pub fn matmul(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
         return;
     }
     if n_tokens <= ROWWISE_MAX_TOKENS {
-        matmul_rowwise(w, x, n_tokens, y);
+        matmul_rowwise(m, x, n_tokens, y);
     } else {
-        matmul_tiled(w, x, n_tokens, y);
+        matmul_tiled(m, x, n_tokens, y);
     }
 }
 
@@ -258,9 +301,9 @@ pub fn matmul_quantized_many(
             let (y, tail) = rest.split_at_mut(len * w.rows);
             let rows = &x.f32()[first * cols..(first + len) * cols];
             if short {
-                matmul_rowwise(w, rows, len, y);
+                matmul_rowwise(&**m, rows, len, y);
             } else {
-                matmul(w, rows, len, y);
+                matmul_from(&**m, rows, len, y);
             }
             first += len;
             rest = tail;
@@ -342,16 +385,17 @@ const PIECE: usize = 256;
 
 /// Small-batch product: groups of rows are decoded into a small buffer and dotted with every
 /// token of `x`, so each weight is decoded once and the matrix is never decoded whole.
-fn matmul_rowwise(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+fn matmul_rowwise<W: EncodedRows>(m: &W, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    let w = m.view();
     if n_tokens == 1 {
-        rowwise_by_row(w, x, 1, y);
+        rowwise_by_row(m, x, 1, y);
         return;
     }
     // Threads own contiguous runs of rows, so results are gathered row-major and then
     // transposed into y's token-major layout (a pass over n_tokens × rows values, split
     // across the threads by token).
     let mut by_row = vec![0f32; w.rows * n_tokens];
-    rowwise_by_row(w, x, n_tokens, &mut by_row);
+    rowwise_by_row(m, x, n_tokens, &mut by_row);
     pool::global().for_each_chunk_mut(y, w.rows, &|t, token_out| {
         for (v, vals) in token_out.iter_mut().zip(by_row.chunks_exact(n_tokens)) {
             *v = vals[t];
@@ -360,7 +404,8 @@ fn matmul_rowwise(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32])
 }
 
 /// Fills `out[r * n_tokens + t]` with row r of W dotted with token t of `x`.
-fn rowwise_by_row(w: &WeightView<'_>, x: &[f32], n_tokens: usize, out: &mut [f32]) {
+fn rowwise_by_row<W: EncodedRows>(m: &W, x: &[f32], n_tokens: usize, out: &mut [f32]) {
+    let w = m.view();
     // Rows decoded together: a few tens of KiB of `f32` that stay in cache while every token
     // is dotted with them.
     const GROUP: usize = 8;
@@ -375,10 +420,11 @@ fn rowwise_by_row(w: &WeightView<'_>, x: &[f32], n_tokens: usize, out: &mut [f32
         .next_multiple_of(GROUP);
     pool.for_each_chunk_mut(out, chunk * n_tokens, &|c, outs| {
         let mut buf = vec![0f32; GROUP * cols];
+        let mut scratch = Vec::new();
         for (g, out_group) in outs.chunks_mut(GROUP * n_tokens).enumerate() {
             let n_rows = out_group.len() / n_tokens;
             let rows = &mut buf[..n_rows * cols];
-            decode(w.row_data(c * chunk + g * GROUP, n_rows), rows);
+            decode(m.rows(c * chunk + g * GROUP, n_rows, &mut scratch), rows);
             dot_rows(rows, x, cols, cols, out_group);
         }
     });
@@ -423,7 +469,8 @@ impl OutPtr {
 /// column-major and B row-major; the gathering version measured ~25% slower at 512 tokens
 /// and several times slower at a few dozen. So `x` is transposed once per call and each tile
 /// is decoded straight into B's row-major layout (cols × tile rows).
-fn matmul_tiled(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+fn matmul_tiled<W: EncodedRows>(m: &W, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    let w = m.view();
     let (rows, cols) = (w.rows, w.cols);
     let xt = transpose(x, n_tokens, cols);
     let pool = pool::global();
@@ -433,7 +480,7 @@ fn matmul_tiled(w: &WeightView<'_>, x: &[f32], n_tokens: usize, y: &mut [f32]) {
         let first = t * tile;
         let n = tile.min(rows - first);
         let mut scratch = vec![0f32; n * cols];
-        decode_transposed(w, first, n, &mut scratch);
+        decode_transposed(m, first, n, &mut scratch);
         // C (n_tokens × n) = A (x, stored column-major as xt) · B (scratch, cols × n
         // row-major), with C living inside y at column offset `first`, row stride `rows`.
         //
@@ -469,18 +516,22 @@ const TRANSPOSE_GROUP: usize = 8;
 
 /// Decodes rows `first..first + n` of `w` into `out` transposed: `out[c * n + j]` is column
 /// c of row `first + j`.
-fn decode_transposed(w: &WeightView<'_>, first: usize, n: usize, out: &mut [f32]) {
+fn decode_transposed<W: EncodedRows>(m: &W, first: usize, n: usize, out: &mut [f32]) {
+    let w = m.view();
     let decode = w.decode();
     let cols = w.cols;
     let piece_bytes = w.dtype.type_size() * (PIECE / w.dtype.block_size());
+    let rb = w.row_bytes;
     let mut buf = [[0f32; PIECE]; TRANSPOSE_GROUP];
+    let mut scratch = Vec::new();
     for j0 in (0..n).step_by(TRANSPOSE_GROUP) {
         let group = TRANSPOSE_GROUP.min(n - j0);
+        let rows = m.rows(first + j0, group, &mut scratch);
         for start in (0..cols).step_by(PIECE) {
             let len = PIECE.min(cols - start);
             let p = start / PIECE;
             for (r, b) in buf[..group].iter_mut().enumerate() {
-                let row = w.row_data(first + j0 + r, 1);
+                let row = &rows[r * rb..(r + 1) * rb];
                 let end = row.len().min((p + 1) * piece_bytes);
                 decode(&row[p * piece_bytes..end], &mut b[..len]);
             }

@@ -232,6 +232,11 @@ proptest! {
             return Ok(());
         };
         prop_assert_eq!((p.dtype(), p.rows(), p.cols()), (dtype, total, cols));
+        // Unpacking gives back the file's bytes, for any run of rows.
+        let rb = w.row_bytes();
+        let mut back = vec![0u8; n_rows * rb];
+        p.unpack_rows(skip, n_rows, &mut back);
+        prop_assert_eq!(&back[..], &bytes[skip * rb..]);
         let mut x = common::gaussian(&mut rng, n_tokens * cols, 1.0);
         x[..32].fill(0.0);
         let x = QuantizedActivations::new(&x, n_tokens, cols).with_integer_tokens(n_tokens);

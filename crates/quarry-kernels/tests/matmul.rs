@@ -259,6 +259,10 @@ fn each_segment_of_a_batch_equals_that_segment_alone() {
                 &y[..],
                 "{dtype} segment at {first}"
             );
+            // A packed matrix's f32 products read its packed copy: the same as the view's.
+            let mut from_view = vec![f32::NAN; len * rows];
+            matmul(&w.view(), alone_x, len, &mut from_view);
+            assert_eq!(y, from_view, "{dtype} segment at {first}: packed vs view");
             first += len;
         }
     }

@@ -104,23 +104,23 @@ impl<'a> Model<'a> {
             Ok(_) => weights.matrix("output.weight", config.vocab_size, d)?,
             Err(_) => token_embd,
         };
-        let output = Matrix::new(output);
+        let output = weights.prepared(output);
         let layers = (0..config.n_layers)
             .map(|i| {
                 let name = |s: &str| format!("blk.{i}.{s}.weight");
                 Ok(Layer {
                     attn_norm: weights.vector(&name("attn_norm"), d)?,
-                    wq: Matrix::new(weights.matrix(&name("attn_q"), q, d)?),
-                    wk: Matrix::new(weights.matrix(&name("attn_k"), kv, d)?),
-                    wv: Matrix::new(weights.matrix(&name("attn_v"), kv, d)?),
-                    wo: Matrix::new(weights.matrix(&name("attn_output"), d, q)?),
+                    wq: weights.prepared(weights.matrix(&name("attn_q"), q, d)?),
+                    wk: weights.prepared(weights.matrix(&name("attn_k"), kv, d)?),
+                    wv: weights.prepared(weights.matrix(&name("attn_v"), kv, d)?),
+                    wo: weights.prepared(weights.matrix(&name("attn_output"), d, q)?),
                     q_norm: weights.optional_vector(&name("attn_q_norm"), config.head_dim)?,
                     k_norm: weights.optional_vector(&name("attn_k_norm"), config.head_dim)?,
                     post_attn_norm: weights.optional_vector(&name("post_attention_norm"), d)?,
                     ffn_norm: weights.vector(&name("ffn_norm"), d)?,
-                    gate: Matrix::new(weights.matrix(&name("ffn_gate"), ff, d)?),
-                    up: Matrix::new(weights.matrix(&name("ffn_up"), ff, d)?),
-                    down: Matrix::new(weights.matrix(&name("ffn_down"), d, ff)?),
+                    gate: weights.prepared(weights.matrix(&name("ffn_gate"), ff, d)?),
+                    up: weights.prepared(weights.matrix(&name("ffn_up"), ff, d)?),
+                    down: weights.prepared(weights.matrix(&name("ffn_down"), d, ff)?),
                     post_ffn_norm: weights.optional_vector(&name("post_ffw_norm"), d)?,
                 })
             })
@@ -514,6 +514,16 @@ impl<'a> Weights<'a> {
         let view = self.tensor(name, &[cols as u64, rows as u64])?;
         WeightView::new(view.info.dtype, rows, cols, view.data)
             .map_err(|source| self.kernel(name, source))
+    }
+
+    /// `view` ready for products; when the kernels keep a packed copy, the file's pages of
+    /// it are released, since nothing reads them again (prompts read the copy too).
+    fn prepared(&self, view: WeightView<'a>) -> Matrix<'a> {
+        let matrix = Matrix::new(view);
+        if matrix.is_packed() {
+            self.file.release(view.data());
+        }
+        matrix
     }
 
     /// A vector of `len` values, dequantized to `f32`.

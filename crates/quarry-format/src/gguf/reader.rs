@@ -9,7 +9,7 @@ use std::fmt;
 use std::fs::File;
 use std::path::Path;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::GgmlType;
 
@@ -266,6 +266,31 @@ impl GgufFile {
                 data_len: self.data_len(),
             })?;
         Ok(TensorView { info, data })
+    }
+
+    /// Lets the pages holding `bytes` (a slice of this file's map, such as a tensor a model
+    /// has copied into a layout of its own) leave this process's memory: they come back from
+    /// the page cache, unchanged, if read again. Only whole pages inside `bytes` go; a file
+    /// held in memory, or a slice from elsewhere, is left alone.
+    pub fn release(&self, bytes: &[u8]) {
+        const PAGE: usize = 4096;
+        let Backing::Mapped(map) = &self.backing else {
+            return;
+        };
+        let (base, start) = (map.as_ptr() as usize, bytes.as_ptr() as usize);
+        if start < base || start + bytes.len() > base + map.len() {
+            return;
+        }
+        let first = (start - base).next_multiple_of(PAGE);
+        let end = (start - base + bytes.len()) / PAGE * PAGE;
+        if end > first {
+            // SAFETY: the map is read-only and backed by the file, so dropping its pages
+            // loses nothing: any later read faults the same bytes back in from the file. A
+            // failure (say, a larger page size) only means the pages stay.
+            let _ = unsafe {
+                map.unchecked_advise_range(UncheckedAdvice::DontNeed, first, end - first)
+            };
+        }
     }
 
     /// Absolute offset of the data section (aligned). Past the end of the file only when the

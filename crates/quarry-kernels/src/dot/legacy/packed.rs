@@ -75,6 +75,69 @@ impl PackedRows {
         })
     }
 
+    /// Writes rows `first..first + n` back in the type's own encoding into `out` (`n` rows
+    /// of the type's row bytes): byte for byte what was packed, so the `f32` paths decode a
+    /// packed matrix exactly as its file view. Panics if the rows or `out` do not fit.
+    pub fn unpack_rows(&self, first: usize, n: usize, out: &mut [u8]) {
+        assert!(
+            first + n <= self.rows,
+            "unpack_rows: rows {first}..{} of {}",
+            first + n,
+            self.rows
+        );
+        match self.dtype {
+            GgmlType::Q4_0 => self.unpack::<Q4_0>(first, n, out),
+            GgmlType::Q4_1 => self.unpack::<Q4_1>(first, n, out),
+            GgmlType::Q5_0 => self.unpack::<Q5_0>(first, n, out),
+            GgmlType::Q5_1 => self.unpack::<Q5_1>(first, n, out),
+            GgmlType::Q8_0 => self.unpack::<Q8_0>(first, n, out),
+            _ => unreachable!("PackedRows holds only 32-value types"),
+        }
+    }
+
+    /// The inverse of [`pack`], row by row.
+    fn unpack<L: Layout>(&self, first: usize, n: usize, out: &mut [u8]) {
+        let blocks = self.cols / 32;
+        let rb = blocks * L::BYTES;
+        assert_eq!(
+            out.len(),
+            n * rb,
+            "unpack_rows: output of {} bytes",
+            out.len()
+        );
+        let panel_bytes = blocks * block_bytes::<L>();
+        let flip: u32 = if nibbles::<L>() { 0 } else { 0x8080_8080 };
+        for (i, row) in out.chunks_exact_mut(rb.max(1)).take(n).enumerate() {
+            let (p, r) = ((first + i) / PANEL, (first + i) % PANEL);
+            let panel = &self.bytes[p * panel_bytes..(p + 1) * panel_bytes];
+            for (block, src) in row
+                .chunks_exact_mut(L::BYTES)
+                .zip(panel.chunks_exact(block_bytes::<L>()))
+            {
+                let scales = &src[scales_at::<L>()..];
+                block[..2].copy_from_slice(&scales[2 * r..2 * r + 2]);
+                if L::HAS_MIN {
+                    block[MIN_AT..MIN_AT + 2].copy_from_slice(&scales[32 + 2 * r..32 + 2 * r + 2]);
+                }
+                if let Some(h) = L::QH {
+                    let mut qh = 0u32;
+                    for g in 0..8 {
+                        let at = code_bytes::<L>() + 8 * g;
+                        let word = u64::from_le_bytes(src[at..at + 8].try_into().expect("8 bytes"));
+                        qh |= (((word >> (4 * r)) & 0xF) as u32) << (4 * g);
+                    }
+                    block[h..h + 4].copy_from_slice(&qh.to_le_bytes());
+                }
+                for g in 0..code_bytes::<L>() / 64 {
+                    let at = 64 * g + 4 * r;
+                    let quad = u32::from_le_bytes(src[at..at + 4].try_into().expect("4 bytes"));
+                    block[L::QS + 4 * g..L::QS + 4 * g + 4]
+                        .copy_from_slice(&(quad ^ flip).to_le_bytes());
+                }
+            }
+        }
+    }
+
     pub fn dtype(&self) -> GgmlType {
         self.dtype
     }
