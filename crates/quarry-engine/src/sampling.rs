@@ -199,14 +199,21 @@ fn sanitize(logit: f32) -> f32 {
 /// building the candidate list (a tenth of the time on a 49k vocabulary, and a server runs
 /// it for every sequence of every step).
 fn greedy(logits: &[f32]) -> u32 {
-    let mut best = (0u32, sanitize(logits[0]));
-    for (id, &l) in (0u32..).zip(logits).skip(1) {
-        let l = sanitize(l);
-        if l > best.1 {
-            best = (id, l);
-        }
-    }
-    best.0
+    // Two passes the compiler vectorizes: the largest logit (`max` skips NaN), then the first
+    // logit that sanitizes to the same value.
+    let lanes = logits
+        .chunks(16)
+        .fold([f32::NEG_INFINITY; 16], |mut m, chunk| {
+            for (m, &l) in m.iter_mut().zip(chunk) {
+                *m = m.max(l);
+            }
+            m
+        });
+    let best = sanitize(lanes.into_iter().fold(f32::NEG_INFINITY, f32::max));
+    logits
+        .iter()
+        .position(|&l| sanitize(l) == best)
+        .map_or(0, |i| i as u32)
 }
 
 /// Chooses tokens according to [`SamplingParams`]. Holds the seeded RNG and reusable buffers,
