@@ -138,7 +138,9 @@ impl fmt::Debug for WeightView<'_> {
 
 /// A weight matrix as a model keeps it: the file's [`WeightView`], plus, where this CPU's
 /// decode kernel for its type reads a layout of its own ([`PackedRows`]), that copy, made
-/// once at load. Prompts (`f32` products) read the view; decode tokens the copy.
+/// once at load. Every product then reads the copy (`f32` prompt products decode rows
+/// written back from it), so the view's bytes are needed only by tools that read the matrix
+/// as data.
 pub struct Matrix<'a> {
     view: WeightView<'a>,
     packed: Option<PackedRows>,
