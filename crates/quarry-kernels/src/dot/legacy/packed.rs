@@ -23,7 +23,7 @@
 //! beyond the copy itself.
 //!
 //! Arithmetic, per row and token, the same at every batch size, in every pass and in the
-//! scalar [`reference`]: per block the exact integer Σ (code − OFFSET) · q (accumulated from
+//! scalar [`reference()`]: per block the exact integer Σ (code − OFFSET) · q (accumulated from
 //! −OFFSET · Σq), then `acc = fma(isum, d · d_a, acc)`; the minimums in a sum of their own,
 //! `mins = fma(m, s, mins)`; the result `acc + mins`. Results are therefore bit-identical
 //! to the reference and independent of which tokens share a pass.
