@@ -19,8 +19,9 @@
 //!   4g + i of row r (an AVX-512 byte mask as it is);
 //! - the 16 rows' f16 scales `d`, then (Q4_1, Q5_1) their f16 minimums `m`.
 //!
-//! So a panel block has as many bytes as 16 of the type's blocks: packing costs no memory
-//! beyond the copy itself.
+//! So a panel block has as many bytes as 16 of the type's blocks. Every product reads the
+//! copy (prompts through [`PackedRows::unpack_rows`]), so a model can let the file's pages of
+//! a packed matrix go and pay for the copy with them.
 //!
 //! Arithmetic, per row and token, the same at every batch size, in every pass and in the
 //! scalar [`reference()`]: per block the exact integer Σ (code − OFFSET) · q (accumulated from
