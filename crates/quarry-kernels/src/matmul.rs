@@ -290,6 +290,7 @@ pub fn matmul_quantized_many(
     let decode = x.integer_tokens();
     let mut integer = Vec::new();
     for (m, y) in products.iter_mut() {
+        let m: &Matrix<'_> = m;
         let w = &m.view;
         let split = if has_integer_kernel(w.dtype) {
             decode
@@ -303,24 +304,24 @@ pub fn matmul_quantized_many(
             let (y, tail) = rest.split_at_mut(len * w.rows);
             let rows = &x.f32()[first * cols..(first + len) * cols];
             if short {
-                matmul_rowwise(&**m, rows, len, y);
+                matmul_rowwise(m, rows, len, y);
             } else {
-                matmul_from(&**m, rows, len, y);
+                matmul_from(m, rows, len, y);
             }
             first += len;
             rest = tail;
         }
         if split > 0 {
             quantize_for(w.dtype, x);
-            integer.push((&**m, by_int));
+            integer.push((m, by_int));
         }
     }
     let isa = Isa::best();
     let pool = pool::global();
-    // A few tasks per thread and matrix balance uneven progress; multiples of 8 rows suit
+    // A few tasks per thread and matrix balance uneven progress; whole panels (16 rows) suit
     // kernels that process several rows per pass over the activations. A task computes its
     // rows for every decode token while they are in cache, and locks only its own slices,
-    // so the locks are never contended. Chunks start on panel boundaries.
+    // so the locks are never contended.
     let tasks: Vec<DecodeTask<'_, '_, '_>> = integer
         .into_iter()
         .flat_map(|(m, y)| {
@@ -330,11 +331,10 @@ pub fn matmul_quantized_many(
                 .div_ceil(4 * pool.n_threads())
                 .clamp(16, 512)
                 .next_multiple_of(packed::PANEL);
-            let w = m;
-            let mut pieces: Vec<Vec<&mut [f32]>> = (0..w.view.rows.div_ceil(chunk))
+            let mut pieces: Vec<Vec<&mut [f32]>> = (0..m.view.rows.div_ceil(chunk))
                 .map(|_| Vec::with_capacity(decode))
                 .collect();
-            for token_out in y.chunks_mut(w.view.rows) {
+            for token_out in y.chunks_mut(m.view.rows) {
                 for (c, piece) in token_out.chunks_mut(chunk).enumerate() {
                     pieces[c].push(piece);
                 }
@@ -342,7 +342,7 @@ pub fn matmul_quantized_many(
             pieces
                 .into_iter()
                 .enumerate()
-                .map(move |(c, outs)| (w, c * chunk, Mutex::new(outs)))
+                .map(move |(c, outs)| (m, c * chunk, Mutex::new(outs)))
         })
         .collect();
     pool.run(tasks.len(), &|i| {

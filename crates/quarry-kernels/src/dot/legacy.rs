@@ -43,6 +43,36 @@ use std::ops::Range;
 
 use half::f16;
 
+/// `$call` with the type name `$L` standing for the layout of `$dtype` (one of the five
+/// types this module multiplies), or `$other` for any other type.
+macro_rules! by_layout {
+    ($dtype:expr, $L:ident => $call:expr, _ => $other:expr) => {
+        match $dtype {
+            GgmlType::Q4_0 => {
+                type $L = Q4_0;
+                $call
+            }
+            GgmlType::Q4_1 => {
+                type $L = Q4_1;
+                $call
+            }
+            GgmlType::Q5_0 => {
+                type $L = Q5_0;
+                $call
+            }
+            GgmlType::Q5_1 => {
+                type $L = Q5_1;
+                $call
+            }
+            GgmlType::Q8_0 => {
+                type $L = Q8_0;
+                $call
+            }
+            _ => $other,
+        }
+    };
+}
+
 pub mod packed;
 
 use super::Isa;
@@ -68,14 +98,7 @@ pub fn gemv(isa: Isa, w: &WeightView<'_>, rows: Range<usize>, a: &[BlockQ8x32], 
     let rb = w.row_bytes();
     let data = &w.data()[rows.start * rb..rows.end * rb];
     let isa = if runnable(isa) { isa } else { Isa::Scalar };
-    match w.dtype() {
-        GgmlType::Q4_0 => run::<Q4_0>(isa, data, rb, a, out),
-        GgmlType::Q4_1 => run::<Q4_1>(isa, data, rb, a, out),
-        GgmlType::Q5_0 => run::<Q5_0>(isa, data, rb, a, out),
-        GgmlType::Q5_1 => run::<Q5_1>(isa, data, rb, a, out),
-        GgmlType::Q8_0 => run::<Q8_0>(isa, data, rb, a, out),
-        _ => unreachable!("checked by supports"),
-    }
+    by_layout!(w.dtype(), L => run::<L>(isa, data, rb, a, out), _ => unreachable!("checked by supports"))
 }
 
 /// [`gemv`] for several tokens: `outs[t][i] = Σ_c W[rows.start + i][c] · acts[t][c]`, each
@@ -105,14 +128,11 @@ pub fn gemv_tokens(
         }
         let rb = w.row_bytes();
         let data = &w.data()[rows.start * rb..rows.end * rb];
-        match w.dtype() {
-            GgmlType::Q4_0 => avx2::run_tokens::<Q4_0>(data, rb, acts, outs),
-            GgmlType::Q4_1 => avx2::run_tokens::<Q4_1>(data, rb, acts, outs),
-            GgmlType::Q5_0 => avx2::run_tokens::<Q5_0>(data, rb, acts, outs),
-            GgmlType::Q5_1 => avx2::run_tokens::<Q5_1>(data, rb, acts, outs),
-            GgmlType::Q8_0 => avx2::run_tokens::<Q8_0>(data, rb, acts, outs),
-            _ => unreachable!("checked by check_shapes"),
-        }
+        by_layout!(
+            w.dtype(),
+            L => avx2::run_tokens::<L>(data, rb, acts, outs),
+            _ => unreachable!("checked by check_shapes")
+        );
         return;
     }
     for (a, out) in acts.iter().zip(outs.iter_mut()) {

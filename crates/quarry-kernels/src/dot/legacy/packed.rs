@@ -60,14 +60,7 @@ impl PackedRows {
         if !runnable(Isa::Avx512Vnni) {
             return None;
         }
-        let bytes = match w.dtype() {
-            GgmlType::Q4_0 => pack::<Q4_0>(w),
-            GgmlType::Q4_1 => pack::<Q4_1>(w),
-            GgmlType::Q5_0 => pack::<Q5_0>(w),
-            GgmlType::Q5_1 => pack::<Q5_1>(w),
-            GgmlType::Q8_0 => pack::<Q8_0>(w),
-            _ => return None,
-        };
+        let bytes = by_layout!(w.dtype(), L => pack::<L>(w), _ => return None);
         Some(PackedRows {
             dtype: w.dtype(),
             rows: w.rows(),
@@ -86,14 +79,11 @@ impl PackedRows {
             first + n,
             self.rows
         );
-        match self.dtype {
-            GgmlType::Q4_0 => self.unpack::<Q4_0>(first, n, out),
-            GgmlType::Q4_1 => self.unpack::<Q4_1>(first, n, out),
-            GgmlType::Q5_0 => self.unpack::<Q5_0>(first, n, out),
-            GgmlType::Q5_1 => self.unpack::<Q5_1>(first, n, out),
-            GgmlType::Q8_0 => self.unpack::<Q8_0>(first, n, out),
-            _ => unreachable!("PackedRows holds only 32-value types"),
-        }
+        by_layout!(
+            self.dtype,
+            L => self.unpack::<L>(first, n, out),
+            _ => unreachable!("PackedRows holds only 32-value types")
+        )
     }
 
     /// The inverse of [`pack`], row by row.
@@ -270,14 +260,11 @@ pub fn gemv_tokens(
     }
     // `PackedRows::new` packs only on a CPU that runs the kernel.
     assert!(runnable(Isa::Avx512Vnni));
-    match p.dtype {
-        GgmlType::Q4_0 => by_panels::<Q4_0>(p, rows, acts, outs),
-        GgmlType::Q4_1 => by_panels::<Q4_1>(p, rows, acts, outs),
-        GgmlType::Q5_0 => by_panels::<Q5_0>(p, rows, acts, outs),
-        GgmlType::Q5_1 => by_panels::<Q5_1>(p, rows, acts, outs),
-        GgmlType::Q8_0 => by_panels::<Q8_0>(p, rows, acts, outs),
-        _ => unreachable!("PackedRows holds only 32-value types"),
-    }
+    by_layout!(
+        p.dtype,
+        L => by_panels::<L>(p, rows, acts, outs),
+        _ => unreachable!("PackedRows holds only 32-value types")
+    )
 }
 
 /// Each panel of `rows` against every token, [`TOKENS`] at a time, while the panel is in
@@ -334,14 +321,12 @@ pub fn reference(
     acts: &[&[BlockQ8x32]],
     outs: &mut [&mut [f32]],
 ) {
-    match w.dtype() {
-        GgmlType::Q4_0 => reference_as::<Q4_0>(w, rows, acts, outs),
-        GgmlType::Q4_1 => reference_as::<Q4_1>(w, rows, acts, outs),
-        GgmlType::Q5_0 => reference_as::<Q5_0>(w, rows, acts, outs),
-        GgmlType::Q5_1 => reference_as::<Q5_1>(w, rows, acts, outs),
-        GgmlType::Q8_0 => reference_as::<Q8_0>(w, rows, acts, outs),
-        other => panic!("packed reference: {other} is not a 32-value type"),
-    }
+    let dtype = w.dtype();
+    by_layout!(
+        dtype,
+        L => reference_as::<L>(w, rows, acts, outs),
+        _ => panic!("packed reference: {dtype} is not a 32-value type")
+    )
 }
 
 fn reference_as<L: Layout>(
