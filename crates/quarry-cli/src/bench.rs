@@ -116,6 +116,7 @@ pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> 
         a.batch
     );
     let vocab = model.config().vocab_size;
+    // (test, tok/s samples, whether a step reads the weights for one token only)
     let mut rows = Vec::new();
     if a.pp > 0 {
         let mut ids = synthetic_ids(a.pp, vocab, 1);
@@ -126,7 +127,7 @@ pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> 
         let samples = (0..a.reps)
             .map(|_| prompt_tok_s(model, &ids))
             .collect::<Result<Vec<_>>>()?;
-        rows.push((format!("pp{}", a.pp), samples));
+        rows.push((format!("pp{}", a.pp), samples, false));
     }
     if a.tg > 0 {
         let mut ids = synthetic_ids(a.tg, vocab, 2);
@@ -137,13 +138,13 @@ pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> 
         let samples = (0..a.reps)
             .map(|_| generate_tok_s(model, &ids))
             .collect::<Result<Vec<_>>>()?;
-        rows.push((format!("tg{}", a.tg), samples));
+        rows.push((format!("tg{}", a.tg), samples, true));
         for &b in a.batch.iter().filter(|&&b| b > 1) {
             batched_generate_tok_s(model, &ids[..ids.len().min(8)], b)?;
             let samples = (0..a.reps)
                 .map(|_| batched_generate_tok_s(model, &ids, b))
                 .collect::<Result<Vec<_>>>()?;
-            rows.push((format!("tg{} ×{b}", a.tg), samples));
+            rows.push((format!("tg{} ×{b}", a.tg), samples, false));
         }
     }
     let bandwidth = if a.no_bandwidth {
@@ -156,13 +157,13 @@ pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> 
 
     let tests: Vec<serde_json::Value> = rows
         .iter()
-        .map(|(name, samples)| {
+        .map(|(name, samples, one_token_steps)| {
             let (median, min, max) = summary(samples);
             let mut v = json!({
                 "test": name, "tok_s_median": median, "tok_s_min": min, "tok_s_max": max,
                 "samples": samples,
             });
-            if name.starts_with("tg") && !name.contains('×') {
+            if *one_token_steps {
                 let gb_s = median * bytes_per_token as f64 / 1e9;
                 v["weights_gb_s"] = json!(gb_s);
                 if let Some(bw) = bandwidth {

@@ -97,6 +97,51 @@ fn zero_threads_is_a_one_line_error() {
     assert_one_line_error(&out, "--threads 0");
 }
 
+#[test]
+fn zero_batch_is_a_one_line_error() {
+    let model = model_path(TestModel::SmolLm2);
+    let out = quarry(&[
+        "bench",
+        path_str(&model),
+        "--pp",
+        "0",
+        "--tg",
+        "2",
+        "--batch",
+        "1,0",
+    ]);
+    assert_one_line_error(&out, "--batch [1, 0]");
+}
+
+/// `bench --batch 1,3` adds a row of three sequences decoding together, reported as their
+/// aggregate rate, without the one-token weight bandwidth.
+#[test]
+fn bench_batch_adds_an_aggregate_row() {
+    let model = model_path(TestModel::SmolLm2);
+    let v = quarry_json(&[
+        "bench",
+        path_str(&model),
+        "--pp",
+        "0",
+        "--tg",
+        "4",
+        "--reps",
+        "1",
+        "--batch",
+        "1,3",
+        "--no-bandwidth",
+        "--json",
+    ]);
+    let tests = v["tests"].as_array().unwrap();
+    let names: Vec<&str> = tests.iter().map(|t| t["test"].as_str().unwrap()).collect();
+    assert_eq!(names, ["tg4", "tg4 ×3"]);
+    assert!(tests
+        .iter()
+        .all(|t| t["tok_s_median"].as_f64().unwrap() > 0.0));
+    assert!(tests[0]["weights_gb_s"].as_f64().is_some());
+    assert!(tests[1].get("weights_gb_s").is_none());
+}
+
 /// Greedy `quarry run --json` on llama.cpp's prompts: the first tokens, which llama.cpp chose
 /// by a wide margin, must be the same.
 #[test]

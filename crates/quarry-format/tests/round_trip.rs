@@ -281,3 +281,29 @@ fn files_are_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<GgufFile>();
 }
+
+/// Released pages read back unchanged (from the page cache); slices from elsewhere and files
+/// held in memory are left alone.
+#[test]
+fn released_tensor_pages_read_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.gguf");
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 31 % 251) as u8).collect();
+    let mut w = GgufWriter::new();
+    w.add_tensor("t", &[16 * 1024], GgmlType::F32, Cow::Borrowed(&data))
+        .unwrap();
+    w.write(&path).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let view = file.tensor("t").unwrap();
+    assert_eq!(view.data, &data[..]);
+    file.release(view.data);
+    assert_eq!(view.data, &data[..]);
+    file.release(&data);
+    file.release(&view.data[..100]);
+    assert_eq!(file.tensor("t").unwrap().data, &data[..]);
+
+    let in_memory = GgufFile::from_bytes(std::fs::read(&path).unwrap(), "big.gguf").unwrap();
+    let held = in_memory.tensor("t").unwrap().data;
+    in_memory.release(held);
+    assert_eq!(held, &data[..]);
+}
