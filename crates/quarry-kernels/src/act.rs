@@ -31,6 +31,18 @@ pub struct BlockQ8x256 {
     pub bsums: [i16; 16],
 }
 
+impl BlockQ8x32 {
+    /// The block of codes `qs` (summing to `sum`) at scale `d`.
+    fn from_codes(d: f32, sum: i32, qs: [i8; 32]) -> BlockQ8x32 {
+        BlockQ8x32 {
+            d,
+            s: d * sum as f32,
+            sum,
+            qs,
+        }
+    }
+}
+
 /// Adding then subtracting 1.5·2²³ rounds an `f32` of magnitude below 2²² to the nearest
 /// integer (ties to even) in plain SSE2 arithmetic, which the compiler vectorizes; `round()`
 /// is a libm call per value on baseline x86-64 (1% of a decode step).
@@ -75,12 +87,7 @@ pub fn quantize_q8x32_scalar(x: &[f32]) -> BlockQ8x32 {
         *q = round_to_i8(v * inv);
         sum += *q as i32;
     }
-    BlockQ8x32 {
-        d,
-        s: d * sum as f32,
-        sum,
-        qs,
-    }
+    BlockQ8x32::from_codes(d, sum, qs)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -123,12 +130,7 @@ mod avx2 {
         let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
         let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
         let sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)));
-        BlockQ8x32 {
-            d,
-            s: d * sum as f32,
-            sum,
-            qs,
-        }
+        BlockQ8x32::from_codes(d, sum, qs)
     }
 }
 
