@@ -6,7 +6,11 @@
 //! partly filled block, which nobody else holds — blocks are shared only once full, and full
 //! blocks are never written again. When a block fills up, the engine registers it in the
 //! [`BlockPool`]'s prefix cache under a hash of every token up to its end; a later prompt that
-//! starts with the same tokens takes those blocks instead of recomputing them.
+//! starts with the same tokens takes those blocks instead of recomputing them. Where the
+//! prompt goes on to agree with only the beginning of a cached block (a shared system prompt
+//! or chat header is rarely a whole number of blocks), the agreeing positions are copied into
+//! the sequence's own first fresh block, so reuse is token-granular, as llama.cpp's prompt
+//! cache is, while shared blocks stay immutable.
 //!
 //! Memory is bounded by the pool's block count. A block is *used* while a sequence holds it,
 //! *cached* while only the prefix cache does (it can be evicted at any time, least recently
@@ -225,9 +229,11 @@ impl BlockPool {
     }
 
     /// A sequence for `tokens` (the prompt) that may grow to `limit` positions (`capacity`
-    /// is the context), starting from the longest run of cached full blocks that matches the
-    /// prompt and leaves at least its last token to evaluate. `None` when the pool cannot
-    /// promise the blocks it may need beside those of the sequences already admitted.
+    /// is the context), starting from the longest cached prefix of the prompt that leaves at
+    /// least its last token to evaluate: the run of cached full blocks that matches, then the
+    /// positions of the cached block after them that agree longest with the prompt (copied).
+    /// `None` when the pool cannot promise the blocks it may need beside those of the
+    /// sequences already admitted.
     pub fn admit(
         &mut self,
         tokens: &[u32],
@@ -240,7 +246,8 @@ impl BlockPool {
         let mut hashes = Vec::new();
         let mut parent = 0;
         // The last prompt token is always evaluated: its logits choose the first new token.
-        for chunk in tokens[..tokens.len().saturating_sub(1)].chunks_exact(bs) {
+        let reusable = &tokens[..tokens.len().saturating_sub(1)];
+        for chunk in reusable.chunks_exact(bs) {
             let hash = block_hash(parent, chunk);
             match self.prefix.get(&hash) {
                 Some(c) if c.parent == parent && c.tokens == chunk => {
@@ -251,7 +258,9 @@ impl BlockPool {
                 _ => break,
             }
         }
-        let sequence = PagedSequence {
+        let rest = &reusable[blocks.len() * bs..];
+        let partial = self.longest_partial_match(parent, rest);
+        let mut sequence = PagedSequence {
             shape: self.shape,
             len: blocks.len() * bs,
             blocks,
@@ -264,13 +273,64 @@ impl BlockPool {
             return None;
         }
         self.clock += 1;
-        for hash in &sequence.hashes {
+        let touched = sequence
+            .hashes
+            .iter()
+            .chain(partial.as_ref().map(|(h, _)| h));
+        for hash in touched {
             if let Some(c) = self.prefix.get_mut(hash) {
                 c.last_used = self.clock;
             }
         }
         self.outstanding += sequence.outstanding();
+        if let Some((hash, agreeing)) = partial {
+            self.copy_partial(&mut sequence, hash, agreeing);
+        }
         Some(sequence)
+    }
+
+    /// The cached block following the chain `parent` whose tokens agree longest with the
+    /// beginning of `rest` (fewer than a block's worth: a whole block would have matched by
+    /// hash), and how many agree; `None` when none agrees at all.
+    fn longest_partial_match(&self, parent: u64, rest: &[u32]) -> Option<(u64, usize)> {
+        self.prefix
+            .iter()
+            .filter(|(_, c)| c.parent == parent)
+            .map(|(&hash, c)| {
+                let agreeing = c.tokens.iter().zip(rest).take_while(|(a, b)| a == b);
+                (hash, agreeing.count())
+            })
+            .filter(|&(_, n)| n > 0)
+            .max_by_key(|&(hash, n)| (n, hash))
+    }
+
+    /// Gives `sequence` its next block holding the first `agreeing` positions of the cached
+    /// block `hash` (every layer's keys and values).
+    fn copy_partial(&mut self, sequence: &mut PagedSequence, hash: u64, agreeing: usize) {
+        let source = Arc::clone(&self.prefix[&hash].block);
+        // Held here, the source cannot be evicted to make room for its own copy.
+        let block = match self.take_block() {
+            Some(mut block) => {
+                let floats = agreeing * self.shape.kv_dim;
+                for layer in 0..self.shape.n_layers {
+                    for values in [false, true] {
+                        let at = self.shape.offset(layer, values);
+                        block.data[at..at + floats].copy_from_slice(&source.data[at..at + floats]);
+                    }
+                }
+                block
+            }
+            None => {
+                // The source is the only block that can be evicted: it becomes the copy, its
+                // positions already in place (later ones are overwritten before being read).
+                drop(source);
+                let cached = self.prefix.remove(&hash).expect("the source is cached");
+                Arc::into_inner(cached.block).expect("only the prefix cache held the source")
+            }
+        };
+        sequence.blocks.push(Arc::new(block));
+        sequence.len += agreeing;
+        self.outstanding -= 1;
     }
 
     /// Gives `sequence` the blocks it needs to hold `positions` positions.
@@ -281,31 +341,34 @@ impl BlockPool {
             "a sequence grows beyond the blocks reserved for it"
         );
         while sequence.blocks.len() < needed {
-            let block = self.take_block();
+            // Admission guarantees a cached-only block exists when the pool is exhausted.
+            let block = self
+                .take_block()
+                .expect("admission reserved every block a sequence grows into");
             sequence.blocks.push(Arc::new(block));
             self.outstanding -= 1;
         }
     }
 
-    fn take_block(&mut self) -> KvBlock {
+    /// A recycled block, a new one while the pool is not exhausted, or else the least
+    /// recently used block that only the prefix cache holds; `None` when there is none.
+    fn take_block(&mut self) -> Option<KvBlock> {
         if let Some(block) = self.recycled.pop() {
-            return block;
+            return Some(block);
         }
         if self.created < self.total {
             self.created += 1;
-            return KvBlock {
+            return Some(KvBlock {
                 data: vec![0.0; self.shape.floats()],
-            };
+            });
         }
-        // Admission guarantees a cached-only block exists when the pool is exhausted.
         let (&hash, _) = self
             .prefix
             .iter()
             .filter(|(_, c)| Arc::strong_count(&c.block) == 1)
-            .min_by_key(|(_, c)| (c.last_used, std::cmp::Reverse(c.depth)))
-            .expect("admission reserved every block a sequence grows into");
+            .min_by_key(|(_, c)| (c.last_used, std::cmp::Reverse(c.depth)))?;
         let evicted = self.prefix.remove(&hash).expect("the key was just found");
-        Arc::into_inner(evicted.block).expect("only the prefix cache held it")
+        Some(Arc::into_inner(evicted.block).expect("only the prefix cache held it"))
     }
 
     /// Registers the full blocks of `sequence` (whose tokens so far are `tokens`) in the
@@ -450,10 +513,10 @@ mod tests {
         assert_eq!(second.keys(1, 4..8)[0], key(1, 4, 0));
         assert_eq!(pool.counts().used, 2);
         fill(&mut second, &mut pool, 1);
-        // A prompt of exactly the cached 8 tokens shares only the first block: its last
-        // token must be evaluated again.
+        // A prompt of exactly the cached 8 tokens shares only the first block and copies 3
+        // positions of the second: its last token must be evaluated again.
         let third = pool.admit(&tokens[..8], 8, 16).unwrap();
-        assert_eq!(third.len(), 4);
+        assert_eq!(third.len(), 7);
         // A different second block is not shared.
         let fourth = pool.admit(&[0, 1, 2, 3, 9, 9, 9, 9, 9], 9, 16).unwrap();
         assert_eq!(fourth.len(), 4);
@@ -461,6 +524,73 @@ mod tests {
             pool.release(s);
         }
         assert_eq!(pool.counts().used, 0);
+    }
+
+    #[test]
+    fn a_prompt_agreeing_with_part_of_a_cached_block_copies_those_positions() {
+        let mut pool = BlockPool::new(SHAPE, 6);
+        let tokens: Vec<u32> = (0..10).collect();
+        let mut first = pool.admit(&tokens, 10, 16).unwrap();
+        fill(&mut first, &mut pool, 10);
+        pool.register_full_blocks(&mut first, &tokens);
+        pool.release(first);
+
+        // Block 0 is shared, the 2 agreeing positions of block 1 are copied.
+        let mut second = pool.admit(&[0, 1, 2, 3, 4, 5, 99, 98], 12, 16).unwrap();
+        assert_eq!(second.len(), 6);
+        for layer in 0..2 {
+            for (j, pos) in (4..6).enumerate() {
+                for i in 0..3 {
+                    assert_eq!(second.keys(layer, 4..6)[j * 3 + i], key(layer, pos, i));
+                    assert_eq!(second.values(layer, 4..6)[j * 3 + i], -key(layer, pos, i));
+                }
+            }
+        }
+        assert_eq!(pool.counts().used, 2);
+        assert_eq!(pool.counts().cached, 1);
+        // Writing after the copy leaves the cached block as it was.
+        pool.grow(&mut second, 8);
+        second.write(0, &[-1.0; 6], &[-2.0; 6]);
+        let third = pool.admit(&tokens[..9], 9, 16).unwrap();
+        assert_eq!(third.len(), 8);
+        assert_eq!(third.keys(0, 4..8), second_block_keys(0).as_slice());
+        // Nothing agrees beyond the chain: no copy.
+        let fourth = pool.admit(&[0, 1, 2, 3, 50, 51], 6, 16).unwrap();
+        assert_eq!(fourth.len(), 4);
+        for s in [second, third, fourth] {
+            pool.release(s);
+        }
+        assert_eq!(pool.counts().used, 0);
+    }
+
+    /// The keys of positions 4..8 as [`fill`] writes them.
+    fn second_block_keys(layer: usize) -> Vec<f32> {
+        (4..8)
+            .flat_map(|p| (0..3).map(move |i| key(layer, p, i)))
+            .collect()
+    }
+
+    #[test]
+    fn in_an_exhausted_pool_the_only_evictable_source_becomes_the_copy() {
+        let mut pool = BlockPool::new(SHAPE, 2);
+        let tokens: Vec<u32> = (0..8).collect();
+        let mut first = pool.admit(&tokens, 8, 16).unwrap();
+        fill(&mut first, &mut pool, 8);
+        pool.register_full_blocks(&mut first, &tokens);
+        pool.release(first);
+        assert_eq!((pool.counts().cached, pool.counts().free), (2, 0));
+
+        let second = pool.admit(&[0, 1, 2, 3, 4, 5, 77], 8, 16).unwrap();
+        assert_eq!(second.len(), 6);
+        assert_eq!(second.keys(1, 4..6), &second_block_keys(1)[..6]);
+        assert_eq!((pool.counts().used, pool.counts().cached), (2, 0));
+        // The block left the prefix cache with its data: only block 0 is shared now.
+        let third = pool.admit(&[0, 1, 2, 3, 9], 5, 16);
+        assert!(third.is_none(), "no block is left to promise");
+        pool.release(second);
+        let third = pool.admit(&tokens, 8, 16).unwrap();
+        assert_eq!(third.len(), 4);
+        pool.release(third);
     }
 
     #[test]

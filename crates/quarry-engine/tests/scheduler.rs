@@ -220,6 +220,33 @@ fn a_long_prompt_shares_its_cached_blocks() {
 }
 
 #[test]
+fn a_prompt_agreeing_with_part_of_a_cached_block_reuses_those_tokens() {
+    with_engine(config(), |handle, model, tokenizer| {
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+        let prompt = tokenizer.encode(&text, true, true);
+        run_all(handle, vec![request(prompt.clone(), 4)]);
+        wait_for(handle, |s| s.kv_blocks_cached >= 2);
+        // The same first 100 tokens (one whole block and 36 positions of the next), then
+        // another ending.
+        let mut other = prompt[..100].to_vec();
+        other.extend(tokenizer.encode(" Then the cat sat on the mat, and", false, true));
+        let outcome = run_all(handle, vec![request(other.clone(), 24)]);
+        let (_, usage) = outcome[0].end.clone().unwrap().unwrap();
+        assert_eq!(usage.cached_tokens, 100);
+        let mut session = Session::new(model, tokenizer, 512);
+        let expected = session.generate(&other, &options(24), |_| {}).unwrap();
+        assert_eq!(outcome[0].tokens, expected.tokens);
+        // Its generated tokens filled its second block, which is now cached too: the same
+        // prompt again reuses all but its last token.
+        wait_for(handle, |s| s.kv_blocks_cached >= 3);
+        let again = run_all(handle, vec![request(other.clone(), 24)]);
+        let (_, usage) = again[0].end.clone().unwrap().unwrap();
+        assert_eq!(usage.cached_tokens, other.len() - 1);
+        assert_eq!(again[0].tokens, expected.tokens);
+    });
+}
+
+#[test]
 fn a_client_that_hangs_up_frees_its_blocks() {
     with_engine(config(), |handle, _, tokenizer| {
         let prompt = tokenizer.encode("Once upon a time, there was a dragon", true, true);
