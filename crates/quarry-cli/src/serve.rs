@@ -54,7 +54,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .min(cfg.context_length);
     anyhow::ensure!(context >= 2, "invalid --ctx {context}: must be at least 2");
     anyhow::ensure!(a.parallel >= 1, "invalid --parallel 0: must be at least 1");
-    let bytes_per_position = cfg.n_layers * 2 * cfg.kv_dim() * std::mem::size_of::<f32>();
+    let bytes_per_position = cfg.n_layers * 2 * cfg.kv_dim() * quarry_model::KV_BYTES_PER_VALUE;
     let kv_bytes = match a.kv_mem {
         Some(mib) => mib << 20,
         None => a.parallel * context.next_multiple_of(BLOCK_SIZE) * bytes_per_position,

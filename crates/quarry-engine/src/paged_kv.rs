@@ -23,6 +23,8 @@ use std::hash::{Hash, Hasher};
 use std::ops::Range;
 use std::sync::Arc;
 
+use half::f16;
+use quarry_kernels::half_rows::narrow;
 use quarry_model::KvCache;
 
 /// The shape of a block.
@@ -35,14 +37,14 @@ pub struct BlockShape {
 }
 
 impl BlockShape {
-    /// Floats in one block: keys and values of every layer.
-    fn floats(&self) -> usize {
+    /// Values in one block: keys and values of every layer.
+    fn values(&self) -> usize {
         self.n_layers * 2 * self.block_size * self.kv_dim
     }
 
     /// Bytes of one block.
     pub fn bytes(&self) -> usize {
-        self.floats() * std::mem::size_of::<f32>()
+        self.values() * quarry_model::KV_BYTES_PER_VALUE
     }
 
     /// Blocks needed for `positions` positions.
@@ -59,7 +61,7 @@ impl BlockShape {
 /// `block_size` positions of keys and values for every layer.
 #[derive(Debug)]
 pub struct KvBlock {
-    data: Vec<f32>,
+    data: Vec<f16>,
 }
 
 /// One sequence's KV cache: its block table and length. Implements [`KvCache`] for the
@@ -118,20 +120,26 @@ impl KvCache for PagedSequence {
             let pos = self.len + done;
             let (block, slot) = (pos / bs, pos % bs);
             let run = (bs - slot).min(n - done);
-            let floats = done * kv_dim..(done + run) * kv_dim;
+            let new = done * kv_dim..(done + run) * kv_dim;
             let data = &mut self.block_for_write(block).data;
             let at = slot * kv_dim;
-            data[key_at + at..key_at + at + run * kv_dim].copy_from_slice(&k[floats.clone()]);
-            data[value_at + at..value_at + at + run * kv_dim].copy_from_slice(&v[floats]);
+            narrow(
+                &k[new.clone()],
+                &mut data[key_at + at..key_at + at + run * kv_dim],
+            );
+            narrow(
+                &v[new],
+                &mut data[value_at + at..value_at + at + run * kv_dim],
+            );
             done += run;
         }
     }
 
-    fn keys(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+    fn keys(&self, layer: usize, positions: Range<usize>) -> &[f16] {
         self.slice(self.shape.offset(layer, false), positions)
     }
 
-    fn values(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+    fn values(&self, layer: usize, positions: Range<usize>) -> &[f16] {
         self.slice(self.shape.offset(layer, true), positions)
     }
 
@@ -145,7 +153,7 @@ impl KvCache for PagedSequence {
 }
 
 impl PagedSequence {
-    fn slice(&self, base: usize, positions: Range<usize>) -> &[f32] {
+    fn slice(&self, base: usize, positions: Range<usize>) -> &[f16] {
         let (bs, kv_dim) = (self.shape.block_size, self.shape.kv_dim);
         let (block, slot) = (positions.start / bs, positions.start % bs);
         assert!(
@@ -311,11 +319,11 @@ impl BlockPool {
         // Held here, the source cannot be evicted to make room for its own copy.
         let block = match self.take_block() {
             Some(mut block) => {
-                let floats = agreeing * self.shape.kv_dim;
+                let len = agreeing * self.shape.kv_dim;
                 for layer in 0..self.shape.n_layers {
                     for values in [false, true] {
                         let at = self.shape.offset(layer, values);
-                        block.data[at..at + floats].copy_from_slice(&source.data[at..at + floats]);
+                        block.data[at..at + len].copy_from_slice(&source.data[at..at + len]);
                     }
                 }
                 block
@@ -359,7 +367,7 @@ impl BlockPool {
         if self.created < self.total {
             self.created += 1;
             return Some(KvBlock {
-                data: vec![0.0; self.shape.floats()],
+                data: bytemuck::zeroed_vec(self.shape.values()),
             });
         }
         let (&hash, _) = self
@@ -439,8 +447,9 @@ mod tests {
         seq.advance(n);
     }
 
-    fn key(layer: usize, pos: usize, i: usize) -> f32 {
-        (layer * 1000 + pos * 10 + i) as f32
+    /// The key [`fill`] writes (an integer below 2048: exact in `f16`).
+    fn key(layer: usize, pos: usize, i: usize) -> f16 {
+        f16::from_f32((layer * 1000 + pos * 10 + i) as f32)
     }
 
     #[test]
@@ -551,6 +560,7 @@ mod tests {
         // Writing after the copy leaves the cached block as it was.
         pool.grow(&mut second, 8);
         second.write(0, &[-1.0; 6], &[-2.0; 6]);
+        assert_eq!(second.keys(0, 6..8), &[f16::from_f32(-1.0); 6]);
         let third = pool.admit(&tokens[..9], 9, 16).unwrap();
         assert_eq!(third.len(), 8);
         assert_eq!(third.keys(0, 4..8), second_block_keys(0).as_slice());
@@ -564,7 +574,7 @@ mod tests {
     }
 
     /// The keys of positions 4..8 as [`fill`] writes them.
-    fn second_block_keys(layer: usize) -> Vec<f32> {
+    fn second_block_keys(layer: usize) -> Vec<f16> {
         (4..8)
             .flat_map(|p| (0..3).map(move |i| key(layer, p, i)))
             .collect()

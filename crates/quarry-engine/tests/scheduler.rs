@@ -11,7 +11,7 @@ use quarry_engine::{
 };
 use quarry_fixtures::{model_path, TestModel};
 use quarry_format::GgufFile;
-use quarry_model::Model;
+use quarry_model::{Model, KV_BYTES_PER_VALUE};
 use quarry_tokenize::Tokenizer;
 
 fn config() -> EngineConfig {
@@ -272,7 +272,7 @@ fn a_full_cache_makes_requests_wait_then_fail_after_the_queue_timeout() {
     // Room for one 128-token context: the second request waits for the first's blocks.
     let tight = EngineConfig {
         context: 128,
-        kv_bytes: 2 * 30 * 2 * 64 * 192 * 4,
+        kv_bytes: 2 * 30 * 2 * 64 * 192 * KV_BYTES_PER_VALUE,
         queue_timeout: Duration::from_millis(300),
         ..config()
     };
@@ -289,7 +289,7 @@ fn a_full_cache_makes_requests_wait_then_fail_after_the_queue_timeout() {
     // With a longer queue timeout the second simply runs after the first.
     let patient = EngineConfig {
         context: 128,
-        kv_bytes: 2 * 30 * 2 * 64 * 192 * 4,
+        kv_bytes: 2 * 30 * 2 * 64 * 192 * KV_BYTES_PER_VALUE,
         ..config()
     };
     with_engine(patient, |handle, _, tokenizer| {

@@ -15,6 +15,7 @@ mod dequant;
 pub mod dot;
 mod error;
 pub mod gemm;
+pub mod half_rows;
 mod matmul;
 pub mod pool;
 mod quant;

@@ -1,6 +1,11 @@
 //! `f32` vector primitives for the model's own loops: attention scores and value sums, the
 //! softmax exponentials and the gated FFN activations.
 //!
+//! Attention reads its keys and values in place from the KV cache, which stores them as `f16`:
+//! [`dot_rows`] and [`add_weighted_rows`] take those rows as any [`Element`] and widen each
+//! vector as it is loaded, so an `f16` row gives exactly what the same row widened to `f32`
+//! gives (tested bit for bit), at half the memory traffic.
+//!
 //! The workspace compiles for baseline x86-64 (SSE2), so these get an AVX2+FMA variant chosen
 //! at run time through [`Isa::best`] (and [`dot_rows`] and [`add_weighted_rows`], where
 //! prompts and attention spend their time, an AVX-512 one: twice the multiply-adds per
@@ -9,7 +14,37 @@
 //! with a degree-6 polynomial for `e^r`: within a few ulp of `std` over the whole `f32` range,
 //! including `0` below `e^-87.3` and `∞` above `e^88.7`.
 
+use half::f16;
+
 use crate::dot::Isa;
+
+/// A type the rows read by [`dot_rows`] and [`add_weighted_rows`] may have: `f32`, or `f16`
+/// (widened exactly on load).
+pub trait Element: Copy + Sync + sealed::Sealed + 'static {
+    /// Whether the type is `f16` (the vector levels pick their loads by it).
+    const HALF: bool;
+    fn to_f32(self) -> f32;
+}
+
+impl Element for f32 {
+    const HALF: bool = false;
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for f16 {
+    const HALF: bool = true;
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
 
 /// Σ a[i]·b[i] over equal-length slices.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -27,14 +62,20 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 /// decoded into `w` (`x_stride == cols`), or attention scores of a few query rows against
 /// keys read in place from a cache row holding every KV head. With `cols == 0` every product
 /// is 0.
-pub fn dot_rows(w: &[f32], x: &[f32], cols: usize, x_stride: usize, out: &mut [f32]) {
+pub fn dot_rows<E: Element>(w: &[f32], x: &[E], cols: usize, x_stride: usize, out: &mut [f32]) {
     dot_rows_with(Isa::best(), w, x, cols, x_stride, out)
 }
 
 /// [`dot_rows`] for an `x` read once from memory (attention keys in place in a KV cache):
 /// the AVX-512 level asks the cache for the rows of `x` a few blocks ahead of the ones it
 /// multiplies. Results are those of [`dot_rows`].
-pub fn dot_rows_streamed(w: &[f32], x: &[f32], cols: usize, x_stride: usize, out: &mut [f32]) {
+pub fn dot_rows_streamed<E: Element>(
+    w: &[f32],
+    x: &[E],
+    cols: usize,
+    x_stride: usize,
+    out: &mut [f32],
+) {
     dot_rows_at(Isa::best(), w, x, cols, x_stride, out, true)
 }
 
@@ -42,7 +83,13 @@ pub fn dot_rows_streamed(w: &[f32], x: &[f32], cols: usize, x_stride: usize, out
 /// cols` output rows gains its row of weights `p` (`n = p.len() / m` per row) times the `n`
 /// rows of `v`, which start `v_stride ≥ cols` values apart (attention's weighted sum of
 /// values, read in place from the cache).
-pub fn add_weighted_rows(out: &mut [f32], p: &[f32], v: &[f32], cols: usize, v_stride: usize) {
+pub fn add_weighted_rows<E: Element>(
+    out: &mut [f32],
+    p: &[f32],
+    v: &[E],
+    cols: usize,
+    v_stride: usize,
+) {
     add_weighted_rows_with(Isa::best(), out, p, v, cols, v_stride)
 }
 
@@ -84,10 +131,10 @@ fn strided_rows(values: usize, len: usize, stride: usize) -> usize {
 }
 
 /// [`dot_rows`] at a chosen level; levels this CPU lacks fall back to scalar.
-pub fn dot_rows_with(
+pub fn dot_rows_with<E: Element>(
     isa: Isa,
     w: &[f32],
-    x: &[f32],
+    x: &[E],
     cols: usize,
     x_stride: usize,
     out: &mut [f32],
@@ -95,10 +142,10 @@ pub fn dot_rows_with(
     dot_rows_at(isa, w, x, cols, x_stride, out, false)
 }
 
-fn dot_rows_at(
+fn dot_rows_at<E: Element>(
     isa: Isa,
     w: &[f32],
-    x: &[f32],
+    x: &[E],
     cols: usize,
     x_stride: usize,
     out: &mut [f32],
@@ -125,12 +172,12 @@ fn dot_rows_at(
     );
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Vnni && avx512() {
-        // SAFETY: the CPU has AVX-512 F (checked above); shapes are checked above.
+        // SAFETY: the CPU has AVX-512 F, BW and VL and F16C (checked above); shapes are checked above.
         return unsafe { x86_512::dot_rows(w, x, cols, x_stride, n, out, streamed) };
     }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above); shapes are checked above.
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above); shapes are checked above.
         return unsafe { x86::dot_rows(w, x, cols, x_stride, n, out) };
     }
     let _ = isa;
@@ -138,11 +185,11 @@ fn dot_rows_at(
 }
 
 /// [`add_weighted_rows`] at a chosen level; levels this CPU lacks fall back to scalar.
-pub fn add_weighted_rows_with(
+pub fn add_weighted_rows_with<E: Element>(
     isa: Isa,
     out: &mut [f32],
     p: &[f32],
-    v: &[f32],
+    v: &[E],
     cols: usize,
     v_stride: usize,
 ) {
@@ -164,12 +211,12 @@ pub fn add_weighted_rows_with(
     );
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Vnni && avx512() {
-        // SAFETY: the CPU has AVX-512 F (checked above); shapes are checked above.
+        // SAFETY: the CPU has AVX-512 F, BW and VL and F16C (checked above); shapes are checked above.
         return unsafe { x86_512::add_weighted_rows(out, p, v, cols, v_stride) };
     }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above); shapes are checked above.
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above); shapes are checked above.
         return unsafe { x86::add_weighted_rows(out, p, v, cols, v_stride) };
     }
     let _ = isa;
@@ -242,34 +289,44 @@ pub fn axpy_with(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_fma() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    // F16C (on every AVX2 CPU) widens f16 rows.
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
-    avx2_fma() && is_x86_feature_detected!("avx512f")
+    avx2_fma()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
 }
 
-fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+fn dot_scalar<E: Element>(a: &[f32], b: &[E]) -> f32 {
     // Eight partial sums let the compiler keep vector lanes busy.
     let mut acc = [0.0f32; 8];
     let split = a.len() - a.len() % 8;
     for (ca, cb) in a[..split].chunks_exact(8).zip(b[..split].chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] += ca[l] * cb[l];
+            acc[l] += ca[l] * cb[l].to_f32();
         }
     }
-    let tail: f32 = a[split..].iter().zip(&b[split..]).map(|(x, y)| x * y).sum();
+    let tail: f32 = a[split..]
+        .iter()
+        .zip(&b[split..])
+        .map(|(x, y)| x * y.to_f32())
+        .sum();
     acc.iter().sum::<f32>() + tail
 }
 
-fn axpy_scalar(y: &mut [f32], alpha: f32, x: &[f32]) {
+fn axpy_scalar<E: Element>(y: &mut [f32], alpha: f32, x: &[E]) {
     for (yv, xv) in y.iter_mut().zip(x) {
-        *yv += alpha * xv;
+        *yv += alpha * xv.to_f32();
     }
 }
 
-fn dot_rows_scalar(w: &[f32], x: &[f32], cols: usize, x_stride: usize, out: &mut [f32]) {
+fn dot_rows_scalar<E: Element>(w: &[f32], x: &[E], cols: usize, x_stride: usize, out: &mut [f32]) {
     if out.is_empty() {
         return;
     }
@@ -283,7 +340,13 @@ fn dot_rows_scalar(w: &[f32], x: &[f32], cols: usize, x_stride: usize, out: &mut
     }
 }
 
-fn add_weighted_rows_scalar(out: &mut [f32], p: &[f32], v: &[f32], cols: usize, v_stride: usize) {
+fn add_weighted_rows_scalar<E: Element>(
+    out: &mut [f32],
+    p: &[f32],
+    v: &[E],
+    cols: usize,
+    v_stride: usize,
+) {
     if p.is_empty() {
         return;
     }
@@ -319,7 +382,21 @@ fn gated_scalar(gate_fn: Gate, gate: &mut [f32], up: &[f32]) {
 mod x86 {
     use core::arch::x86_64::*;
 
-    use super::{gated_scalar, Gate, GELU_A, GELU_B};
+    use super::{gated_scalar, Element, Gate, GELU_A, GELU_B};
+
+    /// Eight values of `E` from `p`, as `f32`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; eight values are readable at `p`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8<E: Element>(p: *const E) -> __m256 {
+        if E::HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        } else {
+            _mm256_loadu_ps(p.cast())
+        }
+    }
 
     /// # Safety
     /// The CPU has AVX2 and FMA; `a.len() == b.len()`.
@@ -400,12 +477,12 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU has AVX2 and FMA; `w` is whole rows of `cols`, `x` holds `n` rows of `cols`
-    /// starting `xs` apart, and `out` one value per (row of `w`, row of `x`).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows(
+    /// The CPU has AVX2, FMA and F16C; `w` is whole rows of `cols`, `x` holds `n` rows of
+    /// `cols` starting `xs` apart, and `out` one value per (row of `w`, row of `x`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows<E: Element>(
         w: &[f32],
-        x: &[f32],
+        x: &[E],
         cols: usize,
         xs: usize,
         n: usize,
@@ -421,14 +498,14 @@ mod x86 {
             while t < n {
                 let tb = (n - t).min(4);
                 match (rb, tb) {
-                    (2, 4) => block::<2, 4>(w, x, cols, xs, r, t, n, out),
-                    (2, 3) => block::<2, 3>(w, x, cols, xs, r, t, n, out),
-                    (2, 2) => block::<2, 2>(w, x, cols, xs, r, t, n, out),
-                    (2, _) => block::<2, 1>(w, x, cols, xs, r, t, n, out),
-                    (_, 4) => block::<1, 4>(w, x, cols, xs, r, t, n, out),
-                    (_, 3) => block::<1, 3>(w, x, cols, xs, r, t, n, out),
-                    (_, 2) => block::<1, 2>(w, x, cols, xs, r, t, n, out),
-                    _ => block::<1, 1>(w, x, cols, xs, r, t, n, out),
+                    (2, 4) => block::<E, 2, 4>(w, x, cols, xs, r, t, n, out),
+                    (2, 3) => block::<E, 2, 3>(w, x, cols, xs, r, t, n, out),
+                    (2, 2) => block::<E, 2, 2>(w, x, cols, xs, r, t, n, out),
+                    (2, _) => block::<E, 2, 1>(w, x, cols, xs, r, t, n, out),
+                    (_, 4) => block::<E, 1, 4>(w, x, cols, xs, r, t, n, out),
+                    (_, 3) => block::<E, 1, 3>(w, x, cols, xs, r, t, n, out),
+                    (_, 2) => block::<E, 1, 2>(w, x, cols, xs, r, t, n, out),
+                    _ => block::<E, 1, 1>(w, x, cols, xs, r, t, n, out),
                 }
                 t += tb;
             }
@@ -439,13 +516,13 @@ mod x86 {
     /// Rows `r..r + R` of `w` dotted with tokens `t..t + T` of `x`.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; the rows and tokens exist (see [`dot_rows`]).
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU has AVX2, FMA and F16C; the rows and tokens exist (see [`dot_rows`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const R: usize, const T: usize>(
+    unsafe fn block<E: Element, const R: usize, const T: usize>(
         w: &[f32],
-        x: &[f32],
+        x: &[E],
         cols: usize,
         xs: usize,
         r: usize,
@@ -463,7 +540,7 @@ mod x86 {
                 *v = _mm256_loadu_ps(pw.add(i * cols + k));
             }
             for j in 0..T {
-                let xv = _mm256_loadu_ps(px.add(j * xs + k));
+                let xv = load8(px.add(j * xs + k));
                 for (acc_row, &wr) in acc.iter_mut().zip(&wv) {
                     acc_row[j] = _mm256_fmadd_ps(wr, xv, acc_row[j]);
                 }
@@ -474,7 +551,7 @@ mod x86 {
             for j in 0..T {
                 let mut total = hsum(acc[i][j]);
                 for kk in k..cols {
-                    total += *pw.add(i * cols + kk) * *px.add(j * xs + kk);
+                    total += *pw.add(i * cols + kk) * (*px.add(j * xs + kk)).to_f32();
                 }
                 out[(r + i) * n + t + j] = total;
             }
@@ -571,10 +648,16 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU has AVX2 and FMA; `out` is whole rows of `cols`, `p` holds `n` weights per
-    /// out row and `v` `n` rows of `cols` starting `vs` apart.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn add_weighted_rows(out: &mut [f32], p: &[f32], v: &[f32], cols: usize, vs: usize) {
+    /// The CPU has AVX2, FMA and F16C; `out` is whole rows of `cols`, `p` holds `n` weights
+    /// per out row and `v` `n` rows of `cols` starting `vs` apart.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn add_weighted_rows<E: Element>(
+        out: &mut [f32],
+        p: &[f32],
+        v: &[E],
+        cols: usize,
+        vs: usize,
+    ) {
         let m = out.len() / cols;
         let n = p.len() / m;
         let (po, pp, pv) = (out.as_mut_ptr(), p.as_ptr(), v.as_ptr());
@@ -592,7 +675,7 @@ mod x86 {
                     let w = _mm256_set1_ps(*pp.add(r * n + j));
                     let row = pv.add(j * vs + c);
                     for (i, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * i)), *a);
+                        *a = _mm256_fmadd_ps(w, load8(row.add(8 * i)), *a);
                     }
                 }
                 for (i, a) in acc.iter().enumerate() {
@@ -607,7 +690,7 @@ mod x86 {
                 let mut acc = _mm256_loadu_ps(o);
                 for j in 0..n {
                     let w = _mm256_set1_ps(*pp.add(r * n + j));
-                    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(pv.add(j * vs + c)), acc);
+                    acc = _mm256_fmadd_ps(w, load8(pv.add(j * vs + c)), acc);
                 }
                 _mm256_storeu_ps(o, acc);
             }
@@ -617,7 +700,7 @@ mod x86 {
             for r in 0..m {
                 let mut total = *po.add(r * cols + cc);
                 for j in 0..n {
-                    total += *pp.add(r * n + j) * *pv.add(j * vs + cc);
+                    total += *pp.add(r * n + j) * (*pv.add(j * vs + cc)).to_f32();
                 }
                 *po.add(r * cols + cc) = total;
             }
@@ -630,20 +713,35 @@ mod x86 {
 mod x86_512 {
     use core::arch::x86_64::*;
 
+    use super::Element;
     use crate::dot::prefetch;
+
+    /// The values of `E` at `p` that `keep` selects, as `f32` (zero elsewhere).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and VL; the selected values are readable.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load16<E: Element>(keep: __mmask16, p: *const E) -> __m512 {
+        if E::HALF {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, p.cast()))
+        } else {
+            _mm512_maskz_loadu_ps(keep, p.cast())
+        }
+    }
 
     /// [`super::x86::dot_rows`] in 512-bit vectors: blocks of up to four rows of `w` by four
     /// rows of `x`, sixteen accumulators each fed by a multiply-add per loaded vector pair.
     /// Every product sums its 16-lane partials the same way whatever block it is in.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F; `w` is whole rows of `cols`, `x` holds `n` rows of `cols`
+    /// The CPU has AVX-512 F, BW and VL; `w` is whole rows of `cols`, `x` holds `n` rows of `cols`
     /// starting `xs` apart, and `out` one value per (row of `w`, row of `x`).
     /// With `streamed`, each block first prefetches the rows of `x` two blocks ahead.
-    #[target_feature(enable = "avx2,fma,avx512f")]
-    pub unsafe fn dot_rows(
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub unsafe fn dot_rows<E: Element>(
         w: &[f32],
-        x: &[f32],
+        x: &[E],
         cols: usize,
         xs: usize,
         n: usize,
@@ -659,13 +757,14 @@ mod x86_512 {
                 let tb = (n - t).min(4);
                 if streamed && r == 0 {
                     for j in t + 8..t + 8 + tb {
-                        prefetch(x.as_ptr().wrapping_add(j * xs).cast(), 4 * cols);
+                        let bytes = cols * size_of::<E>();
+                        prefetch(x.as_ptr().wrapping_add(j * xs).cast(), bytes);
                     }
                 }
                 macro_rules! blocks {
                     ($(($r:literal, $t:literal))*) => {
                         match (rb, tb) {
-                            $(($r, $t) => block::<$r, $t>(w, x, cols, xs, r, t, n, out),)*
+                            $(($r, $t) => block::<E, $r, $t>(w, x, cols, xs, r, t, n, out),)*
                             _ => unreachable!("blocks are at most 4 by 4"),
                         }
                     };
@@ -687,12 +786,12 @@ mod x86_512 {
     ///
     /// # Safety
     /// As [`dot_rows`]; the rows and tokens exist.
-    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const R: usize, const T: usize>(
+    unsafe fn block<E: Element, const R: usize, const T: usize>(
         w: &[f32],
-        x: &[f32],
+        x: &[E],
         cols: usize,
         xs: usize,
         r: usize,
@@ -715,7 +814,7 @@ mod x86_512 {
                 *v = _mm512_maskz_loadu_ps(keep, pw.add(i * cols + k));
             }
             for j in 0..T {
-                let xv = _mm512_maskz_loadu_ps(keep, px.add(j * xs + k));
+                let xv = load16(keep, px.add(j * xs + k));
                 for (acc_row, &wr) in acc.iter_mut().zip(&wv) {
                     acc_row[j] = _mm512_fmadd_ps(wr, xv, acc_row[j]);
                 }
@@ -736,10 +835,16 @@ mod x86_512 {
     /// multiple of 8: the AVX2 tail multiplies and adds apart).
     ///
     /// # Safety
-    /// The CPU has AVX-512 F; `out` is `m` rows of `cols`, `p` `m` rows of `n` weights, and
+    /// The CPU has AVX-512 F, BW and VL; `out` is `m` rows of `cols`, `p` `m` rows of `n` weights, and
     /// `v` holds `n` rows of `cols` starting `vs` apart.
-    #[target_feature(enable = "avx2,fma,avx512f")]
-    pub unsafe fn add_weighted_rows(out: &mut [f32], p: &[f32], v: &[f32], cols: usize, vs: usize) {
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub unsafe fn add_weighted_rows<E: Element>(
+        out: &mut [f32],
+        p: &[f32],
+        v: &[E],
+        cols: usize,
+        vs: usize,
+    ) {
         let m = out.len() / cols;
         let n = p.len() / m;
         let (po, pp, pv) = (out.as_mut_ptr(), p.as_ptr(), v.as_ptr());
@@ -751,12 +856,15 @@ mod x86_512 {
                 for j in 0..n {
                     if r == 0 {
                         // Value rows stream from the cache once: fetch a few ahead.
-                        prefetch(pv.wrapping_add((j + 8) * vs + c).cast(), 256);
+                        prefetch(
+                            pv.wrapping_add((j + 8) * vs + c).cast(),
+                            64 * size_of::<E>(),
+                        );
                     }
                     let w = _mm512_set1_ps(*pp.add(r * n + j));
                     let row = pv.add(j * vs + c);
                     for (i, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(row.add(16 * i)), *a);
+                        *a = _mm512_fmadd_ps(w, load16(0xFFFF, row.add(16 * i)), *a);
                     }
                 }
                 for (i, a) in acc.iter().enumerate() {
@@ -776,7 +884,7 @@ mod x86_512 {
                 let mut acc = _mm512_maskz_loadu_ps(keep, o);
                 for j in 0..n {
                     let w = _mm512_set1_ps(*pp.add(r * n + j));
-                    let row = _mm512_maskz_loadu_ps(keep, pv.add(j * vs + c));
+                    let row = load16(keep, pv.add(j * vs + c));
                     acc = _mm512_fmadd_ps(w, row, acc);
                 }
                 _mm512_mask_storeu_ps(o, keep, acc);
@@ -886,6 +994,12 @@ mod tests {
                 let mut streamed = vec![f32::NAN; rows * n];
                 dot_rows_at(isa, &w, &x, cols, x_stride, &mut streamed, true);
                 prop_assert_eq!(&streamed, &out, "{:?} streamed", isa);
+                // Rows of f16 give what the same rows widened to f32 give, bit for bit.
+                let (x16, widened) = halves(&x);
+                let (mut from_half, mut from_widened) = (vec![f32::NAN; rows * n], vec![f32::NAN; rows * n]);
+                dot_rows_at(isa, &w, &x16, cols, x_stride, &mut from_half, true);
+                dot_rows_with(isa, &w, &widened, cols, x_stride, &mut from_widened);
+                prop_assert_eq!(bits(&from_half), bits(&from_widened), "{:?} f16", isa);
                 // A row's products do not depend on the rows beside it (attention tiles rely
                 // on it).
                 for r in 0..rows {
@@ -920,6 +1034,12 @@ mod tests {
                     add_weighted_rows_with(Isa::Avx2, &mut avx2, &p, &v, cols, v_stride);
                     prop_assert_eq!(&out, &avx2, "{:?} vs AVX2", isa);
                 }
+                // Rows of f16 give what the same rows widened to f32 give, bit for bit.
+                let (v16, widened) = halves(&v);
+                let (mut from_half, mut from_widened) = (start.clone(), start.clone());
+                add_weighted_rows_with(isa, &mut from_half, &p, &v16, cols, v_stride);
+                add_weighted_rows_with(isa, &mut from_widened, &p, &widened, cols, v_stride);
+                prop_assert_eq!(bits(&from_half), bits(&from_widened), "{:?} f16", isa);
                 // A row's result does not depend on the rows beside it (attention tiles rely
                 // on it).
                 for r in 0..m {
@@ -929,6 +1049,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `x` rounded to `f16`, and those values widened back to `f32`.
+    fn halves(x: &[f32]) -> (Vec<f16>, Vec<f32>) {
+        let x16: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let widened = x16.iter().map(|h| h.to_f32()).collect();
+        (x16, widened)
+    }
+
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
     }
 
     /// `n` rows `stride` apart whose last row ends right after its `stride − pad` values.

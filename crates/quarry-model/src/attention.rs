@@ -6,8 +6,10 @@
 //! blocks of [`KEY_BLOCK`] positions: one GEMM gives the block's scores (plain dot products
 //! for tiles of fewer than [`GEMM_MIN_ROWS`] rows), a running maximum and
 //! sum per row keep the softmax exact across blocks (online softmax, as in FlashAttention),
-//! and a second GEMM adds the block's weighted values. Every key and value is read in place
-//! from the cache, once per tile; a tile's scratch is a few tens of KiB whatever the length.
+//! and a second GEMM adds the block's weighted values. Every key and value is read from the
+//! cache once per tile: in place by the small tiles' kernels, which widen the cache's `f16` as
+//! they load it, or widened a block at a time into the tile's scratch for the GEMMs (exactly, so
+//! both see the same values). A tile's scratch is a few tens of KiB whatever the length.
 //!
 //! Tiles write into a KV-head-major buffer (`[kv head][token][query head in group][dim]`) so
 //! that each owns a contiguous slice; [`attend`] then reorders it to the token-major layout
@@ -17,6 +19,7 @@ use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
 
 use quarry_kernels::gemm::{gemm, MatRef};
+use quarry_kernels::half_rows::widen_rows;
 use quarry_kernels::pool;
 use quarry_kernels::vec::{add_weighted_rows, dot_rows_streamed, exp_sub_sum};
 
@@ -192,6 +195,14 @@ fn attend_tile<C: KvCache>(
     }
     let qt = MatRef::row_major(&q_tile, m, hd, hd);
     let mut scores = vec![0.0f32; m * KEY_BLOCK];
+    // This head's keys and values of one block, widened for the GEMMs.
+    let gemm_scratch = if m >= GEMM_MIN_ROWS {
+        KEY_BLOCK * hd
+    } else {
+        0
+    };
+    let mut block_keys = vec![0.0f32; gemm_scratch];
+    let mut block_values = vec![0.0f32; gemm_scratch];
     let mut max = vec![f32::NEG_INFINITY; m];
     let mut sum = vec![0.0f32; m];
     out.fill(0.0);
@@ -205,14 +216,21 @@ fn attend_tile<C: KvCache>(
             .min(keys_to)
             .min((j0 - j0 % run).saturating_add(run));
         let b = j1 - j0;
-        let keys = cache.keys(layer, j0..j1);
-        let values = cache.values(layer, j0..j1);
-        let k = MatRef::row_major(&keys[g * hd..], b, hd, kv_dim);
-        let v = MatRef::row_major(&values[g * hd..], b, hd, kv_dim);
+        let keys = &cache.keys(layer, j0..j1)[g * hd..];
+        let values = &cache.values(layer, j0..j1)[g * hd..];
         if m >= GEMM_MIN_ROWS {
-            gemm(1.0, qt, k.t(), 0.0, &mut scores, b);
+            let k = &mut block_keys[..b * hd];
+            widen_rows(keys, hd, kv_dim, k);
+            gemm(
+                1.0,
+                qt,
+                MatRef::row_major(k, b, hd, hd).t(),
+                0.0,
+                &mut scores,
+                b,
+            );
         } else {
-            dot_rows_streamed(&q_tile, &keys[g * hd..], hd, kv_dim, &mut scores[..m * b]);
+            dot_rows_streamed(&q_tile, keys, hd, kv_dim, &mut scores[..m * b]);
         }
         for (r, row) in scores[..m * b].chunks_exact_mut(b).enumerate() {
             if let Some(cap) = spec.softcap {
@@ -239,9 +257,12 @@ fn attend_tile<C: KvCache>(
             sum[r] += exp_sub_sum(row, new_max);
         }
         if m >= GEMM_MIN_ROWS {
+            let v = &mut block_values[..b * hd];
+            widen_rows(values, hd, kv_dim, v);
+            let v = MatRef::row_major(v, b, hd, hd);
             gemm(1.0, MatRef::row_major(&scores, m, b, b), v, 1.0, out, hd);
         } else {
-            add_weighted_rows(out, &scores[..m * b], &values[g * hd..], hd, kv_dim);
+            add_weighted_rows(out, &scores[..m * b], values, hd, kv_dim);
         }
         j0 = j1;
     }
@@ -255,6 +276,7 @@ fn attend_tile<C: KvCache>(
 mod tests {
     use super::*;
     use crate::kv_cache::ContiguousKvCache;
+    use half::f16;
     use proptest::prelude::*;
 
     /// Softmax over each query's visible keys, one query and key at a time.
@@ -324,14 +346,14 @@ mod tests {
         fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
             self.0.write(layer, k, v)
         }
-        fn keys(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+        fn keys(&self, layer: usize, positions: Range<usize>) -> &[f16] {
             assert!(
                 positions.start / self.1 == (positions.end - 1) / self.1,
                 "{positions:?} crosses a run"
             );
             self.0.keys(layer, positions)
         }
-        fn values(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+        fn values(&self, layer: usize, positions: Range<usize>) -> &[f16] {
             self.0.values(layer, positions)
         }
         fn advance(&mut self, n: usize) {
@@ -367,7 +389,9 @@ mod tests {
                 cache.write(1, &keys[..past * kv_dim], &values[..past * kv_dim]);
                 cache.advance(past);
                 cache.write(1, &keys[past * kv_dim..], &values[past * kv_dim..]);
-                expected.extend(naive(&spec, &keys, &values, &q_seq, past));
+                // The cache holds keys and values rounded to f16.
+                let rounded = |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| f16::from_f32(v).to_f32()).collect() };
+                expected.extend(naive(&spec, &rounded(&keys), &rounded(&values), &q_seq, past));
                 rows.push((past, q.len() / q_dim..q.len() / q_dim + n));
                 q.extend(q_seq);
                 caches.push(cache);

@@ -3,10 +3,18 @@
 //! The forward pass talks to the cache only through [`KvCache`], so a contiguous cache (here)
 //! and a paged, block-table cache (quarry-engine's, for batched serving) are interchangeable.
 //! Positions are appended in order; a layer's keys and values for position `p` are `kv_dim`
-//! floats each, and positions within one aligned run of [`KvCache::contiguous_run`] are
-//! adjacent in memory.
+//! values each, and positions within one aligned run of [`KvCache::contiguous_run`] are
+//! adjacent in memory. Caches store them as `f16` (rounded to nearest on write, as llama.cpp's
+//! default cache does): attention reads every one of them at every step, and half the bytes
+//! is nearly half the time (see `quarry_kernels::half_rows`).
 
 use std::ops::Range;
+
+use half::f16;
+use quarry_kernels::half_rows::narrow;
+
+/// Bytes a cache spends on one stored key or value (an `f16`).
+pub const KV_BYTES_PER_VALUE: usize = std::mem::size_of::<f16>();
 
 /// Storage of the attention keys and values of past positions, per layer.
 pub trait KvCache {
@@ -23,14 +31,15 @@ pub trait KvCache {
     fn contiguous_run(&self) -> usize {
         usize::MAX
     }
-    /// Writes keys and values of `n` new positions (starting at `len()`) for one layer; `k` and
-    /// `v` hold `n × kv_dim` floats. Visible to readers once [`KvCache::advance`] is called.
+    /// Writes keys and values of `n` new positions (starting at `len()`) for one layer, rounded
+    /// to `f16`; `k` and `v` hold `n × kv_dim` floats. Visible to readers once
+    /// [`KvCache::advance`] is called.
     fn write(&mut self, layer: usize, k: &[f32], v: &[f32]);
     /// Keys of `layer` at the positions in `positions` (within one contiguous run), `kv_dim`
-    /// floats each, consecutive; positions may include ones written but not yet advanced past.
-    fn keys(&self, layer: usize, positions: Range<usize>) -> &[f32];
+    /// values each, consecutive; positions may include ones written but not yet advanced past.
+    fn keys(&self, layer: usize, positions: Range<usize>) -> &[f16];
     /// Values of `layer` at the positions in `positions`, laid out like [`KvCache::keys`].
-    fn values(&self, layer: usize, positions: Range<usize>) -> &[f32];
+    fn values(&self, layer: usize, positions: Range<usize>) -> &[f16];
     /// Makes `n` written positions part of the sequence.
     fn advance(&mut self, n: usize);
     /// Drops every position at or after `len` (to rewind or reuse a prefix).
@@ -43,8 +52,8 @@ pub struct ContiguousKvCache {
     kv_dim: usize,
     capacity: usize,
     len: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
 }
 
 impl ContiguousKvCache {
@@ -56,10 +65,10 @@ impl ContiguousKvCache {
             // One zeroed allocation per buffer (not clones of one), so the OS maps pages on
             // first write and a cache sized for a long context costs memory only as it fills.
             keys: (0..n_layers)
-                .map(|_| vec![0.0; kv_dim * capacity])
+                .map(|_| bytemuck::zeroed_vec(kv_dim * capacity))
                 .collect(),
             values: (0..n_layers)
-                .map(|_| vec![0.0; kv_dim * capacity])
+                .map(|_| bytemuck::zeroed_vec(kv_dim * capacity))
                 .collect(),
         }
     }
@@ -80,15 +89,15 @@ impl KvCache for ContiguousKvCache {
             start + k.len() <= self.capacity * self.kv_dim,
             "KV cache overflow (the caller checks capacity before the forward pass)"
         );
-        self.keys[layer][start..start + k.len()].copy_from_slice(k);
-        self.values[layer][start..start + v.len()].copy_from_slice(v);
+        narrow(k, &mut self.keys[layer][start..start + k.len()]);
+        narrow(v, &mut self.values[layer][start..start + v.len()]);
     }
 
-    fn keys(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+    fn keys(&self, layer: usize, positions: Range<usize>) -> &[f16] {
         &self.keys[layer][positions.start * self.kv_dim..positions.end * self.kv_dim]
     }
 
-    fn values(&self, layer: usize, positions: Range<usize>) -> &[f32] {
+    fn values(&self, layer: usize, positions: Range<usize>) -> &[f16] {
         &self.values[layer][positions.start * self.kv_dim..positions.end * self.kv_dim]
     }
 

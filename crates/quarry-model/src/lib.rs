@@ -13,5 +13,5 @@ pub mod ops;
 
 pub use config::{Activation, Family, ModelConfig, RopeStyle};
 pub use error::ModelError;
-pub use kv_cache::{ContiguousKvCache, KvCache};
+pub use kv_cache::{ContiguousKvCache, KvCache, KV_BYTES_PER_VALUE};
 pub use model::{FfnWeights, ForwardObserver, Model, SequenceBatch};

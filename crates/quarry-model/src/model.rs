@@ -17,7 +17,7 @@ use std::ops::Range;
 use crate::attention::{attend, AttentionSpec, SequenceAttention};
 use crate::config::ModelConfig;
 use crate::kv_cache::{ContiguousKvCache, KvCache};
-use crate::ops::{gated_activation, rms_norm, softcap, Rope, RopeTable};
+use crate::ops::{gated_activation, rms_norm, rotate_each, softcap, Rope, RopeTable};
 use crate::ModelError;
 
 /// A loaded model: configuration plus weights borrowed from `'a`'s memory map.
@@ -372,18 +372,23 @@ impl<'a> Model<'a> {
         }
         let global = cfg.global_layers[index];
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-        for (seq, plan) in batch.iter_mut().zip(plans) {
+        let mut rotations = Vec::with_capacity(2 * plans.len());
+        let (mut q_rest, mut k_rest) = (s.q.as_mut_slice(), s.k.as_mut_slice());
+        for plan in plans {
             let rope = if global {
                 &plan.rope_global
             } else {
                 &plan.rope_local
             };
-            let (q, kv) = (
-                plan.rows.start * q_dim..plan.rows.end * q_dim,
-                plan.rows.start * kv_dim..plan.rows.end * kv_dim,
-            );
-            rope.apply(&mut s.q[q], hd);
-            rope.apply(&mut s.k[kv.clone()], hd);
+            let (q, q_tail) = q_rest.split_at_mut(plan.rows.len() * q_dim);
+            let (k, k_tail) = k_rest.split_at_mut(plan.rows.len() * kv_dim);
+            rotations.extend([(rope, q), (rope, k)]);
+            (q_rest, k_rest) = (q_tail, k_tail);
+        }
+        rotate_each(&mut rotations, hd);
+        drop(rotations);
+        for (seq, plan) in batch.iter_mut().zip(plans) {
+            let kv = plan.rows.start * kv_dim..plan.rows.end * kv_dim;
             seq.cache.write(index, &s.k[kv.clone()], &s.v[kv]);
         }
 

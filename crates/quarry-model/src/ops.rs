@@ -2,30 +2,44 @@
 //! splits large batches across the kernel thread pool; the transcendental ones use
 //! `quarry-kernels`' vector exponentials.
 
+use std::sync::{Mutex, PoisonError};
+
 use quarry_kernels::pool;
 use quarry_kernels::vec::{gelu_tanh_mul, silu_mul};
 
 use crate::config::{Activation, RopeStyle};
 
-/// Runs `f(first_row, rows)` over `row_len`-wide rows of `x` in parallel chunks, large enough
-/// that a dispatch costs little next to the work (a single row runs inline).
-fn par_rows(x: &mut [f32], row_len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
-    const MIN_CHUNK: usize = 16 * 1024;
-    let rows = x.len() / row_len.max(1);
+/// Values per parallel chunk of an elementwise pass at least, so that a dispatch costs little
+/// next to the work: for cheap passes (a multiply-add per value) and for the gated
+/// activation (an exponential and a division per value, ~1 ns each).
+const MIN_CHUNK: usize = 16 * 1024;
+const MIN_CHUNK_GATED: usize = 2 * 1024;
+
+/// Rows per chunk when `rows` rows of `row_len` values are split across the pool in chunks of
+/// at least `min_chunk` values (a few chunks per thread when there is enough work).
+fn rows_per_chunk(rows: usize, row_len: usize, min_chunk: usize) -> usize {
     let threads = pool::global().n_threads();
-    let rows_per_chunk = rows
-        .div_ceil(4 * threads)
-        .max(MIN_CHUNK.div_ceil(row_len.max(1)))
-        .max(1);
-    pool::global().for_each_chunk_mut(x, rows_per_chunk * row_len, &|i, chunk| {
-        f(i * rows_per_chunk, chunk)
-    });
+    rows.div_ceil(4 * threads)
+        .max(min_chunk.div_ceil(row_len.max(1)))
+        .max(1)
+}
+
+/// Runs `f(first_row, rows)` over `row_len`-wide rows of `x` in parallel chunks of at least
+/// `min_chunk` values (a single row runs inline).
+fn par_rows(
+    x: &mut [f32],
+    row_len: usize,
+    min_chunk: usize,
+    f: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let per_chunk = rows_per_chunk(x.len() / row_len.max(1), row_len, min_chunk);
+    pool::global().for_each_chunk_mut(x, per_chunk * row_len, &|i, chunk| f(i * per_chunk, chunk));
 }
 
 /// RMS normalisation of each `weight.len()`-wide row of `x`, in place.
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     let n = weight.len();
-    par_rows(x, n, &|_, rows| {
+    par_rows(x, n, MIN_CHUNK, &|_, rows| {
         for row in rows.chunks_exact_mut(n) {
             let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
             let inv = 1.0 / (mean_sq + eps).sqrt();
@@ -55,7 +69,9 @@ pub fn gated_activation(gate: &mut [f32], up: &[f32], act: Activation) {
         Activation::GeluTanh => gelu_tanh_mul,
     };
     // Elementwise, so any split works; rows of 1 value let `par_rows` pick the chunk size.
-    par_rows(gate, 1, &|first, g| kernel(g, &up[first..first + g.len()]));
+    par_rows(gate, 1, MIN_CHUNK_GATED, &|first, g| {
+        kernel(g, &up[first..first + g.len()])
+    });
 }
 
 /// Rotary position embedding for one base: rotates pairs of dimensions by `pos · θᵢ` with
@@ -108,32 +124,66 @@ pub struct RopeTable<'a> {
 }
 
 impl RopeTable<'_> {
+    /// Positions in the table.
+    fn positions(&self) -> usize {
+        self.cos_sin.len() / self.rope.inv_freq.len().max(1)
+    }
+
     /// Rotates `x`, one row per position of the table, each row a run of `head_dim`-wide heads.
     pub fn apply(&self, x: &mut [f32], head_dim: usize) {
+        rotate_each(&mut [(self, x)], head_dim);
+    }
+
+    /// Rotates `rows` (of `row_len`), the first at the table's position `first`.
+    fn rotate(&self, first: usize, rows: &mut [f32], row_len: usize, head_dim: usize) {
         let half = self.rope.inv_freq.len();
-        let n = self.cos_sin.len() / half.max(1);
+        for (t, row) in rows.chunks_exact_mut(row_len).enumerate() {
+            let angles = &self.cos_sin[(first + t) * half..][..half];
+            for head in row.chunks_exact_mut(head_dim) {
+                for (i, &[cos, sin]) in angles.iter().enumerate() {
+                    let (a, b) = match self.rope.style {
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                        RopeStyle::Halves => (i, i + self.rope.dims / 2),
+                    };
+                    let (x0, x1) = (head[a] as f64, head[b] as f64);
+                    head[a] = (x0 * cos - x1 * sin) as f32;
+                    head[b] = (x0 * sin + x1 * cos) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// [`RopeTable::apply`] of several tables to their own rows (the sequences of a batch), all
+/// in one dispatch of the pool: a decode batch has one row per sequence, far too little work
+/// to split each apart, and together they fill the threads.
+pub fn rotate_each(parts: &mut [(&RopeTable<'_>, &mut [f32])], head_dim: usize) {
+    let mut tasks = Vec::new();
+    for (table, x) in parts.iter_mut() {
+        let n = table.positions();
         assert!(
             n > 0 && x.len().is_multiple_of(n),
             "RopeTable::apply: {} values for {n} positions",
             x.len()
         );
         let row_len = x.len() / n;
-        par_rows(x, row_len, &|first, rows| {
-            for (t, row) in rows.chunks_exact_mut(row_len).enumerate() {
-                let angles = &self.cos_sin[(first + t) * half..][..half];
-                for head in row.chunks_exact_mut(head_dim) {
-                    for (i, &[cos, sin]) in angles.iter().enumerate() {
-                        let (a, b) = match self.rope.style {
-                            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                            RopeStyle::Halves => (i, i + self.rope.dims / 2),
-                        };
-                        let (x0, x1) = (head[a] as f64, head[b] as f64);
-                        head[a] = (x0 * cos - x1 * sin) as f32;
-                        head[b] = (x0 * sin + x1 * cos) as f32;
-                    }
-                }
-            }
-        });
+        let per_chunk = rows_per_chunk(n, row_len, MIN_CHUNK);
+        for (c, rows) in x.chunks_mut(per_chunk * row_len).enumerate() {
+            tasks.push(Mutex::new((*table, c * per_chunk, row_len, rows)));
+        }
+    }
+    let run = |i: usize| {
+        // Each task locks only its own rows, so the locks are never contended.
+        let mut task = tasks[i].lock().unwrap_or_else(PoisonError::into_inner);
+        let (table, first, row_len, ref mut rows) = *task;
+        table.rotate(first, rows, row_len, head_dim);
+    };
+    // A row or two (one sequence decoding) cost less than waking the pool.
+    let pool = pool::global();
+    if tasks.len() < 2 * pool.n_threads() {
+        (0..tasks.len()).for_each(run);
+    } else {
+        pool.run(tasks.len(), &run);
     }
 }
 
