@@ -447,6 +447,16 @@ mod tests {
         seq.advance(n);
     }
 
+    /// Runs a sequence of `tokens` (admitted empty) through the cache: its full blocks stay
+    /// cached after its release.
+    fn cache_sequence(pool: &mut BlockPool, tokens: &[u32]) {
+        let mut seq = pool.admit(tokens, tokens.len(), 16).unwrap();
+        assert_eq!(seq.len(), 0);
+        fill(&mut seq, pool, tokens.len());
+        pool.register_full_blocks(&mut seq, tokens);
+        pool.release(seq);
+    }
+
     /// The key [`fill`] writes (an integer below 2048: exact in `f16`).
     fn key(layer: usize, pos: usize, i: usize) -> f16 {
         f16::from_f32((layer * 1000 + pos * 10 + i) as f32)
@@ -507,11 +517,7 @@ mod tests {
     fn a_prompt_reuses_cached_full_blocks_and_evaluates_its_last_token() {
         let mut pool = BlockPool::new(SHAPE, 6);
         let tokens: Vec<u32> = (0..10).collect();
-        let mut first = pool.admit(&tokens, 10, 16).unwrap();
-        assert_eq!(first.len(), 0);
-        fill(&mut first, &mut pool, 10);
-        pool.register_full_blocks(&mut first, &tokens);
-        pool.release(first);
+        cache_sequence(&mut pool, &tokens);
         // Two full blocks stay cached, the partial one is free again.
         assert_eq!(pool.counts().cached, 2);
         assert_eq!(pool.counts().used, 0);
@@ -539,10 +545,7 @@ mod tests {
     fn a_prompt_agreeing_with_part_of_a_cached_block_copies_those_positions() {
         let mut pool = BlockPool::new(SHAPE, 6);
         let tokens: Vec<u32> = (0..10).collect();
-        let mut first = pool.admit(&tokens, 10, 16).unwrap();
-        fill(&mut first, &mut pool, 10);
-        pool.register_full_blocks(&mut first, &tokens);
-        pool.release(first);
+        cache_sequence(&mut pool, &tokens);
 
         // Block 0 is shared, the 2 agreeing positions of block 1 are copied.
         let mut second = pool.admit(&[0, 1, 2, 3, 4, 5, 99, 98], 12, 16).unwrap();
@@ -584,10 +587,7 @@ mod tests {
     fn in_an_exhausted_pool_the_only_evictable_source_becomes_the_copy() {
         let mut pool = BlockPool::new(SHAPE, 2);
         let tokens: Vec<u32> = (0..8).collect();
-        let mut first = pool.admit(&tokens, 8, 16).unwrap();
-        fill(&mut first, &mut pool, 8);
-        pool.register_full_blocks(&mut first, &tokens);
-        pool.release(first);
+        cache_sequence(&mut pool, &tokens);
         assert_eq!((pool.counts().cached, pool.counts().free), (2, 0));
 
         let second = pool.admit(&[0, 1, 2, 3, 4, 5, 77], 8, 16).unwrap();
@@ -607,11 +607,7 @@ mod tests {
     fn cached_blocks_are_evicted_least_recently_used_when_memory_is_needed() {
         let mut pool = BlockPool::new(SHAPE, 5);
         for base in [0u32, 100] {
-            let tokens: Vec<u32> = (base..base + 8).collect();
-            let mut seq = pool.admit(&tokens, 8, 16).unwrap();
-            fill(&mut seq, &mut pool, 8);
-            pool.register_full_blocks(&mut seq, &tokens);
-            pool.release(seq);
+            cache_sequence(&mut pool, &(base..base + 8).collect::<Vec<_>>());
         }
         assert_eq!(pool.counts().cached, 4);
         // Touch the first prompt's first block, then grow a sequence into three blocks: one

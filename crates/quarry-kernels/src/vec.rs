@@ -735,8 +735,8 @@ mod x86_512 {
     /// Every product sums its 16-lane partials the same way whatever block it is in.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F, BW and VL; `w` is whole rows of `cols`, `x` holds `n` rows of `cols`
-    /// starting `xs` apart, and `out` one value per (row of `w`, row of `x`).
+    /// The CPU has AVX-512 F, BW and VL; `w` is whole rows of `cols`, `x` holds `n` rows of
+    /// `cols` starting `xs` apart, and `out` one value per (row of `w`, row of `x`).
     /// With `streamed`, each block first prefetches the rows of `x` two blocks ahead.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     pub unsafe fn dot_rows<E: Element>(
@@ -835,8 +835,8 @@ mod x86_512 {
     /// multiple of 8: the AVX2 tail multiplies and adds apart).
     ///
     /// # Safety
-    /// The CPU has AVX-512 F, BW and VL; `out` is `m` rows of `cols`, `p` `m` rows of `n` weights, and
-    /// `v` holds `n` rows of `cols` starting `vs` apart.
+    /// The CPU has AVX-512 F, BW and VL; `out` is `m` rows of `cols`, `p` `m` rows of `n`
+    /// weights, and `v` holds `n` rows of `cols` starting `vs` apart.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     pub unsafe fn add_weighted_rows<E: Element>(
         out: &mut [f32],
