@@ -266,8 +266,6 @@ impl BlockPool {
                 _ => break,
             }
         }
-        let rest = &reusable[blocks.len() * bs..];
-        let partial = self.longest_partial_match(parent, rest);
         let mut sequence = PagedSequence {
             shape: self.shape,
             len: blocks.len() * bs,
@@ -280,6 +278,8 @@ impl BlockPool {
         if used + self.outstanding + sequence.outstanding() > self.total {
             return None;
         }
+        // Only for a sequence that is admitted: the scan is over every cached block.
+        let partial = self.longest_partial_match(parent, &reusable[sequence.len..]);
         self.clock += 1;
         let touched = sequence
             .hashes

@@ -129,11 +129,6 @@ impl RopeTable<'_> {
         self.cos_sin.len() / self.rope.inv_freq.len().max(1)
     }
 
-    /// Rotates `x`, one row per position of the table, each row a run of `head_dim`-wide heads.
-    pub fn apply(&self, x: &mut [f32], head_dim: usize) {
-        rotate_each(&mut [(self, x)], head_dim);
-    }
-
     /// Rotates `rows` (of `row_len`), the first at the table's position `first`.
     fn rotate(&self, first: usize, rows: &mut [f32], row_len: usize, head_dim: usize) {
         let half = self.rope.inv_freq.len();
@@ -154,16 +149,17 @@ impl RopeTable<'_> {
     }
 }
 
-/// [`RopeTable::apply`] of several tables to their own rows (the sequences of a batch), all
-/// in one dispatch of the pool: a decode batch has one row per sequence, far too little work
-/// to split each apart, and together they fill the threads.
+/// Rotates the rows of several tables (the sequences of a batch), one row per position of its
+/// table, each row a run of `head_dim`-wide heads, all in one dispatch of the pool: a decode
+/// batch has one row per sequence, far too little work to split each apart, and together they
+/// fill the threads.
 pub fn rotate_each(parts: &mut [(&RopeTable<'_>, &mut [f32])], head_dim: usize) {
     let mut tasks = Vec::new();
     for (table, x) in parts.iter_mut() {
         let n = table.positions();
         assert!(
             n > 0 && x.len().is_multiple_of(n),
-            "RopeTable::apply: {} values for {n} positions",
+            "rotate_each: {} values for {n} positions",
             x.len()
         );
         let row_len = x.len() / n;
@@ -201,22 +197,24 @@ mod tests {
         assert!((x[4] - 1.0).abs() < 1e-6 && (x[5] - 2.0).abs() < 1e-6);
     }
 
+    fn rotate(table: &RopeTable<'_>, x: &mut [f32], head_dim: usize) {
+        rotate_each(&mut [(table, x)], head_dim);
+    }
+
     #[test]
     fn rope_styles_rotate_the_right_pairs() {
         // Position 1 with a single frequency (dims 2) rotates by exactly 1 radian.
         let (s, c) = 1.0f32.sin_cos();
         let mut x = vec![1.0, 0.0, 0.0, 0.0];
-        Rope::new(RopeStyle::Interleaved, 2, 10_000.0, 1.0)
-            .table(1, 1)
-            .apply(&mut x, 4);
+        let table = Rope::new(RopeStyle::Interleaved, 2, 10_000.0, 1.0);
+        rotate(&table.table(1, 1), &mut x, 4);
         assert!((x[0] - c).abs() < 1e-6 && (x[1] - s).abs() < 1e-6);
         assert_eq!(&x[2..], &[0.0, 0.0], "dims beyond rope_dims pass through");
 
         // With halves, dimension 0 pairs with dimension dims/2.
         let mut y = vec![1.0, 0.0, 0.0, 0.0];
-        Rope::new(RopeStyle::Halves, 4, 10_000.0, 1.0)
-            .table(1, 1)
-            .apply(&mut y, 4);
+        let table = Rope::new(RopeStyle::Halves, 4, 10_000.0, 1.0);
+        rotate(&table.table(1, 1), &mut y, 4);
         assert!((y[0] - c).abs() < 1e-6 && (y[2] - s).abs() < 1e-6);
         assert_eq!(y[1], 0.0);
     }
@@ -226,9 +224,9 @@ mod tests {
         let rope = Rope::new(RopeStyle::Halves, 8, 10_000.0, 1.0);
         let orig: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
         let mut x = orig.clone();
-        rope.table(0, 1).apply(&mut x, 8);
+        rotate(&rope.table(0, 1), &mut x, 8);
         assert_eq!(x, orig);
-        rope.table(77, 1).apply(&mut x, 8);
+        rotate(&rope.table(77, 1), &mut x, 8);
         let n0: f32 = orig.iter().map(|v| v * v).sum();
         let n1: f32 = x.iter().map(|v| v * v).sum();
         assert!((n0 - n1).abs() < 1e-3);
