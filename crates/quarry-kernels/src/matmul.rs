@@ -150,12 +150,10 @@ impl<'a> Matrix<'a> {
     /// Wraps `view`, repacking it when the kernel level in use ([`Isa::best`]) has a panel
     /// kernel for its type.
     pub fn new(view: WeightView<'a>) -> Matrix<'a> {
-        let packed = if Isa::best() == Isa::Avx512Vnni {
-            PackedRows::new(&view)
-        } else {
-            None
-        };
-        Matrix { view, packed }
+        Matrix {
+            view,
+            packed: PackedRows::new(&view),
+        }
     }
 
     /// The matrix as stored in the file.

@@ -489,23 +489,34 @@ mod x86 {
         out: &mut [f32],
     ) {
         let rows = w.len() / cols;
-        // Two weight rows by four tokens: eight accumulators, and each loaded vector feeds
-        // two or four multiply-adds, so the loop is bound by arithmetic rather than loads.
+        // Blocks of up to four weight rows by as many tokens as keep the accumulators, the
+        // rows and one token vector within the sixteen registers: attention's query groups
+        // of three and four heads then load and widen each key once, and each loaded vector
+        // feeds several multiply-adds.
         let mut r = 0;
         while r < rows {
-            let rb = (rows - r).min(2);
+            let rb = (rows - r).min(4);
+            let per_token = match rb {
+                4 => 2,
+                3 => 3,
+                _ => 4,
+            };
             let mut t = 0;
             while t < n {
-                let tb = (n - t).min(4);
-                match (rb, tb) {
-                    (2, 4) => block::<E, 2, 4>(w, x, cols, xs, r, t, n, out),
-                    (2, 3) => block::<E, 2, 3>(w, x, cols, xs, r, t, n, out),
-                    (2, 2) => block::<E, 2, 2>(w, x, cols, xs, r, t, n, out),
-                    (2, _) => block::<E, 2, 1>(w, x, cols, xs, r, t, n, out),
-                    (_, 4) => block::<E, 1, 4>(w, x, cols, xs, r, t, n, out),
-                    (_, 3) => block::<E, 1, 3>(w, x, cols, xs, r, t, n, out),
-                    (_, 2) => block::<E, 1, 2>(w, x, cols, xs, r, t, n, out),
-                    _ => block::<E, 1, 1>(w, x, cols, xs, r, t, n, out),
+                let tb = (n - t).min(per_token);
+                macro_rules! blocks {
+                    ($(($r:literal, $t:literal))*) => {
+                        match (rb, tb) {
+                            $(($r, $t) => block::<E, $r, $t>(w, x, cols, xs, r, t, n, out),)*
+                            _ => unreachable!("blocks are 4 by 2, 3 by 3 or at most 2 by 4"),
+                        }
+                    };
+                }
+                blocks! {
+                    (4, 2) (4, 1)
+                    (3, 3) (3, 2) (3, 1)
+                    (2, 4) (2, 3) (2, 2) (2, 1)
+                    (1, 4) (1, 3) (1, 2) (1, 1)
                 }
                 t += tb;
             }
@@ -513,7 +524,9 @@ mod x86 {
         }
     }
 
-    /// Rows `r..r + R` of `w` dotted with tokens `t..t + T` of `x`.
+    /// Rows `r..r + R` of `w` dotted with tokens `t..t + T` of `x`. The accumulators are
+    /// summed four at a time by [`hsum4`], which adds each one's lanes in the same order
+    /// whatever shares the call, so a product does not depend on its block.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; the rows and tokens exist (see [`dot_rows`]).
@@ -547,15 +560,36 @@ mod x86 {
             }
             k += 8;
         }
+        let flat: [[__m256; T]; R] = acc;
+        let mut sums = [0f32; 16];
+        for (q, four) in flat.as_flattened().chunks(4).enumerate() {
+            let v = core::array::from_fn(|i| four.get(i).copied().unwrap_or(_mm256_setzero_ps()));
+            _mm_storeu_ps(sums.as_mut_ptr().add(4 * q), hsum4(v));
+        }
         for i in 0..R {
             for j in 0..T {
-                let mut total = hsum(acc[i][j]);
+                let mut total = sums[i * T + j];
                 for kk in k..cols {
                     total += *pw.add(i * cols + kk) * (*px.add(j * xs + kk)).to_f32();
                 }
                 out[(r + i) * n + t + j] = total;
             }
         }
+    }
+
+    /// The lane sums of four vectors, in that order: each vector's as
+    /// `((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7))`.
+    ///
+    /// # Safety
+    /// The CPU has AVX.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn hsum4(v: [__m256; 4]) -> __m128 {
+        let pairs = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+        _mm_add_ps(
+            _mm256_castps256_ps128(pairs),
+            _mm256_extractf128_ps(pairs, 1),
+        )
     }
 
     /// `2^k` for integer lanes `k ∈ [−126, 127]`.
@@ -661,40 +695,34 @@ mod x86 {
         let m = out.len() / cols;
         let n = p.len() / m;
         let (po, pp, pv) = (out.as_mut_ptr(), p.as_ptr(), v.as_ptr());
-        // A 32-column strip of one output row stays in four registers across all n value
-        // rows, so each output value is loaded and stored once instead of once per row.
+        // A strip of up to four output rows and 24 columns (16 when there are four rows or more) stays in
+        // registers across all n value rows: each value vector is loaded and widened once for
+        // all the rows (attention's query group), each output value is loaded and stored
+        // once, and eight or more independent accumulators hide the multiply-add latency.
+        let widest = if m >= 4 { 2 } else { 3 };
         let mut c = 0;
-        while c + 32 <= cols {
-            for r in 0..m {
-                let o = po.add(r * cols + c);
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_loadu_ps(o.add(8 * i));
-                }
-                for j in 0..n {
-                    let w = _mm256_set1_ps(*pp.add(r * n + j));
-                    let row = pv.add(j * vs + c);
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(w, load8(row.add(8 * i)), *a);
-                    }
-                }
-                for (i, a) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(o.add(8 * i), *a);
-                }
-            }
-            c += 32;
-        }
         while c + 8 <= cols {
-            for r in 0..m {
-                let o = po.add(r * cols + c);
-                let mut acc = _mm256_loadu_ps(o);
-                for j in 0..n {
-                    let w = _mm256_set1_ps(*pp.add(r * n + j));
-                    acc = _mm256_fmadd_ps(w, load8(pv.add(j * vs + c)), acc);
+            let width = widest.min((cols - c) / 8);
+            let mut r = 0;
+            while r < m {
+                let rb = (m - r).min(4);
+                macro_rules! strips {
+                    ($(($r:literal, $v:literal))*) => {
+                        match (rb, width) {
+                            $(($r, $v) => strip::<E, $r, $v>(po, pp, pv, cols, vs, n, r, c),)*
+                            _ => unreachable!("at most four rows and three vectors per strip"),
+                        }
+                    };
                 }
-                _mm256_storeu_ps(o, acc);
+                strips! {
+                    (4, 2) (4, 1)
+                    (3, 3) (3, 2) (3, 1)
+                    (2, 3) (2, 2) (2, 1)
+                    (1, 3) (1, 2) (1, 1)
+                }
+                r += rb;
             }
-            c += 8;
+            c += 8 * width;
         }
         for cc in c..cols {
             for r in 0..m {
@@ -703,6 +731,47 @@ mod x86 {
                     total += *pp.add(r * n + j) * (*pv.add(j * vs + cc)).to_f32();
                 }
                 *po.add(r * cols + cc) = total;
+            }
+        }
+    }
+
+    /// Output rows `r..r + R`, columns `c..c + 8V`, of [`add_weighted_rows`]: every value
+    /// gets its multiply-adds in the order of the value rows, as in every other strip.
+    ///
+    /// # Safety
+    /// As [`add_weighted_rows`], with `c + 8V <= cols` and `r + R <= m`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn strip<E: Element, const R: usize, const V: usize>(
+        po: *mut f32,
+        pp: *const f32,
+        pv: *const E,
+        cols: usize,
+        vs: usize,
+        n: usize,
+        r: usize,
+        c: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (k, a) in row.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(po.add((r + i) * cols + c + 8 * k));
+            }
+        }
+        for j in 0..n {
+            let values = pv.add(j * vs + c);
+            let values: [__m256; V] = core::array::from_fn(|k| load8(values.add(8 * k)));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let w = _mm256_set1_ps(*pp.add((r + i) * n + j));
+                for (a, &x) in row.iter_mut().zip(&values) {
+                    *a = _mm256_fmadd_ps(w, x, *a);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (k, a) in row.iter().enumerate() {
+                _mm256_storeu_ps(po.add((r + i) * cols + c + 8 * k), *a);
             }
         }
     }

@@ -210,10 +210,10 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
-    /// Weights repacked into 16-row panels (AVX-512 VNNI only): the panel kernel equals its
-    /// scalar reference bit for bit, for row counts that end mid-panel, ranges that start at
-    /// later panels and token counts on both sides of a pass; the reference agrees with the
-    /// scalar row kernel to rounding.
+    /// Weights repacked into 16-row panels, for each panel kernel this CPU runs (AVX2,
+    /// AVX-512 VNNI): the kernel equals its scalar reference bit for bit, for row counts
+    /// that end mid-panel, ranges that start at later panels and token counts on both sides
+    /// of a pass; the reference agrees with the scalar row kernel to rounding.
     #[test]
     fn packed_panels_equal_the_reference_bit_for_bit(
         dtype in proptest::sample::select(TYPES.to_vec()),
@@ -228,26 +228,31 @@ proptest! {
         let total = skip + n_rows;
         let bytes = random_weights(&mut rng, dtype, total, cols);
         let w = WeightView::new(dtype, total, cols, &bytes).unwrap();
-        let Some(p) = PackedRows::new(&w) else {
-            return Ok(());
-        };
-        prop_assert_eq!((p.dtype(), p.rows(), p.cols()), (dtype, total, cols));
-        // Unpacking gives back the file's bytes, for any run of rows.
-        let rb = w.row_bytes();
-        let mut back = vec![0u8; n_rows * rb];
-        p.unpack_rows(skip, n_rows, &mut back);
-        prop_assert_eq!(&back[..], &bytes[skip * rb..]);
         let mut x = common::gaussian(&mut rng, n_tokens * cols, 1.0);
         x[..32].fill(0.0);
         let x = QuantizedActivations::new(&x, n_tokens, cols).with_integer_tokens(n_tokens);
-        let (got, want) = packed_and_reference(&p, &w, skip..total, &x);
-        for t in 0..n_tokens {
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            prop_assert_eq!(bits(&got[t]), bits(&want[t]), "{} token {}", dtype, t);
+        for p in Isa::available().into_iter().filter_map(|isa| PackedRows::for_isa(&w, isa)) {
+            prop_assert_eq!((p.dtype(), p.rows(), p.cols()), (dtype, total, cols));
+            // Unpacking gives back the file's bytes, for any run of rows.
+            let rb = w.row_bytes();
+            let mut back = vec![0u8; n_rows * rb];
+            p.unpack_rows(skip, n_rows, &mut back);
+            prop_assert_eq!(&back[..], &bytes[skip * rb..]);
+            let (got, want) = packed_and_reference(&p, &w, skip..total, &x);
+            for t in 0..n_tokens {
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&got[t]), bits(&want[t]), "{} {:?} token {}", dtype, p.isa(), t);
+            }
+        }
+        let acts: Vec<_> = (0..n_tokens).map(|t| x.q8x32(t)).collect();
+        let mut want = vec![vec![f32::NAN; n_rows]; n_tokens];
+        let mut slices: Vec<&mut [f32]> = want.iter_mut().map(|o| o.as_mut_slice()).collect();
+        packed::reference(&w, skip..total, &acts, &mut slices);
+        for (t, want) in want.iter().enumerate() {
             let mut alone = vec![f32::NAN; n_rows];
             gemv_rows(Isa::Scalar, &w, skip..total, &x, t, &mut alone);
             let xq: Vec<f32> = x.q8x32(t).iter().flat_map(|b| b.qs.map(|q| q as f32 * b.d)).collect();
-            for (i, (&a, &r)) in alone.iter().zip(&want[t]).enumerate() {
+            for (i, (&a, &r)) in alone.iter().zip(want).enumerate() {
                 let (_, mag) = f64_dot(&w, skip + i, &xq);
                 prop_assert!((a as f64 - r as f64).abs() <= 1e-5 * mag, "{} row {}: {} vs {}", dtype, i, r, a);
             }
@@ -285,9 +290,12 @@ fn extreme_codes_do_not_overflow() {
                     .all(|b| b.qs.iter().all(|q| q.abs() == 127)));
                 check_all_levels(&w, 1..rows, &x, 1e-5)
                     .unwrap_or_else(|e| panic!("{dtype} code {code:#04x}: {e}"));
-                if let Some(p) = PackedRows::new(&w) {
+                for isa in Isa::available() {
+                    let Some(p) = PackedRows::for_isa(&w, isa) else {
+                        continue;
+                    };
                     let (got, want) = packed_and_reference(&p, &w, 0..rows, &x);
-                    assert_eq!(got, want, "{dtype} code {code:#04x}: packed");
+                    assert_eq!(got, want, "{dtype} code {code:#04x}: packed for {isa:?}");
                     let scalar = gemv(Isa::Scalar, &w, 0..rows, &x);
                     for (g, s) in got[0].iter().zip(&scalar) {
                         assert!(

@@ -705,7 +705,7 @@ mod avx2 {
     /// second vector from `hi`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn sixteens(lo: u32, hi: u32) -> (__m256i, __m256i) {
+    pub unsafe fn sixteens(lo: u32, hi: u32) -> (__m256i, __m256i) {
         let both = _mm256_set1_epi64x((lo as u64 | (hi as u64) << 32) as i64);
         (spread(both, 0), spread(both, 4))
     }

@@ -1,5 +1,6 @@
-//! The 32-value types repacked once, at load, into panels of 16 rows for an AVX-512 VNNI
-//! kernel that multiplies a panel by up to [`TOKENS`] tokens per pass.
+//! The 32-value types repacked once, at load, into panels of 16 rows for kernels that
+//! multiply a panel by several tokens per pass: AVX-512 VNNI ([`TOKENS`] per pass) and AVX2
+//! ([`TOKENS_AVX2`], each half-panel of 8 rows on its own).
 //!
 //! Why: in a row's own layout one `vpdpbusd` advances one row by 32 values, every block of
 //! every row needs its own scale multiply, the row's lanes must be summed at the end, and
@@ -41,12 +42,18 @@ use crate::{pool, GgmlType, WeightView};
 /// Rows per panel: one 32-bit lane each in a 512-bit vector.
 pub const PANEL: usize = 16;
 
-/// Tokens per pass: their integer sums and accumulators, with the unpacked codes, fit the
-/// 32 vector registers.
+/// Tokens per pass of the AVX-512 kernel: their integer sums and accumulators, with the
+/// unpacked codes, fit the 32 vector registers.
 pub const TOKENS: usize = 8;
+
+/// Tokens per pass of the AVX2 kernel: their `i16` and `i32` sums and accumulators, with the
+/// unpacked codes and constants, fit the 16 vector registers.
+pub const TOKENS_AVX2: usize = 4;
 
 /// A matrix of a 32-value type in 16-row panels (see the module docs).
 pub struct PackedRows {
+    /// The kernel level the products use: AVX2 or AVX-512 VNNI.
+    isa: Isa,
     dtype: GgmlType,
     rows: usize,
     cols: usize,
@@ -54,14 +61,21 @@ pub struct PackedRows {
 }
 
 impl PackedRows {
-    /// Repacks `w` when this CPU runs the panel kernel (AVX-512 VNNI) and `w`'s type is one
-    /// of the 32-value types; `None` otherwise.
+    /// Repacks `w` for the panel kernel of the level in use ([`Isa::best`]); see
+    /// [`PackedRows::for_isa`].
     pub fn new(w: &WeightView<'_>) -> Option<PackedRows> {
-        if !runnable(Isa::Avx512Vnni) {
+        PackedRows::for_isa(w, Isa::best())
+    }
+
+    /// Repacks `w` for the panel kernel of `isa` when this CPU runs it (AVX2 or AVX-512 VNNI)
+    /// and `w`'s type is one of the 32-value types; `None` otherwise.
+    pub fn for_isa(w: &WeightView<'_>, isa: Isa) -> Option<PackedRows> {
+        if isa == Isa::Scalar || !runnable(isa) {
             return None;
         }
         let bytes = by_layout!(w.dtype(), L => pack::<L>(w), _ => return None);
         Some(PackedRows {
+            isa,
             dtype: w.dtype(),
             rows: w.rows(),
             cols: w.cols(),
@@ -127,6 +141,11 @@ impl PackedRows {
                 }
             }
         }
+    }
+
+    /// The kernel level products of this copy use.
+    pub fn isa(&self) -> Isa {
+        self.isa
     }
 
     pub fn dtype(&self) -> GgmlType {
@@ -258,8 +277,8 @@ pub fn gemv_tokens(
             rows.len()
         );
     }
-    // `PackedRows::new` packs only on a CPU that runs the kernel.
-    assert!(runnable(Isa::Avx512Vnni));
+    // `PackedRows::for_isa` packs only for a level this CPU runs.
+    assert!(runnable(p.isa));
     by_layout!(
         p.dtype,
         L => by_panels::<L>(p, rows, acts, outs),
@@ -267,8 +286,8 @@ pub fn gemv_tokens(
     )
 }
 
-/// Each panel of `rows` against every token, [`TOKENS`] at a time, while the panel is in
-/// cache.
+/// Each panel of `rows` against every token, a pass of up to [`TOKENS`] (AVX-512) or
+/// [`TOKENS_AVX2`] at a time, while the panel is in cache.
 fn by_panels<L: Layout>(
     p: &PackedRows,
     rows: Range<usize>,
@@ -277,22 +296,27 @@ fn by_panels<L: Layout>(
 ) {
     let blocks = p.cols / 32;
     let panel_bytes = blocks * block_bytes::<L>();
+    let per_pass = if p.isa == Isa::Avx512Vnni {
+        TOKENS
+    } else {
+        TOKENS_AVX2
+    };
     for first in rows.clone().step_by(PANEL) {
         let n = PANEL.min(rows.end - first);
         let panel = &p.bytes[first / PANEL * panel_bytes..][..panel_bytes];
         let at = first - rows.start;
-        for t0 in (0..acts.len()).step_by(TOKENS) {
-            let tokens = TOKENS.min(acts.len() - t0);
+        for t0 in (0..acts.len()).step_by(per_pass) {
+            let tokens = per_pass.min(acts.len() - t0);
             let (a, o) = (&acts[t0..t0 + tokens], &mut outs[t0..t0 + tokens]);
             macro_rules! pass {
-                ($($t:literal)*) => {
+                ($kernel:ident: $($t:literal)*) => {
                     match tokens {
-                        // SAFETY: the CPU runs avx512vnni (checked by `gemv_tokens`); the
-                        // panel holds `blocks` panel blocks of `L`; each activation row has
-                        // `blocks` blocks and each output `at + n` or more values (checked
-                        // by `gemv_tokens`), with `n <= PANEL`.
+                        // SAFETY: the CPU runs `p.isa` (checked by `gemv_tokens`); the panel
+                        // holds `blocks` panel blocks of `L`; each activation row has `blocks`
+                        // blocks and each output `at + n` or more values (checked by
+                        // `gemv_tokens`), with `n <= PANEL`.
                         $($t => unsafe {
-                            avx512::panel::<L, $t>(
+                            $kernel::panel::<L, $t>(
                                 panel.as_ptr(),
                                 blocks,
                                 std::array::from_fn(|t| a[t].as_ptr()),
@@ -300,14 +324,18 @@ fn by_panels<L: Layout>(
                                 n,
                             )
                         },)*
-                        _ => unreachable!("at most TOKENS tokens per pass"),
+                        _ => unreachable!("at most the level's tokens per pass"),
                     }
                 };
             }
             #[cfg(target_arch = "x86_64")]
-            pass!(1 2 3 4 5 6 7 8);
+            if p.isa == Isa::Avx512Vnni {
+                pass!(avx512: 1 2 3 4 5 6 7 8);
+            } else {
+                pass!(avx2: 1 2 3 4);
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("PackedRows::new packs only on x86-64");
+            unreachable!("PackedRows::for_isa packs only on x86-64");
         }
     }
 }
@@ -460,6 +488,154 @@ mod avx512 {
         let keep = (((1u32 << n) - 1) & 0xFFFF) as __mmask16;
         for t in 0..T {
             _mm512_mask_storeu_ps(outs[t], keep, acc[t]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+    use core::ptr::read_unaligned;
+
+    use super::super::avx2::sixteens;
+    use super::{block_bytes, code_bytes, nibbles, scales_at, Layout, PANEL};
+    use crate::act::BlockQ8x32;
+    use crate::dot::{prefetch, PREFETCH_BLOCKS};
+
+    /// Rows per vector: one 32-bit lane each in a 256-bit vector, half a panel.
+    const HALF: usize = PANEL / 2;
+
+    /// Four activation bytes of `a`'s block, from value `k`, in every lane.
+    ///
+    /// # Safety
+    /// `a` points to a readable block and `k <= 28`.
+    #[inline(always)]
+    unsafe fn quad(a: *const BlockQ8x32, k: usize) -> __m256i {
+        _mm256_set1_epi32(read_unaligned((*a).qs.as_ptr().add(k) as *const i32))
+    }
+
+    /// `outs[t][0..n]` = the panel at `p` (`blocks` panel blocks of `L`) · token t, one
+    /// half-panel after the other (the panel stays in cache for the second).
+    ///
+    /// # Safety
+    /// The CPU has avx2, fma and f16c; `p` points to `blocks` panel blocks; each `acts[t]` to
+    /// `blocks` readable blocks; each `outs[t]` to `n <= PANEL` writable values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn panel<L: Layout, const T: usize>(
+        p: *const u8,
+        blocks: usize,
+        acts: [*const BlockQ8x32; T],
+        outs: [*mut f32; T],
+        n: usize,
+    ) {
+        for h in 0..n.div_ceil(HALF) {
+            let rows = (n - h * HALF).min(HALF);
+            let outs = core::array::from_fn(|t| outs[t].add(h * HALF));
+            half::<L, T>(p, blocks, acts, outs, h, rows);
+        }
+    }
+
+    /// Rows `8h..8h + rows` of the panel at `p` · every token, into `outs[t][0..rows]`.
+    ///
+    /// # Safety
+    /// As [`panel`], with `h < 2` and `rows <= 8` the half's rows that exist.
+    #[inline(always)]
+    unsafe fn half<L: Layout, const T: usize>(
+        p: *const u8,
+        blocks: usize,
+        acts: [*const BlockQ8x32; T],
+        outs: [*mut f32; T],
+        h: usize,
+        rows: usize,
+    ) {
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(0x80u8 as i8);
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..blocks {
+            let blk = p.add(b * block_bytes::<L>());
+            if h == 0 {
+                prefetch(
+                    blk.wrapping_add(PREFETCH_BLOCKS * block_bytes::<L>()),
+                    block_bytes::<L>(),
+                );
+            }
+            let a: [*const BlockQ8x32; T] = core::array::from_fn(|t| acts[t].add(b));
+            let mut isum = [_mm256_setzero_si256(); T];
+            if nibbles::<L>() {
+                if L::OFFSET != 0 {
+                    for t in 0..T {
+                        isum[t] = _mm256_set1_epi32(-(L::OFFSET as i32) * (*a[t]).sum);
+                    }
+                }
+                let masks = blk.add(code_bytes::<L>()) as *const u64;
+                // Code vectors whose pair sums are added in `i16` before widening (see the
+                // module docs): all four of a block's for 4-bit codes, two for 5-bit codes.
+                let per_widening = if L::QH.is_some() { 2 } else { 4 };
+                for first in (0..4).step_by(per_widening) {
+                    let mut pairs = [_mm256_setzero_si256(); T];
+                    for j in first..first + per_widening {
+                        let c = _mm256_loadu_si256(blk.add(64 * j + 32 * h) as *const __m256i);
+                        let mut lo = _mm256_and_si256(c, low);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
+                        if L::QH.is_some() {
+                            let half_word =
+                                |w: usize| (read_unaligned(masks.add(w)) >> (32 * h)) as u32;
+                            let (lo16, hi16) = sixteens(half_word(j), half_word(j + 4));
+                            lo = _mm256_or_si256(lo, lo16);
+                            hi = _mm256_or_si256(hi, hi16);
+                        }
+                        for t in 0..T {
+                            let plo = _mm256_maddubs_epi16(lo, quad(a[t], 4 * j));
+                            let phi = _mm256_maddubs_epi16(hi, quad(a[t], 16 + 4 * j));
+                            pairs[t] = _mm256_add_epi16(pairs[t], _mm256_add_epi16(plo, phi));
+                        }
+                    }
+                    for t in 0..T {
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(pairs[t], ones));
+                    }
+                }
+            } else {
+                for g in 0..8 {
+                    let c = _mm256_loadu_si256(blk.add(64 * g + 32 * h) as *const __m256i);
+                    let w = _mm256_xor_si256(c, flip);
+                    let magnitude = _mm256_abs_epi8(w);
+                    for t in 0..T {
+                        let q = _mm256_sign_epi8(quad(a[t], 4 * g), w);
+                        let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, q), ones);
+                        isum[t] = _mm256_add_epi32(isum[t], prod);
+                    }
+                }
+            }
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(
+                blk.add(scales_at::<L>() + 2 * HALF * h) as *const __m128i
+            ));
+            for t in 0..T {
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps((*a[t]).d));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), scale, acc[t]);
+            }
+        }
+        if L::HAS_MIN {
+            let mut mins = [_mm256_setzero_ps(); T];
+            for b in 0..blocks {
+                let at =
+                    p.add(b * block_bytes::<L>() + scales_at::<L>() + 2 * PANEL + 2 * HALF * h);
+                let m = _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i));
+                for t in 0..T {
+                    let s = _mm256_set1_ps((*acts[t].add(b)).s);
+                    mins[t] = _mm256_fmadd_ps(m, s, mins[t]);
+                }
+            }
+            for t in 0..T {
+                acc[t] = _mm256_add_ps(acc[t], mins[t]);
+            }
+        }
+        let keep = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(rows as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        for t in 0..T {
+            _mm256_maskstore_ps(outs[t], keep, acc[t]);
         }
     }
 }
