@@ -18,7 +18,7 @@ use quarry_format::GgmlType;
 use crate::act::QuantizedActivations;
 use crate::dequant::{decoder, encoded_len, DecodeFn};
 use crate::dot::{
-    gemv_packed_tokens, gemv_rows_tokens, has_integer_kernel, packed, quantize_for, Isa, PackedRows,
+    gemv_packed_tokens, gemv_rows, has_integer_kernel, packed, quantize_for, Isa, PackedRows,
 };
 use crate::pool;
 use crate::vec::dot_rows;
@@ -349,7 +349,11 @@ pub fn matmul_quantized_many(
         let rows = *first..*first + outs[0].len();
         match &w.packed {
             Some(p) => gemv_packed_tokens(p, rows, x, &mut outs),
-            None => gemv_rows_tokens(isa, &w.view, rows, x, &mut outs),
+            None => {
+                for (t, out) in outs.iter_mut().enumerate() {
+                    gemv_rows(isa, &w.view, rows.clone(), x, t, out);
+                }
+            }
         }
     });
 }

@@ -9,9 +9,7 @@ mod common;
 use half::f16;
 use proptest::prelude::*;
 use quarry_kernels::act::QuantizedActivations;
-use quarry_kernels::dot::{
-    gemv_packed_tokens, gemv_rows, gemv_rows_tokens, packed, Isa, PackedRows,
-};
+use quarry_kernels::dot::{gemv_packed_tokens, gemv_rows, packed, Isa, PackedRows};
 use quarry_kernels::{dequantize, quantize, GgmlType, WeightView};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -142,43 +140,6 @@ proptest! {
         x[..32].fill(0.0);
         let x = QuantizedActivations::new(&x, 1, cols);
         check_all_levels(&w, skip..skip + n_rows, &x, 1e-5)?;
-    }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 64,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
-
-    /// Several tokens at once (the batched decode path) give each token exactly what it gets
-    /// alone, at every level, for row counts around the kernels' groups and odd token counts.
-    #[test]
-    fn several_tokens_equal_each_token_alone(
-        dtype in proptest::sample::select(TYPES.to_vec()),
-        cols in proptest::sample::select(vec![32usize, 96, 608, 2048 + 96]),
-        n_rows in 1usize..11,
-        n_tokens in 1usize..6,
-        skip in 0usize..3,
-        seed in any::<u64>(),
-    ) {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let total = skip + n_rows;
-        let bytes = random_weights(&mut rng, dtype, total, cols);
-        let w = WeightView::new(dtype, total, cols, &bytes).unwrap();
-        let x = common::gaussian(&mut rng, n_tokens * cols, 1.0);
-        let x = QuantizedActivations::new(&x, n_tokens, cols).with_integer_tokens(n_tokens);
-        for isa in Isa::available() {
-            let mut outs = vec![vec![f32::NAN; n_rows]; n_tokens];
-            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            gemv_rows_tokens(isa, &w, skip..total, &x, &mut slices);
-            for (t, got) in outs.iter().enumerate() {
-                let mut alone = vec![f32::NAN; n_rows];
-                gemv_rows(isa, &w, skip..total, &x, t, &mut alone);
-                prop_assert_eq!(got, &alone, "{} {:?} token {}", dtype, isa, t);
-            }
-        }
     }
 }
 

@@ -31,8 +31,10 @@
 //! lane sums are scaled per block by `d · d_a` with an FMA, and the `m · s` terms of a group
 //! add up in one vector.
 //!
-//! On AVX-512 VNNI machines models use [`packed`] instead for decode products: the same
-//! blocks repacked at load into 16-row panels, which several tokens share far better.
+//! Models on AVX2 and AVX-512 VNNI machines use [`packed`] instead for decode products: the
+//! same blocks repacked at load into 16-row panels, which several tokens share far better, so
+//! the row kernels here serve matrices read in the file's own layout (tools, tests, and
+//! every product at `QUARRY_ISA=scalar`).
 //!
 //! Invariants the kernels rely on: activation codes lie in −127..=127 (what
 //! `quantize_q8x32` produces), so negating one cannot overflow and no `i16` pair sum
@@ -100,50 +102,6 @@ pub fn gemv(isa: Isa, w: &WeightView<'_>, rows: Range<usize>, a: &[BlockQ8x32], 
     let isa = if runnable(isa) { isa } else { Isa::Scalar };
     by_layout!(w.dtype(), L => run::<L>(isa, data, rb, a, out), _ => unreachable!("checked by supports"))
 }
-
-/// [`gemv`] for several tokens: `outs[t][i] = Σ_c W[rows.start + i][c] · acts[t][c]`, each
-/// bit-identical to what [`gemv`] gives for that token alone (same operations per row and
-/// token). The AVX2 variant unpacks each weight block once for [`TOKENS`] tokens; other
-/// levels run [`gemv`] per token.
-///
-/// Panics like [`gemv`] on a shape mismatch, or if `acts` and `outs` differ in length.
-pub fn gemv_tokens(
-    isa: Isa,
-    w: &WeightView<'_>,
-    rows: Range<usize>,
-    acts: &[&[BlockQ8x32]],
-    outs: &mut [&mut [f32]],
-) {
-    assert_eq!(
-        acts.len(),
-        outs.len(),
-        "legacy gemv_tokens: {} activation rows for {} outputs",
-        acts.len(),
-        outs.len()
-    );
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && runnable(isa) && acts.len() > 1 {
-        for (a, out) in acts.iter().zip(outs.iter()) {
-            check_shapes(w, &rows, a, out);
-        }
-        let rb = w.row_bytes();
-        let data = &w.data()[rows.start * rb..rows.end * rb];
-        by_layout!(
-            w.dtype(),
-            L => avx2::run_tokens::<L>(data, rb, acts, outs),
-            _ => unreachable!("checked by check_shapes")
-        );
-        return;
-    }
-    for (a, out) in acts.iter().zip(outs.iter_mut()) {
-        gemv(isa, w, rows.clone(), a, out);
-    }
-}
-
-/// Tokens per pass of the AVX2 multi-token kernels: their accumulators, activations and
-/// unpacked weights just fit the sixteen vector registers.
-#[cfg(target_arch = "x86_64")]
-const TOKENS: usize = 2;
 
 /// Panics unless `w` has a kernel here and `rows`, `a` and `out` fit it.
 fn check_shapes(w: &WeightView<'_>, rows: &Range<usize>, a: &[BlockQ8x32], out: &[f32]) {
@@ -550,7 +508,7 @@ mod avx2 {
     use core::arch::x86_64::*;
 
     use super::x86::*;
-    use super::{nibbles, Layout, GROUP, Q8_0, TOKENS};
+    use super::{nibbles, Layout, GROUP, Q8_0};
     use crate::act::BlockQ8x32;
 
     /// `out[r]` = row r of `rows` (stride `rb`) · `a`, for `out.len()` rows.
@@ -563,61 +521,11 @@ mod avx2 {
         debug_assert_eq!(rb, a.len() * L::BYTES);
         debug_assert_eq!(rows.len(), out.len() * rb);
         let p = rows.as_ptr();
-        group::<L, 1>(p, rb, [a], [out]);
-    }
-
-    /// [`rows`] for `T` tokens: `out[t][r]` = row r · `a[t]`.
-    ///
-    /// # Safety
-    /// As [`rows`], for every token; all `a[t]` have the same length.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn group<L: Layout, const T: usize>(
-        p: *const u8,
-        rb: usize,
-        a: [&[BlockQ8x32]; T],
-        out: [&mut [f32]; T],
-    ) {
-        match (nibbles::<L>(), out[0].len() == GROUP) {
-            (true, true) => nibble_group::<L, GROUP, T>(p, rb, a, out),
-            (true, false) => nibble_group::<L, 1, T>(p, rb, a, out),
-            (false, true) => q8_group::<GROUP, T>(p, rb, a, out),
-            (false, false) => q8_group::<1, T>(p, rb, a, out),
-        }
-    }
-
-    /// `outs[t][r]` = row r of `data` (whole rows of `rb` bytes) · `acts[t]`: groups of
-    /// [`GROUP`] rows (then single rows), each over pairs of tokens (then a last one), so
-    /// every weight block is unpacked once per [`TOKENS`] tokens.
-    pub fn run_tokens<L: Layout>(
-        data: &[u8],
-        rb: usize,
-        acts: &[&[BlockQ8x32]],
-        outs: &mut [&mut [f32]],
-    ) {
-        let n_rows = data.len() / rb.max(1);
-        let mut first = 0;
-        while first < n_rows {
-            let r = if n_rows - first >= GROUP { GROUP } else { 1 };
-            let p = data[first * rb..].as_ptr();
-            let rows = first..first + r;
-            let mut t = 0;
-            while t < acts.len() {
-                // SAFETY (both calls): the caller checked avx2, fma and f16c
-                // (`runnable(Avx2)`) and every shape (`check_shapes`): `r` whole rows of
-                // `rb = a.len() * L::BYTES` bytes start at `p`, and `r` is 1 or GROUP.
-                if acts.len() - t >= TOKENS {
-                    let (head, tail) = outs[t..].split_at_mut(1);
-                    let out = [&mut head[0][rows.clone()], &mut tail[0][rows.clone()]];
-                    unsafe { group::<L, TOKENS>(p, rb, [acts[t], acts[t + 1]], out) };
-                    t += TOKENS;
-                } else {
-                    let out = [&mut outs[t][rows.clone()]];
-                    unsafe { group::<L, 1>(p, rb, [acts[t]], out) };
-                    t += 1;
-                }
-            }
-            first += r;
+        match (nibbles::<L>(), out.len() == GROUP) {
+            (true, true) => nibble_group::<L, GROUP>(p, rb, a, out),
+            (true, false) => nibble_group::<L, 1>(p, rb, a, out),
+            (false, true) => q8_group::<GROUP>(p, rb, a, out),
+            (false, false) => q8_group::<1>(p, rb, a, out),
         }
     }
 
@@ -635,45 +543,38 @@ mod avx2 {
         }
     }
 
-    /// `R` rows (1 or 4) of a nibble type against `T` tokens, two rows per vector: a row
-    /// pair's codes for values 0..16 meet the activations 0..16 repeated in both halves,
-    /// likewise 16..32. Each pair's codes are unpacked once for all `T` tokens.
+    /// `R` rows (1 or 4) of a nibble type, two rows per vector: a row pair's codes for
+    /// values 0..16 meet the activations 0..16 repeated in both halves, likewise 16..32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::needless_range_loop)] // `b` indexes every token's blocks and the rows
-    unsafe fn nibble_group<L: Layout, const R: usize, const T: usize>(
+    unsafe fn nibble_group<L: Layout, const R: usize>(
         p: *const u8,
         rb: usize,
-        a: [&[BlockQ8x32]; T],
-        out: [&mut [f32]; T],
+        a: &[BlockQ8x32],
+        out: &mut [f32],
     ) {
         let ones = _mm256_set1_epi16(1);
         let offset = _mm256_set1_epi8(L::OFFSET as i8);
-        let zero = _mm256_setzero_si256();
-        let mut acc = [[_mm256_setzero_ps(); 2]; T];
-        let mut mins = [_mm256_setzero_ps(); T];
-        let blocks = a[0].len();
-        for b in 0..blocks {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut mins = _mm256_setzero_ps();
+        let blocks = a.len();
+        for (b, ab) in a.iter().enumerate() {
             prefetch_next_group(p, R * rb, blocks, b);
             let fields = scale_min_lanes::<L, R>(p, rb, b);
-            let mut scale = [_mm256_setzero_ps(); T];
-            let mut q = [(zero, zero); T];
-            let mut corr = [zero; T];
-            for t in 0..T {
-                let ab = &a[t][b];
-                scale[t] = _mm256_mul_ps(fields, _mm256_set1_ps(ab.d));
-                if L::HAS_MIN {
-                    mins[t] = _mm256_fmadd_ps(fields, _mm256_set1_ps(ab.s), mins[t]);
-                }
-                q[t] = activation_halves(ab.qs.as_ptr());
-                // OFFSET · (sum of four activations), in the i16 lanes the pair sums land in.
-                if L::OFFSET != 0 {
-                    corr[t] = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(offset, q[t].0),
-                        _mm256_maddubs_epi16(offset, q[t].1),
-                    );
-                }
+            let scale = _mm256_mul_ps(fields, _mm256_set1_ps(ab.d));
+            if L::HAS_MIN {
+                mins = _mm256_fmadd_ps(fields, _mm256_set1_ps(ab.s), mins);
             }
+            let q = activation_halves(ab.qs.as_ptr());
+            // OFFSET · (sum of four activations), in the i16 lanes the pair sums land in.
+            let corr = if L::OFFSET != 0 {
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16(offset, q.0),
+                    _mm256_maddubs_epi16(offset, q.1),
+                )
+            } else {
+                _mm256_setzero_si256()
+            };
             for (k, &(r0, r1)) in pairs::<R>().iter().enumerate() {
                 let b0 = p.add(r0 * rb + b * L::BYTES);
                 let b1 = p.add(r1 * rb + b * L::BYTES);
@@ -684,21 +585,15 @@ mod avx2 {
                     lo = _mm256_or_si256(lo, flo);
                     hi = _mm256_or_si256(hi, fhi);
                 }
-                for t in 0..T {
-                    // Each i16 lane: four code × activation products, at most 4·31·127.
-                    let sums = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, q[t].0),
-                        _mm256_maddubs_epi16(hi, q[t].1),
-                    );
-                    let sums = _mm256_sub_epi16(sums, corr[t]);
-                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, ones));
-                    acc[t][k] = _mm256_fmadd_ps(dot, pair_splat(scale[t], r0, r1), acc[t][k]);
-                }
+                // Each i16 lane: four code × activation products, at most 4·31·127.
+                let sums =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, q.0), _mm256_maddubs_epi16(hi, q.1));
+                let sums = _mm256_sub_epi16(sums, corr);
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, ones));
+                acc[k] = _mm256_fmadd_ps(dot, pair_splat(scale, r0, r1), acc[k]);
             }
         }
-        for ((acc, mins), out) in acc.iter().zip(mins).zip(out) {
-            finish_pairs(acc, mins, out);
-        }
+        finish_pairs(&acc, mins, out);
     }
 
     /// 16 in byte i of the first vector where bit i of `lo` is set, else 0; likewise the
@@ -727,44 +622,28 @@ mod avx2 {
         _mm256_and_si256(set, _mm256_set1_epi8(16))
     }
 
-    /// `R` rows (1 or 4) of Q8_0 against `T` tokens, one row per vector.
+    /// `R` rows (1 or 4) of Q8_0, one row per vector.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::needless_range_loop)] // `b` indexes every token's blocks and the rows
-    unsafe fn q8_group<const R: usize, const T: usize>(
-        p: *const u8,
-        rb: usize,
-        a: [&[BlockQ8x32]; T],
-        out: [&mut [f32]; T],
-    ) {
+    unsafe fn q8_group<const R: usize>(p: *const u8, rb: usize, a: &[BlockQ8x32], out: &mut [f32]) {
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); 4]; T];
-        let blocks = a[0].len();
-        for b in 0..blocks {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let blocks = a.len();
+        for (b, ab) in a.iter().enumerate() {
             prefetch_next_group(p, R * rb, blocks, b);
-            let lanes = scale_lanes::<Q8_0, R>(p, rb, b);
-            let mut scale = [_mm_setzero_ps(); T];
-            let mut q = [_mm256_setzero_si256(); T];
-            for t in 0..T {
-                let ab = &a[t][b];
-                scale[t] = _mm_mul_ps(lanes, _mm_set1_ps(ab.d));
-                q[t] = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-            }
-            for r in 0..R {
+            let scale = _mm_mul_ps(scale_lanes::<Q8_0, R>(p, rb, b), _mm_set1_ps(ab.d));
+            let q = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            for (r, acc) in acc.iter_mut().enumerate().take(R) {
                 let blk = p.add(r * rb + b * Q8_0::BYTES + Q8_0::QS);
                 let w = _mm256_loadu_si256(blk as *const __m256i);
                 let magnitude = _mm256_sign_epi8(w, w);
-                for t in 0..T {
-                    // |w| · (q with w's sign): pair sums at most 2·128·127, no saturation.
-                    let sums = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(q[t], w));
-                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, ones));
-                    acc[t][r] = _mm256_fmadd_ps(dot, splat(scale[t], r), acc[t][r]);
-                }
+                // |w| · (q with w's sign): pair sums at most 2·128·127, no saturation.
+                let sums = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(q, w));
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, ones));
+                *acc = _mm256_fmadd_ps(dot, splat(scale, r), *acc);
             }
         }
-        for (acc, out) in acc.iter().zip(out) {
-            finish_rows(acc, out);
-        }
+        finish_rows(&acc, out);
     }
 }
 

@@ -119,9 +119,9 @@ pub fn gemv_rows(
     }
 }
 
-/// [`gemv_rows_tokens`] on a matrix repacked into panels: `outs[t][i] = row rows.start + i
-/// · x.row(t)`, with `rows.start` a multiple of [`packed::PANEL`]. Each token's result is
-/// bit-identical whichever tokens share the call.
+/// Several tokens' [`gemv_rows`] on a matrix repacked into panels: `outs[t][i] = row
+/// rows.start + i · x.row(t)`, with `rows.start` a multiple of [`packed::PANEL`]. Each
+/// token's result is bit-identical whichever tokens share the call.
 pub fn gemv_packed_tokens(
     p: &PackedRows,
     rows: Range<usize>,
@@ -130,25 +130,4 @@ pub fn gemv_packed_tokens(
 ) {
     let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x32(t)).collect();
     packed::gemv_tokens(p, rows, &acts, outs);
-}
-
-/// [`gemv_rows`] for tokens `0..outs.len()` of `x`: `outs[t][i] = w.row(rows.start + i) ·
-/// x.row(t)`, each exactly as [`gemv_rows`] computes it. Where a kernel can, it reads each
-/// weight block once for several tokens (AVX2 on the 32-value types), which is what makes a
-/// batch of decode steps cheaper than the same steps one at a time.
-pub fn gemv_rows_tokens(
-    isa: Isa,
-    w: &WeightView<'_>,
-    rows: Range<usize>,
-    x: &QuantizedActivations<'_>,
-    outs: &mut [&mut [f32]],
-) {
-    if legacy::supports(w.dtype()) {
-        let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x32(t)).collect();
-        legacy::gemv_tokens(isa, w, rows, &acts, outs);
-    } else {
-        for (t, out) in outs.iter_mut().enumerate() {
-            kquants::gemv(isa, w, rows.clone(), x.q8x256(t), out);
-        }
-    }
 }

@@ -563,36 +563,37 @@ mod avx2 {
             let a: [*const BlockQ8x32; T] = core::array::from_fn(|t| acts[t].add(b));
             let mut isum = [_mm256_setzero_si256(); T];
             if nibbles::<L>() {
-                if L::OFFSET != 0 {
-                    for t in 0..T {
-                        isum[t] = _mm256_set1_epi32(-(L::OFFSET as i32) * (*a[t]).sum);
+                // The half-block's eight code vectors, unpacked once for every token: code
+                // vector v holds codes 4v..4v + 4 of each row (low nibbles of stored vector
+                // v, then high nibbles of v − 4), so it meets the activations from 4v.
+                let masks = blk.add(code_bytes::<L>()) as *const u64;
+                let mut codes = [_mm256_setzero_si256(); 8];
+                for j in 0..4 {
+                    let c = _mm256_loadu_si256(blk.add(64 * j + 32 * h) as *const __m256i);
+                    codes[j] = _mm256_and_si256(c, low);
+                    codes[j + 4] = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
+                    if L::QH.is_some() {
+                        let half_word =
+                            |w: usize| (read_unaligned(masks.add(w)) >> (32 * h)) as u32;
+                        let (lo16, hi16) = sixteens(half_word(j), half_word(j + 4));
+                        codes[j] = _mm256_or_si256(codes[j], lo16);
+                        codes[j + 4] = _mm256_or_si256(codes[j + 4], hi16);
                     }
                 }
-                let masks = blk.add(code_bytes::<L>()) as *const u64;
                 // Code vectors whose pair sums are added in `i16` before widening (see the
-                // module docs): all four of a block's for 4-bit codes, two for 5-bit codes.
-                let per_widening = if L::QH.is_some() { 2 } else { 4 };
-                for first in (0..4).step_by(per_widening) {
-                    let mut pairs = [_mm256_setzero_si256(); T];
-                    for j in first..first + per_widening {
-                        let c = _mm256_loadu_si256(blk.add(64 * j + 32 * h) as *const __m256i);
-                        let mut lo = _mm256_and_si256(c, low);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
-                        if L::QH.is_some() {
-                            let half_word =
-                                |w: usize| (read_unaligned(masks.add(w)) >> (32 * h)) as u32;
-                            let (lo16, hi16) = sixteens(half_word(j), half_word(j + 4));
-                            lo = _mm256_or_si256(lo, lo16);
-                            hi = _mm256_or_si256(hi, hi16);
-                        }
-                        for t in 0..T {
-                            let plo = _mm256_maddubs_epi16(lo, quad(a[t], 4 * j));
-                            let phi = _mm256_maddubs_epi16(hi, quad(a[t], 16 + 4 * j));
-                            pairs[t] = _mm256_add_epi16(pairs[t], _mm256_add_epi16(plo, phi));
-                        }
+                // module docs): all eight for 4-bit codes, four for 5-bit codes.
+                let per_widening = if L::QH.is_some() { 4 } else { 8 };
+                for t in 0..T {
+                    if L::OFFSET != 0 {
+                        isum[t] = _mm256_set1_epi32(-(L::OFFSET as i32) * (*a[t]).sum);
                     }
-                    for t in 0..T {
-                        isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(pairs[t], ones));
+                    for first in (0..8).step_by(per_widening) {
+                        let mut pairs = _mm256_setzero_si256();
+                        for (v, &code) in codes.iter().enumerate().skip(first).take(per_widening) {
+                            let product = _mm256_maddubs_epi16(code, quad(a[t], 4 * v));
+                            pairs = _mm256_add_epi16(pairs, product);
+                        }
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(pairs, ones));
                     }
                 }
             } else {
