@@ -1,9 +1,9 @@
-//! Single-threaded decode-path matrix-vector products, per weight type and per
-//! instruction-set level, on the shapes that dominate decode: a 4096-row slice of Gemma's
-//! 640-wide Q8_0 output head, Q5_0 2048 × 640, SmolLM2's Q4_1 1536 × 576, Gemma 3 270M's Q4_K
-//! attention output (640 × 1024) and Q6_K down projection (640 × 2048), the other K-quants at
-//! 2048 × 2048, and a Q4_K matrix larger than the last-level cache, which shows how close the
-//! kernels get to memory bandwidth. Throughput is weight bytes read per second.
+//! Single-threaded decode-path matrix-vector products of the K-quants, per instruction-set
+//! level, in the file's layout (the 32-value types' kernels read repacked panels: see the
+//! `decode_batch` bench): Gemma 3 270M's Q4_K attention output (640 × 1024) and Q6_K down
+//! projection (640 × 2048), the other K-quants at 2048 × 2048, and a Q4_K matrix larger than
+//! the last-level cache, which shows how close the kernels get to memory bandwidth.
+//! Throughput is weight bytes read per second.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
@@ -14,12 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// (type, rows, cols) of each benchmarked matrix.
-const SHAPES: [(GgmlType, usize, usize); 11] = [
-    (GgmlType::Q8_0, 4096, 640),
-    (GgmlType::Q5_0, 2048, 640),
-    (GgmlType::Q4_1, 1536, 576),
-    (GgmlType::Q4_0, 2048, 640),
-    (GgmlType::Q5_1, 2048, 640),
+const SHAPES: [(GgmlType, usize, usize); 6] = [
     (GgmlType::Q4_K, 640, 1024),
     (GgmlType::Q6_K, 640, 2048),
     (GgmlType::Q5_K, 2048, 2048),
@@ -31,11 +26,11 @@ const SHAPES: [(GgmlType, usize, usize); 11] = [
 /// Byte offsets of a block's f16 scale (and minimum) fields.
 fn f16_fields(dtype: GgmlType) -> &'static [usize] {
     match dtype {
-        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
         GgmlType::Q2_K => &[80, 82],
         GgmlType::Q3_K => &[108],
         GgmlType::Q6_K => &[208],
-        _ => &[0],
+        other => panic!("no scale offsets for {other}"),
     }
 }
 

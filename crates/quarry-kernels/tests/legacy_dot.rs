@@ -1,8 +1,9 @@
-//! The integer decode-path kernels for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (`gemv_rows` on
-//! these types), for every instruction-set level this CPU offers: each SIMD level against
-//! the scalar level, the scalar level against an f64 dot product of the decoded weights
-//! and decoded 8-bit activations, extreme codes that could overflow narrow intermediate
-//! sums, and the end-to-end error of 8-bit activations against unquantized ones.
+//! The integer decode-path kernels for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: the scalar row
+//! kernel (`gemv_rows` on these types) against an f64 dot product of the decoded weights and
+//! decoded 8-bit activations, and every panel kernel this CPU runs (`PackedRows`, AVX2 and
+//! AVX-512 VNNI) against its scalar reference bit for bit and against the row kernel to
+//! rounding; extreme codes that could overflow narrow intermediate sums, and the end-to-end
+//! error of 8-bit activations against unquantized ones.
 
 mod common;
 
@@ -45,16 +46,29 @@ fn random_weights(rng: &mut StdRng, dtype: GgmlType, rows: usize, cols: usize) -
     bytes
 }
 
-/// `gemv_rows` on token 0 of `x`, for rows `rows` of `w`.
-fn gemv(
-    isa: Isa,
+/// The scalar row kernel (`gemv_rows`) on token 0 of `x`, for rows `rows` of `w`.
+fn gemv(w: &WeightView<'_>, rows: std::ops::Range<usize>, x: &QuantizedActivations) -> Vec<f32> {
+    let mut out = vec![f32::NAN; rows.len()];
+    gemv_rows(Isa::Scalar, w, rows, x, 0, &mut out);
+    out
+}
+
+/// Each panel kernel this CPU runs, on token 0 of `x`, for rows `rows` of `w` (computed from
+/// row 0, since a panel product starts at a panel).
+fn panels(
     w: &WeightView<'_>,
     rows: std::ops::Range<usize>,
     x: &QuantizedActivations,
-) -> Vec<f32> {
-    let mut out = vec![f32::NAN; rows.len()];
-    gemv_rows(isa, w, rows, x, 0, &mut out);
-    out
+) -> Vec<(Isa, Vec<f32>)> {
+    Isa::available()
+        .into_iter()
+        .filter_map(|isa| PackedRows::for_isa(w, isa))
+        .map(|p| {
+            let mut out = vec![f32::NAN; rows.end];
+            gemv_packed_tokens(&p, 0..rows.end, x, &mut [&mut out[..]]);
+            (p.isa(), out[rows.clone()].to_vec())
+        })
+        .collect()
 }
 
 /// Row `row` of `w` decoded to f32.
@@ -84,8 +98,8 @@ fn decoded_activations(x: &QuantizedActivations) -> Vec<f32> {
         .collect()
 }
 
-/// Checks every available level on rows `range` of `w` against the scalar level (to
-/// `simd_tol` of Σ|w·x|) and the scalar level against the f64 reference (to 1e-4).
+/// Checks every panel kernel on rows `range` of `w` against the scalar row kernel (to
+/// `simd_tol` of Σ|w·x|) and the scalar kernel against the f64 reference (to 1e-4).
 fn check_all_levels(
     w: &WeightView<'_>,
     range: std::ops::Range<usize>,
@@ -93,7 +107,8 @@ fn check_all_levels(
     simd_tol: f64,
 ) -> Result<(), TestCaseError> {
     let xq = decoded_activations(x);
-    let scalar = gemv(Isa::Scalar, w, range.clone(), x);
+    let scalar = gemv(w, range.clone(), x);
+    let panels = panels(w, range.clone(), x);
     for (i, &s) in scalar.iter().enumerate() {
         let (want, mag) = f64_dot(w, range.start + i, &xq);
         prop_assert!(
@@ -102,8 +117,8 @@ fn check_all_levels(
             w,
             range.start + i
         );
-        for isa in Isa::available() {
-            let got = gemv(isa, w, range.clone(), x)[i];
+        for (isa, got) in &panels {
+            let got = got[i];
             prop_assert!(
                 (got as f64 - s as f64).abs() <= simd_tol * mag,
                 "{:?} row {} {isa:?}: {got} vs scalar {s} (Σ|w·x| {mag})",
@@ -257,13 +272,6 @@ fn extreme_codes_do_not_overflow() {
                     };
                     let (got, want) = packed_and_reference(&p, &w, 0..rows, &x);
                     assert_eq!(got, want, "{dtype} code {code:#04x}: packed for {isa:?}");
-                    let scalar = gemv(Isa::Scalar, &w, 0..rows, &x);
-                    for (g, s) in got[0].iter().zip(&scalar) {
-                        assert!(
-                            (g - s).abs() <= 1e-5 * s.abs().max(1.0),
-                            "{dtype} code {code:#04x}: {g} vs {s}"
-                        );
-                    }
                 }
             }
         }
@@ -276,11 +284,12 @@ fn empty_ranges_and_zero_columns() {
     let w = WeightView::new(GgmlType::Q8_0, 3, 64, &bytes).unwrap();
     let x = QuantizedActivations::new(&[0.5; 64], 1, 64);
     let no_cols = QuantizedActivations::new(&[], 1, 0);
-    for isa in Isa::available() {
-        assert!(gemv(isa, &w, 3..3, &x).is_empty());
-        for dtype in TYPES {
-            let w = WeightView::new(dtype, 3, 0, &[]).unwrap();
-            assert_eq!(gemv(isa, &w, 0..3, &no_cols), [0.0; 3], "{dtype} {isa:?}");
+    assert!(gemv(&w, 3..3, &x).is_empty());
+    for dtype in TYPES {
+        let w = WeightView::new(dtype, 3, 0, &[]).unwrap();
+        assert_eq!(gemv(&w, 0..3, &no_cols), [0.0; 3], "{dtype}");
+        for (isa, got) in panels(&w, 0..3, &no_cols) {
+            assert_eq!(got, [0.0; 3], "{dtype} {isa:?}");
         }
     }
 }
@@ -363,8 +372,8 @@ fn eight_bit_activations_stay_close_to_f32() {
             .any(|b| b[0] != 0 || b[1] != 0));
         let x = common::gaussian(&mut rng, cols, 1.0);
         let xq = QuantizedActivations::new(&x, 1, cols);
-        for isa in Isa::available() {
-            let got = gemv(isa, &w, 0..rows, &xq);
+        let scalar = (Isa::Scalar, gemv(&w, 0..rows, &xq));
+        for (isa, got) in std::iter::once(scalar).chain(panels(&w, 0..rows, &xq)) {
             for (r, &g) in got.iter().enumerate() {
                 let (want, mag) = f64_dot(&w, r, &x);
                 let err = (g as f64 - want).abs() / mag;

@@ -101,8 +101,10 @@ pub fn quantize_for(dtype: GgmlType, x: &QuantizedActivations<'_>) {
     }
 }
 
-/// `out[i] = w.row(rows.start + i) · x.row(token)` for the rows in `rows`, using `isa`.
-/// `w.dtype()` must satisfy [`has_integer_kernel`].
+/// `out[i] = w.row(rows.start + i) · x.row(token)` for the rows in `rows`, in the file's
+/// layout: the K-quants with the `isa` kernel, the 32-value types with their scalar
+/// reference (their SIMD kernels read [`PackedRows`]). `w.dtype()` must satisfy
+/// [`has_integer_kernel`].
 pub fn gemv_rows(
     isa: Isa,
     w: &WeightView<'_>,
@@ -113,7 +115,7 @@ pub fn gemv_rows(
 ) {
     debug_assert_eq!(out.len(), rows.len());
     if legacy::supports(w.dtype()) {
-        legacy::gemv(isa, w, rows, x.q8x32(token), out);
+        legacy::gemv(w, rows, x.q8x32(token), out);
     } else {
         kquants::gemv(isa, w, rows, x.q8x256(token), out);
     }

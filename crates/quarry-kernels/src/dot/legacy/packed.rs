@@ -497,7 +497,6 @@ mod avx2 {
     use core::arch::x86_64::*;
     use core::ptr::read_unaligned;
 
-    use super::super::avx2::sixteens;
     use super::{block_bytes, code_bytes, nibbles, scales_at, Layout, PANEL};
     use crate::act::BlockQ8x32;
     use crate::dot::{prefetch, PREFETCH_BLOCKS};
@@ -638,5 +637,31 @@ mod avx2 {
         for t in 0..T {
             _mm256_maskstore_ps(outs[t], keep, acc[t]);
         }
+    }
+
+    /// 16 in byte i of the first vector where bit i of `lo` is set, else 0; likewise the
+    /// second vector from `hi`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sixteens(lo: u32, hi: u32) -> (__m256i, __m256i) {
+        let both = _mm256_set1_epi64x((lo as u64 | (hi as u64) << 32) as i64);
+        (spread(both, 0), spread(both, 4))
+    }
+
+    /// 16 in byte i where bit i % 8 of byte `first + i / 8` of `both` is set, else 0.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn spread(both: __m256i, first: i64) -> __m256i {
+        let step = 0x0101_0101_0101_0101;
+        let idx = _mm256_setr_epi64x(
+            first * step,
+            (first + 1) * step,
+            (first + 2) * step,
+            (first + 3) * step,
+        );
+        let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let bytes = _mm256_shuffle_epi8(both, idx);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
+        _mm256_and_si256(set, _mm256_set1_epi8(16))
     }
 }
