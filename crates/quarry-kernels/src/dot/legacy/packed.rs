@@ -391,12 +391,23 @@ fn reference_as<L: Layout>(
     }
 }
 
+/// Activation bytes `k..k + 4` of the block at `a`, as one little-endian word: what a panel
+/// kernel broadcasts to every row's lane.
+///
+/// # Safety
+/// `a` points to a readable block and `k <= 28`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn activation_quad(a: *const BlockQ8x32, k: usize) -> i32 {
+    core::ptr::read_unaligned((*a).qs.as_ptr().add(k) as *const i32)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use core::arch::x86_64::*;
     use core::ptr::read_unaligned;
 
-    use super::{block_bytes, code_bytes, nibbles, scales_at, Layout, PANEL};
+    use super::{activation_quad, block_bytes, code_bytes, nibbles, scales_at, Layout, PANEL};
     use crate::act::BlockQ8x32;
     use crate::dot::{prefetch, PREFETCH_BLOCKS};
 
@@ -406,7 +417,7 @@ mod avx512 {
     /// `a` points to a readable block and `k <= 28`.
     #[inline(always)]
     unsafe fn quad(a: *const BlockQ8x32, k: usize) -> __m512i {
-        _mm512_set1_epi32(read_unaligned((*a).qs.as_ptr().add(k) as *const i32))
+        _mm512_set1_epi32(activation_quad(a, k))
     }
 
     /// `outs[t][0..n]` = the panel at `p` (`blocks` panel blocks of `L`) · token t.
@@ -497,7 +508,7 @@ mod avx2 {
     use core::arch::x86_64::*;
     use core::ptr::read_unaligned;
 
-    use super::{block_bytes, code_bytes, nibbles, scales_at, Layout, PANEL};
+    use super::{activation_quad, block_bytes, code_bytes, nibbles, scales_at, Layout, PANEL};
     use crate::act::BlockQ8x32;
     use crate::dot::{prefetch, PREFETCH_BLOCKS};
 
@@ -510,7 +521,7 @@ mod avx2 {
     /// `a` points to a readable block and `k <= 28`.
     #[inline(always)]
     unsafe fn quad(a: *const BlockQ8x32, k: usize) -> __m256i {
-        _mm256_set1_epi32(read_unaligned((*a).qs.as_ptr().add(k) as *const i32))
+        _mm256_set1_epi32(activation_quad(a, k))
     }
 
     /// `outs[t][0..n]` = the panel at `p` (`blocks` panel blocks of `L`) · token t, one
