@@ -8,6 +8,7 @@
 
 mod ggml_type;
 pub mod gguf;
+pub mod input;
 
 pub use ggml_type::{GgmlType, QK_K};
 pub use gguf::{FormatError, GgufFile, GgufWriter, TensorInfo, TensorView, Value, ValueType};

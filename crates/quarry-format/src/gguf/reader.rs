@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::File;
 use std::path::Path;
 
 use memmap2::{Mmap, UncheckedAdvice};
@@ -117,7 +116,7 @@ impl GgufFile {
             action,
             source: source_err,
         };
-        let file = File::open(path).map_err(|e| io_err("open", e))?;
+        let file = crate::input::open_regular(path).map_err(|e| io_err("open", e))?;
         let len = file.metadata().map_err(|e| io_err("stat", e))?.len();
         // Mapping zero bytes fails on some platforms; an empty file is simply truncated.
         let backing = if len == 0 {
