@@ -158,8 +158,8 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             role: "user".into(),
             content: line.to_string(),
         });
-        let rendered = template.render(&messages, true)?;
-        let mut prompt = tokenizer.encode(&rendered, false, true);
+        // Special tokens are parsed in the template's markup only; contents stay text.
+        let mut prompt = template.render(&messages, true)?.encode(&tokenizer);
         // Templates normally spell out BOS; add it when the model wants one and it is missing.
         if let Some(bos) = tokenizer.bos_id().filter(|_| tokenizer.add_bos()) {
             if prompt.first() != Some(&bos) {

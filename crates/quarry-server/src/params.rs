@@ -342,14 +342,14 @@ fn chat_prompt(
         };
         messages.push(ChatMessage { role, content });
     }
-    let text = template.render(&messages, true).map_err(|e| {
+    let rendered = template.render(&messages, true).map_err(|e| {
         ApiError::invalid(
             "messages",
             format!("the chat template refused the conversation: {e}"),
         )
     })?;
-    // The template writes any BOS itself.
-    Ok((tokenizer.encode(&text, false, true), text))
+    // The template writes any BOS itself; message contents are text, never control tokens.
+    Ok((rendered.encode(tokenizer), rendered.into_text()))
 }
 
 fn completion_prompt(

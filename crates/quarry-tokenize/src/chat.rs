@@ -8,10 +8,26 @@
 //! `general.architecture`, and says so through [`ChatTemplate::is_fallback`] and
 //! [`ChatTemplate::description`].
 //!
-//! The rendered text contains special-token texts (`<start_of_turn>`, `<|im_start|>`, often BOS):
-//! encode it with `parse_special = true`, and without adding a second BOS when it already starts
-//! with one.
+//! # Message content is text, never markup
+//!
+//! The rendered prompt mixes the template's markup (`<start_of_turn>`, `<|im_start|>`, often
+//! BOS), which must become control tokens, with message contents, which must not: a user who
+//! types `<|im_start|>system` must not open a system turn. [`ChatTemplate::render`] therefore
+//! returns a [`RenderedChat`], whose [`RenderedChat::encode`] parses special tokens only where
+//! the template wrote them. How: before rendering, a private-use character (the *mark*, one that
+//! occurs in no message, no special-token text and not in the template) is inserted into every
+//! message content at each place where a control-token text occurs — after its first character
+//! — and at the content's start or end when the content could complete a control-token text
+//! begun or ended by the template around it. No control-token text can then be matched across
+//! a mark; encoding parses control tokens in the rendered text and tokenizes every text stretch
+//! containing a mark as plain text with the marks removed. Content without control-token texts
+//! gets no marks and is tokenized exactly as the rendered text always was. (Roles are not
+//! marked: they are markup, chosen by the application from a fixed set; a one-character
+//! control-token text cannot be split and is not guarded; no vocabulary in use has one.)
 
+use std::collections::HashSet;
+
+use aho_corasick::AhoCorasick;
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +81,162 @@ pub struct ChatTemplate {
     eos: String,
     fallback: bool,
     description: String,
+    guard: ContentGuard,
+}
+
+/// A rendered conversation: its text, and what is needed to tokenize it with special tokens
+/// parsed in the template's markup only (see the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedChat {
+    /// The prompt text as the template wrote it.
+    text: String,
+    /// The same text with marks in the message contents, and the mark; `None` when no content
+    /// needed one (then `text` is encoded as it is).
+    marked: Option<(String, char)>,
+}
+
+impl RenderedChat {
+    /// The prompt text.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The prompt text, by value.
+    pub fn into_text(self) -> String {
+        self.text
+    }
+
+    /// The prompt's token ids: special tokens parsed where the template wrote them, message
+    /// contents tokenized as plain text. No BOS is added (templates write their own).
+    pub fn encode(&self, tokenizer: &Tokenizer) -> Vec<u32> {
+        match &self.marked {
+            None => tokenizer.encode(&self.text, false, true),
+            Some((marked, mark)) => tokenizer.encode_marked(marked, *mark),
+        }
+    }
+}
+
+/// Private-use code points, where the mark is chosen.
+const MARK_RANGES: [std::ops::RangeInclusive<u32>; 3] =
+    [0xE000..=0xF8FF, 0xF_0000..=0xF_FFFD, 0x10_0000..=0x10_FFFD];
+
+fn is_private_use(c: char) -> bool {
+    MARK_RANGES.iter().any(|r| r.contains(&u32::from(c)))
+}
+
+/// The control-token texts of a vocabulary and the private-use characters a mark must avoid.
+#[derive(Default)]
+struct ContentGuard {
+    /// Texts tokenized as special only on request (control and unknown tokens).
+    controls: Vec<Box<str>>,
+    /// Finds them in a content (all occurrences, overlapping ones included).
+    finder: Option<AhoCorasick>,
+    /// Private-use characters of every special-token text, the template source, BOS and EOS.
+    taken: HashSet<char>,
+}
+
+impl ContentGuard {
+    fn new(tokenizer: &Tokenizer, source: &str) -> ContentGuard {
+        let mut controls: Vec<Box<str>> = Vec::new();
+        let mut taken: HashSet<char> = source.chars().filter(|&c| is_private_use(c)).collect();
+        for (text, only_if_parsing) in tokenizer.special_texts() {
+            taken.extend(text.chars().filter(|&c| is_private_use(c)));
+            if only_if_parsing {
+                controls.push(text.into());
+            }
+        }
+        let finder = (!controls.is_empty()).then(|| {
+            AhoCorasick::new(controls.iter().map(|t| t.as_bytes()))
+                .expect("an automaton over a vocabulary's control tokens fits the default limits")
+        });
+        ContentGuard {
+            controls,
+            finder,
+            taken,
+        }
+    }
+
+    /// Byte offsets of `content` where a mark goes (sorted, distinct): after the first
+    /// character of every control-token text in it; at 0 when the template's text before it
+    /// could end a control-token text that the content continues (the content starts with a
+    /// proper suffix of one, or lies inside one); at the end when the content ends with a proper
+    /// prefix of one.
+    fn mark_offsets(&self, content: &str) -> Vec<usize> {
+        let mut at = Vec::new();
+        if content.is_empty() {
+            return at;
+        }
+        if let Some(finder) = &self.finder {
+            for m in finder.find_overlapping_iter(content) {
+                let first = content[m.start()..]
+                    .chars()
+                    .next()
+                    .map_or(1, char::len_utf8);
+                if m.start() + first < m.end() {
+                    at.push(m.start() + first);
+                }
+            }
+        }
+        for text in &self.controls {
+            for (k, _) in text.char_indices().skip(1) {
+                let (head, tail) = text.split_at(k);
+                if content.starts_with(tail) || tail.starts_with(content) {
+                    at.push(0);
+                }
+                if content.ends_with(head) {
+                    at.push(content.len());
+                }
+            }
+        }
+        at.sort_unstable();
+        at.dedup();
+        at
+    }
+
+    /// `messages` with marks inserted into their contents, and the mark; `None` when no
+    /// content needs one.
+    fn mark(
+        &self,
+        messages: &[ChatMessage],
+    ) -> Result<Option<(Vec<ChatMessage>, char)>, TokenizeError> {
+        let offsets: Vec<Vec<usize>> = messages
+            .iter()
+            .map(|m| self.mark_offsets(&m.content))
+            .collect();
+        if offsets.iter().all(Vec::is_empty) {
+            return Ok(None);
+        }
+        let used: HashSet<char> = messages
+            .iter()
+            .flat_map(|m| m.role.chars().chain(m.content.chars()))
+            .filter(|&c| is_private_use(c))
+            .collect();
+        let mark = MARK_RANGES
+            .iter()
+            .flat_map(|r| r.clone().filter_map(char::from_u32))
+            .find(|c| !used.contains(c) && !self.taken.contains(c))
+            .ok_or(TokenizeError::NoContentMark)?;
+        let marked = messages
+            .iter()
+            .zip(&offsets)
+            .map(|(m, at)| {
+                let mut content =
+                    String::with_capacity(m.content.len() + at.len() * mark.len_utf8());
+                let mut from = 0;
+                for &offset in at {
+                    content.push_str(&m.content[from..offset]);
+                    content.push(mark);
+                    from = offset;
+                }
+                content.push_str(&m.content[from..]);
+                ChatMessage {
+                    role: m.role.clone(),
+                    content,
+                }
+            })
+            .collect();
+        Ok(Some((marked, mark)))
+    }
 }
 
 impl ChatTemplate {
@@ -75,10 +247,8 @@ impl ChatTemplate {
         file: &quarry_format::GgufFile,
         tok: &Tokenizer,
     ) -> Result<ChatTemplate, TokenizeError> {
-        let text = |id: Option<u32>| id.map_or("", |id| tok.token_text(id));
-        let (bos, eos) = (text(tok.bos_id()), text(tok.eos_id()));
         if let Some(source) = file.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
-            let mut template = ChatTemplate::new(source, bos, eos)?;
+            let mut template = ChatTemplate::new(source, tok)?;
             template.description = "chat template from the GGUF (tokenizer.chat_template)".into();
             return Ok(template);
         }
@@ -90,7 +260,7 @@ impl ChatTemplate {
             "gemma" | "gemma2" | "gemma3" | "gemma3n" => (GEMMA_TEMPLATE, "Gemma"),
             _ => (CHATML_TEMPLATE, "ChatML"),
         };
-        let mut template = ChatTemplate::new(source, bos, eos)?;
+        let mut template = ChatTemplate::new(source, tok)?;
         template.fallback = true;
         template.description = format!(
             "the GGUF has no tokenizer.chat_template; using the built-in {name} template \
@@ -99,8 +269,24 @@ impl ChatTemplate {
         Ok(template)
     }
 
-    /// Compiles `source`; a syntax error is returned with its line.
-    pub fn new(source: &str, bos: &str, eos: &str) -> Result<ChatTemplate, TokenizeError> {
+    /// Compiles `source` for `tokenizer`'s vocabulary: `bos_token` and `eos_token` are the texts
+    /// of its BOS and EOS, and its control tokens are the markup message contents are kept
+    /// from. A syntax error is returned with its line.
+    pub fn new(source: &str, tokenizer: &Tokenizer) -> Result<ChatTemplate, TokenizeError> {
+        let text = |id: Option<u32>| id.map_or("", |id| tokenizer.token_text(id));
+        let (bos, eos) = (text(tokenizer.bos_id()), text(tokenizer.eos_id()));
+        let mut template = ChatTemplate::compile(source, bos, eos)?;
+        template.guard = ContentGuard::new(tokenizer, source);
+        template.guard.taken.extend(
+            bos.chars()
+                .chain(eos.chars())
+                .filter(|&c| is_private_use(c)),
+        );
+        Ok(template)
+    }
+
+    /// Compiles `source` with no vocabulary: no content is marked (for tests of the rendering).
+    fn compile(source: &str, bos: &str, eos: &str) -> Result<ChatTemplate, TokenizeError> {
         let mut env = Environment::new();
         // transformers renders chat templates with these two Jinja2 options.
         env.set_trim_blocks(true);
@@ -123,12 +309,34 @@ impl ChatTemplate {
             eos: eos.to_string(),
             fallback: false,
             description: "custom chat template".into(),
+            guard: ContentGuard::default(),
         })
     }
 
     /// Renders a conversation; with `add_generation_prompt` the text ends with the opening of an
     /// assistant turn. A template that raises (`raise_exception`) or fails returns its message.
+    /// Tokenize the result with [`RenderedChat::encode`], which keeps message contents text.
     pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<RenderedChat, TokenizeError> {
+        Ok(match self.guard.mark(messages)? {
+            None => RenderedChat {
+                text: self.render_text(messages, add_generation_prompt)?,
+                marked: None,
+            },
+            Some((marked_messages, mark)) => {
+                let marked = self.render_text(&marked_messages, add_generation_prompt)?;
+                RenderedChat {
+                    text: marked.replace(mark, ""),
+                    marked: Some((marked, mark)),
+                }
+            }
+        })
+    }
+
+    fn render_text(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
@@ -193,7 +401,7 @@ mod tests {
                 "{}",
                 t.description()
             );
-            assert_eq!(t.render(&convo, false).unwrap(), expected);
+            assert_eq!(t.render(&convo, false).unwrap().text(), expected);
         }
         let mut entries = vocab("gemma3");
         entries.push((
@@ -204,7 +412,7 @@ mod tests {
         let tok = Tokenizer::from_gguf(&file).unwrap();
         let t = ChatTemplate::from_gguf(&file, &tok).unwrap();
         assert!(!t.is_fallback());
-        assert_eq!(t.render(&convo, true).unwrap(), "<eos>1");
+        assert_eq!(t.render(&convo, true).unwrap().text(), "<eos>1");
     }
 
     fn msg(role: &str, content: &str) -> ChatMessage {
@@ -216,9 +424,9 @@ mod tests {
 
     #[test]
     fn gemma_fallback_format() {
-        let t = ChatTemplate::new(GEMMA_TEMPLATE, "<bos>", "<eos>").unwrap();
+        let t = ChatTemplate::compile(GEMMA_TEMPLATE, "<bos>", "<eos>").unwrap();
         assert_eq!(
-            t.render(&[msg("user", "hi")], true).unwrap(),
+            t.render(&[msg("user", "hi")], true).unwrap().text(),
             "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
         );
         assert_eq!(
@@ -230,7 +438,8 @@ mod tests {
                 ],
                 false
             )
-            .unwrap(),
+            .unwrap()
+            .text(),
             "<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n\
              <start_of_turn>model\nHello!<end_of_turn>\n"
         );
@@ -243,9 +452,11 @@ mod tests {
 
     #[test]
     fn chatml_fallback_format() {
-        let t = ChatTemplate::new(CHATML_TEMPLATE, "", "<|im_end|>").unwrap();
+        let t = ChatTemplate::compile(CHATML_TEMPLATE, "", "<|im_end|>").unwrap();
         assert_eq!(
-            t.render(&[msg("system", "S"), msg("user", "hi")], true).unwrap(),
+            t.render(&[msg("system", "S"), msg("user", "hi")], true)
+                .unwrap()
+                .text(),
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
     }
@@ -253,26 +464,76 @@ mod tests {
     #[test]
     fn python_methods_and_block_trimming() {
         let source = "{% for m in messages %}\n  {{ m.content.strip().upper() }}{% if m.role.startswith('u') %}!{% endif %}\n{% endfor %}";
-        let t = ChatTemplate::new(source, "", "").unwrap();
+        let t = ChatTemplate::compile(source, "", "").unwrap();
         // lstrip_blocks leaves the indent before `{{`; trim_blocks eats the newline after `endif`.
-        assert_eq!(t.render(&[msg("user", "  hi ")], false).unwrap(), "  HI!");
+        assert_eq!(
+            t.render(&[msg("user", "  hi ")], false).unwrap().text(),
+            "  HI!"
+        );
     }
 
     #[test]
     fn malformed_templates_are_errors() {
-        let err = ChatTemplate::new("{% for m in messages %}", "", "")
+        let err = ChatTemplate::compile("{% for m in messages %}", "", "")
             .err()
             .unwrap()
             .to_string();
         assert!(err.starts_with("chat template (syntax):"), "{err}");
-        let t = ChatTemplate::new("{{ raise_exception('no tools here') }}", "", "").unwrap();
+        let t = ChatTemplate::compile("{{ raise_exception('no tools here') }}", "", "").unwrap();
         let err = t.render(&[], true).unwrap_err().to_string();
         assert!(
             err.starts_with("chat template (render):") && err.contains("no tools here"),
             "{err}"
         );
-        let unknown_filter = ChatTemplate::new("{{ messages[0].content | nosuchfilter }}", "", "")
-            .and_then(|t| t.render(&[msg("user", "x")], true));
+        let unknown_filter =
+            ChatTemplate::compile("{{ messages[0].content | nosuchfilter }}", "", "")
+                .and_then(|t| t.render(&[msg("user", "x")], true));
         assert!(unknown_filter.is_err());
+    }
+
+    #[test]
+    fn marks_go_where_content_could_be_read_as_markup() {
+        let tok = crate::tokenizer::tests::spm_tokenizer(false);
+        let guard = ContentGuard::new(&tok, "");
+        // "<s>" and "</s>" are control texts; "<end_of_turn>" became one (end of generation).
+        assert!(guard.mark_offsets("plain text").is_empty());
+        assert!(guard.mark_offsets("").is_empty());
+        assert_eq!(guard.mark_offsets("a<s>b"), [2]);
+        // Each occurrence gets a mark of its own.
+        assert_eq!(guard.mark_offsets("</s><s>"), [1, 5]);
+        // A start that could finish a control text ("s>" of "<s>"), an end that could begin
+        // one, and a content that lies inside one.
+        assert_eq!(guard.mark_offsets("s> x"), [0]);
+        assert_eq!(guard.mark_offsets("x </"), [4]);
+        assert_eq!(guard.mark_offsets("nd_of_tur"), [0]);
+    }
+
+    #[test]
+    fn the_mark_is_a_character_the_conversation_does_not_use() {
+        let tok = crate::tokenizer::tests::spm_tokenizer(false);
+        let t = ChatTemplate::new(
+            "{% for m in messages %}<s>{{ m.content }}</s>{% endfor %}",
+            &tok,
+        )
+        .unwrap();
+        let content = "\u{E000}<s>\u{E001}";
+        let rendered = t.render(&[msg("user", content)], false).unwrap();
+        assert_eq!(rendered.text(), format!("<s>{content}</s>"));
+        let (_, mark) = rendered.marked.clone().unwrap();
+        assert_eq!(mark, '\u{E002}');
+        let ids = rendered.encode(&tok);
+        assert_eq!(ids.iter().filter(|&&id| id == 1).count(), 1, "{ids:?}");
+        assert_eq!(tok.decode(&ids), content);
+
+        // A conversation using every private-use character leaves no mark: refused, not guessed.
+        let all: String = MARK_RANGES
+            .iter()
+            .flat_map(|r| r.clone().filter_map(char::from_u32))
+            .collect();
+        let err = t
+            .render(&[msg("user", &(all + "<s>"))], false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("private-use character"), "{err}");
     }
 }

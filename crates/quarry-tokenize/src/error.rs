@@ -56,6 +56,13 @@ pub enum TokenizeError {
     /// The vocabulary has more tokens than a `u32` id can address.
     #[error("tokenizer.ggml.tokens has {0} tokens, more than a u32 id can address")]
     VocabTooLarge(usize),
+    /// Every private-use character occurs in the conversation or the vocabulary, so none is
+    /// left to keep message contents apart from the template's markup.
+    #[error(
+        "chat messages: the conversation uses every Unicode private-use character, so its \
+         contents cannot be kept apart from the template's special tokens"
+    )]
+    NoContentMark,
     /// A chat template failed to parse or to render.
     #[error("chat template ({what}): {source}")]
     Template {

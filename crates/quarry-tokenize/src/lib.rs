@@ -23,7 +23,7 @@ mod symbols;
 mod tokenizer;
 mod vocab;
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatTemplate, RenderedChat};
 pub use decode::StreamDecoder;
 pub use error::TokenizeError;
 pub use tokenizer::Tokenizer;

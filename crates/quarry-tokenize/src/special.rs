@@ -42,6 +42,13 @@ impl SpecialTokens {
         SpecialTokens { candidates, finder }
     }
 
+    /// Every candidate's text, with whether it is cut only when parsing special tokens.
+    pub(crate) fn texts(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.candidates
+            .iter()
+            .map(|(_, text, only_if_parsing)| (&**text, *only_if_parsing))
+    }
+
     /// Splits `text` into fragments; an empty text gives none.
     pub(crate) fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
         if text.is_empty() {

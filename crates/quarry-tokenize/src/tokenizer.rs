@@ -35,6 +35,12 @@ const END_OF_GENERATION_TEXTS: &[&str] = &[
 /// SentencePiece's escaped space, "▁" (U+2581).
 const ESCAPED_SPACE: char = '\u{2581}';
 
+/// What the subword algorithm is run over: text, or a special token already recognized.
+enum Piece<'s> {
+    Text(&'s str),
+    Token(u32),
+}
+
 /// Which subword algorithm a vocabulary uses, with what it needs beyond the tokens.
 pub(crate) enum ModelSpec {
     /// `tokenizer.ggml.model = "llama"`.
@@ -188,6 +194,69 @@ impl Tokenizer {
             out.extend(self.bos);
         }
         let fragments = self.special.partition(text, parse_special);
+        self.encode_pieces(
+            fragments.into_iter().map(|fragment| match fragment {
+                Fragment::Token(id) => Piece::Token(id),
+                Fragment::Text(range) => Piece::Text(&text[range]),
+            }),
+            &mut out,
+        );
+        if add_special && self.add_eos {
+            out.extend(self.eos);
+        }
+        out
+    }
+
+    /// Token ids of a text in which `mark` was inserted into (or around) every place where data,
+    /// not markup, spelled a special token: control and unknown tokens are parsed, except in a
+    /// text fragment containing `mark`, which is tokenized as plain text once the marks are
+    /// removed (user-defined tokens are still recognized there, as in [`Tokenizer::encode`]
+    /// without `parse_special`). No BOS or EOS is added. `mark` must not occur in any
+    /// special-token text (see [`Tokenizer::special_texts`]).
+    pub(crate) fn encode_marked(&self, text: &str, mark: char) -> Vec<u32> {
+        let fragments = self.special.partition(text, true);
+        // Marked fragments, without their marks; the pieces below borrow from these.
+        let cleaned: Vec<String> = fragments
+            .iter()
+            .filter_map(|fragment| match fragment {
+                Fragment::Text(range) if text[range.clone()].contains(mark) => {
+                    Some(text[range.clone()].replace(mark, ""))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut cleaned_iter = cleaned.iter();
+        let mut pieces = Vec::with_capacity(fragments.len());
+        for fragment in fragments {
+            match fragment {
+                Fragment::Token(id) => pieces.push(Piece::Token(id)),
+                Fragment::Text(range) if text[range.clone()].contains(mark) => {
+                    let plain = cleaned_iter
+                        .next()
+                        .expect("one cleaned string per marked fragment");
+                    for inner in self.special.partition(plain, false) {
+                        pieces.push(match inner {
+                            Fragment::Token(id) => Piece::Token(id),
+                            Fragment::Text(r) => Piece::Text(&plain[r]),
+                        });
+                    }
+                }
+                Fragment::Text(range) => pieces.push(Piece::Text(&text[range])),
+            }
+        }
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        self.encode_pieces(pieces, &mut out);
+        out
+    }
+
+    /// Every special-token text the tokenizer cuts out of its input, with whether it is cut
+    /// only when parsing special tokens (control and unknown tokens) or always (user-defined).
+    pub(crate) fn special_texts(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.special.texts()
+    }
+
+    /// Runs the subword algorithm over text pieces, passing recognized tokens through.
+    fn encode_pieces<'s>(&self, pieces: impl IntoIterator<Item = Piece<'s>>, out: &mut Vec<u32>) {
         match &self.algorithm {
             Algorithm::Spm {
                 add_space_prefix,
@@ -195,48 +264,43 @@ impl Tokenizer {
             } => {
                 // The space prefix goes at the start of the text and after each special token.
                 let mut after_special = true;
-                for fragment in fragments {
-                    match fragment {
-                        Fragment::Token(id) => {
+                for piece in pieces {
+                    match piece {
+                        Piece::Token(id) => {
                             out.push(id);
                             after_special = true;
                         }
-                        Fragment::Text(range) => {
-                            let mut escaped = String::with_capacity(range.len() + 3);
+                        Piece::Text(text) => {
+                            let mut escaped = String::with_capacity(text.len() + 3);
                             if *add_space_prefix && after_special {
                                 escaped.push(ESCAPED_SPACE);
                             }
-                            escaped.extend(text[range].chars().map(|c| {
+                            escaped.extend(text.chars().map(|c| {
                                 if c == ' ' {
                                     ESCAPED_SPACE
                                 } else {
                                     c
                                 }
                             }));
-                            spm::encode(&self.vocab, byte_tokens, &escaped, &mut out);
+                            spm::encode(&self.vocab, byte_tokens, &escaped, out);
                             after_special = false;
                         }
                     }
                 }
             }
             Algorithm::Bpe { pre, merges } => {
-                for fragment in fragments {
-                    match fragment {
-                        Fragment::Token(id) => out.push(id),
-                        Fragment::Text(range) => {
-                            let fragment = &text[range];
+                for piece in pieces {
+                    match piece {
+                        Piece::Token(id) => out.push(id),
+                        Piece::Text(fragment) => {
                             for word in pre.split(fragment) {
-                                bpe::encode_word(&self.vocab, merges, &fragment[word], &mut out);
+                                bpe::encode_word(&self.vocab, merges, &fragment[word], out);
                             }
                         }
                     }
                 }
             }
         }
-        if add_special && self.add_eos {
-            out.extend(self.eos);
-        }
-        out
     }
 
     /// The text of `ids`: normal, byte and user-defined tokens; control tokens contribute nothing.
