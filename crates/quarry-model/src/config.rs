@@ -102,12 +102,21 @@ impl ModelConfig {
                 None => Ok(default),
             }
         };
-        let get_f32_or = |suffix: &str, default: f32| -> Result<f32, ModelError> {
+        // Every float hyper-parameter (epsilons, RoPE bases and factors, scales, soft-caps) is
+        // a positive finite number; a NaN or a negative one would run and produce garbage.
+        let get_f32 = |suffix: &str| -> Result<Option<f32>, ModelError> {
             let k = key(suffix);
-            match file.get(&k) {
-                Some(_) => Ok(file.get_f32(&k)?),
-                None => Ok(default),
+            if file.get(&k).is_none() {
+                return Ok(None);
             }
+            let v = file.get_f32(&k)?;
+            if !(v.is_finite() && v > 0.0) {
+                return Err(bad(file, &k, v, "must be a positive finite number"));
+            }
+            Ok(Some(v))
+        };
+        let get_f32_or = |suffix: &str, default: f32| -> Result<f32, ModelError> {
+            Ok(get_f32(suffix)?.unwrap_or(default))
         };
 
         let n_layers = get_usize("block_count")?;
@@ -153,12 +162,8 @@ impl ModelConfig {
             Some("linear") => get_f32_or("rope.scaling.factor", 1.0)?,
             _ => 1.0,
         };
-        let attn_softcap = file
-            .get(&key("attn_logit_softcapping"))
-            .and_then(|v| v.as_f32());
-        let final_softcap = file
-            .get(&key("final_logit_softcapping"))
-            .and_then(|v| v.as_f32());
+        let attn_softcap = get_f32("attn_logit_softcapping")?;
+        let final_softcap = get_f32("final_logit_softcapping")?;
         let sliding = match file.get(&key("attention.sliding_window")) {
             Some(_) => Some(get_usize("attention.sliding_window")?),
             None => None,

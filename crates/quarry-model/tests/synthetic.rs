@@ -34,6 +34,8 @@ struct Spec {
     pattern: Option<u32>,
     skip_tensor: Option<&'static str>,
     bad_shape: Option<&'static str>,
+    /// A float hyper-parameter (key suffix after the architecture) set to a value.
+    float: Option<(&'static str, f32)>,
 }
 
 impl Spec {
@@ -45,6 +47,7 @@ impl Spec {
             pattern: None,
             skip_tensor: None,
             bad_shape: None,
+            float: None,
         }
     }
     fn gemma3(window: u32, pattern: u32) -> Spec {
@@ -85,10 +88,13 @@ fn build(spec: &Spec) -> GgufFile {
     );
     meta(&format!("{a}.context_length"), Value::U32(64));
     meta(&format!("{a}.vocab_size"), Value::U32(VOCAB as u32));
-    meta(
-        &format!("{a}.attention.layer_norm_rms_epsilon"),
-        Value::F32(1e-6),
-    );
+    let eps = "attention.layer_norm_rms_epsilon";
+    if spec.float.map(|(suffix, _)| suffix) != Some(eps) {
+        meta(&format!("{a}.{eps}"), Value::F32(1e-6));
+    }
+    if let Some((suffix, value)) = spec.float {
+        meta(&format!("{a}.{suffix}"), Value::F32(value));
+    }
     if let Some(win) = spec.sliding_window {
         meta(&format!("{a}.attention.sliding_window"), Value::U32(win));
     }
@@ -305,6 +311,25 @@ fn load_errors_name_the_problem() {
     });
     let err = Model::load(&arch).err().unwrap().to_string();
     assert!(err.contains("unsupported architecture 'mamba'"), "{err}");
+
+    // Float hyper-parameters that would run and produce garbage are refused by key.
+    for (suffix, value) in [
+        ("rope.freq_base", f32::NAN),
+        ("attention.layer_norm_rms_epsilon", -1e-5),
+        ("attention.layer_norm_rms_epsilon", 0.0),
+        ("rope.freq_base", f32::INFINITY),
+        ("final_logit_softcapping", -30.0),
+    ] {
+        let file = build(&Spec {
+            float: Some((suffix, value)),
+            ..Spec::llama()
+        });
+        let err = Model::load(&file).err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("llama.{suffix}")) && err.contains("positive finite"),
+            "{suffix} = {value}: {err}"
+        );
+    }
 }
 
 /// Records the residual stream's pieces as a forward pass reports them.

@@ -30,6 +30,13 @@ pub enum VindexError {
         file: String,
         problem: String,
     },
+    #[error("{path}: {file}: {field} {problem}")]
+    Invalid {
+        path: String,
+        file: String,
+        field: String,
+        problem: String,
+    },
     #[error("{path}: the manifest lists no {file}, which a {level} vindex must have")]
     MissingFile {
         path: String,

@@ -20,6 +20,7 @@ use quarry_model::{Activation, Model};
 use quarry_tokenize::Tokenizer;
 use sha2::{Digest, Sha256};
 
+use crate::check;
 use crate::error::{io, VindexError};
 use crate::layout::{
     Bands, Dtype, Element, FileEntry, Index, Level, ModelInfo, Provenance, DOWN, EMBEDDINGS,
@@ -141,7 +142,7 @@ fn write_all(
         done: 0,
         total: 1,
     });
-    let (source_sha256, source_bytes) = hash_file(source)?;
+    let (source_sha256, source_bytes) = hash_file(source, u64::MAX)?;
 
     files.push(write_tokenizer(file, dir)?);
 
@@ -293,11 +294,7 @@ fn write_all(
             d_model: d,
             ff_dim: ff,
             vocab_size: vocab,
-            activation: match cfg.activation {
-                Activation::Silu => "silu",
-                Activation::GeluTanh => "gelu_tanh",
-            }
-            .into(),
+            activation: check::activation_name(cfg.activation).into(),
             norm_eps: cfg.norm_eps,
             embed_scale: cfg.embed_scale,
         },
@@ -444,7 +441,7 @@ fn write_tokenizer(file: &GgufFile, dir: &Path) -> Result<FileEntry, VindexError
     }
     let path = dir.join(TOKENIZER);
     w.write(&path)?;
-    let (sha256, bytes) = hash_file(&path)?;
+    let (sha256, bytes) = hash_file(&path, u64::MAX)?;
     Ok(FileEntry {
         name: TOKENIZER.into(),
         bytes,
@@ -463,7 +460,7 @@ fn write_json(
     let path = dir.join(name);
     let json = serde_json::to_vec(value).expect("plain data serializes");
     fs::write(&path, json).map_err(io(&path, "write"))?;
-    let (sha256, bytes) = hash_file(&path)?;
+    let (sha256, bytes) = hash_file(&path, u64::MAX)?;
     Ok(FileEntry {
         name: name.into(),
         bytes,
@@ -476,7 +473,7 @@ fn write_json(
 fn copy_model(source: &Path, dir: &Path) -> Result<FileEntry, VindexError> {
     let path = dir.join(MODEL);
     fs::copy(source, &path).map_err(io(&path, "copy the model into"))?;
-    let (sha256, bytes) = hash_file(&path)?;
+    let (sha256, bytes) = hash_file(&path, u64::MAX)?;
     Ok(FileEntry {
         name: MODEL.into(),
         bytes,
@@ -487,8 +484,11 @@ fn copy_model(source: &Path, dir: &Path) -> Result<FileEntry, VindexError> {
 }
 
 /// SHA-256 (hex) and length of a file.
-pub(crate) fn hash_file(path: &Path) -> Result<(String, u64), VindexError> {
-    let mut f = File::open(path).map_err(io(path, "open"))?;
+/// The sha256 and length of the regular file at `path`, reading at most `max` + 1 bytes (a
+/// length above `max` says the file is longer than expected without reading all of it).
+pub(crate) fn hash_file(path: &Path, max: u64) -> Result<(String, u64), VindexError> {
+    let f = quarry_format::input::open_regular(path).map_err(io(path, "open"))?;
+    let mut f = f.take(max.saturating_add(1));
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;

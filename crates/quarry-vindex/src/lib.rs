@@ -9,6 +9,7 @@
 //!
 //! The layout is documented in `docs/vindex.md`; [`layout`] is its code.
 
+pub mod check;
 mod error;
 mod extract;
 pub mod layout;

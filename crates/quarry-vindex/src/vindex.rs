@@ -1,24 +1,29 @@
-//! Opening a vindex: the manifest is checked (format, version, that every file the level
-//! needs is listed with the size its shape implies and the model's dimensions), then each
-//! data file is memory-mapped and its length compared with the manifest before any of it is
-//! read. Hashes are checked only by [`Vindex::verify`], which reads everything.
+//! Opening a vindex: the manifest is read (capped, regular files only) and checked as a whole
+//! (see [`crate::check`]): format, version, dimensions, bands, that every file the level needs
+//! is listed with the size its shape implies. Each data file is then memory-mapped and its
+//! length compared with the manifest before any of it is read, and the contents queries index
+//! with (relation and token ids, the embedded model's configuration) are checked against the
+//! manifest. Hashes are checked only by [`Vindex::verify`], which reads everything.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use memmap2::Mmap;
+use quarry_format::input::{open_regular, read_capped};
+use quarry_format::GgufFile;
 use quarry_kernels::pool;
 use quarry_kernels::vec::dot;
+use quarry_model::ModelConfig;
 use quarry_tokenize::Tokenizer;
 
+use crate::check::{self, MAX_INDEX_BYTES};
 use crate::error::{io, VindexError};
 use crate::extract::hash_file;
 use crate::layout::{
-    Dtype, Element, FileEntry, Index, Level, DOWN, EMBEDDINGS, FEATURE_STATS, FORMAT, GATE, INDEX,
-    MODEL, NORMS, RELATIONS, TOKENIZER, UP, VERSION, WRITES,
+    Dtype, Element, FileEntry, Index, Level, DOWN, EMBEDDINGS, FEATURE_STATS, GATE, INDEX, MODEL,
+    NORMS, RELATIONS, TOKENIZER, UP, WRITES,
 };
 use crate::relations::Relations;
 use crate::TokenLogit;
@@ -30,6 +35,9 @@ pub struct Vindex {
     maps: HashMap<&'static str, Mmap>,
     tokenizer: Tokenizer,
     relations: Relations,
+    /// The model file of an `inference` or `all` vindex, validated and checked against the
+    /// manifest.
+    model: Option<GgufFile>,
 }
 
 /// A file that did not match its manifest entry, from [`Vindex::verify`].
@@ -74,7 +82,7 @@ impl Vindex {
                 )));
             }
             let path = dir.join(name);
-            let file = File::open(&path).map_err(io(&path, "open"))?;
+            let file = open_regular(&path).map_err(io(&path, "open"))?;
             // SAFETY: the vindex is read-only to Quarry; like any memory-mapped reader we rely
             // on nobody truncating the file while it is open.
             let map = unsafe { Mmap::map(&file) }.map_err(io(&path, "memory-map"))?;
@@ -99,18 +107,23 @@ impl Vindex {
                 ),
             });
         }
-        let relations =
-            serde_json::from_slice(&maps[RELATIONS]).map_err(|e| VindexError::BadFile {
-                path: dir.display().to_string(),
-                file: RELATIONS.into(),
-                problem: format!("is not a relation table: {e}"),
-            })?;
+        let relations = check::parse_relations(&maps[RELATIONS], &index, &shown)?;
+        check::check_writes(bytemuck::cast_slice(&maps[WRITES]), &index, &shown)?;
+        let model = match maps.contains_key(MODEL) {
+            true => {
+                let file = GgufFile::open(dir.join(MODEL))?;
+                check::check_model(&index, &ModelConfig::from_gguf(&file)?, &shown)?;
+                Some(file)
+            }
+            false => None,
+        };
         Ok(Vindex {
             dir,
             index,
             maps,
             tokenizer,
             relations,
+            model,
         })
     }
 
@@ -135,6 +148,15 @@ impl Vindex {
     pub fn model_path(&self) -> Result<PathBuf, VindexError> {
         self.require(MODEL, Level::Inference)?;
         Ok(self.dir.join(MODEL))
+    }
+
+    /// The model inside an `inference` or `all` vindex, opened and checked with the vindex.
+    pub fn model_file(&self) -> Result<&GgufFile, VindexError> {
+        self.require(MODEL, Level::Inference)?;
+        Ok(self
+            .model
+            .as_ref()
+            .expect("opened with the vindex at this level"))
     }
 
     /// Token `token`'s embedding row as stored (before the model's `embed_scale`).
@@ -192,11 +214,21 @@ impl Vindex {
         rec.split_at(k)
     }
 
-    /// Re-hashes every file listed in the manifest; an empty list means all match.
+    /// Checks the vindex as a whole: the manifest's structure (as [`Vindex::open`] does; a
+    /// manifest that fails is an error), then every listed file's size and hash; when all of
+    /// those match, the contents are checked by opening it. An empty list means all is well.
     pub fn verify(dir: impl AsRef<Path>) -> Result<Vec<Mismatch>, VindexError> {
         let dir = dir.as_ref();
         let index = read_index(dir)?;
         let mut mismatches = Vec::new();
+        for (name, ..) in expected_files(&index) {
+            if index.file(name).is_none() {
+                mismatches.push(Mismatch {
+                    file: name.into(),
+                    problem: format!("is not listed, and a {} vindex has it", index.level.name()),
+                });
+            }
+        }
         for FileEntry {
             name,
             bytes,
@@ -205,18 +237,28 @@ impl Vindex {
         } in &index.files
         {
             let path = dir.join(name);
-            if !path.is_file() {
-                mismatches.push(Mismatch {
-                    file: name.clone(),
-                    problem: "is missing".into(),
-                });
-                continue;
-            }
-            let (digest, len) = hash_file(&path)?;
+            let (digest, len) = match hash_file(&path, *bytes) {
+                Ok(hashed) => hashed,
+                Err(VindexError::Io { source, .. }) => {
+                    let problem = match source.kind() {
+                        std::io::ErrorKind::NotFound => "is missing".to_string(),
+                        _ => format!("cannot be read: {source}"),
+                    };
+                    mismatches.push(Mismatch {
+                        file: name.clone(),
+                        problem,
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if len != *bytes {
                 mismatches.push(Mismatch {
                     file: name.clone(),
-                    problem: format!("is {len} bytes, the manifest says {bytes}"),
+                    problem: match len > *bytes {
+                        true => format!("is longer than the {bytes} bytes the manifest says"),
+                        false => format!("is {len} bytes, the manifest says {bytes}"),
+                    },
                 });
             } else if digest != *sha256 {
                 mismatches.push(Mismatch {
@@ -224,6 +266,9 @@ impl Vindex {
                     problem: format!("has sha256 {digest}, the manifest says {sha256}"),
                 });
             }
+        }
+        if mismatches.is_empty() {
+            Vindex::open(dir)?;
         }
         Ok(mismatches)
     }
@@ -292,31 +337,9 @@ impl Vindex {
 
 fn read_index(dir: &Path) -> Result<Index, VindexError> {
     let path = dir.join(INDEX);
-    let shown = dir.display().to_string();
-    let text = std::fs::read(&path).map_err(io(&path, "read the manifest"))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|source| VindexError::Manifest {
-            path: path.display().to_string(),
-            source,
-        })?;
-    let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
-    if format != FORMAT {
-        return Err(VindexError::Foreign {
-            path: shown,
-            found: format.into(),
-        });
-    }
-    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-    if version != VERSION as u64 {
-        return Err(VindexError::Version {
-            path: shown,
-            found: version as u32,
-        });
-    }
-    serde_json::from_value(value).map_err(|source| VindexError::Manifest {
-        path: path.display().to_string(),
-        source,
-    })
+    let bytes =
+        read_capped(&path, MAX_INDEX_BYTES, "a vindex manifest").map_err(io(&path, "read the manifest"))?;
+    check::parse_index(&bytes, &dir.display().to_string())
 }
 
 /// The files `index`'s level requires, with their element type and (for arrays) shape.

@@ -283,3 +283,285 @@ fn bad_extract_options_are_named() {
     assert!(err.contains("exceeds the vocabulary of 49152"), "{err}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
+
+/// A copy of the shared vindex whose files are hard links (cheap; tests must [`replace`] a
+/// file rather than write through the link, which would change the original).
+fn linked_copy(tmp: &Path) -> PathBuf {
+    let copy = tmp.join("linked.vindex");
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(vindex_dir()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::hard_link(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    copy
+}
+
+fn replace(path: &Path, bytes: &[u8]) {
+    std::fs::remove_file(path).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Rewrites the copy's manifest through `edit` on its JSON value.
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join(layout::INDEX);
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut value);
+    replace(&path, &serde_json::to_vec(&value).unwrap());
+}
+
+/// Opens `dir` expecting an error; returns its text.
+fn refused(dir: &Path) -> String {
+    match Vindex::open(dir) {
+        Ok(_) => panic!("{} opened", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn manifest_values_are_checked_against_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = linked_copy(tmp.path());
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "/bands/knowledge",
+            serde_json::json!([20, 10]),
+            "bands.knowledge [20, 10] is reversed",
+        ),
+        (
+            "/bands/output",
+            serde_json::json!([25, 30]),
+            "bands.output [25, 30] reaches beyond the model's layers 0-29",
+        ),
+        (
+            "/bands/syntax",
+            serde_json::json!([0, 4000000000u64]),
+            "bands.syntax",
+        ),
+        (
+            "/model/activation",
+            serde_json::json!("relu"),
+            "model.activation is \"relu\"",
+        ),
+        (
+            "/model/embed_scale",
+            serde_json::json!(1e39),
+            "model.embed_scale",
+        ),
+        (
+            "/model/norm_eps",
+            serde_json::json!(-1e-5),
+            "model.norm_eps is -0.00001",
+        ),
+        (
+            "/model/n_layers",
+            serde_json::json!(0),
+            "model.n_layers is 0",
+        ),
+        ("/top_k", serde_json::json!(0), "top_k is 0"),
+        (
+            "/calibration_tokens",
+            serde_json::json!(1u64 << 40),
+            "calibration_tokens",
+        ),
+        (
+            "/files/0/name",
+            serde_json::json!("../../etc/passwd"),
+            "names \"../../etc/passwd\", which is not a vindex file",
+        ),
+        (
+            "/files/0/name",
+            serde_json::json!("/etc/passwd"),
+            "which is not a vindex file",
+        ),
+        (
+            "/files/0/sha256",
+            serde_json::json!("nothex"),
+            "is not 64 lowercase hex digits",
+        ),
+    ];
+    for (pointer, value, expected) in cases {
+        edit_manifest(&dir, |v| *v.pointer_mut(pointer).unwrap() = value.clone());
+        let err = refused(&dir);
+        assert!(
+            err.contains("index.json") && err.contains(expected),
+            "{pointer} = {value}: {err}"
+        );
+        replace(
+            &dir.join(layout::INDEX),
+            &std::fs::read(vindex_dir().join(layout::INDEX)).unwrap(),
+        );
+    }
+    // NaN cannot be written in JSON; null in a float field is a manifest error naming the line.
+    edit_manifest(&dir, |v| v["model"]["norm_eps"] = serde_json::Value::Null);
+    assert!(refused(&dir).contains("not a valid vindex manifest"));
+    replace(
+        &dir.join(layout::INDEX),
+        &std::fs::read(vindex_dir().join(layout::INDEX)).unwrap(),
+    );
+
+    // A duplicated entry, and verify refuses the same manifests open does.
+    edit_manifest(&dir, |v| {
+        let first = v["files"][0].clone();
+        v["files"].as_array_mut().unwrap().push(first);
+    });
+    assert!(refused(&dir).contains("a second time"));
+    let err = Vindex::verify(&dir).err().unwrap().to_string();
+    assert!(err.contains("a second time"), "{err}");
+}
+
+#[test]
+fn verify_checks_structure_not_only_hashes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = linked_copy(tmp.path());
+    // An empty file list is not a vindex that verifies: every file the level needs is named.
+    edit_manifest(&dir, |v| v["files"] = serde_json::json!([]));
+    let found = Vindex::verify(&dir).unwrap();
+    let names: Vec<&str> = found.iter().map(|m| m.file.as_str()).collect();
+    assert!(
+        names.contains(&layout::GATE) && names.contains(&layout::MODEL),
+        "{found:?}"
+    );
+    assert!(
+        found.iter().all(|m| m.problem.contains("is not listed")),
+        "{found:?}"
+    );
+
+    // Hashes that match but contents that disagree with the manifest: verify reports the error.
+    replace(
+        &dir.join(layout::INDEX),
+        &std::fs::read(vindex_dir().join(layout::INDEX)).unwrap(),
+    );
+    edit_manifest(&dir, |v| {
+        v["bands"]["knowledge"] = serde_json::json!([9, 3])
+    });
+    let err = Vindex::verify(&dir).err().unwrap().to_string();
+    assert!(err.contains("bands.knowledge"), "{err}");
+}
+
+#[test]
+fn relation_table_ids_are_checked_against_the_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = linked_copy(tmp.path());
+    let original = std::fs::read(vindex_dir().join(layout::RELATIONS)).unwrap();
+    let value: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    assert!(
+        !value["edges"].as_array().unwrap().is_empty(),
+        "the real table has edges"
+    );
+    let n_relations = value["relations"].as_array().unwrap().len();
+    let cases: Vec<(&str, serde_json::Value, String)> = vec![
+        (
+            "/edges/0/relation",
+            serde_json::json!(n_relations),
+            format!("edges[0] relation {n_relations} is not one of the {n_relations} relations"),
+        ),
+        (
+            "/edges/3/layer",
+            serde_json::json!(30),
+            "edges[3] layer 30 is not one of the model's 30 layers".into(),
+        ),
+        (
+            "/edges/1/feature",
+            serde_json::json!(1536),
+            "edges[1] feature 1536".into(),
+        ),
+        (
+            "/edges/2/output",
+            serde_json::json!(49152),
+            "edges[2] token".into(),
+        ),
+        (
+            "/relations/0/id",
+            serde_json::json!(7),
+            "relations[0].id is 7".into(),
+        ),
+        (
+            "/layers",
+            serde_json::json!([12, 99]),
+            "layers [12, 99] reaches beyond".into(),
+        ),
+    ];
+    for (pointer, new, expected) in cases {
+        let mut v = value.clone();
+        *v.pointer_mut(pointer).unwrap() = new;
+        let bytes = serde_json::to_vec(&v).unwrap();
+        replace(&dir.join(layout::RELATIONS), &bytes);
+        // Keep the manifest's size right so the check reached is the contents', not the size's.
+        edit_manifest(&dir, |m| {
+            for f in m["files"].as_array_mut().unwrap() {
+                if f["name"] == layout::RELATIONS {
+                    f["bytes"] = serde_json::json!(bytes.len());
+                }
+            }
+        });
+        let err = refused(&dir);
+        assert!(
+            err.contains("relations.json") && err.contains(&expected),
+            "{pointer}: {err}"
+        );
+    }
+}
+
+#[test]
+fn data_files_and_the_embedded_model_are_checked_against_the_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = linked_copy(tmp.path());
+    // A token id outside the vocabulary in writes.bin.
+    let mut writes = std::fs::read(vindex_dir().join(layout::WRITES)).unwrap();
+    writes[8 * 5..8 * 5 + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    replace(&dir.join(layout::WRITES), &writes);
+    let err = refused(&dir);
+    assert!(
+        err.contains("writes.bin: record 5 names token 4294967295"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.join(layout::WRITES)).unwrap();
+    std::fs::hard_link(vindex_dir().join(layout::WRITES), dir.join(layout::WRITES)).unwrap();
+
+    // The model file's configuration disagrees with the manifest's.
+    edit_manifest(&dir, |v| v["model"]["norm_eps"] = serde_json::json!(0.001));
+    let err = refused(&dir);
+    assert!(
+        err.contains("model.gguf: norm_eps is 0.00001 in the model but 0.001 in index.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn special_files_in_a_vindex_are_refused_without_blocking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = linked_copy(tmp.path());
+    let fifo = |path: &Path| {
+        std::fs::remove_file(path).unwrap();
+        assert!(std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap()
+            .success());
+    };
+    fifo(&dir.join(layout::INDEX));
+    let err = refused(&dir);
+    assert!(err.contains("index.json") && err.contains("FIFO"), "{err}");
+    let err = Vindex::verify(&dir).err().unwrap().to_string();
+    assert!(err.contains("FIFO"), "{err}");
+
+    std::fs::remove_file(dir.join(layout::INDEX)).unwrap();
+    std::fs::hard_link(vindex_dir().join(layout::INDEX), dir.join(layout::INDEX)).unwrap();
+    fifo(&dir.join(layout::GATE));
+    let err = refused(&dir);
+    assert!(err.contains("gate.bin") && err.contains("FIFO"), "{err}");
+    let found = Vindex::verify(&dir).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].problem.contains("FIFO"), "{found:?}");
+
+    std::fs::remove_file(dir.join(layout::GATE)).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.join(layout::GATE)).unwrap();
+    let err = refused(&dir);
+    assert!(err.contains("character device"), "{err}");
+
+    std::fs::remove_file(dir.join(layout::GATE)).unwrap();
+    std::fs::create_dir(dir.join(layout::GATE)).unwrap();
+    let found = Vindex::verify(&dir).unwrap();
+    assert!(found[0].problem.contains("is a directory"), "{found:?}");
+}
