@@ -80,6 +80,17 @@ pub struct ServeArgs {
     /// Seconds a request may wait for a free slot and KV memory before it gets a 503.
     #[arg(long, default_value_t = 60)]
     pub queue_timeout: u64,
+    /// Connections served at once (WebSockets included); more wait in the listen backlog
+    /// [default: 512, fewer if the open-file limit is lower].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has to send a request's headers (idle keep-alive connections close
+    /// after this too).
+    #[arg(long, default_value_t = quarry_server::DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+    pub header_timeout: u64,
+    /// Knowledge statements (vindex routes) run at once; more wait up to --queue-timeout.
+    #[arg(long, default_value_t = 2)]
+    pub knowledge_parallel: usize,
 }
 
 #[derive(Args, Debug)]

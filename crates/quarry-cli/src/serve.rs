@@ -22,13 +22,152 @@ const BLOCK_SIZE: usize = 64;
 /// Tokens evaluated per engine step at most.
 const STEP_TOKENS: usize = 512;
 
+/// Longest `--timeout`, `--queue-timeout` and `--header-timeout`: a week.
+const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// Most `--parallel` sequences and `--knowledge-parallel` statements.
+const MAX_PARALLEL: usize = 1024;
+const MAX_KNOWLEDGE_PARALLEL: usize = 64;
+/// File descriptors kept for everything but connections (model, vindex files, stdio, epoll…).
+const RESERVED_FDS: usize = 64;
+
+/// The flags that need neither the model nor the machine, checked before anything loads.
+fn check_flags(a: &ServeArgs) -> Result<()> {
+    if let Some(key) = &a.api_key {
+        anyhow::ensure!(
+            !key.trim().is_empty(),
+            "invalid --api-key '{key}': the key must not be empty (leave out --api-key to serve without one)"
+        );
+        anyhow::ensure!(
+            key.bytes().all(|b| b.is_ascii_graphic()),
+            "invalid --api-key: the key must be printable ASCII without spaces (clients send it in an HTTP header)"
+        );
+    }
+    for (flag, secs) in [
+        ("--timeout", a.timeout),
+        ("--queue-timeout", a.queue_timeout),
+        ("--header-timeout", a.header_timeout),
+    ] {
+        anyhow::ensure!(
+            (1..=MAX_TIMEOUT_SECS).contains(&secs),
+            "invalid {flag} {secs}: must be between 1 and {MAX_TIMEOUT_SECS} seconds"
+        );
+    }
+    anyhow::ensure!(
+        (1..=MAX_PARALLEL).contains(&a.parallel),
+        "invalid --parallel {}: must be between 1 and {MAX_PARALLEL}",
+        a.parallel
+    );
+    anyhow::ensure!(
+        (1..=MAX_KNOWLEDGE_PARALLEL).contains(&a.knowledge_parallel),
+        "invalid --knowledge-parallel {}: must be between 1 and {MAX_KNOWLEDGE_PARALLEL}",
+        a.knowledge_parallel
+    );
+    if let Some(mib) = a.kv_mem {
+        anyhow::ensure!(mib >= 1, "invalid --kv-mem 0: must be at least 1 MiB");
+    }
+    Ok(())
+}
+
+/// `--max-connections`, checked against the open-file limit (default: 512, or what the
+/// limit leaves room for).
+fn max_connections(a: &ServeArgs) -> Result<usize> {
+    let fds = open_file_limit();
+    let room = fds.map(|n| n.saturating_sub(RESERVED_FDS));
+    match a.max_connections {
+        Some(0) => anyhow::bail!("invalid --max-connections 0: must be at least 1"),
+        Some(n) => {
+            if let (Some(room), Some(fds)) = (room, fds) {
+                anyhow::ensure!(
+                    n <= room,
+                    "invalid --max-connections {n}: the open-file limit is {fds} (ulimit -n), which leaves room for {room} connections"
+                );
+            }
+            Ok(n)
+        }
+        None => {
+            let n = room.map_or(quarry_server::DEFAULT_MAX_CONNECTIONS, |r| {
+                r.min(quarry_server::DEFAULT_MAX_CONNECTIONS)
+            });
+            anyhow::ensure!(
+                n >= 1,
+                "the open-file limit ({} , ulimit -n) leaves no room for connections",
+                fds.unwrap_or(0)
+            );
+            Ok(n)
+        }
+    }
+}
+
+/// The soft limit on open files (Linux: /proc/self/limits), if known.
+fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line["Max open files".len()..].split_whitespace().next()?;
+    match soft {
+        "unlimited" => Some(usize::MAX),
+        n => n.parse().ok(),
+    }
+}
+
+/// `(MemAvailable, MemTotal)` in bytes (Linux: /proc/meminfo), if known.
+fn memory() -> Option<(usize, usize)> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<usize> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        let kib: usize = line[name.len()..]
+            .trim_start_matches(':')
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        kib.checked_mul(1024)
+    };
+    Some((field("MemAvailable")?, field("MemTotal")?))
+}
+
+/// The KV cache's size in bytes: `--kv-mem`, or room for `--parallel` full contexts; refused
+/// when it does not fit this machine's available memory.
+fn kv_bytes(a: &ServeArgs, context: usize, bytes_per_position: usize) -> Result<usize> {
+    let (bytes, what) = match a.kv_mem {
+        Some(mib) => (mib.checked_mul(1 << 20), format!("--kv-mem {mib} asks for")),
+        None => (
+            context
+                .next_multiple_of(BLOCK_SIZE)
+                .checked_mul(bytes_per_position)
+                .and_then(|b| b.checked_mul(a.parallel)),
+            format!(
+                "--parallel {} × --ctx {context} need a KV cache of",
+                a.parallel
+            ),
+        ),
+    };
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let Some(bytes) = bytes else {
+        anyhow::bail!("{what} more memory than this machine can address; lower them");
+    };
+    if let Some((available, total)) = memory() {
+        anyhow::ensure!(
+            bytes <= available,
+            "{what} {:.1} GiB, but this machine has {:.1} GiB available ({:.1} GiB in all): lower --parallel or --ctx, or set --kv-mem",
+            gib(bytes),
+            gib(available),
+            gib(total)
+        );
+    }
+    Ok(bytes)
+}
+
 pub fn run(a: ServeArgs) -> Result<()> {
+    check_flags(&a)?;
+    let max_connections = max_connections(&a)?;
     init_threads(a.threads)?;
     let is_vindex = Path::new(&a.model).is_dir();
     let (model_path, vindex) = if is_vindex {
-        let executor = Executor::with_vindex(&a.model)
+        let executors = (0..a.knowledge_parallel)
+            .map(|_| Executor::with_vindex(&a.model))
+            .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("opening the vindex {}", a.model))?;
-        let path = executor
+        let path = executors[0]
             .vindex()
             .context("the vindex did not open")?
             .model_path()
@@ -36,7 +175,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let id = Path::new(&a.model)
             .file_name()
             .map_or_else(|| a.model.clone(), |n| n.to_string_lossy().into_owned());
-        (path, Some((id, executor)))
+        (path, Some((id, executors)))
     } else {
         (models::resolve(&a.model)?, None)
     };
@@ -48,17 +187,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let template: &'static ChatTemplate =
         Box::leak(Box::new(ChatTemplate::from_gguf(file, tokenizer)?));
     let cfg = model.config();
-    let context = a
-        .ctx
-        .unwrap_or(cfg.context_length.min(DEFAULT_CTX_LIMIT))
-        .min(cfg.context_length);
-    anyhow::ensure!(context >= 2, "invalid --ctx {context}: must be at least 2");
-    anyhow::ensure!(a.parallel >= 1, "invalid --parallel 0: must be at least 1");
-    let bytes_per_position = cfg.n_layers * 2 * cfg.kv_dim() * quarry_model::KV_BYTES_PER_VALUE;
-    let kv_bytes = match a.kv_mem {
-        Some(mib) => mib << 20,
-        None => a.parallel * context.next_multiple_of(BLOCK_SIZE) * bytes_per_position,
+    let context = match a.ctx {
+        Some(ctx) => {
+            anyhow::ensure!(
+                ctx <= cfg.context_length,
+                "invalid --ctx {ctx}: the model's context is {} tokens",
+                cfg.context_length
+            );
+            ctx
+        }
+        None => cfg.context_length.min(DEFAULT_CTX_LIMIT),
     };
+    anyhow::ensure!(context >= 2, "invalid --ctx {context}: must be at least 2");
+    let bytes_per_position = cfg.n_layers * 2 * cfg.kv_dim() * quarry_model::KV_BYTES_PER_VALUE;
+    let kv_bytes = kv_bytes(&a, context, bytes_per_position)?;
     let (engine, handle) = Engine::new(
         model,
         tokenizer,
@@ -86,9 +228,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
             model_id,
             api_key: a.api_key,
             request_timeout: Duration::from_secs(a.timeout),
+            queue_timeout: Duration::from_secs(a.queue_timeout),
+            body_read_timeout: quarry_server::DEFAULT_BODY_READ_TIMEOUT,
             vindex,
         },
     );
+    let limits = quarry_server::Limits {
+        max_connections,
+        header_read_timeout: Duration::from_secs(a.header_timeout),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -99,7 +247,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .with_context(|| format!("binding {}:{}", a.host, a.port))?;
         let addr = listener.local_addr()?;
         eprintln!(
-            "quarry serve: {} ({} sequences × {context} tokens, KV {} MiB); listening on http://{addr}",
+            "quarry serve: {} ({} sequences × {context} tokens, KV {} MiB, at most {max_connections} connections); listening on http://{addr}",
             model_path.display(),
             a.parallel,
             kv_bytes >> 20
@@ -115,7 +263,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 std::process::exit(130);
             });
         };
-        quarry_server::serve(listener, app, shutdown)
+        quarry_server::serve_with(listener, app, limits, shutdown)
             .await
             .context("serving")
     })?;

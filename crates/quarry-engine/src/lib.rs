@@ -18,7 +18,8 @@ pub mod stop;
 pub use error::EngineError;
 pub use sampling::{Sampler, SamplingError, SamplingParams};
 pub use scheduler::{
-    Engine, EngineConfig, EngineHandle, EngineStats, Event, EventSink, Request, TokenLogprob, Usage,
+    Cancel, Engine, EngineConfig, EngineHandle, EngineStats, Event, EventSink, Request,
+    TokenLogprob, Usage,
 };
 pub use session::{FinishReason, GenerateOptions, Generation, Session};
 pub use stop::StopStrings;

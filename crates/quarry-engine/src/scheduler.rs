@@ -4,8 +4,9 @@
 //! An [`Engine`] runs on its own thread ([`Engine::run`]); any number of [`EngineHandle`]s
 //! submit [`Request`]s to it and receive [`Event`]s through a sink callback. Every step the
 //! engine
-//! 1. drops requests whose sink has gone (the client hung up) or whose deadline passed, and
-//!    fails waiting requests that waited longer than the queue timeout;
+//! 1. drops requests that were cancelled ([`Cancel`]: the client hung up, waiting or running,
+//!    even in the middle of a long prompt's prefill) or whose deadline passed, and fails
+//!    waiting requests that waited longer than the queue timeout;
 //! 2. admits waiting requests, oldest first, while a sequence slot is free and the cache has
 //!    blocks for the prompt (prefix blocks already cached are shared, not recomputed);
 //! 3. builds one batch: one token for every sequence that is decoding, then prompt chunks of
@@ -13,6 +14,10 @@
 //!    evaluated over several steps and running streams keep flowing;
 //! 4. runs one forward pass over the whole batch (every weight matrix read once) and samples
 //!    the next token of every sequence whose prompt is complete.
+//!
+//! A cancelled request stops at the next step boundary: at most one step (`step_tokens`
+//! prompt tokens plus one token per decoding sequence) runs after [`Cancel::cancel`], then its
+//! blocks are back in the pool. A sink that refuses an event cancels its request too.
 //!
 //! Invariants: a sequence's KV blocks are reserved before the forward pass that writes them,
 //! so the pass never runs out of memory; when the cache is full, requests wait in the queue
@@ -62,6 +67,28 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// The request fails with [`EngineError::Timeout`] if it has not finished by then.
     pub deadline: Option<Instant>,
+    /// Once cancelled, the request is dropped at the engine's next step, without further
+    /// events: from the queue if it waits, from the batch (freeing its KV blocks) if it runs.
+    pub cancel: Option<Cancel>,
+}
+
+/// A request's cancellation flag, shared by the engine and whoever waits for its events.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+
+    /// Asks the engine to drop the request (idempotent).
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// The log-probability of a generated token and the most likely alternatives at its step.
@@ -332,14 +359,16 @@ impl<'m, 'a> Engine<'m, 'a> {
         }
     }
 
-    /// Fails requests that waited too long or passed their deadline, and drops sequences
-    /// whose clients are gone (a sink that refuses an event).
+    /// Fails requests that waited too long or passed their deadline, and drops requests that
+    /// were cancelled (waiting or running).
     fn expire(&mut self) {
         let now = Instant::now();
         let timeout = self.shared.config.queue_timeout;
         let mut kept = VecDeque::with_capacity(self.waiting.len());
         for mut s in self.waiting.drain(..) {
-            if s.request.deadline.is_some_and(|d| now >= d) {
+            if s.request.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+                // Nobody listens: no event.
+            } else if s.request.deadline.is_some_and(|d| now >= d) {
                 (s.sink)(Event::Failed(EngineError::Timeout));
             } else if now.duration_since(s.submitted) >= timeout {
                 (s.sink)(Event::Failed(EngineError::Overloaded {
@@ -353,7 +382,15 @@ impl<'m, 'a> Engine<'m, 'a> {
         let mut i = 0;
         while i < self.running.len() {
             let seq = &mut self.running[i];
-            if seq.submission.request.deadline.is_some_and(|d| now >= d) {
+            if seq
+                .submission
+                .request
+                .cancel
+                .as_ref()
+                .is_some_and(Cancel::is_cancelled)
+            {
+                self.finish(i);
+            } else if seq.submission.request.deadline.is_some_and(|d| now >= d) {
                 (seq.submission.sink)(Event::Failed(EngineError::Timeout));
                 self.finish(i);
             } else {

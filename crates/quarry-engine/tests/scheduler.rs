@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use quarry_engine::{
-    Engine, EngineConfig, EngineError, EngineHandle, EngineStats, Event, FinishReason,
+    Cancel, Engine, EngineConfig, EngineError, EngineHandle, EngineStats, Event, FinishReason,
     GenerateOptions, Request, SamplingParams, Session, Usage,
 };
 use quarry_fixtures::{model_path, TestModel};
@@ -40,6 +40,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
         options: options(max_tokens),
         logprobs: None,
         deadline: None,
+        cancel: None,
     }
 }
 
@@ -264,6 +265,45 @@ fn a_client_that_hangs_up_frees_its_blocks() {
         assert_eq!(events.len(), 3, "{events:?}");
         assert!(events.iter().all(|e| matches!(e, Event::Token { .. })));
         wait_for(handle, |s| s.running == 0 && s.kv_blocks_used == 0);
+    });
+}
+
+#[test]
+fn a_cancelled_request_stops_mid_prefill_and_leaves_the_queue() {
+    // Steps of 32 tokens: a 400-token prompt takes 13 steps to prefill; one slot, so a
+    // second request waits in the queue behind it.
+    let slow = EngineConfig {
+        parallel: 1,
+        step_tokens: 32,
+        ..config()
+    };
+    with_engine(slow, |handle, _, tokenizer| {
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+        let prompt = tokenizer.encode(&text, true, true);
+        assert!(prompt.len() > 350, "{}", prompt.len());
+        let (tx, rx) = mpsc::channel();
+        let (first, queued) = (Cancel::new(), Cancel::new());
+        for (i, cancel) in [(0, &first), (1, &queued)] {
+            let tx = tx.clone();
+            let mut r = request(prompt.clone(), 50);
+            r.cancel = Some(cancel.clone());
+            handle
+                .submit(r, Box::new(move |event| tx.send((i, event)).is_ok()))
+                .unwrap();
+        }
+        drop(tx);
+        wait_for(handle, |s| s.running == 1 && s.waiting == 1 && s.steps >= 2);
+        let steps = handle.stats().steps;
+        first.cancel();
+        queued.cancel();
+        wait_for(handle, |s| {
+            s.running == 0 && s.waiting == 0 && s.kv_blocks_used == 0
+        });
+        // Dropped within a step or two of the cancel, long before the prompt was evaluated.
+        assert!(handle.stats().steps <= steps + 2, "{:?}", handle.stats());
+        // Neither request produced any event: both were dropped, not answered.
+        let events: Vec<(usize, Event)> = rx.iter().collect();
+        assert!(events.is_empty(), "{events:?}");
     });
 }
 

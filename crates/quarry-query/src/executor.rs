@@ -48,6 +48,16 @@ impl Executor {
             .collect()
     }
 
+    /// [`Executor::execute`] that stops (failing with [`crate::INTERRUPTED`]) soon after
+    /// `interrupt` is set: between chunks of a forward pass and between passes.
+    pub fn execute_interruptible(
+        &mut self,
+        statement: &Statement,
+        interrupt: &crate::Interrupt,
+    ) -> Result<ResultSet, QueryError> {
+        crate::interrupt::under(interrupt, || self.execute(statement))
+    }
+
     pub fn execute(&mut self, statement: &Statement) -> Result<ResultSet, QueryError> {
         let text = statement.to_string();
         let invalid = |message: String| QueryError::Invalid {

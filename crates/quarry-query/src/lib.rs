@@ -11,10 +11,12 @@ mod browse;
 mod error;
 mod executor;
 mod in_context;
+mod interrupt;
 mod result;
 mod select;
 mod trace;
 
 pub use error::QueryError;
 pub use executor::Executor;
+pub use interrupt::{Interrupt, CHUNK_TOKENS, INTERRUPTED};
 pub use result::{Cell, Column, ColumnType, ResultSet};

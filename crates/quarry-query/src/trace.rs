@@ -77,8 +77,19 @@ pub(crate) fn run(model: &Model<'_>, tokenizer: &Tokenizer, prompt: &str) -> Res
         ..LastRow::default()
     };
     let mut cache = model.new_cache(n);
+    // A long prompt runs in chunks, so that an interrupt stops it between two; only the last
+    // chunk is observed (the pieces are those of the last position).
+    crate::interrupt::check()?;
+    let last = n - (n - 1) % crate::interrupt::CHUNK_TOKENS - 1;
+    for chunk in tokens[..last].chunks(crate::interrupt::CHUNK_TOKENS) {
+        model
+            .forward_hidden(chunk, &mut cache, chunk.len()..chunk.len())
+            .map_err(|e| e.to_string())?;
+        crate::interrupt::check()?;
+    }
+    let tail = &tokens[last..];
     let hidden = model
-        .forward_observed(&tokens, &mut cache, n - 1..n, &mut pieces)
+        .forward_observed(tail, &mut cache, tail.len() - 1..tail.len(), &mut pieces)
         .map_err(|e| e.to_string())?;
     let logits = model.logits(&hidden);
     Ok(Run {

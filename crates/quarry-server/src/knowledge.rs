@@ -1,30 +1,101 @@
 //! The knowledge API of a served vindex. Each parameter route builds one typed LQL
 //! [`Statement`] from its parameters (so there is no quoting to get wrong, and every bad value
 //! is refused naming its parameter); `POST /v1/select` and `POST /v1/lql` parse the LQL text
-//! they are given. Statements run on the vindex's [`quarry_query::Executor`] in a blocking
-//! task, one at a time. Answers are the typed result sets of `quarry lql --json` (`columns`,
+//! they are given. Answers are the typed result sets of `quarry lql --json` (`columns`,
 //! `rows`, `notes`). LQL syntax errors are 400s carrying the parser's line:column message.
+//!
+//! Bounds: every prompt, entity and query is checked before anything runs — its length in
+//! bytes and, for text the model reads, in tokens against the served context (400 naming the
+//! field). Statements run in blocking tasks on a [`Pool`] of executors over the same mapped
+//! vindex, at most one per executor; a request that waits longer than the queue timeout for
+//! one gets a 503. A statement still running at the request timeout is interrupted and
+//! answered with a 504, and one whose client hangs up is interrupted too: the forward passes
+//! check their [`Interrupt`] between chunks of [`quarry_query::CHUNK_TOKENS`] tokens, and the
+//! executor is busy until the work has actually stopped.
 //!
 //! The executor is shared by every client and keeps state between statements, so statements
 //! that would change or reveal the server's files are refused: `USE` (it would swap the
 //! served vindex for everyone) and `SHOW MODELS` (it lists the server's working directory).
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
+use quarry_query::{Executor, Interrupt};
 use serde_json::{json, Map, Value};
+use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
 use crate::params::{self, Fields};
-use crate::{openai, AppState};
+use crate::{openai, AppState, Server};
 
 /// Most results `INFER` may ask for.
 const MAX_INFER_TOP: u64 = 1000;
+/// Longest prompt of INFER, TRACE and WALK, in bytes (its tokens are bounded by the context).
+pub const MAX_PROMPT_BYTES: usize = 16 << 10;
+/// Longest DESCRIBE entity, in bytes and in tokens.
+pub const MAX_ENTITY_BYTES: usize = 256;
+pub const MAX_ENTITY_TOKENS: usize = 16;
+/// Longest TRACE target (`for`), in bytes (it must be one token anyway).
+pub const MAX_TARGET_BYTES: usize = 256;
+/// Longest LQL text of `/v1/select` and `/v1/lql`, in bytes.
+pub const MAX_QUERY_BYTES: usize = 64 << 10;
+/// Most statements in one `/v1/lql` script.
+pub const MAX_STATEMENTS: usize = 16;
+
+/// The executors of the served vindex; a statement takes one for as long as it runs.
+#[derive(Clone)]
+pub struct Pool(Arc<PoolInner>);
+
+struct PoolInner {
+    idle: Mutex<Vec<Executor>>,
+    slots: Arc<Semaphore>,
+    size: usize,
+}
+
+impl Pool {
+    pub fn new(executors: Vec<Executor>) -> Pool {
+        let size = executors.len();
+        Pool(Arc::new(PoolInner {
+            idle: Mutex::new(executors),
+            slots: Arc::new(Semaphore::new(size)),
+            size,
+        }))
+    }
+
+    fn take(&self) -> Option<Executor> {
+        self.0
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+    }
+
+    fn give_back(&self, executor: Executor) {
+        self.0
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(executor);
+    }
+}
+
+/// Interrupts the statement when dropped: the handler's future is dropped when its client
+/// hangs up.
+struct InterruptOnDrop(Interrupt);
+
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        self.0.interrupt();
+    }
+}
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -39,38 +110,200 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// Runs `statements` on the vindex, stopping at the first error; one result set each. An
-/// execution error is a 400 naming `param` (the route's input that led to it).
+/// execution error is a 400 naming `param` (the route's input that led to it). Waits at most
+/// the queue timeout for an executor (503), and interrupts the statements at the request
+/// timeout (504) or when the caller's future is dropped.
 async fn run(
     s: &AppState,
     statements: Vec<Statement>,
     param: Option<&'static str>,
 ) -> Result<Vec<Value>, ApiError> {
-    let Some((_, executor)) = &s.knowledge else {
+    let Some((_, pool)) = &s.knowledge else {
         return Err(ApiError::not_found(
             "this server serves a model, not a vindex: start `quarry serve NAME.vindex` for the knowledge routes",
         ));
     };
-    let executor = executor.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut executor = executor.lock().unwrap_or_else(|e| e.into_inner());
-        statements
-            .iter()
-            .map(|statement| {
-                executor
-                    .execute(statement)
-                    .map(|r| r.to_json())
-                    .map_err(|e| ApiError {
-                        param: param.map(str::to_string),
-                        ..ApiError::bad_request(e.to_string())
-                    })
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| {
-        ApiError::bad_request(format!("the query task failed: {e}"))
-            .with_status(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
-    })?
+    let started = Instant::now();
+    let deadline = started + s.config.request_timeout;
+    let wait = s.config.queue_timeout.min(s.config.request_timeout);
+    let Ok(Ok(permit)) = tokio::time::timeout(wait, pool.0.slots.clone().acquire_owned()).await
+    else {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!(
+                "the server is busy: {} knowledge statement(s) running, none finished within {} s (--queue-timeout); retry later",
+                pool.0.size,
+                wait.as_secs_f64()
+            ),
+            kind: "server_error",
+            param: None,
+            code: Some("server_busy"),
+        });
+    };
+    let interrupt = Interrupt::new();
+    let _stop_on_drop = InterruptOnDrop(interrupt.clone());
+    let (pool, stop) = (pool.clone(), interrupt.clone());
+    let task = tokio::task::spawn_blocking(move || {
+        // The slot is free again only once the work has stopped.
+        let _permit = permit;
+        let Some(executor) = pool.take() else {
+            return Err(ApiError::bad_request("no knowledge executor is free")
+                .with_status(StatusCode::INTERNAL_SERVER_ERROR));
+        };
+        // Back to the pool even if a statement panics.
+        struct Lend(Option<Executor>, Pool);
+        impl Drop for Lend {
+            fn drop(&mut self) {
+                if let Some(e) = self.0.take() {
+                    self.1.give_back(e);
+                }
+            }
+        }
+        let mut lent = Lend(Some(executor), pool);
+        let executor = lent.0.as_mut().expect("just lent");
+        let mut sets = Vec::with_capacity(statements.len());
+        for statement in &statements {
+            if stop.is_interrupted() {
+                return Err(ApiError::bad_request(quarry_query::INTERRUPTED));
+            }
+            let set = executor
+                .execute_interruptible(statement, &stop)
+                .map(|r| r.to_json())
+                .map_err(|e| ApiError {
+                    param: param.map(str::to_string),
+                    ..ApiError::bad_request(e.to_string())
+                })?;
+            sets.push(set);
+        }
+        Ok(sets)
+    });
+    match tokio::time::timeout_at(deadline.into(), task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(ApiError::bad_request(format!("the query task failed: {e}"))
+            .with_status(StatusCode::INTERNAL_SERVER_ERROR)),
+        Err(_) => {
+            interrupt.interrupt();
+            Err(timeout_error(s.config.request_timeout))
+        }
+    }
+}
+
+fn timeout_error(timeout: Duration) -> ApiError {
+    ApiError {
+        status: StatusCode::GATEWAY_TIMEOUT,
+        message: format!(
+            "the statement did not finish within {} s (--timeout) and was stopped",
+            timeout.as_secs_f64()
+        ),
+        kind: "server_error",
+        param: None,
+        code: Some("timeout"),
+    }
+}
+
+/// Refuses text longer than `max_bytes`, or, when `max_tokens` is given, longer than that
+/// many tokens of the served model, naming `param`.
+fn check_text(
+    s: &Server,
+    param: &str,
+    what: &str,
+    text: &str,
+    max_bytes: usize,
+    max_tokens: Option<usize>,
+) -> Result<(), ApiError> {
+    if text.len() > max_bytes {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "the {what} is {} bytes; the limit is {max_bytes}",
+                text.len()
+            ),
+        ));
+    }
+    if let Some(max) = max_tokens {
+        let tokens = s.tokenizer.encode(text, true, true).len();
+        if tokens > max {
+            return Err(ApiError::invalid(
+                param,
+                format!("the {what} is {tokens} tokens; the limit is {max}"),
+            )
+            .with_code("context_length_exceeded"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the sizes of what `statement` would run on, before it runs: prompts within the
+/// served context, entities short. `param` names the request field when the statement came
+/// from LQL text (`query`); otherwise each field names itself.
+fn check_statement(
+    s: &Server,
+    statement: &Statement,
+    param: Option<&'static str>,
+) -> Result<(), ApiError> {
+    let context = s.context().saturating_sub(1);
+    match statement {
+        Statement::Describe { entity, .. } => check_text(
+            s,
+            param.unwrap_or("entity"),
+            "entity",
+            entity,
+            MAX_ENTITY_BYTES,
+            Some(MAX_ENTITY_TOKENS),
+        ),
+        Statement::Walk { prompt, .. } => check_text(
+            s,
+            param.unwrap_or("prompt"),
+            "prompt",
+            prompt,
+            MAX_PROMPT_BYTES,
+            Some(context),
+        ),
+        Statement::Infer { prompt, .. } => check_text(
+            s,
+            param.unwrap_or("prompt"),
+            "prompt",
+            prompt,
+            MAX_PROMPT_BYTES,
+            Some(context),
+        ),
+        Statement::Trace { prompt, target, .. } => {
+            check_text(
+                s,
+                param.unwrap_or("prompt"),
+                "prompt",
+                prompt,
+                MAX_PROMPT_BYTES,
+                Some(context),
+            )?;
+            match target {
+                Some(t) => check_text(
+                    s,
+                    param.unwrap_or("for"),
+                    "target",
+                    t,
+                    MAX_TARGET_BYTES,
+                    None,
+                ),
+                None => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks `statements`, then runs them.
+async fn checked_run(
+    s: &AppState,
+    statements: Vec<Statement>,
+    param: Option<&'static str>,
+) -> Result<Vec<Value>, ApiError> {
+    if s.knowledge.is_some() {
+        for statement in &statements {
+            check_statement(s, statement, param)?;
+        }
+    }
+    run(s, statements, param).await
 }
 
 /// Runs one statement and answers its result set.
@@ -79,14 +312,32 @@ async fn one(
     statement: Statement,
     param: Option<&'static str>,
 ) -> Result<Json<Value>, ApiError> {
-    let mut sets = run(s, vec![statement], param).await?;
+    let mut sets = checked_run(s, vec![statement], param).await?;
     Ok(Json(sets.pop().unwrap_or(Value::Null)))
 }
 
 /// Parses the LQL text of `query`, refusing statements that are not for remote clients.
 fn parse_query(query: &str) -> Result<Vec<Statement>, ApiError> {
+    if query.len() > MAX_QUERY_BYTES {
+        return Err(ApiError::invalid(
+            "query",
+            format!(
+                "the query is {} bytes; the limit is {MAX_QUERY_BYTES}",
+                query.len()
+            ),
+        ));
+    }
     let statements =
         quarry_lql::parse(query).map_err(|e| ApiError::invalid("query", e.to_string()))?;
+    if statements.len() > MAX_STATEMENTS {
+        return Err(ApiError::invalid(
+            "query",
+            format!(
+                "the script has {} statements; the limit is {MAX_STATEMENTS} per request",
+                statements.len()
+            ),
+        ));
+    }
     for statement in &statements {
         match statement {
             Statement::Use { .. } => {
@@ -309,7 +560,7 @@ async fn lql(
 ) -> Result<Json<Value>, ApiError> {
     let statements = script(&body(b)?)?;
     Ok(Json(
-        json!({ "results": run(&s, statements, Some("query")).await? }),
+        json!({ "results": checked_run(&s, statements, Some("query")).await? }),
     ))
 }
 

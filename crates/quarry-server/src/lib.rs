@@ -11,6 +11,13 @@
 //! lets in-flight HTTP requests finish, and tells WebSocket sessions (which outlive their HTTP
 //! request) to send their clients an error per running generation and a close frame.
 //!
+//! Resource bounds (see [`Limits`], docs/serve.md): at most `max_connections` connections
+//! (WebSocket sessions included) are served at once, further ones wait in the listen backlog;
+//! a client must send a request's headers within `header_read_timeout` of connecting or of its
+//! previous response (so idle keep-alive connections close too), and its body within
+//! `body_read_timeout` of the headers. POST routes take only `Content-Type: application/json`
+//! (415 otherwise), so a browser cannot post to them cross-site without a CORS preflight.
+//!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 //! `POST /tokenize`, `POST /detokenize`, `GET /health`, `GET /metrics`, `GET /v1/stream`
 //! (WebSocket) and, with a vindex, `GET /v1/describe`, `GET /v1/walk`, `POST /v1/select`,
@@ -24,21 +31,24 @@ mod params;
 mod ws;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use quarry_engine::EngineHandle;
 use quarry_query::Executor;
 use quarry_tokenize::{ChatTemplate, Tokenizer};
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
 
 pub use error::ApiError;
 
@@ -54,11 +64,43 @@ pub struct ServerConfig {
     pub model_id: String,
     /// When set, every route but `/health` needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
-    /// A request that has not finished after this long fails (504, or an error event).
+    /// A request that has not finished after this long fails (504, or an error event);
+    /// knowledge statements are interrupted then too.
     pub request_timeout: Duration,
-    /// The vindex behind the knowledge routes, and its id.
-    pub vindex: Option<(String, Executor)>,
+    /// A knowledge request still waiting for a free executor after this long gets a 503.
+    pub queue_timeout: Duration,
+    /// A request body not received in full this long after its headers gets a 408.
+    pub body_read_timeout: Duration,
+    /// The vindex behind the knowledge routes, its id, and one executor per knowledge
+    /// statement that may run at once (at least one).
+    pub vindex: Option<(String, Vec<Executor>)>,
 }
+
+/// Bounds on connections that [`serve_with`] enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once (WebSocket sessions included); more wait in the backlog.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, from connecting or from its previous
+    /// response.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
+/// `--max-connections` by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// `--header-timeout` by default.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// [`ServerConfig::body_read_timeout`] of `quarry serve`.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything handlers share.
 pub struct Server {
@@ -66,7 +108,7 @@ pub struct Server {
     tokenizer: &'static Tokenizer,
     template: &'static ChatTemplate,
     config: ServerConfig,
-    knowledge: Option<(String, Arc<Mutex<Executor>>)>,
+    knowledge: Option<(String, knowledge::Pool)>,
     metrics: metrics::Metrics,
 }
 
@@ -109,7 +151,7 @@ pub fn router(
     let knowledge = config
         .vindex
         .take()
-        .map(|(id, executor)| (id, Arc::new(Mutex::new(executor))));
+        .map(|(id, executors)| (id, knowledge::Pool::new(executors)));
     let state = Arc::new(Server {
         engine,
         tokenizer,
@@ -147,33 +189,112 @@ struct Closing {
     _alive: mpsc::Sender<()>,
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests finish
-/// and WebSocket sessions close (for at most a few seconds more).
+/// A connection's slot among [`Limits::max_connections`], given to each of its requests: a
+/// WebSocket session keeps it, so that the upgraded socket still counts.
+#[derive(Clone)]
+struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+/// [`serve_with`] with the default [`Limits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, app, Limits::default(), shutdown).await
+}
+
+/// Serves `app` on `listener` (HTTP/1.1, with upgrades for WebSockets) within `limits` until
+/// `shutdown` completes, then lets in-flight requests finish and WebSocket sessions close
+/// (for at most a few seconds more).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let (close, signal) = watch::channel(false);
     let (alive, mut sessions) = mpsc::channel(1);
     let app = app.layer(Extension(Closing {
-        signal,
+        signal: signal.clone(),
         _alive: alive,
     }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            close.send_replace(true);
-        })
-        .await?;
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // Each connection task holds a clone; `recv` returns once they are all gone.
+    let (connections, mut drained) = mpsc::channel::<()>(1);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        // A slot first: at the limit, new connections wait in the kernel's backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors (EMFILE) or a connection reset before accept: wait a
+                    // moment rather than spin, as axum does.
+                    if !is_connection_error(&e) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        stream.set_nodelay(true).ok();
+        let slot = ConnectionSlot(Arc::new(slot));
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+            request.extensions_mut().insert(slot.clone());
+            app.clone().oneshot(request.map(Body::new))
+        });
+        let mut signal = signal.clone();
+        let done = connections.clone();
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades());
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => break,
+                    changed = signal.wait_for(|&c| c), if !closing => {
+                        closing = true;
+                        if changed.is_ok() {
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+            drop(done);
+        });
+    }
+    drop(listener);
+    close.send_replace(true);
+    drop(connections);
+    drained.recv().await;
     // The router and its copy of `_alive` are gone; this ends when the last session's is.
+    drop(app);
     tokio::time::timeout(WEBSOCKET_GRACE, sessions.recv())
         .await
         .ok();
     Ok(())
 }
 
-/// Checks the API key and counts every request by route and status.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Checks the API key, the content type and the time the body takes to arrive, and counts
+/// every request by route and status.
 async fn track(State(s): State<AppState>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
@@ -189,10 +310,66 @@ async fn track(State(s): State<AppState>, request: Request, next: Next) -> Respo
             code: Some("invalid_api_key"),
         }
         .into_response(),
+        _ if request.method() == Method::POST => match read_json_body(&s, request).await {
+            Ok(request) => next.run(request).await,
+            Err(e) => e.into_response(),
+        },
         _ => next.run(request).await,
     };
     s.metrics.request(&route, response.status().as_u16());
     response
+}
+
+/// A POST's body, which must be JSON (every POST route takes JSON) and arrive in full within
+/// the body-read timeout; the request is given back with the body read.
+async fn read_json_body(s: &Server, request: Request) -> Result<Request, ApiError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let is_json = content_type.as_deref().is_some_and(|t| {
+        t.split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !is_json {
+        return Err(ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: format!(
+                "the body must be JSON sent with 'Content-Type: application/json', not {}",
+                content_type.map_or("no Content-Type".into(), |t| format!("{t:?}"))
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("unsupported_media_type"),
+        });
+    }
+    let (parts, body) = request.into_parts();
+    let limit = http_body_util::Limited::new(body, BODY_LIMIT);
+    let timeout = s.config.body_read_timeout;
+    let bytes = match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(limit)).await {
+        Err(_) => {
+            return Err(ApiError::bad_request(format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs_f64()
+            ))
+            .with_status(StatusCode::REQUEST_TIMEOUT)
+            .with_code("timeout"))
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::bad_request(format!(
+                "the request body is larger than the limit of {BODY_LIMIT} bytes"
+            ))
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE))
+        }
+        Ok(Err(e)) => {
+            return Err(ApiError::bad_request(format!(
+                "could not read the request body: {e}"
+            )))
+        }
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
 fn authorized(request: &Request, key: &str) -> bool {

@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use quarry_engine::{Event, FinishReason, Request, TokenLogprob, Usage};
+use quarry_engine::{Cancel, Event, FinishReason, Request, TokenLogprob, Usage};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -83,10 +83,35 @@ async fn generate(
     }
 }
 
+/// The events of a submitted generation, as `(choice, event)`. Dropping it (the handler or
+/// stream task ended because the client left) cancels the generation's engine requests, so
+/// they leave the queue or the batch at the engine's next step, mid-prefill included.
+pub struct Events {
+    rx: UnboundedReceiver<(usize, Event)>,
+    cancel: Cancel,
+}
+
+impl Events {
+    pub async fn recv(&mut self) -> Option<(usize, Event)> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 /// Submits the `n` choices of `g`; their events arrive as `(choice, event)`.
-pub fn submit(s: &Server, g: &Generation) -> Result<UnboundedReceiver<(usize, Event)>, ApiError> {
+pub fn submit(s: &Server, g: &Generation) -> Result<Events, ApiError> {
     let (tx, rx) = unbounded_channel();
     let deadline = Instant::now() + s.config.request_timeout;
+    // Created before the first submission: a failed later choice cancels the earlier ones.
+    let events = Events {
+        rx,
+        cancel: Cancel::new(),
+    };
     for i in 0..g.n {
         let mut options = g.options.clone();
         options.sampling.seed = options.sampling.seed.wrapping_add(i as u64);
@@ -95,12 +120,13 @@ pub fn submit(s: &Server, g: &Generation) -> Result<UnboundedReceiver<(usize, Ev
             options,
             logprobs: g.logprobs,
             deadline: Some(deadline),
+            cancel: Some(events.cancel.clone()),
         };
         let tx = tx.clone();
         s.engine
             .submit(request, Box::new(move |e| tx.send((i, e)).is_ok()))?;
     }
-    Ok(rx)
+    Ok(events)
 }
 
 /// The fixed fields of every response and chunk.
@@ -159,7 +185,7 @@ async fn collect(
     s: &Server,
     reply: &Reply,
     g: &Generation,
-    mut events: UnboundedReceiver<(usize, Event)>,
+    mut events: Events,
 ) -> Result<Value, ApiError> {
     let mut choices: Vec<Choice> = (0..g.n).map(|_| Choice::default()).collect();
     let mut cached = 0;
@@ -283,12 +309,7 @@ fn logprobs_json(
 
 /// Streams chunks as server-sent events. A task turns engine events into chunks; when the
 /// client goes away the chunk channel closes, the task ends and its engine receiver with it.
-fn stream(
-    s: AppState,
-    reply: Reply,
-    g: Generation,
-    mut events: UnboundedReceiver<(usize, Event)>,
-) -> impl IntoResponse {
+fn stream(s: AppState, reply: Reply, g: Generation, mut events: Events) -> impl IntoResponse {
     let (tx, rx) = unbounded_channel::<String>();
     tokio::spawn(async move {
         let send = |v: Value| tx.send(v.to_string()).is_ok();
@@ -323,7 +344,13 @@ fn stream(
         let mut choices: Vec<Choice> = (0..g.n).map(|_| Choice::default()).collect();
         let (mut completion, mut cached, mut open) = (0, 0, g.n);
         while open > 0 {
-            let Some((i, event)) = events.recv().await else {
+            // The client leaving closes the chunk channel: stop waiting for the engine then,
+            // not at the next token (a long prefill may be running), and cancel.
+            let next = tokio::select! {
+                next = events.recv() => next,
+                () = tx.closed() => None,
+            };
+            let Some((i, event)) = next else {
                 return;
             };
             let c = &mut choices[i];

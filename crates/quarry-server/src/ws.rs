@@ -9,8 +9,10 @@
 //! - `{"type": "cancel", "id": any}` stops that generation (`{"type": "cancelled", "id"}`).
 //!
 //! Errors come as `{"type": "error", "id", "message", "param"}`. Several generations may run at
-//! once on one socket; closing the socket cancels them all. When the server shuts down, each
-//! running generation gets an error frame and the socket a close frame (1001, going away).
+//! once on one socket; closing the socket cancels them all (and frees their KV blocks at the
+//! engine's next step). A client's close frame is answered with a close frame carrying its
+//! code. When the server shuts down, each running generation gets an error frame and the
+//! socket a close frame (1001, going away).
 
 use std::collections::HashMap;
 
@@ -22,18 +24,24 @@ use futures_util::{SinkExt, StreamExt};
 use quarry_engine::Event;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
 use crate::error::ApiError;
 use crate::params::{self, Endpoint};
-use crate::{openai, AppState, Closing};
+use crate::{openai, AppState, Closing, ConnectionSlot};
 
 pub async fn stream(
     State(s): State<AppState>,
     closing: Option<Extension<Closing>>,
+    slot: Option<Extension<ConnectionSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    ws.on_upgrade(move |socket| session(s, socket, closing.map(|Extension(c)| c)))
+    ws.on_upgrade(move |socket| async move {
+        // The upgraded socket keeps its connection's slot for as long as the session lasts.
+        let _slot = slot;
+        session(s, socket, closing.map(|Extension(c)| c)).await;
+    })
 }
 
 /// The running generations of a socket by their id's JSON text: the id and the task.
@@ -41,18 +49,36 @@ type Running = HashMap<String, (Value, AbortHandle)>;
 
 /// Serves one socket until the client closes it or, when `closing` says so, the server
 /// shuts down (outside [`crate::serve`], as under tests' `oneshot`, there is no `closing`).
+/// A client's close frame is answered with a close frame (RFC 6455 §5.5.1) carrying its code.
 async fn session(s: AppState, socket: WebSocket, closing: Option<Closing>) {
     let (mut to_client, mut from_client) = socket.split();
     let (out, mut outgoing) = unbounded_channel::<Value>();
+    // Sent when the client's close frame arrives; dropped unsent when the connection broke.
+    let (farewell, mut client_closed) = oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
-        while let Some(frame) = outgoing.recv().await {
-            if to_client
-                .send(Message::Text(frame.to_string().into()))
-                .await
-                .is_err()
-            {
-                return;
+        loop {
+            let closed = tokio::select! {
+                biased;
+                closed = &mut client_closed => closed,
+                frame = outgoing.recv() => match frame {
+                    Some(frame) => {
+                        let text = Message::Text(frame.to_string().into());
+                        if to_client.send(text).await.is_ok() {
+                            continue;
+                        }
+                        // Refused once the client's close frame has been read: answer it (or,
+                        // if the connection broke, wait to be aborted).
+                        (&mut client_closed).await
+                    }
+                    None => break,
+                },
+            };
+            if closed.is_ok() {
+                // The WebSocket layer queued the answer (the client's code echoed) when it read
+                // the close frame; closing our side sends it.
+                to_client.close().await.ok();
             }
+            return;
         }
         // Every sender is gone: the session ended because the server is shutting down.
         let frame = CloseFrame {
@@ -62,11 +88,18 @@ async fn session(s: AppState, socket: WebSocket, closing: Option<Closing>) {
         to_client.send(Message::Close(Some(frame))).await.ok();
     });
     let mut running = Running::new();
+    let mut farewell = Some(farewell);
     let shutting_down = loop {
         tokio::select! {
             message = from_client.next() => match message {
                 Some(Ok(Message::Text(text))) => handle(&s, &text, &out, &mut running),
-                Some(Ok(Message::Close(_)) | Err(_)) | None => break false,
+                Some(Ok(Message::Close(_))) => {
+                    if let Some(f) = farewell.take() {
+                        f.send(()).ok();
+                    }
+                    break false;
+                }
+                Some(Err(_)) | None => break false,
                 Some(Ok(_)) => {}
             },
             () = shutdown(closing.as_ref()) => break true,
@@ -84,10 +117,16 @@ async fn session(s: AppState, socket: WebSocket, closing: Option<Closing>) {
         // tasks have dropped their senders too.
         drop(out);
         writer.await.ok();
+    } else if farewell.is_none() {
+        // Answer the client's close frame, then let the connection go.
+        tokio::time::timeout(CLOSE_REPLY_GRACE, writer).await.ok();
     } else {
         writer.abort();
     }
 }
+
+/// How long answering a client's close frame may take.
+const CLOSE_REPLY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Completes when the server starts shutting down; never without a [`Closing`].
 async fn shutdown(closing: Option<&Closing>) {

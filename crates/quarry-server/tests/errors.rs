@@ -27,7 +27,7 @@ fn app_with(
     api_key: Option<&str>,
     context: usize,
     queue_timeout: Duration,
-    vindex: Option<(String, Executor)>,
+    vindex: Option<(String, Vec<Executor>)>,
 ) -> Router {
     let config = EngineConfig {
         parallel: 1,
@@ -253,8 +253,8 @@ async fn a_full_server_answers_503_after_the_queue_timeout() {
     .await;
     let message = error(s, &b, StatusCode::SERVICE_UNAVAILABLE, None);
     assert!(message.contains("busy"), "{message}");
-    let (s, _) = busy.await.unwrap();
-    assert_eq!(s, StatusCode::OK);
+    let (s, b) = busy.await.unwrap();
+    assert_eq!(s, StatusCode::OK, "{b}");
 }
 
 #[tokio::test]
@@ -321,7 +321,7 @@ async fn knowledge_routes_run_lql_on_the_served_vindex() {
         None,
         256,
         Duration::from_secs(30),
-        Some(("smollm2.vindex".into(), executor)),
+        Some(("smollm2.vindex".into(), vec![executor])),
     );
     let columns = |b: &Value| -> Vec<String> {
         b["columns"]

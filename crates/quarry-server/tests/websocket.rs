@@ -1,6 +1,6 @@
 //! `GET /v1/stream` on a real server over SmolLM2: a generation streams one frame per token
 //! then `done` with usage and timings, its text equals the HTTP completion's, and `cancel`
-//! stops a long one; at shutdown a running generation gets an error frame and the socket a
+//! stops a long one; a client's close frame is answered with one; at shutdown a running generation gets an error frame and the socket a
 //! close frame, and the server returns.
 
 mod common;
@@ -121,6 +121,41 @@ async fn generate_streams_tokens_then_done_and_cancel_stops() {
         (frame["type"].as_str(), frame["param"].as_str()),
         (Some("error"), Some("type"))
     );
+}
+
+#[tokio::test]
+async fn a_client_close_frame_is_answered_with_a_close_frame() {
+    let addr = start().await;
+    for code in [1000u16, 4001] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/stream"))
+            .await
+            .unwrap();
+        // A generation running while the client closes must not keep the answer back.
+        let long = json!({"type": "generate", "id": 1, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0});
+        ws.send(Message::Text(long.to_string().into()))
+            .await
+            .unwrap();
+        assert_eq!(next_frame(&mut ws).await["type"], "token");
+        let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: code.into(),
+            reason: "bye".into(),
+        };
+        ws.send(Message::Close(Some(frame))).await.unwrap();
+        let reply = loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => break frame,
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no close frame in answer to {code}: {other:?}"),
+            }
+        };
+        // RFC 6455 §5.5.1: the answer echoes the status code.
+        assert_eq!(reply.map(|f| u16::from(f.code)), Some(code));
+        // Then the server closes the connection.
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(None | Some(Err(_))) => {}
+            other => panic!("the connection stays open: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]

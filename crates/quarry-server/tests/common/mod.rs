@@ -13,11 +13,23 @@ use quarry_tokenize::{ChatTemplate, Tokenizer};
 
 /// The application over a fresh engine with `config` (the model, tokenizer and template are
 /// leaked, as `quarry serve` does; the engine thread ends when the router is dropped).
+#[allow(dead_code)] // not every test binary uses both
 pub fn smollm2_app(
     config: EngineConfig,
     api_key: Option<&str>,
-    vindex: Option<(String, Executor)>,
+    vindex: Option<(String, Vec<Executor>)>,
 ) -> Router {
+    smollm2_app_with(config, api_key, vindex, Duration::from_secs(60))
+}
+
+/// [`smollm2_app`] whose requests (and knowledge statements) time out after `timeout`.
+pub fn smollm2_app_with(
+    config: EngineConfig,
+    api_key: Option<&str>,
+    vindex: Option<(String, Vec<Executor>)>,
+    timeout: Duration,
+) -> Router {
+    let queue_timeout = config.queue_timeout;
     let file: &'static GgufFile = Box::leak(Box::new(
         GgufFile::open(model_path(TestModel::SmolLm2)).unwrap(),
     ));
@@ -34,7 +46,9 @@ pub fn smollm2_app(
         ServerConfig {
             model_id: "smollm2".into(),
             api_key: api_key.map(str::to_string),
-            request_timeout: Duration::from_secs(60),
+            request_timeout: timeout,
+            queue_timeout,
+            body_read_timeout: Duration::from_secs(2),
             vindex,
         },
     )
