@@ -17,9 +17,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use quarry_kernels::pool;
-use quarry_model::{KvCache, Model, SequenceBatch};
+use quarry_model::{KvCache, Model, ModelConfig, SequenceBatch};
 use serde_json::json;
 
+use crate::limits;
 use crate::BenchArgs;
 
 /// Deterministic synthetic token ids in `[0, vocab)`.
@@ -108,13 +109,51 @@ fn read_bandwidth_gb_s(reps: usize) -> f64 {
     best
 }
 
-pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> Result<()> {
-    anyhow::ensure!(a.reps > 0, "invalid --reps 0: must be at least 1");
+/// What can be checked of the arguments before the model is loaded: `--reps` and the
+/// `--batch` counts are at least 1, `--reps` at most [`limits::MAX_BENCH_REPS`].
+pub fn check_args(a: &BenchArgs) -> Result<()> {
+    limits::count(
+        "--reps",
+        a.reps,
+        limits::MAX_BENCH_REPS,
+        "the median of more does not move",
+    )?;
     anyhow::ensure!(
         a.batch.iter().all(|&b| b > 0),
         "invalid --batch {:?}: every count must be at least 1",
         a.batch
     );
+    Ok(())
+}
+
+/// `--pp` and `--tg` within the model's context, and memory for each test: the KV cache of its
+/// positions (per sequence, for `--batch`) and its largest forward pass.
+pub fn check_sizes(a: &BenchArgs, cfg: &ModelConfig) -> Result<()> {
+    if a.pp > 0 {
+        limits::context("--pp", a.pp, 1, cfg)?;
+        limits::check_memory(
+            &format!(
+                "--pp {}: the KV cache and a forward pass over the prompt",
+                a.pp
+            ),
+            limits::kv_bytes(cfg, a.pp) + limits::forward_bytes(cfg, a.pp, 1),
+        )?;
+    }
+    if a.tg > 0 {
+        limits::context("--tg", a.tg, 1, cfg)?;
+        let batch = a.batch.iter().copied().max().unwrap_or(1);
+        limits::check_memory(
+            &format!(
+                "--tg {} with --batch {batch}: {batch} KV caches of {} positions",
+                a.tg, a.tg
+            ),
+            limits::kv_bytes(cfg, a.tg) * batch as u128 + limits::forward_bytes(cfg, batch, batch),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> Result<()> {
     let vocab = model.config().vocab_size;
     // (test, tok/s samples, whether a step reads the weights for one token only)
     let mut rows = Vec::new();

@@ -12,6 +12,7 @@ use quarry_model::Model;
 use quarry_tokenize::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::json;
 
+use crate::limits::{self, check_memory, forward_bytes, kv_bytes};
 use crate::{
     models, BenchArgs, ChatArgs, GenArgs, InfoArgs, PerplexityArgs, RunArgs, TokenizeArgs,
 };
@@ -24,11 +25,12 @@ pub(crate) fn open(model: &str) -> Result<GgufFile> {
     Ok(GgufFile::open(&path)?)
 }
 
+/// Checks `--threads` (default: one thread per physical core, like llama.cpp) and starts the
+/// pool; a thread the OS refuses is an error, not a panic.
 pub(crate) fn init_threads(threads: Option<usize>) -> Result<()> {
-    // Default: one thread per physical core, like llama.cpp.
-    let n = threads.unwrap_or_else(quarry_kernels::pool::default_threads);
-    anyhow::ensure!(n > 0, "invalid --threads 0: must be at least 1");
-    quarry_kernels::pool::set_global_threads(n).context("starting the thread pool")?;
+    let n = limits::threads(threads)?;
+    quarry_kernels::pool::set_global_threads(n)
+        .with_context(|| format!("--threads {n}: starting the thread pool"))?;
     Ok(())
 }
 
@@ -51,11 +53,25 @@ fn generate_options(g: &GenArgs, stop_at_eog: bool) -> GenerateOptions {
     }
 }
 
+/// What can be checked of the generation options before the model is loaded.
+fn check_gen_args(g: &GenArgs) -> Result<()> {
+    limits::stop_strings(&g.stop)?;
+    Ok(())
+}
+
+/// The context of a session (`--ctx`, default: the model's, at most [`DEFAULT_CTX_LIMIT`]),
+/// checked against the model's trained context and against memory for its KV cache and a
+/// forward pass over a prompt that fills it.
 fn context_size(g: &GenArgs, model: &Model<'_>) -> Result<usize> {
-    let ctx = g
-        .ctx
-        .unwrap_or(model.config().context_length.min(DEFAULT_CTX_LIMIT));
-    anyhow::ensure!(ctx >= 2, "invalid --ctx {ctx}: must be at least 2");
+    let cfg = model.config();
+    let ctx = match g.ctx {
+        Some(ctx) => limits::context("--ctx", ctx, 2, cfg)?,
+        None => cfg.context_length.min(DEFAULT_CTX_LIMIT),
+    };
+    check_memory(
+        &format!("--ctx {ctx}: the KV cache and a forward pass over the context"),
+        kv_bytes(cfg, ctx) + forward_bytes(cfg, ctx, 1),
+    )?;
     Ok(ctx)
 }
 
@@ -76,14 +92,16 @@ fn print_timings(g: &Generation, load: Duration) {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
+    check_gen_args(&a.gen)?;
     init_threads(a.gen.threads)?;
     let t0 = Instant::now();
     let file = open(&a.model)?;
     let model = Model::load(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let load = t0.elapsed();
+    let context = context_size(&a.gen, &model)?;
     let prompt = tokenizer.encode(&a.prompt, !a.no_bos, true);
-    let mut session = Session::new(&model, &tokenizer, context_size(&a.gen, &model)?);
+    let mut session = Session::new(&model, &tokenizer, context);
     let options = generate_options(&a.gen, true);
     let mut out = io::stdout().lock();
     let json = a.json;
@@ -121,6 +139,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
+    check_gen_args(&a.gen)?;
     init_threads(a.gen.threads)?;
     let t0 = Instant::now();
     let file = open(&a.model)?;
@@ -131,7 +150,8 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     if template.is_fallback() {
         eprintln!("note: {}", template.description());
     }
-    let mut session = Session::new(&model, &tokenizer, context_size(&a.gen, &model)?);
+    let context = context_size(&a.gen, &model)?;
+    let mut session = Session::new(&model, &tokenizer, context);
     let options = generate_options(&a.gen, true);
     let mut messages = Vec::new();
     if let Some(system) = &a.system {
@@ -183,12 +203,24 @@ pub fn chat(a: ChatArgs) -> Result<()> {
 }
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
+    if a.chunks == Some(0) {
+        anyhow::bail!("invalid --chunks 0: must be at least 1");
+    }
     init_threads(a.threads)?;
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("cannot read text file {}", a.file.display()))?;
+    let text = limits::read_text(&a.file, limits::PERPLEXITY_TEXT_MAX, "perplexity text")?;
     let file = open(&a.model)?;
     let model = Model::load(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
+    // The window is evaluated whole, and its scored half projected a few rows at a time.
+    let cfg = model.config();
+    limits::context("--ctx", a.ctx, ppl::MIN_CTX, cfg)?;
+    check_memory(
+        &format!(
+            "--ctx {}: the KV cache and a forward pass over one window",
+            a.ctx
+        ),
+        kv_bytes(cfg, a.ctx) + forward_bytes(cfg, a.ctx, ppl::LOGIT_ROWS_PER_PASS),
+    )?;
     let mut tokens = tokenizer.encode(&text, true, true);
     if let Some(max) = a.chunks {
         tokens.truncate(max.saturating_mul(a.ctx));
@@ -343,9 +375,11 @@ pub fn info(a: InfoArgs) -> Result<()> {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    crate::bench::check_args(&a)?;
     init_threads(a.threads)?;
     let file = open(&a.model)?;
     let model = Model::load(&file)?;
+    crate::bench::check_sizes(&a, model.config())?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let bos = tokenizer.bos_id().filter(|_| tokenizer.add_bos());
     crate::bench::run(&model, file.source(), bos, &a)

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use quarry_query::{Executor, ResultSet};
 use rustyline::error::ReadlineError;
 use rustyline::DefaultEditor;
@@ -28,8 +28,9 @@ fn print(result: &ResultSet, json: bool) {
 pub fn run(a: LqlArgs) -> Result<()> {
     init_threads(a.threads)?;
     let script = match (&a.statements, &a.file) {
-        (_, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading LQL script {}", path.display()))?,
+        (_, Some(path)) => {
+            crate::limits::read_text(path, crate::limits::LQL_SCRIPT_MAX, "LQL script")?
+        }
         (Some(s), None) => s.clone(),
         (None, None) => unreachable!("clap requires statements or --file"),
     };

@@ -4,6 +4,7 @@
 
 mod bench;
 mod commands;
+mod limits;
 mod lql;
 mod models;
 mod serve;
@@ -312,8 +313,88 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// An error and its causes as one line, each cause once.
+///
+/// Errors in this workspace often say what their source said ("{path}: cannot read: {source}")
+/// and also return that source from `source()`; printing the chain as it stands (`{:#}`) then
+/// repeats a cause once per level that wraps it. A cause whose text the line already holds is
+/// left out; one that adds something is appended after ": ". Line breaks inside a message
+/// become spaces, so the error stays on one line.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    line.lines().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug)]
+    struct Wrapped {
+        text: &'static str,
+        source: Option<Box<Wrapped>>,
+    }
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.text)
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.source.as_deref().map(|s| s as _)
+        }
+    }
+
+    fn chain(texts: &[&'static str]) -> anyhow::Error {
+        let mut error: Option<Box<Wrapped>> = None;
+        for text in texts.iter().rev() {
+            error = Some(Box::new(Wrapped {
+                text,
+                source: error,
+            }));
+        }
+        anyhow::Error::new(*error.unwrap())
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        // A message that already quotes its source, wrapped again: the cause appears once.
+        let e = chain(&[
+            "USE: x/index.json: cannot read: No such file (os error 2)",
+            "x/index.json: cannot read: No such file (os error 2)",
+            "No such file (os error 2)",
+        ]);
+        assert_eq!(
+            one_line(&e),
+            "USE: x/index.json: cannot read: No such file (os error 2)"
+        );
+        // Causes that add something are kept, in order.
+        let e = chain(&["opening the vindex", "x: format is \"\"", "bad"]);
+        assert_eq!(one_line(&e), "opening the vindex: x: format is \"\": bad");
+        let e = anyhow::Error::new(Wrapped {
+            text: "line one\nline two",
+            source: None,
+        })
+        .context("outer");
+        assert_eq!(one_line(&e), "outer: line one line two");
     }
 }

@@ -14,11 +14,15 @@ const ALIASES: &[(&str, &str)] = &[
     ("smollm2-135m", "smollm2"),
 ];
 
-/// The GGUF file `arg` names.
+/// The GGUF file `arg` names. A path that exists is returned as it is (opening it checks that
+/// it is a regular file); one that cannot be looked up for another reason than its absence (a
+/// symbolic link loop, a denied directory) is that error, not "no such file".
 pub fn resolve(arg: &str) -> Result<PathBuf> {
     let path = Path::new(arg);
-    if path.exists() {
-        return Ok(path.to_path_buf());
+    match std::fs::metadata(path) {
+        Ok(_) => return Ok(path.to_path_buf()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => bail!("{arg}: {e}"),
+        Err(_) => {}
     }
     let Some((_, fetch_name)) = ALIASES.iter().find(|(alias, _)| *alias == arg) else {
         let names: Vec<&str> = ALIASES.iter().map(|(a, _)| *a).collect();

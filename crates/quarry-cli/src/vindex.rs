@@ -8,10 +8,18 @@ use quarry_vindex::{Dtype, ExtractOptions, Level, Progress, Vindex};
 use serde_json::json;
 
 use crate::commands::init_threads;
+use crate::limits;
 use crate::models;
 use crate::{ExtractArgs, VerifyArgs};
 
 pub fn extract(a: ExtractArgs) -> Result<()> {
+    // The vocabulary bound is checked once the model is open (quarry_vindex::extract).
+    limits::count(
+        "--top-k",
+        a.top_k,
+        limits::MAX_EXTRACT_TOP_K,
+        "tokens kept per feature at each end of its projection",
+    )?;
     init_threads(a.threads)?;
     let source = models::resolve(&a.model)?;
     let options = ExtractOptions {

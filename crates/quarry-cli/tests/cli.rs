@@ -333,3 +333,334 @@ fn malformed_lql_reports_line_and_column() {
     let no_vindex = quarry(&["lql", "STATS"]);
     assert_one_line_error(&no_vindex, "USE \"path/to/model.vindex\"");
 }
+
+/// Runs quarry, killing it after `secs` seconds (a FIFO must not hang it): a test that would
+/// hang fails instead.
+fn quarry_within(args: &[&str], secs: u64) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quarry"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run quarry");
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() >= secs {
+            child.kill().unwrap();
+            panic!("quarry {args:?} still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success());
+}
+
+/// Sizes beyond what the model defines are refused before anything is allocated: contexts
+/// and bench sizes past the trained context, windows and counts out of range.
+#[test]
+fn sizes_beyond_the_model_are_one_line_errors() {
+    let model = model_path(TestModel::SmolLm2);
+    let m = path_str(&model);
+    let text = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(text.path(), "Some text to score. ".repeat(50)).unwrap();
+    let t = path_str(text.path());
+    for (args, needle) in [
+        (
+            vec!["run", m, "hi", "--ctx", "99999999"],
+            "invalid --ctx 99999999: the model's context is 8192 tokens",
+        ),
+        (vec!["run", m, "hi", "--ctx", "8193"], "invalid --ctx 8193"),
+        (
+            vec!["run", m, "hi", "--ctx", "1"],
+            "invalid --ctx 1: must be at least 2",
+        ),
+        (
+            vec!["chat", m, "--ctx", "18446744073709551615"],
+            "invalid --ctx 18446744073709551615",
+        ),
+        (
+            vec!["bench", m, "--pp", "1000000", "--tg", "0"],
+            "invalid --pp 1000000: the model's context is 8192 tokens",
+        ),
+        (
+            vec!["bench", m, "--pp", "0", "--tg", "100000"],
+            "invalid --tg 100000: the model's context is 8192 tokens",
+        ),
+        (vec!["bench", m, "--reps", "0"], "invalid --reps 0"),
+        (
+            vec!["bench", m, "--reps", "1000001"],
+            "invalid --reps 1000001: at most 1000",
+        ),
+        (
+            vec!["perplexity", m, t, "--ctx", "100000"],
+            "invalid --ctx 100000",
+        ),
+        (
+            vec!["perplexity", m, t, "--ctx", "3"],
+            "invalid --ctx 3: must be at least 4",
+        ),
+        (
+            vec!["perplexity", m, t, "--chunks", "0"],
+            "invalid --chunks 0",
+        ),
+        (
+            vec!["extract", m, "-o", "/nonexistent/x.vindex", "--top-k", "0"],
+            "invalid --top-k 0",
+        ),
+        (
+            vec![
+                "extract",
+                m,
+                "-o",
+                "/nonexistent/x.vindex",
+                "--top-k",
+                "100000",
+            ],
+            "invalid --top-k 100000: at most 1000",
+        ),
+    ] {
+        assert_one_line_error(&quarry(&args), needle);
+    }
+}
+
+/// Reads `model`'s GGUF and writes a copy with `key` set to `value`.
+fn copy_with_metadata(model: &Path, out: &Path, key: &str, value: Value) {
+    let file = quarry_format::GgufFile::open(model).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in file.metadata() {
+        let v = if k == key { value.clone() } else { v.clone() };
+        w.add_metadata(k.clone(), v).unwrap();
+    }
+    for info in file.tensors() {
+        let view = file.tensor(&info.name).unwrap();
+        w.add_tensor(
+            info.name.clone(),
+            &info.dims,
+            info.dtype,
+            Cow::Borrowed(view.data),
+        )
+        .unwrap();
+    }
+    w.write(out).unwrap();
+}
+
+/// A context the model allows but the machine cannot hold is refused with the memory it would
+/// take, before the KV cache is allocated (it used to abort in the allocator); the default
+/// context of the same model still runs.
+#[test]
+fn sizes_beyond_the_machine_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = dir.path().join("huge-context.gguf");
+    // The largest context a GGUF may declare (2^24), whose KV cache takes 360 GiB for this
+    // model: 30 layers × (K and V) × 192 values × 2 bytes per position.
+    let context: u64 = 1 << 24;
+    copy_with_metadata(
+        &model_path(TestModel::SmolLm2),
+        &huge,
+        "llama.context_length",
+        Value::U32(context as u32),
+    );
+    let m = path_str(&huge);
+    let ctx = context.to_string();
+    let kv_bytes = 30 * 2 * 192 * 2 * context;
+    let mem_total = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024;
+    if mem_total > kv_bytes {
+        eprintln!("skipped: this machine has memory for a {kv_bytes}-byte KV cache");
+    } else {
+        for args in [
+            vec!["run", m, "hi", "--ctx", &ctx],
+            vec!["bench", m, "--pp", &ctx, "--tg", "0"],
+            vec!["bench", m, "--pp", "0", "--tg", &ctx],
+        ] {
+            let out = quarry(&args);
+            assert_one_line_error(&out, "of memory on this machine");
+            assert_one_line_error(&out, "would need");
+        }
+    }
+    let model = model_path(TestModel::SmolLm2);
+    let out = quarry(&[
+        "bench",
+        path_str(&model),
+        "--pp",
+        "0",
+        "--tg",
+        "8000",
+        "--batch",
+        "1,1000000",
+    ]);
+    assert_one_line_error(&out, "invalid --tg 8000 with --batch 1000000");
+    let v = quarry_json(&["run", m, "hi", "-n", "1", "--temperature", "0", "--json"]);
+    assert_eq!(v["finish_reason"], "length");
+}
+
+/// `--threads` is bounded by the machine (4 per CPU, at most 512), and a thread the operating
+/// system refuses to start is an error, not a panic.
+#[test]
+fn threads_are_bounded_and_spawn_failures_are_errors() {
+    let model = model_path(TestModel::SmolLm2);
+    let m = path_str(&model);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let max = (4 * cpus).min(512);
+    for n in ["5000", "18446744073709551615", &(max + 1).to_string()] {
+        let out = quarry(&["run", m, "hi", "-n", "1", "--threads", n]);
+        assert_one_line_error(&out, &format!("invalid --threads {n}: at most {max}"));
+    }
+    // Under a small address-space limit the pool's thread stacks do not fit: some limits fail
+    // at the pool, larger ones later (mapping the model); every one is a one-line error. Too
+    // small a limit keeps the binary from starting at all; those runs are skipped.
+    let mut pool_errors = 0;
+    for kib in (12_000..=48_000).step_by(4_000) {
+        let script = format!(
+            "ulimit -v {kib}; exec {} run {m} hi -n 1 --threads {max}",
+            env!("CARGO_BIN_EXE_quarry")
+        );
+        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{kib} KiB: {stderr}");
+        if !stderr.starts_with("error: ") {
+            continue;
+        }
+        assert_one_line_error(&out, "");
+        if stderr.contains("starting the thread pool") {
+            assert!(
+                stderr.contains(&format!("of the {max} asked for")),
+                "{stderr}"
+            );
+            pool_errors += 1;
+        }
+    }
+    if max > 1 {
+        assert!(
+            pool_errors > 0,
+            "no limit made a worker thread fail to start"
+        );
+    }
+}
+
+/// A model path that is not a regular file says what it is: a directory, a FIFO (without
+/// waiting for a writer), a symbolic link loop; only a missing file is "no such file".
+#[test]
+fn model_paths_that_are_not_files_say_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.gguf");
+    mkfifo(&fifo);
+    let looped = dir.path().join("loop.gguf");
+    std::os::unix::fs::symlink(&looped, &looped).unwrap();
+    let missing = dir.path().join("missing.gguf");
+    let dangling = dir.path().join("dangling.gguf");
+    std::os::unix::fs::symlink(&missing, &dangling).unwrap();
+    for (path, needle) in [
+        (dir.path(), "is a directory, not a regular file"),
+        (fifo.as_path(), "is a FIFO (named pipe), not a regular file"),
+        (looped.as_path(), "Too many levels of symbolic links"),
+        (missing.as_path(), "no such file"),
+        (dangling.as_path(), "no such file"),
+    ] {
+        for args in [
+            vec!["run", path_str(path), "hi"],
+            vec!["info", path_str(path)],
+        ] {
+            let out = quarry_within(&args, 30);
+            assert_one_line_error(&out, needle);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains(path_str(path)), "{stderr}");
+            assert!(!stderr.contains("No such device"), "{stderr}");
+            if !needle.contains("no such file") {
+                assert!(!stderr.contains("no such file"), "{stderr}");
+            }
+        }
+    }
+}
+
+/// The LQL script and the perplexity text are opened as regular files only and read up to a
+/// cap; devices, FIFOs and directories are refused at once.
+#[test]
+fn input_files_are_regular_and_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("script.lql");
+    mkfifo(&fifo);
+    let big = dir.path().join("big.lql");
+    std::fs::write(&big, "STATS;\n".repeat(700_000)).unwrap();
+    let huge_text = dir.path().join("huge.txt");
+    std::fs::File::create(&huge_text)
+        .unwrap()
+        .set_len(257 << 20)
+        .unwrap();
+    let d = path_str(dir.path());
+    for (args, needle) in [
+        (vec!["lql", "-f", d], "LQL script"),
+        (vec!["lql", "-f", d], "is a directory, not a regular file"),
+        (vec!["lql", "-f", path_str(&fifo)], "is a FIFO (named pipe)"),
+        (vec!["lql", "-f", "/dev/urandom"], "is a character device"),
+        (vec!["lql", "-f", path_str(&big)], "is larger than 4 MiB"),
+        (
+            vec!["lql", "-f", "/nonexistent/x.lql"],
+            "/nonexistent/x.lql",
+        ),
+    ] {
+        assert_one_line_error(&quarry_within(&args, 30), needle);
+    }
+    let model = model_path(TestModel::SmolLm2);
+    let m = path_str(&model);
+    for (file, needle) in [
+        (d, "is a directory, not a regular file"),
+        (path_str(&fifo), "is a FIFO (named pipe)"),
+        ("/dev/zero", "is a character device"),
+        (path_str(&huge_text), "is larger than 256 MiB"),
+    ] {
+        let out = quarry_within(&["perplexity", m, file], 60);
+        assert_one_line_error(&out, needle);
+        assert_one_line_error(&out, &format!("perplexity text {file}"));
+    }
+}
+
+/// `--stop ""` would stop before the first token; it is refused in the server's words.
+#[test]
+fn empty_stop_string_is_refused() {
+    let model = model_path(TestModel::SmolLm2);
+    for command in ["run", "chat"] {
+        let mut args = vec![command, path_str(&model)];
+        if command == "run" {
+            args.push("hi");
+        }
+        args.extend(["--stop", "x", "--stop", ""]);
+        let out = quarry(&args);
+        assert_one_line_error(&out, "invalid --stop \"\": stop strings must not be empty");
+    }
+}
+
+/// An error whose causes repeat one another prints each cause once.
+#[test]
+fn each_cause_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.vindex");
+    for args in [
+        vec!["lql", "--vindex", path_str(&missing), "STATS"],
+        vec!["verify", path_str(&missing)],
+        vec!["run", path_str(dir.path()), "hi"],
+    ] {
+        let out = quarry(&args);
+        assert_one_line_error(&out, path_str(dir.path()));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Every ": "-separated part of the message appears once.
+        let parts: Vec<&str> = stderr.trim().split(": ").collect();
+        for part in &parts {
+            assert_eq!(
+                parts.iter().filter(|p| p == &part).count(),
+                1,
+                "{part:?} repeated in {stderr}"
+            );
+        }
+    }
+}

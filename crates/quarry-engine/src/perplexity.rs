@@ -11,7 +11,10 @@ use quarry_model::{KvCache, Model};
 use crate::EngineError;
 
 /// Rows of logits projected at once; bounds memory for large vocabularies.
-const LOGIT_ROWS_PER_PASS: usize = 32;
+pub const LOGIT_ROWS_PER_PASS: usize = 32;
+
+/// The smallest window: half of it is context, the other half scored.
+pub const MIN_CTX: usize = 4;
 
 /// The result of a perplexity run.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,10 +38,10 @@ pub fn perplexity(
     bos: Option<u32>,
     mut on_chunk: impl FnMut(usize, usize, f64),
 ) -> Result<PerplexityReport, EngineError> {
-    if ctx < 4 {
+    if ctx < MIN_CTX {
         return Err(EngineError::InvalidArgument {
             name: "ctx",
-            reason: format!("must be at least 4, got {ctx}"),
+            reason: format!("must be at least {MIN_CTX}, got {ctx}"),
         });
     }
     let chunks = tokens.len() / ctx;

@@ -67,6 +67,15 @@ pub enum PoolError {
     /// The global pool was already created, with a different size.
     #[error("the global thread pool already runs {existing} threads; cannot make it {requested}")]
     AlreadySized { existing: usize, requested: usize },
+
+    /// The operating system refused a worker thread (a process or memory limit); the workers
+    /// already started were stopped again.
+    #[error("cannot start thread {thread} of the {requested} asked for: {reason}")]
+    Spawn {
+        thread: usize,
+        requested: usize,
+        reason: String,
+    },
 }
 
 thread_local! {
@@ -134,9 +143,19 @@ impl ThreadPool {
     /// A pool of `n_threads` including the calling thread: `n_threads - 1` workers are spawned.
     ///
     /// # Panics
-    /// If `n_threads` is 0 or a worker thread cannot be spawned.
+    /// If `n_threads` is 0 or a worker thread cannot be spawned ([`ThreadPool::try_new`]
+    /// returns those as errors).
     pub fn new(n_threads: usize) -> ThreadPool {
-        assert!(n_threads >= 1, "a thread pool needs at least one thread");
+        ThreadPool::try_new(n_threads).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A pool of `n_threads` including the calling thread, or why it cannot be had: 0
+    /// threads, or a worker the operating system would not start (the ones already started
+    /// are stopped and joined before this returns).
+    pub fn try_new(n_threads: usize) -> Result<ThreadPool, PoolError> {
+        if n_threads == 0 {
+            return Err(PoolError::ZeroThreads);
+        }
         let n_workers = n_threads - 1;
         let shared = Arc::new(Shared {
             epoch: Padded(AtomicUsize::new(0)),
@@ -145,20 +164,30 @@ impl ThreadPool {
             sleeping: (0..n_workers).map(|_| AtomicBool::new(false)).collect(),
             shutdown: AtomicBool::new(false),
         });
-        let workers = (0..n_workers)
-            .map(|index| {
-                let shared = Arc::clone(&shared);
-                thread::Builder::new()
-                    .name(format!("quarry-pool-{index}"))
-                    .spawn(move || worker_main(&shared, index))
-                    .expect("failed to spawn a thread pool worker")
-            })
-            .collect();
-        ThreadPool {
+        let mut pool = ThreadPool {
             shared,
-            workers,
+            workers: Vec::with_capacity(n_workers),
             dispatch: Mutex::new(()),
+        };
+        for index in 0..n_workers {
+            let shared = Arc::clone(&pool.shared);
+            let spawned = thread::Builder::new()
+                .name(format!("quarry-pool-{index}"))
+                .spawn(move || worker_main(&shared, index));
+            match spawned {
+                Ok(handle) => pool.workers.push(handle),
+                // Dropping the partial pool stops and joins the workers it has.
+                Err(e) => {
+                    return Err(PoolError::Spawn {
+                        // The calling thread is thread 1; worker `index` is thread index + 2.
+                        thread: index + 2,
+                        requested: n_threads,
+                        reason: e.to_string(),
+                    });
+                }
+            }
         }
+        Ok(pool)
     }
 
     /// The number of threads that run tasks, the calling thread included.
@@ -371,13 +400,20 @@ pub fn global() -> &'static ThreadPool {
 
 /// Sets the global pool's size, creating it now.
 ///
-/// Fails if `n` is 0 or the pool already exists with a different size; asking again for the
-/// size it already has succeeds.
+/// Fails if `n` is 0, a worker thread cannot be started, or the pool already exists with a
+/// different size; asking again for the size it already has succeeds.
 pub fn set_global_threads(n: usize) -> Result<(), PoolError> {
     if n == 0 {
         return Err(PoolError::ZeroThreads);
     }
-    let existing = GLOBAL.get_or_init(|| ThreadPool::new(n)).n_threads();
+    let existing = match GLOBAL.get() {
+        Some(pool) => pool.n_threads(),
+        None => {
+            let pool = ThreadPool::try_new(n)?;
+            // Another thread may have created the pool meanwhile: then this one is dropped.
+            GLOBAL.get_or_init(|| pool).n_threads()
+        }
+    };
     if existing == n {
         Ok(())
     } else {
@@ -429,6 +465,21 @@ mod tests {
         for (i, count) in counts.iter().enumerate() {
             assert_eq!(count.load(Ordering::Relaxed), 1, "task {i} of {n_tasks}");
         }
+    }
+
+    #[test]
+    fn try_new_reports_instead_of_panicking() {
+        assert_eq!(ThreadPool::try_new(0).err(), Some(PoolError::ZeroThreads));
+        assert_eq!(ThreadPool::try_new(3).unwrap().n_threads(), 3);
+        let e = PoolError::Spawn {
+            thread: 5,
+            requested: 8,
+            reason: "Resource temporarily unavailable (os error 11)".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot start thread 5 of the 8 asked for: Resource temporarily unavailable (os error 11)"
+        );
     }
 
     #[test]

@@ -1,0 +1,223 @@
+//! The sizes a user passes on the command line, checked once, where they enter, against the
+//! model and the machine.
+//!
+//! Each command validates its arguments here before it allocates anything that depends on
+//! them; a bad value fails with one line naming the flag, the value and the bound. What is
+//! checked:
+//!
+//! - `--threads`: 1 to [`THREADS_PER_CPU`] per CPU this process may use, never more than
+//!   [`MAX_THREADS`]; a worker the OS will not start is an error too (see
+//!   `quarry_kernels::pool::set_global_threads`).
+//! - context sizes (`--ctx` of run and chat, perplexity's window, bench's `--pp` and `--tg`):
+//!   at most the model's trained context (`context_length`), and the KV cache plus one forward
+//!   pass's activations must fit in the machine's memory.
+//! - counts (`--batch`, `--reps`, `--chunks`, extract's `--top-k`): at least 1 and at most a bound
+//!   given with each; `--batch` also by memory.
+//! - files the CLI reads (an LQL script, a perplexity text): regular files only, capped at
+//!   [`LQL_SCRIPT_MAX`] and [`PERPLEXITY_TEXT_MAX`].
+//!
+//! Sizes that need no bound: `-n` (generation ends when the context is full, whatever `-n`
+//! says), `--top-k` of sampling and `--repeat-last-n` (values past the vocabulary or the
+//! history select everything; nothing is allocated from them).
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use quarry_format::input::{human_bytes, read_text_capped};
+use quarry_model::{ModelConfig, KV_BYTES_PER_VALUE};
+
+/// Worker threads per CPU at most: the pool's workers spin on their cores between dispatches,
+/// so threads beyond the CPUs only take turns; a few per CPU still allows deliberate
+/// oversubscription experiments.
+pub const THREADS_PER_CPU: usize = 4;
+/// Threads at most on any machine: each costs a stack and a slot in every dispatch.
+pub const MAX_THREADS: usize = 512;
+/// Largest LQL script (`quarry lql -f`): statements are a few hundred bytes each, so this is
+/// tens of thousands of them; a larger file is not a script.
+pub const LQL_SCRIPT_MAX: u64 = 4 << 20;
+/// Largest perplexity text: about 64 M tokens, ~200 times wikitext-2's test set (the usual
+/// perplexity text, 1.3 MB), and days of evaluation at this runtime's speed on a CPU; the text
+/// and its token ids stay well under a GiB of memory.
+pub const PERPLEXITY_TEXT_MAX: u64 = 256 << 20;
+/// Most repetitions of a bench test: the median of more does not move.
+pub const MAX_BENCH_REPS: usize = 1000;
+/// Most tokens extract keeps at each end of a feature's vocabulary projection: a summary of the
+/// feature, not a copy of the projection (the file grows by layers × features × 16 bytes per
+/// token kept).
+pub const MAX_EXTRACT_TOP_K: usize = 1000;
+
+/// The CPUs this process may use (affinity and cgroup quotas honoured).
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The most `--threads` accepts on this machine.
+pub fn max_threads() -> usize {
+    cpus().saturating_mul(THREADS_PER_CPU).clamp(1, MAX_THREADS)
+}
+
+/// `--threads`: the pool size to use (default: one per physical core).
+pub fn threads(requested: Option<usize>) -> Result<usize> {
+    let Some(n) = requested else {
+        return Ok(quarry_kernels::pool::default_threads());
+    };
+    if n == 0 {
+        bail!("invalid --threads 0: must be at least 1");
+    }
+    let max = max_threads();
+    if n > max {
+        bail!(
+            "invalid --threads {n}: at most {max} on this machine ({THREADS_PER_CPU} per CPU, \
+             {} CPUs, never more than {MAX_THREADS})",
+            cpus()
+        );
+    }
+    Ok(n)
+}
+
+/// Memory this process can have: the physical memory (`MemTotal`), or a cgroup's limit when
+/// lower; `None` where neither can be read (then memory is not checked).
+pub fn memory_limit() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .map(|kb| kb.saturating_mul(1024))
+    });
+    // cgroup v2, then v1 ("max" or a huge number when unlimited).
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .and_then(|s| s.trim().parse::<u64>().ok());
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
+}
+
+/// Bytes of KV cache for `positions` positions of one sequence.
+pub fn kv_bytes(cfg: &ModelConfig, positions: usize) -> u128 {
+    cfg.n_layers as u128 * 2 * cfg.kv_dim() as u128 * KV_BYTES_PER_VALUE as u128 * positions as u128
+}
+
+/// Bytes of activations a forward pass over `tokens` tokens holds at once (`f32` buffers of the
+/// residual, norms, Q/K/V, attention output and the two FFN halves, their 8-bit copies), plus
+/// `logit_rows` rows of logits.
+pub fn forward_bytes(cfg: &ModelConfig, tokens: usize, logit_rows: usize) -> u128 {
+    let per_token =
+        4 * (3 * cfg.d_model + 4 * cfg.q_dim() + 2 * cfg.kv_dim() + 3 * cfg.ff_dim) + cfg.ff_dim;
+    per_token as u128 * tokens as u128 + 4 * cfg.vocab_size as u128 * logit_rows as u128
+}
+
+/// Fails when `bytes` exceed the machine's memory; `what` says for what ("--ctx 100000: the KV
+/// cache and a forward pass").
+pub fn check_memory(what: &str, bytes: u128) -> Result<()> {
+    let Some(limit) = memory_limit() else {
+        return Ok(());
+    };
+    if bytes > limit as u128 {
+        bail!(
+            "invalid {what} would need {}, more than the {} of memory on this machine",
+            human_bytes(u64::try_from(bytes).unwrap_or(u64::MAX)),
+            human_bytes(limit)
+        );
+    }
+    Ok(())
+}
+
+/// A context size `flag` = `value` for `cfg`: at least `min`, at most the trained context.
+///
+/// llama.cpp only warns when a context exceeds `n_ctx_train`; Quarry refuses, since it applies
+/// no context extension beyond the file's own RoPE scaling, so positions past the trained
+/// context degrade the output, and the trained context is the bound the model itself gives.
+pub fn context(flag: &str, value: usize, min: usize, cfg: &ModelConfig) -> Result<usize> {
+    if value < min {
+        bail!("invalid {flag} {value}: must be at least {min}");
+    }
+    if value > cfg.context_length {
+        bail!(
+            "invalid {flag} {value}: the model's context is {} tokens (context_length)",
+            cfg.context_length
+        );
+    }
+    Ok(value)
+}
+
+/// A count `flag` = `value` in `1..=max`.
+pub fn count(flag: &str, value: usize, max: usize, why: &str) -> Result<usize> {
+    if value == 0 {
+        bail!("invalid {flag} 0: must be at least 1");
+    }
+    if value > max {
+        bail!("invalid {flag} {value}: at most {max} ({why})");
+    }
+    Ok(value)
+}
+
+/// Stop strings (`--stop`): each non-empty (an empty one would stop before the first token),
+/// in the server's words.
+pub fn stop_strings(stops: &[String]) -> Result<()> {
+    if stops.iter().any(String::is_empty) {
+        bail!("invalid --stop \"\": stop strings must not be empty");
+    }
+    Ok(())
+}
+
+/// Reads a text file the user named: a regular file of at most `max` bytes of UTF-8. The error
+/// names `what` and the path.
+pub fn read_text(path: &Path, max: u64, what: &str) -> Result<String> {
+    read_text_capped(path, max, what).map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_bounds() {
+        assert!(threads(Some(0))
+            .unwrap_err()
+            .to_string()
+            .contains("at least 1"));
+        assert_eq!(threads(Some(1)).unwrap(), 1);
+        assert_eq!(threads(Some(max_threads())).unwrap(), max_threads());
+        let err = threads(Some(max_threads() + 1)).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("invalid --threads {}", max_threads() + 1)),
+            "{err}"
+        );
+        assert!(threads(Some(usize::MAX)).is_err());
+        assert!(max_threads() <= MAX_THREADS);
+        assert!(threads(None).unwrap() >= 1);
+    }
+
+    #[test]
+    fn counts_and_stops() {
+        assert!(count("--reps", 0, 10, "x").is_err());
+        assert_eq!(count("--reps", 10, 10, "x").unwrap(), 10);
+        let err = count("--reps", 11, 10, "why").unwrap_err().to_string();
+        assert_eq!(err, "invalid --reps 11: at most 10 (why)");
+        assert!(stop_strings(&["a".into()]).is_ok());
+        let err = stop_strings(&["a".into(), String::new()]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid --stop \"\": stop strings must not be empty"
+        );
+    }
+
+    #[test]
+    fn memory_is_checked_against_the_machine() {
+        let limit = memory_limit().expect("Linux has /proc/meminfo");
+        assert!(limit > 1 << 20);
+        assert!(check_memory("--x 1", 1024).is_ok());
+        let err = check_memory("--x 1", limit as u128 + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid --x 1 would need"), "{err}");
+        assert!(check_memory("--x 1", u128::MAX).is_err());
+    }
+}
