@@ -641,6 +641,10 @@ fn trace(
     decompose: bool,
     layers: Option<LayerRange>,
 ) -> Result<ResultSet, String> {
+    // An empty target would otherwise match whatever " " encodes to and trace that.
+    if target == Some("") {
+        return Err("FOR \"\" names no token; give the token to trace, e.g. FOR \" Paris\"".into());
+    }
     let result = run(model, v.tokenizer(), prompt)?;
     let tok = v.tokenizer();
     let target = match target {

@@ -134,6 +134,14 @@ fn trace_for_a_named_token_and_its_errors() {
         .unwrap()
         .to_string();
     assert!(err.contains("not a single token"), "{err}");
+    // An empty target is refused rather than traced as whatever " " encodes to.
+    let err = Executor::with_vindex(vindex(TestModel::SmolLm2))
+        .unwrap()
+        .run_script("TRACE \"The capital of France is\" FOR \"\"")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("FOR \"\" names no token"), "{err}");
 }
 
 #[test]
