@@ -1,7 +1,7 @@
 //! The subcommands. Each returns `anyhow::Result`; `main` turns errors into one line + exit 1.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, Write};
+use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -161,12 +161,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         });
     }
     eprintln!("[chat with {}; end with Ctrl-D or /exit]", file.source());
-    let stdin = io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut stdin = io::stdin().lock();
     loop {
         eprint!("> ");
-        let Some(line) = lines.next() else { break };
-        let line = line.context("reading stdin")?;
+        let Some(line) = limits::read_line(&mut stdin)? else {
+            break;
+        };
         let line = line.trim();
         if line == "/exit" {
             break;

@@ -14,7 +14,9 @@
 //! - counts (`--batch`, `--reps`, `--chunks`, extract's `--top-k`): at least 1 and at most a bound
 //!   given with each; `--batch` also by memory.
 //! - files the CLI reads (an LQL script, a perplexity text): regular files only, capped at
-//!   [`LQL_SCRIPT_MAX`] and [`PERPLEXITY_TEXT_MAX`].
+//!   [`LQL_SCRIPT_MAX`] and [`PERPLEXITY_TEXT_MAX`]; the REPL's history only from a regular
+//!   file of at most [`HISTORY_MAX`]; `quarry chat` reads stdin lines of at most
+//!   [`CHAT_LINE_MAX`].
 //!
 //! Sizes that need no bound: `-n` (generation ends when the context is full, whatever `-n`
 //! says), `--top-k` of sampling and `--repeat-last-n` (values past the vocabulary or the
@@ -39,6 +41,13 @@ pub const LQL_SCRIPT_MAX: u64 = 4 << 20;
 /// perplexity text, 1.3 MB), and days of evaluation at this runtime's speed on a CPU; the text
 /// and its token ids stay well under a GiB of memory.
 pub const PERPLEXITY_TEXT_MAX: u64 = 256 << 20;
+/// Largest REPL history file loaded (`~/.quarry_lql_history`): rustyline keeps 100 entries by
+/// default, a few KiB; anything far larger is not a history this REPL wrote, and is skipped.
+pub const HISTORY_MAX: u64 = 16 << 20;
+/// Longest line `quarry chat` reads from stdin: a turn must fit in the context, and the largest
+/// trained contexts (128 K tokens) hold about 512 KiB of text at 4 bytes per token; a longer
+/// line (or stdin from a device that never sends a newline) is refused, not read without end.
+pub const CHAT_LINE_MAX: u64 = 1 << 20;
 /// Most repetitions of a bench test: the median of more does not move.
 pub const MAX_BENCH_REPS: usize = 1000;
 /// Most tokens extract keeps at each end of a feature's vocabulary projection: a summary of the
@@ -167,6 +176,37 @@ pub fn stop_strings(stops: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The next line of `input` without its line ending, `None` at the end of input; a line longer
+/// than [`CHAT_LINE_MAX`] bytes or not UTF-8 is an error.
+pub fn read_line(input: &mut impl std::io::BufRead) -> Result<Option<String>> {
+    use std::io::{BufRead, Read};
+    let mut line = Vec::new();
+    input
+        .take(CHAT_LINE_MAX + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| anyhow::anyhow!("reading stdin: {e}"))?;
+    if line.is_empty() {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    } else if line.len() as u64 > CHAT_LINE_MAX {
+        bail!(
+            "stdin: a line is longer than {}, the most one chat turn may be",
+            human_bytes(CHAT_LINE_MAX)
+        );
+    }
+    String::from_utf8(line).map(Some).map_err(|e| {
+        anyhow::anyhow!(
+            "stdin: a line is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
 /// Reads a text file the user named: a regular file of at most `max` bytes of UTF-8. The error
 /// names `what` and the path.
 pub fn read_text(path: &Path, max: u64, what: &str) -> Result<String> {
@@ -207,6 +247,29 @@ mod tests {
             err.to_string(),
             "invalid --stop \"\": stop strings must not be empty"
         );
+    }
+
+    #[test]
+    fn lines_are_capped() {
+        let mut input = std::io::Cursor::new(b"one\r\ntwo\nthree".to_vec());
+        assert_eq!(read_line(&mut input).unwrap().as_deref(), Some("one"));
+        assert_eq!(read_line(&mut input).unwrap().as_deref(), Some("two"));
+        assert_eq!(read_line(&mut input).unwrap().as_deref(), Some("three"));
+        assert_eq!(read_line(&mut input).unwrap(), None);
+        let at_cap = vec![b'a'; CHAT_LINE_MAX as usize];
+        let mut input = std::io::Cursor::new(at_cap.clone());
+        assert_eq!(read_line(&mut input).unwrap().unwrap().len(), at_cap.len());
+        let mut input = std::io::Cursor::new(vec![b'a'; CHAT_LINE_MAX as usize + 1]);
+        let err = read_line(&mut input).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "stdin: a line is longer than 1 MiB, the most one chat turn may be"
+        );
+        let mut input = std::io::Cursor::new(vec![b'a', 0xff, b'\n']);
+        assert!(read_line(&mut input)
+            .unwrap_err()
+            .to_string()
+            .contains("not UTF-8"));
     }
 
     #[test]

@@ -63,7 +63,11 @@ pub fn repl(a: ReplArgs) -> Result<()> {
     let mut editor = DefaultEditor::new()?;
     let history =
         std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".quarry_lql_history"));
-    if let Some(h) = &history {
+    // The history is loaded only from a regular file of reasonable size: a FIFO there would
+    // block the REPL before its prompt, a device or a huge file would be read without end.
+    if let Some(h) = history.as_ref().filter(|h| {
+        std::fs::metadata(h).is_ok_and(|m| m.is_file() && m.len() <= crate::limits::HISTORY_MAX)
+    }) {
         let _ = editor.load_history(h);
     }
     let (mut timing, mut json) = (false, false);

@@ -319,6 +319,40 @@ fn extract_verify_and_query_a_vindex() {
         quarry_json(&["verify", path_str(&out), "--json"])["ok"],
         true
     );
+
+    // A vindex file that exists but is a directory or a FIFO is reported as what it is, never
+    // as missing, and verify does not wait on the FIFO; a deleted file is missing.
+    let name = extracted["files"][0]["name"].as_str().unwrap();
+    let copy = tmp.path().join("copy.vindex");
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    let target = copy.join(name);
+    for (make, problem) in [
+        (
+            &(|p: &Path| std::fs::create_dir(p).unwrap()) as &dyn Fn(&Path),
+            "is a directory, not a regular file",
+        ),
+        (
+            &|p: &Path| mkfifo(p),
+            "is a FIFO (named pipe), not a regular file",
+        ),
+        (&|_: &Path| {}, "is missing"),
+    ] {
+        let _ = std::fs::remove_file(&target);
+        let _ = std::fs::remove_dir(&target);
+        make(&target);
+        let out = quarry_within(&["verify", path_str(&copy)], 60);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&format!("{name} ")), "{stderr}");
+        assert!(stderr.contains(problem), "{problem}: {stderr}");
+        if problem != "is missing" {
+            assert!(!stderr.contains("is missing"), "{stderr}");
+        }
+    }
 }
 
 #[test]
@@ -662,5 +696,30 @@ fn each_cause_is_printed_once() {
                 "{part:?} repeated in {stderr}"
             );
         }
+    }
+}
+
+/// `quarry chat` reads stdin a line at a time up to 1 MiB: a longer line, or a device that
+/// never sends a newline, is a one-line error instead of memory growing without end.
+#[test]
+fn chat_lines_are_capped() {
+    let model = model_path(TestModel::SmolLm2);
+    let long = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(long.path(), "word ".repeat(300_000) + "\n").unwrap();
+    for input in [long.path(), Path::new("/dev/zero")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_quarry"))
+            .args(["chat", path_str(&model), "-n", "1"])
+            .stdin(std::fs::File::open(input).unwrap())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+        assert!(
+            last.ends_with(
+                "error: stdin: a line is longer than 1 MiB, the most one chat turn may be"
+            ),
+            "{stderr}"
+        );
     }
 }
