@@ -80,12 +80,7 @@ pub fn parse_index(bytes: &[u8], path: &str) -> Result<Index, VindexError> {
 
 /// The manifest's own consistency: dimensions, numbers, bands and file entries.
 pub fn check_index(index: &Index, path: &str) -> Result<(), VindexError> {
-    let invalid = |field: &str, problem: String| VindexError::Invalid {
-        path: path.into(),
-        file: INDEX.into(),
-        field: field.into(),
-        problem,
-    };
+    let invalid = |field: &str, problem: String| invalid(path, INDEX, field, problem);
     let m = &index.model;
     for (field, value) in [
         ("model.n_layers", m.n_layers),
@@ -189,6 +184,15 @@ pub fn check_index(index: &Index, path: &str) -> Result<(), VindexError> {
     Ok(())
 }
 
+/// The error for `field` of `file` in the vindex at `path`.
+fn invalid(path: &str, file: &'static str, field: &str, problem: String) -> VindexError {
+    VindexError::Invalid {
+        path: path.into(),
+        file,
+        problem: format!("{field} {problem}"),
+    }
+}
+
 /// Whether `[first, last]` is an ordered range of a model's layers.
 fn check_layer_range([first, last]: [usize; 2], n_layers: usize) -> Result<(), String> {
     if first > last {
@@ -205,12 +209,7 @@ fn check_layer_range([first, last]: [usize; 2], n_layers: usize) -> Result<(), S
 
 /// Parses `relations.json` and checks every id in it against the manifest.
 pub fn parse_relations(bytes: &[u8], index: &Index, path: &str) -> Result<Relations, VindexError> {
-    let invalid = |field: String, problem: String| VindexError::Invalid {
-        path: path.into(),
-        file: RELATIONS.into(),
-        field,
-        problem,
-    };
+    let invalid = |field: String, problem: String| invalid(path, RELATIONS, &field, problem);
     if bytes.len() as u64 > MAX_RELATIONS_BYTES {
         return Err(invalid(
             "size".into(),
@@ -281,15 +280,15 @@ pub fn check_writes(records: &[TokenLogit], index: &Index, path: &str) -> Result
     let vocab = index.model.vocab_size;
     match records.iter().position(|r| r.token as usize >= vocab) {
         None => Ok(()),
-        Some(i) => Err(VindexError::Invalid {
-            path: path.into(),
-            file: WRITES.into(),
-            field: format!("record {i}"),
-            problem: format!(
+        Some(i) => Err(invalid(
+            path,
+            WRITES,
+            &format!("record {i}"),
+            format!(
                 "names token {}, outside the vocabulary of {vocab} tokens",
                 records[i].token
             ),
-        }),
+        )),
     }
 }
 
@@ -327,12 +326,12 @@ pub fn check_model(index: &Index, config: &ModelConfig, path: &str) -> Result<()
     ];
     for (field, manifest, model) in pairs {
         if manifest != model {
-            return Err(VindexError::Invalid {
-                path: path.into(),
-                file: MODEL.into(),
-                field: field.into(),
-                problem: format!("is {model} in the model but {manifest} in {INDEX} (files from different models?)"),
-            });
+            return Err(invalid(
+                path,
+                MODEL,
+                field,
+                format!("is {model} in the model but {manifest} in {INDEX} (files from different models?)"),
+            ));
         }
     }
     Ok(())

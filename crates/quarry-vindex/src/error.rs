@@ -30,11 +30,12 @@ pub enum VindexError {
         file: String,
         problem: String,
     },
-    #[error("{path}: {file}: {field} {problem}")]
+    /// A value inside a file that disagrees with the format or another file; `problem`
+    /// starts with the field.
+    #[error("{path}: {file}: {problem}")]
     Invalid {
         path: String,
-        file: String,
-        field: String,
+        file: &'static str,
         problem: String,
     },
     #[error("{path}: the manifest lists no {file}, which a {level} vindex must have")]
