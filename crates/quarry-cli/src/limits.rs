@@ -37,9 +37,10 @@ pub const MAX_THREADS: usize = 512;
 /// Largest LQL script (`quarry lql -f`): statements are a few hundred bytes each, so this is
 /// tens of thousands of them; a larger file is not a script.
 pub const LQL_SCRIPT_MAX: u64 = 4 << 20;
-/// Largest perplexity text: about 64 M tokens, ~200 times wikitext-2's test set (the usual
-/// perplexity text, 1.3 MB), and days of evaluation at this runtime's speed on a CPU; the text
-/// and its token ids stay well under a GiB of memory.
+/// Largest perplexity text: about 64 M tokens of ordinary text (~4 bytes per token), ~200 times
+/// wikitext-2's test set (the usual perplexity text, 1.3 MB) and days of evaluation on a CPU.
+/// Memory stays bounded: the text plus at most one 4-byte token id per byte (1.25 GiB in the
+/// worst case, ~0.5 GiB for ordinary text).
 pub const PERPLEXITY_TEXT_MAX: u64 = 256 << 20;
 /// Largest REPL history file loaded (`~/.quarry_lql_history`): rustyline keeps 100 entries by
 /// default, a few KiB; anything far larger is not a history this REPL wrote, and is skipped.
