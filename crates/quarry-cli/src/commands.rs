@@ -207,7 +207,12 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         anyhow::bail!("invalid --chunks 0: must be at least 1");
     }
     init_threads(a.threads)?;
-    let text = limits::read_text(&a.file, limits::PERPLEXITY_TEXT_MAX, "perplexity text")?;
+    let text = limits::read_text(
+        &a.file,
+        limits::PERPLEXITY_TEXT_MAX,
+        "perplexity text",
+        "a perplexity text",
+    )?;
     let file = open(&a.model)?;
     let model = Model::load(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;

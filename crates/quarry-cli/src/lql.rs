@@ -28,9 +28,12 @@ fn print(result: &ResultSet, json: bool) {
 pub fn run(a: LqlArgs) -> Result<()> {
     init_threads(a.threads)?;
     let script = match (&a.statements, &a.file) {
-        (_, Some(path)) => {
-            crate::limits::read_text(path, crate::limits::LQL_SCRIPT_MAX, "LQL script")?
-        }
+        (_, Some(path)) => crate::limits::read_text(
+            path,
+            crate::limits::LQL_SCRIPT_MAX,
+            "LQL script",
+            "an LQL script",
+        )?,
         (Some(s), None) => s.clone(),
         (None, None) => unreachable!("clap requires statements or --file"),
     };

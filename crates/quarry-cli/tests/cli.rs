@@ -637,7 +637,10 @@ fn input_files_are_regular_and_capped() {
         (vec!["lql", "-f", d], "is a directory, not a regular file"),
         (vec!["lql", "-f", path_str(&fifo)], "is a FIFO (named pipe)"),
         (vec!["lql", "-f", "/dev/urandom"], "is a character device"),
-        (vec!["lql", "-f", path_str(&big)], "is larger than 4 MiB"),
+        (
+            vec!["lql", "-f", path_str(&big)],
+            "is larger than 4 MiB, the most an LQL script may be",
+        ),
         (
             vec!["lql", "-f", "/nonexistent/x.lql"],
             "/nonexistent/x.lql",
@@ -651,7 +654,10 @@ fn input_files_are_regular_and_capped() {
         (d, "is a directory, not a regular file"),
         (path_str(&fifo), "is a FIFO (named pipe)"),
         ("/dev/zero", "is a character device"),
-        (path_str(&huge_text), "is larger than 256 MiB"),
+        (
+            path_str(&huge_text),
+            "is larger than 256 MiB, the most a perplexity text may be",
+        ),
     ] {
         let out = quarry_within(&["perplexity", m, file], 60);
         assert_one_line_error(&out, needle);
