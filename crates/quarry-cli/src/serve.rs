@@ -128,8 +128,12 @@ fn memory() -> Option<(usize, usize)> {
 /// The KV cache's size in bytes: `--kv-mem`, or room for `--parallel` full contexts; refused
 /// when it does not fit this machine's available memory.
 fn kv_bytes(a: &ServeArgs, context: usize, bytes_per_position: usize) -> Result<usize> {
-    let (bytes, what) = match a.kv_mem {
-        Some(mib) => (mib.checked_mul(1 << 20), format!("--kv-mem {mib} asks for")),
+    let (bytes, what, advice) = match a.kv_mem {
+        Some(mib) => (
+            mib.checked_mul(1 << 20),
+            format!("--kv-mem {mib} asks for"),
+            "lower --kv-mem",
+        ),
         None => (
             context
                 .next_multiple_of(BLOCK_SIZE)
@@ -139,16 +143,17 @@ fn kv_bytes(a: &ServeArgs, context: usize, bytes_per_position: usize) -> Result<
                 "--parallel {} × --ctx {context} need a KV cache of",
                 a.parallel
             ),
+            "lower --parallel or --ctx, or set a smaller --kv-mem",
         ),
     };
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     let Some(bytes) = bytes else {
-        anyhow::bail!("{what} more memory than this machine can address; lower them");
+        anyhow::bail!("{what} more memory than this machine can address: {advice}");
     };
     if let Some((available, total)) = memory() {
         anyhow::ensure!(
             bytes <= available,
-            "{what} {:.1} GiB, but this machine has {:.1} GiB available ({:.1} GiB in all): lower --parallel or --ctx, or set --kv-mem",
+            "{what} {:.1} GiB, but this machine has {:.1} GiB available ({:.1} GiB in all): {advice}",
             gib(bytes),
             gib(available),
             gib(total)

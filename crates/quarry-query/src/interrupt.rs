@@ -58,3 +58,32 @@ pub(crate) fn check() -> Result<(), String> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_fails_only_under_a_set_interrupt_and_under_restores() {
+        assert!(check().is_ok());
+        let outer = Interrupt::new();
+        let inner = Interrupt::new();
+        under(&outer, || {
+            assert!(check().is_ok());
+            inner.interrupt();
+            under(&inner, || assert_eq!(check(), Err(INTERRUPTED.to_string())));
+            // The outer statement's interrupt is back, and it is not set.
+            assert!(check().is_ok());
+            outer.interrupt();
+            assert!(check().is_err());
+        });
+        // Nothing is current once the statement is over.
+        assert!(check().is_ok());
+        // Other threads are not affected.
+        under(&inner, || {
+            std::thread::spawn(|| assert!(check().is_ok()))
+                .join()
+                .unwrap();
+        });
+    }
+}

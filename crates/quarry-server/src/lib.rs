@@ -55,6 +55,9 @@ pub use error::ApiError;
 /// Largest request body accepted (413 beyond).
 pub const BODY_LIMIT: usize = 8 << 20;
 
+/// Longest text `POST /tokenize` takes.
+pub const MAX_TOKENIZE_BYTES: usize = 1 << 20;
+
 /// How long [`serve`] waits, after its last HTTP request, for WebSocket sessions to close.
 const WEBSOCKET_GRACE: Duration = Duration::from_secs(5);
 
@@ -110,6 +113,9 @@ pub struct Server {
     config: ServerConfig,
     knowledge: Option<(String, knowledge::Pool)>,
     metrics: metrics::Metrics,
+    /// The longest token's text, in bytes: text longer than the context times this cannot
+    /// fit, and is refused without being tokenized.
+    max_token_bytes: usize,
 }
 
 type AppState = Arc<Server>;
@@ -152,6 +158,10 @@ pub fn router(
         .vindex
         .take()
         .map(|(id, executors)| (id, knowledge::Pool::new(executors)));
+    let max_token_bytes = (0..tokenizer.vocab_size() as u32)
+        .map(|id| tokenizer.token_bytes(id).len())
+        .max()
+        .unwrap_or(1);
     let state = Arc::new(Server {
         engine,
         tokenizer,
@@ -159,6 +169,7 @@ pub fn router(
         config,
         knowledge,
         metrics: metrics::Metrics::default(),
+        max_token_bytes,
     });
     Router::new()
         .route("/v1/chat/completions", post(openai::chat))
@@ -411,10 +422,30 @@ async fn tokenize(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let body = params::object(&body.map_err(openai::rejection)?)?;
     let f = params::Fields(&body);
-    let content = f.string("content")?.ok_or_else(|| {
-        ApiError::invalid("content", "'content' (the text to tokenize) is required")
-    })?;
-    let tokens = s.tokenizer.encode(content, f.boolean("add_special")?, true);
+    let content = f
+        .string("content")?
+        .ok_or_else(|| {
+            ApiError::invalid("content", "'content' (the text to tokenize) is required")
+        })?
+        .to_string();
+    if content.len() > MAX_TOKENIZE_BYTES {
+        return Err(ApiError::invalid(
+            "content",
+            format!(
+                "'content' is {} bytes; the limit is {MAX_TOKENIZE_BYTES}",
+                content.len()
+            ),
+        ));
+    }
+    let add_special = f.boolean("add_special")?;
+    // Off the async workers: a MiB takes about a second.
+    let tokenizer = s.tokenizer;
+    let tokens = tokio::task::spawn_blocking(move || tokenizer.encode(&content, add_special, true))
+        .await
+        .map_err(|e| {
+            ApiError::bad_request(format!("tokenizing failed: {e}"))
+                .with_status(StatusCode::INTERNAL_SERVER_ERROR)
+        })?;
     Ok(Json(json!({ "tokens": tokens })))
 }
 

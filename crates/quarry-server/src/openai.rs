@@ -65,7 +65,14 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     let body = params::object(&body.map_err(rejection)?)?;
     s.check_model(&body)?;
-    let g = params::generation(endpoint, &body, s.tokenizer, s.template, s.context())?;
+    let g = params::generation(
+        endpoint,
+        &body,
+        s.tokenizer,
+        s.template,
+        s.context(),
+        s.max_token_bytes,
+    )?;
     let events = submit(&s, &g)?;
     let reply = Reply {
         endpoint,

@@ -173,14 +173,34 @@ impl<'a> Fields<'a> {
 
 /// Reads a chat or completion body: prompt (rendered through `template` for chat), sampling,
 /// limits and options. `context` is the per-sequence context.
+///
+/// Text that cannot fit the context whatever its tokens (more bytes than `context` tokens of
+/// `max_token_bytes` each hold) is refused before it is tokenized, which takes about a second
+/// per MiB.
 pub fn generation(
     endpoint: Endpoint,
     body: &Map<String, Value>,
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
     context: usize,
+    max_token_bytes: usize,
 ) -> Result<Generation, ApiError> {
     let f = Fields(body);
+    let field = match endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Completions => "prompt",
+    };
+    let bytes = body.get(field).map_or(0, text_bytes);
+    let most = context.saturating_mul(max_token_bytes.max(1));
+    if bytes > most {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "the prompt's text is {bytes} bytes: more than {context} tokens (the context) of at most {max_token_bytes} bytes each; shorten it or start the server with a larger --ctx"
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
     let (prompt, prompt_text) = match endpoint {
         Endpoint::Chat => chat_prompt(body, tokenizer, template)?,
         Endpoint::Completions => completion_prompt(body, tokenizer)?,
@@ -277,6 +297,16 @@ pub fn generation(
 }
 
 /// A seed for a request that gave none: different each time, as OpenAI's sampling is.
+/// Bytes of all the strings in `v`.
+fn text_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(text_bytes).sum(),
+        Value::Object(map) => map.values().map(text_bytes).sum(),
+        _ => 0,
+    }
+}
+
 fn fresh_seed() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -165,8 +165,14 @@ fn handle(s: &AppState, text: &str, out: &UnboundedSender<Value>, running: &mut 
                 Endpoint::Completions
             };
             let started = std::time::Instant::now();
-            let g = match params::generation(endpoint, &body, s.tokenizer, s.template, s.context())
-            {
+            let g = match params::generation(
+                endpoint,
+                &body,
+                s.tokenizer,
+                s.template,
+                s.context(),
+                s.max_token_bytes,
+            ) {
                 Ok(g) if g.n == 1 => g,
                 Ok(_) => {
                     return error(

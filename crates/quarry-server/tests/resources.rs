@@ -450,12 +450,12 @@ async fn knowledge_routes_bound_their_input_time_and_concurrency() {
     let (status, b) = call(addr, &get_request("/v1/describe?entity=France")).await;
     assert_eq!(status, 200, "{b}");
 
-    // The request timeout (2 s) interrupts a long INFER: a 504, and the executor is free
+    // The request timeout (4 s) interrupts a long INFER: a 504, and the executor is free
     // again soon after (the work stopped, it was not merely abandoned).
     let addr = start(
         engine(1, 2048, 512),
         Limits::default(),
-        Duration::from_secs(2),
+        Duration::from_secs(4),
         Some(executors(&dir, 1)),
     )
     .await;
@@ -466,7 +466,7 @@ async fn knowledge_routes_bound_their_input_time_and_concurrency() {
         (504, Some("timeout")),
         "{b}"
     );
-    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
     let t0 = Instant::now();
     let (status, b) = call(addr, &lql("STATS")).await;
     assert_eq!(status, 200, "{b}");
@@ -484,6 +484,10 @@ async fn knowledge_routes_bound_their_input_time_and_concurrency() {
     let (status, b) = call(addr, &infer(&long)).await;
     assert_eq!(status, 200, "{b}");
     let full = t0.elapsed();
+    eprintln!(
+        "INFER of {} bytes: {full:?}; executor free {freed:?} after the 504",
+        long.len()
+    );
     assert!(
         freed < full / 2,
         "freed after {freed:?}; a full INFER takes {full:?}"
@@ -523,4 +527,98 @@ async fn knowledge_routes_bound_their_input_time_and_concurrency() {
         "{:?} (INFER: {full:?})",
         t0.elapsed()
     );
+}
+
+#[tokio::test]
+async fn text_that_cannot_fit_is_refused_before_it_is_tokenized() {
+    let addr = start(
+        engine(1, 256, 512),
+        Limits::default(),
+        Duration::from_secs(60),
+        None,
+    )
+    .await;
+    // 7 MiB of one letter: about 7 s of tokenizing, were it tokenized.
+    let huge = "a".repeat(7 << 20);
+    let cases = [
+        (
+            "/v1/completions",
+            json!({"prompt": huge, "max_tokens": 1}),
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": [huge], "max_tokens": 1}),
+            "prompt",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": [{"type": "text", "text": huge}]}]}),
+            "messages",
+        ),
+    ];
+    for (route, body, param) in cases {
+        let t0 = Instant::now();
+        let (status, b) = call(
+            addr,
+            &post_request(route, "application/json", &body.to_string()),
+        )
+        .await;
+        assert_eq!(
+            (status, b["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{b}"
+        );
+        assert_eq!(b["error"]["code"], "context_length_exceeded", "{b}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{route}: {:?}",
+            t0.elapsed()
+        );
+    }
+    // Text that might fit is tokenized and measured as before.
+    let (status, b) = call(
+        addr,
+        &post_request(
+            "/v1/completions",
+            "application/json",
+            &json!({"prompt": "word ".repeat(300), "max_tokens": 1}).to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, b["error"]["param"].as_str()),
+        (400, Some("prompt")),
+        "{b}"
+    );
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("tokens"),
+        "{b}"
+    );
+    // /tokenize takes at most 1 MiB, and tokenizes off the async workers: /health answers
+    // meanwhile.
+    let body = json!({"content": "b".repeat(2 << 20)}).to_string();
+    let (status, b) = call(addr, &post_request("/tokenize", "application/json", &body)).await;
+    assert_eq!(
+        (status, b["error"]["param"].as_str()),
+        (400, Some("content")),
+        "{b}"
+    );
+    let body = json!({"content": "b".repeat(1 << 20)}).to_string();
+    let tokenizing = tokio::spawn(async move {
+        call(
+            addr,
+            post_request("/tokenize", "application/json", &body).leak(),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let latency = health_latency(addr, Duration::from_secs(5)).await;
+    assert!(
+        latency.is_some_and(|l| l < Duration::from_millis(500)),
+        "{latency:?}"
+    );
+    let (status, b) = tokenizing.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(b["tokens"].as_array().unwrap().len() > 1000);
 }
