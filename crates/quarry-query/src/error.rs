@@ -23,9 +23,4 @@ pub enum QueryError {
         statement: String,
         source: ModelError,
     },
-    #[error("{statement}: {source}")]
-    Format {
-        statement: String,
-        source: quarry_format::FormatError,
-    },
 }

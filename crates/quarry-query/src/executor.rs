@@ -1,10 +1,9 @@
-//! The executor: keeps the open vindex (and, once a statement needs it, its model file) and
-//! turns each statement into a [`ResultSet`].
+//! The executor: keeps the open vindex (with its model file) and turns each statement into a
+//! [`ResultSet`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use quarry_format::GgufFile;
 use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
 use quarry_model::Model;
 use quarry_vindex::relations::FeatureEdge;
@@ -21,7 +20,6 @@ use crate::trace::{attribute, ffn_feature_shares, run, softmax, top_n, Readout};
 #[derive(Default)]
 pub struct Executor {
     vindex: Option<Vindex>,
-    model_file: Option<GgufFile>,
 }
 
 impl Executor {
@@ -149,11 +147,10 @@ impl Executor {
             r.push(vec![Cell::Text(k.into()), Cell::Text(val)]);
         }
         self.vindex = Some(v);
-        self.model_file = None;
         Ok(r)
     }
 
-    /// Runs `f` with the vindex's model loaded (opening its file the first time).
+    /// Runs `f` with the vindex's model loaded (its file was opened and checked with the vindex).
     fn with_model(
         &mut self,
         statement: &str,
@@ -162,17 +159,10 @@ impl Executor {
         let v = self.vindex.as_ref().ok_or(QueryError::NoVindex {
             statement: statement.to_string(),
         })?;
-        if self.model_file.is_none() {
-            let path = v.model_path().map_err(|source| QueryError::Vindex {
-                statement: statement.to_string(),
-                source,
-            })?;
-            self.model_file = Some(GgufFile::open(path).map_err(|source| QueryError::Format {
-                statement: statement.to_string(),
-                source,
-            })?);
-        }
-        let file = self.model_file.as_ref().expect("opened above");
+        let file = v.model_file().map_err(|source| QueryError::Vindex {
+            statement: statement.to_string(),
+            source,
+        })?;
         let model = Model::load(file).map_err(|source| QueryError::Model {
             statement: statement.to_string(),
             source,
