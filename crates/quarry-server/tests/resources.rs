@@ -3,7 +3,8 @@
 //! holds, a slow body gets a 408, a client that leaves during a long prefill (streaming or
 //! not, running or queued) frees its sequence at once, and the knowledge routes refuse
 //! oversized input up front, time out, are interrupted when their client leaves, and one slow
-//! statement does not block the others.
+//! statement does not block the others; text that cannot fit is refused before tokenizing;
+//! upgraded WebSockets keep their connection slot.
 
 mod common;
 
@@ -621,4 +622,24 @@ async fn text_that_cannot_fit_is_refused_before_it_is_tokenized() {
     let (status, b) = tokenizing.await.unwrap();
     assert_eq!(status, 200);
     assert!(b["tokens"].as_array().unwrap().len() > 1000);
+}
+
+#[tokio::test]
+async fn websocket_sessions_hold_their_connection_slot() {
+    use futures_util::SinkExt;
+    let limits = Limits {
+        max_connections: 2,
+        header_read_timeout: Duration::from_secs(10),
+    };
+    let addr = start(engine(1, 256, 512), limits, Duration::from_secs(60), None).await;
+    let url = format!("ws://{addr}/v1/stream");
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (_second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    // Both slots are held by the upgraded sockets: a third connection waits.
+    assert_eq!(health_latency(addr, Duration::from_millis(700)).await, None);
+    // Closing one frees its slot.
+    first.close(None).await.unwrap();
+    drop(first);
+    let latency = health_latency(addr, Duration::from_secs(5)).await;
+    assert!(latency.is_some(), "/health never answered");
 }
