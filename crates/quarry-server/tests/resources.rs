@@ -626,7 +626,6 @@ async fn text_that_cannot_fit_is_refused_before_it_is_tokenized() {
 
 #[tokio::test]
 async fn websocket_sessions_hold_their_connection_slot() {
-    use futures_util::SinkExt;
     let limits = Limits {
         max_connections: 2,
         header_read_timeout: Duration::from_secs(10),
