@@ -208,19 +208,10 @@ pub fn read_line(input: &mut impl std::io::BufRead) -> Result<Option<String>> {
     })
 }
 
-/// Reads a text file the user named: a regular file of at most `max` bytes of UTF-8. Errors
-/// start with `label` and the path ("LQL script x.lql: ..."); `what` names the limit ("an LQL
-/// script"). A regular file already larger than `max` is refused without reading it.
+/// Reads a text file the user named: a regular file of at most `max` bytes of UTF-8 (one
+/// already larger is refused from its size, without reading it). Errors start with `label`
+/// and the path ("LQL script x.lql: ..."); `what` names the limit ("an LQL script").
 pub fn read_text(path: &Path, max: u64, label: &str, what: &str) -> Result<String> {
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.is_file() && meta.len() > max {
-            bail!(
-                "{label} {}: is larger than {}, the most {what} may be",
-                path.display(),
-                human_bytes(max)
-            );
-        }
-    }
     read_text_capped(path, max, what)
         .map_err(|e| anyhow::anyhow!("{label} {}: {e}", path.display()))
 }

@@ -51,15 +51,25 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
 /// the limit in the error ("an LQL script").
 pub fn read_capped(path: &Path, max: u64, what: &str) -> io::Result<Vec<u8>> {
     let file = open_regular(path)?;
+    let too_large = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "is larger than {}, the most {what} may be",
+                human_bytes(max)
+            ),
+        )
+    };
+    // A file already over the cap is refused from its size, without reading it.
+    if file.metadata()?.len() > max {
+        return Err(too_large());
+    }
     let mut bytes = Vec::new();
     // One byte past the cap tells a file at the limit from a longer one, even if the file
     // grows while it is read.
     file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("is larger than {}, the most {what} may be", human_bytes(max)),
-        ));
+        return Err(too_large());
     }
     Ok(bytes)
 }
@@ -114,7 +124,10 @@ mod tests {
         assert!(status.success());
         // Would block forever without O_NONBLOCK: nobody writes to this pipe.
         let err = open_regular(&fifo).unwrap_err();
-        assert_eq!(err.to_string(), "is a FIFO (named pipe), not a regular file");
+        assert_eq!(
+            err.to_string(),
+            "is a FIFO (named pipe), not a regular file"
+        );
 
         let err = read_capped(Path::new("/dev/zero"), 1 << 20, "a test").unwrap_err();
         assert_eq!(err.to_string(), "is a character device, not a regular file");

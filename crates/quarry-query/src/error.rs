@@ -13,14 +13,15 @@ pub enum QueryError {
     NoVindex { statement: String },
     #[error("{statement}: {message}")]
     Invalid { statement: String, message: String },
+    // The sources are boxed: they are large, and every statement returns this error type.
     #[error("{statement}: {source}")]
     Vindex {
         statement: String,
-        source: VindexError,
+        source: Box<VindexError>,
     },
     #[error("{statement}: {source}")]
     Model {
         statement: String,
-        source: ModelError,
+        source: Box<ModelError>,
     },
 }

@@ -133,7 +133,7 @@ impl Executor {
     fn open(&mut self, dir: &Path, statement: &str) -> Result<ResultSet, QueryError> {
         let v = Vindex::open(dir).map_err(|source| QueryError::Vindex {
             statement: statement.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let mut r = ResultSet::new(&[("key", ColumnType::Text), ("value", ColumnType::Text)]);
         let i = v.index();
@@ -161,11 +161,11 @@ impl Executor {
         })?;
         let file = v.model_file().map_err(|source| QueryError::Vindex {
             statement: statement.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let model = Model::load(file).map_err(|source| QueryError::Model {
             statement: statement.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         f(v, &model).map_err(|message| QueryError::Invalid {
             statement: statement.to_string(),

@@ -337,8 +337,8 @@ impl Vindex {
 
 fn read_index(dir: &Path) -> Result<Index, VindexError> {
     let path = dir.join(INDEX);
-    let bytes =
-        read_capped(&path, MAX_INDEX_BYTES, "a vindex manifest").map_err(io(&path, "read the manifest"))?;
+    let bytes = read_capped(&path, MAX_INDEX_BYTES, "a vindex manifest")
+        .map_err(io(&path, "read the manifest"))?;
     check::parse_index(&bytes, &dir.display().to_string())
 }
 
