@@ -85,16 +85,29 @@ pub fn threads(requested: Option<usize>) -> Result<usize> {
     Ok(n)
 }
 
-/// Memory this process can have: the physical memory (`MemTotal`), or a cgroup's limit when
-/// lower; `None` where neither can be read (then memory is not checked).
-pub fn memory_limit() -> Option<u64> {
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
+/// The memory this process can have, in bytes: the machine's (`/proc/meminfo`), each capped by
+/// a cgroup's limit when that is lower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Memory {
+    /// `MemTotal`: what one command may use at most (the CLI's checks).
+    pub total: u64,
+    /// `MemAvailable`: what a long-lived allocation may take without pushing out other
+    /// processes' memory (`quarry serve`'s KV cache).
+    pub available: u64,
+}
+
+/// [`Memory`] of this machine and cgroup; `None` where neither can be read (then memory is not
+/// checked).
+pub fn memory() -> Option<Memory> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok();
+    let field = |name: &str| -> Option<u64> {
+        info.as_deref()?
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
             .and_then(|v| v.trim().strip_suffix("kB"))
             .and_then(|kb| kb.trim().parse::<u64>().ok())
             .map(|kb| kb.saturating_mul(1024))
-    });
+    };
     // cgroup v2, then v1 ("max" or a huge number when unlimited).
     let cgroup = [
         "/sys/fs/cgroup/memory.max",
@@ -103,10 +116,20 @@ pub fn memory_limit() -> Option<u64> {
     .iter()
     .find_map(|p| std::fs::read_to_string(p).ok())
     .and_then(|s| s.trim().parse::<u64>().ok());
-    match (total, cgroup) {
-        (Some(t), Some(c)) => Some(t.min(c)),
-        (t, c) => t.or(c),
-    }
+    let capped = |machine: Option<u64>| match (machine, cgroup) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    };
+    Some(Memory {
+        total: capped(field("MemTotal"))?,
+        available: capped(field("MemAvailable").or(field("MemTotal")))?,
+    })
+}
+
+/// Memory this process can have: the physical memory (`MemTotal`), or a cgroup's limit when
+/// lower; `None` where neither can be read.
+pub fn memory_limit() -> Option<u64> {
+    memory().map(|m| m.total)
 }
 
 /// Bytes of KV cache for `positions` positions of one sequence.
@@ -279,6 +302,8 @@ mod tests {
     fn memory_is_checked_against_the_machine() {
         let limit = memory_limit().expect("Linux has /proc/meminfo");
         assert!(limit > 1 << 20);
+        let m = memory().unwrap();
+        assert!(m.available <= m.total && m.available > 0, "{m:?}");
         assert!(check_memory("--x 1", 1024).is_ok());
         let err = check_memory("--x 1", limit as u128 + 1)
             .unwrap_err()

@@ -11,11 +11,11 @@ use quarry_engine::{Engine, EngineConfig};
 use quarry_format::GgufFile;
 use quarry_model::Model;
 use quarry_query::Executor;
-use quarry_server::{router, ServerConfig};
+use quarry_server::{router, ServedVindex, ServerConfig};
 use quarry_tokenize::{ChatTemplate, Tokenizer};
 
 use crate::commands::{init_threads, DEFAULT_CTX_LIMIT};
-use crate::{models, ServeArgs};
+use crate::{limits, models, ServeArgs};
 
 /// Positions per KV block (the attention kernel's key block: see docs/serve.md).
 const BLOCK_SIZE: usize = 64;
@@ -52,16 +52,18 @@ fn check_flags(a: &ServeArgs) -> Result<()> {
             "invalid {flag} {secs}: must be between 1 and {MAX_TIMEOUT_SECS} seconds"
         );
     }
-    anyhow::ensure!(
-        (1..=MAX_PARALLEL).contains(&a.parallel),
-        "invalid --parallel {}: must be between 1 and {MAX_PARALLEL}",
-        a.parallel
-    );
-    anyhow::ensure!(
-        (1..=MAX_KNOWLEDGE_PARALLEL).contains(&a.knowledge_parallel),
-        "invalid --knowledge-parallel {}: must be between 1 and {MAX_KNOWLEDGE_PARALLEL}",
-        a.knowledge_parallel
-    );
+    limits::count(
+        "--parallel",
+        a.parallel,
+        MAX_PARALLEL,
+        "sequences generating at once",
+    )?;
+    limits::count(
+        "--knowledge-parallel",
+        a.knowledge_parallel,
+        MAX_KNOWLEDGE_PARALLEL,
+        "knowledge statements running at once",
+    )?;
     if let Some(mib) = a.kv_mem {
         anyhow::ensure!(mib >= 1, "invalid --kv-mem 0: must be at least 1 MiB");
     }
@@ -109,22 +111,6 @@ fn open_file_limit() -> Option<usize> {
     }
 }
 
-/// `(MemAvailable, MemTotal)` in bytes (Linux: /proc/meminfo), if known.
-fn memory() -> Option<(usize, usize)> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |name: &str| -> Option<usize> {
-        let line = info.lines().find(|l| l.starts_with(name))?;
-        let kib: usize = line[name.len()..]
-            .trim_start_matches(':')
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        kib.checked_mul(1024)
-    };
-    Some((field("MemAvailable")?, field("MemTotal")?))
-}
-
 /// The KV cache's size in bytes: `--kv-mem`, or room for `--parallel` full contexts; refused
 /// when it does not fit this machine's available memory.
 fn kv_bytes(a: &ServeArgs, context: usize, bytes_per_position: usize) -> Result<usize> {
@@ -150,7 +136,8 @@ fn kv_bytes(a: &ServeArgs, context: usize, bytes_per_position: usize) -> Result<
     let Some(bytes) = bytes else {
         anyhow::bail!("{what} more memory than this machine can address: {advice}");
     };
-    if let Some((available, total)) = memory() {
+    if let Some(limits::Memory { total, available }) = limits::memory() {
+        let (total, available) = (total as usize, available as usize);
         anyhow::ensure!(
             bytes <= available,
             "{what} {:.1} GiB, but this machine has {:.1} GiB available ({:.1} GiB in all): {advice}",
@@ -168,11 +155,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
     init_threads(a.threads)?;
     let is_vindex = Path::new(&a.model).is_dir();
     let (model_path, vindex) = if is_vindex {
-        let executors = (0..a.knowledge_parallel)
-            .map(|_| Executor::with_vindex(&a.model))
-            .collect::<Result<Vec<_>, _>>()
+        // Opened (and validated) once: every knowledge statement runs on a clone of this
+        // executor, over the same memory-mapped vindex.
+        let executor = Executor::with_vindex(&a.model)
             .with_context(|| format!("opening the vindex {}", a.model))?;
-        let path = executors[0]
+        let path = executor
             .vindex()
             .context("the vindex did not open")?
             .model_path()
@@ -180,7 +167,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let id = Path::new(&a.model)
             .file_name()
             .map_or_else(|| a.model.clone(), |n| n.to_string_lossy().into_owned());
-        (path, Some((id, executors)))
+        let served = ServedVindex {
+            id,
+            executor,
+            parallel: a.knowledge_parallel,
+        };
+        (path, Some(served))
     } else {
         (models::resolve(&a.model)?, None)
     };
@@ -193,17 +185,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         Box::leak(Box::new(ChatTemplate::from_gguf(file, tokenizer)?));
     let cfg = model.config();
     let context = match a.ctx {
-        Some(ctx) => {
-            anyhow::ensure!(
-                ctx <= cfg.context_length,
-                "invalid --ctx {ctx}: the model's context is {} tokens",
-                cfg.context_length
-            );
-            ctx
-        }
+        Some(ctx) => limits::context("--ctx", ctx, 2, cfg)?,
         None => cfg.context_length.min(DEFAULT_CTX_LIMIT),
     };
-    anyhow::ensure!(context >= 2, "invalid --ctx {context}: must be at least 2");
+    anyhow::ensure!(
+        context >= 2,
+        "the model's context ({context} tokens, context_length) is too short to serve"
+    );
     let bytes_per_position = cfg.n_layers * 2 * cfg.kv_dim() * quarry_model::KV_BYTES_PER_VALUE;
     let kv_bytes = kv_bytes(&a, context, bytes_per_position)?;
     let (engine, handle) = Engine::new(

@@ -371,9 +371,14 @@ fn malformed_lql_reports_line_and_column() {
 /// Runs quarry, killing it after `secs` seconds (a FIFO must not hang it): a test that would
 /// hang fails instead.
 fn quarry_within(args: &[&str], secs: u64) -> Output {
+    quarry_within_input(args, secs, Stdio::null())
+}
+
+/// [`quarry_within`] reading `stdin`.
+fn quarry_within_input(args: &[&str], secs: u64, stdin: Stdio) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_quarry"))
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -550,36 +555,62 @@ fn threads_are_bounded_and_spawn_failures_are_errors() {
         let out = quarry(&["run", m, "hi", "-n", "1", "--threads", n]);
         assert_one_line_error(&out, &format!("invalid --threads {n}: at most {max}"));
     }
-    // Under a small address-space limit the pool's thread stacks do not fit: some limits fail
-    // at the pool, larger ones later (mapping the model); every one is a one-line error. Too
-    // small a limit keeps the binary from starting at all; those runs are skipped.
-    let mut pool_errors = 0;
-    for kib in (12_000..=48_000).step_by(4_000) {
+    // Under a small address-space limit the pool's thread stacks do not fit. Where that
+    // window of limits lies depends on the binary and the CPU count, so it is searched for:
+    // below some limit the binary cannot start at all (the loader fails); from `started` on
+    // it runs and, up to `past_pool`, fails to start a worker, which must be a one-line error
+    // (a panic there would count as not starting, and leave no window).
+    let run_under = |kib: u64| -> Output {
         let script = format!(
             "ulimit -v {kib}; exec {} run {m} hi -n 1 --threads {max}",
             env!("CARGO_BIN_EXE_quarry")
         );
-        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        Command::new("sh").arg("-c").arg(&script).output().unwrap()
+    };
+    let runs = |out: &Output| {
+        out.status.success() || String::from_utf8_lossy(&out.stderr).starts_with("error: ")
+    };
+    let pool_error =
+        |out: &Output| String::from_utf8_lossy(&out.stderr).contains("starting the thread pool");
+    // The smallest limit (to 256 KiB) at which `holds` does, from `low`, where it does not.
+    let smallest = |low: u64, holds: &dyn Fn(&Output) -> bool| -> u64 {
+        let (mut low, mut high) = (low, low * 2);
+        while !holds(&run_under(high)) {
+            low = high;
+            high *= 2;
+            assert!(high < 1 << 26, "no limit up to 64 GiB");
+        }
+        while high - low > 256 {
+            let mid = (low + high) / 2;
+            if holds(&run_under(mid)) {
+                high = mid;
+            } else {
+                low = mid;
+            }
+        }
+        high
+    };
+    let started = smallest(1_000, &runs);
+    let past_pool = smallest(started, &|out| runs(out) && !pool_error(out));
+    for kib in [started, (started + past_pool) / 2, past_pool] {
+        let out = run_under(kib);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked"), "{kib} KiB: {stderr}");
-        if !stderr.starts_with("error: ") {
-            continue;
-        }
-        assert_one_line_error(&out, "");
-        if stderr.contains("starting the thread pool") {
-            assert!(
-                stderr.contains(&format!("of the {max} asked for")),
-                "{stderr}"
-            );
-            pool_errors += 1;
+        if !out.status.success() {
+            assert_one_line_error(&out, "");
         }
     }
-    if max > 1 {
-        assert!(
-            pool_errors > 0,
-            "no limit made a worker thread fail to start"
-        );
-    }
+    let out = run_under(started);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        past_pool > started && pool_error(&out),
+        "no limit made a worker thread fail to start with a one-line error \
+         (runs from {started} KiB, past the pool from {past_pool} KiB): {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("of the {max} asked for")),
+        "{stderr}"
+    );
 }
 
 /// A model path that is not a regular file says what it is: a directory, a FIFO (without
@@ -713,11 +744,12 @@ fn chat_lines_are_capped() {
     let long = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(long.path(), "word ".repeat(300_000) + "\n").unwrap();
     for input in [long.path(), Path::new("/dev/zero")] {
-        let out = Command::new(env!("CARGO_BIN_EXE_quarry"))
-            .args(["chat", path_str(&model), "-n", "1"])
-            .stdin(std::fs::File::open(input).unwrap())
-            .output()
-            .unwrap();
+        // Killed (and failed) rather than left to hang should the cap regress.
+        let out = quarry_within_input(
+            &["chat", path_str(&model), "-n", "1"],
+            60,
+            Stdio::from(std::fs::File::open(input).unwrap()),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap();

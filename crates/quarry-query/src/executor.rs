@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
 use quarry_model::Model;
@@ -17,9 +18,12 @@ use crate::select::select;
 use crate::trace::{attribute, ffn_feature_shares, run, softmax, top_n, Readout};
 
 /// Runs statements; state (the open vindex) carries from one to the next, as in a REPL.
-#[derive(Default)]
+///
+/// Clones share the open vindex (its maps, relations, tokenizer and model file) until one of
+/// them opens another: a server runs one clone per concurrent statement.
+#[derive(Clone, Default)]
 pub struct Executor {
-    vindex: Option<Vindex>,
+    vindex: Option<Arc<Vindex>>,
 }
 
 impl Executor {
@@ -34,8 +38,15 @@ impl Executor {
         Ok(e)
     }
 
+    /// An executor over a vindex already open (and perhaps shared with other executors).
+    pub fn with_shared(vindex: Arc<Vindex>) -> Executor {
+        Executor {
+            vindex: Some(vindex),
+        }
+    }
+
     pub fn vindex(&self) -> Option<&Vindex> {
-        self.vindex.as_ref()
+        self.vindex.as_deref()
     }
 
     /// Parses and runs every statement of `script`, stopping at the first error.
@@ -66,7 +77,7 @@ impl Executor {
             Statement::Use { path } => self.open(Path::new(path), &text),
             Statement::Show(ShowTarget::Models) => Ok(show_models()),
             _ => {
-                let v = self.vindex.as_ref().ok_or(QueryError::NoVindex {
+                let v = self.vindex.as_deref().ok_or(QueryError::NoVindex {
                     statement: text.clone(),
                 })?;
                 match statement {
@@ -146,7 +157,7 @@ impl Executor {
         ] {
             r.push(vec![Cell::Text(k.into()), Cell::Text(val)]);
         }
-        self.vindex = Some(v);
+        self.vindex = Some(Arc::new(v));
         Ok(r)
     }
 
@@ -156,7 +167,7 @@ impl Executor {
         statement: &str,
         f: impl FnOnce(&Vindex, &Model<'_>) -> Result<ResultSet, String>,
     ) -> Result<ResultSet, QueryError> {
-        let v = self.vindex.as_ref().ok_or(QueryError::NoVindex {
+        let v = self.vindex.as_deref().ok_or(QueryError::NoVindex {
             statement: statement.to_string(),
         })?;
         let file = v.model_file().map_err(|source| QueryError::Vindex {

@@ -6,9 +6,9 @@
 //!
 //! Bounds: every prompt, entity and query is checked before anything runs — its length in
 //! bytes and, for text the model reads, in tokens against the served context (400 naming the
-//! field). Statements run in blocking tasks on a [`Pool`] of executors over the same mapped
-//! vindex, at most one per executor; a request that waits longer than the queue timeout for
-//! one gets a 503. A statement still running at the request timeout is interrupted and
+//! field); the token counts are taken off the async workers. Statements run in blocking tasks,
+//! at most [`Pool`]'s size at once, each on its own executor over the same open (memory-mapped)
+//! vindex; a request that waits longer than the queue timeout for a slot gets a 503. A statement still running at the request timeout is interrupted and
 //! answered with a 504, and one whose client hangs up is interrupted too: the forward passes
 //! check their [`Interrupt`] between chunks of [`quarry_query::CHUNK_TOKENS`] tokens, and the
 //! executor is busy until the work has actually stopped.
@@ -18,7 +18,7 @@
 //! served vindex for everyone) and `SHOW MODELS` (it lists the server's working directory).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -50,40 +50,22 @@ pub const MAX_QUERY_BYTES: usize = 64 << 10;
 /// Most statements in one `/v1/lql` script.
 pub const MAX_STATEMENTS: usize = 16;
 
-/// The executors of the served vindex; a statement takes one for as long as it runs.
-#[derive(Clone)]
-pub struct Pool(Arc<PoolInner>);
-
-struct PoolInner {
-    idle: Mutex<Vec<Executor>>,
+/// The served vindex's executor and the slots of statements that may run at once; each running
+/// statement holds a slot and its own clone of the executor (all over the same open vindex).
+pub struct Pool {
+    executor: Executor,
     slots: Arc<Semaphore>,
     size: usize,
 }
 
 impl Pool {
-    pub fn new(executors: Vec<Executor>) -> Pool {
-        let size = executors.len();
-        Pool(Arc::new(PoolInner {
-            idle: Mutex::new(executors),
+    pub fn new(executor: Executor, size: usize) -> Pool {
+        let size = size.max(1);
+        Pool {
+            executor,
             slots: Arc::new(Semaphore::new(size)),
             size,
-        }))
-    }
-
-    fn take(&self) -> Option<Executor> {
-        self.0
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-    }
-
-    fn give_back(&self, executor: Executor) {
-        self.0
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(executor);
+        }
     }
 }
 
@@ -126,13 +108,13 @@ async fn run(
     let started = Instant::now();
     let deadline = started + s.config.request_timeout;
     let wait = s.config.queue_timeout.min(s.config.request_timeout);
-    let Ok(Ok(permit)) = tokio::time::timeout(wait, pool.0.slots.clone().acquire_owned()).await
+    let Ok(Ok(permit)) = tokio::time::timeout(wait, pool.slots.clone().acquire_owned()).await
     else {
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: format!(
                 "the server is busy: {} knowledge statement(s) running, none finished within {} s (--queue-timeout); retry later",
-                pool.0.size,
+                pool.size,
                 wait.as_secs_f64()
             ),
             kind: "server_error",
@@ -142,25 +124,10 @@ async fn run(
     };
     let interrupt = Interrupt::new();
     let _stop_on_drop = InterruptOnDrop(interrupt.clone());
-    let (pool, stop) = (pool.clone(), interrupt.clone());
-    let task = tokio::task::spawn_blocking(move || {
+    let (mut executor, stop) = (pool.executor.clone(), interrupt.clone());
+    let task = crate::blocking(move || {
         // The slot is free again only once the work has stopped.
         let _permit = permit;
-        let Some(executor) = pool.take() else {
-            return Err(ApiError::bad_request("no knowledge executor is free")
-                .with_status(StatusCode::INTERNAL_SERVER_ERROR));
-        };
-        // Back to the pool even if a statement panics.
-        struct Lend(Option<Executor>, Pool);
-        impl Drop for Lend {
-            fn drop(&mut self) {
-                if let Some(e) = self.0.take() {
-                    self.1.give_back(e);
-                }
-            }
-        }
-        let mut lent = Lend(Some(executor), pool);
-        let executor = lent.0.as_mut().expect("just lent");
         let mut sets = Vec::with_capacity(statements.len());
         for statement in &statements {
             if stop.is_interrupted() {
@@ -178,9 +145,7 @@ async fn run(
         Ok(sets)
     });
     match tokio::time::timeout_at(deadline.into(), task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(e)) => Err(ApiError::bad_request(format!("the query task failed: {e}"))
-            .with_status(StatusCode::INTERNAL_SERVER_ERROR)),
+        Ok(result) => result,
         Err(_) => {
             interrupt.interrupt();
             Err(timeout_error(s.config.request_timeout))
@@ -211,15 +176,7 @@ fn check_text(
     max_bytes: usize,
     max_tokens: Option<usize>,
 ) -> Result<(), ApiError> {
-    if text.len() > max_bytes {
-        return Err(ApiError::invalid(
-            param,
-            format!(
-                "the {what} is {} bytes; the limit is {max_bytes}",
-                text.len()
-            ),
-        ));
-    }
+    params::within_bytes(param, &format!("the {what}"), text.len(), max_bytes)?;
     if let Some(max) = max_tokens {
         let tokens = s.tokenizer.encode(text, true, true).len();
         if tokens > max {
@@ -298,11 +255,20 @@ async fn checked_run(
     statements: Vec<Statement>,
     param: Option<&'static str>,
 ) -> Result<Vec<Value>, ApiError> {
-    if s.knowledge.is_some() {
-        for statement in &statements {
-            check_statement(s, statement, param)?;
-        }
-    }
+    let statements = if s.knowledge.is_some() {
+        // Measuring prompts in tokens tokenizes up to MAX_STATEMENTS × MAX_PROMPT_BYTES:
+        // off the async workers.
+        let server = s.clone();
+        crate::blocking(move || {
+            for statement in &statements {
+                check_statement(&server, statement, param)?;
+            }
+            Ok(statements)
+        })
+        .await?
+    } else {
+        statements
+    };
     run(s, statements, param).await
 }
 
@@ -318,15 +284,7 @@ async fn one(
 
 /// Parses the LQL text of `query`, refusing statements that are not for remote clients.
 fn parse_query(query: &str) -> Result<Vec<Statement>, ApiError> {
-    if query.len() > MAX_QUERY_BYTES {
-        return Err(ApiError::invalid(
-            "query",
-            format!(
-                "the query is {} bytes; the limit is {MAX_QUERY_BYTES}",
-                query.len()
-            ),
-        ));
-    }
+    params::within_bytes("query", "the query", query.len(), MAX_QUERY_BYTES)?;
     let statements =
         quarry_lql::parse(query).map_err(|e| ApiError::invalid("query", e.to_string()))?;
     if statements.len() > MAX_STATEMENTS {

@@ -74,9 +74,19 @@ pub struct ServerConfig {
     pub queue_timeout: Duration,
     /// A request body not received in full this long after its headers gets a 408.
     pub body_read_timeout: Duration,
-    /// The vindex behind the knowledge routes, its id, and one executor per knowledge
-    /// statement that may run at once (at least one).
-    pub vindex: Option<(String, Vec<Executor>)>,
+    /// The vindex behind the knowledge routes.
+    pub vindex: Option<ServedVindex>,
+}
+
+/// A vindex served with the knowledge routes.
+pub struct ServedVindex {
+    /// Its id in `/v1/models` (the directory's name).
+    pub id: String,
+    /// An executor with the vindex open: each running statement gets a clone, all of them
+    /// over the same open (memory-mapped) vindex.
+    pub executor: Executor,
+    /// Knowledge statements that may run at once (at least one).
+    pub parallel: usize,
 }
 
 /// Bounds on connections that [`serve_with`] enforces.
@@ -157,7 +167,7 @@ pub fn router(
     let knowledge = config
         .vindex
         .take()
-        .map(|(id, executors)| (id, knowledge::Pool::new(executors)));
+        .map(|v| (v.id, knowledge::Pool::new(v.executor, v.parallel)));
     let max_token_bytes = (0..tokenizer.vocab_size() as u32)
         .map(|id| tokenizer.token_bytes(id).len())
         .max()
@@ -383,6 +393,21 @@ async fn read_json_body(s: &Server, request: Request) -> Result<Request, ApiErro
     Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
+/// Runs `f` on tokio's blocking threads, off the async workers that answer every client:
+/// for tokenizing (about a second per MiB of text) and knowledge statements.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        // A panic's text is for the server's log, not for clients.
+        eprintln!("quarry serve: a request's task failed: {e}");
+        Err(
+            ApiError::bad_request("the server failed on this request (see its log)")
+                .with_status(StatusCode::INTERNAL_SERVER_ERROR),
+        )
+    })
+}
+
 fn authorized(request: &Request, key: &str) -> bool {
     request
         .headers()
@@ -428,24 +453,11 @@ async fn tokenize(
             ApiError::invalid("content", "'content' (the text to tokenize) is required")
         })?
         .to_string();
-    if content.len() > MAX_TOKENIZE_BYTES {
-        return Err(ApiError::invalid(
-            "content",
-            format!(
-                "'content' is {} bytes; the limit is {MAX_TOKENIZE_BYTES}",
-                content.len()
-            ),
-        ));
-    }
+    params::within_bytes("content", "'content'", content.len(), MAX_TOKENIZE_BYTES)?;
     let add_special = f.boolean("add_special")?;
     // Off the async workers: a MiB takes about a second.
     let tokenizer = s.tokenizer;
-    let tokens = tokio::task::spawn_blocking(move || tokenizer.encode(&content, add_special, true))
-        .await
-        .map_err(|e| {
-            ApiError::bad_request(format!("tokenizing failed: {e}"))
-                .with_status(StatusCode::INTERNAL_SERVER_ERROR)
-        })?;
+    let tokens = blocking(move || Ok(tokenizer.encode(&content, add_special, true))).await?;
     Ok(Json(json!({ "tokens": tokens })))
 }
 

@@ -15,7 +15,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use quarry_engine::{Cancel, Event, FinishReason, Request, TokenLogprob, Usage};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::error::ApiError;
@@ -65,14 +65,7 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     let body = params::object(&body.map_err(rejection)?)?;
     s.check_model(&body)?;
-    let g = params::generation(
-        endpoint,
-        &body,
-        s.tokenizer,
-        s.template,
-        s.context(),
-        s.max_token_bytes,
-    )?;
+    let g = generation(&s, endpoint, body).await?;
     let events = submit(&s, &g)?;
     let reply = Reply {
         endpoint,
@@ -88,6 +81,27 @@ async fn generate(
     } else {
         Ok(Json(collect(&s, &reply, &g, events).await?).into_response())
     }
+}
+
+/// Reads a chat or completion body into a [`Generation`] ([`params::generation`]) off the
+/// async workers: rendering and tokenizing a prompt takes about a second per MiB.
+pub async fn generation(
+    s: &AppState,
+    endpoint: Endpoint,
+    body: Map<String, Value>,
+) -> Result<Generation, ApiError> {
+    let s = s.clone();
+    crate::blocking(move || {
+        params::generation(
+            endpoint,
+            &body,
+            s.tokenizer,
+            s.template,
+            s.context(),
+            s.max_token_bytes,
+        )
+    })
+    .await
 }
 
 /// The events of a submitted generation, as `(choice, event)`. Dropping it (the handler or

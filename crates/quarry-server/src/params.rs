@@ -296,7 +296,18 @@ pub fn generation(
     })
 }
 
-/// A seed for a request that gave none: different each time, as OpenAI's sampling is.
+/// Refuses text of `len` bytes beyond `max`, naming `param`: "`what` is N bytes; the limit
+/// is M".
+pub fn within_bytes(param: &str, what: &str, len: usize, max: usize) -> Result<(), ApiError> {
+    if len > max {
+        return Err(ApiError::invalid(
+            param,
+            format!("{what} is {len} bytes; the limit is {max}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Bytes of all the strings in `v`.
 fn text_bytes(v: &Value) -> usize {
     match v {
@@ -307,6 +318,7 @@ fn text_bytes(v: &Value) -> usize {
     }
 }
 
+/// A seed for a request that gave none: different each time, as OpenAI's sampling is.
 fn fresh_seed() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

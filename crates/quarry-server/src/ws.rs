@@ -53,32 +53,40 @@ type Running = HashMap<String, (Value, AbortHandle)>;
 async fn session(s: AppState, socket: WebSocket, closing: Option<Closing>) {
     let (mut to_client, mut from_client) = socket.split();
     let (out, mut outgoing) = unbounded_channel::<Value>();
-    // Sent when the client's close frame arrives; dropped unsent when the connection broke.
+    // Sent when the client's close frame arrives; dropped unsent when the session ends otherwise.
     let (farewell, mut client_closed) = oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
+        // Until the session has said whether the client sent a close frame.
+        let mut undecided = true;
         loop {
-            let closed = tokio::select! {
+            tokio::select! {
                 biased;
-                closed = &mut client_closed => closed,
+                closed = &mut client_closed, if undecided => {
+                    undecided = false;
+                    if closed.is_ok() {
+                        // The WebSocket layer queued the answer (the client's code echoed)
+                        // when it read the close frame; closing our side sends it.
+                        to_client.close().await.ok();
+                        return;
+                    }
+                    // The session ended without a close frame: send what is queued.
+                }
                 frame = outgoing.recv() => match frame {
                     Some(frame) => {
                         let text = Message::Text(frame.to_string().into());
                         if to_client.send(text).await.is_ok() {
                             continue;
                         }
-                        // Refused once the client's close frame has been read: answer it (or,
-                        // if the connection broke, wait to be aborted).
-                        (&mut client_closed).await
+                        // Refused once the client's close frame has been read: answer it. If
+                        // the connection broke, the session drops `farewell` unsent.
+                        if undecided && (&mut client_closed).await.is_ok() {
+                            to_client.close().await.ok();
+                        }
+                        return;
                     }
                     None => break,
                 },
-            };
-            if closed.is_ok() {
-                // The WebSocket layer queued the answer (the client's code echoed) when it read
-                // the close frame; closing our side sends it.
-                to_client.close().await.ok();
             }
-            return;
         }
         // Every sender is gone: the session ended because the server is shutting down.
         let frame = CloseFrame {
@@ -112,14 +120,24 @@ async fn session(s: AppState, socket: WebSocket, closing: Option<Closing>) {
                 .ok();
         }
     }
+    let answer_close = farewell.is_none();
+    // A writer whose send failed waits on `client_closed`: dropping the sender unblocks it.
+    drop(farewell);
     if shutting_down {
         // The writer sends what is queued, then the close frame, once the aborted generation
         // tasks have dropped their senders too.
         drop(out);
         writer.await.ok();
-    } else if farewell.is_none() {
-        // Answer the client's close frame, then let the connection go.
-        tokio::time::timeout(CLOSE_REPLY_GRACE, writer).await.ok();
+    } else if answer_close {
+        // Answer the client's close frame, then let the connection go; a client that stops
+        // reading does not keep the writer (and the socket) alive past the grace.
+        let abort = writer.abort_handle();
+        if tokio::time::timeout(CLOSE_REPLY_GRACE, writer)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     } else {
         writer.abort();
     }
@@ -151,7 +169,8 @@ fn handle(s: &AppState, text: &str, out: &UnboundedSender<Value>, running: &mut 
     };
     let id = body.get("id").cloned().unwrap_or(Value::Null);
     let key = id.to_string();
-    match body.get("type").and_then(Value::as_str) {
+    let kind = body.get("type").and_then(Value::as_str).map(str::to_string);
+    match kind.as_deref() {
         Some("generate") => {
             if running.contains_key(&key) {
                 return error(
@@ -165,29 +184,23 @@ fn handle(s: &AppState, text: &str, out: &UnboundedSender<Value>, running: &mut 
                 Endpoint::Completions
             };
             let started = std::time::Instant::now();
-            let g = match params::generation(
-                endpoint,
-                &body,
-                s.tokenizer,
-                s.template,
-                s.context(),
-                s.max_token_bytes,
-            ) {
-                Ok(g) if g.n == 1 => g,
-                Ok(_) => {
-                    return error(
-                        &id,
-                        ApiError::invalid("n", "one choice per generation here"),
-                    )
-                }
-                Err(e) => return error(&id, e),
-            };
-            let mut events = match openai::submit(s, &g) {
-                Ok(rx) => rx,
-                Err(e) => return error(&id, e),
-            };
-            let (out, frame_id) = (out.clone(), id.clone());
+            let (s, out, frame_id) = (s.clone(), out.clone(), id.clone());
             let task = tokio::spawn(async move {
+                let error = |e: ApiError| {
+                    out.send(json!({"type": "error", "id": frame_id, "message": e.message, "param": e.param}))
+                        .ok();
+                };
+                let g = match openai::generation(&s, endpoint, body).await {
+                    Ok(g) if g.n == 1 => g,
+                    Ok(_) => {
+                        return error(ApiError::invalid("n", "one choice per generation here"))
+                    }
+                    Err(e) => return error(e),
+                };
+                let mut events = match openai::submit(&s, &g) {
+                    Ok(rx) => rx,
+                    Err(e) => return error(e),
+                };
                 while let Some((_, event)) = events.recv().await {
                     let frame = match event {
                         Event::Token { id, text, .. } => {
@@ -217,11 +230,7 @@ fn handle(s: &AppState, text: &str, out: &UnboundedSender<Value>, running: &mut 
                             .ok();
                             return;
                         }
-                        Event::Failed(e) => {
-                            let e = ApiError::from(e);
-                            out.send(json!({"type": "error", "id": frame_id, "message": e.message, "param": e.param})).ok();
-                            return;
-                        }
+                        Event::Failed(e) => return error(ApiError::from(e)),
                     };
                     if out.send(frame).is_err() {
                         return;

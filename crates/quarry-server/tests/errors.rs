@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use quarry_engine::EngineConfig;
 use quarry_fixtures::{model_path, TestModel};
 use quarry_query::Executor;
+use quarry_server::ServedVindex;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -27,7 +28,7 @@ fn app_with(
     api_key: Option<&str>,
     context: usize,
     queue_timeout: Duration,
-    vindex: Option<(String, Vec<Executor>)>,
+    vindex: Option<ServedVindex>,
 ) -> Router {
     let config = EngineConfig {
         parallel: 1,
@@ -321,7 +322,11 @@ async fn knowledge_routes_run_lql_on_the_served_vindex() {
         None,
         256,
         Duration::from_secs(30),
-        Some(("smollm2.vindex".into(), vec![executor])),
+        Some(ServedVindex {
+            id: "smollm2.vindex".into(),
+            executor,
+            parallel: 1,
+        }),
     );
     let columns = |b: &Value| -> Vec<String> {
         b["columns"]

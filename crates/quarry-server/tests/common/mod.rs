@@ -7,8 +7,7 @@ use quarry_engine::{Engine, EngineConfig};
 use quarry_fixtures::{model_path, TestModel};
 use quarry_format::GgufFile;
 use quarry_model::Model;
-use quarry_query::Executor;
-use quarry_server::{router, ServerConfig};
+use quarry_server::{router, ServedVindex, ServerConfig};
 use quarry_tokenize::{ChatTemplate, Tokenizer};
 
 /// The application over a fresh engine with `config` (the model, tokenizer and template are
@@ -17,7 +16,7 @@ use quarry_tokenize::{ChatTemplate, Tokenizer};
 pub fn smollm2_app(
     config: EngineConfig,
     api_key: Option<&str>,
-    vindex: Option<(String, Vec<Executor>)>,
+    vindex: Option<ServedVindex>,
 ) -> Router {
     smollm2_app_with(config, api_key, vindex, Duration::from_secs(60))
 }
@@ -26,7 +25,7 @@ pub fn smollm2_app(
 pub fn smollm2_app_with(
     config: EngineConfig,
     api_key: Option<&str>,
-    vindex: Option<(String, Vec<Executor>)>,
+    vindex: Option<ServedVindex>,
     timeout: Duration,
 ) -> Router {
     let queue_timeout = config.queue_timeout;
