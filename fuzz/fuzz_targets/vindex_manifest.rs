@@ -23,14 +23,8 @@ fuzz_target!(|data: &[u8]| {
     assert!(m.embed_scale.is_finite() && m.embed_scale > 0.0);
     assert!(index.top_k >= 1 && index.top_k <= m.vocab_size);
     for entry in &index.files {
-        assert!(!entry.name.contains('/') && entry.name != ".." && !entry.name.is_empty());
-        assert!(index.file(&entry.name).is_some());
+        // Plain names inside the directory: nothing that could lead outside it.
+        let name = entry.name.as_str();
+        assert!(!name.is_empty() && !name.contains('/') && !name.starts_with('.'), "{name:?}");
     }
-    // What a reader computes from an accepted manifest must not overflow or allocate wildly.
-    let sizes: u64 = index
-        .files
-        .iter()
-        .map(|f| f.shape.iter().fold(1u64, |a, &d| a.saturating_mul(d)))
-        .fold(0, u64::saturating_add);
-    std::hint::black_box(sizes);
 });

@@ -207,8 +207,10 @@ fn check_layer_range([first, last]: [usize; 2], n_layers: usize) -> Result<(), S
     Ok(())
 }
 
-/// Parses `relations.json` and checks every id in it against the manifest.
+/// Parses `relations.json` and checks every id in it against the manifest (itself checked
+/// first, so an `Index` built by hand gets the same guarantees as a parsed one).
 pub fn parse_relations(bytes: &[u8], index: &Index, path: &str) -> Result<Relations, VindexError> {
+    check_index(index, path)?;
     let invalid = |field: String, problem: String| invalid(path, RELATIONS, &field, problem);
     if bytes.len() as u64 > MAX_RELATIONS_BYTES {
         return Err(invalid(

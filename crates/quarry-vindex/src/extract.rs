@@ -483,7 +483,6 @@ fn copy_model(source: &Path, dir: &Path) -> Result<FileEntry, VindexError> {
     })
 }
 
-/// SHA-256 (hex) and length of a file.
 /// The sha256 and length of the regular file at `path`, reading at most `max` + 1 bytes (a
 /// length above `max` says the file is longer than expected without reading all of it).
 pub(crate) fn hash_file(path: &Path, max: u64) -> Result<(String, u64), VindexError> {

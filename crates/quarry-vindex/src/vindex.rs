@@ -83,16 +83,20 @@ impl Vindex {
             }
             let path = dir.join(name);
             let file = open_regular(&path).map_err(io(&path, "open"))?;
-            // SAFETY: the vindex is read-only to Quarry; like any memory-mapped reader we rely
-            // on nobody truncating the file while it is open.
-            let map = unsafe { Mmap::map(&file) }.map_err(io(&path, "memory-map"))?;
-            if map.len() as u64 != entry.bytes {
+            let on_disk = file.metadata().map_err(io(&path, "stat"))?.len();
+            if on_disk != entry.bytes {
                 return Err(bad(format!(
-                    "is {} bytes on disk, the manifest says {} (truncated or replaced?)",
-                    map.len(),
+                    "is {on_disk} bytes on disk, the manifest says {} (truncated or replaced?)",
                     entry.bytes
                 )));
             }
+            // The GGUF files are opened by their own reader below.
+            if matches!(name, TOKENIZER | MODEL) {
+                continue;
+            }
+            // SAFETY: the vindex is read-only to Quarry; like any memory-mapped reader we rely
+            // on nobody truncating the file while it is open.
+            let map = unsafe { Mmap::map(&file) }.map_err(io(&path, "memory-map"))?;
             maps.insert(name, map);
         }
         let tokenizer = Tokenizer::from_gguf(&quarry_format::GgufFile::open(dir.join(TOKENIZER))?)?;
@@ -109,7 +113,7 @@ impl Vindex {
         }
         let relations = check::parse_relations(&maps[RELATIONS], &index, &shown)?;
         check::check_writes(bytemuck::cast_slice(&maps[WRITES]), &index, &shown)?;
-        let model = match maps.contains_key(MODEL) {
+        let model = match index.level >= Level::Inference {
             true => {
                 let file = GgufFile::open(dir.join(MODEL))?;
                 check::check_model(&index, &ModelConfig::from_gguf(&file)?, &shown)?;
@@ -274,7 +278,11 @@ impl Vindex {
     }
 
     fn require(&self, file: &'static str, needed: Level) -> Result<(), VindexError> {
-        if self.maps.contains_key(file) {
+        let present = match file {
+            MODEL => self.model.is_some(),
+            _ => self.maps.contains_key(file),
+        };
+        if present {
             return Ok(());
         }
         Err(VindexError::LevelTooLow {
