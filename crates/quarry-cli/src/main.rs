@@ -82,7 +82,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 60)]
     pub queue_timeout: u64,
     /// Connections served at once (WebSockets included); more wait in the listen backlog
-    /// [default: 512, fewer if the open-file limit is lower].
+    /// [default: 4096, fewer if the open-file limit is lower].
     #[arg(long)]
     pub max_connections: Option<usize>,
     /// Seconds a client has to send a request's headers (idle keep-alive connections close

@@ -70,7 +70,7 @@ fn check_flags(a: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--max-connections`, checked against the open-file limit (default: 512, or what the
+/// `--max-connections`, checked against the open-file limit (default: 4096, or what the
 /// limit leaves room for).
 fn max_connections(a: &ServeArgs) -> Result<usize> {
     let fds = open_file_limit();

@@ -108,8 +108,9 @@ impl Default for Limits {
     }
 }
 
-/// `--max-connections` by default.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// `--max-connections` by default: room for a few thousand idle or slow clients (each holds a
+/// socket and a few KiB until the header-read timeout closes it) before new ones must wait.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// `--header-timeout` by default.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`ServerConfig::body_read_timeout`] of `quarry serve`.
