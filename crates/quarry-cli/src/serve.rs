@@ -150,6 +150,7 @@ fn kv_bytes(a: &ServeArgs, context: usize, bytes_per_position: usize) -> Result<
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    limit_malloc_arenas();
     check_flags(&a)?;
     let max_connections = max_connections(&a)?;
     init_threads(a.threads)?;
@@ -288,5 +289,19 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// Caps glibc's malloc at two arenas for the server. By default glibc gives threads that
+/// allocate at once their own arena, up to eight per core, and each keeps its freed memory: with
+/// requests tokenized and knowledge statements run on tokio's blocking threads, a 600-s soak
+/// grew the server to 2.2 GiB RSS where two arenas hold it near 0.8 GiB (the same as with
+/// `MALLOC_ARENA_MAX=2`). Elsewhere the C library's default stands.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a tuning parameter of the allocator; it is called before the
+    // server starts its threads, and a refusal (return 0) leaves the default in place.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
