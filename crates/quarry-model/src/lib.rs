@@ -10,8 +10,10 @@ mod error;
 mod kv_cache;
 mod model;
 pub mod ops;
+mod overlay;
 
 pub use config::{Activation, Family, ModelConfig, RopeStyle};
 pub use error::ModelError;
 pub use kv_cache::{ContiguousKvCache, KvCache, KV_BYTES_PER_VALUE};
 pub use model::{FfnWeights, ForwardObserver, Model, SequenceBatch};
+pub use overlay::{FfnOverlay, LowRank};

@@ -1,0 +1,142 @@
+//! Low-rank deltas added to the FFN down projections: how edits enter the forward pass.
+//!
+//! An edit never rewrites a quantized weight. Layer `l`'s down projection `W_l` (`d_model ×
+//! ff_dim`) is read as `W_l + B_l·A_l`, with `A_l` (`rank × ff_dim`) and `B_l` (`d_model × rank`)
+//! in `f32`: after the quantized product `y = W_l·h`, the overlay adds `B_l·(A_l·h)` computed from
+//! the same `f32` activations `h`. The layout is exactly a llama.cpp LoRA adapter's
+//! (`lora_a` is `[ff_dim, rank]` in ggml order, `lora_b` is `[rank, d_model]`), so an overlay
+//! is written out as an adapter without any conversion and an adapter is read back as one.
+//!
+//! Every overlay carries a `version`, unique in the process, so caches keyed by the weights a
+//! state was computed under (the prefix cache) never mix states of different overlays.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One layer's `ΔW = B·A`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LowRank {
+    /// Rows of the delta: the down projection's output size (`d_model`).
+    pub rows: usize,
+    /// Columns of the delta: the down projection's input size (`ff_dim`).
+    pub cols: usize,
+    pub rank: usize,
+    /// `rank × cols`, row-major (ggml `[cols, rank]`).
+    pub a: Vec<f32>,
+    /// `rows × rank`, row-major (ggml `[rank, rows]`).
+    pub b: Vec<f32>,
+}
+
+impl LowRank {
+    /// A delta from its factors; `None` when the lengths do not match the shape.
+    pub fn new(rows: usize, cols: usize, rank: usize, a: Vec<f32>, b: Vec<f32>) -> Option<LowRank> {
+        (rank > 0 && a.len() == rank * cols && b.len() == rows * rank).then_some(LowRank {
+            rows,
+            cols,
+            rank,
+            a,
+            b,
+        })
+    }
+
+    /// Adds `B·(A·h)` to `out` for one row (`h`: `cols` values, `out`: `rows`).
+    pub fn apply(&self, h: &[f32], out: &mut [f32]) {
+        debug_assert_eq!(h.len(), self.cols);
+        debug_assert_eq!(out.len(), self.rows);
+        let t: Vec<f32> = self
+            .a
+            .chunks_exact(self.cols)
+            .map(|a| a.iter().zip(h).map(|(x, y)| x * y).sum())
+            .collect();
+        for (o, b) in out.iter_mut().zip(self.b.chunks_exact(self.rank)) {
+            *o += b.iter().zip(&t).map(|(x, y)| x * y).sum::<f32>();
+        }
+    }
+
+    /// The dense `rows × cols` delta (for compiling it into a weight).
+    pub fn dense(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.rows * self.cols];
+        for (row, b) in out
+            .chunks_exact_mut(self.cols)
+            .zip(self.b.chunks_exact(self.rank))
+        {
+            for (&coef, a) in b.iter().zip(self.a.chunks_exact(self.cols)) {
+                row.iter_mut().zip(a).for_each(|(o, x)| *o += coef * x);
+            }
+        }
+        out
+    }
+}
+
+/// The deltas of every layer a patch set touches.
+#[derive(Debug)]
+pub struct FfnOverlay {
+    version: u64,
+    layers: Vec<Option<LowRank>>,
+}
+
+impl FfnOverlay {
+    /// An overlay over a model of `n_layers` layers with `deltas` as `(layer, delta)` pairs;
+    /// a layer named twice keeps the last. Gets a fresh version.
+    pub fn new(n_layers: usize, deltas: impl IntoIterator<Item = (usize, LowRank)>) -> FfnOverlay {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let mut layers = vec![None; n_layers];
+        for (layer, delta) in deltas {
+            layers[layer] = Some(delta);
+        }
+        FfnOverlay {
+            version: NEXT.fetch_add(1, Ordering::Relaxed),
+            layers,
+        }
+    }
+
+    /// Unique in the process for every overlay built; 0 is never used (no overlay).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn layer(&self, layer: usize) -> Option<&LowRank> {
+        self.layers.get(layer).and_then(Option::as_ref)
+    }
+
+    /// `(layer, delta)` for every layer with a delta, in layer order.
+    pub fn deltas(&self) -> impl Iterator<Item = (usize, &LowRank)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.as_ref().map(|d| (i, d)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.iter().all(Option::is_none)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_matches_the_dense_delta() {
+        let (rows, cols, rank) = (3, 5, 2);
+        let a: Vec<f32> = (0..rank * cols).map(|i| i as f32 * 0.1 - 0.3).collect();
+        let b: Vec<f32> = (0..rows * rank).map(|i| 1.0 - i as f32 * 0.25).collect();
+        let delta = LowRank::new(rows, cols, rank, a, b).unwrap();
+        let h = [0.5, -1.0, 2.0, 0.0, 1.5];
+        let mut out = vec![1.0f32; rows];
+        delta.apply(&h, &mut out);
+        let dense = delta.dense();
+        for (r, o) in out.iter().enumerate() {
+            let expected: f32 = 1.0 + (0..cols).map(|c| dense[r * cols + c] * h[c]).sum::<f32>();
+            assert!((o - expected).abs() < 1e-5, "row {r}: {o} vs {expected}");
+        }
+        assert!(LowRank::new(rows, cols, rank, vec![0.0; 3], vec![0.0; 6]).is_none());
+    }
+
+    #[test]
+    fn versions_differ() {
+        let a = FfnOverlay::new(2, []);
+        let b = FfnOverlay::new(2, []);
+        assert_ne!(a.version(), b.version());
+        assert!(a.is_empty());
+    }
+}
