@@ -15,5 +15,5 @@ mod overlay;
 pub use config::{Activation, Family, ModelConfig, RopeStyle};
 pub use error::ModelError;
 pub use kv_cache::{ContiguousKvCache, KvCache, KV_BYTES_PER_VALUE};
-pub use model::{FfnWeights, ForwardObserver, Model, SequenceBatch};
+pub use model::{AttentionWeights, FfnWeights, ForwardObserver, Model, SequenceBatch};
 pub use overlay::{FfnOverlay, LowRank};

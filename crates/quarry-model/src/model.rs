@@ -60,6 +60,21 @@ pub struct SequenceBatch<'t, 'c, C> {
 
 impl ForwardObserver for NoObserver {}
 
+/// One layer's attention weights, for tools that recompute the block outside the forward pass
+/// (the editor's reverse mode): `x + post_norm(wo · attend(rope(q_norm(wq · a)), …))` with `a`
+/// the residual through `norm`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionWeights<'m, 'a> {
+    pub norm: &'m [f32],
+    pub wq: WeightView<'a>,
+    pub wk: WeightView<'a>,
+    pub wv: WeightView<'a>,
+    pub wo: WeightView<'a>,
+    pub q_norm: Option<&'m [f32]>,
+    pub k_norm: Option<&'m [f32]>,
+    pub post_norm: Option<&'m [f32]>,
+}
+
 /// One layer's gated FFN: `down · (act(gate · x) ⊙ (up · x))` with `x` the residual through
 /// `norm`, and the result through `post_norm` when the family has one (Gemma).
 #[derive(Clone, Copy, Debug)]
@@ -177,6 +192,21 @@ impl<'a> Model<'a> {
             up: l.up.view(),
             down: l.down.view(),
             post_norm: l.post_ffn_norm.as_deref(),
+        }
+    }
+
+    /// The attention weights of layer `layer`. Panics if `layer >= n_layers`.
+    pub fn attention_weights(&self, layer: usize) -> AttentionWeights<'_, 'a> {
+        let l = &self.layers[layer];
+        AttentionWeights {
+            norm: &l.attn_norm,
+            wq: l.wq.view(),
+            wk: l.wk.view(),
+            wv: l.wv.view(),
+            wo: l.wo.view(),
+            q_norm: l.q_norm.as_deref(),
+            k_norm: l.k_norm.as_deref(),
+            post_norm: l.post_attn_norm.as_deref(),
         }
     }
 
