@@ -307,3 +307,57 @@ fn released_tensor_pages_read_back_unchanged() {
     in_memory.release(held);
     assert_eq!(held, &data[..]);
 }
+
+/// `write_new` publishes a complete file, refuses an existing path without touching it (file
+/// or dangling symlink alike), and leaves no temporary files either way.
+#[test]
+fn write_new_never_replaces_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = GgufFile::from_bytes(common::sample_file(), "sample.gguf").unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in original.metadata() {
+        w.add_metadata(k.clone(), v.clone()).unwrap();
+    }
+    for t in original.tensors() {
+        let view = original.tensor(&t.name).unwrap();
+        w.add_tensor(t.name.clone(), &t.dims, t.dtype, Cow::Borrowed(view.data))
+            .unwrap();
+    }
+
+    let fresh = dir.path().join("new.gguf");
+    w.write_new(&fresh).unwrap();
+    assert_eq!(std::fs::read(&fresh).unwrap(), common::sample_file());
+
+    let taken = dir.path().join("taken.gguf");
+    std::fs::write(&taken, b"keep me").unwrap();
+    let err = w.write_new(&taken).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("taken.gguf") && msg.contains("already exists"),
+        "{msg}"
+    );
+    assert!(
+        matches!(&err, quarry_format::FormatError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists)
+    );
+    assert_eq!(std::fs::read(&taken).unwrap(), b"keep me");
+
+    #[cfg(unix)]
+    {
+        let link = dir.path().join("dangling.gguf");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        assert!(w.write_new(&link).is_err());
+        assert!(!dir.path().join("nowhere").exists());
+    }
+
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let expected: &[&str] = if cfg!(unix) {
+        &["dangling.gguf", "new.gguf", "taken.gguf"]
+    } else {
+        &["new.gguf", "taken.gguf"]
+    };
+    assert_eq!(names, expected, "temporary files were left behind");
+}

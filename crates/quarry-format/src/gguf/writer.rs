@@ -184,8 +184,51 @@ impl<'a> GgufWriter<'a> {
     /// Writes the file to `path` atomically: into a temporary file in the same directory,
     /// synced, then renamed over `path`, so readers never see a partial file.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<(), FormatError> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        self.write_via(path.as_ref(), |tmp, path| {
+            fs::rename(tmp, path).map_err(|e| ("rename the temporary file into place", e))
+        })
+    }
+
+    /// Like [`write`](Self::write), but never replaces an existing file: when `path` exists
+    /// (or appears while the data is being written) nothing is changed there and the error's
+    /// source has kind [`io::ErrorKind::AlreadyExists`]. The finished temporary file is
+    /// published with a hard link, which the kernel refuses atomically when the name is
+    /// taken (a check before a rename would leave a window in which another writer's file is
+    /// replaced); the temporary name is then removed.
+    pub fn write_new(&self, path: impl AsRef<Path>) -> Result<(), FormatError> {
         let path = path.as_ref();
+        // Refused up front too, so an existing file costs no temporary copy of the data.
+        if fs::symlink_metadata(path).is_ok() {
+            return Err(FormatError::Io {
+                file: path.display().to_string(),
+                action: "create the file (it already exists and is never replaced)",
+                source: io::Error::from(io::ErrorKind::AlreadyExists),
+            });
+        }
+        self.write_via(path, |tmp, path| {
+            fs::hard_link(tmp, path).map_err(|e| {
+                let action = if e.kind() == io::ErrorKind::AlreadyExists {
+                    "create the file (it already exists and is never replaced)"
+                } else {
+                    "link the temporary file into place"
+                };
+                (action, e)
+            })?;
+            // The file is published under `path` by now, so this cannot fail the write: at
+            // worst a second name of the same data is left beside it.
+            let _ = fs::remove_file(tmp);
+            Ok(())
+        })
+    }
+
+    /// Writes a synced temporary file next to `path` and hands it to `publish`; the
+    /// temporary file is removed when anything fails.
+    fn write_via(
+        &self,
+        path: &Path,
+        publish: impl FnOnce(&Path, &Path) -> Result<(), (&'static str, io::Error)>,
+    ) -> Result<(), FormatError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
         let err = |action, source| FormatError::Io {
             file: path.display().to_string(),
             action,
@@ -209,9 +252,7 @@ impl<'a> GgufWriter<'a> {
         ));
         let tmp = dir.join(tmp_name);
 
-        let result = self.write_synced(&tmp).and_then(|()| {
-            fs::rename(&tmp, path).map_err(|e| ("rename the temporary file into place", e))
-        });
+        let result = self.write_synced(&tmp).and_then(|()| publish(&tmp, path));
         if let Err((action, source)) = result {
             // Best effort: the temporary file may not exist, and the original error matters more.
             let _ = fs::remove_file(&tmp);
