@@ -40,8 +40,18 @@ pub enum ModelError {
         tensor: String,
         source: KernelError,
     },
+    /// A file (an adapter, an edit's output) or a value bound for one that breaks a rule
+    /// beyond the GGUF format's own: `item` names the tensor, metadata key or layer at fault.
+    #[error("{file}: {item}: {problem}")]
+    Invalid {
+        file: String,
+        item: String,
+        problem: String,
+    },
     #[error("{needed} tokens do not fit in the context of {capacity} tokens")]
     ContextOverflow { needed: usize, capacity: usize },
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange { id: u32, vocab: usize },
+    #[error("overlay delta for layer {layer} does not fit the model: {reason}")]
+    BadOverlay { layer: usize, reason: String },
 }

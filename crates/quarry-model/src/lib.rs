@@ -7,13 +7,17 @@
 mod attention;
 mod config;
 mod error;
+mod export;
 mod kv_cache;
+mod lora;
 mod model;
 pub mod ops;
 mod overlay;
 
 pub use config::{Activation, Family, ModelConfig, RopeStyle};
 pub use error::ModelError;
+pub use export::{write_patched_model, DEFAULT_PATCHED_TYPE, PATCHED_TYPES};
 pub use kv_cache::{ContiguousKvCache, KvCache, KV_BYTES_PER_VALUE};
+pub use lora::{read_adapter, write_adapter};
 pub use model::{AttentionWeights, FfnWeights, ForwardObserver, Model, SequenceBatch};
 pub use overlay::{FfnOverlay, LowRank};
