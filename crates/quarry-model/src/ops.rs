@@ -135,16 +135,41 @@ impl RopeTable<'_> {
         for (t, row) in rows.chunks_exact_mut(row_len).enumerate() {
             let angles = &self.cos_sin[(first + t) * half..][..half];
             for head in row.chunks_exact_mut(head_dim) {
-                for (i, &[cos, sin]) in angles.iter().enumerate() {
-                    let (a, b) = match self.rope.style {
-                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                        RopeStyle::Halves => (i, i + self.rope.dims / 2),
-                    };
-                    let (x0, x1) = (head[a] as f64, head[b] as f64);
-                    head[a] = (x0 * cos - x1 * sin) as f32;
-                    head[b] = (x0 * sin + x1 * cos) as f32;
-                }
+                self.rope.rotate_pairs(angles.iter().copied(), head);
             }
+        }
+    }
+}
+
+impl Rope {
+    /// Rotates one head's pairs of dimensions by the given `[cos, sin]` per pair.
+    fn rotate_pairs(&self, angles: impl Iterator<Item = [f64; 2]>, head: &mut [f32]) {
+        for (i, [cos, sin]) in angles.enumerate() {
+            let (a, b) = match self.style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Halves => (i, i + self.dims / 2),
+            };
+            let (x0, x1) = (head[a] as f64, head[b] as f64);
+            head[a] = (x0 * cos - x1 * sin) as f32;
+            head[b] = (x0 * sin + x1 * cos) as f32;
+        }
+    }
+
+    /// Rotates every `head_dim`-wide head of `row` for position `position`, or by the inverse
+    /// rotation (the transpose, which is what a gradient goes through) when `inverse`.
+    pub fn rotate_heads(&self, position: usize, row: &mut [f32], head_dim: usize, inverse: bool) {
+        let pos = position as f64 * self.position_scale;
+        let sign = if inverse { -1.0 } else { 1.0 };
+        let angles: Vec<[f64; 2]> = self
+            .inv_freq
+            .iter()
+            .map(|f| {
+                let (sin, cos) = (pos * f).sin_cos();
+                [cos, sign * sin]
+            })
+            .collect();
+        for head in row.chunks_exact_mut(head_dim) {
+            self.rotate_pairs(angles.iter().copied(), head);
         }
     }
 }
@@ -230,6 +255,23 @@ mod tests {
         let n0: f32 = orig.iter().map(|v| v * v).sum();
         let n1: f32 = x.iter().map(|v| v * v).sum();
         assert!((n0 - n1).abs() < 1e-3);
+    }
+
+    #[test]
+    fn rotate_heads_matches_the_table_and_inverts() {
+        for style in [RopeStyle::Interleaved, RopeStyle::Halves] {
+            let rope = Rope::new(style, 6, 10_000.0, 2.0);
+            let orig: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut by_table = orig.clone();
+            rotate(&rope.table(5, 1), &mut by_table, 8);
+            let mut by_row = orig.clone();
+            rope.rotate_heads(5, &mut by_row, 8, false);
+            assert_eq!(by_row, by_table);
+            rope.rotate_heads(5, &mut by_row, 8, true);
+            for (a, b) in by_row.iter().zip(&orig) {
+                assert!((a - b).abs() < 1e-6);
+            }
+        }
     }
 
     #[test]
