@@ -44,16 +44,98 @@ pub enum Statement {
         decompose: bool,
         layers: Option<LayerRange>,
     },
+    /// `INSERT INTO EDGES (entity, relation, target) VALUES (…), … [AT LAYER n | LAYERS a-b]
+    /// [TEMPLATE "…{entity}…"] [MODE COMPOSE]`. `AT LAYER n` parses to `LAYERS n`.
+    Insert {
+        /// The rows in the order written; never empty and at most
+        /// [`MAX_INSERT_ROWS`](crate::MAX_INSERT_ROWS) when parsed.
+        edges: Vec<EdgeValue>,
+        layers: Option<LayerRange>,
+        /// A prompt template for every row; contains `{entity}` exactly once when parsed.
+        template: Option<String>,
+        mode: EditMode,
+    },
+    /// `UPDATE EDGES SET target = "t" WHERE entity = "e" AND relation = "r" [AT LAYER n |
+    /// LAYERS a-b] [TEMPLATE "…{entity}…"]`; the two conditions may come in either order.
+    Update {
+        entity: String,
+        relation: String,
+        target: String,
+        layers: Option<LayerRange>,
+        /// As for [`Statement::Insert`].
+        template: Option<String>,
+    },
+    /// `DELETE FROM EDGES WHERE entity = "e" AND relation = "r"` (either order).
+    Delete { entity: String, relation: String },
+    /// `BEGIN PATCH`, `SAVE PATCH`, `APPLY PATCH`, `REMOVE PATCH` or `DIFF`.
+    Patch(PatchStatement),
+    /// `COMPILE CURRENT INTO (VINDEX | MODEL | ADAPTER) "path" [FORMAT GGUF]`; `FORMAT` only
+    /// with `MODEL`.
+    Compile { target: CompileTarget, path: String },
+}
+
+/// One row of `INSERT … VALUES`: the fact `entity —relation→ target`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EdgeValue {
+    pub entity: String,
+    pub relation: String,
+    pub target: String,
+}
+
+/// How `INSERT` writes its edges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum EditMode {
+    /// No `MODE` clause: the engine's editing algorithm.
+    #[default]
+    Default,
+    /// `MODE COMPOSE`: LARQL's method, kept to compare against.
+    Compose,
+}
+
+/// The statements that manage patches (recorded sets of edits).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PatchStatement {
+    /// `BEGIN PATCH "path"`: record the following edits into a patch saved to `path`.
+    Begin { path: String },
+    /// `SAVE PATCH`: write the open patch to the path given at `BEGIN PATCH`.
+    Save,
+    /// `APPLY PATCH "path"`.
+    Apply { path: String },
+    /// `REMOVE PATCH "path"`.
+    Remove { path: String },
+    /// `DIFF "a" ["b"]`: patch `a` against patch `b`, or against the base without `b`.
+    Diff { a: String, b: Option<String> },
+}
+
+/// What `COMPILE CURRENT INTO` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CompileTarget {
+    /// `VINDEX`: a vindex with the edits built in.
+    Vindex,
+    /// `MODEL [FORMAT f]`: a model file; without `FORMAT` the engine picks the format.
+    Model { format: Option<ModelFormat> },
+    /// `ADAPTER`: the edits alone, as a LoRA adapter.
+    Adapter,
+}
+
+/// The file format of `COMPILE … INTO MODEL … FORMAT f`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelFormat {
+    Gguf,
 }
 
 /// What `SHOW` lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ShowTarget {
     Layers,
-    Features { layer: u32 },
+    Features {
+        layer: u32,
+    },
     Relations,
     Entities,
     Models,
+    /// The patches applied to the open model.
+    Patches,
 }
 
 /// An inclusive range of layers; the parser guarantees `first <= last`.

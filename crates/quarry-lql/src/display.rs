@@ -1,10 +1,11 @@
 //! The canonical printer: `Display` for every syntax-tree type.
 //!
 //! Output is the canonical form of the statement: uppercase keywords, single spaces, strings in
-//! double quotes, `!=` for inequality, `ASC` and default scopes left out, a layer range `n-n`
-//! written `n`, and parentheses in a condition only where precedence requires them. Numbers use
-//! Rust's shortest round-tripping decimal form, which never has an exponent, so the lexer (which
-//! reads no exponents) reads back the same `f64`. A statement prints without a trailing `;`.
+//! double quotes, `!=` for inequality, `ASC`, default scopes and the default `MODE` left out, a
+//! layer range `n-n` written `n` (so an edit's `AT LAYER n` prints as `LAYERS n`), and
+//! parentheses in a condition only where precedence requires them. Numbers use Rust's shortest
+//! round-tripping decimal form, which never has an exponent, so the lexer (which reads no
+//! exponents) reads back the same `f64`. A statement prints without a trailing `;`.
 //!
 //! Types whose canonical form is empty ([`DescribeScope::Default`], [`Detail::Normal`]) print
 //! nothing; the statement printer leaves out their separating space.
@@ -12,8 +13,9 @@
 use std::fmt::{self, Display, Formatter};
 
 use crate::ast::{
-    CmpOp, DescribeScope, Detail, Expr, LayerRange, Literal, Nearest, OrderKey, Projection, Select,
-    ShowTarget, Source, Statement,
+    CmpOp, CompileTarget, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange, Literal,
+    ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget, Source,
+    Statement,
 };
 
 /// A string printed as a double-quoted LQL string literal (also used in error messages).
@@ -49,6 +51,24 @@ fn write_layers(f: &mut Formatter<'_>, layers: Option<LayerRange>) -> fmt::Resul
         Some(range) => write!(f, " LAYERS {range}"),
         None => Ok(()),
     }
+}
+
+/// Writes `" TEMPLATE \"…\""` when a template is present.
+fn write_template(f: &mut Formatter<'_>, template: Option<&str>) -> fmt::Result {
+    match template {
+        Some(template) => write!(f, " TEMPLATE {}", Quoted(template)),
+        None => Ok(()),
+    }
+}
+
+/// Writes the `WHERE` clause that picks one edge in `UPDATE` and `DELETE`.
+fn write_edge_key(f: &mut Formatter<'_>, entity: &str, relation: &str) -> fmt::Result {
+    write!(
+        f,
+        " WHERE entity = {} AND relation = {}",
+        Quoted(entity),
+        Quoted(relation)
+    )
 }
 
 fn write_explain(f: &mut Formatter<'_>, explain: bool) -> fmt::Result {
@@ -120,7 +140,102 @@ impl Display for Statement {
                 }
                 write_layers(f, *layers)
             }
+            Statement::Insert {
+                edges,
+                layers,
+                template,
+                mode,
+            } => {
+                f.write_str("INSERT INTO EDGES (entity, relation, target) VALUES ")?;
+                write_list(f, edges)?;
+                write_layers(f, *layers)?;
+                write_template(f, template.as_deref())?;
+                match mode {
+                    EditMode::Default => Ok(()),
+                    EditMode::Compose => f.write_str(" MODE COMPOSE"),
+                }
+            }
+            Statement::Update {
+                entity,
+                relation,
+                target,
+                layers,
+                template,
+            } => {
+                write!(f, "UPDATE EDGES SET target = {}", Quoted(target))?;
+                write_edge_key(f, entity, relation)?;
+                write_layers(f, *layers)?;
+                write_template(f, template.as_deref())
+            }
+            Statement::Delete { entity, relation } => {
+                f.write_str("DELETE FROM EDGES")?;
+                write_edge_key(f, entity, relation)
+            }
+            Statement::Patch(patch) => write!(f, "{patch}"),
+            Statement::Compile { target, path } => {
+                write!(
+                    f,
+                    "COMPILE CURRENT INTO {} {}",
+                    target.keyword(),
+                    Quoted(path)
+                )?;
+                match target {
+                    CompileTarget::Model {
+                        format: Some(format),
+                    } => write!(f, " FORMAT {format}"),
+                    _ => Ok(()),
+                }
+            }
         }
+    }
+}
+
+impl Display for EdgeValue {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "({}, {}, {})",
+            Quoted(&self.entity),
+            Quoted(&self.relation),
+            Quoted(&self.target)
+        )
+    }
+}
+
+impl CompileTarget {
+    /// The word after `COMPILE CURRENT INTO`.
+    pub(crate) fn keyword(self) -> &'static str {
+        match self {
+            CompileTarget::Vindex => "VINDEX",
+            CompileTarget::Model { .. } => "MODEL",
+            CompileTarget::Adapter => "ADAPTER",
+        }
+    }
+}
+
+impl Display for PatchStatement {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            PatchStatement::Begin { path } => write!(f, "BEGIN PATCH {}", Quoted(path)),
+            PatchStatement::Save => f.write_str("SAVE PATCH"),
+            PatchStatement::Apply { path } => write!(f, "APPLY PATCH {}", Quoted(path)),
+            PatchStatement::Remove { path } => write!(f, "REMOVE PATCH {}", Quoted(path)),
+            PatchStatement::Diff { a, b } => {
+                write!(f, "DIFF {}", Quoted(a))?;
+                match b {
+                    Some(b) => write!(f, " {}", Quoted(b)),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+impl Display for ModelFormat {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelFormat::Gguf => "GGUF",
+        })
     }
 }
 
@@ -132,6 +247,7 @@ impl Display for ShowTarget {
             ShowTarget::Relations => f.write_str("RELATIONS"),
             ShowTarget::Entities => f.write_str("ENTITIES"),
             ShowTarget::Models => f.write_str("MODELS"),
+            ShowTarget::Patches => f.write_str("PATCHES"),
         }
     }
 }

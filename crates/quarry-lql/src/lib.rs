@@ -11,8 +11,9 @@
 //!   `parse(&s.to_string()) == Ok(vec![s])`. Syntax trees built by hand print the same way, but
 //!   only round-trip if the parser could have produced them: field names must be identifiers that
 //!   are not [reserved](#reserved-words), numbers finite, layer ranges ordered, `IN` lists and
-//!   field lists non-empty, `LAYERS` on `INFER` only with `explain`, and expressions no deeper
-//!   than [`MAX_EXPR_DEPTH`].
+//!   field lists non-empty, `LAYERS` on `INFER` only with `explain`, expressions no deeper
+//!   than [`MAX_EXPR_DEPTH`], `INSERT` rows between one and [`MAX_INSERT_ROWS`], and every
+//!   `TEMPLATE` containing `{entity}` exactly once.
 //! - **No panics.** Any input, however malformed, yields statements or a [`ParseError`] naming
 //!   the line and column of the offending token. Nesting is bounded ([`MAX_EXPR_DEPTH`]), so
 //!   neither parsing nor printing nor dropping a tree can exhaust the stack.
@@ -34,11 +35,12 @@ mod lexer;
 mod parser;
 
 pub use ast::{
-    CmpOp, DescribeScope, Detail, Expr, LayerRange, Literal, Nearest, OrderKey, Projection, Select,
-    ShowTarget, Source, Statement,
+    CmpOp, CompileTarget, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange, Literal,
+    ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget, Source,
+    Statement,
 };
 pub use error::ParseError;
-pub use parser::MAX_EXPR_DEPTH;
+pub use parser::{MAX_EXPR_DEPTH, MAX_INSERT_ROWS};
 
 /// Parses a script: zero or more statements separated by `;` (a trailing `;` and empty
 /// statements are allowed).

@@ -16,8 +16,9 @@
 use std::str::FromStr;
 
 use crate::ast::{
-    CmpOp, DescribeScope, Detail, Expr, LayerRange, Literal, Nearest, OrderKey, Projection, Select,
-    ShowTarget, Source, Statement,
+    CmpOp, CompileTarget, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange, Literal,
+    ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget, Source,
+    Statement,
 };
 use crate::display::Quoted;
 use crate::error::ParseError;
@@ -28,6 +29,11 @@ use crate::lexer::{shorten, tokenize, Kind, Pos, Sym, Token};
 /// parentheses and `NOT`s inside each other. Deeper conditions are rejected rather than risking
 /// the stack.
 pub const MAX_EXPR_DEPTH: usize = 256;
+
+/// The most rows one `INSERT` may carry. Every row is solved into the model together, so a
+/// script should not be able to grow one statement without bound; larger sets of edits are
+/// split over several `INSERT`s (in one patch).
+pub const MAX_INSERT_ROWS: usize = 10_000;
 
 const USE_EXAMPLE: &str = r#"USE "models/gemma-3-270m-it-Q4_K_M.gguf""#;
 const SHOW_EXAMPLE: &str = "SHOW FEATURES 12";
@@ -42,6 +48,26 @@ const INFER_EXAMPLE: &str = r#"INFER "The capital of France is" TOP 5"#;
 const EXPLAIN_INFER_EXAMPLE: &str = r#"EXPLAIN INFER "The capital of France is" LAYERS 20-25"#;
 const TRACE_EXAMPLE: &str = r#"TRACE "The capital of France is" FOR " Paris" LAYERS 20-25"#;
 const LAYERS_EXAMPLE: &str = "LAYERS 20-25, or LAYERS 20 for a single layer";
+const INSERT_EXAMPLE: &str =
+    r#"INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Lyon")"#;
+const UPDATE_EXAMPLE: &str =
+    r#"UPDATE EDGES SET target = "Lyon" WHERE entity = "France" AND relation = "capital""#;
+const DELETE_EXAMPLE: &str =
+    r#"DELETE FROM EDGES WHERE entity = "France" AND relation = "capital""#;
+const TEMPLATE_EXAMPLE: &str = r#"TEMPLATE "The capital of {entity} is""#;
+const BEGIN_PATCH_EXAMPLE: &str = r#"BEGIN PATCH "capitals.vlp""#;
+const APPLY_PATCH_EXAMPLE: &str = r#"APPLY PATCH "capitals.vlp""#;
+const REMOVE_PATCH_EXAMPLE: &str = r#"REMOVE PATCH "capitals.vlp""#;
+const DIFF_EXAMPLE: &str = r#"DIFF "a.vlp" "b.vlp", or DIFF "a.vlp" against the base"#;
+const COMPILE_EXAMPLE: &str = r#"COMPILE CURRENT INTO MODEL "edited.gguf" FORMAT GGUF"#;
+
+/// The columns of an `INSERT`, in the only order accepted: the row values are positional, so
+/// a fixed list keeps a row from being read with its fields swapped.
+const EDGE_COLUMNS: [&str; 3] = ["entity", "relation", "target"];
+const EDGE_COLUMNS_HINT: &str = "the column list is exactly (entity, relation, target)";
+
+/// The placeholder a `TEMPLATE` must contain once: where each row's entity goes.
+const ENTITY_PLACEHOLDER: &str = "{entity}";
 
 /// The words that start a statement.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +81,15 @@ enum Command {
     Select,
     Infer,
     Trace,
+    Insert,
+    Update,
+    Delete,
+    Begin,
+    Save,
+    Apply,
+    Remove,
+    Diff,
+    Compile,
 }
 
 const COMMANDS: &[(&str, Command)] = &[
@@ -67,6 +102,15 @@ const COMMANDS: &[(&str, Command)] = &[
     ("SELECT", Command::Select),
     ("INFER", Command::Infer),
     ("TRACE", Command::Trace),
+    ("INSERT", Command::Insert),
+    ("UPDATE", Command::Update),
+    ("DELETE", Command::Delete),
+    ("BEGIN", Command::Begin),
+    ("SAVE", Command::Save),
+    ("APPLY", Command::Apply),
+    ("REMOVE", Command::Remove),
+    ("DIFF", Command::Diff),
+    ("COMPILE", Command::Compile),
 ];
 
 /// What `SHOW` lists; `None` is `FEATURES`, which goes on with a layer number.
@@ -76,6 +120,7 @@ const SHOW_TARGETS: &[(&str, Option<ShowTarget>)] = &[
     ("RELATIONS", Some(ShowTarget::Relations)),
     ("ENTITIES", Some(ShowTarget::Entities)),
     ("MODELS", Some(ShowTarget::Models)),
+    ("PATCHES", Some(ShowTarget::Patches)),
 ];
 
 /// What `EXPLAIN` applies to; the flag is whether it is `INFER`.
@@ -94,6 +139,21 @@ const DESCRIBE_SCOPES: &[(&str, DescribeScope)] = &[
 ];
 
 const DETAILS: &[(&str, Detail)] = &[("BRIEF", Detail::Brief), ("VERBOSE", Detail::Verbose)];
+
+/// The columns that pick one edge in the `WHERE` of `UPDATE` and `DELETE`; the flag is whether
+/// it is `relation`.
+const EDGE_KEYS: &[(&str, bool)] = &[("entity", false), ("relation", true)];
+
+/// What `COMPILE CURRENT INTO` writes; `None` is `MODEL`, which may go on with `FORMAT`.
+const COMPILE_TARGETS: &[(&str, Option<CompileTarget>)] = &[
+    ("VINDEX", Some(CompileTarget::Vindex)),
+    ("MODEL", None),
+    ("ADAPTER", Some(CompileTarget::Adapter)),
+];
+
+/// The formats `FORMAT` names; `None` is one recognised but not written yet.
+const MODEL_FORMATS: &[(&str, Option<ModelFormat>)] =
+    &[("GGUF", Some(ModelFormat::Gguf)), ("SAFETENSORS", None)];
 
 /// Sort directions; the flag is whether the order is descending.
 const DIRECTIONS: &[(&str, bool)] = &[("ASC", false), ("DESC", true)];
@@ -139,6 +199,15 @@ const OTHER_KEYWORDS: &[&str] = &[
     "TO",
     "FOR",
     "DECOMPOSE",
+    "INTO",
+    "VALUES",
+    "SET",
+    "TEMPLATE",
+    "MODE",
+    "COMPOSE",
+    "PATCH",
+    "CURRENT",
+    "FORMAT",
 ];
 
 /// The optional clauses that may follow a statement, for the message when something else does.
@@ -220,6 +289,31 @@ const TRACE_TAIL: Tail = Tail {
     order: r#"FOR "token", DECOMPOSE, LAYERS a-b"#,
     stray_word_hint: None,
 };
+const INSERT_TAIL: Tail = Tail {
+    statement: "INSERT",
+    clauses: &["AT", "LAYERS", "TEMPLATE", "MODE"],
+    order: r#"AT LAYER n or LAYERS a-b, TEMPLATE "…{entity}…", MODE COMPOSE"#,
+    stray_word_hint: None,
+};
+const UPDATE_TAIL: Tail = Tail {
+    statement: "UPDATE",
+    clauses: &["AT", "LAYERS", "TEMPLATE"],
+    order: r#"AT LAYER n or LAYERS a-b, TEMPLATE "…{entity}…""#,
+    stray_word_hint: None,
+};
+const DELETE_TAIL: Tail = Tail::bare("DELETE");
+const BEGIN_PATCH_TAIL: Tail = Tail::bare("BEGIN PATCH");
+const SAVE_PATCH_TAIL: Tail = Tail::bare("SAVE PATCH");
+const APPLY_PATCH_TAIL: Tail = Tail::bare("APPLY PATCH");
+const REMOVE_PATCH_TAIL: Tail = Tail::bare("REMOVE PATCH");
+const DIFF_TAIL: Tail = Tail::bare("DIFF");
+const COMPILE_TAIL: Tail = Tail::bare("COMPILE");
+const COMPILE_MODEL_TAIL: Tail = Tail {
+    statement: "COMPILE",
+    clauses: &["FORMAT"],
+    order: "FORMAT GGUF",
+    stray_word_hint: None,
+};
 
 type Parsed<T> = Result<T, ParseError>;
 
@@ -271,6 +365,16 @@ impl Parser {
 
     fn eat_keyword(&mut self, keyword: &str) -> bool {
         let found = self.peek_keyword(keyword);
+        if found {
+            self.next();
+        }
+        found
+    }
+
+    /// Consumes the identifier `name`, matched exactly: column names are identifiers, which are
+    /// case-sensitive, not keywords.
+    fn eat_identifier(&mut self, name: &str) -> bool {
+        let found = matches!(&self.peek().kind, Kind::Word(word) if word == name);
         if found {
             self.next();
         }
@@ -457,6 +561,56 @@ impl Parser {
             Command::Select => self.select(),
             Command::Infer => self.infer(false),
             Command::Trace => self.trace(),
+            Command::Insert => self.insert(),
+            Command::Update => self.update(),
+            Command::Delete => self.delete(),
+            Command::Begin => {
+                self.expect_keyword("PATCH", "after BEGIN", BEGIN_PATCH_EXAMPLE)?;
+                let path = self
+                    .expect_string("a quoted patch path after BEGIN PATCH", BEGIN_PATCH_EXAMPLE)?;
+                Ok((
+                    Statement::Patch(PatchStatement::Begin { path }),
+                    &BEGIN_PATCH_TAIL,
+                ))
+            }
+            Command::Save => {
+                self.expect_keyword(
+                    "PATCH",
+                    "after SAVE",
+                    "SAVE PATCH (it writes to the path given at BEGIN PATCH)",
+                )?;
+                Ok((Statement::Patch(PatchStatement::Save), &SAVE_PATCH_TAIL))
+            }
+            Command::Apply => {
+                self.expect_keyword("PATCH", "after APPLY", APPLY_PATCH_EXAMPLE)?;
+                let path = self
+                    .expect_string("a quoted patch path after APPLY PATCH", APPLY_PATCH_EXAMPLE)?;
+                Ok((
+                    Statement::Patch(PatchStatement::Apply { path }),
+                    &APPLY_PATCH_TAIL,
+                ))
+            }
+            Command::Remove => {
+                self.expect_keyword("PATCH", "after REMOVE", REMOVE_PATCH_EXAMPLE)?;
+                let path = self.expect_string(
+                    "a quoted patch path after REMOVE PATCH",
+                    REMOVE_PATCH_EXAMPLE,
+                )?;
+                Ok((
+                    Statement::Patch(PatchStatement::Remove { path }),
+                    &REMOVE_PATCH_TAIL,
+                ))
+            }
+            Command::Diff => {
+                let a = self.expect_string("a quoted patch path after DIFF", DIFF_EXAMPLE)?;
+                // A second string is the other patch; without one the diff is against the base.
+                let b = match self.peek().kind {
+                    Kind::Str(_) => Some(self.expect_string("a second patch path", DIFF_EXAMPLE)?),
+                    _ => None,
+                };
+                Ok((Statement::Patch(PatchStatement::Diff { a, b }), &DIFF_TAIL))
+            }
+            Command::Compile => self.compile(),
         }
     }
 
@@ -504,6 +658,287 @@ impl Parser {
             ));
         }
         Ok(Some(LayerRange { first, last }))
+    }
+
+    /// The rest of `AT LAYER n`, after `AT`.
+    fn layer_after_at(&mut self, example: &str) -> Parsed<u32> {
+        self.expect_keyword("LAYER", "after AT", example)?;
+        self.expect_whole("a layer number after AT LAYER", example)
+    }
+
+    /// The optional layer clause of an edit: `AT LAYER n`, which is `LAYERS n`, or
+    /// `LAYERS a-b`.
+    fn edit_layers(&mut self, example: &str) -> Parsed<Option<LayerRange>> {
+        if self.eat_keyword("AT") {
+            let layer = self.layer_after_at(example)?;
+            return Ok(Some(LayerRange {
+                first: layer,
+                last: layer,
+            }));
+        }
+        self.layers()
+    }
+
+    /// An optional `TEMPLATE "…{entity}…"` clause. The placeholder is checked here, not by the
+    /// engine, so that a template without a place for the entity fails before anything is
+    /// edited.
+    fn template(&mut self) -> Parsed<Option<String>> {
+        if !self.eat_keyword("TEMPLATE") {
+            return Ok(None);
+        }
+        let at = self.peek().pos;
+        let template =
+            self.expect_string("a quoted prompt template after TEMPLATE", TEMPLATE_EXAMPLE)?;
+        let found = match template.matches(ENTITY_PLACEHOLDER).count() {
+            1 => return Ok(Some(template)),
+            0 => "it has none".to_owned(),
+            n => format!("it has {n}"),
+        };
+        Err(at.error(
+            format!(
+                "TEMPLATE {} must contain {ENTITY_PLACEHOLDER} exactly once ({found})",
+                Quoted(&shorten(&template))
+            ),
+            Some(format!(
+                "{ENTITY_PLACEHOLDER} marks where each row's entity goes, e.g. {TEMPLATE_EXAMPLE}"
+            )),
+        ))
+    }
+
+    fn insert(&mut self) -> Parsed<(Statement, &'static Tail)> {
+        self.expect_keyword("INTO", "after INSERT", INSERT_EXAMPLE)?;
+        self.expect_keyword("EDGES", "after INSERT INTO", INSERT_EXAMPLE)?;
+        self.edge_columns()?;
+        self.expect_keyword("VALUES", "after the column list", INSERT_EXAMPLE)?;
+        let mut edges = Vec::new();
+        loop {
+            if edges.len() == MAX_INSERT_ROWS {
+                return Err(self.peek().pos.error(
+                    format!("INSERT takes at most {MAX_INSERT_ROWS} rows"),
+                    Some("split the edges over several INSERT statements".to_owned()),
+                ));
+            }
+            edges.push(self.edge_row(edges.len() + 1)?);
+            if !self.eat_sym(Sym::Comma) {
+                break;
+            }
+        }
+        let layers = self.edit_layers(INSERT_EXAMPLE)?;
+        let template = self.template()?;
+        let mode = if self.eat_keyword("MODE") {
+            self.expect_keyword(
+                "COMPOSE",
+                "after MODE",
+                "MODE COMPOSE, or no MODE clause for the default algorithm",
+            )?;
+            EditMode::Compose
+        } else {
+            EditMode::Default
+        };
+        let insert = Statement::Insert {
+            edges,
+            layers,
+            template,
+            mode,
+        };
+        Ok((insert, &INSERT_TAIL))
+    }
+
+    /// `(entity, relation, target)`, exactly.
+    fn edge_columns(&mut self) -> Parsed<()> {
+        self.expect_sym(
+            Sym::LParen,
+            "'(' and the column list after INSERT INTO EDGES",
+            INSERT_EXAMPLE,
+        )?;
+        for (i, column) in EDGE_COLUMNS.into_iter().enumerate() {
+            if i > 0 {
+                self.expect_sym(
+                    Sym::Comma,
+                    &format!("',' and column {column} in the column list"),
+                    EDGE_COLUMNS_HINT,
+                )?;
+            }
+            if !self.eat_identifier(column) {
+                return Err(self.unexpected_here(
+                    &format!("column {column} in the column list"),
+                    Some(EDGE_COLUMNS_HINT.to_owned()),
+                ));
+            }
+        }
+        self.expect_sym(Sym::RParen, "')' after column target", EDGE_COLUMNS_HINT)
+    }
+
+    /// `("entity", "relation", "target")`, the `row`-th (from 1) of `VALUES`.
+    fn edge_row(&mut self, row: usize) -> Parsed<EdgeValue> {
+        self.expect_sym(
+            Sym::LParen,
+            &format!("'(' to start row {row} of VALUES"),
+            INSERT_EXAMPLE,
+        )?;
+        let value = |parser: &mut Parser, column: &str, before: Option<&str>| {
+            if let Some(before) = before {
+                parser.expect_sym(
+                    Sym::Comma,
+                    &format!("',' after the {before} in row {row}"),
+                    "a row holds three quoted strings: entity, relation, target",
+                )?;
+            }
+            parser.expect_string(
+                &format!("a quoted {column} in row {row} of VALUES"),
+                INSERT_EXAMPLE,
+            )
+        };
+        let entity = value(self, "entity", None)?;
+        let relation = value(self, "relation", Some("entity"))?;
+        let target = value(self, "target", Some("relation"))?;
+        self.expect_sym(
+            Sym::RParen,
+            &format!("')' after the target in row {row}"),
+            "a row holds three quoted strings: entity, relation, target",
+        )?;
+        Ok(EdgeValue {
+            entity,
+            relation,
+            target,
+        })
+    }
+
+    fn update(&mut self) -> Parsed<(Statement, &'static Tail)> {
+        self.expect_keyword("EDGES", "after UPDATE", UPDATE_EXAMPLE)?;
+        self.expect_keyword("SET", "after UPDATE EDGES", UPDATE_EXAMPLE)?;
+        if !self.eat_identifier("target") {
+            return Err(self.unexpected_here(
+                "target after SET",
+                Some(format!(
+                    "only the target of an edge can be set: {UPDATE_EXAMPLE}"
+                )),
+            ));
+        }
+        self.expect_sym(Sym::Eq, "'=' after SET target", UPDATE_EXAMPLE)?;
+        let target = self.expect_string("a quoted target after SET target =", UPDATE_EXAMPLE)?;
+        let (entity, relation) = self.edge_key("UPDATE", "after the new target", UPDATE_EXAMPLE)?;
+        let layers = self.edit_layers(UPDATE_EXAMPLE)?;
+        let template = self.template()?;
+        let update = Statement::Update {
+            entity,
+            relation,
+            target,
+            layers,
+            template,
+        };
+        Ok((update, &UPDATE_TAIL))
+    }
+
+    fn delete(&mut self) -> Parsed<(Statement, &'static Tail)> {
+        self.expect_keyword("FROM", "after DELETE", DELETE_EXAMPLE)?;
+        self.expect_keyword("EDGES", "after DELETE FROM", DELETE_EXAMPLE)?;
+        let (entity, relation) =
+            self.edge_key("DELETE", "after DELETE FROM EDGES", DELETE_EXAMPLE)?;
+        Ok((Statement::Delete { entity, relation }, &DELETE_TAIL))
+    }
+
+    /// `WHERE entity = "e" AND relation = "r"`, in either order: the one edge that `UPDATE`
+    /// or `DELETE` changes. Returns the entity and the relation. `after` names what precedes the `WHERE`, for the message when it is missing.
+    fn edge_key(
+        &mut self,
+        statement: &str,
+        after: &str,
+        example: &str,
+    ) -> Parsed<(String, String)> {
+        self.expect_keyword("WHERE", after, example)?;
+        let (first_is_relation, first) = self.edge_key_condition(statement, example)?;
+        let (missing, other) = if first_is_relation {
+            ("entity", "relation")
+        } else {
+            ("relation", "entity")
+        };
+        if !self.eat_keyword("AND") {
+            return Err(self.unexpected_here(
+                &format!("AND and a condition on {missing} after the condition on {other}"),
+                Some(format!(
+                    "{statement} needs both the entity and the relation: {example}"
+                )),
+            ));
+        }
+        let at = self.peek().pos;
+        let (second_is_relation, second) = self.edge_key_condition(statement, example)?;
+        if second_is_relation == first_is_relation {
+            return Err(at.error(
+                format!("the condition on {other} is given twice; {missing} is missing"),
+                Some(example.to_owned()),
+            ));
+        }
+        Ok(if first_is_relation {
+            (second, first)
+        } else {
+            (first, second)
+        })
+    }
+
+    /// `entity = "e"` or `relation = "r"`; the flag is whether it is `relation`.
+    fn edge_key_condition(&mut self, statement: &str, example: &str) -> Parsed<(bool, String)> {
+        let is_relation = EDGE_KEYS
+            .iter()
+            .find(|&&(name, _)| self.eat_identifier(name))
+            .map(|&(_, is_relation)| is_relation);
+        let Some(is_relation) = is_relation else {
+            return Err(self.unexpected_here(
+                &format!("entity or relation in the WHERE of {statement}"),
+                Some(format!(
+                    "{statement} picks one edge by its entity and relation: {example}"
+                )),
+            ));
+        };
+        let column = if is_relation { "relation" } else { "entity" };
+        self.expect_sym(Sym::Eq, &format!("'=' after {column}"), example)?;
+        let value = self.expect_string(&format!("a quoted {column} after {column} ="), example)?;
+        Ok((is_relation, value))
+    }
+
+    fn compile(&mut self) -> Parsed<(Statement, &'static Tail)> {
+        self.expect_keyword("CURRENT", "after COMPILE", COMPILE_EXAMPLE)?;
+        self.expect_keyword("INTO", "after COMPILE CURRENT", COMPILE_EXAMPLE)?;
+        let kind = self.expect_choice(
+            COMPILE_TARGETS,
+            "after COMPILE CURRENT INTO",
+            COMPILE_EXAMPLE,
+        )?;
+        let into = kind
+            .unwrap_or(CompileTarget::Model { format: None })
+            .keyword();
+        let path = self.expect_string(
+            &format!("a quoted output path after INTO {into}"),
+            COMPILE_EXAMPLE,
+        )?;
+        let Some(target) = kind else {
+            let format = if self.eat_keyword("FORMAT") {
+                let at = self.peek().pos;
+                match self.expect_choice(MODEL_FORMATS, "after FORMAT", COMPILE_EXAMPLE)? {
+                    Some(format) => Some(format),
+                    None => {
+                        return Err(at.error(
+                            "safetensors export is not supported yet",
+                            Some("write FORMAT GGUF, or leave FORMAT out".to_owned()),
+                        ))
+                    }
+                }
+            } else {
+                None
+            };
+            let compile = Statement::Compile {
+                target: CompileTarget::Model { format },
+                path,
+            };
+            return Ok((compile, &COMPILE_MODEL_TAIL));
+        };
+        if self.peek_keyword("FORMAT") {
+            return Err(self.peek().pos.error(
+                "FORMAT only applies to COMPILE CURRENT INTO MODEL",
+                Some(COMPILE_EXAMPLE.to_owned()),
+            ));
+        }
+        Ok((Statement::Compile { target, path }, &COMPILE_TAIL))
     }
 
     fn walk(&mut self, explain: bool) -> Parsed<(Statement, &'static Tail)> {
@@ -554,10 +989,7 @@ impl Parser {
     fn describe(&mut self) -> Parsed<(Statement, &'static Tail)> {
         let entity = self.expect_string("a quoted entity name after DESCRIBE", DESCRIBE_EXAMPLE)?;
         let scope = if self.eat_keyword("AT") {
-            self.expect_keyword("LAYER", "after AT", DESCRIBE_EXAMPLE)?;
-            DescribeScope::AtLayer(
-                self.expect_whole("a layer number after AT LAYER", DESCRIBE_EXAMPLE)?,
-            )
+            DescribeScope::AtLayer(self.layer_after_at(DESCRIBE_EXAMPLE)?)
         } else if self.eat_keyword("ALL") {
             self.expect_keyword("LAYERS", "after ALL", r#"DESCRIBE "France" ALL LAYERS"#)?;
             DescribeScope::AllLayers
@@ -645,8 +1077,7 @@ impl Parser {
         let entity =
             self.expect_string("a quoted entity name after NEAREST TO", NEAREST_EXAMPLE)?;
         self.expect_keyword("AT", "after the entity of NEAREST TO", NEAREST_EXAMPLE)?;
-        self.expect_keyword("LAYER", "after AT", NEAREST_EXAMPLE)?;
-        let layer = self.expect_whole("a layer number after AT LAYER", NEAREST_EXAMPLE)?;
+        let layer = self.layer_after_at(NEAREST_EXAMPLE)?;
         Ok(Nearest { entity, layer })
     }
 
@@ -944,6 +1375,8 @@ fn is_keyword(word: &str) -> bool {
         || SOURCES.iter().any(|&(name, _)| matches(name))
         || DESCRIBE_SCOPES.iter().any(|&(name, _)| matches(name))
         || DETAILS.iter().any(|&(name, _)| matches(name))
+        || COMPILE_TARGETS.iter().any(|&(name, _)| matches(name))
+        || MODEL_FORMATS.iter().any(|&(name, _)| matches(name))
 }
 
 /// The candidate keyword closest to `word` if it is a likely misspelling: one or two edits away

@@ -66,8 +66,9 @@ fn statement_keywords() {
         "DESCRIBEE \"France\"",
         1,
         1,
-        "expected USE, STATS, SHOW, WALK, EXPLAIN, DESCRIBE, SELECT, INFER or TRACE to start a \
-         statement, found identifier DESCRIBEE",
+        "expected USE, STATS, SHOW, WALK, EXPLAIN, DESCRIBE, SELECT, INFER, TRACE, INSERT, \
+         UPDATE, DELETE, BEGIN, SAVE, APPLY, REMOVE, DIFF or COMPILE to start a statement, found \
+         identifier DESCRIBEE",
         Some("did you mean DESCRIBE?"),
     );
     check(
@@ -134,7 +135,8 @@ fn missing_or_wrong_arguments() {
         "SHOW",
         1,
         5,
-        "expected LAYERS, FEATURES, RELATIONS, ENTITIES or MODELS after SHOW, found end of input",
+        "expected LAYERS, FEATURES, RELATIONS, ENTITIES, MODELS or PATCHES after SHOW, found end \
+         of input",
         Some("SHOW FEATURES 12"),
     );
     check(
@@ -676,6 +678,514 @@ fn conditions() {
         1,
         "expected a condition (a field name, NOT or '('), found keyword LIMIT",
         Some("LIMIT is a reserved word"),
+    );
+}
+
+#[test]
+fn insert_structure() {
+    check(
+        "INSERT EDGES (entity, relation, target) VALUES ('a', 'b', 'c')",
+        1,
+        8,
+        "expected INTO after INSERT, found keyword EDGES",
+        Some("INSERT INTO EDGES (entity, relation, target) VALUES"),
+    );
+    check(
+        "INSERT INTO EDGE (entity, relation, target) VALUES ('a', 'b', 'c')",
+        1,
+        13,
+        "expected EDGES after INSERT INTO, found identifier EDGE",
+        Some("did you mean EDGES?"),
+    );
+    check(
+        "INSERT INTO EDGES VALUES ('a', 'b', 'c')",
+        1,
+        19,
+        "expected '(' and the column list after INSERT INTO EDGES, found keyword VALUES",
+        Some("(entity, relation, target) VALUES"),
+    );
+    check(
+        "INSERT INTO EDGES (entity, relation, target) ('a', 'b', 'c')",
+        1,
+        46,
+        "expected VALUES after the column list, found '('",
+        Some("VALUES (\"France\", \"capital\", \"Lyon\")"),
+    );
+    check(
+        "INSERT INTO EDGES (entity, relation, target) VALUES",
+        1,
+        52,
+        "expected '(' to start row 1 of VALUES, found end of input",
+        Some("INSERT INTO EDGES"),
+    );
+    check(
+        "INSERT INTO EDGES (entity, relation, target) VALUES ('a', 'b', 'c'),",
+        1,
+        69,
+        "expected '(' to start row 2 of VALUES, found end of input",
+        Some("INSERT INTO EDGES"),
+    );
+}
+
+#[test]
+fn insert_columns_are_exactly_entity_relation_target() {
+    check(
+        "INSERT INTO EDGES (entity, target, relation) VALUES ('a', 'b', 'c')",
+        1,
+        28,
+        "expected column relation in the column list, found identifier target",
+        Some("the column list is exactly (entity, relation, target)"),
+    );
+    // Column names are identifiers, so they are case-sensitive.
+    check(
+        "INSERT INTO EDGES (Entity, relation, target) VALUES ('a', 'b', 'c')",
+        1,
+        20,
+        "expected column entity in the column list, found identifier Entity",
+        Some("exactly (entity, relation, target)"),
+    );
+    check(
+        "INSERT INTO EDGES (entity, relation) VALUES ('a', 'b')",
+        1,
+        36,
+        "expected ',' and column target in the column list, found ')'",
+        Some("exactly (entity, relation, target)"),
+    );
+    check(
+        "INSERT INTO EDGES (entity, relation, target, score) VALUES ('a', 'b', 'c', 1)",
+        1,
+        44,
+        "expected ')' after column target, found ','",
+        Some("exactly (entity, relation, target)"),
+    );
+}
+
+#[test]
+fn insert_rows() {
+    check(
+        "INSERT INTO EDGES (entity, relation, target) VALUES ('a', 'b', 'c'), ('d', 'e')",
+        1,
+        79,
+        "expected ',' after the relation in row 2, found ')'",
+        Some("a row holds three quoted strings: entity, relation, target"),
+    );
+    check(
+        "INSERT INTO EDGES (entity, relation, target) VALUES ('a', 'b', c)",
+        1,
+        64,
+        "expected a quoted target in row 1 of VALUES, found identifier c",
+        Some("INSERT INTO EDGES"),
+    );
+    check(
+        "INSERT INTO EDGES (entity, relation, target) VALUES ('a' 'b', 'c')",
+        1,
+        58,
+        "expected ',' after the entity in row 1, found string \"b\"",
+        Some("three quoted strings"),
+    );
+    check(
+        "INSERT INTO EDGES (entity, relation, target) VALUES ('a', 'b', 'c', 'd')",
+        1,
+        67,
+        "expected ')' after the target in row 1, found ','",
+        Some("three quoted strings"),
+    );
+}
+
+#[test]
+fn insert_row_limit() {
+    let max = quarry_lql::MAX_INSERT_ROWS;
+    let rows = vec!["('e', 'r', 't')"; max + 1].join(",\n");
+    let error = parse_error(&format!(
+        "INSERT INTO EDGES (entity, relation, target) VALUES\n{rows}"
+    ));
+    // The first row past the limit is reported, on its own line.
+    assert_eq!((error.line, error.column), (max + 2, 1), "{error}");
+    assert_eq!(error.message, format!("INSERT takes at most {max} rows"));
+    assert_eq!(
+        error.hint.as_deref(),
+        Some("split the edges over several INSERT statements")
+    );
+}
+
+#[test]
+fn edit_clauses() {
+    let insert = "INSERT INTO EDGES (entity, relation, target) VALUES ('a', 'b', 'c')";
+    let after_insert = |clauses: &str, column: usize, message: &str, hint: Option<&str>| {
+        check(
+            &format!("{insert} {clauses}"),
+            1,
+            insert.len() + 1 + column,
+            message,
+            hint,
+        );
+    };
+    after_insert(
+        "MODE FAST",
+        6,
+        "expected COMPOSE after MODE, found identifier FAST",
+        Some("no MODE clause for the default algorithm"),
+    );
+    after_insert(
+        "MODE COMPOSE LAYERS 3",
+        14,
+        "LAYERS cannot come here: the optional clauses of INSERT go in a fixed order",
+        Some(r#"the order is: AT LAYER n or LAYERS a-b, TEMPLATE "…{entity}…", MODE COMPOSE"#),
+    );
+    after_insert(
+        "AT LAYER 3 LAYERS 4",
+        12,
+        "LAYERS cannot come here",
+        Some("AT LAYER n or LAYERS a-b"),
+    );
+    after_insert(
+        "AT 3",
+        4,
+        "expected LAYER after AT, found number 3",
+        Some("INSERT INTO EDGES"),
+    );
+    after_insert(
+        "LAYERS 5-2",
+        8,
+        "layer range 5-2 is reversed",
+        Some("write LAYERS 2-5"),
+    );
+    after_insert("TEMPLATE {entity}", 10, "unexpected character '{'", None);
+    after_insert(
+        "TEMPLATE",
+        9,
+        "expected a quoted prompt template after TEMPLATE, found end of input",
+        Some(r#"TEMPLATE "The capital of {entity} is""#),
+    );
+    let update = "UPDATE EDGES SET target = 'x' WHERE entity = 'a' AND relation = 'b'";
+    check(
+        &format!("{update} MODE COMPOSE"),
+        1,
+        69,
+        "expected ';' or end of input after UPDATE, found keyword MODE",
+        Some(r#"UPDATE may end with: AT LAYER n or LAYERS a-b, TEMPLATE "…{entity}…""#),
+    );
+    check(
+        &format!("{update} TEMPLATE '{{entity}}' AT LAYER 2"),
+        1,
+        89,
+        "AT cannot come here: the optional clauses of UPDATE go in a fixed order",
+        Some("the order is: AT LAYER n or LAYERS a-b, TEMPLATE"),
+    );
+}
+
+#[test]
+fn templates_need_the_entity_placeholder_once() {
+    let insert = "INSERT INTO EDGES (entity, relation, target) VALUES ('a', 'b', 'c') TEMPLATE";
+    check(
+        &format!("{insert} 'The capital is'"),
+        1,
+        78,
+        r#"TEMPLATE "The capital is" must contain {entity} exactly once (it has none)"#,
+        Some(
+            r#"{entity} marks where each row's entity goes, e.g. TEMPLATE "The capital of {entity} is""#,
+        ),
+    );
+    check(
+        &format!("{insert} '{{entity}} and {{entity}}'"),
+        1,
+        78,
+        r#"TEMPLATE "{entity} and {entity}" must contain {entity} exactly once (it has 2)"#,
+        Some("{entity} marks where"),
+    );
+    // The placeholder is exact: no other spelling counts.
+    check(
+        &format!("{insert} 'The capital of {{Entity}} is'"),
+        1,
+        78,
+        "(it has none)",
+        Some("{entity} marks where"),
+    );
+    check(
+        "UPDATE EDGES SET target = 'x' WHERE entity = 'a' AND relation = 'b' TEMPLATE 'no entity'",
+        1,
+        78,
+        r#"TEMPLATE "no entity" must contain {entity} exactly once (it has none)"#,
+        Some("{entity} marks where"),
+    );
+}
+
+#[test]
+fn update_and_delete_structure() {
+    check(
+        "UPDATE SET target = 'x' WHERE entity = 'a' AND relation = 'b'",
+        1,
+        8,
+        "expected EDGES after UPDATE, found keyword SET",
+        Some("UPDATE EDGES SET target = \"Lyon\""),
+    );
+    check(
+        "UPDATE EDGES target = 'x' WHERE entity = 'a' AND relation = 'b'",
+        1,
+        14,
+        "expected SET after UPDATE EDGES, found identifier target",
+        Some("UPDATE EDGES SET"),
+    );
+    check(
+        "UPDATE EDGES SET relation = 'x' WHERE entity = 'a' AND relation = 'b'",
+        1,
+        18,
+        "expected target after SET, found identifier relation",
+        Some("only the target of an edge can be set"),
+    );
+    check(
+        "UPDATE EDGES SET target 'x' WHERE entity = 'a' AND relation = 'b'",
+        1,
+        25,
+        "expected '=' after SET target, found string \"x\"",
+        Some("UPDATE EDGES SET"),
+    );
+    check(
+        "UPDATE EDGES SET target = 'x' entity = 'a' AND relation = 'b'",
+        1,
+        31,
+        "expected WHERE after the new target, found identifier entity",
+        Some("UPDATE EDGES SET"),
+    );
+    check(
+        "DELETE EDGES WHERE entity = 'a' AND relation = 'b'",
+        1,
+        8,
+        "expected FROM after DELETE, found keyword EDGES",
+        Some("DELETE FROM EDGES WHERE"),
+    );
+    check(
+        "DELETE FROM EDGES",
+        1,
+        18,
+        "expected WHERE after DELETE FROM EDGES, found end of input",
+        Some("DELETE FROM EDGES WHERE entity = \"France\" AND relation = \"capital\""),
+    );
+    check(
+        "DELETE FROM EDGES WHERE entity = 'a' AND relation = 'b' LAYERS 3",
+        1,
+        57,
+        "expected ';' or end of input after DELETE, found keyword LAYERS",
+        None,
+    );
+}
+
+#[test]
+fn edit_conditions_name_one_edge() {
+    check(
+        "UPDATE EDGES SET target = 'x' WHERE entity = 'a'",
+        1,
+        49,
+        "expected AND and a condition on relation after the condition on entity, found end of \
+         input",
+        Some("UPDATE needs both the entity and the relation: UPDATE EDGES"),
+    );
+    check(
+        "DELETE FROM EDGES WHERE relation = 'b'",
+        1,
+        39,
+        "expected AND and a condition on entity after the condition on relation",
+        Some("DELETE needs both the entity and the relation: DELETE FROM EDGES"),
+    );
+    check(
+        "UPDATE EDGES SET target = 'x' WHERE relation = 'b' OR entity = 'a'",
+        1,
+        52,
+        "expected AND and a condition on entity after the condition on relation, found keyword \
+         OR",
+        Some("needs both the entity and the relation"),
+    );
+    check(
+        "UPDATE EDGES SET target = 'x' WHERE entity = 'a' AND entity = 'b'",
+        1,
+        54,
+        "the condition on entity is given twice; relation is missing",
+        Some("UPDATE EDGES SET"),
+    );
+    check(
+        "DELETE FROM EDGES WHERE relation = 'b' AND relation = 'c'",
+        1,
+        44,
+        "the condition on relation is given twice; entity is missing",
+        Some("DELETE FROM EDGES"),
+    );
+    check(
+        "DELETE FROM EDGES WHERE target = 'a'",
+        1,
+        25,
+        "expected entity or relation in the WHERE of DELETE, found identifier target",
+        Some("DELETE picks one edge by its entity and relation"),
+    );
+    check(
+        "DELETE FROM EDGES WHERE entity > 'a' AND relation = 'b'",
+        1,
+        32,
+        "expected '=' after entity, found '>'",
+        Some("DELETE FROM EDGES"),
+    );
+    check(
+        "DELETE FROM EDGES WHERE entity = 1 AND relation = 'b'",
+        1,
+        34,
+        "expected a quoted entity after entity =, found number 1",
+        Some("DELETE FROM EDGES"),
+    );
+    check(
+        "DELETE FROM EDGES WHERE entity = 'a' AND relation = 'b' AND target = 'c'",
+        1,
+        57,
+        "expected ';' or end of input after DELETE, found keyword AND",
+        None,
+    );
+}
+
+#[test]
+fn patch_statements() {
+    check(
+        "BEGIN 'p.vlp'",
+        1,
+        7,
+        "expected PATCH after BEGIN, found string \"p.vlp\"",
+        Some("BEGIN PATCH \"capitals.vlp\""),
+    );
+    check(
+        "BEGIN PATCH",
+        1,
+        12,
+        "expected a quoted patch path after BEGIN PATCH, found end of input",
+        Some("BEGIN PATCH \""),
+    );
+    check(
+        "SAVE",
+        1,
+        5,
+        "expected PATCH after SAVE, found end of input",
+        Some("it writes to the path given at BEGIN PATCH"),
+    );
+    check(
+        "SAVE PATCH 'p.vlp'",
+        1,
+        12,
+        "expected ';' or end of input after SAVE PATCH, found string \"p.vlp\"",
+        None,
+    );
+    check(
+        "APPLY PATCH p",
+        1,
+        13,
+        "expected a quoted patch path after APPLY PATCH, found identifier p",
+        Some("APPLY PATCH \"capitals.vlp\""),
+    );
+    check(
+        "REMOVE PATCHES 'p.vlp'",
+        1,
+        8,
+        "expected PATCH after REMOVE, found keyword PATCHES",
+        Some("did you mean PATCH?"),
+    );
+    check(
+        "DIFF",
+        1,
+        5,
+        "expected a quoted patch path after DIFF, found end of input",
+        Some("or DIFF \"a.vlp\" against the base"),
+    );
+    check(
+        "DIFF 'a' 'b' 'c'",
+        1,
+        14,
+        "expected ';' or end of input after DIFF, found string \"c\"",
+        None,
+    );
+    check(
+        "DIFF 'a' TO 'b'",
+        1,
+        10,
+        "expected ';' or end of input after DIFF, found keyword TO",
+        None,
+    );
+    check(
+        "SHOW PATCH",
+        1,
+        6,
+        "found keyword PATCH",
+        Some("did you mean PATCHES?"),
+    );
+}
+
+#[test]
+fn compile_targets_and_formats() {
+    check(
+        "COMPILE INTO MODEL 'x.gguf'",
+        1,
+        9,
+        "expected CURRENT after COMPILE, found keyword INTO",
+        Some("COMPILE CURRENT INTO MODEL \"edited.gguf\" FORMAT GGUF"),
+    );
+    check(
+        "COMPILE CURRENT MODEL 'x.gguf'",
+        1,
+        17,
+        "expected INTO after COMPILE CURRENT, found keyword MODEL",
+        Some("COMPILE CURRENT INTO"),
+    );
+    check(
+        "COMPILE CURRENT INTO MODELS 'x.gguf'",
+        1,
+        22,
+        "expected VINDEX, MODEL or ADAPTER after COMPILE CURRENT INTO, found keyword MODELS",
+        Some("did you mean MODEL?"),
+    );
+    check(
+        "COMPILE CURRENT INTO MODEL x",
+        1,
+        28,
+        "expected a quoted output path after INTO MODEL, found identifier x",
+        Some("COMPILE CURRENT INTO"),
+    );
+    for spelling in ["SAFETENSORS", "safetensors"] {
+        check(
+            &format!("COMPILE CURRENT INTO MODEL 'x' FORMAT {spelling}"),
+            1,
+            39,
+            "safetensors export is not supported yet",
+            Some("write FORMAT GGUF, or leave FORMAT out"),
+        );
+    }
+    check(
+        "COMPILE CURRENT INTO MODEL 'x' FORMAT GGFU",
+        1,
+        39,
+        "expected GGUF or SAFETENSORS after FORMAT, found identifier GGFU",
+        Some("did you mean GGUF?"),
+    );
+    check(
+        "COMPILE CURRENT INTO MODEL 'x' FORMAT",
+        1,
+        38,
+        "expected GGUF or SAFETENSORS after FORMAT, found end of input",
+        Some("FORMAT GGUF"),
+    );
+    check(
+        "COMPILE CURRENT INTO MODEL 'x' FORMAT GGUF FORMAT GGUF",
+        1,
+        44,
+        "FORMAT cannot come here: the optional clauses of COMPILE go in a fixed order",
+        Some("the order is: FORMAT GGUF"),
+    );
+    check(
+        "COMPILE CURRENT INTO ADAPTER 'x' FORMAT GGUF",
+        1,
+        34,
+        "FORMAT only applies to COMPILE CURRENT INTO MODEL",
+        Some("COMPILE CURRENT INTO MODEL"),
+    );
+    check(
+        "COMPILE CURRENT INTO VINDEX 'x' LAYERS 3",
+        1,
+        33,
+        "expected ';' or end of input after COMPILE, found keyword LAYERS",
+        None,
     );
 }
 

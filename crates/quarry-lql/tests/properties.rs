@@ -7,8 +7,9 @@
 
 use proptest::prelude::*;
 use quarry_lql::{
-    parse, CmpOp, DescribeScope, Detail, Expr, LayerRange, Literal, Nearest, OrderKey, Projection,
-    Select, ShowTarget, Source, Statement,
+    parse, CmpOp, CompileTarget, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange,
+    Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget,
+    Source, Statement,
 };
 
 /// Asserts that every statement of an accepted script prints to text that parses back to it.
@@ -64,6 +65,36 @@ const TOKENS: &[&str] = &[
     "BETWEEN",
     "IN",
     "LIKE",
+    "INSERT",
+    "INTO",
+    "VALUES",
+    "UPDATE",
+    "SET",
+    "DELETE",
+    "TEMPLATE",
+    "MODE",
+    "COMPOSE",
+    "BEGIN",
+    "SAVE",
+    "APPLY",
+    "REMOVE",
+    "PATCH",
+    "PATCHES",
+    "DIFF",
+    "COMPILE",
+    "CURRENT",
+    "VINDEX",
+    "MODEL",
+    "ADAPTER",
+    "FORMAT",
+    "GGUF",
+    "SAFETENSORS",
+    "entity",
+    "relation",
+    "target",
+    "\"{entity}\"",
+    "(entity, relation, target)",
+    "(\"e\", \"r\", \"t\")",
     "select",
     "walk",
     "score",
@@ -227,6 +258,81 @@ fn layer_range() -> impl Strategy<Value = LayerRange> {
     })
 }
 
+/// A `TEMPLATE`: text around exactly one `{entity}`.
+fn template() -> impl Strategy<Value = String> {
+    (text(), text())
+        .prop_map(|(before, after)| format!("{before}{{entity}}{after}"))
+        .prop_filter("one placeholder", |t| t.matches("{entity}").count() == 1)
+}
+
+fn edge_value() -> impl Strategy<Value = EdgeValue> {
+    (text(), text(), text()).prop_map(|(entity, relation, target)| EdgeValue {
+        entity,
+        relation,
+        target,
+    })
+}
+
+fn patch() -> impl Strategy<Value = PatchStatement> {
+    prop_oneof![
+        text().prop_map(|path| PatchStatement::Begin { path }),
+        Just(PatchStatement::Save),
+        text().prop_map(|path| PatchStatement::Apply { path }),
+        text().prop_map(|path| PatchStatement::Remove { path }),
+        (text(), prop::option::of(text())).prop_map(|(a, b)| PatchStatement::Diff { a, b }),
+    ]
+}
+
+fn compile_target() -> impl Strategy<Value = CompileTarget> {
+    prop::sample::select(
+        &[
+            CompileTarget::Vindex,
+            CompileTarget::Model { format: None },
+            CompileTarget::Model {
+                format: Some(ModelFormat::Gguf),
+            },
+            CompileTarget::Adapter,
+        ][..],
+    )
+}
+
+/// The statements that edit the model.
+fn edit() -> impl Strategy<Value = Statement> {
+    prop_oneof![
+        (
+            prop::collection::vec(edge_value(), 1..4),
+            prop::option::of(layer_range()),
+            prop::option::of(template()),
+            prop::sample::select(&[EditMode::Default, EditMode::Compose][..]),
+        )
+            .prop_map(|(edges, layers, template, mode)| Statement::Insert {
+                edges,
+                layers,
+                template,
+                mode
+            }),
+        (
+            text(),
+            text(),
+            text(),
+            prop::option::of(layer_range()),
+            prop::option::of(template())
+        )
+            .prop_map(
+                |(entity, relation, target, layers, template)| Statement::Update {
+                    entity,
+                    relation,
+                    target,
+                    layers,
+                    template
+                }
+            ),
+        (text(), text()).prop_map(|(entity, relation)| Statement::Delete { entity, relation }),
+        patch().prop_map(Statement::Patch),
+        (compile_target(), text()).prop_map(|(target, path)| Statement::Compile { target, path }),
+    ]
+}
+
 fn top() -> impl Strategy<Value = Option<u32>> {
     prop::option::of(any::<u32>())
 }
@@ -267,6 +373,7 @@ fn statement() -> impl Strategy<Value = Statement> {
         Just(ShowTarget::Relations),
         Just(ShowTarget::Entities),
         Just(ShowTarget::Models),
+        Just(ShowTarget::Patches),
     ];
     let scope = prop_oneof![
         Just(DescribeScope::Default),
@@ -327,6 +434,7 @@ fn statement() -> impl Strategy<Value = Statement> {
                 decompose,
                 layers
             }),
+        edit(),
     ]
 }
 

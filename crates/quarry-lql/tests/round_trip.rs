@@ -2,8 +2,9 @@
 //! and parses back to the same tree.
 
 use quarry_lql::{
-    parse, CmpOp, DescribeScope, Detail, Expr, LayerRange, Literal, Nearest, OrderKey, Projection,
-    Select, ShowTarget, Source, Statement,
+    parse, CmpOp, CompileTarget, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange,
+    Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget,
+    Source, Statement,
 };
 
 /// Parses `src` as one statement, checks that it equals `expected` and that its canonical form
@@ -52,6 +53,7 @@ fn show_every_target() {
         ("SHOW RELATIONS", ShowTarget::Relations),
         ("SHOW ENTITIES", ShowTarget::Entities),
         ("SHOW MODELS", ShowTarget::Models),
+        ("SHOW PATCHES", ShowTarget::Patches),
     ];
     for (src, target) in cases {
         assert_eq!(check(&src.to_lowercase(), &Statement::Show(target)), src);
@@ -247,6 +249,281 @@ fn select_every_combination() {
             }
         }
     }
+}
+
+/// The ways to write an edit's optional layer clause: source suffix and parsed value.
+fn edit_layer_options() -> [(&'static str, Option<LayerRange>); 4] {
+    [
+        ("", None),
+        (" AT LAYER 5", Some(LayerRange { first: 5, last: 5 })),
+        (" layers 3-17", Some(LayerRange { first: 3, last: 17 })),
+        (" LAYERS 9", Some(LayerRange { first: 9, last: 9 })),
+    ]
+}
+
+fn template_options() -> [(&'static str, Option<String>); 2] {
+    [
+        ("", None),
+        (
+            r#" template 'The capital of {entity} is'"#,
+            Some("The capital of {entity} is".into()),
+        ),
+    ]
+}
+
+fn edge(entity: &str, relation: &str, target: &str) -> EdgeValue {
+    EdgeValue {
+        entity: entity.into(),
+        relation: relation.into(),
+        target: target.into(),
+    }
+}
+
+#[test]
+fn insert_every_combination() {
+    let rows = [
+        (
+            r#"("France", "capital", "Lyon")"#,
+            vec![edge("France", "capital", "Lyon")],
+        ),
+        (
+            r#"('France','capital','Lyon'),("Japan" , "language", 'Korean')"#,
+            vec![
+                edge("France", "capital", "Lyon"),
+                edge("Japan", "language", "Korean"),
+            ],
+        ),
+    ];
+    let modes = [
+        ("", EditMode::Default),
+        (" mode compose", EditMode::Compose),
+    ];
+    for (rows_src, edges) in &rows {
+        for (layers_src, layers) in edit_layer_options() {
+            for (template_src, template) in template_options() {
+                for (mode_src, mode) in modes {
+                    let src = format!(
+                        "insert into edges (entity, relation, target) values \
+                         {rows_src}{layers_src}{template_src}{mode_src}"
+                    );
+                    let insert = Statement::Insert {
+                        edges: edges.clone(),
+                        layers,
+                        template: template.clone(),
+                        mode,
+                    };
+                    check(&src, &insert);
+                }
+            }
+        }
+    }
+    let insert = Statement::Insert {
+        edges: vec![edge("France", "capital", "Lyon"), edge("a\"b", "", "\n")],
+        layers: Some(LayerRange { first: 4, last: 4 }),
+        template: Some("Q: {entity}?".into()),
+        mode: EditMode::Compose,
+    };
+    assert_eq!(
+        check(
+            r#"INSERT INTO EDGES (entity,relation,target) VALUES ("France","capital","Lyon"),
+               ('a"b', '', '\n') AT LAYER 4 TEMPLATE 'Q: {entity}?' MODE COMPOSE"#,
+            &insert
+        ),
+        r#"INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Lyon"), ("a\"b", "", "\n") LAYERS 4 TEMPLATE "Q: {entity}?" MODE COMPOSE"#
+    );
+}
+
+#[test]
+fn update_every_combination() {
+    let keys = [
+        r#"entity = "France" and relation = 'capital'"#,
+        r#"relation = "capital" AND entity = "France""#,
+    ];
+    for key in keys {
+        for (layers_src, layers) in edit_layer_options() {
+            for (template_src, template) in template_options() {
+                let src = format!(
+                    r#"update edges set target = "Lyon" where {key}{layers_src}{template_src}"#
+                );
+                let update = Statement::Update {
+                    entity: "France".into(),
+                    relation: "capital".into(),
+                    target: "Lyon".into(),
+                    layers,
+                    template,
+                };
+                check(&src, &update);
+            }
+        }
+    }
+    let update = Statement::Update {
+        entity: "France".into(),
+        relation: "capital".into(),
+        target: "Lyon".into(),
+        layers: Some(LayerRange { first: 2, last: 6 }),
+        template: None,
+    };
+    assert_eq!(
+        check(
+            "UPDATE EDGES SET target='Lyon' WHERE relation='capital' AND entity='France' \
+             LAYERS 2-6",
+            &update
+        ),
+        r#"UPDATE EDGES SET target = "Lyon" WHERE entity = "France" AND relation = "capital" LAYERS 2-6"#
+    );
+}
+
+#[test]
+fn delete_either_condition_order() {
+    let delete = Statement::Delete {
+        entity: "France".into(),
+        relation: "capital".into(),
+    };
+    let canonical = r#"DELETE FROM EDGES WHERE entity = "France" AND relation = "capital""#;
+    assert_eq!(
+        check(
+            "delete from edges where entity = 'France' and relation = 'capital'",
+            &delete
+        ),
+        canonical
+    );
+    assert_eq!(
+        check(
+            "DELETE FROM EDGES WHERE relation = \"capital\" AND entity = \"France\"",
+            &delete
+        ),
+        canonical
+    );
+}
+
+#[test]
+fn patch_statements() {
+    let cases = [
+        (
+            "begin patch 'p.vlp'",
+            PatchStatement::Begin {
+                path: "p.vlp".into(),
+            },
+            r#"BEGIN PATCH "p.vlp""#,
+        ),
+        ("save patch", PatchStatement::Save, "SAVE PATCH"),
+        (
+            "Apply Patch \"dir/p.vlp\"",
+            PatchStatement::Apply {
+                path: "dir/p.vlp".into(),
+            },
+            r#"APPLY PATCH "dir/p.vlp""#,
+        ),
+        (
+            "REMOVE PATCH 'p.vlp'",
+            PatchStatement::Remove {
+                path: "p.vlp".into(),
+            },
+            r#"REMOVE PATCH "p.vlp""#,
+        ),
+        (
+            "diff 'a.vlp'",
+            PatchStatement::Diff {
+                a: "a.vlp".into(),
+                b: None,
+            },
+            r#"DIFF "a.vlp""#,
+        ),
+        (
+            "DIFF 'a.vlp' 'b.vlp'",
+            PatchStatement::Diff {
+                a: "a.vlp".into(),
+                b: Some("b.vlp".into()),
+            },
+            r#"DIFF "a.vlp" "b.vlp""#,
+        ),
+    ];
+    for (src, patch, canonical) in cases {
+        assert_eq!(check(src, &Statement::Patch(patch)), canonical);
+    }
+}
+
+#[test]
+fn compile_every_target() {
+    let cases = [
+        (
+            "compile current into vindex 'out.vindex'",
+            CompileTarget::Vindex,
+            "out.vindex",
+            r#"COMPILE CURRENT INTO VINDEX "out.vindex""#,
+        ),
+        (
+            "COMPILE CURRENT INTO MODEL 'out.gguf'",
+            CompileTarget::Model { format: None },
+            "out.gguf",
+            r#"COMPILE CURRENT INTO MODEL "out.gguf""#,
+        ),
+        (
+            "COMPILE CURRENT INTO MODEL 'out.gguf' format gguf",
+            CompileTarget::Model {
+                format: Some(ModelFormat::Gguf),
+            },
+            "out.gguf",
+            r#"COMPILE CURRENT INTO MODEL "out.gguf" FORMAT GGUF"#,
+        ),
+        (
+            "Compile Current Into Adapter \"out-lora.gguf\"",
+            CompileTarget::Adapter,
+            "out-lora.gguf",
+            r#"COMPILE CURRENT INTO ADAPTER "out-lora.gguf""#,
+        ),
+    ];
+    for (src, target, path, canonical) in cases {
+        let compile = Statement::Compile {
+            target,
+            path: path.into(),
+        };
+        assert_eq!(check(src, &compile), canonical);
+    }
+}
+
+#[test]
+fn editing_script() {
+    let script = "\
+        BEGIN PATCH 'capitals.vlp';\n\
+        INSERT INTO EDGES (entity, relation, target) VALUES ('France', 'capital', 'Lyon');\n\
+        DELETE FROM EDGES WHERE entity = 'Japan' AND relation = 'capital';\n\
+        SAVE PATCH;\n\
+        SHOW PATCHES\n";
+    let statements = parse(script).unwrap();
+    assert_eq!(
+        statements,
+        [
+            Statement::Patch(PatchStatement::Begin {
+                path: "capitals.vlp".into()
+            }),
+            Statement::Insert {
+                edges: vec![edge("France", "capital", "Lyon")],
+                layers: None,
+                template: None,
+                mode: EditMode::Default,
+            },
+            Statement::Delete {
+                entity: "Japan".into(),
+                relation: "capital".into(),
+            },
+            Statement::Patch(PatchStatement::Save),
+            Statement::Show(ShowTarget::Patches),
+        ]
+    );
+}
+
+#[test]
+fn insert_takes_up_to_the_row_limit() {
+    let rows = vec![r#"("e", "r", "t")"#; quarry_lql::MAX_INSERT_ROWS].join(", ");
+    let src = format!("INSERT INTO EDGES (entity, relation, target) VALUES {rows}");
+    let statements = parse(&src).unwrap();
+    let [Statement::Insert { edges, .. }] = &statements[..] else {
+        panic!("not one INSERT: {statements:?}");
+    };
+    assert_eq!(edges.len(), quarry_lql::MAX_INSERT_ROWS);
+    assert!(edges.iter().all(|e| *e == edge("e", "r", "t")));
+    assert_eq!(statements[0].to_string(), src);
 }
 
 #[test]

@@ -13,6 +13,10 @@ pub enum QueryError {
     NoVindex { statement: String },
     #[error("{statement}: {message}")]
     Invalid { statement: String, message: String },
+    /// A statement that parses but that this engine cannot run yet (the editing statements
+    /// of issue 15: INSERT, UPDATE, DELETE, patches, SHOW PATCHES and COMPILE).
+    #[error("{statement}: this statement is not available yet (editing, patches and COMPILE are not wired into the engine)")]
+    Unsupported { statement: String },
     // The sources are boxed: they are large, and every statement returns this error type.
     #[error("{statement}: {source}")]
     Vindex {

@@ -76,6 +76,15 @@ impl Executor {
         match statement {
             Statement::Use { path } => self.open(Path::new(path), &text),
             Statement::Show(ShowTarget::Models) => Ok(show_models()),
+            // Refused before the vindex check: they fail the same way with or without one.
+            Statement::Insert { .. }
+            | Statement::Update { .. }
+            | Statement::Delete { .. }
+            | Statement::Patch(_)
+            | Statement::Compile { .. }
+            | Statement::Show(ShowTarget::Patches) => {
+                Err(QueryError::Unsupported { statement: text })
+            }
             _ => {
                 let v = self.vindex.as_deref().ok_or(QueryError::NoVindex {
                     statement: text.clone(),
@@ -135,7 +144,12 @@ impl Executor {
                             trace(v, model, &prompt, target.as_deref(), decompose, layers)
                         })
                     }
-                    Statement::Use { .. } => unreachable!("handled above"),
+                    Statement::Use { .. }
+                    | Statement::Insert { .. }
+                    | Statement::Update { .. }
+                    | Statement::Delete { .. }
+                    | Statement::Patch(_)
+                    | Statement::Compile { .. } => unreachable!("handled above"),
                 }
             }
         }
@@ -320,6 +334,7 @@ fn show(v: &Vindex, target: ShowTarget) -> Result<ResultSet, String> {
         ShowTarget::Relations => Ok(show_relations(v)),
         ShowTarget::Entities => Ok(show_entities(v)),
         ShowTarget::Models => Ok(show_models()),
+        ShowTarget::Patches => unreachable!("refused in Executor::execute"),
     }
 }
 
