@@ -48,7 +48,7 @@ fn summary(samples: &[f64]) -> (f64, f64, f64) {
     (median, s[0], s[s.len() - 1])
 }
 
-fn prompt_tok_s(model: &Model<'_>, ids: &[u32]) -> Result<f64> {
+fn prompt_tok_s(model: &Model, ids: &[u32]) -> Result<f64> {
     let mut cache = model.new_cache(ids.len());
     let n = ids.len();
     let t = Instant::now();
@@ -56,7 +56,7 @@ fn prompt_tok_s(model: &Model<'_>, ids: &[u32]) -> Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-fn generate_tok_s(model: &Model<'_>, ids: &[u32]) -> Result<f64> {
+fn generate_tok_s(model: &Model, ids: &[u32]) -> Result<f64> {
     let mut cache = model.new_cache(ids.len());
     let t = Instant::now();
     for &id in ids {
@@ -68,7 +68,7 @@ fn generate_tok_s(model: &Model<'_>, ids: &[u32]) -> Result<f64> {
 
 /// Aggregate tok/s of `sequences` sequences stepping together through `ids` (sequence s
 /// reads `ids` shifted by s, so their tokens differ).
-fn batched_generate_tok_s(model: &Model<'_>, ids: &[u32], sequences: usize) -> Result<f64> {
+fn batched_generate_tok_s(model: &Model, ids: &[u32], sequences: usize) -> Result<f64> {
     let mut caches: Vec<_> = (0..sequences).map(|_| model.new_cache(ids.len())).collect();
     let vocab = model.config().vocab_size as u32;
     let t = Instant::now();
@@ -81,6 +81,7 @@ fn batched_generate_tok_s(model: &Model<'_>, ids: &[u32], sequences: usize) -> R
                 tokens: token,
                 cache,
                 rows: 0..1,
+                overlay: None,
             })
             .collect();
         model.forward_batch(&mut batch)?;
@@ -153,7 +154,7 @@ pub fn check_sizes(a: &BenchArgs, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-pub fn run(model: &Model<'_>, source: &str, bos: Option<u32>, a: &BenchArgs) -> Result<()> {
+pub fn run(model: &Model, source: &str, bos: Option<u32>, a: &BenchArgs) -> Result<()> {
     let vocab = model.config().vocab_size;
     // (test, tok/s samples, whether a step reads the weights for one token only)
     let mut rows = Vec::new();

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -20,9 +21,9 @@ use crate::{
 /// Largest default context: enough for chat, small enough that the KV cache stays modest.
 pub(crate) const DEFAULT_CTX_LIMIT: usize = 4096;
 
-pub(crate) fn open(model: &str) -> Result<GgufFile> {
+pub(crate) fn open(model: &str) -> Result<Arc<GgufFile>> {
     let path = models::resolve(model)?;
-    Ok(GgufFile::open(&path)?)
+    Ok(Arc::new(GgufFile::open(&path)?))
 }
 
 /// Checks `--threads` (default: one thread per physical core, like llama.cpp) and starts the
@@ -62,7 +63,7 @@ fn check_gen_args(g: &GenArgs) -> Result<()> {
 /// The context of a session (`--ctx`, default: the model's, at most [`DEFAULT_CTX_LIMIT`]),
 /// checked against the model's trained context and against memory for its KV cache and a
 /// forward pass over a prompt that fills it.
-fn context_size(g: &GenArgs, model: &Model<'_>) -> Result<usize> {
+fn context_size(g: &GenArgs, model: &Model) -> Result<usize> {
     let cfg = model.config();
     let ctx = match g.ctx {
         Some(ctx) => limits::context("--ctx", ctx, 2, cfg)?,
@@ -96,7 +97,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     init_threads(a.gen.threads)?;
     let t0 = Instant::now();
     let file = open(&a.model)?;
-    let model = Model::load(&file)?;
+    let model = Model::load(Arc::clone(&file))?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let load = t0.elapsed();
     let context = context_size(&a.gen, &model)?;
@@ -143,7 +144,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     init_threads(a.gen.threads)?;
     let t0 = Instant::now();
     let file = open(&a.model)?;
-    let model = Model::load(&file)?;
+    let model = Model::load(Arc::clone(&file))?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let template = ChatTemplate::from_gguf(&file, &tokenizer)?;
     let load = t0.elapsed();
@@ -214,7 +215,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         "a perplexity text",
     )?;
     let file = open(&a.model)?;
-    let model = Model::load(&file)?;
+    let model = Model::load(Arc::clone(&file))?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     // The window is evaluated whole, and its scored half projected a few rows at a time.
     let cfg = model.config();
@@ -293,7 +294,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
 
 pub fn info(a: InfoArgs) -> Result<()> {
     let file = open(&a.model)?;
-    let model = Model::load(&file)?;
+    let model = Model::load(Arc::clone(&file))?;
     let c = model.config();
     let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     let mut params = 0u64;
@@ -383,7 +384,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     crate::bench::check_args(&a)?;
     init_threads(a.threads)?;
     let file = open(&a.model)?;
-    let model = Model::load(&file)?;
+    let model = Model::load(Arc::clone(&file))?;
     crate::bench::check_sizes(&a, model.config())?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let bos = tokenizer.bos_id().filter(|_| tokenizer.add_bos());

@@ -4,6 +4,7 @@
 //! engine. A second Ctrl-C or SIGTERM exits at once.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -177,13 +178,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
     } else {
         (models::resolve(&a.model)?, None)
     };
-    // The server lives as long as the process: the file, model, tokenizer and template are
-    // leaked so that request handlers on any thread can borrow them.
-    let file: &'static GgufFile = Box::leak(Box::new(GgufFile::open(&model_path)?));
-    let model: &'static Model<'static> = Box::leak(Box::new(Model::load(file)?));
-    let tokenizer: &'static Tokenizer = Box::leak(Box::new(Tokenizer::from_gguf(file)?));
+    let model = Model::load(Arc::new(GgufFile::open(&model_path)?))?;
+    // The server lives as long as the process: the tokenizer and template are leaked so that
+    // request handlers on any thread can borrow them (the engine thread owns the model).
+    let tokenizer: &'static Tokenizer = Box::leak(Box::new(Tokenizer::from_gguf(model.file())?));
     let template: &'static ChatTemplate =
-        Box::leak(Box::new(ChatTemplate::from_gguf(file, tokenizer)?));
+        Box::leak(Box::new(ChatTemplate::from_gguf(model.file(), tokenizer)?));
     let cfg = model.config();
     let context = match a.ctx {
         Some(ctx) => limits::context("--ctx", ctx, 2, cfg)?,

@@ -5,8 +5,10 @@
 //! ([`PagedSequence`]) is a list of reference-counted blocks; it writes only into its last,
 //! partly filled block, which nobody else holds — blocks are shared only once full, and full
 //! blocks are never written again. When a block fills up, the engine registers it in the
-//! [`BlockPool`]'s prefix cache under a hash of every token up to its end; a later prompt that
-//! starts with the same tokens takes those blocks instead of recomputing them. Where the
+//! [`BlockPool`]'s prefix cache under a hash of every token up to its end and of the weights
+//! it was computed with (the version of the FFN overlay, 0 for none: a chain's first block
+//! has it as its parent); a later prompt that starts with the same tokens, under the same
+//! weights, takes those blocks instead of recomputing them. Where the
 //! prompt goes on to agree with only the beginning of a cached block (a shared system prompt
 //! or chat header is rarely a whole number of blocks), the agreeing positions are copied into
 //! the sequence's own first fresh block, so reuse is token-granular, as llama.cpp's prompt
@@ -77,6 +79,8 @@ pub struct PagedSequence {
     reserved: usize,
     /// Prefix-cache hashes of its full blocks, in order.
     hashes: Vec<u64>,
+    /// The parent of its first block: the version of the weights it is computed with.
+    root: u64,
 }
 
 impl PagedSequence {
@@ -168,7 +172,7 @@ impl PagedSequence {
 /// A full block in the prefix cache.
 #[derive(Debug)]
 struct CachedBlock {
-    /// Hash of everything before this block (0 for the first block).
+    /// Hash of everything before this block (for the first block, the weights' version).
     parent: u64,
     tokens: Vec<u32>,
     block: Arc<KvBlock>,
@@ -241,18 +245,20 @@ impl BlockPool {
     /// least its last token to evaluate: the run of cached full blocks that matches, then the
     /// positions of the cached block after them that agree longest with the prompt (copied).
     /// `None` when the pool cannot promise the blocks it may need beside those of the
-    /// sequences already admitted.
+    /// sequences already admitted. Only blocks computed under the same weights (`weights`:
+    /// the overlay's version, 0 for none) are reused.
     pub fn admit(
         &mut self,
         tokens: &[u32],
         limit: usize,
         capacity: usize,
+        weights: u64,
     ) -> Option<PagedSequence> {
         let bs = self.shape.block_size;
         let reserved = self.shape.blocks_for(limit.min(capacity));
         let mut blocks = Vec::new();
         let mut hashes = Vec::new();
-        let mut parent = 0;
+        let mut parent = weights;
         // The last prompt token is always evaluated: its logits choose the first new token.
         let reusable = &tokens[..tokens.len().saturating_sub(1)];
         for chunk in reusable.chunks_exact(bs) {
@@ -273,6 +279,7 @@ impl BlockPool {
             capacity,
             reserved,
             hashes,
+            root: weights,
         };
         let used = self.counts().used;
         if used + self.outstanding + sequence.outstanding() > self.total {
@@ -387,7 +394,7 @@ impl BlockPool {
         self.clock += 1;
         while sequence.hashes.len() < full {
             let i = sequence.hashes.len();
-            let parent = sequence.hashes.last().copied().unwrap_or(0);
+            let parent = sequence.hashes.last().copied().unwrap_or(sequence.root);
             let chunk = &tokens[i * bs..(i + 1) * bs];
             let hash = block_hash(parent, chunk);
             let clock = self.clock;
@@ -414,13 +421,13 @@ impl BlockPool {
     }
 }
 
-/// The prefix-cache key of a block: its tokens and the key of the block before it.
+/// The prefix-cache key of a block: its tokens and the key of the block before it (for the
+/// first block, the version of the weights).
 fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
     let mut h = DefaultHasher::new();
     parent.hash(&mut h);
     tokens.hash(&mut h);
-    // 0 marks "no parent"; keep it out of the range of real keys.
-    h.finish().max(1)
+    h.finish()
 }
 
 #[cfg(test)]
@@ -450,7 +457,7 @@ mod tests {
     /// Runs a sequence of `tokens` (admitted empty) through the cache: its full blocks stay
     /// cached after its release.
     fn cache_sequence(pool: &mut BlockPool, tokens: &[u32]) {
-        let mut seq = pool.admit(tokens, tokens.len(), 16).unwrap();
+        let mut seq = pool.admit(tokens, tokens.len(), 16, 0).unwrap();
         assert_eq!(seq.len(), 0);
         fill(&mut seq, pool, tokens.len());
         pool.register_full_blocks(&mut seq, tokens);
@@ -465,7 +472,7 @@ mod tests {
     #[test]
     fn writes_across_block_edges_read_back_per_block() {
         let mut pool = BlockPool::new(SHAPE, 8);
-        let mut seq = pool.admit(&[1; 3], 11, 16).unwrap();
+        let mut seq = pool.admit(&[1; 3], 11, 16, 0).unwrap();
         fill(&mut seq, &mut pool, 3);
         fill(&mut seq, &mut pool, 6);
         fill(&mut seq, &mut pool, 1);
@@ -500,13 +507,13 @@ mod tests {
     fn admission_reserves_what_a_sequence_may_need() {
         let mut pool = BlockPool::new(SHAPE, 5);
         // 2 + 2 blocks promised; a third sequence needing 2 more does not fit.
-        let a = pool.admit(&[1, 2], 8, 64).unwrap();
-        let b = pool.admit(&[3, 4], 7, 64).unwrap();
-        assert!(pool.admit(&[5, 6], 5, 64).is_none());
+        let a = pool.admit(&[1, 2], 8, 64, 0).unwrap();
+        let b = pool.admit(&[3, 4], 7, 64, 0).unwrap();
+        assert!(pool.admit(&[5, 6], 5, 64, 0).is_none());
         // One block fits; a limit beyond the context is cut to the context.
-        let c = pool.admit(&[5, 6], 100, 4).unwrap();
+        let c = pool.admit(&[5, 6], 100, 4, 0).unwrap();
         pool.release(a);
-        let d = pool.admit(&[5, 6], 5, 64).unwrap();
+        let d = pool.admit(&[5, 6], 5, 64, 0).unwrap();
         for s in [b, c, d] {
             pool.release(s);
         }
@@ -523,22 +530,53 @@ mod tests {
         assert_eq!(pool.counts().used, 0);
 
         // Same first 8 tokens: both blocks are shared, evaluation resumes at 8.
-        let mut second = pool.admit(&[0, 1, 2, 3, 4, 5, 6, 7, 99], 12, 16).unwrap();
+        let mut second = pool
+            .admit(&[0, 1, 2, 3, 4, 5, 6, 7, 99], 12, 16, 0)
+            .unwrap();
         assert_eq!(second.len(), 8);
         assert_eq!(second.keys(1, 4..8)[0], key(1, 4, 0));
         assert_eq!(pool.counts().used, 2);
         fill(&mut second, &mut pool, 1);
         // A prompt of exactly the cached 8 tokens shares only the first block and copies 3
         // positions of the second: its last token must be evaluated again.
-        let third = pool.admit(&tokens[..8], 8, 16).unwrap();
+        let third = pool.admit(&tokens[..8], 8, 16, 0).unwrap();
         assert_eq!(third.len(), 7);
         // A different second block is not shared.
-        let fourth = pool.admit(&[0, 1, 2, 3, 9, 9, 9, 9, 9], 9, 16).unwrap();
+        let fourth = pool.admit(&[0, 1, 2, 3, 9, 9, 9, 9, 9], 9, 16, 0).unwrap();
         assert_eq!(fourth.len(), 4);
         for s in [second, third, fourth] {
             pool.release(s);
         }
         assert_eq!(pool.counts().used, 0);
+    }
+
+    #[test]
+    fn blocks_are_reused_only_under_the_weights_they_were_computed_with() {
+        let mut pool = BlockPool::new(SHAPE, 8);
+        let tokens: Vec<u32> = (0..9).collect();
+        // Cached under overlay version 7.
+        let mut seq = pool.admit(&tokens, 9, 16, 7).unwrap();
+        fill(&mut seq, &mut pool, 9);
+        pool.register_full_blocks(&mut seq, &tokens);
+        pool.release(seq);
+        assert_eq!(pool.counts().cached, 2);
+        // Neither whole blocks nor a partial copy go to the base weights or another overlay.
+        for weights in [0, 8] {
+            let other = pool.admit(&tokens, 9, 16, weights).unwrap();
+            assert_eq!(other.len(), 0, "weights {weights}");
+            pool.release(other);
+        }
+        let same = pool.admit(&tokens, 9, 16, 7).unwrap();
+        assert_eq!(same.len(), 8);
+        assert_eq!(same.keys(1, 4..8)[0], key(1, 4, 0));
+        pool.release(same);
+        // A sequence admitted under 8 registers its blocks under 8, beside those of 7.
+        let mut eight = pool.admit(&tokens, 9, 16, 8).unwrap();
+        fill(&mut eight, &mut pool, 9);
+        pool.register_full_blocks(&mut eight, &tokens);
+        pool.release(eight);
+        assert_eq!(pool.counts().cached, 4);
+        assert_eq!(pool.admit(&tokens, 9, 16, 8).unwrap().len(), 8);
     }
 
     #[test]
@@ -548,7 +586,7 @@ mod tests {
         cache_sequence(&mut pool, &tokens);
 
         // Block 0 is shared, the 2 agreeing positions of block 1 are copied.
-        let mut second = pool.admit(&[0, 1, 2, 3, 4, 5, 99, 98], 12, 16).unwrap();
+        let mut second = pool.admit(&[0, 1, 2, 3, 4, 5, 99, 98], 12, 16, 0).unwrap();
         assert_eq!(second.len(), 6);
         for layer in 0..2 {
             for (j, pos) in (4..6).enumerate() {
@@ -564,11 +602,11 @@ mod tests {
         pool.grow(&mut second, 8);
         second.write(0, &[-1.0; 6], &[-2.0; 6]);
         assert_eq!(second.keys(0, 6..8), &[f16::from_f32(-1.0); 6]);
-        let third = pool.admit(&tokens[..9], 9, 16).unwrap();
+        let third = pool.admit(&tokens[..9], 9, 16, 0).unwrap();
         assert_eq!(third.len(), 8);
         assert_eq!(third.keys(0, 4..8), second_block_keys(0).as_slice());
         // Nothing agrees beyond the chain: no copy.
-        let fourth = pool.admit(&[0, 1, 2, 3, 50, 51], 6, 16).unwrap();
+        let fourth = pool.admit(&[0, 1, 2, 3, 50, 51], 6, 16, 0).unwrap();
         assert_eq!(fourth.len(), 4);
         for s in [second, third, fourth] {
             pool.release(s);
@@ -590,15 +628,15 @@ mod tests {
         cache_sequence(&mut pool, &tokens);
         assert_eq!((pool.counts().cached, pool.counts().free), (2, 0));
 
-        let second = pool.admit(&[0, 1, 2, 3, 4, 5, 77], 8, 16).unwrap();
+        let second = pool.admit(&[0, 1, 2, 3, 4, 5, 77], 8, 16, 0).unwrap();
         assert_eq!(second.len(), 6);
         assert_eq!(second.keys(1, 4..6), &second_block_keys(1)[..6]);
         assert_eq!((pool.counts().used, pool.counts().cached), (2, 0));
         // The block left the prefix cache with its data: only block 0 is shared now.
-        let third = pool.admit(&[0, 1, 2, 3, 9], 5, 16);
+        let third = pool.admit(&[0, 1, 2, 3, 9], 5, 16, 0);
         assert!(third.is_none(), "no block is left to promise");
         pool.release(second);
-        let third = pool.admit(&tokens, 8, 16).unwrap();
+        let third = pool.admit(&tokens, 8, 16, 0).unwrap();
         assert_eq!(third.len(), 4);
         pool.release(third);
     }
@@ -613,19 +651,21 @@ mod tests {
         // Touch the first prompt's first block, then grow a sequence into three blocks: one
         // never used, then the two least recently used cached ones (the first prompt's second
         // block, then the second prompt's second block).
-        let first = pool.admit(&[0, 1, 2, 3, 42], 5, 16).unwrap();
-        let mut fresh = pool.admit(&[7; 9], 12, 16).unwrap();
+        let first = pool.admit(&[0, 1, 2, 3, 42], 5, 16, 0).unwrap();
+        let mut fresh = pool.admit(&[7; 9], 12, 16, 0).unwrap();
         fill(&mut fresh, &mut pool, 12);
         assert_eq!(pool.counts().used, 4);
         assert_eq!(pool.counts().cached, 1);
         // The touched block survived.
         pool.release(fresh);
         pool.release(first);
-        let again = pool.admit(&[0, 1, 2, 3, 42], 5, 16).unwrap();
+        let again = pool.admit(&[0, 1, 2, 3, 42], 5, 16, 0).unwrap();
         assert_eq!(again.len(), 4);
         pool.release(again);
         // The second prompt lost its later block first.
-        let second = pool.admit(&(100..109).collect::<Vec<_>>(), 9, 16).unwrap();
+        let second = pool
+            .admit(&(100..109).collect::<Vec<_>>(), 9, 16, 0)
+            .unwrap();
         assert_eq!(second.len(), 4);
         pool.release(second);
     }

@@ -32,7 +32,7 @@ pub struct PerplexityReport {
 /// Computes perplexity over `tokens` in windows of `ctx`; `bos` replaces each window's first
 /// token when the model adds one. `on_chunk(done, total, running_ppl)` reports progress.
 pub fn perplexity(
-    model: &Model<'_>,
+    model: &Model,
     tokens: &[u32],
     ctx: usize,
     bos: Option<u32>,

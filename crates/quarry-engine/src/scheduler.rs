@@ -15,6 +15,12 @@
 //! 4. runs one forward pass over the whole batch (every weight matrix read once) and samples
 //!    the next token of every sequence whose prompt is complete.
 //!
+//! Edits: the engine holds a current [`FfnOverlay`] ([`EngineHandle::set_overlay`], swapped
+//! atomically). A request runs under the overlay current when it is admitted, to its end, so
+//! sequences in flight finish on the weights they started with while later ones see the new
+//! deltas; one batch mixes both. The prefix cache keys blocks by the overlay too, so no KV state
+//! computed under other weights is reused.
+//!
 //! A cancelled request stops at the next step boundary: at most one step (`step_tokens`
 //! prompt tokens plus one token per decoding sequence) runs after [`Cancel::cancel`], then its
 //! blocks are back in the pool. A sink that refuses an event cancels its request too.
@@ -28,9 +34,9 @@ use std::time::{Duration, Instant};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use quarry_model::{KvCache, Model, SequenceBatch};
+use quarry_model::{FfnOverlay, KvCache, Model, SequenceBatch};
 use quarry_tokenize::Tokenizer;
 
 use crate::paged_kv::{BlockPool, BlockShape, PagedSequence};
@@ -166,6 +172,10 @@ struct Shared {
     config: EngineConfig,
     stats: Mutex<EngineStats>,
     accepting: AtomicBool,
+    /// The model without overlay (overlays are checked against it).
+    model: Model,
+    /// The overlay requests are admitted under from now on.
+    overlay: RwLock<Option<Arc<FfnOverlay>>>,
 }
 
 struct Submission {
@@ -227,6 +237,39 @@ impl EngineHandle {
     pub fn config(&self) -> &EngineConfig {
         &self.shared.config
     }
+
+    /// Makes `overlay` (`None`: the base weights) the one requests admitted from now on run
+    /// under, and returns the one it replaces. Sequences already running keep theirs to the
+    /// end; requests still waiting get the new one. Fails, changing nothing, when the overlay
+    /// does not fit the model.
+    pub fn set_overlay(
+        &self,
+        overlay: Option<Arc<FfnOverlay>>,
+    ) -> Result<Option<Arc<FfnOverlay>>, EngineError> {
+        if let Some(o) = &overlay {
+            self.shared.model.check_overlay(o)?;
+        }
+        let mut current = self
+            .shared
+            .overlay
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(std::mem::replace(&mut *current, overlay))
+    }
+
+    /// The overlay requests are admitted under now.
+    pub fn overlay(&self) -> Option<Arc<FfnOverlay>> {
+        self.shared.current_overlay()
+    }
+}
+
+impl Shared {
+    fn current_overlay(&self) -> Option<Arc<FfnOverlay>> {
+        self.overlay
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// An admitted request.
@@ -239,6 +282,8 @@ struct Sequence<'t> {
     cached_tokens: usize,
     continuation: Continuation<'t>,
     first_token: Option<Instant>,
+    /// The deltas the sequence runs under, fixed at admission.
+    overlay: Option<Arc<FfnOverlay>>,
 }
 
 impl Sequence<'_> {
@@ -248,8 +293,9 @@ impl Sequence<'_> {
 }
 
 /// The scheduler and the state of every sequence; see the module docs.
-pub struct Engine<'m, 'a> {
-    model: &'m Model<'a>,
+pub struct Engine<'m> {
+    /// Without overlay: every sequence names its own.
+    model: Model,
     tokenizer: &'m Tokenizer,
     shared: Arc<Shared>,
     commands: Receiver<Submission>,
@@ -259,14 +305,15 @@ pub struct Engine<'m, 'a> {
     steps: u64,
 }
 
-impl<'m, 'a> Engine<'m, 'a> {
-    /// An engine over `model` and a handle to feed it. Fails when `config` is inconsistent
-    /// (a zero limit, or a memory bound that does not hold one full context).
+impl<'m> Engine<'m> {
+    /// An engine over `model` and a handle to feed it; the model's overlay, if any, is the
+    /// current one to begin with ([`EngineHandle::set_overlay`]). Fails when `config` is
+    /// inconsistent (a zero limit, or a memory bound that does not hold one full context).
     pub fn new(
-        model: &'m Model<'a>,
+        model: Model,
         tokenizer: &'m Tokenizer,
         mut config: EngineConfig,
-    ) -> Result<(Engine<'m, 'a>, EngineHandle), EngineError> {
+    ) -> Result<(Engine<'m>, EngineHandle), EngineError> {
         let invalid = |name, reason: String| Err(EngineError::InvalidArgument { name, reason });
         for (name, value) in [
             ("parallel", config.parallel),
@@ -303,10 +350,16 @@ impl<'m, 'a> Engine<'m, 'a> {
             );
         }
         let (commands, receiver) = mpsc::channel();
+        let overlay = model.overlay().cloned();
+        let model = model
+            .with_overlay(None)
+            .expect("the base weights need no check");
         let shared = Arc::new(Shared {
             config,
             stats: Mutex::new(EngineStats::default()),
             accepting: AtomicBool::new(true),
+            model: model.clone(),
+            overlay: RwLock::new(overlay),
         });
         let engine = Engine {
             model,
@@ -408,7 +461,10 @@ impl<'m, 'a> Engine<'m, 'a> {
             };
             let request = &front.request;
             let limit = request.prompt.len() + request.options.max_tokens;
-            let Some(cache) = self.pool.admit(&request.prompt, limit, context) else {
+            // Read once: the sequence keeps this overlay however often it is swapped.
+            let overlay = self.shared.current_overlay();
+            let weights = overlay.as_deref().map_or(0, FfnOverlay::version);
+            let Some(cache) = self.pool.admit(&request.prompt, limit, context, weights) else {
                 break;
             };
             let submission = self.waiting.pop_front().expect("front exists");
@@ -430,6 +486,7 @@ impl<'m, 'a> Engine<'m, 'a> {
                 continuation,
                 first_token: None,
                 submission,
+                overlay,
             });
         }
     }
@@ -466,6 +523,7 @@ impl<'m, 'a> Engine<'m, 'a> {
                 tokens: &seq.tokens[start..start + n],
                 cache: &mut seq.cache,
                 rows: if completes { n - 1..n } else { n..n },
+                overlay: seq.overlay.as_deref(),
             });
         }
         let result = self.model.forward_batch(&mut batch);

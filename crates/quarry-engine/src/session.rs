@@ -63,16 +63,16 @@ pub struct Generation {
 }
 
 /// A model, its tokenizer and a KV cache holding one sequence.
-pub struct Session<'m, 'a> {
-    model: &'m Model<'a>,
+pub struct Session<'m> {
+    model: &'m Model,
     tokenizer: &'m Tokenizer,
     cache: ContiguousKvCache,
     tokens: Vec<u32>,
 }
 
-impl<'m, 'a> Session<'m, 'a> {
+impl<'m> Session<'m> {
     /// A session whose context holds up to `context` tokens.
-    pub fn new(model: &'m Model<'a>, tokenizer: &'m Tokenizer, context: usize) -> Self {
+    pub fn new(model: &'m Model, tokenizer: &'m Tokenizer, context: usize) -> Self {
         Session {
             model,
             tokenizer,

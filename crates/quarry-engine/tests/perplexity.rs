@@ -2,6 +2,8 @@
 //! (`models.<m>.perplexity_ctx512["gcc12-noAMX"].ppl` in `fixtures/goldens/llamacpp.json`:
 //! llama-perplexity -c 512 -t 2, same text, same chunking).
 
+use std::sync::Arc;
+
 use quarry_engine::perplexity::perplexity;
 use quarry_fixtures::{model_goldens, model_path, perplexity_text, TestModel};
 use quarry_format::GgufFile;
@@ -9,9 +11,8 @@ use quarry_model::Model;
 use quarry_tokenize::Tokenizer;
 
 fn check(model: TestModel) {
-    let file = GgufFile::open(model_path(model)).unwrap();
-    let m = Model::load(&file).unwrap();
-    let tok = Tokenizer::from_gguf(&file).unwrap();
+    let m = Model::load(Arc::new(GgufFile::open(model_path(model)).unwrap())).unwrap();
+    let tok = Tokenizer::from_gguf(m.file()).unwrap();
     let tokens = tok.encode(&perplexity_text(), true, true);
     let bos = tok.bos_id().filter(|_| tok.add_bos());
     let golden = &model_goldens(model)["perplexity_ctx512"]["gcc12-noAMX"];

@@ -1,8 +1,9 @@
 //! The batching engine on SmolLM2-135M: concurrent requests give what a lone session gives,
 //! prompts share cached blocks, hung-up clients free their blocks, and a full cache makes
-//! requests wait or fail with a clear error instead of running out of memory.
+//! requests wait or fail with a clear error instead of running out of memory; a sequence keeps
+//! the FFN overlay it was admitted under, and the prefix cache never crosses overlays.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use quarry_engine::{
@@ -11,8 +12,15 @@ use quarry_engine::{
 };
 use quarry_fixtures::{model_path, TestModel};
 use quarry_format::GgufFile;
-use quarry_model::{Model, KV_BYTES_PER_VALUE};
+use quarry_model::{FfnOverlay, LowRank, Model, KV_BYTES_PER_VALUE};
 use quarry_tokenize::Tokenizer;
+
+fn smollm2() -> Model {
+    Model::load(Arc::new(
+        GgufFile::open(model_path(TestModel::SmolLm2)).unwrap(),
+    ))
+    .unwrap()
+}
 
 fn config() -> EngineConfig {
     EngineConfig {
@@ -55,10 +63,9 @@ struct Outcome {
 /// Runs an engine over SmolLM2 with `config` while `body` submits requests through the
 /// handle; returns when the body is done and the engine has drained.
 fn with_engine(config: EngineConfig, body: impl FnOnce(&EngineHandle, &Model, &Tokenizer)) {
-    let file = GgufFile::open(model_path(TestModel::SmolLm2)).unwrap();
-    let model = Model::load(&file).unwrap();
-    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
-    let (engine, handle) = Engine::new(&model, &tokenizer, config).unwrap();
+    let model = smollm2();
+    let tokenizer = Tokenizer::from_gguf(model.file()).unwrap();
+    let (engine, handle) = Engine::new(model.clone(), &tokenizer, config).unwrap();
     std::thread::scope(|s| {
         s.spawn(move || engine.run());
         body(&handle, &model, &tokenizer);
@@ -346,19 +353,18 @@ fn a_full_cache_makes_requests_wait_then_fail_after_the_queue_timeout() {
 
 #[test]
 fn bad_requests_and_configurations_are_refused_by_name() {
-    let file = GgufFile::open(model_path(TestModel::SmolLm2)).unwrap();
-    let model = Model::load(&file).unwrap();
-    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    let model = smollm2();
+    let tokenizer = Tokenizer::from_gguf(model.file()).unwrap();
     let small = EngineConfig {
         kv_bytes: 1 << 20,
         ..config()
     };
-    let Err(error) = Engine::new(&model, &tokenizer, small) else {
+    let Err(error) = Engine::new(model.clone(), &tokenizer, small) else {
         panic!("1 MiB of KV memory cannot hold a 512-token context");
     };
     assert!(error.to_string().contains("kv_bytes"), "{error}");
 
-    let (_engine, handle) = Engine::new(&model, &tokenizer, config()).unwrap();
+    let (_engine, handle) = Engine::new(model.clone(), &tokenizer, config()).unwrap();
     let refuse = |r: Request| handle.submit(r, Box::new(|_| true)).unwrap_err();
     assert!(matches!(
         refuse(request(vec![], 4)),
@@ -392,4 +398,131 @@ fn a_request_past_its_deadline_fails_with_a_timeout() {
         assert!(error.contains("deadline"), "{error}");
         assert!(outcome.tokens.len() < 400);
     });
+}
+
+/// Rank-4 deltas on the down projections of layers 6..24, pseudo-random in ±`scale` (another
+/// draw per `seed`). At scale 0.2, seeds 2 and 3 change the greedy continuation of the prompt
+/// below while every step's top-1 logit stays ≥ 0.48 above the runner-up, so the rounding
+/// differences between batched, cached and lone evaluation cannot flip a token.
+fn overlay(model: &Model, seed: u64, scale: f32) -> Arc<FfnOverlay> {
+    let c = model.config();
+    let (d, ff, rank) = (c.d_model, c.ff_dim, 4);
+    let mut state = seed;
+    let mut values = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+            })
+            .collect()
+    };
+    let deltas: Vec<_> = (6..24)
+        .map(|layer| {
+            let a = values(rank * ff);
+            let b = values(d * rank);
+            (layer, LowRank::new(d, ff, rank, a, b).unwrap())
+        })
+        .collect();
+    Arc::new(FfnOverlay::new(c.n_layers, deltas))
+}
+
+#[test]
+fn a_sequence_keeps_the_overlay_it_was_admitted_under() {
+    with_engine(config(), |handle, model, tokenizer| {
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(8);
+        let prompt = tokenizer.encode(&text, true, true);
+        assert!(prompt.len() > 65, "{} tokens: one full block", prompt.len());
+        let (x, y) = (overlay(model, 2, 0.2), overlay(model, 3, 0.2));
+        let mut long = request(prompt.clone(), 12);
+        long.options.stop_at_eog = false;
+        let alone = |overlay: Option<&Arc<FfnOverlay>>| {
+            let m = model.with_overlay(overlay.cloned()).unwrap();
+            let mut session = Session::new(&m, tokenizer, 512);
+            session
+                .generate(&prompt, &long.options, |_| {})
+                .unwrap()
+                .tokens
+        };
+        let (base, under_x, under_y) = (alone(None), alone(Some(&x)), alone(Some(&y)));
+        assert_ne!(under_x, base, "the overlay changes the greedy continuation");
+        assert_ne!(under_x, under_y);
+
+        // A starts under X; once it is generating, Y becomes current and B is submitted.
+        assert!(handle.set_overlay(Some(Arc::clone(&x))).unwrap().is_none());
+        let (tx, rx) = mpsc::channel();
+        let mut tokens = [vec![], vec![]];
+        for (i, r) in [(0, long.clone()), (1, long.clone())] {
+            if i == 1 {
+                // Wait for A's first token: it is in flight.
+                let first = rx.recv().unwrap();
+                let (0, Event::Token { id, .. }) = first else {
+                    panic!("{first:?}");
+                };
+                tokens[0].push(id);
+                let previous = handle.set_overlay(Some(Arc::clone(&y))).unwrap();
+                assert_eq!(previous.unwrap().version(), x.version());
+            }
+            let tx = tx.clone();
+            handle
+                .submit(r, Box::new(move |e| tx.send((i, e)).is_ok()))
+                .unwrap();
+        }
+        drop(tx);
+        let mut cached = [None, None];
+        for (i, event) in rx {
+            match event {
+                Event::Token { id, .. } => tokens[i].push(id),
+                Event::Done { usage, .. } => cached[i] = Some(usage.cached_tokens),
+                Event::Failed(e) => panic!("request {i}: {e}"),
+            }
+        }
+        assert_eq!(
+            tokens[0], under_x,
+            "A finishes on the overlay it started with"
+        );
+        assert_eq!(
+            tokens[1], under_y,
+            "B runs on the overlay current at its admission"
+        );
+        // A's prompt blocks were cached under X before B came: B, under Y, reused none.
+        assert_eq!(cached, [Some(0), Some(0)]);
+
+        // The same prompt under Y again reuses the blocks B computed, and gets what B got.
+        let again = run_all(handle, vec![long.clone()]).pop().unwrap();
+        let (_, usage) = again.end.unwrap().unwrap();
+        assert_eq!(usage.cached_tokens, (prompt.len() - 1) / 64 * 64);
+        assert_eq!(again.tokens, under_y);
+        // Back to the base weights: no reuse of either overlay's blocks.
+        handle.set_overlay(None).unwrap();
+        let base_run = run_all(handle, vec![long.clone()]).pop().unwrap();
+        let (_, usage) = base_run.end.unwrap().unwrap();
+        assert_eq!(usage.cached_tokens, 0);
+        assert_eq!(base_run.tokens, base);
+    });
+}
+
+#[test]
+fn an_overlay_that_does_not_fit_is_refused_and_changes_nothing() {
+    let model = smollm2();
+    let tokenizer = Tokenizer::from_gguf(model.file()).unwrap();
+    let (_engine, handle) = Engine::new(model.clone(), &tokenizer, config()).unwrap();
+    let c = model.config();
+    let wrong = LowRank::new(
+        c.d_model + 1,
+        c.ff_dim,
+        1,
+        vec![0.0; c.ff_dim],
+        vec![0.0; c.d_model + 1],
+    );
+    let bad = Arc::new(FfnOverlay::new(c.n_layers, [(3, wrong.unwrap())]));
+    let error = handle.set_overlay(Some(bad)).unwrap_err().to_string();
+    assert!(error.contains("layer 3"), "{error}");
+    assert!(handle.overlay().is_none());
+    // A model with an overlay starts the engine under it.
+    let x = overlay(&model, 2, 0.2);
+    let edited = model.with_overlay(Some(Arc::clone(&x))).unwrap();
+    let (_engine, handle) = Engine::new(edited, &tokenizer, config()).unwrap();
+    assert_eq!(handle.overlay().unwrap().version(), x.version());
 }

@@ -1,4 +1,4 @@
-//! Weights borrowed from a GGUF file and the one forward pass every family shares.
+//! A model's weights, held over its GGUF file, and the one forward pass every family shares.
 //!
 //! Matrices stay in their quantized blocks inside the memory map ([`WeightView`]), plus, where
 //! the decode kernel reads a layout of its own, one repacked copy made at load ([`Matrix`]);
@@ -7,28 +7,53 @@
 //! several sequences' prompt chunks and decode tokens when serving — so every weight matrix is
 //! read once per call whatever the batch size. Only RoPE, the KV cache writes and attention
 //! look at which sequence a token belongs to.
+//!
+//! A [`Model`] owns what it reads: the file (an `Arc`, so the map lives as long as any model
+//! over it) and the copies made at load, behind one more `Arc`, so a clone is cheap and the
+//! value can be handed to other threads. The FFN down projections may be read through an
+//! [`FfnOverlay`] of low-rank deltas (edits): per sequence of a batch
+//! ([`SequenceBatch::overlay`]), or by default for a whole model value ([`Model::with_overlay`]).
 
 use quarry_format::{GgufFile, TensorView};
 use quarry_kernels::{
     matmul_quantized, matmul_quantized_many, Matrix, QuantizedActivations, WeightView,
 };
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::attention::{attend, AttentionSpec, SequenceAttention};
 use crate::config::ModelConfig;
 use crate::kv_cache::{ContiguousKvCache, KvCache};
 use crate::ops::{gated_activation, rms_norm, rotate_each, softcap, Rope, RopeTable};
+use crate::overlay::FfnOverlay;
 use crate::ModelError;
 
-/// A loaded model: configuration plus weights borrowed from `'a`'s memory map.
-pub struct Model<'a> {
+/// A loaded model: configuration, weights, and the overlay its sequences run under unless
+/// they name their own. Cloning shares the weights (an `Arc`); [`Model::with_overlay`] gives a
+/// clone over other deltas.
+#[derive(Clone)]
+pub struct Model {
+    weights: Arc<Loaded>,
+    overlay: Option<Arc<FfnOverlay>>,
+}
+
+/// What [`Model::load`] builds over a file, shared by every clone of the model.
+///
+/// The views have the `'static` lifetime but really borrow `file`: a GGUF file's bytes (its
+/// memory map, or the heap buffer of one read into memory) never move or change while the
+/// `GgufFile` lives, and the `Arc` keeps it alive as long as this value. So the views are
+/// valid for as long as `Loaded` exists; they never leave it with that lifetime (every
+/// accessor ties what it returns to `&self`).
+struct Loaded {
     config: ModelConfig,
-    token_embd: WeightView<'a>,
-    output: Matrix<'a>,
+    token_embd: WeightView<'static>,
+    output: Matrix<'static>,
     output_norm: Vec<f32>,
-    layers: Vec<Layer<'a>>,
+    layers: Vec<Layer<'static>>,
     rope_global: Rope,
     rope_local: Rope,
+    /// Declared last, so dropped after the views into it.
+    file: Arc<GgufFile>,
 }
 
 /// Sees the inside of a forward pass (for tracing and attribution). Every slice holds one
@@ -56,6 +81,10 @@ pub struct SequenceBatch<'t, 'c, C> {
     pub cache: &'c mut C,
     /// Indices within `tokens` of the rows whose logits are returned.
     pub rows: Range<usize>,
+    /// The deltas this sequence's FFN down projections are read with; `None`: the model's
+    /// own ([`Model::overlay`]), so a batch that mixes base weights with overlays runs on a
+    /// model without one. A sequence's cache must have been filled under the same overlay.
+    pub overlay: Option<&'t FfnOverlay>,
 }
 
 impl ForwardObserver for NoObserver {}
@@ -102,20 +131,25 @@ struct Layer<'a> {
     post_ffn_norm: Option<Vec<f32>>,
 }
 
-impl<'a> Model<'a> {
+impl Model {
     /// Builds a model over `file`'s tensors, checking every shape against the configuration.
-    pub fn load(file: &'a GgufFile) -> Result<Model<'a>, ModelError> {
-        let config = ModelConfig::from_gguf(file)?;
+    /// The model keeps the file open (and mapped) for as long as it or a clone lives.
+    pub fn load(file: Arc<GgufFile>) -> Result<Model, ModelError> {
+        // SAFETY: the views made from this reference are stored in `Loaded` beside `file`, an
+        // `Arc` of the same `GgufFile`, which keeps it alive (and its bytes in place) for as
+        // long as they exist; see `Loaded`.
+        let bytes: &'static GgufFile = unsafe { &*Arc::as_ptr(&file) };
+        let config = ModelConfig::from_gguf(bytes)?;
         let (d, q, kv, ff) = (
             config.d_model,
             config.q_dim(),
             config.kv_dim(),
             config.ff_dim,
         );
-        let weights = Weights { file };
+        let weights = Weights { file: bytes };
         let token_embd = weights.matrix("token_embd.weight", config.vocab_size, d)?;
         // Tied embeddings: without an output matrix the embedding doubles as the head.
-        let output = match file.tensor("output.weight") {
+        let output = match bytes.tensor("output.weight") {
             Ok(_) => weights.matrix("output.weight", config.vocab_size, d)?,
             Err(_) => token_embd,
         };
@@ -152,7 +186,7 @@ impl<'a> Model<'a> {
             config.rope_base_local,
             1.0,
         );
-        Ok(Model {
+        let loaded = Loaded {
             output_norm: weights.vector("output_norm.weight", d)?,
             config,
             token_embd,
@@ -160,32 +194,92 @@ impl<'a> Model<'a> {
             layers,
             rope_global,
             rope_local,
+            file,
+        };
+        Ok(Model {
+            weights: Arc::new(loaded),
+            overlay: None,
         })
     }
 
+    /// This model over the same weights with `overlay` (`None`: none) as the deltas of every
+    /// sequence that does not name its own; a cheap clone. Fails when the overlay does not
+    /// fit the model ([`Model::check_overlay`]).
+    pub fn with_overlay(&self, overlay: Option<Arc<FfnOverlay>>) -> Result<Model, ModelError> {
+        if let Some(o) = &overlay {
+            self.check_overlay(o)?;
+        }
+        Ok(Model {
+            weights: Arc::clone(&self.weights),
+            overlay,
+        })
+    }
+
+    /// The overlay sequences run under unless they name their own.
+    pub fn overlay(&self) -> Option<&Arc<FfnOverlay>> {
+        self.overlay.as_ref()
+    }
+
+    /// Checks that every delta of `overlay` belongs to a layer of this model and has the
+    /// shape of its down projection (`d_model × ff_dim`, factors of the stated rank).
+    pub fn check_overlay(&self, overlay: &FfnOverlay) -> Result<(), ModelError> {
+        let cfg = self.config();
+        for (layer, delta) in overlay.deltas() {
+            let reason = if layer >= cfg.n_layers {
+                format!("the model has only {} layers", cfg.n_layers)
+            } else if (delta.rows, delta.cols) != (cfg.d_model, cfg.ff_dim) {
+                format!(
+                    "the delta is {} × {} but the down projection is {} × {}",
+                    delta.rows, delta.cols, cfg.d_model, cfg.ff_dim
+                )
+            } else if delta.rank == 0
+                || delta.a.len() != delta.rank * delta.cols
+                || delta.b.len() != delta.rows * delta.rank
+            {
+                format!(
+                    "factors of {} and {} values do not make a rank-{} delta of {} × {}",
+                    delta.a.len(),
+                    delta.b.len(),
+                    delta.rank,
+                    delta.rows,
+                    delta.cols
+                )
+            } else {
+                continue;
+            };
+            return Err(ModelError::BadOverlay { layer, reason });
+        }
+        Ok(())
+    }
+
     pub fn config(&self) -> &ModelConfig {
-        &self.config
+        &self.weights.config
+    }
+
+    /// The file the model was loaded from (its metadata holds the tokenizer, for one).
+    pub fn file(&self) -> &GgufFile {
+        &self.weights.file
     }
 
     /// The token embedding matrix (`vocab_size × d_model`, before `embed_scale`).
-    pub fn token_embeddings(&self) -> WeightView<'a> {
-        self.token_embd
+    pub fn token_embeddings(&self) -> WeightView<'_> {
+        self.weights.token_embd
     }
 
     /// The output head (`vocab_size × d_model`; the embedding matrix when tied).
-    pub fn output_head(&self) -> WeightView<'a> {
-        self.output.view()
+    pub fn output_head(&self) -> WeightView<'_> {
+        self.weights.output.view()
     }
 
     /// The gains of the final norm, applied before the output head.
     pub fn output_norm(&self) -> &[f32] {
-        &self.output_norm
+        &self.weights.output_norm
     }
 
-    /// The FFN weights of layer `layer` (for tools that read the model as data). Panics if
-    /// `layer >= n_layers`.
-    pub fn ffn_weights(&self, layer: usize) -> FfnWeights<'_, 'a> {
-        let l = &self.layers[layer];
+    /// The FFN weights of layer `layer` as stored (for tools that read the model as data;
+    /// the overlay is not part of them). Panics if `layer >= n_layers`.
+    pub fn ffn_weights(&self, layer: usize) -> FfnWeights<'_, '_> {
+        let l = &self.weights.layers[layer];
         FfnWeights {
             norm: &l.ffn_norm,
             gate: l.gate.view(),
@@ -196,8 +290,8 @@ impl<'a> Model<'a> {
     }
 
     /// The attention weights of layer `layer`. Panics if `layer >= n_layers`.
-    pub fn attention_weights(&self, layer: usize) -> AttentionWeights<'_, 'a> {
-        let l = &self.layers[layer];
+    pub fn attention_weights(&self, layer: usize) -> AttentionWeights<'_, '_> {
+        let l = &self.weights.layers[layer];
         AttentionWeights {
             norm: &l.attn_norm,
             wq: l.wq.view(),
@@ -213,22 +307,25 @@ impl<'a> Model<'a> {
     /// Bytes of weight data one decode step reads: every layer matrix and the output head (the
     /// embedding lookup reads a single row, and norm vectors are negligible).
     pub fn weight_bytes_per_token(&self) -> usize {
-        let layers: usize = self
+        let w = &self.weights;
+        let layers: usize = w
             .layers
             .iter()
             .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
             .map(|w| w.view().data().len())
             .sum();
-        layers + self.output.view().data().len()
+        layers + w.output.view().data().len()
     }
 
     /// A contiguous KV cache for up to `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> ContiguousKvCache {
-        ContiguousKvCache::new(self.config.n_layers, self.config.kv_dim(), capacity)
+        let cfg = self.config();
+        ContiguousKvCache::new(cfg.n_layers, cfg.kv_dim(), capacity)
     }
 
-    /// Runs `tokens` (placed after what `cache` holds) through the model and returns the logits
-    /// of the tokens whose indices within `tokens` lie in `rows`, `vocab_size` floats each.
+    /// Runs `tokens` (placed after what `cache` holds) through the model, under its overlay,
+    /// and returns the logits of the tokens whose indices within `tokens` lie in `rows`,
+    /// `vocab_size` floats each.
     pub fn forward<C: KvCache + Sync>(
         &self,
         tokens: &[u32],
@@ -264,13 +361,15 @@ impl<'a> Model<'a> {
                 tokens,
                 cache,
                 rows,
+                overlay: None,
             }],
             observer,
         )
     }
 
-    /// Runs the tokens of several sequences, each after what its own cache holds, as one
-    /// batch; returns the logits of every sequence's selected rows, in order.
+    /// Runs the tokens of several sequences, each after what its own cache holds and under
+    /// its own overlay (or the model's), as one batch; returns the logits of every
+    /// sequence's selected rows, in order.
     ///
     /// Sequences at the front of the batch with a single token are decode steps: their
     /// products, like every selected row's output head, use 8-bit activations; every later
@@ -281,8 +380,8 @@ impl<'a> Model<'a> {
         batch: &mut [SequenceBatch<'_, '_, C>],
     ) -> Result<Vec<f32>, ModelError> {
         let hidden = self.run(batch, &mut NoObserver)?;
-        let rows = hidden.len() / self.config.d_model;
-        Ok(self.project(&hidden, rows))
+        let rows = hidden.len() / self.config().d_model;
+        Ok(self.weights.project(&hidden, rows))
     }
 
     fn run<C: KvCache + Sync>(
@@ -290,8 +389,12 @@ impl<'a> Model<'a> {
         batch: &mut [SequenceBatch<'_, '_, C>],
         observer: &mut dyn ForwardObserver,
     ) -> Result<Vec<f32>, ModelError> {
-        let cfg = &self.config;
+        let w = &*self.weights;
+        let cfg = &w.config;
         let mut plans = Vec::with_capacity(batch.len());
+        // Runs of consecutive sequences under the same overlay: each gets one product per
+        // edited layer.
+        let mut overlays: Vec<(Range<usize>, &FfnOverlay)> = Vec::new();
         let mut n = 0;
         for seq in batch.iter() {
             let (len, start) = (seq.tokens.len(), seq.cache.len());
@@ -307,11 +410,22 @@ impl<'a> Model<'a> {
                 "rows {:?} outside a batch of {len}",
                 seq.rows
             );
+            if let Some(overlay) = seq.overlay.or(self.overlay.as_deref()) {
+                match overlays.last_mut() {
+                    Some((rows, last)) if rows.end == n && last.version() == overlay.version() => {
+                        rows.end += len
+                    }
+                    _ => {
+                        self.check_overlay(overlay)?;
+                        overlays.push((n..n + len, overlay));
+                    }
+                }
+            }
             plans.push(SequencePlan {
                 start,
                 rows: n..n + len,
-                rope_global: self.rope_global.table(start, len),
-                rope_local: self.rope_local.table(start, len),
+                rope_global: w.rope_global.table(start, len),
+                rope_local: w.rope_local.table(start, len),
             });
             n += len;
         }
@@ -325,7 +439,7 @@ impl<'a> Model<'a> {
                     vocab: cfg.vocab_size,
                 });
             }
-            self.token_embd.dequantize_row(id as usize, row);
+            w.token_embd.dequantize_row(id as usize, row);
             if cfg.embed_scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= cfg.embed_scale);
             }
@@ -337,10 +451,10 @@ impl<'a> Model<'a> {
             .map(|s| s.tokens.len())
             .collect();
         observer.embeddings(&x);
-        for (index, layer) in self.layers.iter().enumerate() {
-            self.attention_block(index, layer, &mut x, batch, &plans, &mut scratch);
+        for (index, layer) in w.layers.iter().enumerate() {
+            w.attention_block(index, layer, &mut x, batch, &plans, &mut scratch);
             observer.attention_output(index, &scratch.norm);
-            self.ffn_block(index, layer, &mut x, &mut scratch, observer);
+            w.ffn_block(index, layer, &mut x, &mut scratch, &overlays, observer);
         }
         observer.final_residual(&x);
         let mut hidden = Vec::new();
@@ -349,16 +463,18 @@ impl<'a> Model<'a> {
             let first = plan.rows.start;
             hidden.extend_from_slice(&x[(first + seq.rows.start) * d..(first + seq.rows.end) * d]);
         }
-        rms_norm(&mut hidden, &self.output_norm, cfg.norm_eps);
+        rms_norm(&mut hidden, &w.output_norm, cfg.norm_eps);
         Ok(hidden)
     }
 
     /// Projects final hidden states (from [`Model::forward_hidden`]) onto the vocabulary.
     pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
-        let n = hidden.len() / self.config.d_model;
-        self.project(hidden, usize::from(n == 1))
+        let n = hidden.len() / self.config().d_model;
+        self.weights.project(hidden, usize::from(n == 1))
     }
+}
 
+impl Loaded {
     /// [`Model::logits`] with the first `decode_rows` rows projected as decode steps are.
     fn project(&self, hidden: &[f32], decode_rows: usize) -> Vec<f32> {
         let n = hidden.len() / self.config.d_model;
@@ -375,7 +491,7 @@ impl<'a> Model<'a> {
     fn attention_block<C: KvCache + Sync>(
         &self,
         index: usize,
-        layer: &Layer<'a>,
+        layer: &Layer<'static>,
         x: &mut [f32],
         batch: &mut [SequenceBatch<'_, '_, C>],
         plans: &[SequencePlan<'_>],
@@ -451,9 +567,10 @@ impl<'a> Model<'a> {
     fn ffn_block(
         &self,
         index: usize,
-        layer: &Layer<'a>,
+        layer: &Layer<'static>,
         x: &mut [f32],
         s: &mut Scratch,
+        overlays: &[(Range<usize>, &FfnOverlay)],
         observer: &mut dyn ForwardObserver,
     ) {
         let cfg = &self.config;
@@ -468,6 +585,16 @@ impl<'a> Model<'a> {
         observer.ffn_activations(index, &s.norm, &s.gate);
         let hidden = s.activations(&s.gate, cfg.ff_dim);
         matmul_quantized(&layer.down, &hidden, &mut s.norm);
+        // The overlay adds to the projection itself, so the post-FFN norm sees W + B·A.
+        let (ff, d) = (cfg.ff_dim, cfg.d_model);
+        for (rows, overlay) in overlays {
+            if let Some(delta) = overlay.layer(index) {
+                delta.apply(
+                    &s.gate[rows.start * ff..rows.end * ff],
+                    &mut s.norm[rows.start * d..rows.end * d],
+                );
+            }
+        }
         if let Some(w) = &layer.post_ffn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
         }

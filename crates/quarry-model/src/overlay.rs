@@ -12,6 +12,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use quarry_kernels::pool;
+use quarry_kernels::vec::dot_rows;
+
 /// One layer's `ΔW = B·A`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LowRank {
@@ -38,17 +41,51 @@ impl LowRank {
         })
     }
 
-    /// Adds `B·(A·h)` to `out` for one row (`h`: `cols` values, `out`: `rows`).
+    /// Adds `B·(A·h)` to `out` for every row of `h` (`n` rows of `cols` values; `out`: `n`
+    /// rows of `rows` values): two small products per block of rows (`A` times the rows,
+    /// then `B` times those `rank` values per row), blocks spread over the kernel thread pool.
+    /// Both products are [`dot_rows`], whose every dot product is summed in the same order
+    /// whatever else shares its call, so a row's result does not depend on the rows beside
+    /// it: a sequence gets the same logits alone or in any batch.
+    ///
+    /// Panics if `h` and `out` do not hold the same number of whole rows.
     pub fn apply(&self, h: &[f32], out: &mut [f32]) {
-        debug_assert_eq!(h.len(), self.cols);
-        debug_assert_eq!(out.len(), self.rows);
-        let t: Vec<f32> = self
-            .a
-            .chunks_exact(self.cols)
-            .map(|a| a.iter().zip(h).map(|(x, y)| x * y).sum())
-            .collect();
-        for (o, b) in out.iter_mut().zip(self.b.chunks_exact(self.rank)) {
-            *o += b.iter().zip(&t).map(|(x, y)| x * y).sum::<f32>();
+        let n = h.len() / self.cols.max(1);
+        assert!(
+            h.len() == n * self.cols && out.len() == n * self.rows,
+            "LowRank::apply: {} activations and {} outputs are not rows of {} and {}",
+            h.len(),
+            out.len(),
+            self.cols,
+            self.rows
+        );
+        // Enough rows per task to amortize the dispatch over reading A and B.
+        const BLOCK: usize = 16;
+        let block = |i: usize, out: &mut [f32]| {
+            let m = out.len() / self.rows;
+            let h = &h[i * BLOCK * self.cols..(i * BLOCK + m) * self.cols];
+            // a_h[k · m + j] = A_k · h_j, then per row j its `rank` values side by side.
+            let mut a_h = vec![0.0f32; self.rank * m];
+            dot_rows(&self.a, h, self.cols, self.cols, &mut a_h);
+            let mut t = vec![0.0f32; m * self.rank];
+            for (k, column) in a_h.chunks_exact(m).enumerate() {
+                for (j, &v) in column.iter().enumerate() {
+                    t[j * self.rank + k] = v;
+                }
+            }
+            // delta[r · m + j] = B_r · t_j.
+            let mut delta = vec![0.0f32; self.rows * m];
+            dot_rows(&self.b, &t, self.rank, self.rank, &mut delta);
+            for (j, row) in out.chunks_exact_mut(self.rows).enumerate() {
+                for (r, o) in row.iter_mut().enumerate() {
+                    *o += delta[r * m + j];
+                }
+            }
+        };
+        if n <= BLOCK {
+            block(0, out);
+        } else {
+            pool::global().for_each_chunk_mut(out, BLOCK * self.rows, &block);
         }
     }
 
@@ -130,6 +167,35 @@ mod tests {
             assert!((o - expected).abs() < 1e-5, "row {r}: {o} vs {expected}");
         }
         assert!(LowRank::new(rows, cols, rank, vec![0.0; 3], vec![0.0; 6]).is_none());
+    }
+
+    #[test]
+    fn many_rows_get_what_each_row_gets_alone() {
+        // More rows than one block, so the pool splits them; sizes on and off the SIMD widths.
+        let (rows, cols, rank, n) = (67, 300, 9, 41);
+        let a: Vec<f32> = (0..rank * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..rows * rank).map(|i| (i as f32 * 0.11).cos()).collect();
+        let delta = LowRank::new(rows, cols, rank, a, b).unwrap();
+        let h: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.013).sin()).collect();
+        let base: Vec<f32> = (0..n * rows).map(|i| (i % 7) as f32 * 0.5).collect();
+        let mut all = base.clone();
+        delta.apply(&h, &mut all);
+        let dense = delta.dense();
+        for r in 0..n {
+            let mut alone = base[r * rows..(r + 1) * rows].to_vec();
+            delta.apply(&h[r * cols..(r + 1) * cols], &mut alone);
+            assert_eq!(alone, &all[r * rows..(r + 1) * rows], "row {r}");
+            for (i, o) in alone.iter().enumerate() {
+                let expected = base[r * rows + i]
+                    + (0..cols)
+                        .map(|c| dense[i * cols + c] * h[r * cols + c])
+                        .sum::<f32>();
+                assert!(
+                    (o - expected).abs() < 1e-4 * (1.0 + expected.abs()),
+                    "row {r}, {i}: {o} vs {expected}"
+                );
+            }
+        }
     }
 
     #[test]

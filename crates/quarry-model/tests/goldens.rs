@@ -6,6 +6,8 @@
 //! (`step_top1_minus_top2`) is at least 0.5, Quarry's argmax must be llama.cpp's token. Steps
 //! with smaller gaps are near ties where llama.cpp itself flips with flash attention on or off.
 
+use std::sync::Arc;
+
 use quarry_fixtures::{ids, model_goldens, model_path, TestModel};
 use quarry_format::GgufFile;
 use quarry_model::Model;
@@ -25,8 +27,7 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 fn teacher_forced(model: TestModel) {
-    let file = GgufFile::open(model_path(model)).unwrap();
-    let m = Model::load(&file).unwrap();
+    let m = Model::load(Arc::new(GgufFile::open(model_path(model)).unwrap())).unwrap();
     let vocab = m.config().vocab_size;
     let goldens = model_goldens(model);
     let mut checked = 0;
@@ -77,8 +78,7 @@ fn listed_logit(list: &Value, id: u64) -> Option<f64> {
 }
 
 fn first_position_logits(model: TestModel) {
-    let file = GgufFile::open(model_path(model)).unwrap();
-    let m = Model::load(&file).unwrap();
+    let m = Model::load(Arc::new(GgufFile::open(model_path(model)).unwrap())).unwrap();
     let goldens = model_goldens(model);
     for (prompt, hf) in goldens["hf_dequant_f32"].as_object().unwrap() {
         if prompt == "hf_tokenize" {
@@ -131,8 +131,7 @@ fn smollm2_first_position_logits_match_references() {
 
 #[test]
 fn gemma3_config_is_read_from_the_file() {
-    let file = GgufFile::open(model_path(TestModel::Gemma3)).unwrap();
-    let m = Model::load(&file).unwrap();
+    let m = Model::load(Arc::new(GgufFile::open(model_path(TestModel::Gemma3)).unwrap())).unwrap();
     let c = m.config();
     assert_eq!((c.n_layers, c.d_model, c.ff_dim), (18, 640, 2048));
     assert_eq!((c.n_heads, c.n_kv_heads, c.head_dim), (4, 1, 256));
@@ -146,8 +145,7 @@ fn gemma3_config_is_read_from_the_file() {
 /// run may leave llama.cpp's path only at a near tie; the number of matching tokens is printed
 /// for the record.
 fn free_running(model: TestModel) {
-    let file = GgufFile::open(model_path(model)).unwrap();
-    let m = Model::load(&file).unwrap();
+    let m = Model::load(Arc::new(GgufFile::open(model_path(model)).unwrap())).unwrap();
     for (prompt, variants) in model_goldens(model)["greedy_fa_on"].as_object().unwrap() {
         for (variant, g) in variants.as_object().unwrap() {
             let prompt_ids = ids(&g["prompt_ids"]);

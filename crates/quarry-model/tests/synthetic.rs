@@ -1,11 +1,13 @@
 //! Invariants of the forward pass on tiny random models written with the GGUF writer:
 //! batched prefill equals token-by-token decoding through the KV cache, sliding windows really
-//! bound what a local layer sees, and malformed files give errors that name the problem.
+//! bound what a local layer sees, malformed files give errors that name the problem, and an
+//! FFN overlay acts exactly as the dense weight it stands for.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use quarry_format::{gguf::GgufWriter, GgmlType, GgufFile, Value};
-use quarry_model::{KvCache, Model, ModelError, SequenceBatch};
+use quarry_model::{FfnOverlay, KvCache, LowRank, Model, ModelError, SequenceBatch};
 
 const D: usize = 32;
 const HEAD: usize = 16;
@@ -67,7 +69,7 @@ fn quantized(dtype: GgmlType, values: &[f32]) -> Vec<u8> {
     out
 }
 
-fn build(spec: &Spec) -> GgufFile {
+fn build(spec: &Spec) -> Arc<GgufFile> {
     let mut rng = Lcg(7);
     let mut w = GgufWriter::new();
     let a = spec.arch;
@@ -147,7 +149,7 @@ fn build(spec: &Spec) -> GgufFile {
         };
         w.add_tensor(name, &dims, dtype, Cow::Owned(data)).unwrap();
     }
-    GgufFile::from_bytes(w.to_bytes(), "synthetic.gguf").unwrap()
+    Arc::new(GgufFile::from_bytes(w.to_bytes(), "synthetic.gguf").unwrap())
 }
 
 fn bytemuck_f32(v: &[f32]) -> Vec<u8> {
@@ -170,7 +172,7 @@ fn assert_close(a: &[f32], b: &[f32], what: &str) {
 
 fn prefill_equals_incremental(spec: Spec) {
     let file = build(&spec);
-    let m = Model::load(&file).unwrap();
+    let m = Model::load(file).unwrap();
     let toks = tokens(20);
     let mut cache = m.new_cache(32);
     let all = m.forward(&toks, &mut cache, 0..toks.len()).unwrap();
@@ -213,6 +215,7 @@ fn prefill_equals_incremental(spec: Spec) {
             tokens: &toks[past..end],
             cache,
             rows: 0..end - past,
+            overlay: None,
         })
         .collect();
     let rows = m.forward_batch(&mut batch).unwrap();
@@ -241,7 +244,7 @@ fn gemma3_prefill_equals_incremental_decoding_across_windows() {
 fn sliding_window_bounds_what_local_layers_see() {
     // Two local layers with a window of 4: position 12 sees back at most 2 × 3 positions.
     let local = build(&Spec::gemma3(4, 100));
-    let m = Model::load(&local).unwrap();
+    let m = Model::load(local).unwrap();
     assert_eq!(m.config().global_layers, vec![false, false]);
     let a = tokens(13);
     let mut b = a.clone();
@@ -255,7 +258,7 @@ fn sliding_window_bounds_what_local_layers_see() {
 
     // With the second layer global, the change reaches position 12.
     let mixed = build(&Spec::gemma3(4, 2));
-    let m = Model::load(&mixed).unwrap();
+    let m = Model::load(mixed).unwrap();
     assert_eq!(m.config().global_layers, vec![false, true]);
     let la = m.forward(&a, &mut m.new_cache(13), 12..13).unwrap();
     let lb = m.forward(&b, &mut m.new_cache(13), 12..13).unwrap();
@@ -265,7 +268,7 @@ fn sliding_window_bounds_what_local_layers_see() {
 #[test]
 fn context_overflow_is_an_error() {
     let file = build(&Spec::llama());
-    let m = Model::load(&file).unwrap();
+    let m = Model::load(file).unwrap();
     let err = m
         .forward(&tokens(9), &mut m.new_cache(8), 8..9)
         .unwrap_err();
@@ -291,7 +294,7 @@ fn load_errors_name_the_problem() {
         skip_tensor: Some("blk.1.ffn_up.weight"),
         ..Spec::llama()
     });
-    let err = Model::load(&missing).err().unwrap().to_string();
+    let err = Model::load(missing).err().unwrap().to_string();
     assert!(
         err.contains("blk.1.ffn_up.weight") && err.contains("synthetic.gguf"),
         "{err}"
@@ -301,7 +304,7 @@ fn load_errors_name_the_problem() {
         bad_shape: Some("blk.0.attn_k.weight"),
         ..Spec::llama()
     });
-    let err = Model::load(&shape).err().unwrap();
+    let err = Model::load(shape).err().unwrap();
     assert!(matches!(err, ModelError::WrongShape { .. }), "{err}");
     assert!(err.to_string().contains("blk.0.attn_k.weight"), "{err}");
 
@@ -309,7 +312,7 @@ fn load_errors_name_the_problem() {
         arch: "mamba",
         ..Spec::llama()
     });
-    let err = Model::load(&arch).err().unwrap().to_string();
+    let err = Model::load(arch).err().unwrap().to_string();
     assert!(err.contains("unsupported architecture 'mamba'"), "{err}");
 
     // Float hyper-parameters that would run and produce garbage are refused by key.
@@ -324,7 +327,7 @@ fn load_errors_name_the_problem() {
             float: Some((suffix, value)),
             ..Spec::llama()
         });
-        let err = Model::load(&file).err().unwrap().to_string();
+        let err = Model::load(file).err().unwrap().to_string();
         assert!(
             err.contains(&format!("llama.{suffix}")) && err.contains("positive finite"),
             "{suffix} = {value}: {err}"
@@ -361,9 +364,16 @@ impl quarry_model::ForwardObserver for Pieces {
 
 #[test]
 fn observed_pieces_add_up_to_the_final_residual() {
-    for spec in [Spec::llama(), Spec::gemma3(4, 2)] {
+    for (spec, edited) in [
+        (Spec::llama(), false),
+        (Spec::gemma3(4, 2), false),
+        // The observer's FFN output includes the overlay's share.
+        (Spec::gemma3(4, 2), true),
+    ] {
         let file = build(&spec);
-        let m = Model::load(&file).unwrap();
+        let m = Model::load(file).unwrap();
+        let overlay = FfnOverlay::new(spec.layers, [(1, delta(3, 2, 0.3))]);
+        let m = m.with_overlay(edited.then(|| Arc::new(overlay))).unwrap();
         let toks = tokens(9);
         let mut pieces = Pieces::default();
         let observed = m
@@ -374,4 +384,198 @@ fn observed_pieces_add_up_to_the_final_residual() {
         assert_eq!(pieces.ffn_calls, spec.layers);
         assert_close(&pieces.sum, &pieces.final_residual, spec.arch);
     }
+}
+
+/// A rank-`rank` delta for a down projection, its factors' values in ±`scale`.
+fn delta(seed: u64, rank: usize, scale: f32) -> LowRank {
+    let mut rng = Lcg(seed);
+    let a = rng.vec(rank * FF, scale);
+    LowRank::new(D, FF, rank, a, rng.vec(D * rank, scale)).unwrap()
+}
+
+/// `file` with the down projection of each listed layer replaced by `W + B·A` (its weights
+/// are `F32`, so the sum is stored exactly as computed).
+fn with_dense_deltas(file: &GgufFile, deltas: &[(usize, &LowRank)]) -> Arc<GgufFile> {
+    let mut w = GgufWriter::new();
+    for (key, value) in file.metadata() {
+        w.add_metadata(key.clone(), value.clone()).unwrap();
+    }
+    for info in file.tensors() {
+        let data = file.tensor(&info.name).unwrap().data;
+        let replaced = deltas
+            .iter()
+            .find(|(layer, _)| info.name == format!("blk.{layer}.ffn_down.weight"));
+        let data = match replaced {
+            Some((_, delta)) => {
+                assert_eq!(info.dtype, GgmlType::F32);
+                let sum: Vec<f32> = data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .zip(delta.dense())
+                    .map(|(w, d)| w + d)
+                    .collect();
+                Cow::Owned(bytemuck_f32(&sum))
+            }
+            None => Cow::Borrowed(data),
+        };
+        w.add_tensor(info.name.clone(), &info.dims, info.dtype, data)
+            .unwrap();
+    }
+    Arc::new(GgufFile::from_bytes(w.to_bytes(), "dense.gguf").unwrap())
+}
+
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn an_overlay_gives_the_logits_of_the_dense_weight_it_stands_for() {
+    for spec in [Spec::llama(), Spec::gemma3(4, 2)] {
+        let file = build(&spec);
+        let (d0, d1) = (delta(11, 3, 0.3), delta(12, 2, 0.3));
+        let overlay = FfnOverlay::new(spec.layers, [(0, d0.clone()), (1, d1.clone())]);
+        let base = Model::load(Arc::clone(&file)).unwrap();
+        let edited = base.with_overlay(Some(Arc::new(overlay))).unwrap();
+        let dense = Model::load(with_dense_deltas(&file, &[(0, &d0), (1, &d1)])).unwrap();
+        let toks = tokens(12);
+        let n = toks.len();
+        let got = edited.forward(&toks, &mut edited.new_cache(16), 0..n);
+        let want = dense.forward(&toks, &mut dense.new_cache(16), 0..n);
+        let (got, want) = (got.unwrap(), want.unwrap());
+        assert_close(&got, &want, &format!("{}: prompt", spec.arch));
+        // Decode steps, one token at a time through the cache.
+        let (mut cache, mut dense_cache) = (edited.new_cache(16), dense.new_cache(16));
+        for (step, &t) in toks.iter().take(4).enumerate() {
+            let got = edited.forward(&[t], &mut cache, 0..1).unwrap();
+            let want = dense.forward(&[t], &mut dense_cache, 0..1).unwrap();
+            assert_close(&got, &want, &format!("{}: step {step}", spec.arch));
+        }
+        let plain = base.forward(&toks, &mut base.new_cache(16), 0..n).unwrap();
+        assert!(
+            max_difference(&plain, &got) > 0.05,
+            "{}: the deltas are large enough to matter",
+            spec.arch
+        );
+    }
+}
+
+#[test]
+fn each_sequence_of_a_batch_runs_under_its_own_overlay() {
+    let base = Model::load(build(&Spec::gemma3(4, 2))).unwrap();
+    let x = Arc::new(FfnOverlay::new(2, [(1, delta(21, 4, 0.3))]));
+    let y = Arc::new(FfnOverlay::new(
+        2,
+        [(0, delta(22, 2, 0.3)), (1, delta(23, 3, 0.3))],
+    ));
+    let toks = tokens(20);
+    // (overlay, tokens already cached, end): a decode step under X, then prompt chunks under
+    // Y, none, and X again (apart from its first sequence).
+    let parts = [
+        (Some(&x), 5, 6),
+        (Some(&y), 2, 9),
+        (None, 3, 8),
+        (Some(&x), 0, 7),
+    ];
+    let cached = |overlay: Option<&Arc<FfnOverlay>>, past: usize| {
+        let m = base.with_overlay(overlay.cloned()).unwrap();
+        let mut cache = m.new_cache(32);
+        m.forward(&toks[..past.max(1)], &mut cache, 0..0).unwrap();
+        cache.truncate(past);
+        (m, cache)
+    };
+    let alone: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|&(overlay, past, end)| {
+            let (m, mut cache) = cached(overlay, past);
+            m.forward(&toks[past..end], &mut cache, 0..end - past)
+                .unwrap()
+        })
+        .collect();
+    let mut caches: Vec<_> = parts
+        .iter()
+        .map(|&(overlay, past, _)| cached(overlay, past).1)
+        .collect();
+    let mut batch: Vec<SequenceBatch<'_, '_, _>> = caches
+        .iter_mut()
+        .zip(&parts)
+        .map(|(cache, &(overlay, past, end))| SequenceBatch {
+            tokens: &toks[past..end],
+            cache,
+            rows: 0..end - past,
+            overlay: overlay.map(|o| &**o),
+        })
+        .collect();
+    let rows = base.forward_batch(&mut batch).unwrap();
+    assert_eq!(
+        rows,
+        alone.concat(),
+        "each sequence gets the logits it gets alone"
+    );
+
+    // The overlays do change what those sequences get.
+    for (&(overlay, past, end), alone) in parts.iter().zip(&alone) {
+        let (_, mut cache) = cached(None, past);
+        let plain = base
+            .forward(&toks[past..end], &mut cache, 0..end - past)
+            .unwrap();
+        match overlay {
+            Some(_) => assert!(max_difference(&plain, alone) > 0.05),
+            None => assert_eq!(&plain, alone),
+        }
+    }
+}
+
+#[test]
+fn without_deltas_the_forward_pass_is_unchanged() {
+    let base = Model::load(build(&Spec::gemma3(4, 2))).unwrap();
+    let toks = tokens(9);
+    let plain = base.forward(&toks, &mut base.new_cache(16), 0..9).unwrap();
+    let zero = LowRank::new(D, FF, 2, Lcg(5).vec(2 * FF, 0.3), vec![0.0; D * 2]).unwrap();
+    for overlay in [
+        FfnOverlay::new(2, []),
+        FfnOverlay::new(2, [(0, zero.clone()), (1, zero.clone())]),
+    ] {
+        let m = base.with_overlay(Some(Arc::new(overlay))).unwrap();
+        let logits = m.forward(&toks, &mut m.new_cache(16), 0..9).unwrap();
+        assert_eq!(logits, plain);
+    }
+}
+
+#[test]
+fn an_overlay_that_does_not_fit_is_refused() {
+    let base = Model::load(build(&Spec::llama())).unwrap();
+    let wide = LowRank::new(D, FF + 1, 1, vec![0.1; FF + 1], vec![0.1; D]).unwrap();
+    let err = base
+        .with_overlay(Some(Arc::new(FfnOverlay::new(2, [(1, wide)]))))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, ModelError::BadOverlay { layer: 1, .. })
+            && err.to_string().contains("32 × 65"),
+        "{err}"
+    );
+    // Factors whose lengths do not match the stated rank (the fields are public).
+    let mut short = delta(1, 2, 0.3);
+    short.a.pop();
+    let overlay = FfnOverlay::new(2, [(0, short)]);
+    let err = base.check_overlay(&overlay).unwrap_err().to_string();
+    assert!(err.contains("layer 0") && err.contains("rank-2"), "{err}");
+    // A batch naming it fails before touching any cache.
+    let mut cache = base.new_cache(4);
+    let err = base
+        .forward_batch(&mut [SequenceBatch {
+            tokens: &[1],
+            cache: &mut cache,
+            rows: 0..1,
+            overlay: Some(&overlay),
+        }])
+        .unwrap_err();
+    assert!(
+        matches!(err, ModelError::BadOverlay { layer: 0, .. }),
+        "{err}"
+    );
+    assert_eq!(cache.len(), 0);
 }

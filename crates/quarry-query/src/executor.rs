@@ -1,9 +1,9 @@
-//! The executor: keeps the open vindex (with its model file) and turns each statement into a
-//! [`ResultSet`].
+//! The executor: keeps the open vindex (with its model, loaded once) and turns each statement
+//! into a [`ResultSet`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
 use quarry_model::Model;
@@ -19,11 +19,14 @@ use crate::trace::{attribute, ffn_feature_shares, run, softmax, top_n, Readout};
 
 /// Runs statements; state (the open vindex) carries from one to the next, as in a REPL.
 ///
-/// Clones share the open vindex (its maps, relations, tokenizer and model file) until one of
-/// them opens another: a server runs one clone per concurrent statement.
+/// Clones share the open vindex (its maps, relations, tokenizer and model) until one of them
+/// opens another: a server runs one clone per concurrent statement.
 #[derive(Clone, Default)]
 pub struct Executor {
     vindex: Option<Arc<Vindex>>,
+    /// The vindex's model, loaded by the first statement that needs it (repacking the weights
+    /// takes a while) and kept for every later one, in every clone over the same vindex.
+    model: Arc<OnceLock<Model>>,
 }
 
 impl Executor {
@@ -42,6 +45,7 @@ impl Executor {
     pub fn with_shared(vindex: Arc<Vindex>) -> Executor {
         Executor {
             vindex: Some(vindex),
+            model: Arc::default(),
         }
     }
 
@@ -172,27 +176,36 @@ impl Executor {
             r.push(vec![Cell::Text(k.into()), Cell::Text(val)]);
         }
         self.vindex = Some(Arc::new(v));
+        self.model = Arc::default();
         Ok(r)
     }
 
-    /// Runs `f` with the vindex's model loaded (its file was opened and checked with the vindex).
+    /// Runs `f` with the vindex's model (its file was opened and checked with the vindex),
+    /// loading it if no statement has yet.
     fn with_model(
-        &mut self,
+        &self,
         statement: &str,
-        f: impl FnOnce(&Vindex, &Model<'_>) -> Result<ResultSet, String>,
+        f: impl FnOnce(&Vindex, &Model) -> Result<ResultSet, String>,
     ) -> Result<ResultSet, QueryError> {
         let v = self.vindex.as_deref().ok_or(QueryError::NoVindex {
             statement: statement.to_string(),
         })?;
-        let file = v.model_file().map_err(|source| QueryError::Vindex {
-            statement: statement.to_string(),
-            source: Box::new(source),
-        })?;
-        let model = Model::load(file).map_err(|source| QueryError::Model {
-            statement: statement.to_string(),
-            source: Box::new(source),
-        })?;
-        f(v, &model).map_err(|message| QueryError::Invalid {
+        let model = match self.model.get() {
+            Some(model) => model,
+            None => {
+                let file = v.model_file().map_err(|source| QueryError::Vindex {
+                    statement: statement.to_string(),
+                    source: Box::new(source),
+                })?;
+                let model = Model::load(file).map_err(|source| QueryError::Model {
+                    statement: statement.to_string(),
+                    source: Box::new(source),
+                })?;
+                // A clone that loaded it meanwhile wins; this copy is dropped.
+                self.model.get_or_init(|| model)
+            }
+        };
+        f(v, model).map_err(|message| QueryError::Invalid {
             statement: statement.to_string(),
             message,
         })
@@ -404,7 +417,7 @@ fn show_entities(v: &Vindex) -> ResultSet {
 /// otherwise from the vindex alone.
 fn describe(
     v: &Vindex,
-    model: Option<&Model<'_>>,
+    model: Option<&Model>,
     entity: &str,
     scope: DescribeScope,
     detail: Detail,
@@ -573,7 +586,7 @@ fn walk(
     Ok(r)
 }
 
-fn infer(v: &Vindex, model: &Model<'_>, prompt: &str, top: usize) -> Result<ResultSet, String> {
+fn infer(v: &Vindex, model: &Model, prompt: &str, top: usize) -> Result<ResultSet, String> {
     let result = run(model, v.tokenizer(), prompt)?;
     let probs = softmax(&result.logits);
     let mut r = ResultSet::new(&[
@@ -599,7 +612,7 @@ fn infer(v: &Vindex, model: &Model<'_>, prompt: &str, top: usize) -> Result<Resu
 
 fn explain_infer(
     v: &Vindex,
-    model: &Model<'_>,
+    model: &Model,
     prompt: &str,
     top: usize,
     layers: Option<LayerRange>,
@@ -651,7 +664,7 @@ fn explain_infer(
 
 fn trace(
     v: &Vindex,
-    model: &Model<'_>,
+    model: &Model,
     prompt: &str,
     target: Option<&str>,
     decompose: bool,

@@ -27,7 +27,7 @@ use crate::trace::run;
 pub(crate) const NEIGHBOURS: usize = 64;
 
 /// Per layer, the feature activations at the last token of `text` in a forward pass.
-fn activations(v: &Vindex, model: &Model<'_>, text: &str) -> Result<Vec<Vec<f32>>, String> {
+fn activations(v: &Vindex, model: &Model, text: &str) -> Result<Vec<Vec<f32>>, String> {
     Ok(run(model, v.tokenizer(), text)?.pieces.activations)
 }
 
@@ -54,7 +54,7 @@ pub(crate) fn neighbours(v: &Vindex, entity: &Entity, n: usize) -> Vec<u32> {
 /// The entity's edges over `layers`, best first (at most `limit`), and the neighbours used.
 pub(crate) fn edges(
     v: &Vindex,
-    model: &Model<'_>,
+    model: &Model,
     entity: &Entity,
     text: &str,
     layers: &[usize],

@@ -66,7 +66,7 @@ pub(crate) struct Run {
     pub logits: Vec<f32>,
 }
 
-pub(crate) fn run(model: &Model<'_>, tokenizer: &Tokenizer, prompt: &str) -> Result<Run, String> {
+pub(crate) fn run(model: &Model, tokenizer: &Tokenizer, prompt: &str) -> Result<Run, String> {
     let tokens = tokenizer.encode(prompt, true, true);
     if tokens.is_empty() {
         return Err("the prompt is empty".into());
@@ -140,7 +140,7 @@ pub(crate) struct Readout {
 }
 
 impl Readout {
-    pub fn new(model: &Model<'_>, final_residual: &[f32], target: u32) -> Readout {
+    pub fn new(model: &Model, final_residual: &[f32], target: u32) -> Readout {
         let cfg = model.config();
         let mean_sq = final_residual.iter().map(|a| (a * a) as f64).sum::<f64>()
             / final_residual.len() as f64;
@@ -167,7 +167,7 @@ impl Readout {
 }
 
 /// Splits the logit `readout` reads (one target token) over the pieces of `run`.
-pub(crate) fn attribute(model: &Model<'_>, run: &Run, readout: &Readout) -> Attribution {
+pub(crate) fn attribute(model: &Model, run: &Run, readout: &Readout) -> Attribution {
     let p = &run.pieces;
     let n_layers = p.attention.len();
     // The logit lens: each partial residual through the final norm at its own scale.
@@ -205,7 +205,7 @@ pub(crate) fn attribute(model: &Model<'_>, run: &Run, readout: &Readout) -> Attr
 
 /// Each feature's share of layer `layer`'s FFN term in the target's logit (they sum to it).
 pub(crate) fn ffn_feature_shares(
-    model: &Model<'_>,
+    model: &Model,
     run: &Run,
     readout: &Readout,
     layer: usize,

@@ -2,7 +2,7 @@
 //! this test binary, ~2 min) for the acceptance checks of INFER and TRACE, SmolLM2 for the rest.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use quarry_fixtures::{model_path, TestModel};
 use quarry_format::GgufFile;
@@ -53,9 +53,8 @@ fn int(c: &Cell) -> i64 {
 
 /// The last position's logits and final normed hidden state of a plain forward pass.
 fn plain_forward(model: TestModel, prompt: &str) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let file = GgufFile::open(model_path(model)).unwrap();
-    let m = Model::load(&file).unwrap();
-    let tok = Tokenizer::from_gguf(&file).unwrap();
+    let m = Model::load(Arc::new(GgufFile::open(model_path(model)).unwrap())).unwrap();
+    let tok = Tokenizer::from_gguf(m.file()).unwrap();
     let ids = tok.encode(prompt, true, true);
     let n = ids.len();
     let hidden = m
@@ -89,6 +88,33 @@ fn infer_equals_the_plain_forward_pass_on_gemma() {
         let want = (logits[expected] as f64 - max).exp() / sum;
         assert!((float(&row[p]) - want).abs() < 1e-4, "{row:?} vs {want}");
     }
+}
+
+#[test]
+fn the_model_is_loaded_once_per_vindex_and_shared_by_clones() {
+    let dir = vindex(TestModel::SmolLm2);
+    let mut e = Executor::with_vindex(dir).unwrap();
+    let file = e.vindex().unwrap().model_file().unwrap();
+    // The vindex and this test hold the file; no model is loaded before it is needed.
+    assert_eq!(Arc::strong_count(&file), 2);
+    e.run_script(r#"INFER "The capital of France is" TOP 1"#)
+        .unwrap();
+    // The model INFER loaded stays, holding the file.
+    assert_eq!(Arc::strong_count(&file), 3);
+    let mut clone = e.clone();
+    clone
+        .run_script(r#"INFER "Water boils at" TOP 1; TRACE "Water boils at""#)
+        .unwrap();
+    assert_eq!(
+        Arc::strong_count(&file),
+        3,
+        "the clone runs on the same model"
+    );
+    // USE opens the vindex afresh (a model of its own later); the clone keeps the old one.
+    e.run_script(&format!("USE \"{}\"", dir.display())).unwrap();
+    assert_eq!(Arc::strong_count(&file), 3);
+    drop(clone);
+    assert_eq!(Arc::strong_count(&file), 1);
 }
 
 #[test]

@@ -7,6 +7,13 @@
 //! sequence at its next token — so a disconnect stops generation within one step and frees its
 //! KV blocks. Errors have OpenAI's shape ([`error::ApiError`]).
 //!
+//! Edits: the weights generation runs on are the base model plus the engine's current FFN
+//! overlay, which [`EngineHandle::set_overlay`] swaps atomically (handlers reach it as
+//! `state.engine`; `quarry serve` holds a clone of the handle too). Each generation request
+//! reads it once, when the engine admits it, and keeps it to its end: requests admitted after
+//! a swap see the new overlay, those in flight finish on the one they started with, and the
+//! prefix cache never hands one overlay's KV blocks to another.
+//!
 //! Shutdown ([`serve`]): once its signal completes the server stops accepting connections,
 //! lets in-flight HTTP requests finish, and tells WebSocket sessions (which outlive their HTTP
 //! request) to send their clients an error per running generation and a close frame.

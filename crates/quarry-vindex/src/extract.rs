@@ -8,6 +8,7 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use half::f16;
@@ -82,8 +83,8 @@ pub fn extract(
             path: out.display().to_string(),
         });
     }
-    let file = GgufFile::open(source)?;
-    let model = Model::load(&file)?;
+    let file = Arc::new(GgufFile::open(source)?);
+    let model = Model::load(Arc::clone(&file))?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let cfg = model.config();
     if options.top_k > cfg.vocab_size {
@@ -125,7 +126,7 @@ fn temp_dir_for(out: &Path) -> PathBuf {
 
 fn write_all(
     file: &GgufFile,
-    model: &Model<'_>,
+    model: &Model,
     tokenizer: &Tokenizer,
     source: &Path,
     dir: &Path,
@@ -320,7 +321,7 @@ fn write_all(
 }
 
 /// The scaled embeddings of an even stride of vocabulary tokens (rows of `d_model`).
-fn calibration_inputs(model: &Model<'_>) -> Vec<f32> {
+fn calibration_inputs(model: &Model) -> Vec<f32> {
     let cfg = model.config();
     let n = CALIBRATION_TOKENS.min(cfg.vocab_size);
     let mut x = vec![0.0f32; n * cfg.d_model];
@@ -336,7 +337,7 @@ fn calibration_inputs(model: &Model<'_>) -> Vec<f32> {
 /// Per feature of `layer`, the mean and standard deviation of its activation
 /// `act(gate · x) · (up · x)` over the calibration embeddings through the layer's pre-FFN norm:
 /// the baseline browsing queries measure an entity's activations against.
-fn activation_stats(model: &Model<'_>, layer: usize, calibration: &[f32]) -> Vec<f32> {
+fn activation_stats(model: &Model, layer: usize, calibration: &[f32]) -> Vec<f32> {
     let cfg = model.config();
     let (d, ff) = (cfg.d_model, cfg.ff_dim);
     let n = calibration.len() / d;

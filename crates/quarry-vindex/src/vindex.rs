@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -37,7 +38,7 @@ pub struct Vindex {
     relations: Relations,
     /// The model file of an `inference` or `all` vindex, validated and checked against the
     /// manifest.
-    model: Option<GgufFile>,
+    model: Option<Arc<GgufFile>>,
 }
 
 /// A file that did not match its manifest entry, from [`Vindex::verify`].
@@ -117,7 +118,7 @@ impl Vindex {
             true => {
                 let file = GgufFile::open(dir.join(MODEL))?;
                 check::check_model(&index, &ModelConfig::from_gguf(&file)?, &shown)?;
-                Some(file)
+                Some(Arc::new(file))
             }
             false => None,
         };
@@ -154,13 +155,15 @@ impl Vindex {
         Ok(self.dir.join(MODEL))
     }
 
-    /// The model inside an `inference` or `all` vindex, opened and checked with the vindex.
-    pub fn model_file(&self) -> Result<&GgufFile, VindexError> {
+    /// The model inside an `inference` or `all` vindex, opened and checked with the vindex
+    /// (shared: a [`quarry_model::Model`] loaded over it keeps it mapped).
+    pub fn model_file(&self) -> Result<Arc<GgufFile>, VindexError> {
         self.require(MODEL, Level::Inference)?;
-        Ok(self
-            .model
-            .as_ref()
-            .expect("opened with the vindex at this level"))
+        Ok(Arc::clone(
+            self.model
+                .as_ref()
+                .expect("opened with the vindex at this level"),
+        ))
     }
 
     /// Token `token`'s embedding row as stored (before the model's `embed_scale`).

@@ -2,13 +2,17 @@
 //! reader makes when opening and verifying it.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use quarry_fixtures::{model_path, TestModel};
 use quarry_format::GgufFile;
 use quarry_kernels::pool;
 use quarry_model::Model;
 use quarry_vindex::{extract, layout, Dtype, ExtractOptions, Level, Vindex, VindexError};
+
+fn smollm2() -> Model {
+    Model::load(Arc::new(GgufFile::open(model_path(TestModel::SmolLm2)).unwrap())).unwrap()
+}
 
 /// One `all`-level f32 extraction shared by the tests (read-only).
 fn vindex_dir() -> &'static Path {
@@ -38,8 +42,7 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn vectors_equal_the_models_own_weights() {
     let v = Vindex::open(vindex_dir()).unwrap();
-    let file = GgufFile::open(model_path(TestModel::SmolLm2)).unwrap();
-    let model = Model::load(&file).unwrap();
+    let model = smollm2();
     let cfg = model.config();
     assert_eq!(v.index().model.n_layers, cfg.n_layers);
     assert_eq!(v.index().model.ff_dim, cfg.ff_dim);
@@ -77,8 +80,7 @@ fn vectors_equal_the_models_own_weights() {
 #[test]
 fn writes_are_the_extremes_of_the_real_vocabulary_projection() {
     let v = Vindex::open(vindex_dir()).unwrap();
-    let file = GgufFile::open(model_path(TestModel::SmolLm2)).unwrap();
-    let model = Model::load(&file).unwrap();
+    let model = smollm2();
     let (layer, feature) = (12, 345);
     let down = v.down_vector(layer, feature).unwrap();
     let gains = model.output_norm();
@@ -221,8 +223,7 @@ fn a_lower_level_vindex_names_the_level_a_query_needs() {
 #[test]
 fn feature_stats_are_the_mean_and_spread_over_the_calibration_embeddings() {
     let v = Vindex::open(vindex_dir()).unwrap();
-    let file = GgufFile::open(model_path(TestModel::SmolLm2)).unwrap();
-    let model = Model::load(&file).unwrap();
+    let model = smollm2();
     let cfg = model.config();
     let (layer, feature) = (5, 17);
     let w = model.ffn_weights(layer);

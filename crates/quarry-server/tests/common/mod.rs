@@ -1,5 +1,6 @@
 //! A router over a real engine on SmolLM2, for the server's tests.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -10,8 +11,9 @@ use quarry_model::Model;
 use quarry_server::{router, ServedVindex, ServerConfig};
 use quarry_tokenize::{ChatTemplate, Tokenizer};
 
-/// The application over a fresh engine with `config` (the model, tokenizer and template are
-/// leaked, as `quarry serve` does; the engine thread ends when the router is dropped).
+/// The application over a fresh engine with `config` (the tokenizer and template are leaked,
+/// as `quarry serve` does; the engine thread, which owns the model, ends when the router is
+/// dropped).
 #[allow(dead_code)] // not every test binary uses both
 pub fn smollm2_app(
     config: EngineConfig,
@@ -29,13 +31,15 @@ pub fn smollm2_app_with(
     timeout: Duration,
 ) -> Router {
     let queue_timeout = config.queue_timeout;
-    let file: &'static GgufFile = Box::leak(Box::new(
+    let model = Model::load(Arc::new(
         GgufFile::open(model_path(TestModel::SmolLm2)).unwrap(),
+    ))
+    .unwrap();
+    let tokenizer: &'static Tokenizer =
+        Box::leak(Box::new(Tokenizer::from_gguf(model.file()).unwrap()));
+    let template: &'static ChatTemplate = Box::leak(Box::new(
+        ChatTemplate::from_gguf(model.file(), tokenizer).unwrap(),
     ));
-    let model: &'static Model<'static> = Box::leak(Box::new(Model::load(file).unwrap()));
-    let tokenizer: &'static Tokenizer = Box::leak(Box::new(Tokenizer::from_gguf(file).unwrap()));
-    let template: &'static ChatTemplate =
-        Box::leak(Box::new(ChatTemplate::from_gguf(file, tokenizer).unwrap()));
     let (engine, handle) = Engine::new(model, tokenizer, config).unwrap();
     std::thread::spawn(move || engine.run());
     router(
