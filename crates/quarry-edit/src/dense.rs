@@ -1,0 +1,711 @@
+//! The model from one layer's FFN upwards in `f32`, with reverse mode: how the editor finds the
+//! change of an FFN output that makes the model say something new.
+//!
+//! The quantized forward pass has no gradients, and the editor needs only a few of them (one
+//! vector per edit, over prompts of a few dozen tokens), so this module keeps a dense `f32`
+//! copy of the layers above the edited one and runs them on one sequence at a time, recording
+//! what the backward pass needs. The added vector `δ` enters layer `first`'s FFN output at one
+//! position, before the post-FFN norm (where the down projection's overlay adds its delta);
+//! [`DenseTail::loss_and_grad`] returns the loss and `∂loss/∂δ`. The maths mirrors
+//! `quarry-model`'s forward pass block for block (pre-norms, QK-norm, RoPE, grouped-query
+//! attention with sliding windows and soft-caps, gated FFN, post-norms, final norm, soft-capped
+//! head); `tests/gradients.rs` checks every path against finite differences.
+
+use quarry_kernels::gemm::{gemm, MatRef};
+use quarry_kernels::WeightView;
+use quarry_model::ops::Rope;
+use quarry_model::{Activation, Model, ModelConfig};
+
+use crate::EditError;
+
+/// A dense `rows × cols` matrix, row-major.
+struct Dense {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+impl Dense {
+    fn from_view(view: WeightView<'_>) -> Result<Dense, EditError> {
+        let (rows, cols) = (view.rows(), view.cols());
+        let mut data = vec![0.0f32; rows * cols];
+        quarry_kernels::dequantize(view.dtype(), view.data(), &mut data)
+            .map_err(|e| EditError::Model(e.to_string()))?;
+        Ok(Dense { rows, cols, data })
+    }
+
+    /// `x · selfᵀ` for `n` rows of `x` (`cols` wide): `n × rows`.
+    fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; n * self.rows];
+        gemm(
+            1.0,
+            MatRef::row_major(x, n, self.cols, self.cols),
+            MatRef::row_major(&self.data, self.rows, self.cols, self.cols).t(),
+            0.0,
+            &mut out,
+            self.rows,
+        );
+        out
+    }
+
+    /// `dy · self` for `n` rows of `dy` (`rows` wide), added into `dx` (`n × cols`).
+    fn backward_into(&self, dy: &[f32], n: usize, dx: &mut [f32]) {
+        gemm(
+            1.0,
+            MatRef::row_major(dy, n, self.rows, self.rows),
+            MatRef::row_major(&self.data, self.rows, self.cols, self.cols),
+            1.0,
+            dx,
+            self.cols,
+        );
+    }
+}
+
+struct DenseFfn {
+    norm: Vec<f32>,
+    gate: Dense,
+    up: Dense,
+    down: Dense,
+    post_norm: Option<Vec<f32>>,
+}
+
+struct DenseAttention {
+    norm: Vec<f32>,
+    wq: Dense,
+    wk: Dense,
+    wv: Dense,
+    wo: Dense,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_norm: Option<Vec<f32>>,
+    global: bool,
+}
+
+/// Layers `first..n_layers` of a model in `f32`: layer `first`'s FFN, then every later layer
+/// whole, the final norm and the output head.
+pub struct DenseTail {
+    cfg: ModelConfig,
+    first: usize,
+    ffn0: DenseFfn,
+    layers: Vec<(DenseAttention, DenseFfn)>,
+    output_norm: Vec<f32>,
+    head: Dense,
+    rope_global: Rope,
+    rope_local: Rope,
+}
+
+/// What the loss asks of the predictions at some rows of the sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Objective {
+    /// Make each `(row, token)` likely: mean negative log-probability.
+    Likelihood,
+    /// Make each `(row, token)` unlikely: mean `−log(1 − p)`.
+    Unlikelihood,
+}
+
+/// One sequence the loss reads: its residual stream entering layer `first`'s FFN
+/// (`t × d_model`), the row `δ` is added at (the entity's last token), and the `(row, token)`
+/// predictions the loss is about.
+pub struct Probe<'a> {
+    pub residual: &'a [f32],
+    pub position: usize,
+    pub targets: Vec<(usize, u32)>,
+    pub objective: Objective,
+}
+
+/// Where the rows of a batch of probes lie: each row's position in its sequence and the row
+/// its sequence starts at; each probe's first row, and the rows `δ` is added at.
+struct Layout {
+    pos: Vec<usize>,
+    start: Vec<usize>,
+    offsets: Vec<usize>,
+    injected: Vec<usize>,
+}
+
+impl Layout {
+    fn of(probes: &[Probe<'_>], d: usize) -> Layout {
+        let mut layout = Layout {
+            pos: Vec::new(),
+            start: Vec::new(),
+            offsets: Vec::new(),
+            injected: Vec::new(),
+        };
+        for p in probes {
+            let (offset, t) = (layout.pos.len(), p.residual.len() / d);
+            assert!(p.position < t && t * d == p.residual.len());
+            layout.offsets.push(offset);
+            layout.injected.push(offset + p.position);
+            layout.pos.extend(0..t);
+            layout.start.extend(std::iter::repeat_n(offset, t));
+        }
+        layout
+    }
+
+    /// The first row row `i` attends to: its sequence's start, or the sliding window's.
+    fn first_visible(&self, attn: &DenseAttention, i: usize, window: Option<usize>) -> usize {
+        match (attn.global, window) {
+            (false, Some(w)) => self.start[i] + (self.pos[i] + 1).saturating_sub(w),
+            _ => self.start[i],
+        }
+    }
+}
+
+/// The forward pass of a batch of probes: the final residual and the tapes of every block.
+struct Run {
+    x: Vec<f32>,
+    tape0: FfnTape,
+    tapes: Vec<(AttnTape, FfnTape)>,
+}
+
+/// Everything the forward pass recorded for the backward pass of one FFN block.
+struct FfnTape {
+    x: Vec<f32>,
+    inv: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    y: Vec<f32>,
+    post_inv: Vec<f32>,
+}
+
+/// Everything the forward pass recorded for the backward pass of one attention block.
+struct AttnTape {
+    x: Vec<f32>,
+    inv: Vec<f32>,
+    q: Vec<f32>,
+    q_inv: Vec<f32>,
+    k: Vec<f32>,
+    k_inv: Vec<f32>,
+    q_rot: Vec<f32>,
+    k_rot: Vec<f32>,
+    v: Vec<f32>,
+    /// Per head, `t × t` softmax weights (zero where masked).
+    probs: Vec<f32>,
+    /// Per head, `t × t` scores after the soft-cap (used for its derivative).
+    capped: Vec<f32>,
+    y: Vec<f32>,
+    post_inv: Vec<f32>,
+}
+
+impl DenseTail {
+    /// Dense copies of `model`'s layers from `first` upwards. Costs `4 · (weights of those
+    /// layers + head)` bytes.
+    pub fn new(model: &Model, first: usize) -> Result<DenseTail, EditError> {
+        let cfg = model.config().clone();
+        if first >= cfg.n_layers {
+            return Err(EditError::BadLayer {
+                layer: first,
+                n_layers: cfg.n_layers,
+            });
+        }
+        let ffn = |l: usize| -> Result<DenseFfn, EditError> {
+            let w = model.ffn_weights(l);
+            Ok(DenseFfn {
+                norm: w.norm.to_vec(),
+                gate: Dense::from_view(w.gate)?,
+                up: Dense::from_view(w.up)?,
+                down: Dense::from_view(w.down)?,
+                post_norm: w.post_norm.map(<[f32]>::to_vec),
+            })
+        };
+        let attention = |l: usize| -> Result<DenseAttention, EditError> {
+            let w = model.attention_weights(l);
+            Ok(DenseAttention {
+                norm: w.norm.to_vec(),
+                wq: Dense::from_view(w.wq)?,
+                wk: Dense::from_view(w.wk)?,
+                wv: Dense::from_view(w.wv)?,
+                wo: Dense::from_view(w.wo)?,
+                q_norm: w.q_norm.map(<[f32]>::to_vec),
+                k_norm: w.k_norm.map(<[f32]>::to_vec),
+                post_norm: w.post_norm.map(<[f32]>::to_vec),
+                global: cfg.global_layers[l],
+            })
+        };
+        let layers = (first + 1..cfg.n_layers)
+            .map(|l| Ok((attention(l)?, ffn(l)?)))
+            .collect::<Result<Vec<_>, EditError>>()?;
+        let rope_global = Rope::new(cfg.rope_style, cfg.rope_dims, cfg.rope_base, cfg.rope_scale);
+        let rope_local = Rope::new(cfg.rope_style, cfg.rope_dims, cfg.rope_base_local, 1.0);
+        Ok(DenseTail {
+            ffn0: ffn(first)?,
+            layers,
+            output_norm: model.output_norm().to_vec(),
+            head: Dense::from_view(model.output_head())?,
+            rope_global,
+            rope_local,
+            first,
+            cfg,
+        })
+    }
+
+    /// The layer whose FFN output `δ` is added to.
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    /// The mean loss of every probe's targets, each probe a sequence whose residual stream
+    /// entering layer `first`'s FFN is given, with `delta` added to that FFN's output (before
+    /// its post-norm) at the probe's `position`; and `∂loss/∂delta`. All probes run as one
+    /// batch of rows (attention keeps them apart), so each weight is read once per pass.
+    pub fn loss_and_grad(&self, probes: &[Probe<'_>], delta: &[f32]) -> (f32, Vec<f32>) {
+        let d = self.cfg.d_model;
+        assert!(delta.len() == d && !probes.is_empty());
+        let layout = Layout::of(probes, d);
+        let run = self.run_forward(probes, &layout, delta);
+        let targets: Vec<(usize, u32, Objective)> = probes
+            .iter()
+            .zip(&layout.offsets)
+            .flat_map(|(p, &o)| {
+                p.targets
+                    .iter()
+                    .map(move |&(r, tok)| (o + r, tok, p.objective))
+            })
+            .collect();
+        let (loss, mut dx) = self.head_loss(&run.x, &targets);
+        let t = layout.pos.len();
+        for ((attn, ffn), (a, f)) in self.layers.iter().zip(&run.tapes).rev() {
+            self.ffn_backward(ffn, f, &mut dx, t);
+            self.attention_backward(attn, a, &mut dx, &layout);
+        }
+        // `δ` is added to layer `first`'s FFN output before its post-norm: its gradient is
+        // that of the pre-norm output at each probe's position.
+        let dy = match &self.ffn0.post_norm {
+            Some(w) => rms_backward(&run.tape0.y, w, &run.tape0.post_inv, &dx),
+            None => dx,
+        };
+        let mut grad = vec![0.0f32; d];
+        for &row in &layout.injected {
+            grad.iter_mut()
+                .zip(&dy[row * d..(row + 1) * d])
+                .for_each(|(g, v)| *g += v);
+        }
+        (loss, grad)
+    }
+
+    /// Log-probabilities of every vocabulary entry at each of `rows` of `probe`, with `delta`
+    /// added as in [`DenseTail::loss_and_grad`].
+    pub fn log_probs(&self, probe: &Probe<'_>, delta: &[f32], rows: &[usize]) -> Vec<Vec<f32>> {
+        let d = self.cfg.d_model;
+        let probes = std::slice::from_ref(probe);
+        let run = self.run_forward(probes, &Layout::of(probes, d), delta);
+        let x: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| run.x[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let (logits, _) = self.logits(&x, rows.len());
+        logits
+            .chunks_exact(self.cfg.vocab_size)
+            .map(log_softmax)
+            .collect()
+    }
+
+    /// Layer `first`'s FFN output at row `position` of a sequence with `residual` entering it,
+    /// before any post-norm: the vector `δ` is added to.
+    pub fn ffn_output(&self, residual: &[f32], position: usize) -> Vec<f32> {
+        let d = self.cfg.d_model;
+        let mut x = residual[position * d..(position + 1) * d].to_vec();
+        self.ffn_forward(&self.ffn0, &mut x, 1, &[], &[]).y
+    }
+
+    fn run_forward(&self, probes: &[Probe<'_>], layout: &Layout, delta: &[f32]) -> Run {
+        let mut x: Vec<f32> = probes
+            .iter()
+            .flat_map(|p| p.residual.iter().copied())
+            .collect();
+        let t = layout.pos.len();
+        let tape0 = self.ffn_forward(&self.ffn0, &mut x, t, &layout.injected, delta);
+        let tapes = self
+            .layers
+            .iter()
+            .map(|(attn, ffn)| {
+                let a = self.attention_forward(attn, &mut x, layout);
+                let f = self.ffn_forward(ffn, &mut x, t, &[], &[]);
+                (a, f)
+            })
+            .collect();
+        Run { x, tape0, tapes }
+    }
+
+    /// Final norm, head and soft-cap of `n` rows: the logits and each row's `1/rms`.
+    fn logits(&self, rows: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut normed = vec![0.0f32; rows.len()];
+        let inv = rms_forward(rows, &self.output_norm, self.cfg.norm_eps, &mut normed);
+        let mut logits = self.head.forward(&normed, n);
+        if let Some(cap) = self.cfg.final_softcap {
+            logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
+        (logits, inv)
+    }
+
+    /// The mean loss over `targets` (`(row, token, objective)`) and its gradient at every
+    /// row of `x`; the head is read once for all of them.
+    fn head_loss(&self, x: &[f32], targets: &[(usize, u32, Objective)]) -> (f32, Vec<f32>) {
+        let (d, vocab) = (self.cfg.d_model, self.cfg.vocab_size);
+        let rows: Vec<f32> = targets
+            .iter()
+            .flat_map(|&(r, _, _)| x[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let n = targets.len();
+        let scale = 1.0 / n as f32;
+        let (logits, inv) = self.logits(&rows, n);
+        let mut dlogits = vec![0.0f32; n * vocab];
+        let mut loss = 0.0f32;
+        for ((&(_, tok, objective), l), g) in targets
+            .iter()
+            .zip(logits.chunks_exact(vocab))
+            .zip(dlogits.chunks_exact_mut(vocab))
+        {
+            let lp = log_softmax(l);
+            let p_tok = lp[tok as usize].exp();
+            // ∂loss/∂logit_j = coef·(p_j − [j = tok]) for both objectives: coef = 1 for the
+            // likelihood, −p/(1 − p) for −log(1 − p).
+            let coef = match objective {
+                Objective::Likelihood => {
+                    loss -= lp[tok as usize] * scale;
+                    1.0
+                }
+                Objective::Unlikelihood => {
+                    let rest = (1.0 - p_tok).max(1e-12);
+                    loss -= rest.ln() * scale;
+                    -p_tok / rest
+                }
+            };
+            g.iter_mut()
+                .zip(&lp)
+                .for_each(|(g, l)| *g = coef * scale * l.exp());
+            g[tok as usize] -= coef * scale;
+            if let Some(cap) = self.cfg.final_softcap {
+                for (g, l) in g.iter_mut().zip(l) {
+                    let th = l / cap;
+                    *g *= 1.0 - th * th;
+                }
+            }
+        }
+        let mut dnormed = vec![0.0f32; n * d];
+        self.head.backward_into(&dlogits, n, &mut dnormed);
+        let drows = rms_backward(&rows, &self.output_norm, &inv, &dnormed);
+        let mut dx = vec![0.0f32; x.len()];
+        for (&(r, _, _), g) in targets.iter().zip(drows.chunks_exact(d)) {
+            dx[r * d..(r + 1) * d]
+                .iter_mut()
+                .zip(g)
+                .for_each(|(a, b)| *a += b);
+        }
+        (loss, dx)
+    }
+
+    fn ffn_forward(
+        &self,
+        ffn: &DenseFfn,
+        x: &mut [f32],
+        t: usize,
+        inject_rows: &[usize],
+        delta: &[f32],
+    ) -> FfnTape {
+        let (d, eps) = (self.cfg.d_model, self.cfg.norm_eps);
+        let mut normed = vec![0.0f32; t * d];
+        let inv = rms_forward(x, &ffn.norm, eps, &mut normed);
+        let gate = ffn.gate.forward(&normed, t);
+        let up = ffn.up.forward(&normed, t);
+        let h: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| activation(self.cfg.activation, g).0 * u)
+            .collect();
+        let mut y = ffn.down.forward(&h, t);
+        for &row in inject_rows {
+            y[row * d..(row + 1) * d]
+                .iter_mut()
+                .zip(delta)
+                .for_each(|(a, b)| *a += b);
+        }
+        let (out, post_inv) = match &ffn.post_norm {
+            Some(w) => {
+                let mut out = vec![0.0f32; t * d];
+                let inv = rms_forward(&y, w, eps, &mut out);
+                (out, inv)
+            }
+            None => (y.clone(), Vec::new()),
+        };
+        let tape = FfnTape {
+            x: x.to_vec(),
+            inv,
+            gate,
+            up,
+            y,
+            post_inv,
+        };
+        x.iter_mut().zip(&out).for_each(|(a, b)| *a += b);
+        tape
+    }
+
+    /// Turns `dx` (the gradient at the block's output) into the gradient at its input.
+    fn ffn_backward(&self, ffn: &DenseFfn, tape: &FfnTape, dx: &mut [f32], t: usize) {
+        let dy = match &ffn.post_norm {
+            Some(w) => rms_backward(&tape.y, w, &tape.post_inv, dx),
+            None => dx.to_vec(),
+        };
+        let ff = self.cfg.ff_dim;
+        let mut dh = vec![0.0f32; t * ff];
+        ffn.down.backward_into(&dy, t, &mut dh);
+        let mut dgate = vec![0.0f32; t * ff];
+        let mut dup = vec![0.0f32; t * ff];
+        for i in 0..t * ff {
+            let (a, da) = activation(self.cfg.activation, tape.gate[i]);
+            dgate[i] = dh[i] * tape.up[i] * da;
+            dup[i] = dh[i] * a;
+        }
+        let mut dnormed = vec![0.0f32; t * self.cfg.d_model];
+        ffn.gate.backward_into(&dgate, t, &mut dnormed);
+        ffn.up.backward_into(&dup, t, &mut dnormed);
+        let dres = rms_backward(&tape.x, &ffn.norm, &tape.inv, &dnormed);
+        dx.iter_mut().zip(dres).for_each(|(a, b)| *a += b);
+    }
+
+    fn attention_forward(&self, attn: &DenseAttention, x: &mut [f32], layout: &Layout) -> AttnTape {
+        let t = layout.pos.len();
+        let cfg = &self.cfg;
+        let (d, hd, eps) = (cfg.d_model, cfg.head_dim, cfg.norm_eps);
+        let (nh, group) = (cfg.n_heads, cfg.n_heads / cfg.n_kv_heads);
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        let mut normed = vec![0.0f32; t * d];
+        let inv = rms_forward(x, &attn.norm, eps, &mut normed);
+        let q = attn.wq.forward(&normed, t);
+        let k = attn.wk.forward(&normed, t);
+        let v = attn.wv.forward(&normed, t);
+        let head_norm = |m: &[f32], w: &Option<Vec<f32>>| match w {
+            Some(w) => {
+                let mut out = vec![0.0f32; m.len()];
+                let inv = rms_forward(m, w, eps, &mut out);
+                (out, inv)
+            }
+            None => (m.to_vec(), Vec::new()),
+        };
+        let (mut q_rot, q_inv) = head_norm(&q, &attn.q_norm);
+        let (mut k_rot, k_inv) = head_norm(&k, &attn.k_norm);
+        let rope = self.rope(attn);
+        for (p, &pos) in layout.pos.iter().enumerate() {
+            rope.rotate_heads(pos, &mut q_rot[p * q_dim..(p + 1) * q_dim], hd, false);
+            rope.rotate_heads(pos, &mut k_rot[p * kv_dim..(p + 1) * kv_dim], hd, false);
+        }
+        let mut probs = vec![0.0f32; nh * t * t];
+        let mut capped = vec![0.0f32; nh * t * t];
+        let mut o = vec![0.0f32; t * q_dim];
+        for h in 0..nh {
+            let g = h / group;
+            for i in 0..t {
+                let qi = &q_rot[i * q_dim + h * hd..][..hd];
+                let first = layout.first_visible(attn, i, self.cfg.sliding_window);
+                let base = (h * t + i) * t;
+                let mut max = f32::NEG_INFINITY;
+                for j in first..=i {
+                    let kj = &k_rot[j * kv_dim + g * hd..][..hd];
+                    let mut s = cfg.attn_scale * dot(qi, kj);
+                    if let Some(cap) = cfg.attn_softcap {
+                        s = cap * (s / cap).tanh();
+                    }
+                    capped[base + j] = s;
+                    max = max.max(s);
+                }
+                let mut sum = 0.0f32;
+                for j in first..=i {
+                    let e = (capped[base + j] - max).exp();
+                    probs[base + j] = e;
+                    sum += e;
+                }
+                let oi = &mut o[i * q_dim + h * hd..][..hd];
+                for j in first..=i {
+                    probs[base + j] /= sum;
+                    let vj = &v[j * kv_dim + g * hd..][..hd];
+                    oi.iter_mut()
+                        .zip(vj)
+                        .for_each(|(a, b)| *a += probs[base + j] * b);
+                }
+            }
+        }
+        let y = attn.wo.forward(&o, t);
+        let (out, post_inv) = match &attn.post_norm {
+            Some(w) => {
+                let mut out = vec![0.0f32; t * d];
+                let inv = rms_forward(&y, w, eps, &mut out);
+                (out, inv)
+            }
+            None => (y.clone(), Vec::new()),
+        };
+        let tape = AttnTape {
+            x: x.to_vec(),
+            inv,
+            q,
+            q_inv,
+            k,
+            k_inv,
+            q_rot,
+            k_rot,
+            v,
+            probs,
+            capped,
+            y,
+            post_inv,
+        };
+        x.iter_mut().zip(&out).for_each(|(a, b)| *a += b);
+        tape
+    }
+
+    fn attention_backward(
+        &self,
+        attn: &DenseAttention,
+        tape: &AttnTape,
+        dx: &mut [f32],
+        layout: &Layout,
+    ) {
+        let t = layout.pos.len();
+        let cfg = &self.cfg;
+        let (d, hd) = (cfg.d_model, cfg.head_dim);
+        let (nh, group) = (cfg.n_heads, cfg.n_heads / cfg.n_kv_heads);
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        let dy = match &attn.post_norm {
+            Some(w) => rms_backward(&tape.y, w, &tape.post_inv, dx),
+            None => dx.to_vec(),
+        };
+        let mut d_o = vec![0.0f32; t * q_dim];
+        attn.wo.backward_into(&dy, t, &mut d_o);
+        let mut dq_rot = vec![0.0f32; t * q_dim];
+        let mut dk_rot = vec![0.0f32; t * kv_dim];
+        let mut dv = vec![0.0f32; t * kv_dim];
+        let mut dp = vec![0.0f32; t];
+        for h in 0..nh {
+            let g = h / group;
+            for i in 0..t {
+                let first = layout.first_visible(attn, i, self.cfg.sliding_window);
+                let base = (h * t + i) * t;
+                let doi = &d_o[i * q_dim + h * hd..][..hd];
+                let mut weighted = 0.0f32;
+                for j in first..=i {
+                    let vj = &tape.v[j * kv_dim + g * hd..][..hd];
+                    dp[j] = dot(doi, vj);
+                    weighted += tape.probs[base + j] * dp[j];
+                    let p = tape.probs[base + j];
+                    dv[j * kv_dim + g * hd..][..hd]
+                        .iter_mut()
+                        .zip(doi)
+                        .for_each(|(a, b)| *a += p * b);
+                }
+                for j in first..=i {
+                    let mut ds = tape.probs[base + j] * (dp[j] - weighted);
+                    if let Some(cap) = cfg.attn_softcap {
+                        let th = tape.capped[base + j] / cap;
+                        ds *= 1.0 - th * th;
+                    }
+                    let ds = ds * cfg.attn_scale;
+                    let qi = &tape.q_rot[i * q_dim + h * hd..][..hd];
+                    let kj = &tape.k_rot[j * kv_dim + g * hd..][..hd];
+                    dq_rot[i * q_dim + h * hd..][..hd]
+                        .iter_mut()
+                        .zip(kj)
+                        .for_each(|(a, b)| *a += ds * b);
+                    dk_rot[j * kv_dim + g * hd..][..hd]
+                        .iter_mut()
+                        .zip(qi)
+                        .for_each(|(a, b)| *a += ds * b);
+                }
+            }
+        }
+        let rope = self.rope(attn);
+        for (p, &pos) in layout.pos.iter().enumerate() {
+            rope.rotate_heads(pos, &mut dq_rot[p * q_dim..(p + 1) * q_dim], hd, true);
+            rope.rotate_heads(pos, &mut dk_rot[p * kv_dim..(p + 1) * kv_dim], hd, true);
+        }
+        let dq = match &attn.q_norm {
+            Some(w) => rms_backward(&tape.q, w, &tape.q_inv, &dq_rot),
+            None => dq_rot,
+        };
+        let dk = match &attn.k_norm {
+            Some(w) => rms_backward(&tape.k, w, &tape.k_inv, &dk_rot),
+            None => dk_rot,
+        };
+        let mut dnormed = vec![0.0f32; t * d];
+        attn.wq.backward_into(&dq, t, &mut dnormed);
+        attn.wk.backward_into(&dk, t, &mut dnormed);
+        attn.wv.backward_into(&dv, t, &mut dnormed);
+        let dres = rms_backward(&tape.x, &attn.norm, &tape.inv, &dnormed);
+        dx.iter_mut().zip(dres).for_each(|(a, b)| *a += b);
+    }
+
+    fn rope(&self, attn: &DenseAttention) -> &Rope {
+        if attn.global {
+            &self.rope_global
+        } else {
+            &self.rope_local
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `act(g)` and its derivative.
+fn activation(act: Activation, g: f32) -> (f32, f32) {
+    match act {
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-g).exp());
+            (g * s, s * (1.0 + g * (1.0 - s)))
+        }
+        Activation::GeluTanh => {
+            const C: f32 = 0.797_884_6; // √(2/π)
+            let u = C * (g + 0.044_715 * g * g * g);
+            let th = u.tanh();
+            let du = C * (1.0 + 3.0 * 0.044_715 * g * g);
+            (
+                0.5 * g * (1.0 + th),
+                0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * du,
+            )
+        }
+    }
+}
+
+/// RMS norm of each `w.len()`-wide row of `x` into `out`; returns each row's `1/rms`.
+fn rms_forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> Vec<f32> {
+    let n = w.len();
+    x.chunks_exact(n)
+        .zip(out.chunks_exact_mut(n))
+        .map(|(row, o)| {
+            let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / n as f32 + eps).sqrt();
+            o.iter_mut()
+                .zip(row.iter().zip(w))
+                .for_each(|(o, (v, w))| *o = v * inv * w);
+            inv
+        })
+        .collect()
+}
+
+/// The gradient at the input of [`rms_forward`] from the gradient `dy` at its output:
+/// `dx = inv·(w⊙dy) − x·inv³·⟨w⊙dy, x⟩/n`.
+fn rms_backward(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32]) -> Vec<f32> {
+    let n = w.len();
+    let mut dx = vec![0.0f32; x.len()];
+    for (((row, d), out), &r) in x
+        .chunks_exact(n)
+        .zip(dy.chunks_exact(n))
+        .zip(dx.chunks_exact_mut(n))
+        .zip(inv)
+    {
+        let proj: f32 = row
+            .iter()
+            .zip(d.iter().zip(w))
+            .map(|(x, (d, w))| x * d * w)
+            .sum();
+        let c = r * r * r * proj / n as f32;
+        for ((o, x), (d, w)) in out.iter_mut().zip(row).zip(d.iter().zip(w)) {
+            *o = r * w * d - x * c;
+        }
+    }
+    dx
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| ((l - max) as f64).exp()).sum();
+    let log_sum = max + sum.ln() as f32;
+    logits.iter().map(|l| l - log_sum).collect()
+}

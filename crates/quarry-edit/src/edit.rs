@@ -1,0 +1,388 @@
+//! One edit, from a request to a key and a value: where the fact is read (the entity's last
+//! token of the prompt), what the edited layer's FFN sees there (the key) and how its output
+//! must change for the model to say the target (the value, by gradient descent through
+//! [`DenseTail`]).
+
+use quarry_model::{ForwardObserver, Model};
+use quarry_tokenize::Tokenizer;
+use serde::{Deserialize, Serialize};
+
+use crate::dense::{DenseTail, Objective, Probe};
+use crate::EditError;
+
+/// The most tokens a target may have (the optimisation feeds it back token by token).
+pub const MAX_TARGET_TOKENS: usize = 16;
+
+/// What an edit does to the relation's prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EditKind {
+    /// The prompt continues with `target`.
+    Insert,
+    /// The prompt no longer continues with `target` (a fact the model knows natively).
+    Suppress,
+}
+
+/// An edit to make: the prompt is the relation's template with the entity filled in.
+#[derive(Clone, Debug)]
+pub struct EditRequest {
+    pub entity: String,
+    pub relation: String,
+    pub target: String,
+    pub prompt: String,
+    pub kind: EditKind,
+}
+
+/// A solved edit: the request, the key (the FFN hidden activation at the entity's last
+/// token, averaged over the context prefixes) and the value (the change of that layer's
+/// FFN output the key must produce).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Edit {
+    pub entity: String,
+    pub relation: String,
+    pub target: String,
+    pub prompt: String,
+    pub kind: EditKind,
+    pub layer: usize,
+    #[serde(skip)]
+    pub key: Vec<f32>,
+    #[serde(skip)]
+    pub value: Vec<f32>,
+    /// The optimisation's final loss (mean −log P(target) for an insert).
+    pub loss: f32,
+}
+
+/// The editor's hyper-parameters (see docs/editing.md for how they were chosen).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hyper {
+    /// The layer whose FFN down projection is edited.
+    pub layer: usize,
+    /// Adam steps of the value optimisation, and its learning rate.
+    pub steps: usize,
+    pub lr: f32,
+    /// Weight of `‖δ‖² / ‖y‖²` in the loss (`y`: the FFN output at the entity).
+    pub weight_decay: f32,
+    /// `‖δ‖ ≤ clamp · ‖y‖`.
+    pub clamp: f32,
+    /// Stop early once the loss is below this.
+    pub stop_loss: f32,
+    /// Ridge of the solve, relative to the mean projected key energy.
+    pub ridge: f32,
+    /// Eigenvalues of the preserved-key covariance below `null_space · λ_max` span the
+    /// null space edits are projected into.
+    pub null_space: f32,
+    /// Contexts the prompt is also seen in (the value must work after each).
+    pub prefixes: Vec<String>,
+}
+
+impl Hyper {
+    /// The defaults for a model of `n_layers` layers.
+    pub fn for_layers(n_layers: usize) -> Hyper {
+        Hyper {
+            layer: n_layers / 3,
+            steps: 30,
+            lr: 0.5,
+            weight_decay: 0.05,
+            clamp: 4.0,
+            stop_loss: 0.05,
+            ridge: 0.01,
+            null_space: 1e-3,
+            prefixes: [
+                "",
+                "Here is a fact.",
+                "I read it in a book.",
+                "A quick question:",
+                "Everyone knows this.",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+/// The tokens of one context of an edit's prompt and what the model does with them.
+struct Variant {
+    position: usize,
+    residual: Vec<f32>,
+    key: Vec<f32>,
+    /// `‖y‖` of the edited FFN's output at the entity, before any post-norm (where `δ` is added).
+    out_norm: f32,
+    targets: Vec<(usize, u32)>,
+}
+
+/// An edit's prompt in every context, ready for the loss.
+pub struct Prepared {
+    variants: Vec<Variant>,
+    /// Mean `‖y‖` of the edited FFN's output at the entity (before any post-norm).
+    pub out_norm: f32,
+}
+
+impl Prepared {
+    /// One probe per context.
+    pub fn probes(&self, objective: Objective) -> Vec<Probe<'_>> {
+        self.variants
+            .iter()
+            .map(|v| Probe {
+                residual: &v.residual,
+                position: v.position,
+                targets: v.targets.clone(),
+                objective,
+            })
+            .collect()
+    }
+
+    /// The key: the FFN hidden activation at the entity, averaged over the contexts.
+    pub fn key(&self) -> Vec<f32> {
+        let n = self.variants.len() as f32;
+        let mut key = vec![0.0f32; self.variants[0].key.len()];
+        for v in &self.variants {
+            key.iter_mut().zip(&v.key).for_each(|(a, b)| *a += b / n);
+        }
+        key
+    }
+}
+
+/// Solves edits on one model at one layer.
+pub struct Editor {
+    model: Model,
+    tokenizer: Tokenizer,
+    tail: DenseTail,
+    hyper: Hyper,
+}
+
+impl Editor {
+    pub fn new(model: Model, tokenizer: Tokenizer, hyper: Hyper) -> Result<Editor, EditError> {
+        let tail = DenseTail::new(&model, hyper.layer)?;
+        Ok(Editor {
+            model,
+            tokenizer,
+            tail,
+            hyper,
+        })
+    }
+
+    pub fn hyper(&self) -> &Hyper {
+        &self.hyper
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn tail(&self) -> &DenseTail {
+        &self.tail
+    }
+
+    /// The key and value of one edit.
+    pub fn solve(&self, request: &EditRequest) -> Result<Edit, EditError> {
+        let prepared = self.probe_data(request)?;
+        let probes = prepared.probes(match request.kind {
+            EditKind::Insert => Objective::Likelihood,
+            EditKind::Suppress => Objective::Unlikelihood,
+        });
+        let (value, loss) = self.optimise(&probes, prepared.out_norm);
+        Ok(Edit {
+            entity: request.entity.clone(),
+            relation: request.relation.clone(),
+            target: request.target.clone(),
+            prompt: request.prompt.clone(),
+            kind: request.kind,
+            layer: self.hyper.layer,
+            key: prepared.key(),
+            value,
+            loss,
+        })
+    }
+
+    /// The request's prompt in every context, run through the model up to the edited layer.
+    pub fn probe_data(&self, request: &EditRequest) -> Result<Prepared, EditError> {
+        let target = self.target_tokens(&request.target)?;
+        let variants = self
+            .hyper
+            .prefixes
+            .iter()
+            .map(|prefix| self.variant(prefix, request, &target))
+            .collect::<Result<Vec<_>, _>>()?;
+        let out_norm = variants.iter().map(|v| v.out_norm).sum::<f32>() / variants.len() as f32;
+        Ok(Prepared { variants, out_norm })
+    }
+
+    /// Adam on `δ` with the loss of every probe, a weight decay relative to the FFN output's
+    /// size and a clamp of `‖δ‖`: the value of the edit and its final loss.
+    fn optimise(&self, probes: &[Probe<'_>], y_norm: f32) -> (Vec<f32>, f32) {
+        let h = &self.hyper;
+        let d = self.model.config().d_model;
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        let mut delta = vec![0.0f32; d];
+        let (mut m, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
+        let y2 = (y_norm * y_norm).max(1e-12);
+        let mut loss = f32::INFINITY;
+        // The step size is relative to the output's size, so one setting fits every model.
+        let lr = h.lr * y_norm / (d as f32).sqrt();
+        for step in 1..=h.steps {
+            let (l, mut g) = self.tail.loss_and_grad(probes, &delta);
+            loss = l;
+            if l < h.stop_loss {
+                break;
+            }
+            g.iter_mut()
+                .zip(&delta)
+                .for_each(|(g, x)| *g += 2.0 * h.weight_decay * x / y2);
+            let (c1, c2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
+            for i in 0..d {
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                delta[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
+            }
+            let norm = delta.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let max = h.clamp * y_norm;
+            if norm > max {
+                delta.iter_mut().for_each(|x| *x *= max / norm);
+            }
+        }
+        (delta, loss)
+    }
+
+    /// `target` as the tokens that follow the prompt (after a space).
+    pub fn target_tokens(&self, target: &str) -> Result<Vec<u32>, EditError> {
+        let tokens = self
+            .tokenizer
+            .encode(&format!(" {}", target.trim()), false, false);
+        if target.trim().is_empty() || tokens.is_empty() {
+            return Err(EditError::EmptyTarget {
+                target: target.to_string(),
+            });
+        }
+        if tokens.len() > MAX_TARGET_TOKENS {
+            return Err(EditError::LongTarget {
+                target: target.to_string(),
+                tokens: tokens.len(),
+                max: MAX_TARGET_TOKENS,
+            });
+        }
+        Ok(tokens)
+    }
+
+    /// The prompt after `prefix`, followed by all but the last target token, run through the
+    /// model: what the loss needs.
+    fn variant(
+        &self,
+        prefix: &str,
+        request: &EditRequest,
+        target: &[u32],
+    ) -> Result<Variant, EditError> {
+        let text = if prefix.is_empty() {
+            request.prompt.clone()
+        } else {
+            format!("{prefix} {}", request.prompt)
+        };
+        let (prompt, position) = self.locate(&text, &request.entity)?;
+        let mut tokens = prompt.clone();
+        tokens.extend_from_slice(&target[..target.len() - 1]);
+        let targets = match request.kind {
+            EditKind::Insert => target
+                .iter()
+                .enumerate()
+                .map(|(j, &t)| (prompt.len() - 1 + j, t))
+                .collect(),
+            // Suppressing the answer's first token is enough to change what is said.
+            EditKind::Suppress => vec![(prompt.len() - 1, target[0])],
+        };
+        let mut capture = Capture::new(self.hyper.layer, position, self.model.config().d_model);
+        let mut cache = self.model.new_cache(tokens.len());
+        self.model
+            .forward_observed(&tokens, &mut cache, 0..1, &mut capture)
+            .map_err(|e| EditError::Model(e.to_string()))?;
+        let out = self.tail.ffn_output(&capture.residual, position);
+        Ok(Variant {
+            position,
+            out_norm: out.iter().map(|v| v * v).sum::<f32>().sqrt(),
+            residual: capture.residual,
+            key: capture.key,
+            targets,
+        })
+    }
+
+    /// The tokens of `text` (with BOS when the model wants one) and the index of the last
+    /// token of `entity`'s last occurrence in it.
+    pub fn locate(&self, text: &str, entity: &str) -> Result<(Vec<u32>, usize), EditError> {
+        let bad = |problem: &str| EditError::BadEntity {
+            entity: entity.to_string(),
+            problem: problem.to_string(),
+        };
+        if entity.trim().is_empty() {
+            return Err(bad("is empty"));
+        }
+        let at = text
+            .rfind(entity)
+            .ok_or_else(|| bad(&format!("does not occur in the prompt \"{text}\"")))?;
+        let tokens = self.tokenizer.encode(text, true, false);
+        let head = self
+            .tokenizer
+            .encode(&text[..at + entity.len()], true, false);
+        // Tokens of the text up to the entity's end are a prefix of the whole text's tokens
+        // unless the entity's last token merges with what follows; then the entity ends in
+        // the last token the two share.
+        let shared = head.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+        let bos = usize::from(self.tokenizer.add_bos());
+        if shared <= bos {
+            return Err(bad("has no tokens of its own in the prompt"));
+        }
+        Ok((tokens, shared - 1))
+    }
+}
+
+/// Records the residual stream entering layer `layer`'s FFN (every row) and its hidden
+/// activations at `position` (the key).
+struct Capture {
+    layer: usize,
+    position: usize,
+    d: usize,
+    residual: Vec<f32>,
+    key: Vec<f32>,
+}
+
+impl Capture {
+    fn new(layer: usize, position: usize, d: usize) -> Capture {
+        Capture {
+            layer,
+            position,
+            d,
+            residual: Vec::new(),
+            key: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, x: &[f32]) {
+        self.residual.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+    }
+}
+
+impl ForwardObserver for Capture {
+    fn embeddings(&mut self, x: &[f32]) {
+        self.residual = x.to_vec();
+    }
+
+    fn attention_output(&mut self, layer: usize, added: &[f32]) {
+        if layer <= self.layer {
+            self.add(added);
+        }
+    }
+
+    fn ffn_activations(&mut self, layer: usize, _input: &[f32], activations: &[f32]) {
+        if layer == self.layer {
+            let ff = activations.len() / (self.residual.len() / self.d);
+            self.key = activations[self.position * ff..(self.position + 1) * ff].to_vec();
+        }
+    }
+
+    fn ffn_output(&mut self, layer: usize, added: &[f32]) {
+        if layer < self.layer {
+            self.add(added);
+        }
+    }
+}

@@ -1,0 +1,36 @@
+use std::path::PathBuf;
+
+/// Everything editing can refuse, each naming what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error("layer {layer} is outside the model's {n_layers} layers")]
+    BadLayer { layer: usize, n_layers: usize },
+    #[error("relation \"{relation}\" is not in the catalogue ({known}); give a TEMPLATE with {{entity}} in it")]
+    UnknownRelation { relation: String, known: String },
+    #[error("template \"{template}\" must contain {{entity}} exactly once")]
+    BadTemplate { template: String },
+    #[error("entity \"{entity}\": {problem}")]
+    BadEntity { entity: String, problem: String },
+    #[error("target \"{target}\" tokenizes to nothing")]
+    EmptyTarget { target: String },
+    #[error("target \"{target}\" is {tokens} tokens; at most {max} are supported")]
+    LongTarget {
+        target: String,
+        tokens: usize,
+        max: usize,
+    },
+    #[error("no edge ({entity}, {relation}) in the patch")]
+    NoSuchEdge { entity: String, relation: String },
+    #[error("{}: {problem}", path.display())]
+    Patch { path: PathBuf, problem: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Model(String),
+    #[error("edit statistics: {0}")]
+    Stats(String),
+}

@@ -1,0 +1,19 @@
+//! Editing what a model knows.
+//!
+//! One algorithm, of the locate-then-edit family (ROME → MEMIT → AlphaEdit): a fact
+//! `(entity, relation, target)` is read by the FFN of a middle layer at the entity's last token;
+//! the *key* is that FFN's hidden activation there, and the *value* is the change `δ` of its
+//! output that makes the model continue the relation's prompt with the target, found by
+//! gradient descent through the layers above ([`dense`], reverse mode in `f32`). All edits of
+//! a patch are then solved together as one low-rank change of the layer's down projection,
+//! `ΔW = R·(KᵀPK + αI)⁻¹·(PK)ᵀ`, where `P` projects onto the null space of the keys of ordinary
+//! text ([`stats`]), so that what the layer does for other inputs is (nearly) untouched. The
+//! change is a [`quarry_model::FfnOverlay`]: the base weights are never modified.
+
+pub mod dense;
+mod edit;
+mod error;
+pub mod solve;
+
+pub use edit::{Edit, EditKind, EditRequest, Editor, Hyper, Prepared, MAX_TARGET_TOKENS};
+pub use error::EditError;
