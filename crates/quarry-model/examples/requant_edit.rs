@@ -129,8 +129,9 @@ fn solve(mut g: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
     for i in 0..n {
         for j in i + 1..n {
             let f = g[j][i] / g[i][i];
-            for k in i..n {
-                g[j][k] -= f * g[i][k];
+            let (upper, lower) = g.split_at_mut(j);
+            for (x, y) in lower[0][i..].iter_mut().zip(&upper[i][i..]) {
+                *x -= f * y;
             }
             b[j] -= f * b[i];
         }
