@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use quarry_edit::dense::Objective;
+use quarry_edit::solve::KeyStats;
 use quarry_edit::{EditKind, EditRequest, Editor, Hyper};
 use quarry_format::GgufFile;
 use quarry_model::Model;
@@ -15,12 +16,19 @@ fn main() {
     let file = Arc::new(GgufFile::open(&args[1]).unwrap());
     let tokenizer = Tokenizer::from_gguf(&file).unwrap();
     let model = Model::load(file).unwrap();
+    let ff = model.config().ff_dim;
+    // Statistics that leave every direction free: the gradients do not depend on them.
+    let stats = KeyStats {
+        eigenvalues: vec![0.0; ff],
+        eigenvectors: (0..ff * ff).map(|i| f32::from(i % (ff + 1) == 0)).collect(),
+        tokens: 0,
+    };
     let mut hyper = Hyper::for_layers(model.config().n_layers);
     if let Some(l) = args.get(2) {
         hyper.layer = l.parse().unwrap();
     }
     let t = Instant::now();
-    let ed = Editor::new(model, tokenizer, hyper).unwrap();
+    let ed = Editor::new(model, tokenizer, hyper, &stats).unwrap();
     println!("dense tail: {:?}", t.elapsed());
     let req = EditRequest {
         entity: "France".into(),

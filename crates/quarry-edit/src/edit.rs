@@ -3,12 +3,52 @@
 //! must change for the model to say the target (the value, by gradient descent through
 //! [`DenseTail`]).
 
-use quarry_model::{ForwardObserver, Model};
+use quarry_model::{ForwardObserver, LowRank, Model};
 use quarry_tokenize::Tokenizer;
 use serde::{Deserialize, Serialize};
 
 use crate::dense::{DenseTail, Objective, Probe};
+use crate::solve::{solve, KeyStats, NullSpace};
 use crate::EditError;
+
+/// Tokens of ordinary text the key statistics are estimated from.
+pub const STATS_TOKENS: usize = 20_000;
+
+/// The key statistics of `layer`: read from `cache_dir` when a previous run left them there
+/// for the same base (`base_sha256`) and layer, otherwise estimated from the first
+/// [`STATS_TOKENS`] tokens of `corpus` and saved there.
+pub fn key_stats(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    base_sha256: &str,
+    layer: usize,
+    corpus: &str,
+    cache_dir: Option<&std::path::Path>,
+) -> Result<KeyStats, EditError> {
+    let ff = model.config().ff_dim;
+    let path = cache_dir.map(|dir| {
+        dir.join(format!(
+            "{}-layer{layer}-{STATS_TOKENS}.stats",
+            &base_sha256[..base_sha256.len().min(16)]
+        ))
+    });
+    if let Some(stats) = path.as_deref().and_then(|p| KeyStats::load(p, ff)) {
+        return Ok(stats);
+    }
+    let mut tokens = tokenizer.encode(corpus, false, false);
+    tokens.truncate(STATS_TOKENS);
+    if tokens.len() < 1000 {
+        return Err(EditError::Stats(format!(
+            "the text for the key statistics has only {} tokens (at least 1000 needed)",
+            tokens.len()
+        )));
+    }
+    let stats = KeyStats::compute(model, layer, &tokens, 512)?;
+    if let Some(p) = &path {
+        stats.save(p)?;
+    }
+    Ok(stats)
+}
 
 /// The most tokens a target may have (the optimisation feeds it back token by token).
 pub const MAX_TARGET_TOKENS: usize = 16;
@@ -148,17 +188,54 @@ pub struct Editor {
     tokenizer: Tokenizer,
     tail: DenseTail,
     hyper: Hyper,
+    null: NullSpace,
 }
 
 impl Editor {
-    pub fn new(model: Model, tokenizer: Tokenizer, hyper: Hyper) -> Result<Editor, EditError> {
+    /// An editor of `hyper.layer`, whose solves keep out of the span of `stats` (the key
+    /// statistics of that layer, [`key_stats`]).
+    pub fn new(
+        model: Model,
+        tokenizer: Tokenizer,
+        hyper: Hyper,
+        stats: &KeyStats,
+    ) -> Result<Editor, EditError> {
         let tail = DenseTail::new(&model, hyper.layer)?;
+        if stats.dim() != model.config().ff_dim {
+            return Err(EditError::Stats(format!(
+                "statistics of {} features for a layer of {}",
+                stats.dim(),
+                model.config().ff_dim
+            )));
+        }
+        let null = stats.null_space(hyper.null_space);
         Ok(Editor {
             model,
             tokenizer,
             tail,
             hyper,
+            null,
         })
+    }
+
+    /// The overlay that gives every edit of `edits` made at this editor's layer its value,
+    /// solved together (edits at other layers are left out); `None` when there are none.
+    pub fn delta(&self, edits: &[Edit]) -> Option<LowRank> {
+        let mine: Vec<&Edit> = edits
+            .iter()
+            .filter(|e| e.layer == self.hyper.layer)
+            .collect();
+        solve(
+            &mine,
+            &self.null,
+            self.hyper.ridge,
+            self.model.config().d_model,
+        )
+    }
+
+    /// Dimensions of the null space edits are confined to.
+    pub fn null_space_dim(&self) -> usize {
+        self.null.dim()
     }
 
     pub fn hyper(&self) -> &Hyper {

@@ -15,5 +15,8 @@ mod edit;
 mod error;
 pub mod solve;
 
-pub use edit::{Edit, EditKind, EditRequest, Editor, Hyper, Prepared, MAX_TARGET_TOKENS};
+pub use edit::{
+    key_stats, Edit, EditKind, EditRequest, Editor, Hyper, Prepared, MAX_TARGET_TOKENS,
+    STATS_TOKENS,
+};
 pub use error::EditError;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use quarry_edit::dense::{Objective, Probe};
+use quarry_edit::solve::KeyStats;
 use quarry_edit::{EditKind, EditRequest, Editor, Hyper};
 use quarry_fixtures::{model_path, TestModel};
 use quarry_format::GgufFile;
@@ -15,9 +16,16 @@ fn editor(which: TestModel, layer_from_top: usize) -> Editor {
     let file = Arc::new(GgufFile::open(model_path(which)).unwrap());
     let tokenizer = Tokenizer::from_gguf(&file).unwrap();
     let model = Model::load(file).unwrap();
+    let ff = model.config().ff_dim;
+    // Statistics that leave every direction free: the gradients do not depend on them.
+    let stats = KeyStats {
+        eigenvalues: vec![0.0; ff],
+        eigenvectors: (0..ff * ff).map(|i| f32::from(i % (ff + 1) == 0)).collect(),
+        tokens: 0,
+    };
     let mut hyper = Hyper::for_layers(model.config().n_layers);
     hyper.layer = model.config().n_layers - layer_from_top;
-    Editor::new(model, tokenizer, hyper).unwrap()
+    Editor::new(model, tokenizer, hyper, &stats).unwrap()
 }
 
 fn check(which: TestModel) {
