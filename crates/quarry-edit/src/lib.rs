@@ -10,9 +10,11 @@
 //! text ([`stats`]), so that what the layer does for other inputs is (nearly) untouched. The
 //! change is a [`quarry_model::FfnOverlay`]: the base weights are never modified.
 
+pub mod catalogue;
 pub mod dense;
 mod edit;
 mod error;
+pub mod patch;
 pub mod solve;
 
 pub use edit::{
@@ -20,3 +22,4 @@ pub use edit::{
     STATS_TOKENS,
 };
 pub use error::EditError;
+pub use patch::{Base, Patch};

@@ -1,0 +1,182 @@
+//! The relation catalogue: each relation's prompt templates, used to make an edit (template 0,
+//! the rewrite prompt) and to test it on paraphrases (the others).
+//!
+//! A relation is named by its catalogue name or one of its aliases, in any case. A relation
+//! phrase that is not in the catalogue is accepted as free text when it reads as "the X of":
+//! two words or more ending in "of" ("mayor of", "head of state of"); the free-text templates
+//! then use the phrase without its "of" ("The mayor of {entity} is"). Other phrases are
+//! refused rather than guessed at: a single unknown word is more likely a misspelt name
+//! ("captial") than a relation, and a verb phrase ("written by", "located near") has no
+//! noun form the templates could use. `TEMPLATE "…{entity}…"` overrides all of this.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+
+use crate::EditError;
+
+/// The placeholder each template holds exactly once.
+pub const ENTITY: &str = "{entity}";
+
+/// The key of the free-text entry, and the placeholder of its templates.
+const FREE_TEXT: &str = "free_text";
+const RELATION: &str = "{relation}";
+
+#[derive(Deserialize)]
+struct Entry {
+    #[serde(default)]
+    aliases: Vec<String>,
+    templates: Vec<String>,
+}
+
+fn catalogue() -> &'static BTreeMap<String, Entry> {
+    static CATALOGUE: OnceLock<BTreeMap<String, Entry>> = OnceLock::new();
+    CATALOGUE.get_or_init(|| {
+        // Embedded and checked by this crate's tests, so a parse failure is a build defect.
+        serde_json::from_str(include_str!("../catalogue.json"))
+            .expect("catalogue.json is valid (checked by the catalogue tests)")
+    })
+}
+
+/// The catalogue's relation names (not the free-text entry), sorted.
+pub fn relations() -> Vec<&'static str> {
+    catalogue()
+        .keys()
+        .filter(|k| *k != FREE_TEXT)
+        .map(String::as_str)
+        .collect()
+}
+
+/// The templates for `relation`: `template` alone when given (it must hold `{entity}` exactly
+/// once), else the relation's catalogue templates, else the free-text templates for a phrase
+/// ending in "of" (see the module documentation). Template 0 is the rewrite prompt.
+pub fn templates(relation: &str, template: Option<&str>) -> Result<Vec<String>, EditError> {
+    if let Some(t) = template {
+        if t.matches(ENTITY).count() != 1 {
+            return Err(EditError::BadTemplate {
+                template: t.to_string(),
+            });
+        }
+        return Ok(vec![t.to_string()]);
+    }
+    let wanted = normalise(relation);
+    if let Some(entry) = catalogue().iter().find_map(|(name, entry)| {
+        let named = name != FREE_TEXT
+            && (normalise(name) == wanted || entry.aliases.iter().any(|a| normalise(a) == wanted));
+        named.then_some(entry)
+    }) {
+        return Ok(entry.templates.clone());
+    }
+    let words: Vec<&str> = wanted.split(' ').collect();
+    let phrase_ok = words.len() >= 2
+        && words.last() == Some(&"of")
+        && relation
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '\''));
+    if !phrase_ok {
+        return Err(EditError::UnknownRelation {
+            relation: relation.to_string(),
+            known: format!(
+                "known: {}, their aliases, or a phrase ending in \"of\" such as \"mayor of\"",
+                relations().join(", ")
+            ),
+        });
+    }
+    let noun = words[..words.len() - 1].join(" ");
+    Ok(catalogue()[FREE_TEXT]
+        .templates
+        .iter()
+        .map(|t| t.replace(RELATION, &noun))
+        .collect())
+}
+
+/// `template` with `entity` in place of `{entity}`.
+pub fn fill(template: &str, entity: &str) -> String {
+    template.replacen(ENTITY, entity, 1)
+}
+
+/// Lower case, words separated by single spaces.
+fn normalise(s: &str) -> String {
+    s.split_whitespace()
+        .map(str::to_lowercase)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_entry_holds_the_entity_once_and_the_issue_relations_are_there() {
+        for (name, entry) in catalogue() {
+            assert!(!entry.templates.is_empty(), "{name}");
+            for t in &entry.templates {
+                assert_eq!(t.matches(ENTITY).count(), 1, "{name}: {t}");
+                assert_eq!(
+                    t.matches(RELATION).count(),
+                    usize::from(name == FREE_TEXT),
+                    "{name}: {t}"
+                );
+            }
+        }
+        for r in [
+            "capital",
+            "language",
+            "currency",
+            "country",
+            "continent",
+            "opposite",
+        ] {
+            assert!(relations().contains(&r), "{r}");
+        }
+    }
+
+    #[test]
+    fn names_and_aliases_in_any_case_give_the_catalogue_templates() {
+        let capital = templates("capital", None).unwrap();
+        assert_eq!(capital[0], "The capital of {entity} is the city of");
+        assert_eq!(templates("  Capital   OF ", None).unwrap(), capital);
+        assert_eq!(
+            templates("written by", None).unwrap(),
+            templates("author", None).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_phrase_ending_in_of_uses_the_free_text_templates() {
+        let t = templates("Mayor of", None).unwrap();
+        assert_eq!(t[0], "The mayor of {entity} is");
+        assert!(t.iter().all(|t| !t.contains(RELATION)));
+        assert_eq!(
+            fill(&templates("head of state of", None).unwrap()[0], "Peru"),
+            "The head of state of Peru is"
+        );
+    }
+
+    #[test]
+    fn anything_else_is_refused_naming_the_known_relations() {
+        for bad in ["captial", "located near", "of", "", "boss {entity} of"] {
+            let e = templates(bad, None).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, EditError::UnknownRelation { .. }), "{bad}: {e}");
+            assert!(text.contains("capital, continent"), "{text}");
+            assert!(text.contains("TEMPLATE"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_template_overrides_and_must_hold_the_entity_once() {
+        assert_eq!(
+            templates("anything at all", Some("{entity} is run by")).unwrap(),
+            vec!["{entity} is run by".to_string()]
+        );
+        for bad in ["no entity", "{entity} and {entity}"] {
+            assert!(matches!(
+                templates("capital", Some(bad)),
+                Err(EditError::BadTemplate { .. })
+            ));
+        }
+    }
+}
