@@ -124,7 +124,7 @@ impl Hyper {
             lr: 0.5,
             weight_decay: 0.05,
             clamp: 4.0,
-            stop_loss: 0.05,
+            stop_loss: 0.5,
             ridge: 0.01,
             null_space: 1e-3,
             prefixes: [

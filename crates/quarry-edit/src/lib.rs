@@ -14,6 +14,7 @@ pub mod catalogue;
 pub mod dense;
 mod edit;
 mod error;
+pub mod eval;
 pub mod patch;
 pub mod solve;
 

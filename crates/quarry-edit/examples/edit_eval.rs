@@ -1,0 +1,208 @@
+//! The edit evaluation behind `scripts/edit-eval` (docs/editing.md):
+//!
+//! ```text
+//! edit_eval MODEL.gguf SET.json [--sizes 1,10,100] [--sequential 10] [--layer L]
+//!           [--null-space X] [--ridge X] [--steps N] [--lr X] [--clamp X] [--weight-decay X]
+//!           [--stop-loss X]
+//!           [--ppl-ctx 512] [--json OUT]
+//! ```
+//! For each size N the first N cases are solved into one patch and scored; `--sequential K`
+//! makes K one-edit patches one after another and scores their stack. Prints one line per
+//! run and writes every number with `--json`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use quarry_edit::eval::{self, Case, Scores};
+use quarry_edit::{key_stats, Edit, EditKind, EditRequest, Editor, Hyper};
+use quarry_format::GgufFile;
+use quarry_model::Model;
+use quarry_tokenize::Tokenizer;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("edit_eval: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}: bad value {v}"))
+        })
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let (model_path, set_path) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]));
+    let sizes: Vec<usize> = flag::<String>(&args, "--sizes")
+        .unwrap_or_else(|| "1,10,100".into())
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let sequential: usize = flag(&args, "--sequential").unwrap_or(10);
+    let ppl_ctx: usize = flag(&args, "--ppl-ctx").unwrap_or(512);
+
+    let set: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&set_path)?)?;
+    let cases: Vec<Case> = serde_json::from_value(set["edits"].clone())?;
+    let file = Arc::new(GgufFile::open(&model_path)?);
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let editor_tokenizer = Tokenizer::from_gguf(&file)?;
+    let base = Model::load(file)?;
+    let mut hyper = Hyper::for_layers(base.config().n_layers);
+    if let Some(l) = flag(&args, "--layer") {
+        hyper.layer = l;
+    }
+    if let Some(x) = flag(&args, "--null-space") {
+        hyper.null_space = x;
+    }
+    if let Some(x) = flag(&args, "--ridge") {
+        hyper.ridge = x;
+    }
+    if let Some(x) = flag(&args, "--steps") {
+        hyper.steps = x;
+    }
+    if let Some(x) = flag(&args, "--lr") {
+        hyper.lr = x;
+    }
+    if let Some(x) = flag(&args, "--clamp") {
+        hyper.clamp = x;
+    }
+    if let Some(x) = flag(&args, "--stop-loss") {
+        hyper.stop_loss = x;
+    }
+    if let Some(x) = flag(&args, "--weight-decay") {
+        hyper.weight_decay = x;
+    }
+    let sha = sha256_of(&model_path)?;
+    let models_dir = model_path.parent().unwrap_or(Path::new("."));
+    let corpus = std::fs::read_to_string(models_dir.join("edit-corpus.txt"))?;
+    let cache = dirs_cache().join("edit-stats");
+    let t = Instant::now();
+    let stats = key_stats(&base, &tokenizer, &sha, hyper.layer, &corpus, Some(&cache))?;
+    let stats_s = t.elapsed().as_secs_f64();
+    let editor = Editor::new(base.clone(), editor_tokenizer, hyper.clone(), &stats)?;
+    println!(
+        "layer {} null space {} of {} dims (stats {:.1}s from {} tokens)",
+        hyper.layer,
+        editor.null_space_dim(),
+        stats.dim(),
+        stats_s,
+        stats.tokens
+    );
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/goldens/gpl-3.txt"),
+    )?;
+    let base_ppl = eval::text_perplexity(&base, &tokenizer, &text, ppl_ctx)?;
+    let max = sizes.iter().copied().max().unwrap_or(0).max(sequential);
+    let cases = &cases[..max.min(cases.len())];
+    let base_answers = eval::neighbour_answers(&base, &tokenizer, cases)?;
+    let unedited = eval::score(&base, &tokenizer, cases, &base_answers)?;
+    println!("unedited: {unedited:?} ppl {base_ppl:.4}");
+
+    // Every case's edit, solved once (an edit does not depend on the others).
+    let mut edits: Vec<Edit> = Vec::new();
+    let mut seconds = Vec::new();
+    for case in cases {
+        let t = Instant::now();
+        edits.push(editor.solve(&EditRequest {
+            entity: case.entity.clone(),
+            relation: case.relation.clone(),
+            target: case.new.clone(),
+            prompt: case.rewrite.clone(),
+            kind: EditKind::Insert,
+        })?);
+        seconds.push(t.elapsed().as_secs_f64());
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    println!(
+        "solved {} edits: {:.2} s per edit (mean), final loss {:.3} (mean)",
+        edits.len(),
+        mean(&seconds),
+        edits.iter().map(|e| e.loss as f64).sum::<f64>() / edits.len() as f64
+    );
+    let mut runs = Vec::new();
+    let mut report = |name: String,
+                      n: usize,
+                      model: &Model,
+                      solve_s: f64|
+     -> Result<(), Box<dyn std::error::Error>> {
+        let (c, answers) = (&cases[..n], &base_answers[..neighbours_of(&cases[..n])]);
+        let s: Scores = eval::score(model, &tokenizer, c, answers)?;
+        let ppl = eval::text_perplexity(model, &tokenizer, &text, ppl_ctx)?;
+        println!(
+            "{name}: efficacy {:.1}% paraphrase {:.1}% neighbourhood {:.1}% greedy-new {:.1}% ppl {ppl:.4} ({:+.2}%) solve {solve_s:.2}s",
+            100.0 * s.efficacy,
+            100.0 * s.paraphrase,
+            100.0 * s.neighbourhood,
+            100.0 * s.greedy_new,
+            100.0 * (ppl / base_ppl - 1.0)
+        );
+        runs.push(json!({"run": name, "edits": n, "scores": s, "ppl": ppl,
+            "ppl_change": ppl / base_ppl - 1.0, "solve_seconds": solve_s,
+            "edit_seconds_mean": mean(&seconds[..n])}));
+        Ok(())
+    };
+    for &n in &sizes {
+        let n = n.min(edits.len());
+        let t = Instant::now();
+        let delta = editor
+            .delta(&edits[..n])
+            .ok_or("no null space to edit in")?;
+        let solve_s = t.elapsed().as_secs_f64();
+        report(
+            format!("batch {n}"),
+            n,
+            &eval::patched(&base, hyper.layer, delta)?,
+            solve_s,
+        )?;
+    }
+    if sequential > 0 {
+        let n = sequential.min(edits.len());
+        let t = Instant::now();
+        let deltas: Vec<_> = edits[..n]
+            .iter()
+            .filter_map(|e| editor.delta(std::slice::from_ref(e)))
+            .collect();
+        let stacked = eval::stack(&deltas).ok_or("no deltas")?;
+        let solve_s = t.elapsed().as_secs_f64();
+        report(
+            format!("sequential {n}"),
+            n,
+            &eval::patched(&base, hyper.layer, stacked)?,
+            solve_s,
+        )?;
+    }
+    if let Some(out) = flag::<String>(&args, "--json") {
+        let doc = json!({"model": model_path, "set": set_path, "hyper": hyper,
+            "null_space_dims": editor.null_space_dim(), "stats_tokens": stats.tokens,
+            "unedited": unedited, "base_ppl": base_ppl, "runs": runs});
+        std::fs::write(out, serde_json::to_string_pretty(&doc)?)?;
+    }
+    Ok(())
+}
+
+fn neighbours_of(cases: &[Case]) -> usize {
+    cases.iter().map(|c| c.neighbours.len()).sum()
+}
+
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(path)?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+fn dirs_cache() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".cache/quarry")
+}

@@ -1,0 +1,184 @@
+//! Measuring edits the way the knowledge-editing literature does (CounterFact's protocol):
+//! efficacy (the rewrite prompt prefers the new target to the old), paraphrase success (the
+//! same on prompts of other templates), neighbourhood (prompts about other subjects keep
+//! their greedy answer) and perplexity on unrelated text.
+//!
+//! Every probability is the quantized forward pass's, with the edits' overlay installed
+//! exactly as generation uses it.
+
+use std::sync::Arc;
+
+use quarry_engine::perplexity;
+use quarry_model::{FfnOverlay, LowRank, Model};
+use quarry_tokenize::Tokenizer;
+use serde::{Deserialize, Serialize};
+
+use crate::EditError;
+
+/// One counterfactual of an evaluation set (`fixtures/edits/*.json`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Case {
+    pub entity: String,
+    pub relation: String,
+    pub old: String,
+    pub new: String,
+    pub rewrite: String,
+    pub paraphrases: Vec<String>,
+    pub neighbours: Vec<Neighbour>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Neighbour {
+    pub prompt: String,
+    pub answer: String,
+}
+
+/// The scores of one model (edited or not) on a set of cases, as fractions in `[0, 1]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Scores {
+    pub efficacy: f64,
+    pub paraphrase: f64,
+    /// Fraction of neighbourhood prompts whose greedy first token is the unedited model's.
+    pub neighbourhood: f64,
+    /// Fraction of rewrite prompts whose greedy first token is the new target's.
+    pub greedy_new: f64,
+}
+
+/// `log P(target | prompt)` summed over the target's tokens (after a space).
+pub fn target_logprob(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    target: &str,
+) -> Result<f64, EditError> {
+    let prompt_ids = tokenizer.encode(prompt, true, false);
+    let target_ids = tokenizer.encode(&format!(" {}", target.trim()), false, false);
+    if target_ids.is_empty() {
+        return Err(EditError::EmptyTarget {
+            target: target.into(),
+        });
+    }
+    let mut tokens = prompt_ids.clone();
+    tokens.extend_from_slice(&target_ids[..target_ids.len() - 1]);
+    let first = prompt_ids.len() - 1;
+    let mut cache = model.new_cache(tokens.len());
+    let logits = model
+        .forward(&tokens, &mut cache, first..tokens.len())
+        .map_err(|e| EditError::Model(e.to_string()))?;
+    let vocab = model.config().vocab_size;
+    Ok(logits
+        .chunks_exact(vocab)
+        .zip(&target_ids)
+        .map(|(row, &t)| perplexity::log_softmax_at(row, t as usize))
+        .sum())
+}
+
+/// The most likely next token after `prompt`.
+pub fn greedy_token(model: &Model, tokenizer: &Tokenizer, prompt: &str) -> Result<u32, EditError> {
+    let tokens = tokenizer.encode(prompt, true, false);
+    let mut cache = model.new_cache(tokens.len());
+    let logits = model
+        .forward(&tokens, &mut cache, tokens.len() - 1..tokens.len())
+        .map_err(|e| EditError::Model(e.to_string()))?;
+    Ok(argmax(&logits))
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
+        .0 as u32
+}
+
+/// The greedy first token of every neighbourhood prompt of `cases`, in order.
+pub fn neighbour_answers(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    cases: &[Case],
+) -> Result<Vec<u32>, EditError> {
+    cases
+        .iter()
+        .flat_map(|c| &c.neighbours)
+        .map(|n| greedy_token(model, tokenizer, &n.prompt))
+        .collect()
+}
+
+/// Scores `model` on `cases`; `base_answers` are the unedited model's
+/// [`neighbour_answers`].
+pub fn score(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    cases: &[Case],
+    base_answers: &[u32],
+) -> Result<Scores, EditError> {
+    let prefers_new = |prompt: &str, case: &Case| -> Result<bool, EditError> {
+        Ok(target_logprob(model, tokenizer, prompt, &case.new)?
+            > target_logprob(model, tokenizer, prompt, &case.old)?)
+    };
+    let (mut eff, mut para, mut para_n, mut greedy) = (0usize, 0usize, 0usize, 0usize);
+    for case in cases {
+        eff += usize::from(prefers_new(&case.rewrite, case)?);
+        for p in &case.paraphrases {
+            para += usize::from(prefers_new(p, case)?);
+            para_n += 1;
+        }
+        let new_first = tokenizer.encode(&format!(" {}", case.new.trim()), false, false)[0];
+        greedy += usize::from(greedy_token(model, tokenizer, &case.rewrite)? == new_first);
+    }
+    let answers = neighbour_answers(model, tokenizer, cases)?;
+    let kept = answers
+        .iter()
+        .zip(base_answers)
+        .filter(|(a, b)| a == b)
+        .count();
+    let frac = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    Ok(Scores {
+        efficacy: frac(eff, cases.len()),
+        paraphrase: frac(para, para_n),
+        neighbourhood: frac(kept, answers.len()),
+        greedy_new: frac(greedy, cases.len()),
+    })
+}
+
+/// Perplexity of `model` on `text` with llama.cpp's method (windows of `ctx`).
+pub fn text_perplexity(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    text: &str,
+    ctx: usize,
+) -> Result<f64, EditError> {
+    let tokens = tokenizer.encode(text, true, false);
+    let bos = tokenizer.add_bos().then(|| tokenizer.bos_id()).flatten();
+    perplexity::perplexity(model, &tokens, ctx, bos, |_, _, _| {})
+        .map(|r| r.ppl)
+        .map_err(|e| EditError::Model(e.to_string()))
+}
+
+/// Deltas at the same layer summed into one (their ranks side by side).
+pub fn stack(deltas: &[LowRank]) -> Option<LowRank> {
+    let first = deltas.first()?;
+    let (rows, cols) = (first.rows, first.cols);
+    let rank: usize = deltas.iter().map(|d| d.rank).sum();
+    let a: Vec<f32> = deltas.iter().flat_map(|d| d.a.iter().copied()).collect();
+    let mut b = Vec::with_capacity(rows * rank);
+    for r in 0..rows {
+        for d in deltas {
+            b.extend_from_slice(&d.b[r * d.rank..(r + 1) * d.rank]);
+        }
+    }
+    LowRank::new(rows, cols, rank, a, b)
+}
+
+/// `model` with `delta` at `layer` as its overlay.
+pub fn patched(model: &Model, layer: usize, delta: LowRank) -> Result<Model, EditError> {
+    let overlay = FfnOverlay::new(model.config().n_layers, [(layer, delta)]);
+    model
+        .with_overlay(Some(Arc::new(overlay)))
+        .map_err(|e| EditError::Model(e.to_string()))
+}
