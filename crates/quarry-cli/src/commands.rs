@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use quarry_engine::{perplexity as ppl, GenerateOptions, Generation, SamplingParams, Session};
 use quarry_format::GgufFile;
-use quarry_model::Model;
+use quarry_model::{read_adapter, Model};
 use quarry_tokenize::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::json;
 
@@ -24,6 +25,22 @@ pub(crate) const DEFAULT_CTX_LIMIT: usize = 4096;
 pub(crate) fn open(model: &str) -> Result<Arc<GgufFile>> {
     let path = models::resolve(model)?;
     Ok(Arc::new(GgufFile::open(&path)?))
+}
+
+/// Loads the model in `file` with the LoRA adapter `lora` (`--lora`), if given, as its
+/// overlay: the adapter is opened like any model file (a regular file, validated as GGUF) and
+/// checked against the model's shapes; every error names the adapter file.
+pub(crate) fn load_model(file: Arc<GgufFile>, lora: Option<&Path>) -> Result<Model> {
+    let model = Model::load(file)?;
+    let Some(path) = lora else {
+        return Ok(model);
+    };
+    // The adapter's data is copied into the overlay, so its file need not stay open.
+    let adapter = GgufFile::open(path).context("--lora")?;
+    let overlay = read_adapter(&adapter, model.config()).context("--lora")?;
+    model
+        .with_overlay(Some(Arc::new(overlay)))
+        .with_context(|| format!("--lora {}", path.display()))
 }
 
 /// Checks `--threads` (default: one thread per physical core, like llama.cpp) and starts the
@@ -97,7 +114,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     init_threads(a.gen.threads)?;
     let t0 = Instant::now();
     let file = open(&a.model)?;
-    let model = Model::load(Arc::clone(&file))?;
+    let model = load_model(Arc::clone(&file), a.gen.lora.as_deref())?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let load = t0.elapsed();
     let context = context_size(&a.gen, &model)?;
@@ -144,7 +161,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     init_threads(a.gen.threads)?;
     let t0 = Instant::now();
     let file = open(&a.model)?;
-    let model = Model::load(Arc::clone(&file))?;
+    let model = load_model(Arc::clone(&file), a.gen.lora.as_deref())?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let template = ChatTemplate::from_gguf(&file, &tokenizer)?;
     let load = t0.elapsed();
@@ -215,7 +232,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         "a perplexity text",
     )?;
     let file = open(&a.model)?;
-    let model = Model::load(Arc::clone(&file))?;
+    let model = load_model(Arc::clone(&file), a.lora.as_deref())?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     // The window is evaluated whole, and its scored half projected a few rows at a time.
     let cfg = model.config();
@@ -384,7 +401,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     crate::bench::check_args(&a)?;
     init_threads(a.threads)?;
     let file = open(&a.model)?;
-    let model = Model::load(Arc::clone(&file))?;
+    let model = load_model(Arc::clone(&file), a.lora.as_deref())?;
     crate::bench::check_sizes(&a, model.config())?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let bos = tokenizer.bos_id().filter(|_| tokenizer.add_bos());

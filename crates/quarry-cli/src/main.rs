@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// Knowledge statements (vindex routes) run at once; more wait up to --queue-timeout.
     #[arg(long, default_value_t = 2)]
     pub knowledge_parallel: usize,
+    /// A llama.cpp LoRA adapter GGUF (adapting ffn_down only, as `COMPILE … INTO ADAPTER`
+    /// writes) applied on top of the model's weights.
+    #[arg(long, value_name = "ADAPTER.gguf")]
+    pub lora: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -197,6 +201,10 @@ pub struct GenArgs {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// A llama.cpp LoRA adapter GGUF (adapting ffn_down only, as `COMPILE … INTO ADAPTER`
+    /// writes) applied on top of the model's weights.
+    #[arg(long, value_name = "ADAPTER.gguf")]
+    pub lora: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -240,6 +248,10 @@ pub struct PerplexityArgs {
     pub chunks: Option<usize>,
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// A llama.cpp LoRA adapter GGUF (adapting ffn_down only, as `COMPILE … INTO ADAPTER`
+    /// writes) applied on top of the model's weights.
+    #[arg(long, value_name = "ADAPTER.gguf")]
+    pub lora: Option<std::path::PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -291,6 +303,10 @@ pub struct BenchArgs {
     /// Skip the memory read-bandwidth measurement.
     #[arg(long)]
     pub no_bandwidth: bool,
+    /// A llama.cpp LoRA adapter GGUF (adapting ffn_down only, as `COMPILE … INTO ADAPTER`
+    /// writes) applied on top of the model's weights.
+    #[arg(long, value_name = "ADAPTER.gguf")]
+    pub lora: Option<std::path::PathBuf>,
     #[arg(long)]
     pub json: bool,
 }

@@ -10,12 +10,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use quarry_engine::{Engine, EngineConfig};
 use quarry_format::GgufFile;
-use quarry_model::Model;
 use quarry_query::Executor;
 use quarry_server::{router, ServedVindex, ServerConfig};
 use quarry_tokenize::{ChatTemplate, Tokenizer};
 
-use crate::commands::{init_threads, DEFAULT_CTX_LIMIT};
+use crate::commands::{init_threads, load_model, DEFAULT_CTX_LIMIT};
 use crate::{limits, models, ServeArgs};
 
 /// Positions per KV block (the attention kernel's key block: see docs/serve.md).
@@ -178,7 +177,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     } else {
         (models::resolve(&a.model)?, None)
     };
-    let model = Model::load(Arc::new(GgufFile::open(&model_path)?))?;
+    // With --lora the adapter is the overlay generation starts under.
+    let model = load_model(Arc::new(GgufFile::open(&model_path)?), a.lora.as_deref())?;
     // The server lives as long as the process: the tokenizer and template are leaked so that
     // request handlers on any thread can borrow them (the engine thread owns the model).
     let tokenizer: &'static Tokenizer = Box::leak(Box::new(Tokenizer::from_gguf(model.file())?));
