@@ -1,6 +1,7 @@
 //! Errors of running a statement. Each message names the statement (as canonical LQL) it
 //! came from, and says how to fix the problem where that is known.
 
+use quarry_edit::EditError;
 use quarry_lql::ParseError;
 use quarry_model::ModelError;
 use quarry_vindex::VindexError;
@@ -13,10 +14,13 @@ pub enum QueryError {
     NoVindex { statement: String },
     #[error("{statement}: {message}")]
     Invalid { statement: String, message: String },
-    /// A statement that parses but that this engine cannot run yet (the editing statements
-    /// of issue 15: INSERT, UPDATE, DELETE, patches, SHOW PATCHES and COMPILE).
-    #[error("{statement}: this statement is not available yet (editing, patches and COMPILE are not wired into the engine)")]
-    Unsupported { statement: String },
+    /// An edit, patch or COMPILE the editor refused (bad relation, entity, target or patch
+    /// file, among others).
+    #[error("{statement}: {source}")]
+    Edit {
+        statement: String,
+        source: Box<EditError>,
+    },
     // The sources are boxed: they are large, and every statement returns this error type.
     #[error("{statement}: {source}")]
     Vindex {

@@ -1,32 +1,47 @@
-//! The executor: keeps the open vindex (with its model, loaded once) and turns each statement
-//! into a [`ResultSet`].
+//! The executor: keeps the open vindex or model file (with its model, loaded once) and the
+//! editing session over it, and turns each statement into a [`ResultSet`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use quarry_format::GgufFile;
 use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
-use quarry_model::Model;
+use quarry_model::{FfnOverlay, Model};
+use quarry_tokenize::Tokenizer;
 use quarry_vindex::relations::FeatureEdge;
 use quarry_vindex::{Level, Vindex};
 
 use crate::browse::{band, edges, entity_input, ffn_input, pushes, strongest};
+use crate::edit::{Editing, Failure, Opened};
 use crate::error::QueryError;
 use crate::in_context;
 use crate::result::{Cell, ColumnType, ResultSet};
 use crate::select::select;
 use crate::trace::{attribute, ffn_feature_shares, run, softmax, top_n, Readout};
 
-/// Runs statements; state (the open vindex) carries from one to the next, as in a REPL.
+/// Runs statements; state (the open vindex or model file, and its edits) carries from one to
+/// the next, as in a REPL.
 ///
-/// Clones share the open vindex (its maps, relations, tokenizer and model) until one of them
-/// opens another: a server runs one clone per concurrent statement.
+/// Clones share the open vindex (its maps, relations, tokenizer and model) and its editing
+/// session until one of them opens another: a server runs one clone per concurrent statement,
+/// and an edit made through one clone is seen by the statements of every other.
 #[derive(Clone, Default)]
 pub struct Executor {
     vindex: Option<Arc<Vindex>>,
-    /// The vindex's model, loaded by the first statement that needs it (repacking the weights
-    /// takes a while) and kept for every later one, in every clone over the same vindex.
+    /// A GGUF file opened with `USE` (no vindex): INFER, TRACE and editing run on it.
+    gguf: Option<Arc<ModelFile>>,
+    /// The base model (without edits), loaded by the first statement that needs it
+    /// (repacking the weights takes a while) and kept for every later one, in every clone.
     model: Arc<OnceLock<Model>>,
+    edits: Arc<Editing>,
+}
+
+/// A model file opened without a vindex.
+struct ModelFile {
+    path: PathBuf,
+    file: Arc<GgufFile>,
+    tokenizer: Tokenizer,
 }
 
 impl Executor {
@@ -34,10 +49,11 @@ impl Executor {
         Executor::default()
     }
 
-    /// An executor with `dir` already open (like `USE "dir"`).
-    pub fn with_vindex(dir: impl AsRef<Path>) -> Result<Executor, QueryError> {
+    /// An executor with `path` already open, like `USE "path"`: a vindex directory or a GGUF
+    /// model file.
+    pub fn with_vindex(path: impl AsRef<Path>) -> Result<Executor, QueryError> {
         let mut e = Executor::new();
-        e.open(dir.as_ref(), "USE")?;
+        e.open(path.as_ref(), "USE")?;
         Ok(e)
     }
 
@@ -45,12 +61,31 @@ impl Executor {
     pub fn with_shared(vindex: Arc<Vindex>) -> Executor {
         Executor {
             vindex: Some(vindex),
-            model: Arc::default(),
+            ..Executor::default()
         }
     }
 
     pub fn vindex(&self) -> Option<&Vindex> {
         self.vindex.as_deref()
+    }
+
+    /// The overlay of the edits in effect (every applied patch and the open one); `None`
+    /// without edits. A new `Arc` after every change: compare with [`Arc::ptr_eq`] or
+    /// [`FfnOverlay::version`] to notice one.
+    pub fn overlay(&self) -> Option<Arc<FfnOverlay>> {
+        self.edits.current()
+    }
+
+    /// The open model with the edits in effect installed (loading it if no statement has):
+    /// what INFER runs, and what a server generates with.
+    pub fn model(&self) -> Result<Model, QueryError> {
+        let statement = "(the open model)";
+        let base = self.base_model(statement)?;
+        base.with_overlay(self.overlay())
+            .map_err(|source| QueryError::Model {
+                statement: statement.to_string(),
+                source: Box::new(source),
+            })
     }
 
     /// Parses and runs every statement of `script`, stopping at the first error.
@@ -80,18 +115,40 @@ impl Executor {
         match statement {
             Statement::Use { path } => self.open(Path::new(path), &text),
             Statement::Show(ShowTarget::Models) => Ok(show_models()),
-            // Refused before the vindex check: they fail the same way with or without one.
             Statement::Insert { .. }
             | Statement::Update { .. }
             | Statement::Delete { .. }
             | Statement::Patch(_)
             | Statement::Compile { .. }
-            | Statement::Show(ShowTarget::Patches) => {
-                Err(QueryError::Unsupported { statement: text })
+            | Statement::Show(ShowTarget::Patches) => self.edit(statement, &text),
+            Statement::Infer {
+                prompt,
+                top,
+                explain: false,
+                ..
+            } => {
+                let top = top.unwrap_or(10) as usize;
+                self.with_model(&text, |_, tok, model| infer(tok, model, prompt, top))
             }
+            Statement::Trace {
+                prompt,
+                target,
+                decompose,
+                layers,
+            } => self.with_model(&text, |_, tok, model| {
+                trace(tok, model, prompt, target.as_deref(), *decompose, *layers)
+            }),
             _ => {
-                let v = self.vindex.as_deref().ok_or(QueryError::NoVindex {
-                    statement: text.clone(),
+                let v = self.vindex.as_deref().ok_or_else(|| match self.gguf {
+                    Some(_) => invalid(
+                        "this statement reads a vindex, and a model file is open: INFER, TRACE \
+                         and the editing statements run on a model file; USE a vindex \
+                         (quarry extract MODEL --level inference -o NAME.vindex) for the rest"
+                            .into(),
+                    ),
+                    None => QueryError::NoVindex {
+                        statement: text.clone(),
+                    },
                 })?;
                 match statement {
                     Statement::Stats => Ok(stats(v)),
@@ -106,7 +163,8 @@ impl Executor {
                             describe(v, None, entity, *scope, *detail, *raw).map_err(invalid)
                         } else {
                             let (entity, scope, detail) = (entity.clone(), *scope, *detail);
-                            self.with_model(&text, |v, model| {
+                            self.with_model(&text, |v, _, model| {
+                                let v = v.expect("a vindex is open");
                                 describe(v, Some(model), &entity, scope, detail, false)
                             })
                         }
@@ -121,34 +179,17 @@ impl Executor {
                     Statement::Infer {
                         prompt,
                         top,
-                        explain,
                         layers,
+                        ..
                     } => {
                         let top = top.unwrap_or(10) as usize;
-                        let layers = *layers;
-                        let explain = *explain;
-                        let prompt = prompt.clone();
-                        self.with_model(&text, |v, model| {
-                            if explain {
-                                explain_infer(v, model, &prompt, top, layers)
-                            } else {
-                                infer(v, model, &prompt, top)
-                            }
-                        })
-                    }
-                    Statement::Trace {
-                        prompt,
-                        target,
-                        decompose,
-                        layers,
-                    } => {
-                        let (prompt, target, decompose, layers) =
-                            (prompt.clone(), target.clone(), *decompose, *layers);
-                        self.with_model(&text, |v, model| {
-                            trace(v, model, &prompt, target.as_deref(), decompose, layers)
+                        self.with_model(&text, |v, _, model| {
+                            let v = v.expect("a vindex is open");
+                            explain_infer(v, model, prompt, top, *layers)
                         })
                     }
                     Statement::Use { .. }
+                    | Statement::Trace { .. }
                     | Statement::Insert { .. }
                     | Statement::Update { .. }
                     | Statement::Delete { .. }
@@ -159,61 +200,150 @@ impl Executor {
         }
     }
 
-    fn open(&mut self, dir: &Path, statement: &str) -> Result<ResultSet, QueryError> {
-        let v = Vindex::open(dir).map_err(|source| QueryError::Vindex {
-            statement: statement.to_string(),
-            source: Box::new(source),
-        })?;
+    /// `USE`: a directory is opened as a vindex, anything else as a GGUF model file. The
+    /// editing session starts afresh (patches applied to the previous model do not follow).
+    fn open(&mut self, path: &Path, statement: &str) -> Result<ResultSet, QueryError> {
         let mut r = ResultSet::new(&[("key", ColumnType::Text), ("value", ColumnType::Text)]);
-        let i = v.index();
-        for (k, val) in [
-            ("vindex", dir.display().to_string()),
-            ("model", i.model.name.clone()),
-            ("level", i.level.name().to_string()),
-            ("layers", i.model.n_layers.to_string()),
-            ("features per layer", i.model.ff_dim.to_string()),
-        ] {
-            r.push(vec![Cell::Text(k.into()), Cell::Text(val)]);
+        if path.is_dir() {
+            let v = Vindex::open(path).map_err(|source| QueryError::Vindex {
+                statement: statement.to_string(),
+                source: Box::new(source),
+            })?;
+            let i = v.index();
+            for (k, val) in [
+                ("vindex", path.display().to_string()),
+                ("model", i.model.name.clone()),
+                ("level", i.level.name().to_string()),
+                ("layers", i.model.n_layers.to_string()),
+                ("features per layer", i.model.ff_dim.to_string()),
+            ] {
+                r.push(vec![Cell::Text(k.into()), Cell::Text(val)]);
+            }
+            self.vindex = Some(Arc::new(v));
+            self.gguf = None;
+        } else {
+            let model_error = |source: quarry_model::ModelError| QueryError::Model {
+                statement: statement.to_string(),
+                source: Box::new(source),
+            };
+            let file = GgufFile::open(path).map_err(|e| model_error(e.into()))?;
+            let config = quarry_model::ModelConfig::from_gguf(&file).map_err(model_error)?;
+            let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| QueryError::Invalid {
+                statement: statement.to_string(),
+                message: format!("{}: tokenizer: {e}", path.display()),
+            })?;
+            for (k, val) in [
+                ("model file", path.display().to_string()),
+                ("architecture", config.architecture.clone()),
+                ("layers", config.n_layers.to_string()),
+                ("features per layer", config.ff_dim.to_string()),
+            ] {
+                r.push(vec![Cell::Text(k.into()), Cell::Text(val)]);
+            }
+            r.notes.push(
+                "a model file without a vindex: INFER, TRACE and the editing statements run on it"
+                    .into(),
+            );
+            self.gguf = Some(Arc::new(ModelFile {
+                path: path.to_path_buf(),
+                file: Arc::new(file),
+                tokenizer,
+            }));
+            self.vindex = None;
         }
-        self.vindex = Some(Arc::new(v));
         self.model = Arc::default();
+        self.edits = Arc::default();
         Ok(r)
     }
 
-    /// Runs `f` with the vindex's model (its file was opened and checked with the vindex),
-    /// loading it if no statement has yet.
+    /// The base model (no edits), loading it if no statement has yet.
+    fn base_model(&self, statement: &str) -> Result<&Model, QueryError> {
+        if let Some(model) = self.model.get() {
+            return Ok(model);
+        }
+        let file = match (&self.vindex, &self.gguf) {
+            (Some(v), _) => v.model_file().map_err(|source| QueryError::Vindex {
+                statement: statement.to_string(),
+                source: Box::new(source),
+            })?,
+            (None, Some(g)) => Arc::clone(&g.file),
+            (None, None) => {
+                return Err(QueryError::NoVindex {
+                    statement: statement.to_string(),
+                })
+            }
+        };
+        let model = Model::load(file).map_err(|source| QueryError::Model {
+            statement: statement.to_string(),
+            source: Box::new(source),
+        })?;
+        // A clone that loaded it meanwhile wins; this copy is dropped.
+        Ok(self.model.get_or_init(|| model))
+    }
+
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        match (&self.vindex, &self.gguf) {
+            (Some(v), _) => Some(v.tokenizer()),
+            (None, Some(g)) => Some(&g.tokenizer),
+            (None, None) => None,
+        }
+    }
+
+    /// Runs `f` with the open vindex (if any), the tokenizer and the model with the edits in
+    /// effect.
     fn with_model(
         &self,
         statement: &str,
-        f: impl FnOnce(&Vindex, &Model) -> Result<ResultSet, String>,
+        f: impl FnOnce(Option<&Vindex>, &Tokenizer, &Model) -> Result<ResultSet, String>,
     ) -> Result<ResultSet, QueryError> {
-        let v = self.vindex.as_deref().ok_or(QueryError::NoVindex {
-            statement: statement.to_string(),
-        })?;
-        let model = match self.model.get() {
-            Some(model) => model,
-            None => {
-                let file = v.model_file().map_err(|source| QueryError::Vindex {
-                    statement: statement.to_string(),
-                    source: Box::new(source),
-                })?;
-                let model = Model::load(file).map_err(|source| QueryError::Model {
-                    statement: statement.to_string(),
-                    source: Box::new(source),
-                })?;
-                // A clone that loaded it meanwhile wins; this copy is dropped.
-                self.model.get_or_init(|| model)
-            }
-        };
-        f(v, model).map_err(|message| QueryError::Invalid {
+        let base = self.base_model(statement)?;
+        let model = base
+            .with_overlay(self.overlay())
+            .map_err(|source| QueryError::Model {
+                statement: statement.to_string(),
+                source: Box::new(source),
+            })?;
+        let tok = self.tokenizer().expect("a model is open");
+        f(self.vindex.as_deref(), tok, &model).map_err(|message| QueryError::Invalid {
             statement: statement.to_string(),
             message,
         })
     }
+
+    /// An editing statement, on the base model.
+    fn edit(&self, statement: &Statement, text: &str) -> Result<ResultSet, QueryError> {
+        let model = self.base_model(text)?;
+        let path = match (&self.vindex, &self.gguf) {
+            (Some(v), _) => v.model_path().map_err(|source| QueryError::Vindex {
+                statement: text.to_string(),
+                source: Box::new(source),
+            })?,
+            (None, Some(g)) => g.path.clone(),
+            (None, None) => unreachable!("base_model needs an open model"),
+        };
+        let opened = Opened {
+            model,
+            tokenizer: self.tokenizer().expect("a model is open"),
+            path: &path,
+            vindex: self.vindex.as_deref(),
+        };
+        self.edits
+            .execute(&opened, statement)
+            .map_err(|failure| match failure {
+                Failure::Edit(source) => QueryError::Edit {
+                    statement: text.to_string(),
+                    source: Box::new(source),
+                },
+                Failure::Message(message) => QueryError::Invalid {
+                    statement: text.to_string(),
+                    message,
+                },
+            })
+    }
 }
 
-fn token(v: &Vindex, id: u32) -> Cell {
-    Cell::Text(v.tokenizer().decode(&[id]))
+fn token(tok: &Tokenizer, id: u32) -> Cell {
+    Cell::Text(tok.decode(&[id]))
 }
 
 /// A token's text in double quotes, for lists of tokens in one cell.
@@ -221,8 +351,7 @@ fn quoted(v: &Vindex, id: u32) -> String {
     format!("\"{}\"", v.tokenizer().decode(&[id]))
 }
 
-fn layer_list(v: &Vindex, range: Option<LayerRange>) -> Result<Vec<usize>, String> {
-    let n = v.index().model.n_layers;
+fn layer_list(n: usize, range: Option<LayerRange>) -> Result<Vec<usize>, String> {
     match range {
         None => Ok((0..n).collect()),
         Some(r) if r.last as usize >= n => Err(format!(
@@ -347,7 +476,7 @@ fn show(v: &Vindex, target: ShowTarget) -> Result<ResultSet, String> {
         ShowTarget::Relations => Ok(show_relations(v)),
         ShowTarget::Entities => Ok(show_entities(v)),
         ShowTarget::Models => Ok(show_models()),
-        ShowTarget::Patches => unreachable!("refused in Executor::execute"),
+        ShowTarget::Patches => unreachable!("an editing statement, run in Executor::edit"),
     }
 }
 
@@ -499,7 +628,7 @@ fn describe(
     {
         r.push(vec![
             Cell::Int(rank as i64 + 1),
-            token(v, e.token),
+            token(v.tokenizer(), e.token),
             Cell::Int(e.token as i64),
             Cell::Float(e.score as f64),
             Cell::Int(e.features as i64),
@@ -549,7 +678,7 @@ fn walk(
         cols.extend([("gate", ColumnType::Float), ("up", ColumnType::Float)]);
     }
     let mut r = ResultSet::new(&cols);
-    for layer in layer_list(v, layers)? {
+    for layer in layer_list(v.index().model.n_layers, layers)? {
         let xn = ffn_input(v, layer, &x);
         for (firing, effect) in strongest(v, layer, &xn, top as usize) {
             let pushed: Vec<String> = pushes(v, &firing)
@@ -586,8 +715,8 @@ fn walk(
     Ok(r)
 }
 
-fn infer(v: &Vindex, model: &Model, prompt: &str, top: usize) -> Result<ResultSet, String> {
-    let result = run(model, v.tokenizer(), prompt)?;
+fn infer(tok: &Tokenizer, model: &Model, prompt: &str, top: usize) -> Result<ResultSet, String> {
+    let result = run(model, tok, prompt)?;
     let probs = softmax(&result.logits);
     let mut r = ResultSet::new(&[
         ("rank", ColumnType::Int),
@@ -599,7 +728,7 @@ fn infer(v: &Vindex, model: &Model, prompt: &str, top: usize) -> Result<ResultSe
     for (rank, id) in top_n(&result.logits, top).into_iter().enumerate() {
         r.push(vec![
             Cell::Int(rank as i64 + 1),
-            token(v, id as u32),
+            token(tok, id as u32),
             Cell::Int(id as i64),
             Cell::Float(probs[id]),
             Cell::Float(result.logits[id] as f64),
@@ -625,7 +754,7 @@ fn explain_infer(
         ("pushes", ColumnType::Text),
         ("effect", ColumnType::Float),
     ]);
-    for layer in layer_list(v, layers)? {
+    for layer in layer_list(v.index().model.n_layers, layers)? {
         let acts = &result.pieces.activations[layer];
         let mut ranked: Vec<(usize, Vec<(u32, f32)>)> = (0..acts.len())
             .map(|f| {
@@ -663,7 +792,7 @@ fn explain_infer(
 }
 
 fn trace(
-    v: &Vindex,
+    tok: &Tokenizer,
     model: &Model,
     prompt: &str,
     target: Option<&str>,
@@ -674,8 +803,7 @@ fn trace(
     if target == Some("") {
         return Err("FOR \"\" names no token; give the token to trace, e.g. FOR \" Paris\"".into());
     }
-    let result = run(model, v.tokenizer(), prompt)?;
-    let tok = v.tokenizer();
+    let result = run(model, tok, prompt)?;
     let target = match target {
         None => top_n(&result.logits, 1)[0] as u32,
         Some(text) => tok
@@ -691,7 +819,7 @@ fn trace(
     };
     let readout = Readout::new(model, &result.pieces.final_residual, target);
     let a = attribute(model, &result, &readout);
-    let shown = layer_list(v, layers)?;
+    let shown = layer_list(model.config().n_layers, layers)?;
     let mut r = if decompose {
         ResultSet::new(&[
             ("layer", ColumnType::Int),
@@ -756,7 +884,7 @@ fn trace(
                 Cell::Float(a.attention[layer]),
                 Cell::Float(a.ffn[layer]),
                 Cell::Float(cumulative),
-                token(v, lens_top),
+                token(tok, lens_top),
                 Cell::Float(lens_logit as f64),
             ]);
         }
