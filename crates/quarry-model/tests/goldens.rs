@@ -131,7 +131,10 @@ fn smollm2_first_position_logits_match_references() {
 
 #[test]
 fn gemma3_config_is_read_from_the_file() {
-    let m = Model::load(Arc::new(GgufFile::open(model_path(TestModel::Gemma3)).unwrap())).unwrap();
+    let m = Model::load(Arc::new(
+        GgufFile::open(model_path(TestModel::Gemma3)).unwrap(),
+    ))
+    .unwrap();
     let c = m.config();
     assert_eq!((c.n_layers, c.d_model, c.ff_dim), (18, 640, 2048));
     assert_eq!((c.n_heads, c.n_kv_heads, c.head_dim), (4, 1, 256));

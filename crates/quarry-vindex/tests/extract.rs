@@ -11,7 +11,10 @@ use quarry_model::Model;
 use quarry_vindex::{extract, layout, Dtype, ExtractOptions, Level, Vindex, VindexError};
 
 fn smollm2() -> Model {
-    Model::load(Arc::new(GgufFile::open(model_path(TestModel::SmolLm2)).unwrap())).unwrap()
+    Model::load(Arc::new(
+        GgufFile::open(model_path(TestModel::SmolLm2)).unwrap(),
+    ))
+    .unwrap()
 }
 
 /// One `all`-level f32 extraction shared by the tests (read-only).
