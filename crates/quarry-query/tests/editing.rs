@@ -1,7 +1,8 @@
 //! The editing statements on a real model (SmolLM2-135M opened with `USE` of its GGUF file):
 //! an INSERT changes what INFER says on the rewrite prompt and not on an unrelated one, a
 //! saved patch applied in a fresh executor gives the same logits, REMOVE and DELETE restore
-//! the base logits exactly, and each bad input of issue 15 is one clear error that changes
+//! the base logits exactly, the model compiled to GGUF says the new target on its own, a
+//! native fact is suppressed, and each bad input of issue 15 is one clear error that changes
 //! nothing, writes nothing and leaves the base file alone.
 //!
 //! The first run computes the editor's key statistics of SmolLM2's default layer (about a
@@ -220,6 +221,16 @@ fn insert_save_apply_remove_and_the_bad_inputs_on_smollm2() {
     assert!(lora
         .tensor(&format!("blk.{layer}.ffn_down.weight.lora_a"))
         .is_ok());
+
+    // The model compiled to GGUF says the new target by itself, and the unrelated answer.
+    let compiled = at("capitals.gguf");
+    run(
+        &mut ex,
+        &format!("COMPILE CURRENT INTO MODEL \"{compiled}\" FORMAT GGUF"),
+    );
+    let mut on_compiled = open(Path::new(&compiled));
+    assert_eq!(infer(&mut on_compiled, REWRITE)[0].0.trim(), "Rome");
+    assert_eq!(infer(&mut on_compiled, UNRELATED)[0].0, base_unrelated[0].0);
 
     // DELETE of the inserted edge drops it: the base logits exactly.
     let r = run(
