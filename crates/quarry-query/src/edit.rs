@@ -570,20 +570,25 @@ impl Session {
             if o.name.as_ref().is_some_and(|n| n.id == name.id) {
                 return Ok(patch_summary("open", &name.shown, &o.patch));
             }
-            if o.unsaved && (o.name.is_some() || name.id.exists()) {
-                return Err(format!(
-                    "{} has {} unsaved edits: SAVE PATCH first{}",
-                    o.name
-                        .as_ref()
-                        .map_or("the unnamed session patch".into(), |n| n.shown.clone()),
-                    o.patch.edits.len(),
-                    if o.name.is_none() {
-                        " (it needs a new file: BEGIN PATCH a path that does not exist yet)"
-                    } else {
-                        ""
-                    }
-                )
-                .into());
+            match &o.name {
+                Some(n) if o.unsaved => {
+                    return Err(format!(
+                        "{} has unsaved edits: SAVE PATCH first ({} edits would be lost)",
+                        n.shown,
+                        o.patch.edits.len()
+                    )
+                    .into())
+                }
+                // An existing file is continued as it is; it cannot take the edits over.
+                None if !o.patch.edits.is_empty() && name.id.exists() => {
+                    return Err(format!(
+                        "{path} exists, and the unnamed session patch has {} edits that would be \
+                         lost: BEGIN PATCH a file that does not exist yet to keep them",
+                        o.patch.edits.len()
+                    )
+                    .into())
+                }
+                _ => {}
             }
         }
         let base = self.base(m)?;

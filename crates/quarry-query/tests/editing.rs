@@ -167,6 +167,12 @@ fn insert_save_apply_remove_and_the_bad_inputs_on_smollm2() {
     run(&mut fresh, &format!("REMOVE PATCH \"{patch}\""));
     assert_eq!(infer(&mut fresh, REWRITE), base_rewrite);
     assert!(fresh.overlay().is_none());
+    // BEGIN PATCH of an existing file continues it: in effect at once, nothing solved.
+    let begun = run(&mut fresh, &format!("BEGIN PATCH \"{patch}\""));
+    assert_eq!(begun.rows[0][2], Cell::Int(1));
+    assert_eq!(infer(&mut fresh, REWRITE), edited);
+    run(&mut fresh, &format!("REMOVE PATCH \"{patch}\""));
+    assert_eq!(infer(&mut fresh, REWRITE), base_rewrite);
 
     // DIFF against the base: the edge and what the base model says instead.
     let d = run(&mut fresh, &format!("DIFF \"{patch}\""));
@@ -232,6 +238,14 @@ fn insert_save_apply_remove_and_the_bad_inputs_on_smollm2() {
     assert_eq!(infer(&mut on_compiled, REWRITE)[0].0.trim(), "Rome");
     assert_eq!(infer(&mut on_compiled, UNRELATED)[0].0, base_unrelated[0].0);
 
+    // UPDATE of an edge of the open patch replaces its target.
+    let r = run(
+        &mut ex,
+        r#"UPDATE EDGES SET target = "Berlin" WHERE entity = "France" AND relation = "capital""#,
+    );
+    assert_eq!(text(&r.rows[0][0]), "replaced");
+    assert_eq!(infer(&mut ex, REWRITE)[0].0.trim(), "Berlin");
+
     // DELETE of the inserted edge drops it: the base logits exactly.
     let r = run(
         &mut ex,
@@ -255,6 +269,13 @@ fn insert_save_apply_remove_and_the_bad_inputs_on_smollm2() {
     assert_ne!(suppressed[0].0, base_japan[0].0, "{suppressed:?}");
 
     assert_eq!(fingerprint(&model), before, "the base file changed");
+}
+
+/// A server shares one executor's editing session among threads.
+#[test]
+fn executors_can_be_shared_between_threads() {
+    fn shared<T: Send + Sync + Clone>() {}
+    shared::<Executor>();
 }
 
 #[test]
