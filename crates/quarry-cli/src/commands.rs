@@ -31,7 +31,11 @@ pub(crate) fn open(model: &str) -> Result<Arc<GgufFile>> {
 /// overlay: the adapter is opened like any model file (a regular file, validated as GGUF) and
 /// checked against the model's shapes; every error names the adapter file.
 pub(crate) fn load_model(file: Arc<GgufFile>, lora: Option<&Path>) -> Result<Model> {
-    let model = Model::load(file)?;
+    with_lora(Model::load(file)?, lora)
+}
+
+/// `model` with the LoRA adapter `lora` as its overlay, if given (see [`load_model`]).
+pub(crate) fn with_lora(model: Model, lora: Option<&Path>) -> Result<Model> {
     let Some(path) = lora else {
         return Ok(model);
     };

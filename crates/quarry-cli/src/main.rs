@@ -96,6 +96,15 @@ pub struct ServeArgs {
     /// writes) applied on top of the model's weights.
     #[arg(long, value_name = "ADAPTER.gguf")]
     pub lora: Option<std::path::PathBuf>,
+    /// Let clients edit the served model: POST /v1/insert, /v1/update, /v1/delete,
+    /// /v1/patches and the editing statements of /v1/lql (403 without this flag).
+    #[arg(long)]
+    pub allow_edits: bool,
+    /// The directory patch files and COMPILE outputs of edit clients are read from and
+    /// written to (their paths are relative to it); without it, statements that name files
+    /// are refused.
+    #[arg(long, value_name = "DIR", requires = "allow_edits")]
+    pub edits_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -10,11 +10,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use quarry_engine::{Engine, EngineConfig};
 use quarry_format::GgufFile;
+use quarry_model::Model;
 use quarry_query::Executor;
-use quarry_server::{router, ServedVindex, ServerConfig};
+use quarry_server::{router, EditPolicy, ServedVindex, ServerConfig};
 use quarry_tokenize::{ChatTemplate, Tokenizer};
 
-use crate::commands::{init_threads, load_model, DEFAULT_CTX_LIMIT};
+use crate::commands::{init_threads, with_lora, DEFAULT_CTX_LIMIT};
 use crate::{limits, models, ServeArgs};
 
 /// Positions per KV block (the attention kernel's key block: see docs/serve.md).
@@ -67,7 +68,38 @@ fn check_flags(a: &ServeArgs) -> Result<()> {
     if let Some(mib) = a.kv_mem {
         anyhow::ensure!(mib >= 1, "invalid --kv-mem 0: must be at least 1 MiB");
     }
+    anyhow::ensure!(
+        !(a.allow_edits && a.lora.is_some()),
+        "--lora with --allow-edits: edits are solved against the base weights and would replace the adapter; compile the adapter into the model first (COMPILE CURRENT INTO MODEL after APPLY, or serve without one of the flags)"
+    );
     Ok(())
+}
+
+/// What `--allow-edits` allows, with `--edits-dir` checked: an existing directory, kept as its
+/// canonical path (UTF-8, since LQL paths are strings).
+fn edit_policy(a: &ServeArgs) -> Result<Option<EditPolicy>> {
+    if !a.allow_edits {
+        return Ok(None);
+    }
+    let dir = match &a.edits_dir {
+        None => None,
+        Some(d) => {
+            let canonical = std::fs::canonicalize(d)
+                .with_context(|| format!("invalid --edits-dir {}", d.display()))?;
+            anyhow::ensure!(
+                canonical.is_dir(),
+                "invalid --edits-dir {}: not a directory",
+                d.display()
+            );
+            anyhow::ensure!(
+                canonical.to_str().is_some(),
+                "invalid --edits-dir {}: the path is not valid UTF-8",
+                d.display()
+            );
+            Some(canonical)
+        }
+    };
+    Ok(Some(EditPolicy { dir }))
 }
 
 /// `--max-connections`, checked against the open-file limit (default: 4096, or what the
@@ -154,6 +186,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     check_flags(&a)?;
     let max_connections = max_connections(&a)?;
     init_threads(a.threads)?;
+    let edits = edit_policy(&a)?;
     let is_vindex = Path::new(&a.model).is_dir();
     let (model_path, vindex) = if is_vindex {
         // Opened (and validated) once: every knowledge statement runs on a clone of this
@@ -172,13 +205,33 @@ pub fn run(a: ServeArgs) -> Result<()> {
             id,
             executor,
             parallel: a.knowledge_parallel,
+            edits,
         };
         (path, Some(served))
     } else {
-        (models::resolve(&a.model)?, None)
+        let path = models::resolve(&a.model)?;
+        // Editing a model file needs an executor over it (INFER, TRACE and the editing
+        // statements run on a model file); without edits it serves generation only.
+        let served = match edits {
+            None => None,
+            Some(edits) => Some(ServedVindex {
+                id: model_id(&path),
+                executor: Executor::with_vindex(&path)
+                    .with_context(|| format!("opening {} for editing", path.display()))?,
+                parallel: a.knowledge_parallel,
+                edits: Some(edits),
+            }),
+        };
+        (path, served)
+    };
+    // One copy of the weights: the executor's model (loaded here, before any statement
+    // needs it) is the one the engine runs, so edits are solved on exactly those weights.
+    let model = match &vindex {
+        Some(v) => v.executor.model()?,
+        None => Model::load(Arc::new(GgufFile::open(&model_path)?))?,
     };
     // With --lora the adapter is the overlay generation starts under.
-    let model = load_model(Arc::new(GgufFile::open(&model_path)?), a.lora.as_deref())?;
+    let model = with_lora(model, a.lora.as_deref())?;
     // The server lives as long as the process: the tokenizer and template are leaked so that
     // request handlers on any thread can borrow them (the engine thread owns the model).
     let tokenizer: &'static Tokenizer = Box::leak(Box::new(Tokenizer::from_gguf(model.file())?));
@@ -211,9 +264,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let engine_thread = std::thread::Builder::new()
         .name("quarry-engine".into())
         .spawn(move || engine.run())?;
-    let model_id = model_path
-        .file_stem()
-        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let model_id = model_id(&model_path);
     let app = router(
         handle.clone(),
         tokenizer,
@@ -270,6 +321,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
     Ok(())
+}
+
+/// The served model's id: its file's stem.
+fn model_id(path: &Path) -> String {
+    path.file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
 }
 
 /// Ctrl-C or SIGTERM.

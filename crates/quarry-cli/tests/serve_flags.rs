@@ -1,6 +1,7 @@
 //! `quarry serve` refuses degenerate flags at start with one line naming the flag, before it
 //! listens: an empty API key, zero or absurd timeouts, limits of zero, a context beyond the
-//! model's, and KV memory (asked for, or implied by --parallel × --ctx) beyond the machine's.
+//! model's, KV memory (asked for, or implied by --parallel × --ctx) beyond the machine's, an
+//! adapter with edits, and an edits directory that is not one.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -61,6 +62,15 @@ fn degenerate_serve_flags_are_refused_in_one_line() {
         (&["--kv-mem", "0"], "--kv-mem"),
         (&["--ctx", "99999999"], "--ctx"),
         (&["--ctx", "1"], "--ctx"),
+        (&["--allow-edits", "--lora", "edit-lora.gguf"], "--lora"),
+        (
+            &["--allow-edits", "--edits-dir", "/nonexistent/edits"],
+            "--edits-dir",
+        ),
+        (
+            &["--allow-edits", "--edits-dir", "/etc/hostname"],
+            "--edits-dir",
+        ),
     ] {
         let line = refused(args);
         assert!(line.contains(flag), "{args:?}: {line}");

@@ -32,6 +32,7 @@ use quarry_query::{Executor, Interrupt};
 use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 
+use crate::edits::{self, EditPolicy, Editing};
 use crate::error::ApiError;
 use crate::params::{self, Fields};
 use crate::{openai, AppState, Server};
@@ -51,21 +52,29 @@ pub const MAX_QUERY_BYTES: usize = 64 << 10;
 pub const MAX_STATEMENTS: usize = 16;
 
 /// The served vindex's executor and the slots of statements that may run at once; each running
-/// statement holds a slot and its own clone of the executor (all over the same open vindex).
+/// statement holds a slot and its own clone of the executor (all over the same open vindex,
+/// sharing its edits).
 pub struct Pool {
     executor: Executor,
     slots: Arc<Semaphore>,
     size: usize,
+    /// With `--allow-edits`.
+    editing: Option<Editing>,
 }
 
 impl Pool {
-    pub fn new(executor: Executor, size: usize) -> Pool {
+    pub fn new(executor: Executor, size: usize, edits: Option<EditPolicy>) -> Pool {
         let size = size.max(1);
         Pool {
             executor,
             slots: Arc::new(Semaphore::new(size)),
             size,
+            editing: edits.map(Editing::new),
         }
+    }
+
+    pub(crate) fn editing(&self) -> Option<&Editing> {
+        self.editing.as_ref()
     }
 }
 
@@ -95,6 +104,11 @@ pub fn routes() -> Router<AppState> {
 /// execution error is a 400 naming `param` (the route's input that led to it). Waits at most
 /// the queue timeout for an executor (503), and interrupts the statements at the request
 /// timeout (504) or when the caller's future is dropped.
+///
+/// A script with an editing statement (checked by [`edits::check_script`]) first takes the
+/// edit lock, within the same queue timeout, and holds it until its work has stopped and the
+/// engine runs under the overlay it left ([`edits::publish`]) — whether it succeeded, failed
+/// or was interrupted, since the statements before the one that failed stay done.
 async fn run(
     s: &AppState,
     statements: Vec<Statement>,
@@ -107,42 +121,79 @@ async fn run(
     };
     let started = Instant::now();
     let deadline = started + s.config.request_timeout;
-    let wait = s.config.queue_timeout.min(s.config.request_timeout);
-    let Ok(Ok(permit)) = tokio::time::timeout(wait, pool.slots.clone().acquire_owned()).await
+    let wait_until = started + s.config.queue_timeout.min(s.config.request_timeout);
+    let busy = |what: String| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: format!(
+            "the server is busy: {what} within {} s (--queue-timeout); retry later",
+            s.config
+                .queue_timeout
+                .min(s.config.request_timeout)
+                .as_secs_f64()
+        ),
+        kind: "server_error",
+        param: None,
+        code: Some("server_busy"),
+    };
+    let edit_lock = match pool.editing() {
+        Some(e) if statements.iter().any(edits::is_edit) => {
+            match tokio::time::timeout_at(wait_until.into(), e.lock().lock_owned()).await {
+                Ok(guard) => Some(guard),
+                Err(_) => return Err(busy("another edit did not finish".into())),
+            }
+        }
+        _ => None,
+    };
+    let Ok(Ok(permit)) =
+        tokio::time::timeout_at(wait_until.into(), pool.slots.clone().acquire_owned()).await
     else {
-        return Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: format!(
-                "the server is busy: {} knowledge statement(s) running, none finished within {} s (--queue-timeout); retry later",
-                pool.size,
-                wait.as_secs_f64()
-            ),
-            kind: "server_error",
-            param: None,
-            code: Some("server_busy"),
-        });
+        return Err(busy(format!(
+            "{} knowledge statement(s) running, none finished",
+            pool.size
+        )));
     };
     let interrupt = Interrupt::new();
     let _stop_on_drop = InterruptOnDrop(interrupt.clone());
     let (mut executor, stop) = (pool.executor.clone(), interrupt.clone());
+    let engine = s.engine.clone();
+    let layers = pool.editing().map(Editing::layers);
     let task = crate::blocking(move || {
         // The slot is free again only once the work has stopped.
         let _permit = permit;
         let mut sets = Vec::with_capacity(statements.len());
+        let mut result = Ok(());
         for statement in &statements {
             if stop.is_interrupted() {
-                return Err(ApiError::bad_request(quarry_query::INTERRUPTED));
+                result = Err(ApiError::bad_request(quarry_query::INTERRUPTED));
+                break;
             }
-            let set = executor
-                .execute_interruptible(statement, &stop)
-                .map(|r| r.to_json())
-                .map_err(|e| ApiError {
-                    param: param.map(str::to_string),
-                    ..ApiError::bad_request(e.to_string())
-                })?;
-            sets.push(set);
+            // Under the edit lock (a statement naming a layer is an edit).
+            if let Some(layers) = &layers {
+                if let Err(e) = layers.check(statement, param) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            match executor.execute_interruptible(statement, &stop) {
+                Ok(set) => {
+                    if let Some(layers) = &layers {
+                        layers.record(statement);
+                    }
+                    sets.push(set.to_json())
+                }
+                Err(e) => {
+                    result = Err(ApiError {
+                        param: param.map(str::to_string),
+                        ..ApiError::bad_request(e.to_string())
+                    });
+                    break;
+                }
+            }
         }
-        Ok(sets)
+        if let Some(_held) = edit_lock {
+            edits::publish(&engine, &executor)?;
+        }
+        result.map(|()| sets)
     });
     match tokio::time::timeout_at(deadline.into(), task).await {
         Ok(result) => result,
@@ -249,17 +300,18 @@ fn check_statement(
     }
 }
 
-/// Checks `statements`, then runs them.
-async fn checked_run(
+/// Checks `statements` (editing ones with [`edits::check_script`]), then runs them.
+pub(crate) async fn checked_run(
     s: &AppState,
-    statements: Vec<Statement>,
+    mut statements: Vec<Statement>,
     param: Option<&'static str>,
 ) -> Result<Vec<Value>, ApiError> {
     let statements = if s.knowledge.is_some() {
-        // Measuring prompts in tokens tokenizes up to MAX_STATEMENTS × MAX_PROMPT_BYTES:
-        // off the async workers.
+        // Measuring prompts in tokens tokenizes up to MAX_STATEMENTS × MAX_PROMPT_BYTES, and
+        // edit paths are looked up on disk: off the async workers.
         let server = s.clone();
         crate::blocking(move || {
+            edits::check_script(&server, &mut statements, param)?;
             for statement in &statements {
                 check_statement(&server, statement, param)?;
             }
@@ -273,7 +325,7 @@ async fn checked_run(
 }
 
 /// Runs one statement and answers its result set.
-async fn one(
+pub(crate) async fn one(
     s: &AppState,
     statement: Statement,
     param: Option<&'static str>,

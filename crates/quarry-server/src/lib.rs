@@ -9,7 +9,8 @@
 //!
 //! Edits: the weights generation runs on are the base model plus the engine's current FFN
 //! overlay, which [`EngineHandle::set_overlay`] swaps atomically (handlers reach it as
-//! `state.engine`; `quarry serve` holds a clone of the handle too). Each generation request
+//! `state.engine`; `quarry serve` holds a clone of the handle too); the edit routes set it to
+//! the knowledge executor's overlay after every editing script. Each generation request
 //! reads it once, when the engine admits it, and keeps it to its end: requests admitted after
 //! a swap see the new overlay, those in flight finish on the one they started with, and the
 //! prefix cache never hands one overlay's KV blocks to another.
@@ -28,8 +29,11 @@
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 //! `POST /tokenize`, `POST /detokenize`, `GET /health`, `GET /metrics`, `GET /v1/stream`
 //! (WebSocket) and, with a vindex, `GET /v1/describe`, `GET /v1/walk`, `POST /v1/select`,
-//! `POST /v1/infer`, `POST /v1/trace`, `POST /v1/lql`, `GET /v1/stats`, `GET /v1/relations`.
+//! `POST /v1/infer`, `POST /v1/trace`, `POST /v1/lql`, `GET /v1/stats`, `GET /v1/relations`;
+//! with edits allowed ([`ServedVindex::edits`]; 403 otherwise), `POST /v1/insert`,
+//! `POST /v1/update`, `POST /v1/delete`, `GET /v1/patches`, `POST /v1/patches`.
 
+mod edits;
 mod error;
 mod knowledge;
 mod metrics;
@@ -57,6 +61,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
+pub use edits::{EditPolicy, MAX_EDGE_BYTES, MAX_EDIT_ROWS, MAX_PATH_BYTES, MAX_TEMPLATE_BYTES};
 pub use error::ApiError;
 
 /// Largest request body accepted (413 beyond).
@@ -85,15 +90,20 @@ pub struct ServerConfig {
     pub vindex: Option<ServedVindex>,
 }
 
-/// A vindex served with the knowledge routes.
+/// A vindex (or, for editing, a model file) served with the knowledge routes.
 pub struct ServedVindex {
-    /// Its id in `/v1/models` (the directory's name).
+    /// Its id in `/v1/models` (the directory's name; a model file's is the model's id, and
+    /// is listed once).
     pub id: String,
-    /// An executor with the vindex open: each running statement gets a clone, all of them
-    /// over the same open (memory-mapped) vindex.
+    /// An executor with the vindex or model file open: each running statement gets a clone,
+    /// all of them over the same open (memory-mapped) vindex and sharing its edits.
     pub executor: Executor,
     /// Knowledge statements that may run at once (at least one).
     pub parallel: usize,
+    /// `Some` with `--allow-edits`: the edit routes and editing statements are allowed, and
+    /// each edit's overlay is pushed to the engine. The executor must have the model the
+    /// engine runs open.
+    pub edits: Option<EditPolicy>,
 }
 
 /// Bounds on connections that [`serve_with`] enforces.
@@ -175,7 +185,7 @@ pub fn router(
     let knowledge = config
         .vindex
         .take()
-        .map(|v| (v.id, knowledge::Pool::new(v.executor, v.parallel)));
+        .map(|v| (v.id, knowledge::Pool::new(v.executor, v.parallel, v.edits)));
     let max_token_bytes = (0..tokenizer.vocab_size() as u32)
         .map(|id| tokenizer.token_bytes(id).len())
         .max()
@@ -199,6 +209,7 @@ pub fn router(
         .route("/metrics", get(metrics_page))
         .route("/v1/stream", get(ws::stream))
         .merge(knowledge::routes())
+        .merge(edits::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
@@ -433,7 +444,11 @@ async fn models(State(s): State<AppState>) -> Json<serde_json::Value> {
     let mut data = vec![json!({
         "id": s.config.model_id, "object": "model", "created": openai::now(), "owned_by": "quarry",
     })];
-    if let Some((id, _)) = &s.knowledge {
+    if let Some((id, _)) = s
+        .knowledge
+        .as_ref()
+        .filter(|(id, _)| *id != s.config.model_id)
+    {
         data.push(
             json!({"id": id, "object": "model", "created": openai::now(), "owned_by": "quarry"}),
         );

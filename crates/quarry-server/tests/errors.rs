@@ -326,6 +326,7 @@ async fn knowledge_routes_run_lql_on_the_served_vindex() {
             id: "smollm2.vindex".into(),
             executor,
             parallel: 1,
+            edits: None,
         }),
     );
     let columns = |b: &Value| -> Vec<String> {

@@ -368,6 +368,7 @@ fn served(executor: &Executor, parallel: usize) -> Option<ServedVindex> {
         id: "smollm2.vindex".into(),
         executor: executor.clone(),
         parallel,
+        edits: None,
     })
 }
 
