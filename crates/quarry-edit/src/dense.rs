@@ -114,31 +114,61 @@ pub struct Probe<'a> {
 }
 
 /// Where the rows of a batch of probes lie: each row's position in its sequence and the row
-/// its sequence starts at; each probe's first row, and the rows `δ` is added at.
+/// its sequence starts at, each probe's first row; which rows a pass computes (`live`, in
+/// order) and, among those, the rows `δ` is added at (`injected`, indices into `live`).
+/// Rows before a probe's `δ` row do not depend on `δ`: the optimisation computes them once
+/// ([`DenseTail::freeze`]) and each step runs only the rows from `δ` on.
 struct Layout {
     pos: Vec<usize>,
     start: Vec<usize>,
     offsets: Vec<usize>,
+    live: Vec<usize>,
     injected: Vec<usize>,
 }
 
+/// Which rows of each probe a pass computes.
+#[derive(Clone, Copy, PartialEq)]
+enum Rows {
+    All,
+    BeforeDelta,
+    FromDelta,
+}
+
 impl Layout {
-    fn of(probes: &[Probe<'_>], d: usize) -> Layout {
+    fn of(probes: &[Probe<'_>], d: usize, rows: Rows) -> Layout {
         let mut layout = Layout {
             pos: Vec::new(),
             start: Vec::new(),
             offsets: Vec::new(),
+            live: Vec::new(),
             injected: Vec::new(),
         };
         for p in probes {
             let (offset, t) = (layout.pos.len(), p.residual.len() / d);
             assert!(p.position < t && t * d == p.residual.len());
+            let live = match rows {
+                Rows::All => 0..t,
+                Rows::BeforeDelta => 0..p.position,
+                Rows::FromDelta => p.position..t,
+            };
+            if live.contains(&p.position) {
+                layout
+                    .injected
+                    .push(layout.live.len() + p.position - live.start);
+            }
             layout.offsets.push(offset);
-            layout.injected.push(offset + p.position);
+            layout.live.extend(live.map(|r| offset + r));
             layout.pos.extend(0..t);
             layout.start.extend(std::iter::repeat_n(offset, t));
         }
         layout
+    }
+
+    /// The index in `live` of row `row`.
+    fn live_index(&self, row: usize) -> usize {
+        self.live
+            .binary_search(&row)
+            .expect("the loss reads rows the pass computes")
     }
 
     /// The first row row `i` attends to: its sequence's start, or the sliding window's.
@@ -148,6 +178,13 @@ impl Layout {
             _ => self.start[i],
         }
     }
+}
+
+/// The rotated keys and values of every row of a batch of probes at each layer above the
+/// edited one, of which the rows before each probe's `δ` row are read: they do not depend on
+/// `δ`, so [`DenseTail::freeze`] computes them once per edit.
+pub struct Frozen {
+    kv: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 /// The forward pass of a batch of probes: the final residual and the tapes of every block.
@@ -176,11 +213,12 @@ struct AttnTape {
     k: Vec<f32>,
     k_inv: Vec<f32>,
     q_rot: Vec<f32>,
+    /// Rotated keys and values of every row of the batch (live rows computed, others frozen).
     k_rot: Vec<f32>,
     v: Vec<f32>,
-    /// Per head, `t × t` softmax weights (zero where masked).
+    /// Per head, `live × rows` softmax weights (zero where masked).
     probs: Vec<f32>,
-    /// Per head, `t × t` scores after the soft-cap (used for its derivative).
+    /// Per head, `live × rows` scores after the soft-cap (used for its derivative).
     capped: Vec<f32>,
     y: Vec<f32>,
     post_inv: Vec<f32>,
@@ -243,15 +281,37 @@ impl DenseTail {
         self.first
     }
 
+    /// The keys and values of the rows before each probe's `δ` row, at every layer above the
+    /// edited one: what [`DenseTail::loss_and_grad`] reads instead of recomputing them.
+    pub fn freeze(&self, probes: &[Probe<'_>]) -> Frozen {
+        let layout = Layout::of(probes, self.cfg.d_model, Rows::BeforeDelta);
+        if layout.live.is_empty() {
+            let zeros = vec![0.0f32; layout.pos.len() * self.cfg.kv_dim()];
+            return Frozen {
+                kv: vec![(zeros.clone(), zeros); self.layers.len()],
+            };
+        }
+        let run = self.run_forward(probes, &layout, None, &[]);
+        Frozen {
+            kv: run.tapes.into_iter().map(|(a, _)| (a.k_rot, a.v)).collect(),
+        }
+    }
+
     /// The mean loss of every probe's targets, each probe a sequence whose residual stream
     /// entering layer `first`'s FFN is given, with `delta` added to that FFN's output (before
-    /// its post-norm) at the probe's `position`; and `∂loss/∂delta`. All probes run as one
-    /// batch of rows (attention keeps them apart), so each weight is read once per pass.
-    pub fn loss_and_grad(&self, probes: &[Probe<'_>], delta: &[f32]) -> (f32, Vec<f32>) {
+    /// its post-norm) at the probe's `position`; and `∂loss/∂delta`. `frozen` is
+    /// [`DenseTail::freeze`] of the same probes. All probes run as one batch of rows
+    /// (attention keeps them apart), so each weight is read once per pass.
+    pub fn loss_and_grad(
+        &self,
+        probes: &[Probe<'_>],
+        frozen: &Frozen,
+        delta: &[f32],
+    ) -> (f32, Vec<f32>) {
         let d = self.cfg.d_model;
         assert!(delta.len() == d && !probes.is_empty());
-        let layout = Layout::of(probes, d);
-        let run = self.run_forward(probes, &layout, delta);
+        let layout = Layout::of(probes, d, Rows::FromDelta);
+        let run = self.run_forward(probes, &layout, Some(frozen), delta);
         let targets: Vec<(usize, u32, Objective)> = probes
             .iter()
             .zip(&layout.offsets)
@@ -260,11 +320,11 @@ impl DenseTail {
                     .iter()
                     .map(move |&(r, tok)| (o + r, tok, p.objective))
             })
+            .map(|(row, tok, objective)| (layout.live_index(row), tok, objective))
             .collect();
         let (loss, mut dx) = self.head_loss(&run.x, &targets);
-        let t = layout.pos.len();
         for ((attn, ffn), (a, f)) in self.layers.iter().zip(&run.tapes).rev() {
-            self.ffn_backward(ffn, f, &mut dx, t);
+            self.ffn_backward(ffn, f, &mut dx, layout.live.len());
             self.attention_backward(attn, a, &mut dx, &layout);
         }
         // `δ` is added to layer `first`'s FFN output before its post-norm: its gradient is
@@ -283,11 +343,12 @@ impl DenseTail {
     }
 
     /// Log-probabilities of every vocabulary entry at each of `rows` of `probe`, with `delta`
-    /// added as in [`DenseTail::loss_and_grad`].
+    /// added as in [`DenseTail::loss_and_grad`] (every row computed: the reference the
+    /// frozen rows are tested against).
     pub fn log_probs(&self, probe: &Probe<'_>, delta: &[f32], rows: &[usize]) -> Vec<Vec<f32>> {
         let d = self.cfg.d_model;
         let probes = std::slice::from_ref(probe);
-        let run = self.run_forward(probes, &Layout::of(probes, d), delta);
+        let run = self.run_forward(probes, &Layout::of(probes, d, Rows::All), None, delta);
         let x: Vec<f32> = rows
             .iter()
             .flat_map(|&r| run.x[r * d..(r + 1) * d].iter().copied())
@@ -307,18 +368,34 @@ impl DenseTail {
         self.ffn_forward(&self.ffn0, &mut x, 1, &[], &[]).y
     }
 
-    fn run_forward(&self, probes: &[Probe<'_>], layout: &Layout, delta: &[f32]) -> Run {
-        let mut x: Vec<f32> = probes
+    /// The live rows of `layout` from layer `first`'s FFN to the final residual; attention
+    /// reads the other rows' keys and values from `frozen`.
+    fn run_forward(
+        &self,
+        probes: &[Probe<'_>],
+        layout: &Layout,
+        frozen: Option<&Frozen>,
+        delta: &[f32],
+    ) -> Run {
+        let d = self.cfg.d_model;
+        let rows: Vec<&[f32]> = probes
             .iter()
-            .flat_map(|p| p.residual.iter().copied())
+            .flat_map(|p| p.residual.chunks_exact(d))
             .collect();
-        let t = layout.pos.len();
+        let mut x: Vec<f32> = layout
+            .live
+            .iter()
+            .flat_map(|&r| rows[r].iter().copied())
+            .collect();
+        let t = layout.live.len();
         let tape0 = self.ffn_forward(&self.ffn0, &mut x, t, &layout.injected, delta);
         let tapes = self
             .layers
             .iter()
-            .map(|(attn, ffn)| {
-                let a = self.attention_forward(attn, &mut x, layout);
+            .enumerate()
+            .map(|(l, (attn, ffn))| {
+                let kv = frozen.map(|f| &f.kv[l]);
+                let a = self.attention_forward(attn, &mut x, layout, kv);
                 let f = self.ffn_forward(ffn, &mut x, t, &[], &[]);
                 (a, f)
             })
@@ -462,8 +539,16 @@ impl DenseTail {
         dx.iter_mut().zip(dres).for_each(|(a, b)| *a += b);
     }
 
-    fn attention_forward(&self, attn: &DenseAttention, x: &mut [f32], layout: &Layout) -> AttnTape {
-        let t = layout.pos.len();
+    /// Attention of the live rows of `layout`; keys and values of the other rows come from
+    /// `frozen` (rows a live row sees are either live or frozen).
+    fn attention_forward(
+        &self,
+        attn: &DenseAttention,
+        x: &mut [f32],
+        layout: &Layout,
+        frozen: Option<&(Vec<f32>, Vec<f32>)>,
+    ) -> AttnTape {
+        let (t, rows) = (layout.live.len(), layout.pos.len());
         let cfg = &self.cfg;
         let (d, hd, eps) = (cfg.d_model, cfg.head_dim, cfg.norm_eps);
         let (nh, group) = (cfg.n_heads, cfg.n_heads / cfg.n_kv_heads);
@@ -472,7 +557,7 @@ impl DenseTail {
         let inv = rms_forward(x, &attn.norm, eps, &mut normed);
         let q = attn.wq.forward(&normed, t);
         let k = attn.wk.forward(&normed, t);
-        let v = attn.wv.forward(&normed, t);
+        let v_live = attn.wv.forward(&normed, t);
         let head_norm = |m: &[f32], w: &Option<Vec<f32>>| match w {
             Some(w) => {
                 let mut out = vec![0.0f32; m.len()];
@@ -482,23 +567,34 @@ impl DenseTail {
             None => (m.to_vec(), Vec::new()),
         };
         let (mut q_rot, q_inv) = head_norm(&q, &attn.q_norm);
-        let (mut k_rot, k_inv) = head_norm(&k, &attn.k_norm);
+        let (mut k_live, k_inv) = head_norm(&k, &attn.k_norm);
         let rope = self.rope(attn);
-        for (p, &pos) in layout.pos.iter().enumerate() {
+        for (p, &row) in layout.live.iter().enumerate() {
+            let pos = layout.pos[row];
             rope.rotate_heads(pos, &mut q_rot[p * q_dim..(p + 1) * q_dim], hd, false);
-            rope.rotate_heads(pos, &mut k_rot[p * kv_dim..(p + 1) * kv_dim], hd, false);
+            rope.rotate_heads(pos, &mut k_live[p * kv_dim..(p + 1) * kv_dim], hd, false);
         }
-        let mut probs = vec![0.0f32; nh * t * t];
-        let mut capped = vec![0.0f32; nh * t * t];
+        let (mut k_rot, mut v) = match frozen {
+            Some((k, v)) => (k.clone(), v.clone()),
+            None => (vec![0.0f32; rows * kv_dim], vec![0.0f32; rows * kv_dim]),
+        };
+        for (p, &row) in layout.live.iter().enumerate() {
+            k_rot[row * kv_dim..(row + 1) * kv_dim]
+                .copy_from_slice(&k_live[p * kv_dim..(p + 1) * kv_dim]);
+            v[row * kv_dim..(row + 1) * kv_dim]
+                .copy_from_slice(&v_live[p * kv_dim..(p + 1) * kv_dim]);
+        }
+        let mut probs = vec![0.0f32; nh * t * rows];
+        let mut capped = vec![0.0f32; nh * t * rows];
         let mut o = vec![0.0f32; t * q_dim];
         for h in 0..nh {
             let g = h / group;
-            for i in 0..t {
+            for (i, &row) in layout.live.iter().enumerate() {
                 let qi = &q_rot[i * q_dim + h * hd..][..hd];
-                let first = layout.first_visible(attn, i, self.cfg.sliding_window);
-                let base = (h * t + i) * t;
+                let first = layout.first_visible(attn, row, self.cfg.sliding_window);
+                let base = (h * t + i) * rows;
                 let mut max = f32::NEG_INFINITY;
-                for j in first..=i {
+                for j in first..=row {
                     let kj = &k_rot[j * kv_dim + g * hd..][..hd];
                     let mut s = cfg.attn_scale * dot(qi, kj);
                     if let Some(cap) = cfg.attn_softcap {
@@ -508,13 +604,13 @@ impl DenseTail {
                     max = max.max(s);
                 }
                 let mut sum = 0.0f32;
-                for j in first..=i {
+                for j in first..=row {
                     let e = (capped[base + j] - max).exp();
                     probs[base + j] = e;
                     sum += e;
                 }
                 let oi = &mut o[i * q_dim + h * hd..][..hd];
-                for j in first..=i {
+                for j in first..=row {
                     probs[base + j] /= sum;
                     let vj = &v[j * kv_dim + g * hd..][..hd];
                     oi.iter_mut()
@@ -551,6 +647,8 @@ impl DenseTail {
         tape
     }
 
+    /// The backward pass of [`DenseTail::attention_forward`]: gradients reach the live rows
+    /// only (frozen keys and values are constants).
     fn attention_backward(
         &self,
         attn: &DenseAttention,
@@ -558,7 +656,7 @@ impl DenseTail {
         dx: &mut [f32],
         layout: &Layout,
     ) {
-        let t = layout.pos.len();
+        let (t, rows) = (layout.live.len(), layout.pos.len());
         let cfg = &self.cfg;
         let (d, hd) = (cfg.d_model, cfg.head_dim);
         let (nh, group) = (cfg.n_heads, cfg.n_heads / cfg.n_kv_heads);
@@ -570,27 +668,27 @@ impl DenseTail {
         let mut d_o = vec![0.0f32; t * q_dim];
         attn.wo.backward_into(&dy, t, &mut d_o);
         let mut dq_rot = vec![0.0f32; t * q_dim];
-        let mut dk_rot = vec![0.0f32; t * kv_dim];
-        let mut dv = vec![0.0f32; t * kv_dim];
-        let mut dp = vec![0.0f32; t];
+        let mut dk_all = vec![0.0f32; rows * kv_dim];
+        let mut dv_all = vec![0.0f32; rows * kv_dim];
+        let mut dp = vec![0.0f32; rows];
         for h in 0..nh {
             let g = h / group;
-            for i in 0..t {
-                let first = layout.first_visible(attn, i, self.cfg.sliding_window);
-                let base = (h * t + i) * t;
+            for (i, &row) in layout.live.iter().enumerate() {
+                let first = layout.first_visible(attn, row, self.cfg.sliding_window);
+                let base = (h * t + i) * rows;
                 let doi = &d_o[i * q_dim + h * hd..][..hd];
                 let mut weighted = 0.0f32;
-                for j in first..=i {
+                for j in first..=row {
                     let vj = &tape.v[j * kv_dim + g * hd..][..hd];
                     dp[j] = dot(doi, vj);
                     weighted += tape.probs[base + j] * dp[j];
                     let p = tape.probs[base + j];
-                    dv[j * kv_dim + g * hd..][..hd]
+                    dv_all[j * kv_dim + g * hd..][..hd]
                         .iter_mut()
                         .zip(doi)
                         .for_each(|(a, b)| *a += p * b);
                 }
-                for j in first..=i {
+                for j in first..=row {
                     let mut ds = tape.probs[base + j] * (dp[j] - weighted);
                     if let Some(cap) = cfg.attn_softcap {
                         let th = tape.capped[base + j] / cap;
@@ -603,15 +701,24 @@ impl DenseTail {
                         .iter_mut()
                         .zip(kj)
                         .for_each(|(a, b)| *a += ds * b);
-                    dk_rot[j * kv_dim + g * hd..][..hd]
+                    dk_all[j * kv_dim + g * hd..][..hd]
                         .iter_mut()
                         .zip(qi)
                         .for_each(|(a, b)| *a += ds * b);
                 }
             }
         }
+        let live_rows = |all: &[f32]| -> Vec<f32> {
+            layout
+                .live
+                .iter()
+                .flat_map(|&r| all[r * kv_dim..(r + 1) * kv_dim].iter().copied())
+                .collect()
+        };
+        let (mut dk_rot, dv) = (live_rows(&dk_all), live_rows(&dv_all));
         let rope = self.rope(attn);
-        for (p, &pos) in layout.pos.iter().enumerate() {
+        for (p, &row) in layout.live.iter().enumerate() {
+            let pos = layout.pos[row];
             rope.rotate_heads(pos, &mut dq_rot[p * q_dim..(p + 1) * q_dim], hd, true);
             rope.rotate_heads(pos, &mut dk_rot[p * kv_dim..(p + 1) * kv_dim], hd, true);
         }

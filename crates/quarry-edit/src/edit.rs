@@ -298,10 +298,11 @@ impl Editor {
         let (mut m, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
         let y2 = (y_norm * y_norm).max(1e-12);
         let mut loss = f32::INFINITY;
+        let frozen = self.tail.freeze(probes);
         // The step size is relative to the output's size, so one setting fits every model.
         let lr = h.lr * y_norm / (d as f32).sqrt();
         for step in 1..=h.steps {
-            let (l, mut g) = self.tail.loss_and_grad(probes, &delta);
+            let (l, mut g) = self.tail.loss_and_grad(probes, &frozen, &delta);
             loss = l;
             if l < h.stop_loss {
                 break;
