@@ -3,7 +3,7 @@
 //! ```text
 //! edit_eval MODEL.gguf SET.json [--sizes 1,10,100] [--sequential 10] [--layer L]
 //!           [--null-space X] [--ridge X] [--steps N] [--lr X] [--clamp X] [--weight-decay X]
-//!           [--stop-loss X]
+//!           [--stop-loss X] [--decoys N] [--decoy-weight X]
 //!           [--ppl-ctx 512] [--json OUT]
 //! ```
 //! For each size N the first N cases are solved into one patch and scored; `--sequential K`
@@ -81,6 +81,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(x) = flag(&args, "--weight-decay") {
         hyper.weight_decay = x;
     }
+    if let Some(x) = flag(&args, "--decoys") {
+        hyper.decoys = x;
+    }
+    if let Some(x) = flag(&args, "--decoy-weight") {
+        hyper.decoy_weight = x;
+    }
     let sha = sha256_of(&model_path)?;
     let models_dir = model_path.parent().unwrap_or(Path::new("."));
     let corpus = std::fs::read_to_string(models_dir.join("edit-corpus.txt"))?;
@@ -136,6 +142,24 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
      -> Result<(), Box<dyn std::error::Error>> {
         let (c, answers) = (&cases[..n], &base_answers[..neighbours_of(&cases[..n])]);
         let s: Scores = eval::score(model, &tokenizer, c, answers)?;
+        if std::env::var_os("EDIT_EVAL_CHANGED").is_some() {
+            let now = eval::neighbour_answers(model, &tokenizer, c)?;
+            let prompts = c
+                .iter()
+                .flat_map(|c| c.neighbours.iter().map(move |n| (c, n)));
+            for (((case, n), a), b) in prompts.zip(&now).zip(answers) {
+                if a != b {
+                    println!(
+                        "  changed [{} -> {}] {:?}: {:?} -> {:?}",
+                        case.entity,
+                        case.new,
+                        n.prompt,
+                        tokenizer.decode(&[*b]),
+                        tokenizer.decode(&[*a])
+                    );
+                }
+            }
+        }
         let ppl = eval::text_perplexity(model, &tokenizer, &text, ppl_ctx)?;
         println!(
             "{name}: efficacy {:.1}% paraphrase {:.1}% neighbourhood {:.1}% greedy-new {:.1}% ppl {ppl:.4} ({:+.2}%) solve {solve_s:.2}s",

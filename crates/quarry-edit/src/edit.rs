@@ -3,6 +3,9 @@
 //! must change for the model to say the target (the value, by gradient descent through
 //! [`DenseTail`]).
 
+use std::sync::Arc;
+
+use faer::Mat;
 use quarry_model::{ForwardObserver, LowRank, Model};
 use quarry_tokenize::Tokenizer;
 use serde::{Deserialize, Serialize};
@@ -113,6 +116,11 @@ pub struct Hyper {
     pub null_space: f32,
     /// Contexts the prompt is also seen in (the value must work after each).
     pub prefixes: Vec<String>,
+    /// Other subjects put in each edit's prompt (capitalised words of the vocabulary) whose
+    /// keys the solve maps towards zero, and the weight of that: what keeps an edit of one
+    /// subject off the others of its relation.
+    pub decoys: usize,
+    pub decoy_weight: f32,
 }
 
 impl Hyper {
@@ -136,6 +144,8 @@ impl Hyper {
             ]
             .map(String::from)
             .to_vec(),
+            decoys: 32,
+            decoy_weight: 1.0,
         }
     }
 }
@@ -189,6 +199,10 @@ pub struct Editor {
     tail: DenseTail,
     hyper: Hyper,
     null: NullSpace,
+    /// Subjects for decoy keys, and the second moment `Σ k·kᵀ` of the decoy keys of every
+    /// prompt template seen so far (`ff × ff`).
+    placeholders: Vec<String>,
+    decoy_grams: std::sync::Mutex<std::collections::HashMap<String, Arc<Mat<f32>>>>,
 }
 
 impl Editor {
@@ -209,12 +223,15 @@ impl Editor {
             )));
         }
         let null = stats.null_space(hyper.null_space);
+        let placeholders = placeholder_subjects(&tokenizer, hyper.decoys);
         Ok(Editor {
             model,
             tokenizer,
             tail,
             hyper,
             null,
+            placeholders,
+            decoy_grams: Default::default(),
         })
     }
 
@@ -225,12 +242,57 @@ impl Editor {
             .iter()
             .filter(|e| e.layer == self.hyper.layer)
             .collect();
+        let mut templates: Vec<String> = mine
+            .iter()
+            .filter_map(|e| template_of(&e.prompt, &e.entity))
+            .collect();
+        templates.sort();
+        templates.dedup();
+        let ff = self.model.config().ff_dim;
+        let mut decoys = Mat::<f32>::zeros(ff, ff);
+        for t in &templates {
+            decoys += &*self.decoy_gram(t);
+        }
         solve(
             &mine,
+            &decoys,
+            self.hyper.decoy_weight,
             &self.null,
             self.hyper.ridge,
             self.model.config().d_model,
         )
+    }
+
+    /// `Σ k·kᵀ` of the keys at every position (BOS included) of `template` filled with each
+    /// placeholder subject (computed once per template): inputs the edit must not change,
+    /// since the overlay applies at every position, not only at the subject.
+    fn decoy_gram(&self, template: &str) -> Arc<Mat<f32>> {
+        let mut cache = self.decoy_grams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(gram) = cache.get(template) {
+            return gram.clone();
+        }
+        let ff = self.model.config().ff_dim;
+        // Positions before the subject are the same for every subject: keep one of each.
+        let mut seen = std::collections::HashSet::new();
+        let keys: Vec<Vec<f32>> = self
+            .placeholders
+            .iter()
+            .filter_map(|subject| {
+                let prompt = template.replacen("{entity}", subject, 1);
+                let tokens = self.tokenizer.encode(&prompt, true, false);
+                crate::solve::layer_keys(&self.model, self.hyper.layer, &tokens).ok()
+            })
+            .flat_map(|keys| {
+                keys.chunks_exact(ff)
+                    .map(<[f32]>::to_vec)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|k| seen.insert(k.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()))
+            .collect();
+        let k = Mat::<f32>::from_fn(keys.len(), ff, |r, c| keys[r][c]);
+        let gram = Arc::new(k.transpose() * &k);
+        cache.insert(template.to_string(), gram.clone());
+        gram
     }
 
     /// Dimensions of the null space edits are confined to.
@@ -463,4 +525,33 @@ impl ForwardObserver for Capture {
             self.add(added);
         }
     }
+}
+
+/// `prompt` with the last occurrence of `entity` replaced by `{entity}`.
+fn template_of(prompt: &str, entity: &str) -> Option<String> {
+    let at = prompt.rfind(entity)?;
+    Some(format!(
+        "{}{{entity}}{}",
+        &prompt[..at],
+        &prompt[at + entity.len()..]
+    ))
+}
+
+/// `count` capitalised words of the vocabulary (one token each, spread over the vocabulary):
+/// stand-ins for the subjects an edit must leave alone. Drawn from the tokenizer, so no list
+/// of subjects (and no evaluation set) is built in.
+fn placeholder_subjects(tokenizer: &Tokenizer, count: usize) -> Vec<String> {
+    let words: Vec<String> = (0..tokenizer.vocab_size() as u32)
+        .filter(|&id| !tokenizer.is_control(id))
+        .filter_map(|id| {
+            let text = tokenizer.decode(&[id]);
+            let word = text.strip_prefix(' ')?;
+            let mut chars = word.chars();
+            let capital = chars.next().is_some_and(|c| c.is_ascii_uppercase());
+            (capital && word.len() >= 4 && chars.all(|c| c.is_ascii_lowercase()))
+                .then(|| word.to_string())
+        })
+        .collect();
+    let step = (words.len() / count.max(1)).max(1);
+    words.into_iter().step_by(step).take(count).collect()
 }

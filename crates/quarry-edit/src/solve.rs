@@ -42,14 +42,7 @@ impl KeyStats {
         let mut moment = Mat::<f64>::zeros(ff, ff);
         let mut seen = 0usize;
         for part in tokens.chunks(chunk.max(1)) {
-            let mut grab = Grab { layer, keys: None };
-            let mut cache = model.new_cache(part.len());
-            model
-                .forward_observed(part, &mut cache, 0..1, &mut grab)
-                .map_err(|e| EditError::Model(e.to_string()))?;
-            let keys = grab
-                .keys
-                .ok_or_else(|| EditError::Stats("the layer was never reached".into()))?;
+            let keys = layer_keys(model, layer, part)?;
             let n = keys.len() / ff;
             let h = Mat::<f64>::from_fn(n, ff, |i, j| keys[i * ff + j] as f64);
             moment += h.transpose() * &h;
@@ -88,7 +81,7 @@ impl KeyStats {
             .count();
         NullSpace {
             ff,
-            basis: self.eigenvectors[..m * ff].to_vec(),
+            basis: Mat::from_fn(ff, m, |r, c| self.eigenvectors[c * ff + r] as f64),
         }
     }
 
@@ -144,62 +137,87 @@ impl KeyStats {
     }
 }
 
-/// An orthonormal basis `N` (`ff × m`, column-major) of the directions ordinary keys do not use.
+/// An orthonormal basis `N` (`ff × m`) of the directions ordinary keys do not use.
 pub struct NullSpace {
     ff: usize,
-    basis: Vec<f32>,
+    basis: Mat<f64>,
 }
 
 impl NullSpace {
     /// Dimensions of the null space.
     pub fn dim(&self) -> usize {
-        self.basis.len() / self.ff.max(1)
+        self.basis.ncols()
     }
 
-    /// `Nᵀ·k`.
-    fn coordinates(&self, key: &[f32]) -> Vec<f64> {
-        self.basis
-            .chunks_exact(self.ff)
-            .map(|n| n.iter().zip(key).map(|(a, b)| (a * b) as f64).sum())
-            .collect()
-    }
-
-    /// `N·c`.
-    fn expand(&self, coords: &[f64]) -> Vec<f32> {
-        let mut out = vec![0.0f64; self.ff];
-        for (n, &c) in self.basis.chunks_exact(self.ff).zip(coords) {
-            out.iter_mut().zip(n).for_each(|(o, &x)| *o += c * x as f64);
-        }
-        out.into_iter().map(|v| v as f32).collect()
+    /// `Nᵀ·K` for keys as the columns of `K` (`m × keys`).
+    fn coordinates(&self, keys: &[&[f32]]) -> Mat<f64> {
+        let k = Mat::<f64>::from_fn(self.ff, keys.len(), |r, c| keys[c][r] as f64);
+        self.basis.transpose() * &k
     }
 }
 
 /// The low-rank change of the down projection that gives each edit its value (all edits at
-/// the same layer), restricted to `null`; `ridge` is relative to the mean of `diag(KᵀPK)`.
-/// `None` without edits.
-pub fn solve(edits: &[&Edit], null: &NullSpace, ridge: f32, d_model: usize) -> Option<LowRank> {
+/// the same layer) and maps decoy keys (other subjects in the edits' prompts; `decoys` is
+/// their `Σ d·dᵀ`, `ff × ff`) towards zero with weight `decoy_weight`, restricted to `null`:
+/// `ΔW = R·(M⁻¹·C)ᵀ·Nᵀ`, `M = C·Cᵀ + w·Nᵀ·D·N + αI`, with `C = Nᵀ·K` the keys' null-space
+/// coordinates. `ridge` is relative to the
+/// mean of `diag(CᵀC)`. The result has rank = edits (`B = R`). `None` without edits.
+pub fn solve(
+    edits: &[&Edit],
+    decoys: &Mat<f32>,
+    decoy_weight: f32,
+    null: &NullSpace,
+    ridge: f32,
+    d_model: usize,
+) -> Option<LowRank> {
     let n = edits.len();
-    if n == 0 || null.dim() == 0 {
+    let m = null.dim();
+    if n == 0 || m == 0 {
         return None;
     }
-    // Coordinates of every key in the null space: PK = N·C, KᵀPK = CᵀC.
-    let coords: Vec<Vec<f64>> = edits.iter().map(|e| null.coordinates(&e.key)).collect();
-    let gram = Mat::<f64>::from_fn(n, n, |i, j| {
-        coords[i].iter().zip(&coords[j]).map(|(a, b)| a * b).sum()
-    });
-    let mean_diag = (0..n).map(|i| gram[(i, i)]).sum::<f64>() / n as f64;
+    let keys: Vec<&[f32]> = edits.iter().map(|e| e.key.as_slice()).collect();
+    let c = null.coordinates(&keys);
+    let mean_diag = (0..n)
+        .map(|i| (0..m).map(|r| c[(r, i)] * c[(r, i)]).sum::<f64>())
+        .sum::<f64>()
+        / n as f64;
     let alpha = (ridge as f64 * mean_diag).max(1e-12);
-    let regularised =
-        Mat::<f64>::from_fn(n, n, |i, j| gram[(i, j)] + if i == j { alpha } else { 0.0 });
-    // B = R·(KᵀPK + αI)⁻¹, i.e. Bᵀ = (KᵀPK + αI)⁻¹·Rᵀ (the matrix is symmetric).
-    let rt = Mat::<f64>::from_fn(n, d_model, |i, j| edits[i].value[j] as f64);
-    let bt = regularised.partial_piv_lu().solve(&rt);
-    let b: Vec<f32> = (0..d_model)
-        .flat_map(|r| (0..n).map(move |c| (r, c)))
-        .map(|(r, c)| bt[(c, r)] as f32)
+    let mut system = &c * c.transpose();
+    if decoy_weight > 0.0 && decoys.nrows() == null.ff {
+        let basis = Mat::<f32>::from_fn(null.ff, m, |r, c| null.basis[(r, c)] as f32);
+        let projected = basis.transpose() * (decoys * &basis);
+        system += Mat::<f64>::from_fn(m, m, |r, c| decoy_weight as f64 * projected[(r, c)] as f64);
+    }
+    for i in 0..m {
+        system[(i, i)] += alpha;
+    }
+    // X = M⁻¹·C. M is symmetric positive definite in exact arithmetic (α > 0); LU rather than
+    // Cholesky because the decoy term is summed in f32 and may round a hair below zero.
+    let x = system.partial_piv_lu().solve(&c);
+    let a_rows = &null.basis * &x;
+    let a: Vec<f32> = (0..n)
+        .flat_map(|i| (0..null.ff).map(move |r| (r, i)))
+        .map(|(r, i)| a_rows[(r, i)] as f32)
         .collect();
-    let a: Vec<f32> = coords.iter().flat_map(|c| null.expand(c)).collect();
+    let b: Vec<f32> = (0..d_model)
+        .flat_map(|r| (0..n).map(move |i| edits[i].value[r]))
+        .collect();
     LowRank::new(d_model, null.ff, n, a, b)
+}
+
+/// Layer `layer`'s FFN hidden activations at every position of `tokens` (`tokens × ff`).
+pub(crate) fn layer_keys(
+    model: &Model,
+    layer: usize,
+    tokens: &[u32],
+) -> Result<Vec<f32>, EditError> {
+    let mut grab = Grab { layer, keys: None };
+    let mut cache = model.new_cache(tokens.len());
+    model
+        .forward_observed(tokens, &mut cache, 0..1, &mut grab)
+        .map_err(|e| EditError::Model(e.to_string()))?;
+    grab.keys
+        .ok_or_else(|| EditError::Stats("the layer was never reached".into()))
 }
 
 /// Collects one layer's FFN hidden activations.
@@ -240,11 +258,11 @@ mod tests {
         // ff = 4: ordinary keys live in dims 0..2, the null space is dims 2..4.
         let null = NullSpace {
             ff: 4,
-            basis: vec![0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+            basis: Mat::from_fn(4, 2, |r, c| f64::from(r == c + 2)),
         };
         let e1 = edit(vec![0.3, 0.1, 1.0, 0.0], vec![1.0, -2.0, 0.5]);
         let e2 = edit(vec![0.2, 0.0, 0.5, 2.0], vec![0.0, 1.0, 1.0]);
-        let delta = solve(&[&e1, &e2], &null, 1e-6, 3).unwrap();
+        let delta = solve(&[&e1, &e2], &Mat::zeros(0, 0), 0.0, &null, 1e-6, 3).unwrap();
         for e in [&e1, &e2] {
             let mut out = vec![0.0f32; 3];
             delta.apply(&e.key, &mut out);
@@ -259,8 +277,42 @@ mod tests {
             "preserved key moved: {out:?}"
         );
         // Order does not matter.
-        let swapped = solve(&[&e2, &e1], &null, 1e-6, 3).unwrap();
+        let swapped = solve(&[&e2, &e1], &Mat::zeros(0, 0), 0.0, &null, 1e-6, 3).unwrap();
         let (x, y) = (delta.dense(), swapped.dense());
         assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+
+    #[test]
+    fn decoys_keep_their_outputs_while_edits_get_their_values() {
+        // ff = 3, all free. The edit's key shares direction 0 with a decoy (another subject in
+        // the same prompt); a heavy decoy leaves the decoy's output near zero and the edit its
+        // value, through the direction only the edit has.
+        let null = NullSpace {
+            ff: 3,
+            basis: Mat::from_fn(3, 3, |r, c| f64::from(r == c)),
+        };
+        let e = edit(vec![1.0, 0.5, 0.0], vec![2.0, -1.0]);
+        let decoy = vec![1.0, 0.0, 0.5];
+        let out = |delta: &LowRank, k: &[f32]| {
+            let mut out = vec![0.0f32; 2];
+            delta.apply(k, &mut out);
+            out
+        };
+        let plain = solve(&[&e], &Mat::zeros(0, 0), 0.0, &null, 1e-6, 2).unwrap();
+        let gram = Mat::<f32>::from_fn(3, 3, |r, c| decoy[r] * decoy[c]);
+        let guarded = solve(&[&e], &gram, 1e4, &null, 1e-6, 2).unwrap();
+        let norm = |v: Vec<f32>| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(
+            norm(out(&plain, &decoy)) > 0.5,
+            "the plain solve moves the decoy"
+        );
+        assert!(
+            norm(out(&guarded, &decoy)) < 1e-2,
+            "{:?}",
+            out(&guarded, &decoy)
+        );
+        for (o, v) in out(&guarded, &e.key).iter().zip(&e.value) {
+            assert!((o - v).abs() < 1e-2, "edit value {o} vs {v}");
+        }
     }
 }
