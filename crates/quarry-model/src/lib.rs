@@ -20,4 +20,4 @@ pub use export::{write_patched_model, DEFAULT_PATCHED_TYPE, PATCHED_TYPES};
 pub use kv_cache::{ContiguousKvCache, KvCache, KV_BYTES_PER_VALUE};
 pub use lora::{read_adapter, write_adapter};
 pub use model::{AttentionWeights, FfnWeights, ForwardObserver, Model, SequenceBatch};
-pub use overlay::{FfnOverlay, LowRank};
+pub use overlay::{FfnOverlay, LowRank, NeuronRows};

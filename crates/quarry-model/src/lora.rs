@@ -296,6 +296,13 @@ pub(crate) fn check_overlay(
     config: &ModelConfig,
     file: &str,
 ) -> Result<(), ModelError> {
+    if overlay.has_neurons() {
+        return Err(invalid(
+            file,
+            "overlay",
+            "rewrites FFN neurons (COMPOSE); only down-projection deltas can be written",
+        ));
+    }
     for (layer, d) in overlay.deltas() {
         let item = format!("delta of layer {layer}");
         if layer >= config.n_layers {

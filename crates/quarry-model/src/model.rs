@@ -249,6 +249,25 @@ impl Model {
             };
             return Err(ModelError::BadOverlay { layer, reason });
         }
+        for layer in 0..cfg.n_layers {
+            let Some(n) = overlay.neurons(layer) else {
+                continue;
+            };
+            let k = n.index.len();
+            if k == 0
+                || n.gate.len() != k * cfg.d_model
+                || n.up.len() != k * cfg.d_model
+                || n.index.iter().any(|&j| j >= cfg.ff_dim)
+            {
+                return Err(ModelError::BadOverlay {
+                    layer,
+                    reason: format!(
+                        "{k} replaced neurons need rows of {} values and indices below {}",
+                        cfg.d_model, cfg.ff_dim
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -582,11 +601,20 @@ impl Loaded {
             &xq,
         );
         gated_activation(&mut s.gate, &s.up, cfg.activation);
+        let (ff, d) = (cfg.ff_dim, cfg.d_model);
+        for (rows, overlay) in overlays {
+            if let Some(neurons) = overlay.neurons(index) {
+                neurons.apply(
+                    &s.norm[rows.start * d..rows.end * d],
+                    &mut s.gate[rows.start * ff..rows.end * ff],
+                    cfg.activation,
+                );
+            }
+        }
         observer.ffn_activations(index, &s.norm, &s.gate);
         let hidden = s.activations(&s.gate, cfg.ff_dim);
         matmul_quantized(&layer.down, &hidden, &mut s.norm);
         // The overlay adds to the projection itself, so the post-FFN norm sees W + B·A.
-        let (ff, d) = (cfg.ff_dim, cfg.d_model);
         for (rows, overlay) in overlays {
             if let Some(delta) = overlay.layer(index) {
                 delta.apply(

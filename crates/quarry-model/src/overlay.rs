@@ -13,7 +13,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use quarry_kernels::pool;
-use quarry_kernels::vec::dot_rows;
+use quarry_kernels::vec::{dot_rows, gelu_tanh_mul, silu_mul};
+
+use crate::Activation;
 
 /// One layer's `ΔW = B·A`.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,11 +106,50 @@ impl LowRank {
     }
 }
 
+/// Neurons of one layer's FFN whose gate and up rows are replaced: neuron `index[i]` reads
+/// row `i` of `gate` and of `up` (`d_model` values each) instead of the model's. Quarry's own
+/// edits never do this; it is how LARQL's COMPOSE writes a fact (one neuron per fact, its
+/// down column changed through the layer's [`LowRank`]), ported for comparison.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NeuronRows {
+    pub index: Vec<usize>,
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+}
+
+impl NeuronRows {
+    /// Recomputes these neurons' hidden activations `act(gate·x)·(up·x)` in `h` (rows of
+    /// `ff` values) from the FFN's normed input `x` (as many rows of `d` values).
+    pub fn apply(&self, x: &[f32], h: &mut [f32], act: Activation) {
+        let d = self.gate.len() / self.index.len().max(1);
+        let ff = h.len() / (x.len() / d.max(1)).max(1);
+        let kernel = match act {
+            Activation::Silu => silu_mul,
+            Activation::GeluTanh => gelu_tanh_mul,
+        };
+        for (xr, hr) in x.chunks_exact(d).zip(h.chunks_exact_mut(ff)) {
+            for (i, &j) in self.index.iter().enumerate() {
+                let dot = |w: &[f32]| {
+                    w[i * d..(i + 1) * d]
+                        .iter()
+                        .zip(xr)
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                };
+                let mut g = [dot(&self.gate)];
+                kernel(&mut g, &[dot(&self.up)]);
+                hr[j] = g[0];
+            }
+        }
+    }
+}
+
 /// The deltas of every layer a patch set touches.
 #[derive(Debug)]
 pub struct FfnOverlay {
     version: u64,
     layers: Vec<Option<LowRank>>,
+    neurons: Vec<Option<NeuronRows>>,
 }
 
 impl FfnOverlay {
@@ -122,8 +163,34 @@ impl FfnOverlay {
         }
         FfnOverlay {
             version: NEXT.fetch_add(1, Ordering::Relaxed),
+            neurons: vec![None; n_layers],
             layers,
         }
+    }
+
+    /// This overlay with `rows` as `(layer, neurons)` pairs whose gate and up rows are
+    /// replaced (see [`NeuronRows`]).
+    pub fn with_neurons(
+        mut self,
+        rows: impl IntoIterator<Item = (usize, NeuronRows)>,
+    ) -> FfnOverlay {
+        for (layer, r) in rows {
+            if let Some(slot) = self.neurons.get_mut(layer) {
+                *slot = Some(r);
+            }
+        }
+        self
+    }
+
+    /// The replaced neurons of `layer`, if any.
+    pub fn neurons(&self, layer: usize) -> Option<&NeuronRows> {
+        self.neurons.get(layer).and_then(Option::as_ref)
+    }
+
+    /// Whether any layer's gate and up rows are replaced (such an overlay is not a LoRA of
+    /// the down projections and cannot be written as one).
+    pub fn has_neurons(&self) -> bool {
+        self.neurons.iter().any(Option::is_some)
     }
 
     /// Unique in the process for every overlay built; 0 is never used (no overlay).
@@ -144,7 +211,7 @@ impl FfnOverlay {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.layers.iter().all(Option::is_none)
+        self.layers.iter().all(Option::is_none) && !self.has_neurons()
     }
 }
 

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use quarry_format::{gguf::GgufWriter, GgmlType, GgufFile, Value};
-use quarry_model::{FfnOverlay, KvCache, LowRank, Model, ModelError, SequenceBatch};
+use quarry_model::{FfnOverlay, KvCache, LowRank, Model, ModelError, NeuronRows, SequenceBatch};
 
 const D: usize = 32;
 const HEAD: usize = 16;
@@ -393,9 +393,14 @@ fn delta(seed: u64, rank: usize, scale: f32) -> LowRank {
     LowRank::new(D, FF, rank, a, rng.vec(D * rank, scale)).unwrap()
 }
 
-/// `file` with the down projection of each listed layer replaced by `W + B·A` (its weights
-/// are `F32`, so the sum is stored exactly as computed).
-fn with_dense_deltas(file: &GgufFile, deltas: &[(usize, &LowRank)]) -> Arc<GgufFile> {
+/// `file` with the down projection of each listed layer replaced by `W + B·A` and the gate and
+/// up rows of each listed neuron replaced (its weights are `F32`, so the results are stored
+/// exactly as computed).
+fn with_dense_deltas(
+    file: &GgufFile,
+    deltas: &[(usize, &LowRank)],
+    neurons: &[(usize, &NeuronRows)],
+) -> Arc<GgufFile> {
     let mut w = GgufWriter::new();
     for (key, value) in file.metadata() {
         w.add_metadata(key.clone(), value.clone()).unwrap();
@@ -418,6 +423,25 @@ fn with_dense_deltas(file: &GgufFile, deltas: &[(usize, &LowRank)]) -> Arc<GgufF
             }
             None => Cow::Borrowed(data),
         };
+        let rewritten = neurons.iter().find_map(|(layer, n)| {
+            let rows = if info.name == format!("blk.{layer}.ffn_gate.weight") {
+                &n.gate
+            } else if info.name == format!("blk.{layer}.ffn_up.weight") {
+                &n.up
+            } else {
+                return None;
+            };
+            assert_eq!(info.dtype, GgmlType::F32);
+            let mut w: Vec<f32> = data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            for (i, &j) in n.index.iter().enumerate() {
+                w[j * D..(j + 1) * D].copy_from_slice(&rows[i * D..(i + 1) * D]);
+            }
+            Some(Cow::Owned(bytemuck_f32(&w)))
+        });
+        let data = rewritten.unwrap_or(data);
         w.add_tensor(info.name.clone(), &info.dims, info.dtype, data)
             .unwrap();
     }
@@ -439,7 +463,7 @@ fn an_overlay_gives_the_logits_of_the_dense_weight_it_stands_for() {
         let overlay = FfnOverlay::new(spec.layers, [(0, d0.clone()), (1, d1.clone())]);
         let base = Model::load(Arc::clone(&file)).unwrap();
         let edited = base.with_overlay(Some(Arc::new(overlay))).unwrap();
-        let dense = Model::load(with_dense_deltas(&file, &[(0, &d0), (1, &d1)])).unwrap();
+        let dense = Model::load(with_dense_deltas(&file, &[(0, &d0), (1, &d1)], &[])).unwrap();
         let toks = tokens(12);
         let n = toks.len();
         let got = edited.forward(&toks, &mut edited.new_cache(16), 0..n);
@@ -457,6 +481,48 @@ fn an_overlay_gives_the_logits_of_the_dense_weight_it_stands_for() {
         assert!(
             max_difference(&plain, &got) > 0.05,
             "{}: the deltas are large enough to matter",
+            spec.arch
+        );
+    }
+}
+
+#[test]
+fn replaced_neurons_give_the_logits_of_the_rewritten_weights() {
+    for spec in [Spec::llama(), Spec::gemma3(4, 2)] {
+        let file = build(&spec);
+        let mut rng = Lcg(31);
+        let rows = NeuronRows {
+            index: vec![3, 17],
+            gate: rng.vec(2 * D, 0.5),
+            up: rng.vec(2 * D, 0.5),
+        };
+        let down = delta(13, 2, 0.3);
+        let overlay =
+            FfnOverlay::new(spec.layers, [(1, down.clone())]).with_neurons([(1, rows.clone())]);
+        let base = Model::load(Arc::clone(&file)).unwrap();
+        let edited = base.with_overlay(Some(Arc::new(overlay))).unwrap();
+        let dense = Model::load(with_dense_deltas(&file, &[(1, &down)], &[(1, &rows)])).unwrap();
+        let toks = tokens(12);
+        let n = toks.len();
+        let got = edited
+            .forward(&toks, &mut edited.new_cache(16), 0..n)
+            .unwrap();
+        let want = dense
+            .forward(&toks, &mut dense.new_cache(16), 0..n)
+            .unwrap();
+        assert_close(&got, &want, &format!("{}: rewritten neurons", spec.arch));
+        let only_down = base
+            .with_overlay(Some(Arc::new(FfnOverlay::new(
+                spec.layers,
+                [(1, down.clone())],
+            ))))
+            .unwrap();
+        let plain = only_down
+            .forward(&toks, &mut only_down.new_cache(16), 0..n)
+            .unwrap();
+        assert!(
+            max_difference(&plain, &got) > 0.01,
+            "{}: the neurons matter",
             spec.arch
         );
     }
