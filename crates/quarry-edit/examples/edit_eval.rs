@@ -3,7 +3,7 @@
 //! ```text
 //! edit_eval MODEL.gguf SET.json [--sizes 1,10,100] [--sequential 10] [--layer L]
 //!           [--null-space X] [--ridge X] [--steps N] [--lr X] [--clamp X] [--weight-decay X]
-//!           [--stop-loss X] [--decoys N] [--decoy-weight X]
+//!           [--stop-loss X] [--decoys N] [--decoy-weight X] [--method compose]
 //!           [--ppl-ctx 512] [--json OUT]
 //! ```
 //! For each size N the first N cases are solved into one patch and scored; `--sequential K`
@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use quarry_edit::compose::Composer;
 use quarry_edit::eval::{self, Case, Scores};
 use quarry_edit::{key_stats, Edit, EditKind, EditRequest, Editor, Hyper};
 use quarry_format::GgufFile;
@@ -113,32 +114,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let unedited = eval::score(&base, &tokenizer, cases, &base_answers)?;
     println!("unedited: {unedited:?} ppl {base_ppl:.4}");
 
-    // Every case's edit, solved once (an edit does not depend on the others).
-    let mut edits: Vec<Edit> = Vec::new();
-    let mut seconds = Vec::new();
-    for case in cases {
-        let t = Instant::now();
-        edits.push(editor.solve(&EditRequest {
-            entity: case.entity.clone(),
-            relation: case.relation.clone(),
-            target: case.new.clone(),
-            prompt: case.rewrite.clone(),
-            kind: EditKind::Insert,
-        })?);
-        seconds.push(t.elapsed().as_secs_f64());
-    }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    println!(
-        "solved {} edits: {:.2} s per edit (mean), final loss {:.3} (mean)",
-        edits.len(),
-        mean(&seconds),
-        edits.iter().map(|e| e.loss as f64).sum::<f64>() / edits.len() as f64
-    );
     let mut runs = Vec::new();
     let mut report = |name: String,
                       n: usize,
                       model: &Model,
-                      solve_s: f64|
+                      solve_s: f64,
+                      edit_s: f64|
      -> Result<(), Box<dyn std::error::Error>> {
         let (c, answers) = (&cases[..n], &base_answers[..neighbours_of(&cases[..n])]);
         let s: Scores = eval::score(model, &tokenizer, c, answers)?;
@@ -162,7 +144,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         let ppl = eval::text_perplexity(model, &tokenizer, &text, ppl_ctx)?;
         println!(
-            "{name}: efficacy {:.1}% paraphrase {:.1}% neighbourhood {:.1}% greedy-new {:.1}% ppl {ppl:.4} ({:+.2}%) solve {solve_s:.2}s",
+            "{name}: efficacy {:.1}% paraphrase {:.1}% neighbourhood {:.1}% greedy-new {:.1}% ppl {ppl:.4} ({:+.2}%) solve {solve_s:.2}s, {edit_s:.2}s per edit",
             100.0 * s.efficacy,
             100.0 * s.paraphrase,
             100.0 * s.neighbourhood,
@@ -171,9 +153,62 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
         runs.push(json!({"run": name, "edits": n, "scores": s, "ppl": ppl,
             "ppl_change": ppl / base_ppl - 1.0, "solve_seconds": solve_s,
-            "edit_seconds_mean": mean(&seconds[..n])}));
+            "edit_seconds_mean": edit_s}));
         Ok(())
     };
+
+    if flag::<String>(&args, "--method").as_deref() == Some("compose") {
+        // LARQL's COMPOSE: facts inserted one after another (each balanced against the
+        // earlier ones), scored after the first N for every size.
+        let layer = flag(&args, "--layer");
+        let mut composer = Composer::new(base.clone(), Tokenizer::from_gguf(base.file())?, layer)?;
+        println!("compose at layer {}", composer.layer());
+        let mut seconds = Vec::new();
+        for (i, case) in cases.iter().enumerate() {
+            let t = Instant::now();
+            composer.insert(&case.entity, &case.relation, &case.new)?;
+            seconds.push(t.elapsed().as_secs_f64());
+            if sizes.contains(&(i + 1)) {
+                let p = composer.probabilities()?;
+                println!(
+                    "compose {}: P(target) on COMPOSE's own prompts: mean {:.3}, {} of {} in [0.30, 0.95]",
+                    i + 1,
+                    p.iter().sum::<f32>() / p.len() as f32,
+                    p.iter().filter(|&&x| (0.30..=0.95).contains(&x)).count(),
+                    p.len()
+                );
+                let name = format!("compose {}", i + 1);
+                report(name, i + 1, &composer.model()?, 0.0, mean(&seconds))?;
+            }
+        }
+        return write_json(
+            &args,
+            json!({"model": model_path, "set": set_path,
+            "method": "compose", "layer": composer.layer(),
+            "unedited": unedited, "base_ppl": base_ppl, "runs": runs}),
+        );
+    }
+
+    // Every case's edit, solved once (an edit does not depend on the others).
+    let mut edits: Vec<Edit> = Vec::new();
+    let mut seconds = Vec::new();
+    for case in cases {
+        let t = Instant::now();
+        edits.push(editor.solve(&EditRequest {
+            entity: case.entity.clone(),
+            relation: case.relation.clone(),
+            target: case.new.clone(),
+            prompt: case.rewrite.clone(),
+            kind: EditKind::Insert,
+        })?);
+        seconds.push(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "solved {} edits: {:.2} s per edit (mean), final loss {:.3} (mean)",
+        edits.len(),
+        mean(&seconds),
+        edits.iter().map(|e| e.loss as f64).sum::<f64>() / edits.len() as f64
+    );
     for &n in &sizes {
         let n = n.min(edits.len());
         let t = Instant::now();
@@ -186,6 +221,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             n,
             &eval::patched(&base, hyper.layer, delta)?,
             solve_s,
+            mean(&seconds[..n]),
         )?;
     }
     if sequential > 0 {
@@ -202,12 +238,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             n,
             &eval::patched(&base, hyper.layer, stacked)?,
             solve_s,
+            mean(&seconds[..n]),
         )?;
     }
-    if let Some(out) = flag::<String>(&args, "--json") {
-        let doc = json!({"model": model_path, "set": set_path, "hyper": hyper,
-            "null_space_dims": editor.null_space_dim(), "stats_tokens": stats.tokens,
-            "unedited": unedited, "base_ppl": base_ppl, "runs": runs});
+    write_json(
+        &args,
+        json!({"model": model_path, "set": set_path, "hyper": hyper,
+        "null_space_dims": editor.null_space_dim(), "stats_tokens": stats.tokens,
+        "unedited": unedited, "base_ppl": base_ppl, "runs": runs}),
+    )
+}
+
+fn write_json(args: &[String], doc: serde_json::Value) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(out) = flag::<String>(args, "--json") {
         std::fs::write(out, serde_json::to_string_pretty(&doc)?)?;
     }
     Ok(())

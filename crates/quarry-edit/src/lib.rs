@@ -11,6 +11,7 @@
 //! change is a [`quarry_model::FfnOverlay`]: the base weights are never modified.
 
 pub mod catalogue;
+pub mod compose;
 pub mod dense;
 mod edit;
 mod error;
