@@ -126,6 +126,11 @@ impl Composer {
         self.layer
     }
 
+    /// The overlay of every fact composed so far.
+    pub fn overlay(&self) -> Option<Arc<FfnOverlay>> {
+        self.overlay.clone()
+    }
+
     /// The model with every fact composed so far.
     pub fn model(&self) -> Result<Model, EditError> {
         self.model
@@ -139,8 +144,9 @@ impl Composer {
         (0..self.facts.len()).map(|i| self.probability(i)).collect()
     }
 
-    /// Composes `(entity, relation, target)` as LARQL does.
-    pub fn insert(&mut self, entity: &str, relation: &str, target: &str) -> Result<(), EditError> {
+    /// Composes `(entity, relation, target)` as LARQL does; the target's probability on the
+    /// fact's prompt afterwards.
+    pub fn insert(&mut self, entity: &str, relation: &str, target: &str) -> Result<f32, EditError> {
         let target = target.trim();
         let first = self
             .tokenizer
@@ -220,7 +226,7 @@ impl Composer {
                 .for_each(|v| *v *= BALANCE_DOWN);
             self.rebuild();
         }
-        Ok(())
+        self.probability(this)
     }
 
     /// The overlay of every fact: gate and up rows from the refined keys, down columns as a

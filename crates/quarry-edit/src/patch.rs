@@ -331,16 +331,19 @@ impl Patch {
 }
 
 /// All of `overlays` at once: per layer, their deltas side by side (`B = [B₁ B₂ …]`,
-/// `A = [A₁; A₂; …]`, so `B·A = ΣBᵢ·Aᵢ`). `None` when none has a delta.
+/// `A = [A₁; A₂; …]`, so `B·A = ΣBᵢ·Aᵢ`), and any replaced neurons (COMPOSE's). `None` when
+/// none has either.
 pub fn stack<'a>(
     n_layers: usize,
     overlays: impl IntoIterator<Item = &'a FfnOverlay>,
 ) -> Option<FfnOverlay> {
     let mut per_layer: Vec<Vec<&LowRank>> = vec![Vec::new(); n_layers];
+    let mut neurons = Vec::new();
     for o in overlays {
         for (layer, d) in o.deltas() {
             per_layer[layer].push(d);
         }
+        neurons.extend((0..n_layers).filter_map(|l| o.neurons(l).map(|n| (l, n.clone()))));
     }
     let deltas: Vec<(usize, LowRank)> = per_layer
         .into_iter()
@@ -360,7 +363,8 @@ pub fn stack<'a>(
             (layer, stacked)
         })
         .collect();
-    (!deltas.is_empty()).then(|| FfnOverlay::new(n_layers, deltas))
+    (!deltas.is_empty() || !neurons.is_empty())
+        .then(|| FfnOverlay::new(n_layers, deltas).with_neurons(neurons))
 }
 
 /// The sha256 of the file at `path`, read in 1-MiB pieces (model files are large).

@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use quarry_edit::catalogue::{self, fill};
+use quarry_edit::compose::Composer;
 use quarry_edit::patch::{file_sha256, stack};
 use quarry_edit::{key_stats, Base, Edit, EditError, EditKind, EditRequest, Editor, Hyper, Patch};
 use quarry_format::GgufFile;
-use quarry_lql::{CompileTarget, EditMode, LayerRange, PatchStatement, Statement};
+use quarry_lql::{CompileTarget, EdgeValue, EditMode, LayerRange, PatchStatement, Statement};
 use quarry_model::{write_adapter, write_patched_model, FfnOverlay, Model};
 use quarry_tokenize::Tokenizer;
 use quarry_vindex::{extract, Dtype, ExtractOptions, Level, Vindex};
@@ -46,6 +47,8 @@ struct Session {
     /// The open model's identity, hashed when first needed.
     base: Option<Base>,
     editors: HashMap<usize, Editor>,
+    /// Facts written with `MODE COMPOSE` (LARQL's method, for comparison): this session only.
+    composer: Option<Composer>,
     open: Option<Open>,
     applied: Vec<Applied>,
 }
@@ -153,16 +156,14 @@ impl Editing {
                 edges,
                 layers,
                 template,
-                mode,
+                mode: EditMode::Compose,
+            } => s.compose(m, edges, *layers, template.as_deref()),
+            Statement::Insert {
+                edges,
+                layers,
+                template,
+                ..
             } => {
-                if *mode == EditMode::Compose {
-                    return Err(
-                        "MODE COMPOSE (LARQL's method, kept for comparison) is not available yet; \
-                         leave MODE out to use the default editor"
-                            .to_string()
-                            .into(),
-                    );
-                }
                 let layer = pick_layer(m, *layers)?;
                 let puts = edges
                     .iter()
@@ -302,6 +303,58 @@ fn edit_columns() -> ResultSet {
 }
 
 impl Session {
+    /// `INSERT … MODE COMPOSE`: LARQL's method, one neuron per fact at one layer (docs/editing.md).
+    fn compose(
+        &mut self,
+        m: &Opened<'_>,
+        edges: &[EdgeValue],
+        layers: Option<LayerRange>,
+        template: Option<&str>,
+    ) -> Outcome {
+        if template.is_some() {
+            return Err(
+                "MODE COMPOSE prompts with LARQL's fixed \"The {relation} of {entity} is\"; \
+                 TEMPLATE does not apply to it"
+                    .into(),
+            );
+        }
+        let layer = layers.map(|r| pick_layer(m, Some(r))).transpose()?;
+        if self.composer.is_none() {
+            let tokenizer =
+                Tokenizer::from_gguf(m.base_file()).map_err(|e| Failure::Message(e.to_string()))?;
+            self.composer = Some(Composer::new(m.model.clone(), tokenizer, layer)?);
+        }
+        let composer = self.composer.as_mut().expect("made above");
+        if let Some(l) = layer.filter(|&l| l != composer.layer()) {
+            return Err(format!(
+                "AT LAYER {l}: this session's COMPOSE facts are at layer {} (COMPOSE writes one layer)",
+                composer.layer()
+            )
+            .into());
+        }
+        let mut r = edit_columns();
+        for e in edges {
+            let t = Instant::now();
+            let p = composer.insert(&e.entity, &e.relation, &e.target)?;
+            r.push(vec![
+                Cell::Text("composed".into()),
+                Cell::Text(e.entity.clone()),
+                Cell::Text(e.relation.clone()),
+                Cell::Text(e.target.clone()),
+                Cell::Int(composer.layer() as i64),
+                Cell::Float(-(p.max(1e-12) as f64).ln()),
+                Cell::Float(t.elapsed().as_secs_f64()),
+            ]);
+        }
+        r.notes.push(
+            "MODE COMPOSE (LARQL's method, for comparison): loss is −ln P(target) on \
+             \"The {relation} of {entity} is\"; the facts live in this session only (not in \
+             patches) and cannot be compiled"
+                .into(),
+        );
+        Ok(r)
+    }
+
     fn base(&mut self, m: &Opened<'_>) -> Result<Base, Failure> {
         if let Some(b) = &self.base {
             return Ok(b.clone());
@@ -795,9 +848,14 @@ impl Session {
     /// The open and applied patches, their deltas side by side.
     fn overlay(&self, n_layers: usize) -> Option<FfnOverlay> {
         let open = self.open.as_ref().map(|o| o.patch.overlay());
+        let composed = self.composer.as_ref().and_then(Composer::overlay);
         stack(
             n_layers,
-            self.applied.iter().map(|a| &a.overlay).chain(open.as_ref()),
+            self.applied
+                .iter()
+                .map(|a| &a.overlay)
+                .chain(open.as_ref())
+                .chain(composed.as_deref()),
         )
     }
 }

@@ -322,10 +322,10 @@ fn bad_statements_fail_alone_and_change_nothing() {
     );
     let e = fails(
         &mut ex,
-        r#"INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Rome") MODE COMPOSE"#,
+        r#"INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Rome") TEMPLATE "{entity} is" MODE COMPOSE"#,
     );
     assert!(
-        e.contains("MODE COMPOSE") && e.contains("not available"),
+        e.contains("MODE COMPOSE") && e.contains("TEMPLATE does not apply"),
         "{e}"
     );
     let e = fails(&mut ex, "SAVE PATCH");
@@ -343,4 +343,32 @@ fn bad_statements_fail_alone_and_change_nothing() {
     assert!(ex.overlay().is_none());
     assert!(files(dir.path()).is_empty());
     assert_eq!(fingerprint(&model), before);
+}
+
+#[test]
+fn compose_runs_for_comparison_and_is_never_compiled() {
+    let model = model_path(TestModel::SmolLm2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ex = open(&model);
+    let r = run(
+        &mut ex,
+        r#"INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Rome") MODE COMPOSE"#,
+    );
+    assert_eq!(text(&r.rows[0][0]), "composed");
+    // LARQL's default layer without a knowledge band: n_layers − 2.
+    assert!(matches!(r.rows[0][4], Cell::Int(28)), "{:?}", r.rows[0]);
+    let overlay = ex.overlay().expect("the composed fact is in the overlay");
+    assert!(overlay.has_neurons() && overlay.neurons(28).is_some());
+    let e = fails(
+        &mut ex,
+        r#"INSERT INTO EDGES (entity, relation, target) VALUES ("Spain", "capital", "Rome") AT LAYER 10 MODE COMPOSE"#,
+    );
+    assert!(e.contains("at layer 28"), "{e}");
+    let adapter = dir.path().join("c-lora.gguf");
+    let e = fails(
+        &mut ex,
+        &format!("COMPILE CURRENT INTO ADAPTER \"{}\"", adapter.display()),
+    );
+    assert!(e.contains("COMPOSE"), "{e}");
+    assert!(files(dir.path()).is_empty(), "nothing written");
 }
