@@ -64,6 +64,8 @@ pub struct Composer {
     down_ref: f32,
     /// The base down projection (`d_model × ff`, row-major): its columns are the neurons'.
     down: Vec<f32>,
+    /// The norm of each of its columns.
+    down_norms: Vec<f32>,
     decoys: Option<Vec<Vec<f32>>>,
     facts: Vec<Fact>,
     overlay: Option<Arc<FfnOverlay>>,
@@ -104,10 +106,12 @@ impl Composer {
             n.get(n.len() / 2).copied().unwrap_or(1.0)
         };
         let row_norm = |m: &[f32], j: usize| norm(&m[j * d..(j + 1) * d]);
-        let col_norm = |j: usize| (0..d).map(|r| down[r * ff + j].powi(2)).sum::<f32>().sqrt();
+        let down_norms: Vec<f32> = (0..ff)
+            .map(|j| (0..d).map(|r| down[r * ff + j].powi(2)).sum::<f32>().sqrt())
+            .collect();
         let gate_ref = median((0..sample).map(|j| row_norm(&gate, j)).collect());
         let up_ref = median((0..sample).map(|j| row_norm(&up, j)).collect());
-        let down_ref = median((0..sample).map(col_norm).collect());
+        let down_ref = median(down_norms[..sample].to_vec());
         Ok(Composer {
             model,
             tokenizer,
@@ -116,6 +120,7 @@ impl Composer {
             up_ref,
             down_ref,
             down,
+            down_norms,
             decoys: None,
             facts: Vec::new(),
             overlay: None,
@@ -170,7 +175,7 @@ impl Composer {
             }
             self.decoys = Some(decoys);
         }
-        let embedding = self.embedding(first)?;
+        let embedding = self.embedding(first);
         let scale = self.down_ref * ALPHA / norm(&embedding).max(1e-12);
         let slot = self.free_slot();
         self.facts.push(Fact {
@@ -326,29 +331,19 @@ impl Composer {
     }
 
     /// The input embedding of `token`.
-    fn embedding(&self, token: u32) -> Result<Vec<f32>, EditError> {
+    fn embedding(&self, token: u32) -> Vec<f32> {
         let view = self.model.token_embeddings();
-        let rb = view.row_bytes();
-        let i = token as usize;
         let mut out = vec![0.0f32; view.cols()];
-        quarry_kernels::dequantize(view.dtype(), &view.data()[i * rb..(i + 1) * rb], &mut out)
-            .map_err(|e| EditError::Model(e.to_string()))?;
-        Ok(out)
+        view.dequantize_row(token as usize, &mut out);
+        out
     }
 
     /// The unclaimed neuron with the smallest down column.
     fn free_slot(&self) -> usize {
-        let (d, ff) = (self.model.config().d_model, self.model.config().ff_dim);
-        (0..ff)
+        (0..self.down_norms.len())
             .filter(|j| self.facts.iter().all(|f| f.slot != *j))
-            .map(|j| {
-                (
-                    j,
-                    (0..d).map(|r| self.down[r * ff + j].powi(2)).sum::<f32>(),
-                )
-            })
-            .min_by(|x, y| x.1.total_cmp(&y.1))
-            .map_or(0, |(j, _)| j)
+            .min_by(|&x, &y| self.down_norms[x].total_cmp(&self.down_norms[y]))
+            .unwrap_or(0)
     }
 }
 

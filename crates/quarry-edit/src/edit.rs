@@ -255,7 +255,7 @@ impl Editor {
         }
         solve(
             &mine,
-            &decoys,
+            Some(&decoys),
             self.hyper.decoy_weight,
             &self.null,
             self.hyper.ridge,

@@ -6,8 +6,9 @@
 //! output that makes the model continue the relation's prompt with the target, found by
 //! gradient descent through the layers above ([`dense`], reverse mode in `f32`). All edits of
 //! a patch are then solved together as one low-rank change of the layer's down projection,
-//! `ΔW = R·(KᵀPK + αI)⁻¹·(PK)ᵀ`, where `P` projects onto the null space of the keys of ordinary
-//! text ([`stats`]), so that what the layer does for other inputs is (nearly) untouched. The
+//! restricted to the null space of the keys of ordinary text and keeping the keys of other
+//! subjects of the same prompts near zero change ([`solve`]), so that what the layer does for
+//! other inputs is (nearly) untouched. The
 //! change is a [`quarry_model::FfnOverlay`]: the base weights are never modified.
 
 pub mod catalogue;

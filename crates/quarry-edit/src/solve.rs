@@ -3,9 +3,10 @@
 //! [`KeyStats`] is the covariance of the edited layer's FFN keys over ordinary text (the
 //! inputs whose outputs an edit must not change) in eigen-form; [`NullSpace`] is the span of
 //! its smallest eigenvectors. [`solve`] finds the one low-rank change of the down projection
-//! that gives every edit of a patch its value, restricted to that null space (AlphaEdit):
-//! `ΔW = R·(KᵀPK + αI)⁻¹·(PK)ᵀ`, `P = N·Nᵀ`. It is a function of the set of edits only, so the
-//! order edits were made in does not matter, and dropping an edit is re-solving without it.
+//! that gives every edit of a patch its value, restricted to that null space (AlphaEdit),
+//! while keeping decoy keys (other subjects in the edits' templates) near zero change. It is a
+//! function of the set of edits only, so the order edits were made in does not matter, and
+//! dropping an edit is re-solving without it.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -160,11 +161,11 @@ impl NullSpace {
 /// the same layer) and maps decoy keys (other subjects in the edits' prompts; `decoys` is
 /// their `Σ d·dᵀ`, `ff × ff`) towards zero with weight `decoy_weight`, restricted to `null`:
 /// `ΔW = R·(M⁻¹·C)ᵀ·Nᵀ`, `M = C·Cᵀ + w·Nᵀ·D·N + αI`, with `C = Nᵀ·K` the keys' null-space
-/// coordinates. `ridge` is relative to the
-/// mean of `diag(CᵀC)`. The result has rank = edits (`B = R`). `None` without edits.
+/// coordinates. `ridge` is relative to the mean of `diag(CᵀC)`. The result has rank = edits
+/// (`B = R`). `None` without edits.
 pub fn solve(
     edits: &[&Edit],
-    decoys: &Mat<f32>,
+    decoys: Option<&Mat<f32>>,
     decoy_weight: f32,
     null: &NullSpace,
     ridge: f32,
@@ -183,7 +184,7 @@ pub fn solve(
         / n as f64;
     let alpha = (ridge as f64 * mean_diag).max(1e-12);
     let mut system = &c * c.transpose();
-    if decoy_weight > 0.0 && decoys.nrows() == null.ff {
+    if let Some(decoys) = decoys.filter(|_| decoy_weight > 0.0) {
         let basis = Mat::<f32>::from_fn(null.ff, m, |r, c| null.basis[(r, c)] as f32);
         let projected = basis.transpose() * (decoys * &basis);
         system += Mat::<f64>::from_fn(m, m, |r, c| decoy_weight as f64 * projected[(r, c)] as f64);
@@ -262,7 +263,7 @@ mod tests {
         };
         let e1 = edit(vec![0.3, 0.1, 1.0, 0.0], vec![1.0, -2.0, 0.5]);
         let e2 = edit(vec![0.2, 0.0, 0.5, 2.0], vec![0.0, 1.0, 1.0]);
-        let delta = solve(&[&e1, &e2], &Mat::zeros(0, 0), 0.0, &null, 1e-6, 3).unwrap();
+        let delta = solve(&[&e1, &e2], None, 0.0, &null, 1e-6, 3).unwrap();
         for e in [&e1, &e2] {
             let mut out = vec![0.0f32; 3];
             delta.apply(&e.key, &mut out);
@@ -277,7 +278,7 @@ mod tests {
             "preserved key moved: {out:?}"
         );
         // Order does not matter.
-        let swapped = solve(&[&e2, &e1], &Mat::zeros(0, 0), 0.0, &null, 1e-6, 3).unwrap();
+        let swapped = solve(&[&e2, &e1], None, 0.0, &null, 1e-6, 3).unwrap();
         let (x, y) = (delta.dense(), swapped.dense());
         assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
     }
@@ -298,9 +299,9 @@ mod tests {
             delta.apply(k, &mut out);
             out
         };
-        let plain = solve(&[&e], &Mat::zeros(0, 0), 0.0, &null, 1e-6, 2).unwrap();
+        let plain = solve(&[&e], None, 0.0, &null, 1e-6, 2).unwrap();
         let gram = Mat::<f32>::from_fn(3, 3, |r, c| decoy[r] * decoy[c]);
-        let guarded = solve(&[&e], &gram, 1e4, &null, 1e-6, 2).unwrap();
+        let guarded = solve(&[&e], Some(&gram), 1e4, &null, 1e-6, 2).unwrap();
         let norm = |v: Vec<f32>| v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!(
             norm(out(&plain, &decoy)) > 0.5,
