@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! edit_eval MODEL.gguf SET.json [--sizes 1,10,100] [--sequential 10] [--layer L]
-//!           [--null-space X] [--ridge X] [--steps N] [--lr X] [--clamp X] [--weight-decay X]
-//!           [--stop-loss X] [--decoys N] [--decoy-weight X] [--method compose]
+//!           [--spread N] [--null-space X] [--ridge X] [--steps N] [--lr X] [--clamp X] [--weight-decay X]
+//!           [--stop-loss X] [--decoys N] [--decoy-weight X] [--preserve-weight X]
+//!           [--method compose]
 //!           [--ppl-ctx 512] [--json OUT]
 //! ```
 //! For each size N the first N cases are solved into one patch and scored; `--sequential K`
@@ -18,7 +19,8 @@ use quarry_edit::compose::Composer;
 use quarry_edit::eval::{self, Case, Scores};
 use quarry_edit::{key_stats, Edit, EditKind, EditRequest, Editor, Hyper};
 use quarry_format::GgufFile;
-use quarry_model::Model;
+use quarry_edit::patch::stack;
+use quarry_model::{FfnOverlay, Model};
 use quarry_tokenize::Tokenizer;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -61,6 +63,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(l) = flag(&args, "--layer") {
         hyper.layer = l;
     }
+    if let Some(x) = flag(&args, "--spread") {
+        hyper.spread = x;
+    }
     if let Some(x) = flag(&args, "--null-space") {
         hyper.null_space = x;
     }
@@ -88,21 +93,25 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(x) = flag(&args, "--decoy-weight") {
         hyper.decoy_weight = x;
     }
+    if let Some(x) = flag(&args, "--preserve-weight") {
+        hyper.preserve_weight = x;
+    }
     let sha = sha256_of(&model_path)?;
     let models_dir = model_path.parent().unwrap_or(Path::new("."));
     let corpus = std::fs::read_to_string(models_dir.join("edit-corpus.txt"))?;
     let cache = dirs_cache().join("edit-stats");
     let t = Instant::now();
-    let stats = key_stats(&base, &tokenizer, &sha, hyper.layer, &corpus, Some(&cache))?;
+    let layers: Vec<usize> = hyper.layers().collect();
+    let stats = key_stats(&base, &tokenizer, &sha, &layers, &corpus, Some(&cache))?;
     let stats_s = t.elapsed().as_secs_f64();
     let editor = Editor::new(base.clone(), editor_tokenizer, hyper.clone(), &stats)?;
     println!(
-        "layer {} null space {} of {} dims (stats {:.1}s from {} tokens)",
-        hyper.layer,
-        editor.null_space_dim(),
-        stats.dim(),
+        "layers {:?} null spaces {:?} of {} dims (stats {:.1}s from {} tokens)",
+        hyper.layers(),
+        editor.null_space_dims(),
+        stats[0].dim(),
         stats_s,
-        stats.tokens
+        stats[0].tokens
     );
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/goldens/gpl-3.txt"),
@@ -189,20 +198,46 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    // Every case's edit, solved once (an edit does not depend on the others).
-    let mut edits: Vec<Edit> = Vec::new();
-    let mut seconds = Vec::new();
-    for case in cases {
-        let t = Instant::now();
-        edits.push(editor.solve(&EditRequest {
-            entity: case.entity.clone(),
-            relation: case.relation.clone(),
-            target: case.new.clone(),
-            prompt: case.rewrite.clone(),
-            kind: EditKind::Insert,
-        })?);
-        seconds.push(t.elapsed().as_secs_f64());
-    }
+    // Every case's edit, solved once (an edit does not depend on the others). Keys and
+    // values depend on the model, the cases and the value search only, so they are kept in
+    // target/edit-eval/ for runs that vary the solve (ridge, null space, decoys).
+    let value_search = json!({"sha": sha, "set": set_path, "cases": cases.len(),
+        "layer": hyper.layer, "steps": hyper.steps, "lr": hyper.lr, "clamp": hyper.clamp,
+        "stop": hyper.stop_loss, "wd": hyper.weight_decay, "prefixes": hyper.prefixes});
+    let cache_path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../../target/edit-eval/edits-{:x}.json",
+        Sha256::digest(value_search.to_string().as_bytes())
+    ));
+    let (edits, seconds): (Vec<Edit>, Vec<f64>) = match std::fs::read_to_string(&cache_path) {
+        Ok(text) => {
+            let cached: Vec<(Edit, Vec<f32>, Vec<f32>, f64)> = serde_json::from_str(&text)?;
+            println!("edits read from {}", cache_path.display());
+            cached
+                .into_iter()
+                .map(|(e, key, value, s)| (Edit { key, value, ..e }, s))
+                .unzip()
+        }
+        Err(_) => {
+            let mut solved = Vec::new();
+            for case in cases {
+                let t = Instant::now();
+                let e = editor.solve(&EditRequest {
+                    entity: case.entity.clone(),
+                    relation: case.relation.clone(),
+                    target: case.new.clone(),
+                    prompt: case.rewrite.clone(),
+                    kind: EditKind::Insert,
+                })?;
+                solved.push((e.clone(), e.key, e.value, t.elapsed().as_secs_f64()));
+            }
+            std::fs::create_dir_all(cache_path.parent().unwrap())?;
+            std::fs::write(&cache_path, serde_json::to_string(&solved)?)?;
+            solved
+                .into_iter()
+                .map(|(e, key, value, s)| (Edit { key, value, ..e }, s))
+                .unzip()
+        }
+    };
     println!(
         "solved {} edits: {:.2} s per edit (mean), final loss {:.3} (mean)",
         edits.len(),
@@ -212,14 +247,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     for &n in &sizes {
         let n = n.min(edits.len());
         let t = Instant::now();
-        let delta = editor
-            .delta(&edits[..n])
-            .ok_or("no null space to edit in")?;
+        let deltas = editor.deltas(&edits[..n]);
+        if deltas.is_empty() {
+            return Err("no null space to edit in".into());
+        }
         let solve_s = t.elapsed().as_secs_f64();
         report(
             format!("batch {n}"),
             n,
-            &eval::patched(&base, hyper.layer, delta)?,
+            &eval::patched(&base, deltas)?,
             solve_s,
             mean(&seconds[..n]),
         )?;
@@ -227,16 +263,17 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if sequential > 0 {
         let n = sequential.min(edits.len());
         let t = Instant::now();
-        let deltas: Vec<_> = edits[..n]
+        let layers = base.config().n_layers;
+        let overlays: Vec<FfnOverlay> = edits[..n]
             .iter()
-            .filter_map(|e| editor.delta(std::slice::from_ref(e)))
+            .map(|e| FfnOverlay::new(layers, editor.deltas(std::slice::from_ref(e))))
             .collect();
-        let stacked = eval::stack(&deltas).ok_or("no deltas")?;
+        let stacked = stack(layers, &overlays).ok_or("no deltas")?;
         let solve_s = t.elapsed().as_secs_f64();
         report(
             format!("sequential {n}"),
             n,
-            &eval::patched(&base, hyper.layer, stacked)?,
+            &stacked_model(&base, stacked)?,
             solve_s,
             mean(&seconds[..n]),
         )?;
@@ -244,9 +281,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     write_json(
         &args,
         json!({"model": model_path, "set": set_path, "hyper": hyper,
-        "null_space_dims": editor.null_space_dim(), "stats_tokens": stats.tokens,
+        "null_space_dims": editor.null_space_dims(), "stats_tokens": stats[0].tokens,
         "unedited": unedited, "base_ppl": base_ppl, "runs": runs}),
     )
+}
+
+fn stacked_model(base: &Model, overlay: FfnOverlay) -> Result<Model, Box<dyn std::error::Error>> {
+    Ok(base.with_overlay(Some(Arc::new(overlay)))?)
 }
 
 fn write_json(args: &[String], doc: serde_json::Value) -> Result<(), Box<dyn std::error::Error>> {

@@ -17,40 +17,55 @@ use crate::EditError;
 /// Tokens of ordinary text the key statistics are estimated from.
 pub const STATS_TOKENS: usize = 20_000;
 
-/// The key statistics of `layer`: read from `cache_dir` when a previous run left them there
-/// for the same base (`base_sha256`) and layer, otherwise estimated from the first
-/// [`STATS_TOKENS`] tokens of `corpus` and saved there.
+/// The key statistics of each of `layers`: read from `cache_dir` when a previous run left
+/// them there for the same base (`base_sha256`) and layer, otherwise estimated (all missing
+/// layers in one pass) from the first [`STATS_TOKENS`] tokens of `corpus` and saved there.
 pub fn key_stats(
     model: &Model,
     tokenizer: &Tokenizer,
     base_sha256: &str,
-    layer: usize,
+    layers: &[usize],
     corpus: &str,
     cache_dir: Option<&std::path::Path>,
-) -> Result<KeyStats, EditError> {
+) -> Result<Vec<KeyStats>, EditError> {
     let ff = model.config().ff_dim;
-    let path = cache_dir.map(|dir| {
-        dir.join(format!(
-            "{}-layer{layer}-{STATS_TOKENS}.stats",
-            &base_sha256[..base_sha256.len().min(16)]
-        ))
-    });
-    if let Some(stats) = path.as_deref().and_then(|p| KeyStats::load(p, ff)) {
-        return Ok(stats);
+    let path = |layer: usize| {
+        cache_dir.map(|dir| {
+            dir.join(format!(
+                "{}-layer{layer}-{STATS_TOKENS}.stats",
+                &base_sha256[..base_sha256.len().min(16)]
+            ))
+        })
+    };
+    let mut found: Vec<Option<KeyStats>> = layers
+        .iter()
+        .map(|&l| path(l).and_then(|p| KeyStats::load(&p, ff)))
+        .collect();
+    let missing: Vec<usize> = layers
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| f.is_none())
+        .map(|(&l, _)| l)
+        .collect();
+    if !missing.is_empty() {
+        let mut tokens = tokenizer.encode(corpus, false, false);
+        tokens.truncate(STATS_TOKENS);
+        if tokens.len() < 1000 {
+            return Err(EditError::Stats(format!(
+                "the text for the key statistics has only {} tokens (at least 1000 needed)",
+                tokens.len()
+            )));
+        }
+        let computed = KeyStats::compute(model, &missing, &tokens, 512)?;
+        for (layer, stats) in missing.iter().zip(computed) {
+            if let Some(p) = path(*layer) {
+                stats.save(&p)?;
+            }
+            let i = layers.iter().position(|l| l == layer).expect("a missing layer");
+            found[i] = Some(stats);
+        }
     }
-    let mut tokens = tokenizer.encode(corpus, false, false);
-    tokens.truncate(STATS_TOKENS);
-    if tokens.len() < 1000 {
-        return Err(EditError::Stats(format!(
-            "the text for the key statistics has only {} tokens (at least 1000 needed)",
-            tokens.len()
-        )));
-    }
-    let stats = KeyStats::compute(model, layer, &tokens, 512)?;
-    if let Some(p) = &path {
-        stats.save(p)?;
-    }
-    Ok(stats)
+    Ok(found.into_iter().map(|s| s.expect("loaded or computed")).collect())
 }
 
 /// The most tokens a target may have (the optimisation feeds it back token by token).
@@ -98,8 +113,12 @@ pub struct Edit {
 /// The editor's hyper-parameters (see docs/editing.md for how they were chosen).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hyper {
-    /// The layer whose FFN down projection is edited.
+    /// The layer whose FFN output the value is found at: the last edited layer.
     pub layer: usize,
+    /// How many layers, ending at `layer`, the edits are spread over (MEMIT); 1 edits
+    /// `layer` alone.
+    #[serde(default = "one")]
+    pub spread: usize,
     /// Adam steps of the value optimisation, and its learning rate.
     pub steps: usize,
     pub lr: f32,
@@ -121,6 +140,14 @@ pub struct Hyper {
     /// subject off the others of its relation.
     pub decoys: usize,
     pub decoy_weight: f32,
+    /// Weight, in tokens, of ordinary text's keys left in the null space (their outputs are
+    /// held near zero: MEMIT's preservation term, on top of AlphaEdit's projection).
+    #[serde(default)]
+    pub preserve_weight: f32,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Hyper {
@@ -128,6 +155,7 @@ impl Hyper {
     pub fn for_layers(n_layers: usize) -> Hyper {
         Hyper {
             layer: n_layers / 3,
+            spread: 1,
             steps: 30,
             lr: 0.5,
             weight_decay: 0.05,
@@ -146,7 +174,14 @@ impl Hyper {
             .to_vec(),
             decoys: 32,
             decoy_weight: 1.0,
+            preserve_weight: 0.0,
         }
+    }
+
+    /// The edited layers, ascending: `spread` layers ending at `layer` (fewer when the model
+    /// starts sooner).
+    pub fn layers(&self) -> std::ops::RangeInclusive<usize> {
+        (self.layer + 1).saturating_sub(self.spread.max(1))..=self.layer
     }
 }
 
@@ -198,51 +233,93 @@ pub struct Editor {
     tokenizer: Tokenizer,
     tail: DenseTail,
     hyper: Hyper,
-    null: NullSpace,
+    /// The null space of each edited layer, in [`Hyper::layers`] order.
+    nulls: Vec<NullSpace>,
     /// Subjects for decoy keys, and the second moment `Σ k·kᵀ` of the decoy keys of every
-    /// prompt template seen so far (`ff × ff`).
+    /// prompt template seen so far at each layer (`ff × ff`).
     placeholders: Vec<String>,
-    decoy_grams: std::sync::Mutex<std::collections::HashMap<String, Arc<Mat<f32>>>>,
+    decoy_grams: std::sync::Mutex<std::collections::HashMap<(String, usize), Arc<Mat<f32>>>>,
 }
 
 impl Editor {
-    /// An editor of `hyper.layer`, whose solves keep out of the span of `stats` (the key
-    /// statistics of that layer, [`key_stats`]).
+    /// An editor of `hyper.layers()`, whose solves keep out of the span of `stats` (the key
+    /// statistics of those layers, [`key_stats`], in the same order).
     pub fn new(
         model: Model,
         tokenizer: Tokenizer,
         hyper: Hyper,
-        stats: &KeyStats,
+        stats: &[KeyStats],
     ) -> Result<Editor, EditError> {
         let tail = DenseTail::new(&model, hyper.layer)?;
-        if stats.dim() != model.config().ff_dim {
+        let layers = hyper.layers().count();
+        if stats.len() != layers {
+            return Err(EditError::Stats(format!(
+                "statistics of {} layers for an edit of {layers}",
+                stats.len()
+            )));
+        }
+        if let Some(s) = stats.iter().find(|s| s.dim() != model.config().ff_dim) {
             return Err(EditError::Stats(format!(
                 "statistics of {} features for a layer of {}",
-                stats.dim(),
+                s.dim(),
                 model.config().ff_dim
             )));
         }
-        let null = stats.null_space(hyper.null_space);
+        let nulls = stats
+            .iter()
+            .map(|s| s.null_space(hyper.null_space))
+            .collect();
         let placeholders = placeholder_subjects(&tokenizer, hyper.decoys);
         Ok(Editor {
             model,
             tokenizer,
             tail,
             hyper,
-            null,
+            nulls,
             placeholders,
             decoy_grams: Default::default(),
         })
     }
 
-    /// The overlay that gives every edit of `edits` made at this editor's layer its value,
-    /// solved together (edits at other layers are left out); `None` when there are none.
-    pub fn delta(&self, edits: &[Edit]) -> Option<LowRank> {
+    /// The deltas that give every edit of `edits` whose value is at this editor's layer the
+    /// change its value asks for, solved together (edits of other editors are left out), one
+    /// per edited layer; empty when there are none.
+    ///
+    /// Over one layer the value is the solve's target. Over several (MEMIT) the layers are
+    /// solved from the lowest up, each under the deltas solved below it: what is still missing
+    /// of the value's change of the residual stream after the last layer, at the entity in
+    /// every context, is divided among the layers left, and each layer's share is turned into
+    /// a change of its FFN output (through its post-FFN norm where the model has one).
+    pub fn deltas(&self, edits: &[Edit]) -> Vec<(usize, LowRank)> {
         let mine: Vec<&Edit> = edits
             .iter()
             .filter(|e| e.layer == self.hyper.layer)
             .collect();
-        let mut templates: Vec<String> = mine
+        if mine.is_empty() {
+            return Vec::new();
+        }
+        let layers: Vec<usize> = self.hyper.layers().collect();
+        if layers.len() == 1 && std::env::var_os("QUARRY_SPREAD_FORCE").is_none() {
+            let keys: Vec<&[f32]> = mine.iter().map(|e| e.key.as_slice()).collect();
+            let values: Vec<&[f32]> = mine.iter().map(|e| e.value.as_slice()).collect();
+            return self
+                .solve_layer(0, &mine, &keys, &values)
+                .map(|d| vec![(self.hyper.layer, d)])
+                .unwrap_or_default();
+        }
+        crate::spread::solve_spread(self, &mine, &layers)
+    }
+
+    /// The delta of the `index`-th edited layer for `keys` → `values` of `edits`.
+    pub(crate) fn solve_layer(
+        &self,
+        index: usize,
+        edits: &[&Edit],
+        keys: &[&[f32]],
+        values: &[&[f32]],
+    ) -> Option<LowRank> {
+        let layer = *self.hyper.layers().start() + index;
+        let mut templates: Vec<String> = edits
             .iter()
             .filter_map(|e| template_of(&e.prompt, &e.entity))
             .collect();
@@ -251,24 +328,27 @@ impl Editor {
         let ff = self.model.config().ff_dim;
         let mut decoys = Mat::<f32>::zeros(ff, ff);
         for t in &templates {
-            decoys += &*self.decoy_gram(t);
+            decoys += &*self.decoy_gram(t, layer);
         }
         solve(
-            &mine,
+            keys,
+            values,
             Some(&decoys),
             self.hyper.decoy_weight,
-            &self.null,
+            &self.nulls[index],
+            self.hyper.preserve_weight,
             self.hyper.ridge,
             self.model.config().d_model,
         )
     }
 
-    /// `Σ k·kᵀ` of the keys at every position (BOS included) of `template` filled with each
-    /// placeholder subject (computed once per template): inputs the edit must not change,
-    /// since the overlay applies at every position, not only at the subject.
-    fn decoy_gram(&self, template: &str) -> Arc<Mat<f32>> {
+    /// `Σ k·kᵀ` of the keys at `layer` at every position (BOS included) of `template` filled
+    /// with each placeholder subject (computed once per template and layer): inputs the edit
+    /// must not change, since the overlay applies at every position, not only at the subject.
+    fn decoy_gram(&self, template: &str, layer: usize) -> Arc<Mat<f32>> {
         let mut cache = self.decoy_grams.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(gram) = cache.get(template) {
+        let id = (template.to_string(), layer);
+        if let Some(gram) = cache.get(&id) {
             return gram.clone();
         }
         let ff = self.model.config().ff_dim;
@@ -280,7 +360,7 @@ impl Editor {
             .filter_map(|subject| {
                 let prompt = template.replacen("{entity}", subject, 1);
                 let tokens = self.tokenizer.encode(&prompt, true, false);
-                crate::solve::layer_keys(&self.model, self.hyper.layer, &tokens).ok()
+                crate::solve::layer_keys(&self.model, layer, &tokens).ok()
             })
             .flat_map(|keys| {
                 keys.chunks_exact(ff)
@@ -291,13 +371,13 @@ impl Editor {
             .collect();
         let k = Mat::<f32>::from_fn(keys.len(), ff, |r, c| keys[r][c]);
         let gram = Arc::new(k.transpose() * &k);
-        cache.insert(template.to_string(), gram.clone());
+        cache.insert(id, gram.clone());
         gram
     }
 
-    /// Dimensions of the null space edits are confined to.
-    pub fn null_space_dim(&self) -> usize {
-        self.null.dim()
+    /// Dimensions of the null space edits are confined to, at each edited layer.
+    pub fn null_space_dims(&self) -> Vec<usize> {
+        self.nulls.iter().map(NullSpace::dim).collect()
     }
 
     pub fn hyper(&self) -> &Hyper {
@@ -415,12 +495,7 @@ impl Editor {
         request: &EditRequest,
         target: &[u32],
     ) -> Result<Variant, EditError> {
-        let text = if prefix.is_empty() {
-            request.prompt.clone()
-        } else {
-            format!("{prefix} {}", request.prompt)
-        };
-        let (prompt, position) = self.locate(&text, &request.entity)?;
+        let (prompt, position) = self.locate(&in_context(prefix, &request.prompt), &request.entity)?;
         let mut tokens = prompt.clone();
         tokens.extend_from_slice(&target[..target.len() - 1]);
         let targets = match request.kind {
@@ -524,6 +599,15 @@ impl ForwardObserver for Capture {
         if layer < self.layer {
             self.add(added);
         }
+    }
+}
+
+/// `prompt` seen after the context `prefix`.
+pub(crate) fn in_context(prefix: &str, prompt: &str) -> String {
+    if prefix.is_empty() {
+        prompt.to_string()
+    } else {
+        format!("{prefix} {prompt}")
     }
 }
 

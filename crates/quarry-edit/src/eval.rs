@@ -160,24 +160,9 @@ pub fn text_perplexity(
         .map_err(|e| EditError::Model(e.to_string()))
 }
 
-/// Deltas at the same layer summed into one (their ranks side by side).
-pub fn stack(deltas: &[LowRank]) -> Option<LowRank> {
-    let first = deltas.first()?;
-    let (rows, cols) = (first.rows, first.cols);
-    let rank: usize = deltas.iter().map(|d| d.rank).sum();
-    let a: Vec<f32> = deltas.iter().flat_map(|d| d.a.iter().copied()).collect();
-    let mut b = Vec::with_capacity(rows * rank);
-    for r in 0..rows {
-        for d in deltas {
-            b.extend_from_slice(&d.b[r * d.rank..(r + 1) * d.rank]);
-        }
-    }
-    LowRank::new(rows, cols, rank, a, b)
-}
-
-/// `model` with `delta` at `layer` as its overlay.
-pub fn patched(model: &Model, layer: usize, delta: LowRank) -> Result<Model, EditError> {
-    let overlay = FfnOverlay::new(model.config().n_layers, [(layer, delta)]);
+/// `model` with `deltas` (`(layer, delta)`, at most one per layer) as its overlay.
+pub fn patched(model: &Model, deltas: Vec<(usize, LowRank)>) -> Result<Model, EditError> {
+    let overlay = FfnOverlay::new(model.config().n_layers, deltas);
     model
         .with_overlay(Some(Arc::new(overlay)))
         .map_err(|e| EditError::Model(e.to_string()))

@@ -19,6 +19,7 @@ mod error;
 pub mod eval;
 pub mod patch;
 pub mod solve;
+mod spread;
 
 pub use edit::{
     key_stats, Edit, EditKind, EditRequest, Editor, Hyper, Prepared, MAX_TARGET_TOKENS,

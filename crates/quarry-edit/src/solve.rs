@@ -15,7 +15,6 @@ use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
 use quarry_model::{ForwardObserver, LowRank, Model};
 
-use crate::edit::Edit;
 use crate::EditError;
 
 /// The eigen-decomposition of the keys' second moment `E[k·kᵀ]` at one layer.
@@ -32,39 +31,53 @@ const STATS_MAGIC: &[u8; 8] = b"QKSTATS1";
 
 impl KeyStats {
     /// Runs `tokens` through `model` in chunks of `chunk` and decomposes the second moment of
-    /// layer `layer`'s FFN hidden activations.
+    /// the FFN hidden activations of each of `layers` (one pass for all of them).
     pub fn compute(
         model: &Model,
-        layer: usize,
+        layers: &[usize],
         tokens: &[u32],
         chunk: usize,
-    ) -> Result<KeyStats, EditError> {
+    ) -> Result<Vec<KeyStats>, EditError> {
         let ff = model.config().ff_dim;
-        let mut moment = Mat::<f64>::zeros(ff, ff);
+        let mut moments = vec![Mat::<f64>::zeros(ff, ff); layers.len()];
         let mut seen = 0usize;
         for part in tokens.chunks(chunk.max(1)) {
-            let keys = layer_keys(model, layer, part)?;
-            let n = keys.len() / ff;
-            let h = Mat::<f64>::from_fn(n, ff, |i, j| keys[i * ff + j] as f64);
-            moment += h.transpose() * &h;
-            seen += n;
+            let keys = layers_keys(model, layers, part)?;
+            for (moment, keys) in moments.iter_mut().zip(&keys) {
+                let n = keys.len() / ff;
+                let h = Mat::<f64>::from_fn(n, ff, |i, j| keys[i * ff + j] as f64);
+                faer::linalg::matmul::matmul(
+                    moment.as_mut(),
+                    faer::Accum::Add,
+                    h.transpose(),
+                    h.as_ref(),
+                    1.0,
+                    faer::Par::rayon(0),
+                );
+            }
+            seen += part.len();
         }
         if seen == 0 {
             return Err(EditError::Stats("no tokens of text".into()));
         }
-        moment *= faer::Scale(1.0 / seen as f64);
-        let evd = moment
-            .self_adjoint_eigen(Side::Lower)
-            .map_err(|e| EditError::Stats(format!("eigen-decomposition failed: {e:?}")))?;
-        let s = evd.S().column_vector();
-        let u = evd.U();
-        Ok(KeyStats {
-            eigenvalues: (0..ff).map(|i| s[i] as f32).collect(),
-            eigenvectors: (0..ff)
-                .flat_map(|c| (0..ff).map(move |r| u[(r, c)] as f32))
-                .collect(),
-            tokens: seen,
-        })
+        moments
+            .into_iter()
+            .map(|mut moment| {
+                moment *= faer::Scale(1.0 / seen as f64);
+                let evd = moment
+                    .self_adjoint_eigen(Side::Lower)
+                    .map_err(|e| EditError::Stats(format!("eigen-decomposition failed: {e:?}")))?;
+                let s = evd.S().column_vector();
+                let u = evd.U();
+                Ok(KeyStats {
+                    eigenvalues: (0..ff).map(|i| s[i] as f32).collect(),
+                    eigenvectors: (0..ff)
+                        .flat_map(|c| (0..ff).map(move |r| u[(r, c)] as f32))
+                        .collect(),
+                    tokens: seen,
+                })
+            })
+            .collect()
     }
 
     pub fn dim(&self) -> usize {
@@ -83,6 +96,7 @@ impl KeyStats {
         NullSpace {
             ff,
             basis: Mat::from_fn(ff, m, |r, c| self.eigenvectors[c * ff + r] as f64),
+            variance: self.eigenvalues[..m].iter().map(|&l| l.max(0.0) as f64).collect(),
         }
     }
 
@@ -142,6 +156,9 @@ impl KeyStats {
 pub struct NullSpace {
     ff: usize,
     basis: Mat<f64>,
+    /// `E[(nᵢ·k)²]` over ordinary text for each basis vector `nᵢ` (its eigenvalue): what is
+    /// left of ordinary keys in the null space.
+    variance: Vec<f64>,
 }
 
 impl NullSpace {
@@ -157,27 +174,30 @@ impl NullSpace {
     }
 }
 
-/// The low-rank change of the down projection that gives each edit its value (all edits at
-/// the same layer) and maps decoy keys (other subjects in the edits' prompts; `decoys` is
-/// their `Σ d·dᵀ`, `ff × ff`) towards zero with weight `decoy_weight`, restricted to `null`:
-/// `ΔW = R·(M⁻¹·C)ᵀ·Nᵀ`, `M = C·Cᵀ + w·Nᵀ·D·N + αI`, with `C = Nᵀ·K` the keys' null-space
-/// coordinates. `ridge` is relative to the mean of `diag(CᵀC)`. The result has rank = edits
-/// (`B = R`). `None` without edits.
+/// The low-rank change of the down projection that gives each key its value (`keys[i]` →
+/// `values[i]`: the edits at one layer) and maps decoy keys (other subjects in the edits' prompts; `decoys` is
+/// their `Σ d·dᵀ`, `ff × ff`) towards zero with weight `decoy_weight`, restricted to `null`,
+/// and keeps what is left of ordinary keys in the null space (their covariance `Λ`, MEMIT's
+/// preservation term) near zero with weight `preserve_weight` (in tokens of ordinary text):
+/// `ΔW = R·(M⁻¹·C)ᵀ·Nᵀ`, `M = C·Cᵀ + w·Nᵀ·D·N + p·Λ + αI`, with `C = Nᵀ·K` the keys'
+/// null-space coordinates. `ridge` is relative to the mean of `diag(CᵀC)`. The result has
+/// rank = edits (`B = R`). `None` without edits.
 pub fn solve(
-    edits: &[&Edit],
+    keys: &[&[f32]],
+    values: &[&[f32]],
     decoys: Option<&Mat<f32>>,
     decoy_weight: f32,
     null: &NullSpace,
+    preserve_weight: f32,
     ridge: f32,
     d_model: usize,
 ) -> Option<LowRank> {
-    let n = edits.len();
+    let n = keys.len();
     let m = null.dim();
-    if n == 0 || m == 0 {
+    if n == 0 || m == 0 || values.len() != n {
         return None;
     }
-    let keys: Vec<&[f32]> = edits.iter().map(|e| e.key.as_slice()).collect();
-    let c = null.coordinates(&keys);
+    let c = null.coordinates(keys);
     let mean_diag = (0..n)
         .map(|i| (0..m).map(|r| c[(r, i)] * c[(r, i)]).sum::<f64>())
         .sum::<f64>()
@@ -190,7 +210,7 @@ pub fn solve(
         system += Mat::<f64>::from_fn(m, m, |r, c| decoy_weight as f64 * projected[(r, c)] as f64);
     }
     for i in 0..m {
-        system[(i, i)] += alpha;
+        system[(i, i)] += alpha + preserve_weight as f64 * null.variance[i];
     }
     // X = M⁻¹·C. M is symmetric positive definite in exact arithmetic (α > 0); LU rather than
     // Cholesky because the decoy term is summed in f32 and may round a hair below zero.
@@ -201,7 +221,7 @@ pub fn solve(
         .map(|(r, i)| a_rows[(r, i)] as f32)
         .collect();
     let b: Vec<f32> = (0..d_model)
-        .flat_map(|r| (0..n).map(move |i| edits[i].value[r]))
+        .flat_map(|r| (0..n).map(move |i| values[i][r]))
         .collect();
     LowRank::new(d_model, null.ff, n, a, b)
 }
@@ -212,25 +232,35 @@ pub(crate) fn layer_keys(
     layer: usize,
     tokens: &[u32],
 ) -> Result<Vec<f32>, EditError> {
-    let mut grab = Grab { layer, keys: None };
+    Ok(layers_keys(model, &[layer], tokens)?.remove(0))
+}
+
+/// The FFN hidden activations of each of `layers` at every position of `tokens`.
+fn layers_keys(model: &Model, layers: &[usize], tokens: &[u32]) -> Result<Vec<Vec<f32>>, EditError> {
+    let mut grab = Grab {
+        layers,
+        keys: vec![None; layers.len()],
+    };
     let mut cache = model.new_cache(tokens.len());
     model
         .forward_observed(tokens, &mut cache, 0..1, &mut grab)
         .map_err(|e| EditError::Model(e.to_string()))?;
     grab.keys
-        .ok_or_else(|| EditError::Stats("the layer was never reached".into()))
+        .into_iter()
+        .map(|k| k.ok_or_else(|| EditError::Stats("the layer was never reached".into())))
+        .collect()
 }
 
-/// Collects one layer's FFN hidden activations.
-struct Grab {
-    layer: usize,
-    keys: Option<Vec<f32>>,
+/// Collects some layers' FFN hidden activations.
+struct Grab<'a> {
+    layers: &'a [usize],
+    keys: Vec<Option<Vec<f32>>>,
 }
 
-impl ForwardObserver for Grab {
+impl ForwardObserver for Grab<'_> {
     fn ffn_activations(&mut self, layer: usize, _input: &[f32], activations: &[f32]) {
-        if layer == self.layer {
-            self.keys = Some(activations.to_vec());
+        if let Some(i) = self.layers.iter().position(|&l| l == layer) {
+            self.keys[i] = Some(activations.to_vec());
         }
     }
 }
@@ -238,20 +268,26 @@ impl ForwardObserver for Grab {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::edit::EditKind;
+    
+    struct Pair {
+        key: Vec<f32>,
+        value: Vec<f32>,
+    }
 
-    fn edit(key: Vec<f32>, value: Vec<f32>) -> Edit {
-        Edit {
-            entity: "e".into(),
-            relation: "r".into(),
-            target: "t".into(),
-            prompt: "p".into(),
-            kind: EditKind::Insert,
-            layer: 0,
-            key,
-            value,
-            loss: 0.0,
-        }
+    fn edit(key: Vec<f32>, value: Vec<f32>) -> Pair {
+        Pair { key, value }
+    }
+
+    fn solve_pairs(
+        pairs: &[&Pair],
+        decoys: Option<&Mat<f32>>,
+        decoy_weight: f32,
+        null: &NullSpace,
+        d: usize,
+    ) -> Option<LowRank> {
+        let keys: Vec<&[f32]> = pairs.iter().map(|p| p.key.as_slice()).collect();
+        let values: Vec<&[f32]> = pairs.iter().map(|p| p.value.as_slice()).collect();
+        solve(&keys, &values, decoys, decoy_weight, null, 0.0, 1e-6, d)
     }
 
     #[test]
@@ -260,10 +296,11 @@ mod tests {
         let null = NullSpace {
             ff: 4,
             basis: Mat::from_fn(4, 2, |r, c| f64::from(r == c + 2)),
+            variance: vec![0.0; 2],
         };
         let e1 = edit(vec![0.3, 0.1, 1.0, 0.0], vec![1.0, -2.0, 0.5]);
         let e2 = edit(vec![0.2, 0.0, 0.5, 2.0], vec![0.0, 1.0, 1.0]);
-        let delta = solve(&[&e1, &e2], None, 0.0, &null, 1e-6, 3).unwrap();
+        let delta = solve_pairs(&[&e1, &e2], None, 0.0, &null, 3).unwrap();
         for e in [&e1, &e2] {
             let mut out = vec![0.0f32; 3];
             delta.apply(&e.key, &mut out);
@@ -278,7 +315,7 @@ mod tests {
             "preserved key moved: {out:?}"
         );
         // Order does not matter.
-        let swapped = solve(&[&e2, &e1], None, 0.0, &null, 1e-6, 3).unwrap();
+        let swapped = solve_pairs(&[&e2, &e1], None, 0.0, &null, 3).unwrap();
         let (x, y) = (delta.dense(), swapped.dense());
         assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
     }
@@ -291,6 +328,7 @@ mod tests {
         let null = NullSpace {
             ff: 3,
             basis: Mat::from_fn(3, 3, |r, c| f64::from(r == c)),
+            variance: vec![0.0; 3],
         };
         let e = edit(vec![1.0, 0.5, 0.0], vec![2.0, -1.0]);
         let decoy = vec![1.0, 0.0, 0.5];
@@ -299,9 +337,9 @@ mod tests {
             delta.apply(k, &mut out);
             out
         };
-        let plain = solve(&[&e], None, 0.0, &null, 1e-6, 2).unwrap();
+        let plain = solve_pairs(&[&e], None, 0.0, &null, 2).unwrap();
         let gram = Mat::<f32>::from_fn(3, 3, |r, c| decoy[r] * decoy[c]);
-        let guarded = solve(&[&e], Some(&gram), 1e4, &null, 1e-6, 2).unwrap();
+        let guarded = solve_pairs(&[&e], Some(&gram), 1e4, &null, 2).unwrap();
         let norm = |v: Vec<f32>| v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!(
             norm(out(&plain, &decoy)) > 0.5,

@@ -66,6 +66,8 @@ pub trait ForwardObserver {
     /// The normalized input layer `layer`'s FFN reads (`d_model` per row) and its hidden
     /// activations `act(gate · x) ⊙ (up · x)` (`ff_dim` per row), one per feature.
     fn ffn_activations(&mut self, _layer: usize, _input: &[f32], _activations: &[f32]) {}
+    /// Layer `layer`'s FFN down projection `y` (overlay included), before any post-FFN norm.
+    fn ffn_projection(&mut self, _layer: usize, _y: &[f32]) {}
     /// What layer `layer`'s FFN adds to the residual (after any post-FFN norm).
     fn ffn_output(&mut self, _layer: usize, _added: &[f32]) {}
     /// The residual stream after the last layer, before the final norm.
@@ -623,6 +625,7 @@ impl Loaded {
                 );
             }
         }
+        observer.ffn_projection(index, &s.norm);
         if let Some(w) = &layer.post_ffn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
         }
