@@ -153,10 +153,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         let ppl = eval::text_perplexity(model, &tokenizer, &text, ppl_ctx)?;
         println!(
-            "{name}: efficacy {:.1}% paraphrase {:.1}% neighbourhood {:.1}% greedy-new {:.1}% ppl {ppl:.4} ({:+.2}%) solve {solve_s:.2}s, {edit_s:.2}s per edit",
+            "{name}: efficacy {:.1}% paraphrase {:.1}% neighbourhood {:.1}% (of {}) greedy-new {:.1}% ppl {ppl:.4} ({:+.2}%) solve {solve_s:.2}s, {edit_s:.2}s per edit",
             100.0 * s.efficacy,
             100.0 * s.paraphrase,
             100.0 * s.neighbourhood,
+            s.neighbours,
             100.0 * s.greedy_new,
             100.0 * (ppl / base_ppl - 1.0)
         );

@@ -38,8 +38,10 @@ pub struct Neighbour {
 pub struct Scores {
     pub efficacy: f64,
     pub paraphrase: f64,
-    /// Fraction of neighbourhood prompts whose greedy first token is the unedited model's.
+    /// Fraction of neighbourhood prompts whose greedy first token is the unedited model's,
+    /// among the [`Scores::neighbours`] that are about no subject the edits change.
     pub neighbourhood: f64,
+    pub neighbours: usize,
     /// Fraction of rewrite prompts whose greedy first token is the new target's.
     pub greedy_new: f64,
 }
@@ -132,17 +134,44 @@ pub fn score(
         greedy += usize::from(greedy_token(model, tokenizer, &case.rewrite)? == new_first);
     }
     let answers = neighbour_answers(model, tokenizer, cases)?;
+    let about: Vec<bool> = cases
+        .iter()
+        .flat_map(|c| c.neighbours.iter().map(move |n| about_an_edit(c, n, cases)))
+        .collect();
+    let scored = about.iter().filter(|a| !**a).count();
     let kept = answers
         .iter()
         .zip(base_answers)
-        .filter(|(a, b)| a == b)
+        .zip(&about)
+        .filter(|((a, b), about)| a == b && !**about)
         .count();
     let frac = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     Ok(Scores {
         efficacy: frac(eff, cases.len()),
         paraphrase: frac(para, para_n),
-        neighbourhood: frac(kept, answers.len()),
+        neighbourhood: frac(kept, scored),
+        neighbours: scored,
         greedy_new: frac(greedy, cases.len()),
+    })
+}
+
+/// Whether the neighbour prompt `n` of `case` asks about the subject of another edit of the
+/// same relation in `cases`: in a large patch a case's neighbours are often other cases'
+/// subjects, and their answers are meant to change.
+fn about_an_edit(case: &Case, n: &Neighbour, cases: &[Case]) -> bool {
+    cases.iter().any(|other| {
+        other.relation == case.relation
+            && other.entity != case.entity
+            && contains_word(&n.prompt, &other.entity)
+    })
+}
+
+/// Whether `text` contains `word` with no letter or digit right before or after it.
+fn contains_word(text: &str, word: &str) -> bool {
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
     })
 }
 
@@ -166,4 +195,44 @@ pub fn patched(model: &Model, deltas: Vec<(usize, LowRank)>) -> Result<Model, Ed
     model
         .with_overlay(Some(Arc::new(overlay)))
         .map_err(|e| EditError::Model(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(entity: &str, relation: &str, neighbours: &[&str]) -> Case {
+        Case {
+            entity: entity.into(),
+            relation: relation.into(),
+            old: "a".into(),
+            new: "b".into(),
+            rewrite: format!("The {relation} of {entity} is"),
+            paraphrases: Vec::new(),
+            neighbours: neighbours
+                .iter()
+                .map(|p| Neighbour {
+                    prompt: p.to_string(),
+                    answer: "x".into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn neighbours_about_other_edits_of_the_relation_are_not_scored() {
+        let cases = [
+            case("France", "capital", &["The capital of Germany is", "The capital of Spain is"]),
+            case("Germany", "capital", &["The capital of France is"]),
+            case("Spain", "language", &["The language of Italy is"]),
+        ];
+        let about = |c: usize, n: usize| about_an_edit(&cases[c], &cases[c].neighbours[n], &cases);
+        assert!(about(0, 0), "Germany's capital is edited too");
+        assert!(!about(0, 1), "Spain is edited for another relation only");
+        assert!(about(1, 0));
+        assert!(!about(2, 0));
+        assert!(contains_word("The book Jane Eyre was", "Jane Eyre"));
+        assert!(!contains_word("JavaScript was made by", "Java"));
+        assert!(!contains_word("Spaniards", "Spain"));
+    }
 }

@@ -59,7 +59,7 @@ fn one_edit_as_overlay_compiled_gguf_and_lora_adapter() {
         &base,
         &tokenizer,
         &base_bytes_sha,
-        layer,
+        &[layer],
         &text,
         Some(&stats_dir()),
     )
@@ -83,8 +83,9 @@ fn one_edit_as_overlay_compiled_gguf_and_lora_adapter() {
             kind: EditKind::Insert,
         })
         .unwrap();
-    let delta = editor.delta(std::slice::from_ref(&edit)).unwrap();
-    let overlay = FfnOverlay::new(base.config().n_layers, [(layer, delta)]);
+    let deltas = editor.deltas(std::slice::from_ref(&edit));
+    assert_eq!(deltas.len(), 1);
+    let overlay = FfnOverlay::new(base.config().n_layers, deltas);
     let patched = base.with_overlay(Some(Arc::new(overlay))).unwrap();
     assert_eq!(
         greedy_token(&patched, &tokenizer, REWRITE).unwrap(),

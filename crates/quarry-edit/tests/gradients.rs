@@ -25,7 +25,7 @@ fn editor(which: TestModel, layer_from_top: usize) -> Editor {
     };
     let mut hyper = Hyper::for_layers(model.config().n_layers);
     hyper.layer = model.config().n_layers - layer_from_top;
-    Editor::new(model, tokenizer, hyper, &stats).unwrap()
+    Editor::new(model, tokenizer, hyper, std::slice::from_ref(&stats)).unwrap()
 }
 
 fn check(which: TestModel) {

@@ -425,7 +425,7 @@ impl Session {
                 m.model,
                 &tokenizer,
                 &base.sha256,
-                layer,
+                &[layer],
                 &corpus,
                 Some(&stats_dir()),
             )?;
@@ -522,9 +522,9 @@ impl Session {
     ) -> Result<(), Failure> {
         let mut deltas = self.open(m)?.patch.deltas.clone();
         for &layer in touched {
-            let delta = self.editor(m, layer)?.delta(&edits);
+            let solved = self.editor(m, layer)?.deltas(&edits);
             deltas.retain(|(l, _)| *l != layer);
-            deltas.extend(delta.map(|d| (layer, d)));
+            deltas.extend(solved);
         }
         deltas.sort_by_key(|(l, _)| *l);
         let open = self.open(m)?;
