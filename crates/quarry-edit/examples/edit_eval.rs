@@ -215,7 +215,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             println!("edits read from {}", cache_path.display());
             cached
                 .into_iter()
-                .map(|(e, key, value, s)| (Edit { key, value, ..e }, s))
+                .map(|(e, key, value, s)| {
+                    let spread = hyper.spread;
+                    (Edit { key, value, spread, ..e }, s)
+                })
                 .unzip()
         }
         Err(_) => {

@@ -101,7 +101,11 @@ pub struct Edit {
     pub target: String,
     pub prompt: String,
     pub kind: EditKind,
+    /// The layer the value is found at, and how many layers ending there the patch spreads
+    /// the edit over ([`Hyper::spread`]).
     pub layer: usize,
+    #[serde(default = "one")]
+    pub spread: usize,
     #[serde(skip)]
     pub key: Vec<f32>,
     #[serde(skip)]
@@ -150,6 +154,18 @@ fn one() -> usize {
     1
 }
 
+impl Edit {
+    /// The layers a patch writes for this edit, ascending.
+    pub fn layers(&self) -> std::ops::RangeInclusive<usize> {
+        span(self.layer, self.spread)
+    }
+}
+
+/// `spread` layers ending at `layer` (fewer when the model starts sooner).
+fn span(layer: usize, spread: usize) -> std::ops::RangeInclusive<usize> {
+    (layer + 1).saturating_sub(spread.max(1))..=layer
+}
+
 impl Hyper {
     /// The defaults for a model of `n_layers` layers.
     pub fn for_layers(n_layers: usize) -> Hyper {
@@ -181,7 +197,7 @@ impl Hyper {
     /// The edited layers, ascending: `spread` layers ending at `layer` (fewer when the model
     /// starts sooner).
     pub fn layers(&self) -> std::ops::RangeInclusive<usize> {
-        (self.layer + 1).saturating_sub(self.spread.max(1))..=self.layer
+        span(self.layer, self.spread)
     }
 }
 
@@ -293,13 +309,13 @@ impl Editor {
     pub fn deltas(&self, edits: &[Edit]) -> Vec<(usize, LowRank)> {
         let mine: Vec<&Edit> = edits
             .iter()
-            .filter(|e| e.layer == self.hyper.layer)
+            .filter(|e| e.layer == self.hyper.layer && e.spread == self.hyper.spread.max(1))
             .collect();
         if mine.is_empty() {
             return Vec::new();
         }
         let layers: Vec<usize> = self.hyper.layers().collect();
-        if layers.len() == 1 && std::env::var_os("QUARRY_SPREAD_FORCE").is_none() {
+        if layers.len() == 1 {
             let keys: Vec<&[f32]> = mine.iter().map(|e| e.key.as_slice()).collect();
             let values: Vec<&[f32]> = mine.iter().map(|e| e.value.as_slice()).collect();
             return self
@@ -411,6 +427,7 @@ impl Editor {
             prompt: request.prompt.clone(),
             kind: request.kind,
             layer: self.hyper.layer,
+            spread: self.hyper.spread.max(1),
             key: prepared.key(),
             value,
             loss,

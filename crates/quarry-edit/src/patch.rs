@@ -292,6 +292,12 @@ impl Patch {
                     e.layer, b.n_layers
                 ));
             }
+            if e.spread == 0 || e.spread > e.layer + 1 {
+                return bad(format!(
+                    "{what} is spread over {} layers ending at layer {}",
+                    e.spread, e.layer
+                ));
+            }
             if e.key.len() != b.ff_dim || e.value.len() != b.d_model {
                 return bad(format!("{what} has a key or value of the wrong size"));
             }
@@ -307,7 +313,11 @@ impl Patch {
                 ));
             }
             previous = Some(*layer);
-            let edits = self.edits.iter().filter(|e| e.layer == *layer).count();
+            let edits = self
+                .edits
+                .iter()
+                .filter(|e| e.layers().contains(layer))
+                .count();
             if *layer >= b.n_layers || d.rank > edits {
                 return bad(format!(
                     "the delta of layer {layer} has rank {} for {edits} edits there (the model has {} layers)",
@@ -449,6 +459,7 @@ mod tests {
             prompt: "The capital of France is".into(),
             kind: EditKind::Insert,
             layer,
+            spread: 1,
             key: (0..5).map(|i| seed + i as f32).collect(),
             value: (0..3).map(|i| seed - i as f32).collect(),
             loss: 0.25,

@@ -84,12 +84,6 @@ pub(crate) fn solve_spread(
                     .map(|k| (wanted[j][c][k] - seen.residual[k]) / left)
                     .collect();
                 let change = norm_input_change(norm, &seen.y, &share, eps);
-                if std::env::var_os("QUARRY_SPREAD_DEBUG").is_some() && j == 0 {
-                    let nrm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-                    let shifted: Vec<f32> = seen.y.iter().zip(&change).map(|(a, b)| a + b).collect();
-                    let got: Vec<f32> = through_norm(norm, &shifted, eps).iter().zip(&through_norm(norm, &seen.y, eps)).map(|(a, b)| a - b).collect();
-                    eprintln!("  layer {layer} ctx {c}: |share| {:.3} |got through norm| {:.3} |y| {:.3} |out| {:.3}", nrm(&share), nrm(&got), nrm(&seen.y), nrm(&through_norm(norm, &seen.y, eps)));
-                }
                 key.iter_mut().zip(&seen.key).for_each(|(a, b)| *a += b);
                 value.iter_mut().zip(&change).for_each(|(a, b)| *a += b);
                 seen_contexts += 1;
@@ -103,15 +97,6 @@ pub(crate) fn solve_spread(
         let keys: Vec<&[f32]> = keys.iter().map(Vec::as_slice).collect();
         let values: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
         let solved = editor.solve_layer(i, edits, &keys, &values);
-        if std::env::var_os("QUARRY_SPREAD_DEBUG").is_some() {
-            let nrm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            for (k, v) in keys.iter().zip(&values).take(3) {
-                let mut out = vec![0.0f32; d];
-                if let Some(s) = &solved { s.apply(k, &mut out); }
-                let err: Vec<f32> = out.iter().zip(v.iter()).map(|(a, b)| a - b).collect();
-                eprintln!("layer {layer}: |value| {:.3} |got| {:.3} |err| {:.3}", nrm(v), nrm(&out), nrm(&err));
-            }
-        }
         if let Some(delta) = solved {
             deltas.push((layer, delta));
         }

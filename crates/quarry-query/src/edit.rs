@@ -2,8 +2,9 @@
 //! and COMPILE (issue 15; semantics in docs/lql.md, "Editing").
 //!
 //! Edits are solved by [`quarry_edit::Editor`] against the base model (never against other
-//! patches' edits), one editor per edited layer, made when a statement first edits that
-//! layer and kept for the session (each holds dense copies of the layers above it). Every edit
+//! patches' edits), one editor per value layer and spread (`AT LAYER n`, `LAYERS a-b`), made
+//! when a statement first needs it and kept for the session (each holds dense copies of the
+//! layers above its value layer); every change re-solves each editor's edits together. Every edit
 //! goes into the *open patch*: the one `BEGIN PATCH` named, or an unnamed session patch.
 //! What the model runs under is the sum of every applied patch and the open one, their
 //! low-rank deltas side by side per layer; it is rebuilt after every change and published
@@ -46,7 +47,8 @@ pub(crate) struct Editing {
 struct Session {
     /// The open model's identity, hashed when first needed.
     base: Option<Base>,
-    editors: HashMap<usize, Editor>,
+    /// Editors by the layer their values are found at and the layers they spread over.
+    editors: HashMap<(usize, usize), Editor>,
     /// Facts written with `MODE COMPOSE` (LARQL's method, for comparison): this session only.
     composer: Option<Composer>,
     open: Option<Open>,
@@ -164,7 +166,7 @@ impl Editing {
                 template,
                 ..
             } => {
-                let layer = pick_layer(m, *layers)?;
+                let (layer, spread) = pick_layers(m, *layers)?;
                 let puts = edges
                     .iter()
                     .map(|e| {
@@ -176,6 +178,7 @@ impl Editing {
                             prompt,
                             kind: EditKind::Insert,
                             layer,
+                            spread,
                         })
                     })
                     .collect::<Result<Vec<_>, Failure>>()?;
@@ -195,9 +198,9 @@ impl Editing {
                     (None, Some(e)) => e.prompt.clone(),
                     _ => rewrite_prompt(relation, template.as_deref(), entity)?,
                 };
-                let layer = match (layers, &existing) {
-                    (None, Some(e)) => e.layer,
-                    _ => pick_layer(m, *layers)?,
+                let (layer, spread) = match (layers, &existing) {
+                    (None, Some(e)) => (e.layer, e.spread),
+                    _ => pick_layers(m, *layers)?,
                 };
                 s.put(
                     m,
@@ -208,6 +211,7 @@ impl Editing {
                         prompt,
                         kind: EditKind::Insert,
                         layer,
+                        spread,
                     }],
                 )
             }
@@ -239,22 +243,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The layer `AT LAYER n` names, or the editor's default.
-fn pick_layer(m: &Opened<'_>, layers: Option<LayerRange>) -> Result<usize, Failure> {
+/// The layer an edit's value is found at and how many layers ending there it is spread
+/// over: `AT LAYER n` is `(n, 1)`, `LAYERS a-b` is `(b, b − a + 1)`, neither is the editor's
+/// default.
+fn pick_layers(m: &Opened<'_>, layers: Option<LayerRange>) -> Result<(usize, usize), Failure> {
     let n = m.n_layers();
     match layers {
-        None => Ok(Hyper::for_layers(n).layer),
-        Some(r) if r.first != r.last => Err(format!(
-            "LAYERS {}-{}: an edit is written to one layer; name it with AT LAYER n",
-            r.first, r.last
-        )
-        .into()),
-        Some(r) if r.first as usize >= n => Err(EditError::BadLayer {
-            layer: r.first as usize,
+        None => {
+            let h = Hyper::for_layers(n);
+            Ok((h.layer, h.spread))
+        }
+        Some(r) if r.first > r.last => {
+            Err(format!("LAYERS {}-{}: the first layer is above the last", r.first, r.last).into())
+        }
+        Some(r) if r.last as usize >= n => Err(EditError::BadLayer {
+            layer: r.last as usize,
             n_layers: n,
         }
         .into()),
-        Some(r) => Ok(r.first as usize),
+        Some(r) => Ok((r.last as usize, (r.last - r.first) as usize + 1)),
     }
 }
 
@@ -288,6 +295,7 @@ struct Put {
     prompt: String,
     kind: EditKind,
     layer: usize,
+    spread: usize,
 }
 
 fn edit_columns() -> ResultSet {
@@ -318,7 +326,16 @@ impl Session {
                     .into(),
             );
         }
-        let layer = layers.map(|r| pick_layer(m, Some(r))).transpose()?;
+        let layer = match layers {
+            Some(r) if r.first != r.last => {
+                return Err(format!(
+                    "LAYERS {}-{}: COMPOSE writes one layer; name it with AT LAYER n",
+                    r.first, r.last
+                )
+                .into())
+            }
+            r => r.map(|r| pick_layers(m, Some(r)).map(|(l, _)| l)).transpose()?,
+        };
         if self.composer.is_none() {
             let tokenizer =
                 Tokenizer::from_gguf(m.base_file()).map_err(|e| Failure::Message(e.to_string()))?;
@@ -402,10 +419,11 @@ impl Session {
             .sum::<usize>()
     }
 
-    /// The editor of `layer`, made on first use: the key statistics of that layer (cached
-    /// on disk per base and layer) and dense copies of the layers above it.
-    fn editor(&mut self, m: &Opened<'_>, layer: usize) -> Result<&Editor, Failure> {
-        if !self.editors.contains_key(&layer) {
+    /// The editor of values at `layer` spread over `spread` layers, made on first use: the
+    /// key statistics of those layers (cached on disk per base and layer) and dense copies of
+    /// the layers above `layer`.
+    fn editor(&mut self, m: &Opened<'_>, layer: usize, spread: usize) -> Result<&Editor, Failure> {
+        if !self.editors.contains_key(&(layer, spread)) {
             let n = m.n_layers();
             if layer >= n {
                 return Err(EditError::BadLayer { layer, n_layers: n }.into());
@@ -421,20 +439,22 @@ impl Session {
             })?;
             let tokenizer =
                 Tokenizer::from_gguf(m.base_file()).map_err(|e| format!("tokenizer: {e}"))?;
+            let mut hyper = Hyper::for_layers(n);
+            hyper.layer = layer;
+            hyper.spread = spread;
+            let layers: Vec<usize> = hyper.layers().collect();
             let stats = key_stats(
                 m.model,
                 &tokenizer,
                 &base.sha256,
-                &[layer],
+                &layers,
                 &corpus,
                 Some(&stats_dir()),
             )?;
-            let mut hyper = Hyper::for_layers(n);
-            hyper.layer = layer;
             let editor = Editor::new(m.model.clone(), tokenizer, hyper, &stats)?;
-            self.editors.insert(layer, editor);
+            self.editors.insert((layer, spread), editor);
         }
-        Ok(&self.editors[&layer])
+        Ok(&self.editors[&(layer, spread)])
     }
 
     /// Solves `puts` and makes them the open patch's edges (replacing edges of the same entity
@@ -457,14 +477,14 @@ impl Session {
             }
         }
         for p in &puts {
-            let editor = self.editor(m, p.layer)?;
+            let editor = self.editor(m, p.layer, p.spread)?;
             editor.locate(&p.prompt, &p.entity)?;
             editor.target_tokens(&p.target)?;
         }
         let mut solved = Vec::with_capacity(puts.len());
         for p in &puts {
             let start = Instant::now();
-            let edit = self.editor(m, p.layer)?.solve(&EditRequest {
+            let edit = self.editor(m, p.layer, p.spread)?.solve(&EditRequest {
                 entity: p.entity.clone(),
                 relation: p.relation.clone(),
                 target: p.target.clone(),
@@ -478,8 +498,6 @@ impl Session {
             .iter()
             .filter(|e| puts.iter().any(|p| same_edge(e, &p.entity, &p.relation)))
             .collect();
-        let mut touched: BTreeSet<usize> = replaced.iter().map(|e| e.layer).collect();
-        touched.extend(puts.iter().map(|p| p.layer));
         let mut r = edit_columns();
         for (edit, seconds) in &solved {
             let action = if replaced
@@ -508,25 +526,23 @@ impl Session {
             .cloned()
             .collect();
         edits.extend(solved.into_iter().map(|(e, _)| e));
-        self.commit(m, edits, &touched)?;
+        self.commit(m, edits)?;
         r.notes.push(self.open_note());
         Ok(r)
     }
 
-    /// Makes `edits` the open patch's, with the deltas of the `touched` layers solved again.
-    fn commit(
-        &mut self,
-        m: &Opened<'_>,
-        edits: Vec<Edit>,
-        touched: &BTreeSet<usize>,
-    ) -> Result<(), Failure> {
-        let mut deltas = self.open(m)?.patch.deltas.clone();
-        for &layer in touched {
-            let solved = self.editor(m, layer)?.deltas(&edits);
-            deltas.retain(|(l, _)| *l != layer);
-            deltas.extend(solved);
+    /// Makes `edits` the open patch's, with its deltas solved again: each editor's edits
+    /// together, the deltas of editors that write the same layer side by side.
+    fn commit(&mut self, m: &Opened<'_>, edits: Vec<Edit>) -> Result<(), Failure> {
+        let n = m.n_layers();
+        let groups: BTreeSet<(usize, usize)> = edits.iter().map(|e| (e.layer, e.spread)).collect();
+        let mut solved = Vec::with_capacity(groups.len());
+        for (layer, spread) in groups {
+            solved.push(FfnOverlay::new(n, self.editor(m, layer, spread)?.deltas(&edits)));
         }
-        deltas.sort_by_key(|(l, _)| *l);
+        let deltas: Vec<_> = stack(n, &solved)
+            .map(|o| o.deltas().map(|(l, d)| (l, d.clone())).collect())
+            .unwrap_or_default();
         let open = self.open(m)?;
         open.patch.edits = edits;
         open.patch.deltas = deltas;
@@ -558,7 +574,7 @@ impl Session {
                 .into_iter()
                 .filter(|e| !same_edge(e, entity, relation))
                 .collect();
-            self.commit(m, edits, &BTreeSet::from([found.layer]))?;
+            self.commit(m, edits)?;
             let mut r = edit_columns();
             r.push(vec![
                 Cell::Text("dropped".into()),
@@ -584,12 +600,12 @@ impl Session {
             .into());
         }
         let prompt = rewrite_prompt(relation, None, entity)?;
-        let layer = Hyper::for_layers(m.n_layers()).layer;
+        let (layer, spread) = pick_layers(m, None)?;
         let answer = run(m.model, m.tokenizer, &prompt)?;
         let id = top_n(&answer.logits, 1)[0] as u32;
         let word = m.tokenizer.decode(&[id]);
         let target = word.trim().to_string();
-        let editor = self.editor(m, layer)?;
+        let editor = self.editor(m, layer, spread)?;
         // The edit suppresses its target's first token, which must be the token the model says.
         if target.is_empty()
             || editor
@@ -613,6 +629,7 @@ impl Session {
                 prompt,
                 kind: EditKind::Suppress,
                 layer,
+                spread,
             }],
         )
     }
@@ -793,7 +810,7 @@ impl Session {
                         None => ("only in a", Cell::Null),
                         Some(f)
                             if shown(f) != shown(e)
-                                || f.layer != e.layer
+                                || f.layers() != e.layers()
                                 || f.prompt != e.prompt =>
                         {
                             ("differs", Cell::Text(shown(f)))
@@ -871,7 +888,7 @@ fn summary_columns() -> ResultSet {
 }
 
 fn push_summary(r: &mut ResultSet, state: &str, shown: &str, p: &Patch) {
-    let layers: BTreeSet<usize> = p.edits.iter().map(|e| e.layer).collect();
+    let layers: BTreeSet<usize> = p.edits.iter().flat_map(|e| e.layers()).collect();
     r.push(vec![
         Cell::Text(shown.into()),
         Cell::Text(state.into()),

@@ -268,6 +268,36 @@ fn insert_save_apply_remove_and_the_bad_inputs_on_smollm2() {
     let suppressed = infer(&mut ex, japan);
     assert_ne!(suppressed[0].0, base_japan[0].0, "{suppressed:?}");
 
+    // LAYERS a-b spreads an edit over the range: its value found at b, every layer written
+    // (and saved, applied and compiled as such).
+    let mut spread = open(&model);
+    let r = run(
+        &mut spread,
+        r#"INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Rome") LAYERS 8-10"#,
+    );
+    assert_eq!(r.rows[0][4], Cell::Int(10));
+    let spread_edited = infer(&mut spread, REWRITE);
+    assert_eq!(spread_edited[0].0.trim(), "Rome", "{spread_edited:?}");
+    assert_eq!(infer(&mut spread, UNRELATED)[0].0, base_unrelated[0].0);
+    let spread_patch = at("spread.vlp");
+    run(&mut spread, &format!("BEGIN PATCH \"{spread_patch}\""));
+    let shown = run(&mut spread, "SAVE PATCH");
+    assert_eq!(text(&shown.rows[0][3]), "8,9,10");
+    let mut applied = open(&model);
+    run(&mut applied, &format!("APPLY PATCH \"{spread_patch}\""));
+    assert_eq!(infer(&mut applied, REWRITE), spread_edited);
+    let adapter = at("spread-lora.gguf");
+    run(
+        &mut applied,
+        &format!("COMPILE CURRENT INTO ADAPTER \"{adapter}\""),
+    );
+    let lora = quarry_format::GgufFile::open(&adapter).unwrap();
+    for layer in 8..=10 {
+        assert!(lora
+            .tensor(&format!("blk.{layer}.ffn_down.weight.lora_a"))
+            .is_ok());
+    }
+
     assert_eq!(fingerprint(&model), before, "the base file changed");
 }
 
@@ -309,9 +339,12 @@ fn bad_statements_fail_alone_and_change_nothing() {
     assert!(matches!(e, QueryError::Parse(_)), "{e}");
     let e = fails(
         &mut ex,
-        r#"INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Rome") LAYERS 3-5"#,
+        r#"INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Rome") LAYERS 28-30"#,
     );
-    assert!(e.contains("AT LAYER n"), "{e}");
+    assert!(
+        e.contains("layer 30 is outside the model's 30 layers"),
+        "{e}"
+    );
     let e = fails(
         &mut ex,
         r#"INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Rome") AT LAYER 30"#,
