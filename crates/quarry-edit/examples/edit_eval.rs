@@ -8,7 +8,8 @@
 //!           [--ppl-ctx 512] [--json OUT]
 //! ```
 //! For each size N the first N cases are solved into one patch and scored; `--sequential K`
-//! makes K one-edit patches one after another and scores their stack. Prints one line per
+//! makes K one-edit patches one after another, each solved on top of the ones before it, and
+//! scores their stack (and, as `apart K`, the stack of the same patches each solved alone). Prints one line per
 //! run and writes every number with `--json`.
 
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use std::time::Instant;
 
 use quarry_edit::compose::Composer;
 use quarry_edit::eval::{self, Case, Scores};
-use quarry_edit::{key_stats, Edit, EditKind, EditRequest, Editor, Hyper};
+use quarry_edit::{key_stats, Earlier, Edit, EditKind, EditRequest, Editor, Hyper};
 use quarry_format::GgufFile;
 use quarry_edit::patch::stack;
 use quarry_model::{FfnOverlay, Model};
@@ -265,17 +266,40 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         )?;
     }
     if sequential > 0 {
+        // K one-edit patches: each solved on top of the ones before it (what a session
+        // does when it makes a patch while others are applied), and, for comparison, each
+        // solved alone and stacked (patches made apart and applied together).
         let n = sequential.min(edits.len());
-        let t = Instant::now();
         let layers = base.config().n_layers;
-        let overlays: Vec<FfnOverlay> = edits[..n]
+        let t = Instant::now();
+        let mut overlays: Vec<FfnOverlay> = Vec::new();
+        for (i, e) in edits[..n].iter().enumerate() {
+            let before = stack(layers, &overlays);
+            let earlier = Earlier {
+                edits: &edits[..i],
+                overlay: before.as_ref(),
+            };
+            let deltas = editor.deltas_after(std::slice::from_ref(e), &earlier);
+            overlays.push(FfnOverlay::new(layers, deltas));
+        }
+        let solve_s = t.elapsed().as_secs_f64();
+        let stacked = stack(layers, &overlays).ok_or("no deltas")?;
+        report(
+            format!("sequential {n}"),
+            n,
+            &stacked_model(&base, stacked)?,
+            solve_s,
+            mean(&seconds[..n]),
+        )?;
+        let t = Instant::now();
+        let apart: Vec<FfnOverlay> = edits[..n]
             .iter()
             .map(|e| FfnOverlay::new(layers, editor.deltas(std::slice::from_ref(e))))
             .collect();
-        let stacked = stack(layers, &overlays).ok_or("no deltas")?;
         let solve_s = t.elapsed().as_secs_f64();
+        let stacked = stack(layers, &apart).ok_or("no deltas")?;
         report(
-            format!("sequential {n}"),
+            format!("apart {n}"),
             n,
             &stacked_model(&base, stacked)?,
             solve_s,

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use faer::Mat;
-use quarry_model::{ForwardObserver, LowRank, Model};
+use quarry_model::{FfnOverlay, ForwardObserver, LowRank, Model};
 use quarry_tokenize::Tokenizer;
 use serde::{Deserialize, Serialize};
 
@@ -243,6 +243,13 @@ impl Prepared {
     }
 }
 
+/// Edits in effect before the ones being solved, and their overlay ([`Editor::deltas_after`]).
+#[derive(Clone, Copy, Default)]
+pub struct Earlier<'a> {
+    pub edits: &'a [Edit],
+    pub overlay: Option<&'a FfnOverlay>,
+}
+
 /// Solves edits on one model at one layer.
 pub struct Editor {
     model: Model,
@@ -307,6 +314,13 @@ impl Editor {
     /// every context, is divided among the layers left, and each layer's share is turned into
     /// a change of its FFN output (through its post-FFN norm where the model has one).
     pub fn deltas(&self, edits: &[Edit]) -> Vec<(usize, LowRank)> {
+        self.deltas_after(edits, &Earlier::default())
+    }
+
+    /// [`Editor::deltas`] on top of `earlier` edits already in effect (patches applied
+    /// before): the new deltas leave the earlier edits' keys at this layer where they are, and
+    /// ask of each new key only what the earlier deltas do not already give it.
+    pub fn deltas_after(&self, edits: &[Edit], earlier: &Earlier<'_>) -> Vec<(usize, LowRank)> {
         let mine: Vec<&Edit> = edits
             .iter()
             .filter(|e| e.layer == self.hyper.layer && e.spread == self.hyper.spread.max(1))
@@ -315,24 +329,43 @@ impl Editor {
             return Vec::new();
         }
         let layers: Vec<usize> = self.hyper.layers().collect();
+        let held: Vec<&[f32]> = earlier
+            .edits
+            .iter()
+            .filter(|e| e.layer == self.hyper.layer)
+            .map(|e| e.key.as_slice())
+            .collect();
         if layers.len() == 1 {
             let keys: Vec<&[f32]> = mine.iter().map(|e| e.key.as_slice()).collect();
-            let values: Vec<&[f32]> = mine.iter().map(|e| e.value.as_slice()).collect();
+            let before = earlier.overlay.and_then(|o| o.layer(self.hyper.layer));
+            let values: Vec<Vec<f32>> = mine
+                .iter()
+                .map(|e| {
+                    let mut given = vec![0.0f32; e.value.len()];
+                    if let Some(d) = before {
+                        d.apply(&e.key, &mut given);
+                    }
+                    e.value.iter().zip(&given).map(|(v, g)| v - g).collect()
+                })
+                .collect();
+            let values: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
             return self
-                .solve_layer(0, &mine, &keys, &values)
+                .solve_layer(0, &mine, &keys, &values, &held)
                 .map(|d| vec![(self.hyper.layer, d)])
                 .unwrap_or_default();
         }
-        crate::spread::solve_spread(self, &mine, &layers)
+        crate::spread::solve_spread(self, &mine, &layers, earlier.overlay, &held)
     }
 
-    /// The delta of the `index`-th edited layer for `keys` → `values` of `edits`.
+    /// The delta of the `index`-th edited layer for `keys` → `values` of `edits`, with the
+    /// decoys of their templates and the `held` keys (earlier edits') kept where they are.
     pub(crate) fn solve_layer(
         &self,
         index: usize,
         edits: &[&Edit],
         keys: &[&[f32]],
         values: &[&[f32]],
+        held: &[&[f32]],
     ) -> Option<LowRank> {
         let layer = *self.hyper.layers().start() + index;
         let mut templates: Vec<String> = edits
@@ -342,15 +375,18 @@ impl Editor {
         templates.sort();
         templates.dedup();
         let ff = self.model.config().ff_dim;
-        let mut decoys = Mat::<f32>::zeros(ff, ff);
+        let mut gram = Mat::<f32>::zeros(ff, ff);
         for t in &templates {
-            decoys += &*self.decoy_gram(t, layer);
+            gram += &*self.decoy_gram(t, layer);
+        }
+        gram = gram * faer::Scale(self.hyper.decoy_weight);
+        for k in held {
+            gram += Mat::<f32>::from_fn(ff, ff, |r, c| k[r] * k[c]);
         }
         solve(
             keys,
             values,
-            Some(&decoys),
-            self.hyper.decoy_weight,
+            Some(&gram),
             &self.nulls[index],
             self.hyper.preserve_weight,
             self.hyper.ridge,

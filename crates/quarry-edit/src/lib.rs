@@ -22,7 +22,7 @@ pub mod solve;
 mod spread;
 
 pub use edit::{
-    key_stats, Edit, EditKind, EditRequest, Editor, Hyper, Prepared, MAX_TARGET_TOKENS,
+    key_stats, Earlier, Edit, EditKind, EditRequest, Editor, Hyper, Prepared, MAX_TARGET_TOKENS,
     STATS_TOKENS,
 };
 pub use error::EditError;

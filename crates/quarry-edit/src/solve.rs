@@ -175,18 +175,18 @@ impl NullSpace {
 }
 
 /// The low-rank change of the down projection that gives each key its value (`keys[i]` →
-/// `values[i]`: the edits at one layer) and maps decoy keys (other subjects in the edits' prompts; `decoys` is
-/// their `Σ d·dᵀ`, `ff × ff`) towards zero with weight `decoy_weight`, restricted to `null`,
+/// `values[i]`: the edits at one layer) and maps the keys of `held` towards zero (their weighted
+/// second moment `D = Σ w·d·dᵀ`, `ff × ff`: decoys, other subjects in the edits' prompts, and
+/// the keys of edits made earlier, whose outputs stay as they are), restricted to `null`,
 /// and keeps what is left of ordinary keys in the null space (their covariance `Λ`, MEMIT's
 /// preservation term) near zero with weight `preserve_weight` (in tokens of ordinary text):
-/// `ΔW = R·(M⁻¹·C)ᵀ·Nᵀ`, `M = C·Cᵀ + w·Nᵀ·D·N + p·Λ + αI`, with `C = Nᵀ·K` the keys'
+/// `ΔW = R·(M⁻¹·C)ᵀ·Nᵀ`, `M = C·Cᵀ + Nᵀ·D·N + p·Λ + αI`, with `C = Nᵀ·K` the keys'
 /// null-space coordinates. `ridge` is relative to the mean of `diag(CᵀC)`. The result has
 /// rank = edits (`B = R`). `None` without edits.
 pub fn solve(
     keys: &[&[f32]],
     values: &[&[f32]],
-    decoys: Option<&Mat<f32>>,
-    decoy_weight: f32,
+    held: Option<&Mat<f32>>,
     null: &NullSpace,
     preserve_weight: f32,
     ridge: f32,
@@ -204,10 +204,10 @@ pub fn solve(
         / n as f64;
     let alpha = (ridge as f64 * mean_diag).max(1e-12);
     let mut system = &c * c.transpose();
-    if let Some(decoys) = decoys.filter(|_| decoy_weight > 0.0) {
+    if let Some(held) = held {
         let basis = Mat::<f32>::from_fn(null.ff, m, |r, c| null.basis[(r, c)] as f32);
-        let projected = basis.transpose() * (decoys * &basis);
-        system += Mat::<f64>::from_fn(m, m, |r, c| decoy_weight as f64 * projected[(r, c)] as f64);
+        let projected = basis.transpose() * (held * &basis);
+        system += Mat::<f64>::from_fn(m, m, |r, c| projected[(r, c)] as f64);
     }
     for i in 0..m {
         system[(i, i)] += alpha + preserve_weight as f64 * null.variance[i];
@@ -287,7 +287,8 @@ mod tests {
     ) -> Option<LowRank> {
         let keys: Vec<&[f32]> = pairs.iter().map(|p| p.key.as_slice()).collect();
         let values: Vec<&[f32]> = pairs.iter().map(|p| p.value.as_slice()).collect();
-        solve(&keys, &values, decoys, decoy_weight, null, 0.0, 1e-6, d)
+        let held = decoys.map(|g| g * faer::Scale(decoy_weight));
+        solve(&keys, &values, held.as_ref(), null, 0.0, 1e-6, d)
     }
 
     #[test]

@@ -14,12 +14,16 @@ use std::sync::Arc;
 use quarry_model::{FfnOverlay, ForwardObserver, LowRank};
 
 use crate::edit::{in_context, Edit, Editor};
+use crate::patch::stack;
 
-/// The deltas of `layers` (ascending, the last one the edits' value layer) for `edits`.
+/// The deltas of `layers` (ascending, the last one the edits' value layer) for `edits`, on
+/// top of the `earlier` overlay, keeping the `held` keys of the last layer where they are.
 pub(crate) fn solve_spread(
     editor: &Editor,
     edits: &[&Edit],
     layers: &[usize],
+    earlier: Option<&FfnOverlay>,
+    held: &[&[f32]],
 ) -> Vec<(usize, LowRank)> {
     let model = editor.model();
     let cfg = model.config();
@@ -38,26 +42,46 @@ pub(crate) fn solve_spread(
                 .collect()
         })
         .collect();
-    // The residual stream after the last layer each edit wants, per context.
-    let mut wanted: Vec<Vec<Vec<f32>>> = Vec::new();
+    // The residual stream after the last layer each edit wants, per context: the base
+    // model's plus what the value (found on the base) adds there.
+    let wanted: Vec<Vec<Option<Vec<f32>>>> = edits
+        .iter()
+        .zip(&contexts)
+        .map(|(e, ctxs)| {
+            ctxs.iter()
+                .map(|(tokens, position)| {
+                    let mut seen = Seen::new(top, top, *position, d, ff);
+                    let mut cache = model.new_cache(tokens.len());
+                    model
+                        .forward_observed(tokens, &mut cache, 0..1, &mut seen)
+                        .ok()?;
+                    let shifted: Vec<f32> =
+                        seen.top_y.iter().zip(&e.value).map(|(a, b)| a + b).collect();
+                    let before = through_norm(top_norm, &seen.top_y, eps);
+                    let after = through_norm(top_norm, &shifted, eps);
+                    Some((0..d).map(|k| seen.residual[k] + after[k] - before[k]).collect())
+                })
+                .collect()
+        })
+        .collect();
     let mut deltas: Vec<(usize, LowRank)> = Vec::new();
     for (i, &layer) in layers.iter().enumerate() {
-        let run = if deltas.is_empty() {
-            model.clone()
-        } else {
-            let overlay = FfnOverlay::new(cfg.n_layers, deltas.iter().cloned());
-            match model.with_overlay(Some(Arc::new(overlay))) {
+        let solved = FfnOverlay::new(cfg.n_layers, deltas.iter().cloned());
+        let run = match stack(cfg.n_layers, earlier.into_iter().chain([&solved])) {
+            None => model.clone(),
+            Some(overlay) => match model.with_overlay(Some(Arc::new(overlay))) {
                 Ok(m) => m,
                 Err(_) => return deltas,
-            }
+            },
         };
         let norm = model.ffn_weights(layer).post_norm;
         let left = (layers.len() - i) as f32;
         let (mut keys, mut values) = (Vec::new(), Vec::new());
-        for (j, (e, ctxs)) in edits.iter().zip(&contexts).enumerate() {
+        for (ctxs, wanted) in contexts.iter().zip(&wanted) {
             let (mut key, mut value) = (vec![0.0f32; ff], vec![0.0f32; d]);
             let mut seen_contexts = 0usize;
-            for (c, (tokens, position)) in ctxs.iter().enumerate() {
+            for ((tokens, position), wanted) in ctxs.iter().zip(wanted) {
+                let Some(wanted) = wanted else { continue };
                 let mut seen = Seen::new(layer, top, *position, d, ff);
                 let mut cache = run.new_cache(tokens.len());
                 if run
@@ -66,22 +90,8 @@ pub(crate) fn solve_spread(
                 {
                     continue;
                 }
-                if i == 0 {
-                    if c == 0 {
-                        wanted.push(Vec::new());
-                    }
-                    // What the value adds to the residual stream in this context.
-                    let shifted: Vec<f32> =
-                        seen.top_y.iter().zip(&e.value).map(|(a, b)| a + b).collect();
-                    let before = through_norm(top_norm, &seen.top_y, eps);
-                    let after = through_norm(top_norm, &shifted, eps);
-                    let w = (0..d)
-                        .map(|k| seen.residual[k] + after[k] - before[k])
-                        .collect();
-                    wanted[j].push(w);
-                }
                 let share: Vec<f32> = (0..d)
-                    .map(|k| (wanted[j][c][k] - seen.residual[k]) / left)
+                    .map(|k| (wanted[k] - seen.residual[k]) / left)
                     .collect();
                 let change = norm_input_change(norm, &seen.y, &share, eps);
                 key.iter_mut().zip(&seen.key).for_each(|(a, b)| *a += b);
@@ -96,7 +106,8 @@ pub(crate) fn solve_spread(
         }
         let keys: Vec<&[f32]> = keys.iter().map(Vec::as_slice).collect();
         let values: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
-        let solved = editor.solve_layer(i, edits, &keys, &values);
+        let held = if layer == top { held } else { &[] };
+        let solved = editor.solve_layer(i, edits, &keys, &values, held);
         if let Some(delta) = solved {
             deltas.push((layer, delta));
         }

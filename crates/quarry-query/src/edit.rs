@@ -18,7 +18,7 @@ use std::time::Instant;
 use quarry_edit::catalogue::{self, fill};
 use quarry_edit::compose::Composer;
 use quarry_edit::patch::{file_sha256, stack};
-use quarry_edit::{key_stats, Base, Edit, EditError, EditKind, EditRequest, Editor, Hyper, Patch};
+use quarry_edit::{key_stats, Base, Earlier, Edit, EditError, EditKind, EditRequest, Editor, Hyper, Patch};
 use quarry_format::GgufFile;
 use quarry_lql::{CompileTarget, EdgeValue, EditMode, LayerRange, PatchStatement, Statement};
 use quarry_model::{write_adapter, write_patched_model, FfnOverlay, Model};
@@ -532,13 +532,25 @@ impl Session {
     }
 
     /// Makes `edits` the open patch's, with its deltas solved again: each editor's edits
-    /// together, the deltas of editors that write the same layer side by side.
+    /// together, the deltas of editors that write the same layer side by side, all on top of
+    /// the applied patches (their edits keep their outputs; see [`Editor::deltas_after`]).
     fn commit(&mut self, m: &Opened<'_>, edits: Vec<Edit>) -> Result<(), Failure> {
         let n = m.n_layers();
         let groups: BTreeSet<(usize, usize)> = edits.iter().map(|e| (e.layer, e.spread)).collect();
+        let applied_edits: Vec<Edit> = self
+            .applied
+            .iter()
+            .flat_map(|a| a.patch.edits.iter().cloned())
+            .collect();
+        let applied = stack(n, self.applied.iter().map(|a| &a.overlay));
         let mut solved = Vec::with_capacity(groups.len());
         for (layer, spread) in groups {
-            solved.push(FfnOverlay::new(n, self.editor(m, layer, spread)?.deltas(&edits)));
+            let earlier = Earlier {
+                edits: &applied_edits,
+                overlay: applied.as_ref(),
+            };
+            let deltas = self.editor(m, layer, spread)?.deltas_after(&edits, &earlier);
+            solved.push(FfnOverlay::new(n, deltas));
         }
         let deltas: Vec<_> = stack(n, &solved)
             .map(|o| o.deltas().map(|(l, d)| (l, d.clone())).collect())
