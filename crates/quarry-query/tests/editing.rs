@@ -297,6 +297,15 @@ fn insert_save_apply_remove_and_the_bad_inputs_on_smollm2() {
             .tensor(&format!("blk.{layer}.ffn_down.weight.lora_a"))
             .is_ok());
     }
+    // An edit made while that patch is applied is solved on top of it: both hold.
+    let berlin = "The capital of Japan is the city of";
+    run(
+        &mut applied,
+        r#"INSERT INTO EDGES (entity, relation, target) VALUES ("Japan", "capital", "Berlin")"#,
+    );
+    assert_eq!(infer(&mut applied, berlin)[0].0.trim(), "Berlin");
+    assert_eq!(infer(&mut applied, REWRITE)[0].0.trim(), "Rome");
+    assert_eq!(infer(&mut applied, UNRELATED)[0].0, base_unrelated[0].0);
 
     assert_eq!(fingerprint(&model), before, "the base file changed");
 }
