@@ -60,7 +60,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let editor_tokenizer = Tokenizer::from_gguf(&file)?;
     let base = Model::load(file)?;
-    let mut hyper = Hyper::for_layers(base.config().n_layers);
+    let mut hyper = Hyper::for_model(&base);
     if let Some(l) = flag(&args, "--layer") {
         hyper.layer = l;
     }

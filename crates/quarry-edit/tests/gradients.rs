@@ -23,7 +23,8 @@ fn editor(which: TestModel, layer_from_top: usize) -> Editor {
         eigenvectors: (0..ff * ff).map(|i| f32::from(i % (ff + 1) == 0)).collect(),
         tokens: 0,
     };
-    let mut hyper = Hyper::for_layers(model.config().n_layers);
+    let mut hyper = Hyper::for_model(&model);
+    hyper.spread = 1;
     hyper.layer = model.config().n_layers - layer_from_top;
     Editor::new(model, tokenizer, hyper, std::slice::from_ref(&stats)).unwrap()
 }

@@ -250,7 +250,7 @@ fn pick_layers(m: &Opened<'_>, layers: Option<LayerRange>) -> Result<(usize, usi
     let n = m.n_layers();
     match layers {
         None => {
-            let h = Hyper::for_layers(n);
+            let h = Hyper::for_model(m.model);
             Ok((h.layer, h.spread))
         }
         Some(r) if r.first > r.last => {
@@ -439,7 +439,7 @@ impl Session {
             })?;
             let tokenizer =
                 Tokenizer::from_gguf(m.base_file()).map_err(|e| format!("tokenizer: {e}"))?;
-            let mut hyper = Hyper::for_layers(n);
+            let mut hyper = Hyper::for_model(m.model);
             hyper.layer = layer;
             hyper.spread = spread;
             let layers: Vec<usize> = hyper.layers().collect();

@@ -220,7 +220,9 @@ fn insert_save_apply_remove_and_the_bad_inputs_on_smollm2() {
         &format!("COMPILE CURRENT INTO ADAPTER \"{adapter}\""),
     );
     assert!(
-        c.rows.iter().any(|r| text(&r[1]) == layer.to_string()),
+        c.rows
+            .iter()
+            .any(|r| text(&r[0]) == "layers" && text(&r[1]).split(',').any(|l| l == layer.to_string())),
         "{c:?}"
     );
     let lora = quarry_format::GgufFile::open(&adapter).unwrap();
