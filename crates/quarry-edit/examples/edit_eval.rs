@@ -18,9 +18,9 @@ use std::time::Instant;
 
 use quarry_edit::compose::Composer;
 use quarry_edit::eval::{self, Case, Scores};
+use quarry_edit::patch::stack;
 use quarry_edit::{key_stats, Earlier, Edit, EditKind, EditRequest, Editor, Hyper};
 use quarry_format::GgufFile;
-use quarry_edit::patch::stack;
 use quarry_model::{FfnOverlay, Model};
 use quarry_tokenize::Tokenizer;
 use serde_json::json;
@@ -218,7 +218,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .into_iter()
                 .map(|(e, key, value, s)| {
                     let spread = hyper.spread;
-                    (Edit { key, value, spread, ..e }, s)
+                    (
+                        Edit {
+                            key,
+                            value,
+                            spread,
+                            ..e
+                        },
+                        s,
+                    )
                 })
                 .unzip()
         }

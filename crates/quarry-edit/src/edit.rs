@@ -61,11 +61,17 @@ pub fn key_stats(
             if let Some(p) = path(*layer) {
                 stats.save(&p)?;
             }
-            let i = layers.iter().position(|l| l == layer).expect("a missing layer");
+            let i = layers
+                .iter()
+                .position(|l| l == layer)
+                .expect("a missing layer");
             found[i] = Some(stats);
         }
     }
-    Ok(found.into_iter().map(|s| s.expect("loaded or computed")).collect())
+    Ok(found
+        .into_iter()
+        .map(|s| s.expect("loaded or computed"))
+        .collect())
 }
 
 /// The most tokens a target may have (the optimisation feeds it back token by token).
@@ -557,7 +563,8 @@ impl Editor {
         request: &EditRequest,
         target: &[u32],
     ) -> Result<Variant, EditError> {
-        let (prompt, position) = self.locate(&in_context(prefix, &request.prompt), &request.entity)?;
+        let (prompt, position) =
+            self.locate(&in_context(prefix, &request.prompt), &request.entity)?;
         let mut tokens = prompt.clone();
         tokens.extend_from_slice(&target[..target.len() - 1]);
         let targets = match request.kind {

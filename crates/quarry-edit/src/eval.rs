@@ -222,7 +222,11 @@ mod tests {
     #[test]
     fn neighbours_about_other_edits_of_the_relation_are_not_scored() {
         let cases = [
-            case("France", "capital", &["The capital of Germany is", "The capital of Spain is"]),
+            case(
+                "France",
+                "capital",
+                &["The capital of Germany is", "The capital of Spain is"],
+            ),
             case("Germany", "capital", &["The capital of France is"]),
             case("Spain", "language", &["The language of Italy is"]),
         ];

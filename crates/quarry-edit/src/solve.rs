@@ -96,7 +96,10 @@ impl KeyStats {
         NullSpace {
             ff,
             basis: Mat::from_fn(ff, m, |r, c| self.eigenvectors[c * ff + r] as f64),
-            variance: self.eigenvalues[..m].iter().map(|&l| l.max(0.0) as f64).collect(),
+            variance: self.eigenvalues[..m]
+                .iter()
+                .map(|&l| l.max(0.0) as f64)
+                .collect(),
         }
     }
 
@@ -236,7 +239,11 @@ pub(crate) fn layer_keys(
 }
 
 /// The FFN hidden activations of each of `layers` at every position of `tokens`.
-fn layers_keys(model: &Model, layers: &[usize], tokens: &[u32]) -> Result<Vec<Vec<f32>>, EditError> {
+fn layers_keys(
+    model: &Model,
+    layers: &[usize],
+    tokens: &[u32],
+) -> Result<Vec<Vec<f32>>, EditError> {
     let mut grab = Grab {
         layers,
         keys: vec![None; layers.len()],
@@ -268,7 +275,7 @@ impl ForwardObserver for Grab<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    
+
     struct Pair {
         key: Vec<f32>,
         value: Vec<f32>,

@@ -55,11 +55,19 @@ pub(crate) fn solve_spread(
                     model
                         .forward_observed(tokens, &mut cache, 0..1, &mut seen)
                         .ok()?;
-                    let shifted: Vec<f32> =
-                        seen.top_y.iter().zip(&e.value).map(|(a, b)| a + b).collect();
+                    let shifted: Vec<f32> = seen
+                        .top_y
+                        .iter()
+                        .zip(&e.value)
+                        .map(|(a, b)| a + b)
+                        .collect();
                     let before = through_norm(top_norm, &seen.top_y, eps);
                     let after = through_norm(top_norm, &shifted, eps);
-                    Some((0..d).map(|k| seen.residual[k] + after[k] - before[k]).collect())
+                    Some(
+                        (0..d)
+                            .map(|k| seen.residual[k] + after[k] - before[k])
+                            .collect(),
+                    )
                 })
                 .collect()
         })
@@ -243,7 +251,13 @@ mod tests {
             .map(|(a, b)| a + b)
             .collect();
         // Reached up to its length: the norm's output over `w` has an RMS of 1.
-        let rms = (want.iter().zip(&w).map(|(t, w)| (t / w).powi(2)).sum::<f32>() / 5.0).sqrt();
+        let rms = (want
+            .iter()
+            .zip(&w)
+            .map(|(t, w)| (t / w).powi(2))
+            .sum::<f32>()
+            / 5.0)
+            .sqrt();
         for (g, t) in got.iter().zip(&want) {
             assert!((g - t / rms).abs() < 1e-4, "{got:?} vs {want:?} / {rms}");
         }

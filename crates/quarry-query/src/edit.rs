@@ -18,7 +18,9 @@ use std::time::Instant;
 use quarry_edit::catalogue::{self, fill};
 use quarry_edit::compose::Composer;
 use quarry_edit::patch::{file_sha256, stack};
-use quarry_edit::{key_stats, Base, Earlier, Edit, EditError, EditKind, EditRequest, Editor, Hyper, Patch};
+use quarry_edit::{
+    key_stats, Base, Earlier, Edit, EditError, EditKind, EditRequest, Editor, Hyper, Patch,
+};
 use quarry_format::GgufFile;
 use quarry_lql::{CompileTarget, EdgeValue, EditMode, LayerRange, PatchStatement, Statement};
 use quarry_model::{write_adapter, write_patched_model, FfnOverlay, Model};
@@ -253,9 +255,11 @@ fn pick_layers(m: &Opened<'_>, layers: Option<LayerRange>) -> Result<(usize, usi
             let h = Hyper::for_model(m.model);
             Ok((h.layer, h.spread))
         }
-        Some(r) if r.first > r.last => {
-            Err(format!("LAYERS {}-{}: the first layer is above the last", r.first, r.last).into())
-        }
+        Some(r) if r.first > r.last => Err(format!(
+            "LAYERS {}-{}: the first layer is above the last",
+            r.first, r.last
+        )
+        .into()),
         Some(r) if r.last as usize >= n => Err(EditError::BadLayer {
             layer: r.last as usize,
             n_layers: n,
@@ -334,7 +338,9 @@ impl Session {
                 )
                 .into())
             }
-            r => r.map(|r| pick_layers(m, Some(r)).map(|(l, _)| l)).transpose()?,
+            r => r
+                .map(|r| pick_layers(m, Some(r)).map(|(l, _)| l))
+                .transpose()?,
         };
         if self.composer.is_none() {
             let tokenizer =
@@ -549,7 +555,9 @@ impl Session {
                 edits: &applied_edits,
                 overlay: applied.as_ref(),
             };
-            let deltas = self.editor(m, layer, spread)?.deltas_after(&edits, &earlier);
+            let deltas = self
+                .editor(m, layer, spread)?
+                .deltas_after(&edits, &earlier);
             solved.push(FfnOverlay::new(n, deltas));
         }
         let deltas: Vec<_> = stack(n, &solved)

@@ -222,7 +222,8 @@ fn insert_save_apply_remove_and_the_bad_inputs_on_smollm2() {
     assert!(
         c.rows
             .iter()
-            .any(|r| text(&r[0]) == "layers" && text(&r[1]).split(',').any(|l| l == layer.to_string())),
+            .any(|r| text(&r[0]) == "layers"
+                && text(&r[1]).split(',').any(|l| l == layer.to_string())),
         "{c:?}"
     );
     let lora = quarry_format::GgufFile::open(&adapter).unwrap();
