@@ -276,8 +276,11 @@ pub struct Editor {
     /// Subjects for decoy keys, and the second moment `Σ k·kᵀ` of the decoy keys of every
     /// prompt template seen so far at each layer (`ff × ff`).
     placeholders: Vec<String>,
-    decoy_grams: std::sync::Mutex<std::collections::HashMap<(String, usize), Arc<Mat<f32>>>>,
+    decoy_grams: std::sync::Mutex<DecoyGrams>,
 }
+
+/// The decoy keys' second moment by (prompt template, layer).
+type DecoyGrams = std::collections::HashMap<(String, usize), Arc<Mat<f32>>>;
 
 impl Editor {
     /// An editor of `hyper.layers()`, whose solves keep out of the span of `stats` (the key
@@ -394,7 +397,7 @@ impl Editor {
         for t in &templates {
             gram += &*self.decoy_gram(t, layer);
         }
-        gram = gram * faer::Scale(self.hyper.decoy_weight);
+        gram *= faer::Scale(self.hyper.decoy_weight);
         for k in held {
             gram += Mat::<f32>::from_fn(ff, ff, |r, c| k[r] * k[c]);
         }
