@@ -5,10 +5,8 @@ use std::path::PathBuf;
 pub enum EditError {
     #[error("layer {layer} is outside the model's {n_layers} layers")]
     BadLayer { layer: usize, n_layers: usize },
-    #[error("relation \"{relation}\" is not in the catalogue ({known}); give a TEMPLATE with {{entity}} in it")]
-    UnknownRelation { relation: String, known: String },
-    #[error("template \"{template}\" must contain {{entity}} exactly once")]
-    BadTemplate { template: String },
+    #[error(transparent)]
+    Relation(#[from] quarry_relations::RelationError),
     #[error("entity \"{entity}\": {problem}")]
     BadEntity { entity: String, problem: String },
     #[error("target \"{target}\" tokenizes to nothing")]

@@ -11,7 +11,6 @@
 //! other inputs is (nearly) untouched. The
 //! change is a [`quarry_model::FfnOverlay`]: the base weights are never modified.
 
-pub mod catalogue;
 pub mod compose;
 pub mod dense;
 mod edit;
@@ -26,4 +25,5 @@ pub use edit::{
     STATS_TOKENS,
 };
 pub use error::EditError;
+pub use quarry_relations::catalogue;
 pub use patch::{Base, Patch};

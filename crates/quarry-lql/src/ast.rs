@@ -20,12 +20,12 @@ pub enum Statement {
         layers: Option<LayerRange>,
         explain: bool,
     },
-    /// `DESCRIBE "entity" [scope] [BRIEF | VERBOSE] [RAW]`.
+    /// `DESCRIBE "entity" [scope] [BRIEF | VERBOSE] [VIA FEATURES | RAW]`.
     Describe {
         entity: String,
         scope: DescribeScope,
         detail: Detail,
-        raw: bool,
+        method: DescribeMethod,
     },
     /// `SELECT … FROM …`.
     Select(Select),
@@ -156,6 +156,19 @@ pub enum DescribeScope {
     Syntax,
     Knowledge,
     Output,
+}
+
+/// How `DESCRIBE` finds an entity's edges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DescribeMethod {
+    /// No method clause: ask the model each catalogue relation and keep what it answers (the
+    /// scope does not apply).
+    #[default]
+    Answers,
+    /// `VIA FEATURES`: the feature-level readout over the scope's layers.
+    Features,
+    /// `RAW`: LARQL's readout, |embedding · gate| times each feature's top writes.
+    Raw,
 }
 
 /// How much `DESCRIBE` prints.

@@ -13,7 +13,7 @@
 use std::fmt::{self, Display, Formatter};
 
 use crate::ast::{
-    CmpOp, CompileTarget, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange, Literal,
+    CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange, Literal,
     ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget, Source,
     Statement,
 };
@@ -99,7 +99,7 @@ impl Display for Statement {
                 entity,
                 scope,
                 detail,
-                raw,
+                method,
             } => {
                 write!(f, "DESCRIBE {}", Quoted(entity))?;
                 if *scope != DescribeScope::Default {
@@ -108,8 +108,10 @@ impl Display for Statement {
                 if *detail != Detail::Normal {
                     write!(f, " {detail}")?;
                 }
-                if *raw {
-                    f.write_str(" RAW")?;
+                match method {
+                    DescribeMethod::Answers => {}
+                    DescribeMethod::Features => f.write_str(" VIA FEATURES")?,
+                    DescribeMethod::Raw => f.write_str(" RAW")?,
                 }
                 Ok(())
             }

@@ -35,7 +35,8 @@ mod lexer;
 mod parser;
 
 pub use ast::{
-    CmpOp, CompileTarget, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange, Literal,
+    CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr,
+    LayerRange, Literal,
     ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget, Source,
     Statement,
 };

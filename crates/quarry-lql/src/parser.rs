@@ -16,7 +16,7 @@
 use std::str::FromStr;
 
 use crate::ast::{
-    CmpOp, CompileTarget, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange, Literal,
+    CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange, Literal,
     ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget, Source,
     Statement,
 };
@@ -196,6 +196,8 @@ const OTHER_KEYWORDS: &[&str] = &[
     "AT",
     "ALL",
     "RAW",
+    "VIA",
+    "FEATURES",
     "TO",
     "FOR",
     "DECOMPOSE",
@@ -266,10 +268,11 @@ const DESCRIBE_TAIL: Tail = Tail {
         "OUTPUT",
         "BRIEF",
         "VERBOSE",
+        "VIA",
         "RAW",
     ],
     order: "one of AT LAYER n, ALL LAYERS, SYNTAX, KNOWLEDGE or OUTPUT; then BRIEF or VERBOSE; \
-            then RAW",
+            then VIA FEATURES or RAW",
     stray_word_hint: None,
 };
 const SELECT_TAIL: Tail = Tail {
@@ -997,12 +1000,19 @@ impl Parser {
             self.eat_choice(DESCRIBE_SCOPES).unwrap_or_default()
         };
         let detail = self.eat_choice(DETAILS).unwrap_or_default();
-        let raw = self.eat_keyword("RAW");
+        let method = if self.eat_keyword("VIA") {
+            self.expect_keyword("FEATURES", "after VIA", r#"DESCRIBE "France" VIA FEATURES"#)?;
+            DescribeMethod::Features
+        } else if self.eat_keyword("RAW") {
+            DescribeMethod::Raw
+        } else {
+            DescribeMethod::Answers
+        };
         let describe = Statement::Describe {
             entity,
             scope,
             detail,
-            raw,
+            method,
         };
         Ok((describe, &DESCRIBE_TAIL))
     }

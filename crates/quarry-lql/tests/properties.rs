@@ -7,7 +7,7 @@
 
 use proptest::prelude::*;
 use quarry_lql::{
-    parse, CmpOp, CompileTarget, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange,
+    parse, CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange,
     Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget,
     Source, Statement,
 };
@@ -400,14 +400,22 @@ fn statement() -> impl Strategy<Value = Statement> {
                 layers,
                 explain
             }),
-        (text(), scope, detail, any::<bool>()).prop_map(|(entity, scope, detail, raw)| {
-            Statement::Describe {
+        (
+            text(),
+            scope,
+            detail,
+            prop_oneof![
+                Just(DescribeMethod::Answers),
+                Just(DescribeMethod::Features),
+                Just(DescribeMethod::Raw)
+            ]
+        )
+            .prop_map(|(entity, scope, detail, method)| Statement::Describe {
                 entity,
                 scope,
                 detail,
-                raw,
-            }
-        }),
+                method,
+            }),
         select().prop_map(Statement::Select),
         // Only EXPLAIN INFER takes LAYERS.
         (

@@ -2,7 +2,7 @@
 //! and parses back to the same tree.
 
 use quarry_lql::{
-    parse, CmpOp, CompileTarget, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange,
+    parse, CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange,
     Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget,
     Source, Statement,
 };
@@ -107,13 +107,17 @@ fn describe_every_combination() {
     ];
     for (scope_src, scope) in scopes {
         for (detail_src, detail) in details {
-            for (raw_src, raw) in [("", false), (" RAW", true)] {
-                let src = format!(r#"DESCRIBE "France"{scope_src}{detail_src}{raw_src}"#);
+            for (method_src, method) in [
+                ("", DescribeMethod::Answers),
+                (" VIA FEATURES", DescribeMethod::Features),
+                (" RAW", DescribeMethod::Raw),
+            ] {
+                let src = format!(r#"DESCRIBE "France"{scope_src}{detail_src}{method_src}"#);
                 let describe = Statement::Describe {
                     entity: "France".into(),
                     scope,
                     detail,
-                    raw,
+                    method,
                 };
                 assert_eq!(check(&src, &describe), src);
             }

@@ -132,6 +132,12 @@ impl From<EditError> for Failure {
     }
 }
 
+impl From<quarry_relations::RelationError> for Failure {
+    fn from(e: quarry_relations::RelationError) -> Failure {
+        Failure::Edit(e.into())
+    }
+}
+
 impl From<String> for Failure {
     fn from(m: String) -> Failure {
         Failure::Message(m)

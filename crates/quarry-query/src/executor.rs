@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use quarry_format::GgufFile;
-use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
+use quarry_lql::{DescribeMethod, DescribeScope, Detail, LayerRange, ShowTarget, Statement};
 use quarry_model::{FfnOverlay, Model};
 use quarry_tokenize::Tokenizer;
 use quarry_vindex::relations::FeatureEdge;
@@ -16,6 +16,8 @@ use crate::browse::{band, edges, entity_input, ffn_input, pushes, strongest};
 use crate::edit::{Editing, Failure, Opened};
 use crate::error::QueryError;
 use crate::in_context;
+use crate::answers;
+use quarry_relations::readout::Baseline;
 use crate::result::{Cell, ColumnType, ResultSet};
 use crate::select::select;
 use crate::trace::{attribute, ffn_feature_shares, run, softmax, top_n, Readout};
@@ -34,6 +36,9 @@ pub struct Executor {
     /// The base model (without edits), loaded by the first statement that needs it
     /// (repacking the weights takes a while) and kept for every later one, in every clone.
     model: Arc<OnceLock<Model>>,
+    /// What DESCRIBE's templates make the base model answer of an unknown entity, made by the
+    /// first DESCRIBE and kept like the model.
+    baseline: Arc<OnceLock<Baseline>>,
     edits: Arc<Editing>,
 }
 
@@ -138,6 +143,17 @@ impl Executor {
             } => self.with_model(&text, |_, tok, model| {
                 trace(tok, model, prompt, target.as_deref(), *decompose, *layers)
             }),
+            Statement::Describe {
+                entity,
+                detail,
+                method: DescribeMethod::Answers,
+                ..
+            } if self.has_model() => {
+                let baseline = self.baseline(&text)?;
+                self.with_model(&text, |_, tok, model| {
+                    answers::describe(tok, model, baseline, entity, *detail)
+                })
+            }
             _ => {
                 let v = self.vindex.as_deref().ok_or_else(|| match self.gguf {
                     Some(_) => invalid(
@@ -157,10 +173,20 @@ impl Executor {
                         entity,
                         scope,
                         detail,
-                        raw,
+                        method,
                     } => {
-                        if *raw || v.index().level < Level::Inference {
-                            describe(v, None, entity, *scope, *detail, *raw).map_err(invalid)
+                        let raw = *method == DescribeMethod::Raw;
+                        if raw || v.index().level < Level::Inference {
+                            let mut r = describe(v, None, entity, *scope, *detail, raw)
+                                .map_err(invalid)?;
+                            if *method == DescribeMethod::Answers {
+                                r.notes.push(
+                                    "this vindex holds no model (browse level), so DESCRIBE \
+                                     reads its features instead of asking the model"
+                                        .into(),
+                                );
+                            }
+                            Ok(r)
                         } else {
                             let (entity, scope, detail) = (entity.clone(), *scope, *detail);
                             self.with_model(&text, |v, _, model| {
@@ -252,8 +278,32 @@ impl Executor {
             self.vindex = None;
         }
         self.model = Arc::default();
+        self.baseline = Arc::default();
         self.edits = Arc::default();
         Ok(r)
+    }
+
+    /// Whether a model can run: a model file, or a vindex that holds one.
+    fn has_model(&self) -> bool {
+        self.gguf.is_some()
+            || self
+                .vindex
+                .as_ref()
+                .is_some_and(|v| v.index().level >= Level::Inference)
+    }
+
+    /// DESCRIBE's baseline on the base model, made if no statement has yet.
+    fn baseline(&self, statement: &str) -> Result<&Baseline, QueryError> {
+        if let Some(b) = self.baseline.get() {
+            return Ok(b);
+        }
+        let model = self.base_model(statement)?;
+        let tok = self.tokenizer().expect("a model is open");
+        let b = Baseline::new(model, tok, &answers::asks()).map_err(|source| QueryError::Model {
+            statement: statement.to_string(),
+            source: Box::new(source),
+        })?;
+        Ok(self.baseline.get_or_init(|| b))
     }
 
     /// The base model (no edits), loading it if no statement has yet.

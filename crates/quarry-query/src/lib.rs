@@ -9,6 +9,7 @@
 //! computes is documented in `docs/lql.md` and in the modules: [`browse`](crate::browse) for
 //! how features are ranked, `trace` for the exact attribution.
 
+mod answers;
 mod browse;
 mod edit;
 mod error;

@@ -27,7 +27,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use quarry_lql::{DescribeScope, Detail, LayerRange, ShowTarget, Statement};
+use quarry_lql::{DescribeMethod, DescribeScope, Detail, LayerRange, ShowTarget, Statement};
 use quarry_query::{Executor, Interrupt};
 use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
@@ -398,7 +398,8 @@ fn query_bool(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError>
     }
 }
 
-/// `?entity=France[&layer=N | &scope=all|syntax|knowledge|output][&verbose=true][&raw=true]`
+/// `?entity=France[&layer=N | &scope=all|syntax|knowledge|output][&verbose=true]
+/// [&method=answers|features|raw]` (`&raw=true`, the older spelling, is `method=raw`)
 fn describe_statement(q: &HashMap<String, String>) -> Result<Statement, ApiError> {
     let entity = required(q, "entity")?.to_string();
     let scope = match (query_u32(q, "layer")?, q.get("scope").map(String::as_str)) {
@@ -426,11 +427,22 @@ fn describe_statement(q: &HashMap<String, String>) -> Result<Statement, ApiError
     } else {
         Detail::Normal
     };
+    let method = match (q.get("method").map(String::as_str), query_bool(q, "raw")?) {
+        (None, false) | (Some("answers"), false) => DescribeMethod::Answers,
+        (Some("features"), false) => DescribeMethod::Features,
+        (None, true) | (Some("raw"), _) => DescribeMethod::Raw,
+        (Some(_), _) => {
+            return Err(ApiError::invalid(
+                "method",
+                "'method' must be answers, features or raw",
+            ))
+        }
+    };
     Ok(Statement::Describe {
         entity,
         scope,
         detail,
-        raw: query_bool(q, "raw")?,
+        method,
     })
 }
 
@@ -614,6 +626,8 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(text(&s), r#"DESCRIBE "France" ALL LAYERS VERBOSE RAW"#);
+        let s = describe_statement(&query(&[("entity", "France"), ("method", "features")])).unwrap();
+        assert_eq!(text(&s), r#"DESCRIBE "France" VIA FEATURES"#);
         for (q, want) in [
             (query(&[]), "entity"),
             (query(&[("entity", "x"), ("layer", "-1")]), "layer"),
@@ -623,6 +637,8 @@ mod tests {
                 "scope",
             ),
             (query(&[("entity", "x"), ("raw", "yes")]), "raw"),
+            (query(&[("entity", "x"), ("method", "tokens")]), "method"),
+            (query(&[("entity", "x"), ("method", "features"), ("raw", "1")]), "method"),
         ] {
             assert_eq!(
                 param(describe_statement(&q).unwrap_err()).as_deref(),

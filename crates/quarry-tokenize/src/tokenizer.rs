@@ -400,6 +400,17 @@ impl Tokenizer {
         self.end_of_generation.binary_search(&id).is_ok()
     }
 
+    /// Whether `id` stands for text: a normal or byte token, or a user-defined one that is not
+    /// a marker in angle brackets (Gemma's `<start_of_image>` is user-defined, as is the "\n"
+    /// of some vocabularies); false outside the vocabulary.
+    pub fn is_text(&self, id: u32) -> bool {
+        self.vocab.get(id).is_some_and(|t| match t.kind {
+            TokenType::Normal | TokenType::Byte => true,
+            TokenType::UserDefined => !(t.text.starts_with('<') && t.text.ends_with('>')),
+            _ => false,
+        })
+    }
+
     /// Whether `id` is a control token (BOS, EOS, turn markers, ...); false outside the vocabulary.
     pub fn is_control(&self, id: u32) -> bool {
         self.vocab
@@ -479,6 +490,18 @@ pub(crate) mod tests {
         let ids = t.encode("é", false, false);
         assert_eq!(ids, [id(&t, "<0xC3>"), id(&t, "<0xA9>")]);
         assert_eq!(t.decode(&ids), "é");
+    }
+
+    #[test]
+    fn text_tokens_are_normal_bytes_and_plain_user_defined_ones() {
+        let t = spm_tokenizer(false);
+        for text in ["hi", "<0xC3>", "\n"] {
+            assert!(t.is_text(id(&t, text)), "{text:?}");
+        }
+        for text in ["<unk>", "<s>", "<end_of_turn>"] {
+            assert!(!t.is_text(id(&t, text)), "{text:?}");
+        }
+        assert!(!t.is_text(t.vocab_size() as u32));
     }
 
     #[test]

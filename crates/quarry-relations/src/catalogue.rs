@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use serde::Deserialize;
 
-use crate::EditError;
+use crate::RelationError;
 
 /// The placeholder each template holds exactly once.
 pub const ENTITY: &str = "{entity}";
@@ -25,49 +25,90 @@ const RELATION: &str = "{relation}";
 
 #[derive(Deserialize)]
 struct Entry {
+    /// What people call the relation ("largest city").
+    label: String,
+    /// The kind of answer it takes (city, person, language, year, word…).
+    answer: String,
+    /// The LRE relation (Hernandez et al. 2024) its pairs come from, `fixtures/lre/<lre>.json`.
+    #[serde(default)]
+    lre: Option<String>,
     #[serde(default)]
     aliases: Vec<String>,
     templates: Vec<String>,
+    /// The template DESCRIBE asks with (measured: the best on both test models).
+    #[serde(default)]
+    describe: usize,
+}
+
+/// One relation of the catalogue.
+#[derive(Clone, Copy, Debug)]
+pub struct Relation {
+    /// The catalogue name, what LQL statements use.
+    pub name: &'static str,
+    pub label: &'static str,
+    pub answer: &'static str,
+    /// The LRE relation its pairs come from, if any.
+    pub lre: Option<&'static str>,
+    /// Its prompt templates, each holding `{entity}` once; template 0 is the rewrite prompt of
+    /// an edit.
+    pub templates: &'static [String],
+    /// The index of the template DESCRIBE asks with.
+    pub describe: usize,
+}
+
+/// Every catalogue relation (not the free-text entry), sorted by name.
+pub fn all() -> impl Iterator<Item = Relation> {
+    catalogue()
+        .iter()
+        .filter(|(k, _)| *k != FREE_TEXT)
+        .map(|(name, e)| Relation {
+            name,
+            label: &e.label,
+            answer: &e.answer,
+            lre: e.lre.as_deref(),
+            templates: &e.templates,
+            describe: e.describe,
+        })
+}
+
+/// The catalogue relation named `relation` or one of its aliases, in any case.
+pub fn find(relation: &str) -> Option<Relation> {
+    let wanted = normalise(relation);
+    all().find(|r| {
+        normalise(r.name) == wanted || catalogue()[r.name].aliases.iter().any(|a| normalise(a) == wanted)
+    })
 }
 
 fn catalogue() -> &'static BTreeMap<String, Entry> {
     static CATALOGUE: OnceLock<BTreeMap<String, Entry>> = OnceLock::new();
     CATALOGUE.get_or_init(|| {
         // Embedded and checked by this crate's tests, so a parse failure is a build defect.
-        serde_json::from_str(include_str!("../catalogue.json"))
-            .expect("catalogue.json is valid (checked by the catalogue tests)")
+        serde_json::from_str(include_str!("../relations.json"))
+            .expect("relations.json is valid (checked by the catalogue tests)")
     })
 }
 
 /// The catalogue's relation names (not the free-text entry), sorted.
 pub fn relations() -> Vec<&'static str> {
-    catalogue()
-        .keys()
-        .filter(|k| *k != FREE_TEXT)
-        .map(String::as_str)
-        .collect()
+    all().map(|r| r.name).collect()
 }
 
 /// The templates for `relation`: `template` alone when given (it must hold `{entity}` exactly
 /// once), else the relation's catalogue templates, else the free-text templates for a phrase
 /// ending in "of" (see the module documentation). Template 0 is the rewrite prompt.
-pub fn templates(relation: &str, template: Option<&str>) -> Result<Vec<String>, EditError> {
+pub fn templates(relation: &str, template: Option<&str>) -> Result<Vec<String>, RelationError> {
     if let Some(t) = template {
         if t.matches(ENTITY).count() != 1 {
-            return Err(EditError::BadTemplate {
+            return Err(RelationError::BadTemplate {
                 template: t.to_string(),
             });
         }
         return Ok(vec![t.to_string()]);
     }
-    let wanted = normalise(relation);
-    if let Some(entry) = catalogue().iter().find_map(|(name, entry)| {
-        let named = name != FREE_TEXT
-            && (normalise(name) == wanted || entry.aliases.iter().any(|a| normalise(a) == wanted));
-        named.then_some(entry)
-    }) {
-        return Ok(entry.templates.clone());
+    if let Some(r) = find(relation) {
+        return Ok(r.templates.to_vec());
     }
+    let wanted = normalise(relation);
     let words: Vec<&str> = wanted.split(' ').collect();
     let phrase_ok = words.len() >= 2
         && words.last() == Some(&"of")
@@ -75,7 +116,7 @@ pub fn templates(relation: &str, template: Option<&str>) -> Result<Vec<String>, 
             .chars()
             .all(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '\''));
     if !phrase_ok {
-        return Err(EditError::UnknownRelation {
+        return Err(RelationError::UnknownRelation {
             relation: relation.to_string(),
             known: format!(
                 "known: {}, their aliases, or a phrase ending in \"of\" such as \"mayor of\"",
@@ -112,6 +153,8 @@ mod tests {
     fn every_entry_holds_the_entity_once_and_the_issue_relations_are_there() {
         for (name, entry) in catalogue() {
             assert!(!entry.templates.is_empty(), "{name}");
+            assert!(entry.describe < entry.templates.len(), "{name}");
+            assert!(!entry.label.is_empty() && !entry.answer.is_empty(), "{name}");
             for t in &entry.templates {
                 assert_eq!(t.matches(ENTITY).count(), 1, "{name}: {t}");
                 assert_eq!(
@@ -131,6 +174,9 @@ mod tests {
         ] {
             assert!(relations().contains(&r), "{r}");
         }
+        // Enough relations for DESCRIBE to say something about places, people, things and
+        // words.
+        assert!(relations().len() >= 20, "{}", relations().len());
     }
 
     #[test]
@@ -160,8 +206,8 @@ mod tests {
         for bad in ["captial", "located near", "of", "", "boss {entity} of"] {
             let e = templates(bad, None).unwrap_err();
             let text = e.to_string();
-            assert!(matches!(e, EditError::UnknownRelation { .. }), "{bad}: {e}");
-            assert!(text.contains("capital, continent"), "{text}");
+            assert!(matches!(e, RelationError::UnknownRelation { .. }), "{bad}: {e}");
+            assert!(text.contains("birth year, capital, category"), "{text}");
             assert!(text.contains("TEMPLATE"), "{text}");
         }
     }
@@ -175,7 +221,7 @@ mod tests {
         for bad in ["no entity", "{entity} and {entity}"] {
             assert!(matches!(
                 templates("capital", Some(bad)),
-                Err(EditError::BadTemplate { .. })
+                Err(RelationError::BadTemplate { .. })
             ));
         }
     }
