@@ -240,7 +240,8 @@ fn bad_queries_name_the_problem() {
 fn describe_walk_and_explain_return_ranked_rows() {
     let results = query(
         TestModel::SmolLm2,
-        "DESCRIBE \"France\"; DESCRIBE \"France\" BRIEF RAW; DESCRIBE \"France\" AT LAYER 3 VERBOSE; \
+        "DESCRIBE \"France\" VIA FEATURES; DESCRIBE \"France\" BRIEF RAW; \
+         DESCRIBE \"France\" AT LAYER 3 VERBOSE VIA FEATURES; \
          WALK \"The capital of France\" TOP 3 LAYERS 0-1; EXPLAIN INFER \"The capital of France is\" TOP 2 LAYERS 5-6; \
          STATS; SHOW LAYERS",
     );
@@ -300,10 +301,58 @@ fn relations_cluster_word_edges_of_the_knowledge_band() {
 }
 
 #[test]
+fn describe_asks_the_model_and_says_what_it_answers() {
+    let [france, japan, unknown, brief] = &query(
+        TestModel::Gemma3,
+        "DESCRIBE \"France\"; DESCRIBE \"Japan\"; DESCRIBE \"Zorblax Quintavenu\"; \
+         DESCRIBE \"France\" BRIEF",
+    )[..] else {
+        panic!("four results")
+    };
+    let edges = |r: &ResultSet| -> Vec<(String, String, f64)> {
+        let (rel, target, score) = (
+            r.column("relation").unwrap(),
+            r.column("target").unwrap(),
+            r.column("score").unwrap(),
+        );
+        r.rows
+            .iter()
+            .map(|row| {
+                let text = |i: usize| row[i].as_str().unwrap().to_string();
+                (text(rel), text(target), float(&row[score]))
+            })
+            .collect()
+    };
+    let (france, japan, unknown) = (edges(france), edges(japan), edges(unknown));
+    // Known facts come back under their relation, from the model's own answers.
+    for (edges, relation, target) in [
+        (&france, "capital", "Paris"),
+        (&france, "language", "French"),
+        (&japan, "capital", "Tokyo"),
+        (&japan, "language", "Japanese"),
+    ] {
+        assert!(
+            edges.iter().any(|(r, t, _)| r == relation && t == target),
+            "{relation} {target}: {edges:?}"
+        );
+    }
+    for edges in [&france, &japan, &unknown] {
+        assert!(edges.windows(2).all(|p| p[0].2 >= p[1].2), "{edges:?}");
+        assert!(edges.iter().all(|e| e.2 >= 0.05), "{edges:?}");
+    }
+    // A name the model cannot know gets fewer edges, all weaker than the known entity's best.
+    let best = |e: &[(String, String, f64)]| e.iter().map(|e| e.2).fold(0.0, f64::max);
+    assert!(unknown.len() < france.len() / 2, "{unknown:?}");
+    assert!(best(&unknown) < best(&france), "{unknown:?}");
+    assert!(brief.rows.len() <= 10);
+    assert!(brief.notes[0].starts_with("answers"), "{:?}", brief.notes);
+}
+
+#[test]
 fn describe_with_the_model_contrasts_the_entity_with_its_neighbours() {
     let [ours, raw] = &query(
         TestModel::Gemma3,
-        "DESCRIBE \"Japan\"; DESCRIBE \"Japan\" RAW",
+        "DESCRIBE \"Japan\" VIA FEATURES; DESCRIBE \"Japan\" RAW",
     )[..] else {
         panic!("two results")
     };

@@ -41,6 +41,7 @@ const STATEMENTS: &[&str] = &[
     "SHOW RELATIONS",
     "SHOW ENTITIES",
     "DESCRIBE \"France\"",
+    "DESCRIBE \"France\" VIA FEATURES",
     "DESCRIBE \"France\" ALL LAYERS BRIEF RAW",
     "DESCRIBE \"France\" SYNTAX RAW",
     "DESCRIBE \"France\" OUTPUT VERBOSE RAW",

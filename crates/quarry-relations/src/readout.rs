@@ -39,7 +39,7 @@ pub struct Answer {
 
 /// The answer phrase at the start of a continuation: leading spaces and an opening quote
 /// dropped, cut at the closing quote, the first punctuation or line break, and at a function
-/// word after the first word.
+/// word after the first word; empty when all that is left is one function word.
 pub fn phrase(continuation: &str) -> &str {
     let mut text = continuation.trim_start_matches(' ');
     let mut end = text.len();
@@ -63,7 +63,12 @@ pub fn phrase(continuation: &str) -> &str {
         }
         offset += word.len() + 1;
     }
-    text[..end].trim_end()
+    let phrase = text[..end].trim_end();
+    // A lone function word ("They speak in …") is no answer.
+    if PHRASE_ENDERS.contains(&phrase.to_lowercase().as_str()) {
+        return "";
+    }
+    phrase
 }
 
 /// Whether the phrase of `continuation` is known to be complete: something after it was cut.
@@ -345,6 +350,7 @@ mod tests {
         assert_eq!(phrase(" Buenos Aires."), "Buenos Aires");
         assert_eq!(phrase(" Bank of England is"), "Bank of England");
         assert_eq!(phrase(" the euro"), "the euro");
+        assert_eq!(phrase(" in the north"), "");
         assert_eq!(phrase("\nParis"), "");
         assert_eq!(phrase(" \"ran\". The"), "ran");
         assert_eq!(phrase(" 'sad' and"), "sad");
