@@ -25,5 +25,5 @@ pub use edit::{
     STATS_TOKENS,
 };
 pub use error::EditError;
-pub use quarry_relations::catalogue;
 pub use patch::{Base, Patch};
+pub use quarry_relations::catalogue;

@@ -13,9 +13,9 @@
 use std::fmt::{self, Display, Formatter};
 
 use crate::ast::{
-    CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange, Literal,
-    ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget, Source,
-    Statement,
+    CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr,
+    LayerRange, Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select,
+    ShowTarget, Source, Statement,
 };
 
 /// A string printed as a double-quoted LQL string literal (also used in error messages).

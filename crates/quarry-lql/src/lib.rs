@@ -36,9 +36,8 @@ mod parser;
 
 pub use ast::{
     CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr,
-    LayerRange, Literal,
-    ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget, Source,
-    Statement,
+    LayerRange, Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select,
+    ShowTarget, Source, Statement,
 };
 pub use error::ParseError;
 pub use parser::{MAX_EXPR_DEPTH, MAX_INSERT_ROWS};

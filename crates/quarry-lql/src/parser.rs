@@ -16,9 +16,9 @@
 use std::str::FromStr;
 
 use crate::ast::{
-    CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange, Literal,
-    ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget, Source,
-    Statement,
+    CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr,
+    LayerRange, Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select,
+    ShowTarget, Source, Statement,
 };
 use crate::display::Quoted;
 use crate::error::ParseError;

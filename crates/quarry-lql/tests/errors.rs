@@ -313,7 +313,7 @@ fn clauses_out_of_order_or_unknown() {
         1,
         20,
         "VERBOSE cannot come here",
-        Some("then RAW"),
+        Some("then VIA FEATURES or RAW"),
     );
     check(
         "TRACE 'x' DECOMPOSE FOR 'y'",

@@ -7,9 +7,9 @@
 
 use proptest::prelude::*;
 use quarry_lql::{
-    parse, CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange,
-    Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget,
-    Source, Statement,
+    parse, CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr,
+    LayerRange, Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select,
+    ShowTarget, Source, Statement,
 };
 
 /// Asserts that every statement of an accepted script prints to text that parses back to it.

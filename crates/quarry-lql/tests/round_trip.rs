@@ -2,9 +2,9 @@
 //! and parses back to the same tree.
 
 use quarry_lql::{
-    parse, CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr, LayerRange,
-    Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select, ShowTarget,
-    Source, Statement,
+    parse, CmpOp, CompileTarget, DescribeMethod, DescribeScope, Detail, EdgeValue, EditMode, Expr,
+    LayerRange, Literal, ModelFormat, Nearest, OrderKey, PatchStatement, Projection, Select,
+    ShowTarget, Source, Statement,
 };
 
 /// Parses `src` as one statement, checks that it equals `expected` and that its canonical form

@@ -12,15 +12,15 @@ use quarry_tokenize::Tokenizer;
 use quarry_vindex::relations::FeatureEdge;
 use quarry_vindex::{Level, Vindex};
 
+use crate::answers;
 use crate::browse::{band, edges, entity_input, ffn_input, pushes, strongest};
 use crate::edit::{Editing, Failure, Opened};
 use crate::error::QueryError;
 use crate::in_context;
-use crate::answers;
-use quarry_relations::readout::Baseline;
 use crate::result::{Cell, ColumnType, ResultSet};
 use crate::select::select;
 use crate::trace::{attribute, ffn_feature_shares, run, softmax, top_n, Readout};
+use quarry_relations::readout::Baseline;
 
 /// Runs statements; state (the open vindex or model file, and its edits) carries from one to
 /// the next, as in a REPL.
@@ -177,8 +177,8 @@ impl Executor {
                     } => {
                         let raw = *method == DescribeMethod::Raw;
                         if raw || v.index().level < Level::Inference {
-                            let mut r = describe(v, None, entity, *scope, *detail, raw)
-                                .map_err(invalid)?;
+                            let mut r =
+                                describe(v, None, entity, *scope, *detail, raw).map_err(invalid)?;
                             if *method == DescribeMethod::Answers {
                                 r.notes.push(
                                     "this vindex holds no model (browse level), so DESCRIBE \
@@ -299,10 +299,11 @@ impl Executor {
         }
         let model = self.base_model(statement)?;
         let tok = self.tokenizer().expect("a model is open");
-        let b = Baseline::new(model, tok, &answers::asks()).map_err(|source| QueryError::Model {
-            statement: statement.to_string(),
-            source: Box::new(source),
-        })?;
+        let b =
+            Baseline::new(model, tok, &answers::asks()).map_err(|source| QueryError::Model {
+                statement: statement.to_string(),
+                source: Box::new(source),
+            })?;
         Ok(self.baseline.get_or_init(|| b))
     }
 

@@ -19,23 +19,38 @@ use serde_json::{json, Value};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        return Err("usage: relation_facts MODEL.gguf LRE_DIR [--per-relation N] [--json OUT]".into());
+        return Err(
+            "usage: relation_facts MODEL.gguf LRE_DIR [--per-relation N] [--json OUT]".into(),
+        );
     }
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned());
-    let per: usize = flag("--per-relation").map(|v| v.parse()).transpose()?.unwrap_or(80);
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let per: usize = flag("--per-relation")
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(80);
     let file = Arc::new(GgufFile::open(&args[1])?);
     let tok = Tokenizer::from_gguf(&file)?;
     let model = Model::load(file)?;
     let mut report = serde_json::Map::new();
     for relation in catalogue::all() {
         let Some(lre) = relation.lre else { continue };
-        let data: Value = serde_json::from_str(&std::fs::read_to_string(format!("{}/{lre}.json", args[2]))?)?;
+        let data: Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{}/{lre}.json", args[2]))?)?;
         let mut seen = HashSet::new();
         let pairs: Vec<(String, String)> = data["samples"]
             .as_array()
             .ok_or("samples")?
             .iter()
-            .filter_map(|s| Some((s["subject"].as_str()?.to_string(), unescape(s["object"].as_str()?))))
+            .filter_map(|s| {
+                Some((
+                    s["subject"].as_str()?.to_string(),
+                    unescape(s["object"].as_str()?),
+                ))
+            })
             .filter(|(s, _)| seen.insert(s.clone()))
             .take(per)
             .collect();
@@ -43,7 +58,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut known: Vec<Vec<usize>> = vec![Vec::new(); pairs.len()];
         let mut said: Vec<Vec<String>> = vec![Vec::new(); pairs.len()];
         for (t, template) in relation.templates.iter().enumerate() {
-            let prompts: Vec<String> = pairs.iter().map(|(s, _)| catalogue::fill(template, s)).collect();
+            let prompts: Vec<String> = pairs
+                .iter()
+                .map(|(s, _)| catalogue::fill(template, s))
+                .collect();
             let mut got = Vec::new();
             for chunk in prompts.chunks(32) {
                 got.extend(answers(&model, &tok, chunk, ANSWER_TOKENS)?);
@@ -67,8 +85,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .filter(|((_, k), _)| !k.is_empty())
             .map(|(((s, o), k), a)| json!({"entity": s, "target": o, "templates": k, "answers": a}))
             .collect();
-        println!("{:>18} {} of {} pairs known", relation.name, facts.len(), pairs.len());
-        report.insert(relation.name.to_string(), json!({"pairs": pairs.len(), "templates": accuracy, "facts": facts}));
+        println!(
+            "{:>18} {} of {} pairs known",
+            relation.name,
+            facts.len(),
+            pairs.len()
+        );
+        report.insert(
+            relation.name.to_string(),
+            json!({"pairs": pairs.len(), "templates": accuracy, "facts": facts}),
+        );
     }
     if let Some(out) = flag("--json") {
         std::fs::write(out, serde_json::to_string_pretty(&Value::Object(report))?)?;

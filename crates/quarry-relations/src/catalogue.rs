@@ -75,7 +75,11 @@ pub fn all() -> impl Iterator<Item = Relation> {
 pub fn find(relation: &str) -> Option<Relation> {
     let wanted = normalise(relation);
     all().find(|r| {
-        normalise(r.name) == wanted || catalogue()[r.name].aliases.iter().any(|a| normalise(a) == wanted)
+        normalise(r.name) == wanted
+            || catalogue()[r.name]
+                .aliases
+                .iter()
+                .any(|a| normalise(a) == wanted)
     })
 }
 
@@ -154,7 +158,10 @@ mod tests {
         for (name, entry) in catalogue() {
             assert!(!entry.templates.is_empty(), "{name}");
             assert!(entry.describe < entry.templates.len(), "{name}");
-            assert!(!entry.label.is_empty() && !entry.answer.is_empty(), "{name}");
+            assert!(
+                !entry.label.is_empty() && !entry.answer.is_empty(),
+                "{name}"
+            );
             for t in &entry.templates {
                 assert_eq!(t.matches(ENTITY).count(), 1, "{name}: {t}");
                 assert_eq!(
@@ -206,7 +213,10 @@ mod tests {
         for bad in ["captial", "located near", "of", "", "boss {entity} of"] {
             let e = templates(bad, None).unwrap_err();
             let text = e.to_string();
-            assert!(matches!(e, RelationError::UnknownRelation { .. }), "{bad}: {e}");
+            assert!(
+                matches!(e, RelationError::UnknownRelation { .. }),
+                "{bad}: {e}"
+            );
             assert!(text.contains("birth year, capital, category"), "{text}");
             assert!(text.contains("TEMPLATE"), "{text}");
         }

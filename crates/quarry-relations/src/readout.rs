@@ -20,7 +20,10 @@ const PHRASE_ENDERS: &[&str] = &[
 
 /// Characters that end an answer phrase.
 fn ends_phrase(c: char) -> bool {
-    matches!(c, '.' | ',' | ';' | ':' | '!' | '?' | '\n' | '(' | ')' | '"' | '[' | ']')
+    matches!(
+        c,
+        '.' | ',' | ';' | ':' | '!' | '?' | '\n' | '(' | ')' | '"' | '[' | ']'
+    )
 }
 
 /// The greedy answer to one prompt.
@@ -105,7 +108,10 @@ pub fn answers(
     max_tokens: usize,
 ) -> Result<Vec<Answer>, ModelError> {
     let vocab = model.config().vocab_size;
-    let encoded: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(p, true, false)).collect();
+    let encoded: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tokenizer.encode(p, true, false))
+        .collect();
     let mut caches: Vec<ContiguousKvCache> = encoded
         .iter()
         .map(|t| model.new_cache(t.len() + max_tokens.max(1)))
@@ -151,7 +157,10 @@ pub fn answers(
             if wanted.peek() == Some(&&i) {
                 wanted.next();
                 batch.push(SequenceBatch {
-                    tokens: tokens.next().expect("one token per running sequence").as_slice(),
+                    tokens: tokens
+                        .next()
+                        .expect("one token per running sequence")
+                        .as_slice(),
                     cache,
                     rows: 0..1,
                     overlay: None,
@@ -248,7 +257,10 @@ impl Baseline {
 
 fn prompt((relation, template): &(Relation, usize), entity: &str) -> String {
     let templates = relation.templates;
-    fill(&templates[(*template).min(templates.len().saturating_sub(1))], entity)
+    fill(
+        &templates[(*template).min(templates.len().saturating_sub(1))],
+        entity,
+    )
 }
 
 /// What the model answers about `entity` for each of `asks` (a relation and the index of the
@@ -270,7 +282,11 @@ pub fn describe(
         .zip(got)
         .enumerate()
         .filter(|(_, (_, a))| {
-            !a.text.is_empty() && !a.text.to_lowercase().contains(&entity.trim().to_lowercase())
+            !a.text.is_empty()
+                && !a
+                    .text
+                    .to_lowercase()
+                    .contains(&entity.trim().to_lowercase())
         })
         .map(|(i, (((relation, _), prompt), a))| {
             let base = baseline.probability(i, a.tokens[0]);
@@ -294,7 +310,10 @@ fn first_token_logits(
     tokenizer: &Tokenizer,
     prompts: &[String],
 ) -> Result<Vec<f32>, ModelError> {
-    let encoded: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(p, true, false)).collect();
+    let encoded: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tokenizer.encode(p, true, false))
+        .collect();
     let mut caches: Vec<ContiguousKvCache> =
         encoded.iter().map(|t| model.new_cache(t.len())).collect();
     prefill(model, &encoded, &mut caches)
@@ -331,10 +350,11 @@ fn softmax(row: &[f32]) -> Vec<f32> {
 
 /// The most likely token of a row of logits and its log-probability.
 fn greedy(row: &[f32]) -> (u32, f32) {
-    let (best, max) = row
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+    let (best, max) =
+        row.iter().enumerate().fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        );
     let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
     (best as u32, -sum.ln())
 }
@@ -355,7 +375,10 @@ mod tests {
         assert_eq!(phrase(" \"ran\". The"), "ran");
         assert_eq!(phrase(" 'sad' and"), "sad");
         assert_eq!(phrase(" O'Brien, the"), "O'Brien");
-        assert_eq!(phrase(" Johann Wolfgang von Goethe"), "Johann Wolfgang von Goethe");
+        assert_eq!(
+            phrase(" Johann Wolfgang von Goethe"),
+            "Johann Wolfgang von Goethe"
+        );
         assert!(complete(" Paris, the"));
         assert!(!complete(" Buenos Ai"));
     }

@@ -626,7 +626,8 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(text(&s), r#"DESCRIBE "France" ALL LAYERS VERBOSE RAW"#);
-        let s = describe_statement(&query(&[("entity", "France"), ("method", "features")])).unwrap();
+        let s =
+            describe_statement(&query(&[("entity", "France"), ("method", "features")])).unwrap();
         assert_eq!(text(&s), r#"DESCRIBE "France" VIA FEATURES"#);
         for (q, want) in [
             (query(&[]), "entity"),
@@ -638,7 +639,10 @@ mod tests {
             ),
             (query(&[("entity", "x"), ("raw", "yes")]), "raw"),
             (query(&[("entity", "x"), ("method", "tokens")]), "method"),
-            (query(&[("entity", "x"), ("method", "features"), ("raw", "1")]), "method"),
+            (
+                query(&[("entity", "x"), ("method", "features"), ("raw", "1")]),
+                "method",
+            ),
         ] {
             assert_eq!(
                 param(describe_statement(&q).unwrap_err()).as_deref(),
