@@ -340,7 +340,7 @@ fn bad_statements_fail_alone_and_change_nothing() {
     );
     assert!(
         e.contains("\"captial\" is not in the catalogue")
-            && e.contains("capital, continent")
+            && e.contains("capital, category, continent")
             && e.contains("TEMPLATE"),
         "{e}"
     );

@@ -304,6 +304,20 @@ pub fn describe(
     Ok(edges)
 }
 
+/// Whether `answer` names `entity`, as whole words in any case ("Zorblax City" names
+/// "Zorblax"; "Japanese" does not name "Japan").
+fn names(answer: &str, entity: &str) -> bool {
+    let (answer, entity) = (answer.to_lowercase(), entity.trim().to_lowercase());
+    if entity.is_empty() {
+        return false;
+    }
+    answer.match_indices(&entity).any(|(i, _)| {
+        let before = answer[..i].chars().next_back();
+        let after = answer[i + entity.len()..].chars().next();
+        before.is_none_or(|c| !c.is_alphanumeric()) && after.is_none_or(|c| !c.is_alphanumeric())
+    })
+}
+
 /// The logits after each of `prompts` (encoded as [`answers`] does), one batch.
 fn first_token_logits(
     model: &Model,
@@ -381,6 +395,14 @@ mod tests {
         );
         assert!(complete(" Paris, the"));
         assert!(!complete(" Buenos Ai"));
+    }
+
+    #[test]
+    fn an_answer_names_the_entity_only_as_whole_words() {
+        assert!(names("Zorblax Quintavenu", "Zorblax Quintavenu"));
+        assert!(names("the Zorblax currency", " zorblax"));
+        assert!(!names("Japanese", "Japan"));
+        assert!(!names("Paris", ""));
     }
 
     #[test]
