@@ -281,13 +281,7 @@ pub fn describe(
         .zip(prompts)
         .zip(got)
         .enumerate()
-        .filter(|(_, (_, a))| {
-            !a.text.is_empty()
-                && !a
-                    .text
-                    .to_lowercase()
-                    .contains(&entity.trim().to_lowercase())
-        })
+        .filter(|(_, (_, a))| !a.text.is_empty() && !names(&a.text, entity))
         .map(|(i, (((relation, _), prompt), a))| {
             let base = baseline.probability(i, a.tokens[0]);
             Edge {
