@@ -309,6 +309,13 @@ fn clauses_out_of_order_or_unknown() {
         Some("then BRIEF or VERBOSE"),
     );
     check(
+        "DESCRIBE 'x' VIA RAW",
+        1,
+        18,
+        "expected FEATURES after VIA",
+        Some("DESCRIBE \"France\" VIA FEATURES"),
+    );
+    check(
         "DESCRIBE 'x' BRIEF VERBOSE",
         1,
         20,
