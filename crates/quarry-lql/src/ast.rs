@@ -20,11 +20,14 @@ pub enum Statement {
         layers: Option<LayerRange>,
         explain: bool,
     },
-    /// `DESCRIBE "entity" [scope] [BRIEF | VERBOSE] [VIA FEATURES | RAW]`.
+    /// `DESCRIBE "entity" [scope] [BRIEF | VERBOSE] [RELATIONS ONLY] [VIA FEATURES | RAW]`.
     Describe {
         entity: String,
         scope: DescribeScope,
         detail: Detail,
+        /// `RELATIONS ONLY`: only edges with a relation label (every edge of the default
+        /// method has one; the feature methods also list unlabelled features).
+        relations_only: bool,
         method: DescribeMethod,
     },
     /// `SELECT … FROM …`.
@@ -125,14 +128,28 @@ pub enum ModelFormat {
 }
 
 /// What `SHOW` lists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ShowTarget {
     Layers,
+    /// `SHOW FEATURES n [WHERE condition] [LIMIT n]`.
     Features {
         layer: u32,
+        filter: Option<Expr>,
+        limit: Option<u64>,
     },
-    Relations,
-    Entities,
+    /// `SHOW RELATIONS [VIA FEATURES] [AT LAYER n] [WITH EXAMPLES]`: the catalogue relations
+    /// the model answers; with `VIA FEATURES` or `AT LAYER n`, the clusters of feature edges
+    /// (of layer `n`).
+    Relations {
+        features: bool,
+        layer: Option<u32>,
+        examples: bool,
+    },
+    /// `SHOW ENTITIES [AT LAYER n] [LIMIT n]`.
+    Entities {
+        layer: Option<u32>,
+        limit: Option<u64>,
+    },
     Models,
     /// The patches applied to the open model.
     Patches,

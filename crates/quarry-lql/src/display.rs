@@ -99,6 +99,7 @@ impl Display for Statement {
                 entity,
                 scope,
                 detail,
+                relations_only,
                 method,
             } => {
                 write!(f, "DESCRIBE {}", Quoted(entity))?;
@@ -107,6 +108,9 @@ impl Display for Statement {
                 }
                 if *detail != Detail::Normal {
                     write!(f, " {detail}")?;
+                }
+                if *relations_only {
+                    f.write_str(" RELATIONS ONLY")?;
                 }
                 match method {
                     DescribeMethod::Answers => {}
@@ -245,9 +249,47 @@ impl Display for ShowTarget {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         match self {
             ShowTarget::Layers => f.write_str("LAYERS"),
-            ShowTarget::Features { layer } => write!(f, "FEATURES {layer}"),
-            ShowTarget::Relations => f.write_str("RELATIONS"),
-            ShowTarget::Entities => f.write_str("ENTITIES"),
+            ShowTarget::Features {
+                layer,
+                filter,
+                limit,
+            } => {
+                write!(f, "FEATURES {layer}")?;
+                if let Some(filter) = filter {
+                    write!(f, " WHERE {filter}")?;
+                }
+                if let Some(limit) = limit {
+                    write!(f, " LIMIT {limit}")?;
+                }
+                Ok(())
+            }
+            ShowTarget::Relations {
+                features,
+                layer,
+                examples,
+            } => {
+                f.write_str("RELATIONS")?;
+                if *features {
+                    f.write_str(" VIA FEATURES")?;
+                }
+                if let Some(layer) = layer {
+                    write!(f, " AT LAYER {layer}")?;
+                }
+                if *examples {
+                    f.write_str(" WITH EXAMPLES")?;
+                }
+                Ok(())
+            }
+            ShowTarget::Entities { layer, limit } => {
+                f.write_str("ENTITIES")?;
+                if let Some(layer) = layer {
+                    write!(f, " AT LAYER {layer}")?;
+                }
+                if let Some(limit) = limit {
+                    write!(f, " LIMIT {limit}")?;
+                }
+                Ok(())
+            }
             ShowTarget::Models => f.write_str("MODELS"),
             ShowTarget::Patches => f.write_str("PATCHES"),
         }

@@ -37,6 +37,8 @@ pub const MAX_INSERT_ROWS: usize = 10_000;
 
 const USE_EXAMPLE: &str = r#"USE "models/gemma-3-270m-it-Q4_K_M.gguf""#;
 const SHOW_EXAMPLE: &str = "SHOW FEATURES 12";
+const SHOW_RELATIONS_EXAMPLE: &str = "SHOW RELATIONS VIA FEATURES AT LAYER 12 WITH EXAMPLES";
+const SHOW_ENTITIES_EXAMPLE: &str = "SHOW ENTITIES AT LAYER 12 LIMIT 20";
 const WALK_EXAMPLE: &str = r#"WALK "The capital of France is" TOP 10"#;
 const EXPLAIN_EXAMPLE: &str = r#"EXPLAIN WALK "The capital of France is" LAYERS 20-25"#;
 const DESCRIBE_EXAMPLE: &str = r#"DESCRIBE "France" AT LAYER 20 VERBOSE"#;
@@ -113,14 +115,24 @@ const COMMANDS: &[(&str, Command)] = &[
     ("COMPILE", Command::Compile),
 ];
 
-/// What `SHOW` lists; `None` is `FEATURES`, which goes on with a layer number.
-const SHOW_TARGETS: &[(&str, Option<ShowTarget>)] = &[
-    ("LAYERS", Some(ShowTarget::Layers)),
-    ("FEATURES", None),
-    ("RELATIONS", Some(ShowTarget::Relations)),
-    ("ENTITIES", Some(ShowTarget::Entities)),
-    ("MODELS", Some(ShowTarget::Models)),
-    ("PATCHES", Some(ShowTarget::Patches)),
+/// What `SHOW` lists.
+#[derive(Debug, Clone, Copy)]
+enum ShowKind {
+    Layers,
+    Features,
+    Relations,
+    Entities,
+    Models,
+    Patches,
+}
+
+const SHOW_TARGETS: &[(&str, ShowKind)] = &[
+    ("LAYERS", ShowKind::Layers),
+    ("FEATURES", ShowKind::Features),
+    ("RELATIONS", ShowKind::Relations),
+    ("ENTITIES", ShowKind::Entities),
+    ("MODELS", ShowKind::Models),
+    ("PATCHES", ShowKind::Patches),
 ];
 
 /// What `EXPLAIN` applies to; the flag is whether it is `INFER`.
@@ -210,6 +222,10 @@ const OTHER_KEYWORDS: &[&str] = &[
     "PATCH",
     "CURRENT",
     "FORMAT",
+    "WITH",
+    "EXAMPLES",
+    "ONLY",
+    "RELATIONS",
 ];
 
 /// The optional clauses that may follow a statement, for the message when something else does.
@@ -238,6 +254,24 @@ impl Tail {
 const USE_TAIL: Tail = Tail::bare("USE");
 const STATS_TAIL: Tail = Tail::bare("STATS");
 const SHOW_TAIL: Tail = Tail::bare("SHOW");
+const SHOW_FEATURES_TAIL: Tail = Tail {
+    statement: "SHOW FEATURES",
+    clauses: &["WHERE", "LIMIT"],
+    order: "WHERE condition, LIMIT n",
+    stray_word_hint: None,
+};
+const SHOW_RELATIONS_TAIL: Tail = Tail {
+    statement: "SHOW RELATIONS",
+    clauses: &["VIA", "AT", "WITH"],
+    order: "VIA FEATURES, AT LAYER n, WITH EXAMPLES",
+    stray_word_hint: None,
+};
+const SHOW_ENTITIES_TAIL: Tail = Tail {
+    statement: "SHOW ENTITIES",
+    clauses: &["AT", "LIMIT"],
+    order: "AT LAYER n, LIMIT n",
+    stray_word_hint: None,
+};
 const WALK_TAIL: Tail = Tail {
     statement: "WALK",
     clauses: &["TOP", "LAYERS"],
@@ -268,11 +302,12 @@ const DESCRIBE_TAIL: Tail = Tail {
         "OUTPUT",
         "BRIEF",
         "VERBOSE",
+        "RELATIONS",
         "VIA",
         "RAW",
     ],
     order: "one of AT LAYER n, ALL LAYERS, SYNTAX, KNOWLEDGE or OUTPUT; then BRIEF or VERBOSE; \
-            then VIA FEATURES or RAW",
+            then RELATIONS ONLY; then VIA FEATURES or RAW",
     stray_word_hint: None,
 };
 const SELECT_TAIL: Tail = Tail {
@@ -551,7 +586,10 @@ impl Parser {
                 Ok((Statement::Use { path }, &USE_TAIL))
             }
             Command::Stats => Ok((Statement::Stats, &STATS_TAIL)),
-            Command::Show => Ok((Statement::Show(self.show()?), &SHOW_TAIL)),
+            Command::Show => {
+                let (target, tail) = self.show()?;
+                Ok((Statement::Show(target), tail))
+            }
             Command::Walk => self.walk(false),
             Command::Explain => {
                 if self.expect_choice(EXPLAINABLE, "after EXPLAIN", EXPLAIN_EXAMPLE)? {
@@ -617,12 +655,70 @@ impl Parser {
         }
     }
 
-    fn show(&mut self) -> Parsed<ShowTarget> {
-        match self.expect_choice(SHOW_TARGETS, "after SHOW", SHOW_EXAMPLE)? {
-            Some(target) => Ok(target),
-            None => Ok(ShowTarget::Features {
-                layer: self.expect_whole("a layer number after SHOW FEATURES", SHOW_EXAMPLE)?,
-            }),
+    fn show(&mut self) -> Parsed<(ShowTarget, &'static Tail)> {
+        Ok(
+            match self.expect_choice(SHOW_TARGETS, "after SHOW", SHOW_EXAMPLE)? {
+                ShowKind::Layers => (ShowTarget::Layers, &SHOW_TAIL),
+                ShowKind::Models => (ShowTarget::Models, &SHOW_TAIL),
+                ShowKind::Patches => (ShowTarget::Patches, &SHOW_TAIL),
+                ShowKind::Features => {
+                    let layer =
+                        self.expect_whole("a layer number after SHOW FEATURES", SHOW_EXAMPLE)?;
+                    let filter = if self.eat_keyword("WHERE") {
+                        Some(self.condition()?)
+                    } else {
+                        None
+                    };
+                    let limit = self.limit()?;
+                    let target = ShowTarget::Features {
+                        layer,
+                        filter,
+                        limit,
+                    };
+                    (target, &SHOW_FEATURES_TAIL)
+                }
+                ShowKind::Relations => {
+                    let features = self.eat_keyword("VIA");
+                    if features {
+                        self.expect_keyword("FEATURES", "after VIA", SHOW_RELATIONS_EXAMPLE)?;
+                    }
+                    let layer = if self.eat_keyword("AT") {
+                        Some(self.layer_after_at(SHOW_RELATIONS_EXAMPLE)?)
+                    } else {
+                        None
+                    };
+                    let examples = self.eat_keyword("WITH");
+                    if examples {
+                        self.expect_keyword("EXAMPLES", "after WITH", SHOW_RELATIONS_EXAMPLE)?;
+                    }
+                    let target = ShowTarget::Relations {
+                        features,
+                        layer,
+                        examples,
+                    };
+                    (target, &SHOW_RELATIONS_TAIL)
+                }
+                ShowKind::Entities => {
+                    let layer = if self.eat_keyword("AT") {
+                        Some(self.layer_after_at(SHOW_ENTITIES_EXAMPLE)?)
+                    } else {
+                        None
+                    };
+                    let limit = self.limit()?;
+                    (ShowTarget::Entities { layer, limit }, &SHOW_ENTITIES_TAIL)
+                }
+            },
+        )
+    }
+
+    /// An optional `LIMIT n` clause.
+    fn limit(&mut self) -> Parsed<Option<u64>> {
+        if self.eat_keyword("LIMIT") {
+            Ok(Some(
+                self.expect_whole("a row count after LIMIT", "LIMIT 10")?,
+            ))
+        } else {
+            Ok(None)
         }
     }
 
@@ -1000,6 +1096,14 @@ impl Parser {
             self.eat_choice(DESCRIBE_SCOPES).unwrap_or_default()
         };
         let detail = self.eat_choice(DETAILS).unwrap_or_default();
+        let relations_only = self.eat_keyword("RELATIONS");
+        if relations_only {
+            self.expect_keyword(
+                "ONLY",
+                "after RELATIONS",
+                r#"DESCRIBE "France" RELATIONS ONLY"#,
+            )?;
+        }
         let method = if self.eat_keyword("VIA") {
             self.expect_keyword("FEATURES", "after VIA", r#"DESCRIBE "France" VIA FEATURES"#)?;
             DescribeMethod::Features
@@ -1012,6 +1116,7 @@ impl Parser {
             entity,
             scope,
             detail,
+            relations_only,
             method,
         };
         Ok((describe, &DESCRIBE_TAIL))
@@ -1037,11 +1142,7 @@ impl Parser {
         } else {
             Vec::new()
         };
-        let limit = if self.eat_keyword("LIMIT") {
-            Some(self.expect_whole("a row count after LIMIT", "LIMIT 10")?)
-        } else {
-            None
-        };
+        let limit = self.limit()?;
         let tail = if filter.is_some() && order_by.is_empty() && limit.is_none() {
             &SELECT_AFTER_WHERE_TAIL
         } else {

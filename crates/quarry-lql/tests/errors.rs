@@ -1296,3 +1296,58 @@ fn long_tokens_are_shortened_in_messages() {
         "{error}"
     );
 }
+
+/// The clauses LARQL's SHOW and DESCRIBE forms add: each in its place, each keyword pair
+/// complete.
+#[test]
+fn show_and_describe_clauses_in_their_order() {
+    check(
+        "SHOW ENTITIES LIMIT 3 AT LAYER 2",
+        1,
+        23,
+        "AT cannot come here",
+        Some("AT LAYER n, LIMIT n"),
+    );
+    check(
+        "SHOW RELATIONS WITH EXAMPLES VIA FEATURES",
+        1,
+        30,
+        "VIA cannot come here",
+        Some("VIA FEATURES, AT LAYER n, WITH EXAMPLES"),
+    );
+    check(
+        "SHOW RELATIONS WITH",
+        1,
+        20,
+        "expected EXAMPLES after WITH, found end of input",
+        Some("SHOW RELATIONS VIA FEATURES AT LAYER 12 WITH EXAMPLES"),
+    );
+    check(
+        "SHOW FEATURES 3 LIMIT 2 WHERE a = 1",
+        1,
+        25,
+        "WHERE cannot come here",
+        Some("WHERE condition, LIMIT n"),
+    );
+    check(
+        "SHOW LAYERS LIMIT 2",
+        1,
+        13,
+        "expected ';' or end of input after SHOW, found keyword LIMIT",
+        None,
+    );
+    check(
+        "DESCRIBE 'France' RELATIONS",
+        1,
+        28,
+        "expected ONLY after RELATIONS",
+        Some("RELATIONS ONLY"),
+    );
+    check(
+        "DESCRIBE 'France' RAW RELATIONS ONLY",
+        1,
+        23,
+        "RELATIONS cannot come here",
+        Some("then RELATIONS ONLY; then VIA FEATURES or RAW"),
+    );
+}

@@ -369,9 +369,28 @@ fn select() -> impl Strategy<Value = Select> {
 fn statement() -> impl Strategy<Value = Statement> {
     let show = prop_oneof![
         Just(ShowTarget::Layers),
-        any::<u32>().prop_map(|layer| ShowTarget::Features { layer }),
-        Just(ShowTarget::Relations),
-        Just(ShowTarget::Entities),
+        (
+            any::<u32>(),
+            prop::option::of(expr()),
+            prop::option::of(any::<u64>())
+        )
+            .prop_map(|(layer, filter, limit)| ShowTarget::Features {
+                layer,
+                filter,
+                limit
+            }),
+        (any::<bool>(), prop::option::of(any::<u32>()), any::<bool>()).prop_map(
+            |(features, layer, examples)| ShowTarget::Relations {
+                features,
+                layer,
+                examples
+            }
+        ),
+        (
+            prop::option::of(any::<u32>()),
+            prop::option::of(any::<u64>())
+        )
+            .prop_map(|(layer, limit)| ShowTarget::Entities { layer, limit }),
         Just(ShowTarget::Models),
         Just(ShowTarget::Patches),
     ];
@@ -404,17 +423,21 @@ fn statement() -> impl Strategy<Value = Statement> {
             text(),
             scope,
             detail,
+            any::<bool>(),
             prop_oneof![
                 Just(DescribeMethod::Answers),
                 Just(DescribeMethod::Features),
                 Just(DescribeMethod::Raw)
             ]
         )
-            .prop_map(|(entity, scope, detail, method)| Statement::Describe {
-                entity,
-                scope,
-                detail,
-                method,
+            .prop_map(|(entity, scope, detail, relations_only, method)| {
+                Statement::Describe {
+                    entity,
+                    scope,
+                    detail,
+                    relations_only,
+                    method,
+                }
             }),
         select().prop_map(Statement::Select),
         // Only EXPLAIN INFER takes LAYERS.

@@ -49,14 +49,76 @@ fn use_and_stats() {
 fn show_every_target() {
     let cases = [
         ("SHOW LAYERS", ShowTarget::Layers),
-        ("SHOW FEATURES 12", ShowTarget::Features { layer: 12 }),
-        ("SHOW RELATIONS", ShowTarget::Relations),
-        ("SHOW ENTITIES", ShowTarget::Entities),
+        (
+            "SHOW FEATURES 12",
+            ShowTarget::Features {
+                layer: 12,
+                filter: None,
+                limit: None,
+            },
+        ),
+        (
+            r#"SHOW FEATURES 26 WHERE relation = "capital" LIMIT 5"#,
+            ShowTarget::Features {
+                layer: 26,
+                filter: Some(Expr::Compare {
+                    field: "relation".into(),
+                    op: CmpOp::Eq,
+                    value: Literal::Str("capital".into()),
+                }),
+                limit: Some(5),
+            },
+        ),
+        (
+            "SHOW RELATIONS",
+            ShowTarget::Relations {
+                features: false,
+                layer: None,
+                examples: false,
+            },
+        ),
+        (
+            "SHOW RELATIONS VIA FEATURES AT LAYER 26 WITH EXAMPLES",
+            ShowTarget::Relations {
+                features: true,
+                layer: Some(26),
+                examples: true,
+            },
+        ),
+        (
+            "SHOW RELATIONS AT LAYER 3",
+            ShowTarget::Relations {
+                features: false,
+                layer: Some(3),
+                examples: false,
+            },
+        ),
+        (
+            "SHOW ENTITIES",
+            ShowTarget::Entities {
+                layer: None,
+                limit: None,
+            },
+        ),
+        (
+            "SHOW ENTITIES AT LAYER 26 LIMIT 20",
+            ShowTarget::Entities {
+                layer: Some(26),
+                limit: Some(20),
+            },
+        ),
+        (
+            "SHOW ENTITIES LIMIT 50",
+            ShowTarget::Entities {
+                layer: None,
+                limit: Some(50),
+            },
+        ),
         ("SHOW MODELS", ShowTarget::Models),
         ("SHOW PATCHES", ShowTarget::Patches),
     ];
     for (src, target) in cases {
-        assert_eq!(check(&src.to_lowercase(), &Statement::Show(target)), src);
+        assert_eq!(check(src, &Statement::Show(target)), src);
     }
 }
 
@@ -112,14 +174,19 @@ fn describe_every_combination() {
                 (" VIA FEATURES", DescribeMethod::Features),
                 (" RAW", DescribeMethod::Raw),
             ] {
-                let src = format!(r#"DESCRIBE "France"{scope_src}{detail_src}{method_src}"#);
-                let describe = Statement::Describe {
-                    entity: "France".into(),
-                    scope,
-                    detail,
-                    method,
-                };
-                assert_eq!(check(&src, &describe), src);
+                for (only_src, relations_only) in [("", false), (" RELATIONS ONLY", true)] {
+                    let src = format!(
+                        r#"DESCRIBE "France"{scope_src}{detail_src}{only_src}{method_src}"#
+                    );
+                    let describe = Statement::Describe {
+                        entity: "France".into(),
+                        scope,
+                        detail,
+                        relations_only,
+                        method,
+                    };
+                    assert_eq!(check(&src, &describe), src);
+                }
             }
         }
     }
@@ -672,7 +739,11 @@ fn extreme_counts_fit() {
     .unwrap();
     assert_eq!(
         statements[0],
-        Statement::Show(ShowTarget::Features { layer: u32::MAX })
+        Statement::Show(ShowTarget::Features {
+            layer: u32::MAX,
+            filter: None,
+            limit: None
+        })
     );
     assert!(matches!(
         &statements[1],

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use quarry_format::GgufFile;
-use quarry_lql::{DescribeMethod, DescribeScope, Detail, LayerRange, ShowTarget, Statement};
+use quarry_lql::{
+    DescribeMethod, DescribeScope, Detail, LayerRange, ShowTarget, Source, Statement,
+};
 use quarry_model::{FfnOverlay, Model};
 use quarry_tokenize::Tokenizer;
-use quarry_vindex::relations::FeatureEdge;
 use quarry_vindex::{Level, Vindex};
 
 use crate::answers;
@@ -17,9 +18,12 @@ use crate::browse::{band, edges, entity_input, ffn_input, pushes, strongest};
 use crate::edit::{Editing, Failure, Opened};
 use crate::error::QueryError;
 use crate::in_context;
+use crate::relations;
 use crate::result::{Cell, ColumnType, ResultSet};
-use crate::select::select;
+use crate::select::{self, select};
 use crate::trace::{attribute, ffn_feature_shares, run, softmax, top_n, Readout};
+use quarry_relations::accuracy::{self, RelationAccuracy};
+use quarry_relations::catalogue;
 use quarry_relations::readout::Baseline;
 
 /// Runs statements; state (the open vindex or model file, and its edits) carries from one to
@@ -39,6 +43,9 @@ pub struct Executor {
     /// What DESCRIBE's templates make the base model answer of an unknown entity, made by the
     /// first DESCRIBE and kept like the model.
     baseline: Arc<OnceLock<Baseline>>,
+    /// How well the base model answers each catalogue relation, when the open vindex does not
+    /// hold it: measured by the first SHOW RELATIONS and kept like the model.
+    accuracy: Arc<OnceLock<Vec<RelationAccuracy>>>,
     edits: Arc<Editing>,
 }
 
@@ -146,37 +153,66 @@ impl Executor {
             Statement::Describe {
                 entity,
                 detail,
+                relations_only,
                 method: DescribeMethod::Answers,
                 ..
             } if self.has_model() => {
                 let baseline = self.baseline(&text)?;
-                self.with_model(&text, |_, tok, model| {
+                let mut r = self.with_model(&text, |_, tok, model| {
                     answers::describe(tok, model, baseline, entity, *detail)
-                })
+                })?;
+                if *relations_only {
+                    r.notes
+                        .push("RELATIONS ONLY: every answer is an edge of a relation".into());
+                }
+                Ok(r)
+            }
+            Statement::Show(ShowTarget::Relations {
+                features: false,
+                layer: None,
+                examples,
+            }) => {
+                let (measured, note) = self.relation_accuracy(&text)?;
+                let mut r = relations::catalogue_relations(measured, *examples);
+                r.notes.extend(note);
+                Ok(r)
+            }
+            Statement::Select(q) if q.from == Source::Edges => {
+                match select::entities(q.filter.as_ref()).map_err(invalid)? {
+                    Some(entities) => {
+                        if q.nearest.is_some() {
+                            return Err(invalid(
+                                "NEAREST TO ranks the features of EDGES; the edges of an entity \
+                                 are read without it"
+                                    .into(),
+                            ));
+                        }
+                        if !self.has_model() {
+                            return Err(self.needs_model(&text));
+                        }
+                        let baseline = self.baseline(&text)?;
+                        self.with_model(&text, |_, tok, model| {
+                            let table = answers::entity_edges(tok, model, baseline, &entities)?;
+                            select::refine(table, q, Vec::new())
+                        })
+                    }
+                    None => select(self.vindex_for(&text)?, q).map_err(invalid),
+                }
             }
             _ => {
-                let v = self.vindex.as_deref().ok_or_else(|| match self.gguf {
-                    Some(_) => invalid(
-                        "this statement reads a vindex, and a model file is open: INFER, TRACE \
-                         and the editing statements run on a model file; USE a vindex \
-                         (quarry extract MODEL --level inference -o NAME.vindex) for the rest"
-                            .into(),
-                    ),
-                    None => QueryError::NoVindex {
-                        statement: text.clone(),
-                    },
-                })?;
+                let v = self.vindex_for(&text)?;
                 match statement {
                     Statement::Stats => Ok(stats(v)),
-                    Statement::Show(target) => show(v, *target).map_err(invalid),
+                    Statement::Show(target) => show(v, target).map_err(invalid),
                     Statement::Describe {
                         entity,
                         scope,
                         detail,
+                        relations_only,
                         method,
                     } => {
                         let raw = *method == DescribeMethod::Raw;
-                        if raw || v.index().level < Level::Inference {
+                        let mut r = if raw || v.index().level < Level::Inference {
                             let mut r =
                                 describe(v, None, entity, *scope, *detail, raw).map_err(invalid)?;
                             if *method == DescribeMethod::Answers {
@@ -186,14 +222,24 @@ impl Executor {
                                         .into(),
                                 );
                             }
-                            Ok(r)
+                            r
                         } else {
                             let (entity, scope, detail) = (entity.clone(), *scope, *detail);
                             self.with_model(&text, |v, _, model| {
                                 let v = v.expect("a vindex is open");
                                 describe(v, Some(model), &entity, scope, detail, false)
-                            })
+                            })?
+                        };
+                        if *relations_only {
+                            let at = r.column("relation").expect("DESCRIBE lists relations");
+                            r.rows.retain(|row| row[at] != Cell::Null);
+                            r.notes.push(
+                                "RELATIONS ONLY: the features in no cluster of feature edges \
+                                 are left out"
+                                    .into(),
+                            );
                         }
+                        Ok(r)
                     }
                     Statement::Walk {
                         prompt,
@@ -201,7 +247,6 @@ impl Executor {
                         layers,
                         explain,
                     } => walk(v, prompt, top.unwrap_or(5), *layers, *explain).map_err(invalid),
-                    Statement::Select(q) => select(v, q).map_err(invalid),
                     Statement::Infer {
                         prompt,
                         top,
@@ -214,6 +259,7 @@ impl Executor {
                             explain_infer(v, model, prompt, top, *layers)
                         })
                     }
+                    Statement::Select(q) => select(v, q).map_err(invalid),
                     Statement::Use { .. }
                     | Statement::Trace { .. }
                     | Statement::Insert { .. }
@@ -279,8 +325,78 @@ impl Executor {
         }
         self.model = Arc::default();
         self.baseline = Arc::default();
+        self.accuracy = Arc::default();
         self.edits = Arc::default();
         Ok(r)
+    }
+
+    /// The open vindex, for a statement that reads one.
+    fn vindex_for(&self, statement: &str) -> Result<&Vindex, QueryError> {
+        self.vindex.as_deref().ok_or_else(|| match self.gguf {
+            Some(_) => QueryError::Invalid {
+                statement: statement.to_string(),
+                message: "this statement reads a vindex, and a model file is open: INFER, \
+                          TRACE, DESCRIBE, SHOW RELATIONS, SELECT … FROM EDGES WHERE entity = \
+                          … and the editing statements run on a model file; USE a vindex \
+                          (quarry extract MODEL --level inference -o NAME.vindex) for the rest"
+                    .into(),
+            },
+            None => QueryError::NoVindex {
+                statement: statement.to_string(),
+            },
+        })
+    }
+
+    /// The error for a statement that asks the model when the open vindex holds none.
+    fn needs_model(&self, statement: &str) -> QueryError {
+        match self.vindex {
+            Some(_) => QueryError::Invalid {
+                statement: statement.to_string(),
+                message: "this asks the model, and this vindex holds none (browse level); \
+                          extract it with --level inference, or USE the model file"
+                    .into(),
+            },
+            None => QueryError::NoVindex {
+                statement: statement.to_string(),
+            },
+        }
+    }
+
+    /// The base model's accuracy per catalogue relation: the open vindex's (measured at
+    /// extraction), else measured now on the model and kept; with a note when measured now.
+    fn relation_accuracy(
+        &self,
+        statement: &str,
+    ) -> Result<(&[RelationAccuracy], Option<String>), QueryError> {
+        if let Some(v) = &self.vindex {
+            if !v.relations().catalogue.is_empty() {
+                return Ok((&v.relations().catalogue, None));
+            }
+        }
+        if let Some(measured) = self.accuracy.get() {
+            return Ok((measured, None));
+        }
+        if !self.has_model() {
+            return Err(QueryError::Invalid {
+                statement: statement.to_string(),
+                message: "this vindex was extracted before Quarry measured relation accuracy \
+                          and holds no model to measure it with; extract it again (SHOW \
+                          RELATIONS VIA FEATURES lists its feature clusters)"
+                    .into(),
+            });
+        }
+        let model = self.base_model(statement)?;
+        let tok = self.tokenizer().expect("a model is open");
+        let start = std::time::Instant::now();
+        let measured = accuracy::measure(model, tok).map_err(|source| QueryError::Model {
+            statement: statement.to_string(),
+            source: Box::new(source),
+        })?;
+        let note = format!(
+            "measured now in {:.1} s and kept for this session; a vindex keeps it from extraction",
+            start.elapsed().as_secs_f64()
+        );
+        Ok((self.accuracy.get_or_init(|| measured), Some(note)))
     }
 
     /// Whether a model can run: a model file, or a vindex that holds one.
@@ -398,7 +514,7 @@ fn token(tok: &Tokenizer, id: u32) -> Cell {
 }
 
 /// A token's text in double quotes, for lists of tokens in one cell.
-fn quoted(v: &Vindex, id: u32) -> String {
+pub(crate) fn quoted(v: &Vindex, id: u32) -> String {
     format!("\"{}\"", v.tokenizer().decode(&[id]))
 }
 
@@ -475,7 +591,7 @@ fn show_models() -> ResultSet {
     r
 }
 
-fn show(v: &Vindex, target: ShowTarget) -> Result<ResultSet, String> {
+fn show(v: &Vindex, target: &ShowTarget) -> Result<ResultSet, String> {
     let m = &v.index().model;
     match target {
         ShowTarget::Layers => {
@@ -493,8 +609,12 @@ fn show(v: &Vindex, target: ShowTarget) -> Result<ResultSet, String> {
             }
             Ok(r)
         }
-        ShowTarget::Features { layer } => {
-            let layer = layer as usize;
+        ShowTarget::Features {
+            layer,
+            filter,
+            limit,
+        } => {
+            let layer = *layer as usize;
             if layer >= m.n_layers {
                 return Err(format!("the model has layers 0-{}", m.n_layers - 1));
             }
@@ -504,6 +624,7 @@ fn show(v: &Vindex, target: ShowTarget) -> Result<ResultSet, String> {
                 ("top_logit", ColumnType::Float),
                 ("pushes_down", ColumnType::Text),
                 ("bottom_logit", ColumnType::Float),
+                ("relation", ColumnType::Text),
             ]);
             let list = |recs: &[quarry_vindex::TokenLogit]| {
                 recs.iter()
@@ -520,77 +641,26 @@ fn show(v: &Vindex, target: ShowTarget) -> Result<ResultSet, String> {
                     Cell::Float(top[0].logit as f64),
                     Cell::Text(list(bottom)),
                     Cell::Float(bottom[0].logit as f64),
+                    catalogue::answered_by(&v.tokenizer().decode(&[top[0].token]))
+                        .map_or(Cell::Null, |r| Cell::Text(r.name.into())),
                 ]);
             }
+            let mut r = select::filter(r, filter.as_ref())?;
+            select::limit(&mut r, *limit);
+            r.notes.push(
+                "relation: the catalogue relation one of whose known objects is the word the \
+                 feature pushes up most"
+                    .into(),
+            );
             Ok(r)
         }
-        ShowTarget::Relations => Ok(show_relations(v)),
-        ShowTarget::Entities => Ok(show_entities(v)),
+        ShowTarget::Relations {
+            layer, examples, ..
+        } => relations::feature_clusters(v, *layer, *examples),
+        ShowTarget::Entities { layer, limit } => relations::entities(v, *layer, *limit),
         ShowTarget::Models => Ok(show_models()),
         ShowTarget::Patches => unreachable!("an editing statement, run in Executor::edit"),
     }
-}
-
-/// The relations clustered at extraction, largest first.
-fn show_relations(v: &Vindex) -> ResultSet {
-    let rel = v.relations();
-    let mut r = ResultSet::new(&[
-        ("relation", ColumnType::Int),
-        ("label", ColumnType::Text),
-        ("features", ColumnType::Int),
-        ("examples", ColumnType::Text),
-    ]);
-    for relation in &rel.relations {
-        r.push(vec![
-            Cell::Int(relation.id as i64),
-            Cell::Text(relation.label.clone()),
-            Cell::Int(relation.features as i64),
-            Cell::Text(relation.examples.join(", ")),
-        ]);
-    }
-    r.notes.push(format!(
-        "features of layers {}-{} read as input word → output word, clustered by embedding offset",
-        rel.layers[0], rel.layers[1]
-    ));
-    r
-}
-
-/// The input words of the relation edges, by how many features read them.
-fn show_entities(v: &Vindex) -> ResultSet {
-    let rel = v.relations();
-    let mut by_entity: HashMap<u32, Vec<&FeatureEdge>> = HashMap::new();
-    for e in &rel.edges {
-        by_entity.entry(e.input).or_default().push(e);
-    }
-    let mut entities: Vec<(u32, Vec<&FeatureEdge>)> = by_entity.into_iter().collect();
-    entities.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
-    let mut r = ResultSet::new(&[
-        ("entity", ColumnType::Text),
-        ("token_id", ColumnType::Int),
-        ("features", ColumnType::Int),
-        ("relations", ColumnType::Int),
-        ("outputs", ColumnType::Text),
-    ]);
-    for (id, edges) in entities {
-        let mut relations: Vec<usize> = edges.iter().map(|e| e.relation).collect();
-        relations.sort_unstable();
-        relations.dedup();
-        let mut outputs: Vec<String> = Vec::new();
-        for e in &edges {
-            let o = quoted(v, e.output);
-            if !outputs.contains(&o) {
-                outputs.push(o);
-            }
-        }
-        r.push(vec![
-            Cell::Text(v.tokenizer().decode(&[id]).trim().to_string()),
-            Cell::Int(id as i64),
-            Cell::Int(edges.len() as i64),
-            Cell::Int(relations.len() as i64),
-            Cell::Text(outputs.into_iter().take(5).collect::<Vec<_>>().join(" ")),
-        ]);
-    }
-    r
 }
 
 /// DESCRIBE: with `model` (an inference-level vindex, not RAW) by the in-context method,

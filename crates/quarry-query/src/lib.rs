@@ -16,6 +16,7 @@ mod error;
 mod executor;
 mod in_context;
 mod interrupt;
+mod relations;
 mod result;
 mod select;
 mod trace;

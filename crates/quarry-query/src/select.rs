@@ -21,17 +21,18 @@ use crate::result::{Cell, ColumnType, ResultSet};
 
 /// Runs `q`; errors are plain messages (the executor adds the statement).
 pub(crate) fn select(v: &Vindex, q: &Select) -> Result<ResultSet, String> {
-    let (mut table, default_order) = scan(v, q)?;
-    if let Some(filter) = &q.filter {
-        check_fields(&table, filter)?;
-        let mut kept = Vec::new();
-        for row in std::mem::take(&mut table.rows) {
-            if eval(&table, &row, filter)? {
-                kept.push(row);
-            }
-        }
-        table.rows = kept;
-    }
+    let (table, default_order) = scan(v, q)?;
+    refine(table, q, default_order)
+}
+
+/// `q`'s WHERE, ORDER BY (else `default_order`: column index, descending), LIMIT and
+/// projection applied to `table`.
+pub(crate) fn refine(
+    table: ResultSet,
+    q: &Select,
+    default_order: Vec<(usize, bool)>,
+) -> Result<ResultSet, String> {
+    let mut table = filter(table, q.filter.as_ref())?;
     let keys: Vec<(usize, bool)> = if q.order_by.is_empty() {
         default_order
     } else {
@@ -55,11 +56,7 @@ pub(crate) fn select(v: &Vindex, q: &Select) -> Result<ResultSet, String> {
                 .unwrap_or(Ordering::Equal)
         });
     }
-    if let Some(limit) = q.limit {
-        table
-            .rows
-            .truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    }
+    limit(&mut table, q.limit);
     if let Projection::Fields(fields) = &q.fields {
         let idx: Vec<usize> = fields
             .iter()
@@ -73,6 +70,103 @@ pub(crate) fn select(v: &Vindex, q: &Select) -> Result<ResultSet, String> {
             .collect();
     }
     Ok(table)
+}
+
+/// The rows of `table` for which `condition` holds (all rows without one).
+pub(crate) fn filter(mut table: ResultSet, condition: Option<&Expr>) -> Result<ResultSet, String> {
+    if let Some(condition) = condition {
+        check_fields(&table, condition)?;
+        let mut kept = Vec::new();
+        for row in std::mem::take(&mut table.rows) {
+            if eval(&table, &row, condition)? {
+                kept.push(row);
+            }
+        }
+        table.rows = kept;
+    }
+    Ok(table)
+}
+
+/// Keeps the first `limit` rows.
+pub(crate) fn limit(table: &mut ResultSet, limit: Option<u64>) {
+    if let Some(limit) = limit {
+        table
+            .rows
+            .truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
+}
+
+/// The entities a condition on EDGES names with `entity = "…"` or `entity IN (…)` among its
+/// top-level AND terms: `Some` (never empty) when it names any, `None` when no term mentions
+/// `entity`; an error when `entity` appears only elsewhere (under OR or NOT, or compared
+/// otherwise), since then no list of entities to ask about follows from it.
+pub(crate) fn entities(condition: Option<&Expr>) -> Result<Option<Vec<String>>, String> {
+    fn terms<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
+        match e {
+            Expr::And(a, b) => {
+                terms(a, out);
+                terms(b, out);
+            }
+            other => out.push(other),
+        }
+    }
+    fn mentions(e: &Expr) -> bool {
+        match e {
+            Expr::Or(a, b) | Expr::And(a, b) => mentions(a) || mentions(b),
+            Expr::Not(a) => mentions(a),
+            Expr::Compare { field, .. }
+            | Expr::Between { field, .. }
+            | Expr::In { field, .. }
+            | Expr::Like { field, .. } => field == "entity",
+        }
+    }
+    let Some(condition) = condition else {
+        return Ok(None);
+    };
+    let mut all = Vec::new();
+    terms(condition, &mut all);
+    let mut named: Option<Vec<String>> = None;
+    for term in all {
+        let values: Vec<&Literal> = match term {
+            Expr::Compare {
+                field,
+                op: CmpOp::Eq,
+                value,
+            } if field == "entity" => vec![value],
+            Expr::In {
+                field,
+                values,
+                negated: false,
+            } if field == "entity" => values.iter().collect(),
+            _ => continue,
+        };
+        let mut texts = Vec::new();
+        for value in values {
+            match value {
+                Literal::Str(s) => texts.push(s.clone()),
+                Literal::Num(n) => {
+                    return Err(format!(
+                        "column entity is text, but it is compared with the number {n}"
+                    ))
+                }
+            }
+        }
+        // Two terms on entity ask about the entities both name.
+        named = Some(match named {
+            None => texts,
+            Some(before) => before.into_iter().filter(|e| texts.contains(e)).collect(),
+        });
+    }
+    match named {
+        Some(list) if !list.is_empty() => Ok(Some(list)),
+        Some(_) => Err("the conditions on entity name no entity in common".into()),
+        None if mentions(condition) => Err(
+            "the edges of EDGES are read per entity: name them with entity = \"…\" or entity \
+             IN (\"…\", …), joined to the rest of the condition by AND"
+                .into(),
+        ),
+        None => Ok(None),
+    }
 }
 
 fn column(t: &ResultSet, name: &str) -> Result<usize, String> {

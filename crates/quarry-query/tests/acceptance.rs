@@ -278,26 +278,211 @@ fn relations_cluster_word_edges_of_the_knowledge_band() {
         let (top, _) = v.writes(e.layer, e.feature);
         assert!(top.iter().any(|r| r.token == e.output));
     }
-    let [shown] = &query(TestModel::Gemma3, "SHOW RELATIONS")[..] else {
-        panic!("one result")
+    let [shown, layer] = &query(
+        TestModel::Gemma3,
+        &format!(
+            "SHOW RELATIONS VIA FEATURES; SHOW RELATIONS AT LAYER {} WITH EXAMPLES",
+            knowledge[0]
+        ),
+    )[..] else {
+        panic!("two results")
     };
     assert_eq!(shown.rows.len(), rel.relations.len());
-    let total: i64 = shown.rows.iter().map(|r| int(&r[2])).sum();
+    let total: i64 = shown.rows.iter().map(|r| int(&r[3])).sum();
     assert_eq!(total as usize, rel.edges.len());
-    for (i, row) in shown.rows.iter().enumerate() {
-        assert_eq!(int(&row[0]), i as i64);
+    for row in &shown.rows {
+        let i = int(&row[0]) as usize;
         let members = rel.edges.iter().filter(|e| e.relation == i).count();
-        assert_eq!(int(&row[2]) as usize, members, "relation {i}");
-        assert!(row[1].as_str().unwrap().contains(" → "));
+        assert_eq!(int(&row[3]) as usize, members, "relation {i}");
+        // A cluster is named by the catalogue relation its edges answer, or by its most
+        // central edge.
+        let (label, answers) = (row[1].as_str().unwrap(), row[2].as_str().unwrap());
+        if answers.is_empty() {
+            assert_eq!(label, rel.relations[i].label);
+        } else {
+            assert!(answers.starts_with(&format!("{label}: ")), "{answers}");
+            assert!(
+                quarry_relations::catalogue::find(label).is_some(),
+                "{label}"
+            );
+        }
     }
     for pair in shown.rows.windows(2) {
-        assert!(int(&pair[0][2]) >= int(&pair[1][2]), "largest first");
+        assert!(int(&pair[0][3]) >= int(&pair[1][3]), "largest first");
     }
-    let [entities] = &query(TestModel::Gemma3, "SHOW ENTITIES")[..] else {
-        panic!("one result")
+    let at_layer = rel.edges.iter().filter(|e| e.layer == knowledge[0]).count();
+    let total: i64 = layer.rows.iter().map(|r| int(&r[3])).sum();
+    assert_eq!(total as usize, at_layer);
+    assert!(layer.column("examples").is_some());
+    let [entities, limited] = &query(
+        TestModel::Gemma3,
+        &format!(
+            "SHOW ENTITIES; SHOW ENTITIES AT LAYER {} LIMIT 3",
+            knowledge[0]
+        ),
+    )[..] else {
+        panic!("two results")
     };
     let total: i64 = entities.rows.iter().map(|r| int(&r[2])).sum();
     assert_eq!(total as usize, rel.edges.len());
+    assert_eq!(limited.rows.len(), 3);
+    let err = Executor::with_vindex(vindex(TestModel::Gemma3))
+        .unwrap()
+        .run_script("SHOW ENTITIES AT LAYER 0")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("feature edges were read from layers"), "{err}");
+}
+
+/// SHOW RELATIONS lists the catalogue relations with the accuracy measured at extraction,
+/// best first; the relations DESCRIBE finds France's capital and language under are among
+/// the best.
+#[test]
+fn show_relations_lists_catalogue_relations_with_their_accuracy() {
+    let [plain, examples] = &query(
+        TestModel::Gemma3,
+        "SHOW RELATIONS; SHOW RELATIONS WITH EXAMPLES",
+    )[..] else {
+        panic!("two results")
+    };
+    let col = |name: &str| plain.column(name).unwrap();
+    let (acc, answered, asked) = (col("accuracy"), col("answered"), col("asked"));
+    assert!(plain.rows.len() >= 8, "{}", plain.render_table());
+    for row in &plain.rows {
+        let name = row[col("relation")].as_str().unwrap();
+        assert!(quarry_relations::catalogue::find(name).is_some(), "{name}");
+        assert!(int(&row[answered]) > 0, "only relations the model answers");
+        let expected = int(&row[answered]) as f64 / int(&row[asked]) as f64;
+        assert!((float(&row[acc]) - expected).abs() < 1e-9);
+    }
+    assert!(plain
+        .rows
+        .windows(2)
+        .all(|p| float(&p[0][acc]) >= float(&p[1][acc])));
+    for relation in ["capital", "language"] {
+        let row = plain
+            .rows
+            .iter()
+            .find(|r| r[0].as_str() == Some(relation))
+            .unwrap_or_else(|| panic!("{relation}: {}", plain.render_table()));
+        assert!(float(&row[acc]) >= 0.5, "{}", plain.render_table());
+    }
+    assert!(plain.column("examples").is_none());
+    let ex = examples.column("examples").unwrap();
+    assert!(examples.rows[0][ex].as_str().unwrap().contains(" → "));
+    assert!(plain.notes.iter().any(|n| n.contains("VIA FEATURES")));
+}
+
+/// On a model file the first SHOW RELATIONS measures the accuracy and the session keeps it;
+/// it is what extraction stored in the vindex of the same model.
+#[test]
+fn a_model_file_measures_relation_accuracy_once_per_session() {
+    let model = model_path(TestModel::SmolLm2);
+    let results = Executor::new()
+        .run_script(&format!(
+            "USE {:?}; SHOW RELATIONS; SHOW RELATIONS; \
+             SELECT target FROM EDGES WHERE entity = \"France\" AND relation = \"capital\"",
+            model.to_str().unwrap()
+        ))
+        .unwrap();
+    let [_, first, second, capital] = &results[..] else {
+        panic!("four results")
+    };
+    let measured_now = |r: &ResultSet| r.notes.iter().any(|n| n.contains("measured now"));
+    assert!(measured_now(first), "{:?}", first.notes);
+    assert!(!measured_now(second), "{:?}", second.notes);
+    assert_eq!(first.rows, second.rows);
+    let [stored] = &query(TestModel::SmolLm2, "SHOW RELATIONS")[..] else {
+        panic!("one result")
+    };
+    assert_eq!(stored.rows, first.rows);
+    assert_eq!(capital.rows, [[Cell::Text("Paris".into())]]);
+}
+
+/// `SELECT … FROM EDGES WHERE entity = …` reads the edges DESCRIBE lists, and the rest of
+/// the condition filters them.
+#[test]
+fn select_from_edges_of_an_entity_reads_the_describe_edges() {
+    let [describe, all, capital, both] = &query(
+        TestModel::Gemma3,
+        "DESCRIBE \"France\" VERBOSE; SELECT * FROM EDGES WHERE entity = \"France\"; \
+         SELECT target, score FROM EDGES WHERE relation = \"capital\" AND entity = \"France\"; \
+         SELECT entity, relation, target FROM EDGES WHERE entity IN (\"France\", \"Japan\") \
+         AND relation = \"capital\" ORDER BY entity",
+    )[..] else {
+        panic!("four results")
+    };
+    let triples = |r: &ResultSet| -> Vec<(String, String, String)> {
+        let at = |n: &str| r.column(n).unwrap();
+        r.rows
+            .iter()
+            .map(|row| {
+                (
+                    row[at("relation")].as_str().unwrap().to_string(),
+                    row[at("target")].as_str().unwrap().to_string(),
+                    format!("{:.6}", float(&row[at("score")])),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(triples(all), triples(describe));
+    assert_eq!(capital.rows.len(), 1, "{}", capital.render_table());
+    assert_eq!(capital.rows[0][0].as_str(), Some("Paris"));
+    let both: Vec<(&str, &str)> = both
+        .rows
+        .iter()
+        .map(|r| (r[0].as_str().unwrap(), r[2].as_str().unwrap()))
+        .collect();
+    assert_eq!(both, [("France", "Paris"), ("Japan", "Tokyo")]);
+    let mut e = Executor::with_vindex(vindex(TestModel::Gemma3)).unwrap();
+    for (script, needle) in [
+        (
+            "SELECT * FROM EDGES WHERE entity = \"France\" OR layer = 2",
+            "entity IN",
+        ),
+        (
+            "SELECT * FROM EDGES NEAREST TO \"France\" AT LAYER 3 WHERE entity = \"France\"",
+            "NEAREST TO",
+        ),
+    ] {
+        let err = e.run_script(script).unwrap_err().to_string();
+        assert!(err.contains(needle), "{script}: {err}");
+    }
+}
+
+/// LARQL's forms: SHOW FEATURES with WHERE and LIMIT, DESCRIBE … RELATIONS ONLY.
+#[test]
+fn show_features_filters_and_describe_keeps_only_relation_edges() {
+    let v = quarry_vindex::Vindex::open(vindex(TestModel::Gemma3)).unwrap();
+    let layer = v.index().bands.knowledge[0];
+    let [all, capital, limited, only] = &query(
+        TestModel::Gemma3,
+        &format!(
+            "SHOW FEATURES {layer}; SHOW FEATURES {layer} WHERE relation = \"capital\"; \
+             SHOW FEATURES {layer} WHERE top_logit > 0 LIMIT 5; \
+             DESCRIBE \"Japan\" RELATIONS ONLY VIA FEATURES"
+        ),
+    )[..] else {
+        panic!("four results")
+    };
+    let rel = all.column("relation").unwrap();
+    let expected = all
+        .rows
+        .iter()
+        .filter(|r| r[rel].as_str() == Some("capital"))
+        .count();
+    assert_eq!(capital.rows.len(), expected);
+    assert!(capital
+        .rows
+        .iter()
+        .all(|r| r[rel].as_str() == Some("capital")));
+    assert_eq!(limited.rows.len(), 5);
+    let rel = only.column("relation").unwrap();
+    assert!(
+        only.rows.iter().all(|r| r[rel] != Cell::Null),
+        "{}",
+        only.render_table()
+    );
 }
 
 #[test]

@@ -1,27 +1,24 @@
 //! Which facts of the LRE pairs a model knows, and how well each catalogue template asks.
 //!
-//! relation_facts MODEL.gguf LRE_DIR [--per-relation 80] [--json OUT]
+//! relation_facts MODEL.gguf [--per-relation 60] [--json OUT]
 //!
-//! For every catalogue relation with an `lre` file, its first N distinct subjects; every
-//! template is filled with each subject and answered greedily (readout::answers). A pair is a
-//! fact the model knows when some template's answer gives the object (readout::gives). Prints
+//! For every catalogue relation with pairs (from LRE), its first N pairs; every template is
+//! filled with each subject and answered greedily (accuracy::ask). A pair is a fact the model
+//! knows when some template's answer gives the object (readout::gives). Prints
 //! each template's accuracy; the JSON has them and the known facts (scripts/build-fact-set).
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use quarry_format::GgufFile;
 use quarry_model::Model;
+use quarry_relations::accuracy::ask;
 use quarry_relations::catalogue;
-use quarry_relations::readout::{answers, gives, ANSWER_TOKENS};
 use quarry_tokenize::Tokenizer;
 use serde_json::{json, Value};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() < 3 {
-        return Err(
-            "usage: relation_facts MODEL.gguf LRE_DIR [--per-relation N] [--json OUT]".into(),
-        );
+    if args.len() < 2 {
+        return Err("usage: relation_facts MODEL.gguf [--per-relation N] [--json OUT]".into());
     }
     let flag = |name: &str| {
         args.iter()
@@ -31,45 +28,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let per: usize = flag("--per-relation")
         .map(|v| v.parse())
         .transpose()?
-        .unwrap_or(80);
+        .unwrap_or(60);
     let file = Arc::new(GgufFile::open(&args[1])?);
     let tok = Tokenizer::from_gguf(&file)?;
     let model = Model::load(file)?;
     let mut report = serde_json::Map::new();
-    for relation in catalogue::all() {
-        let Some(lre) = relation.lre else { continue };
-        let data: Value =
-            serde_json::from_str(&std::fs::read_to_string(format!("{}/{lre}.json", args[2]))?)?;
-        let mut seen = HashSet::new();
-        let pairs: Vec<(String, String)> = data["samples"]
-            .as_array()
-            .ok_or("samples")?
-            .iter()
-            .filter_map(|s| {
-                Some((
-                    s["subject"].as_str()?.to_string(),
-                    unescape(s["object"].as_str()?),
-                ))
-            })
-            .filter(|(s, _)| seen.insert(s.clone()))
-            .take(per)
-            .collect();
+    for relation in catalogue::all().filter(|r| !r.pairs.is_empty()) {
+        let pairs = &relation.pairs[..relation.pairs.len().min(per)];
         let mut accuracy = Vec::new();
         let mut known: Vec<Vec<usize>> = vec![Vec::new(); pairs.len()];
         let mut said: Vec<Vec<String>> = vec![Vec::new(); pairs.len()];
         for (t, template) in relation.templates.iter().enumerate() {
-            let prompts: Vec<String> = pairs
-                .iter()
-                .map(|(s, _)| catalogue::fill(template, s))
-                .collect();
-            let mut got = Vec::new();
-            for chunk in prompts.chunks(32) {
-                got.extend(answers(&model, &tok, chunk, ANSWER_TOKENS)?);
-            }
+            let got = ask(&model, &tok, template, pairs)?;
             let mut right = 0;
-            for (i, (a, (_, object))) in got.iter().zip(&pairs).enumerate() {
-                said[i].push(a.text.clone());
-                if gives(&a.text, object) {
+            for (i, (a, gives)) in got.into_iter().enumerate() {
+                said[i].push(a.text);
+                if gives {
                     right += 1;
                     known[i].push(t);
                 }
@@ -100,12 +74,4 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(out, serde_json::to_string_pretty(&Value::Object(report))?)?;
     }
     Ok(())
-}
-
-/// LRE writes a few objects with their escapes doubled ("Bras\\u00edlia").
-fn unescape(s: &str) -> String {
-    if !s.contains("\\u") {
-        return s.to_string();
-    }
-    serde_json::from_str(&format!("\"{s}\"")).unwrap_or_else(|_| s.to_string())
 }

@@ -54,7 +54,13 @@ pub struct Relation {
     pub templates: &'static [String],
     /// The index of the template DESCRIBE asks with.
     pub describe: usize,
+    /// Subject–object pairs of the relation (from its LRE file; empty without one), in the
+    /// dataset's order: what extraction measures the model's accuracy on.
+    pub pairs: &'static [Pair],
 }
+
+/// A subject and the object the relation takes it to ("France", "Paris").
+pub type Pair = (String, String);
 
 /// Every catalogue relation (not the free-text entry), sorted by name.
 pub fn all() -> impl Iterator<Item = Relation> {
@@ -68,6 +74,7 @@ pub fn all() -> impl Iterator<Item = Relation> {
             lre: e.lre.as_deref(),
             templates: &e.templates,
             describe: e.describe,
+            pairs: pairs().get(name.as_str()).map_or(&[], Vec::as_slice),
         })
 }
 
@@ -90,6 +97,36 @@ fn catalogue() -> &'static BTreeMap<String, Entry> {
         serde_json::from_str(include_str!("../relations.json"))
             .expect("relations.json is valid (checked by the catalogue tests)")
     })
+}
+
+fn pairs() -> &'static BTreeMap<String, Vec<Pair>> {
+    static PAIRS: OnceLock<BTreeMap<String, Vec<Pair>>> = OnceLock::new();
+    PAIRS.get_or_init(|| {
+        // Written by scripts/build-relation-pairs from fixtures/lre, embedded, and checked by
+        // this crate's tests.
+        serde_json::from_str(include_str!("../pairs.json"))
+            .expect("pairs.json is valid (checked by the catalogue tests)")
+    })
+}
+
+/// The first relation (in catalogue order) one of whose pairs' objects starts with `word` as
+/// its first word, in any case: what a feature that writes `word` answers, if anything
+/// (" Paris" → capital, " French" → language).
+pub fn answered_by(word: &str) -> Option<Relation> {
+    static FIRST_WORDS: OnceLock<BTreeMap<String, &'static str>> = OnceLock::new();
+    let words = FIRST_WORDS.get_or_init(|| {
+        let mut words = BTreeMap::new();
+        for r in all() {
+            for (_, object) in r.pairs {
+                if let Some(first) = object.split_whitespace().next() {
+                    words.entry(first.to_lowercase()).or_insert(r.name);
+                }
+            }
+        }
+        words
+    });
+    let name = words.get(&word.trim().to_lowercase())?;
+    all().find(|r| r.name == *name)
 }
 
 /// The catalogue's relation names (not the free-text entry), sorted.
@@ -184,6 +221,35 @@ mod tests {
         // Enough relations for DESCRIBE to say something about places, people, things and
         // words.
         assert!(relations().len() >= 20, "{}", relations().len());
+    }
+
+    /// The pairs are those of the relation's LRE file, and only a relation with one has them.
+    #[test]
+    fn relations_with_an_lre_file_have_its_pairs() {
+        for name in pairs().keys() {
+            assert!(find(name).is_some_and(|r| r.lre.is_some()), "{name}");
+        }
+        for r in all() {
+            assert_eq!(r.lre.is_some(), !r.pairs.is_empty(), "{}", r.name);
+            assert!(r.pairs.len() <= 60, "{}", r.name);
+            for (s, o) in r.pairs {
+                assert!(!s.trim().is_empty() && !o.trim().is_empty(), "{}", r.name);
+                assert!(!o.contains("\\u"), "{}: {o} is still escaped", r.name);
+            }
+        }
+        let capital = find("capital").unwrap().pairs;
+        assert!(capital.iter().any(|(s, o)| s == "France" && o == "Paris"));
+        assert!(capital
+            .iter()
+            .any(|(s, o)| s == "Brazil" && o == "Bras\u{ed}lia"));
+    }
+
+    #[test]
+    fn a_word_is_answered_by_the_first_relation_with_it_as_an_object() {
+        assert_eq!(answered_by(" Paris").map(|r| r.name), Some("capital"));
+        assert_eq!(answered_by("french").map(|r| r.name), Some("language"));
+        assert!(answered_by(" strugg").is_none());
+        assert!(answered_by("").is_none());
     }
 
     #[test]

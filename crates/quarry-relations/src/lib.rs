@@ -4,9 +4,11 @@
 //! takes and its prompt templates (cloze and question forms); DESCRIBE asks the model every
 //! relation's question and the editor makes and tests an edit on the same prompts. The
 //! [`readout`] runs those prompts through the model as one batch and keeps the words it
-//! answers with. This crate sits under the editor, the vindex and the query engine so all of
+//! answers with, and [`accuracy`] measures how often those answers are right on each
+//! relation's known pairs. This crate sits under the editor, the vindex and the query engine so all of
 //! them share one definition.
 
+pub mod accuracy;
 pub mod catalogue;
 pub mod readout;
 

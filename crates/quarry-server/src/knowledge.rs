@@ -399,7 +399,8 @@ fn query_bool(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError>
 }
 
 /// `?entity=France[&layer=N | &scope=all|syntax|knowledge|output][&verbose=true]
-/// [&method=answers|features|raw]` (`&raw=true`, the older spelling, is `method=raw`)
+/// [&method=answers|features|raw][&relations_only=true]` (`&raw=true`, the older spelling, is
+/// `method=raw`)
 fn describe_statement(q: &HashMap<String, String>) -> Result<Statement, ApiError> {
     let entity = required(q, "entity")?.to_string();
     let scope = match (query_u32(q, "layer")?, q.get("scope").map(String::as_str)) {
@@ -442,6 +443,7 @@ fn describe_statement(q: &HashMap<String, String>) -> Result<Statement, ApiError
         entity,
         scope,
         detail,
+        relations_only: query_bool(q, "relations_only")?,
         method,
     })
 }
@@ -547,8 +549,18 @@ async fn stats(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     one(&s, Statement::Stats, None).await
 }
 
-async fn relations(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
-    one(&s, Statement::Show(ShowTarget::Relations), None).await
+/// `GET /v1/relations[?features=true][&layer=N][&examples=true]`: the catalogue relations
+/// the model answers, or (`features`, `layer`) the clusters of feature edges.
+async fn relations(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let target = ShowTarget::Relations {
+        features: query_bool(&q, "features")?,
+        layer: query_u32(&q, "layer")?,
+        examples: query_bool(&q, "examples")?,
+    };
+    one(&s, Statement::Show(target), None).await
 }
 
 /// `POST /v1/select`

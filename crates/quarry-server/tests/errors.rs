@@ -359,6 +359,8 @@ async fn knowledge_routes_run_lql_on_the_served_vindex() {
         "/v1/walk?prompt=Paris&top=5",
         "/v1/stats",
         "/v1/relations",
+        "/v1/relations?features=true&examples=true",
+        "/v1/describe?entity=France&method=features&relations_only=true",
     ] {
         let (s, b) = call(&app, "GET", uri, Body::empty(), None).await;
         assert_eq!(s, StatusCode::OK, "{uri}: {b}");
@@ -407,6 +409,11 @@ async fn knowledge_routes_run_lql_on_the_served_vindex() {
     error(s, &b, StatusCode::BAD_REQUEST, Some("layers"));
     let (s, b) = call(&app, "GET", "/v1/describe", Body::empty(), None).await;
     error(s, &b, StatusCode::BAD_REQUEST, Some("entity"));
+    let (s, b) = call(&app, "GET", "/v1/relations?examples=2", Body::empty(), None).await;
+    error(s, &b, StatusCode::BAD_REQUEST, Some("examples"));
+    let (s, b) = call(&app, "GET", "/v1/relations", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert!(columns(&b).contains(&"accuracy".to_string()), "{b}");
     let (s, b) = call(&app, "GET", "/v1/models", Body::empty(), None).await;
     assert_eq!(
         (s, b["data"][1]["id"].as_str()),

@@ -274,6 +274,24 @@ pub fn parse_relations(bytes: &[u8], index: &Index, path: &str) -> Result<Relati
             return Err(invalid(format!("edges[{i}]"), problem));
         }
     }
+    for (i, a) in relations.catalogue.iter().enumerate() {
+        let problem = if quarry_relations::catalogue::find(&a.relation).is_none() {
+            Some(format!("relation {:?} is not in the catalogue", a.relation))
+        } else if a.answered > a.asked {
+            Some(format!("{} of {} pairs answered", a.answered, a.asked))
+        } else if a.examples.len() > a.answered {
+            Some(format!(
+                "{} examples of {} answers",
+                a.examples.len(),
+                a.answered
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(invalid(format!("catalogue[{i}]"), problem));
+        }
+    }
     Ok(relations)
 }
 

@@ -252,7 +252,13 @@ fn write_all(
         done: 0,
         total: 1,
     });
-    let relations = relations.finish(bands.knowledge, scaled_embedding);
+    let mut relations = relations.finish(bands.knowledge, scaled_embedding);
+    progress(Progress {
+        step: "asking the catalogue relations",
+        done: 0,
+        total: 1,
+    });
+    relations.catalogue = quarry_relations::accuracy::measure(model, tokenizer)?;
     files.push(write_json(dir, RELATIONS, &relations)?);
     norms.floats(model.output_norm(), Dtype::F32)?;
     files.extend([

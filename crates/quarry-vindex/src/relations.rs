@@ -15,6 +15,7 @@
 //! offsets are clustered by spherical k-means (deterministic farthest-point start,
 //! [`ITERATIONS`] rounds); a relation's label is its most central member, `input → output`.
 
+use quarry_relations::accuracy::RelationAccuracy;
 use serde::{Deserialize, Serialize};
 
 use quarry_kernels::gemm::{gemm, MatRef};
@@ -39,6 +40,10 @@ pub struct Relations {
     pub relations: Vec<Relation>,
     /// Every feature read as an edge, grouped by `relation`.
     pub edges: Vec<FeatureEdge>,
+    /// How well the model answers each catalogue relation, measured at extraction
+    /// (quarry_relations::accuracy); empty in vindexes extracted before it was.
+    #[serde(default)]
+    pub catalogue: Vec<RelationAccuracy>,
 }
 
 /// One cluster of feature edges.
@@ -247,6 +252,7 @@ impl<'a> RelationBuilder<'a> {
             layers,
             relations,
             edges: self.edges,
+            catalogue: Vec::new(),
         }
     }
 }

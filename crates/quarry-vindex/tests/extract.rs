@@ -485,6 +485,16 @@ fn relation_table_ids_are_checked_against_the_manifest() {
             serde_json::json!([12, 99]),
             "layers [12, 99] reaches beyond".into(),
         ),
+        (
+            "/catalogue/0/relation",
+            serde_json::json!("shoe size"),
+            "catalogue[0] relation \"shoe size\" is not in the catalogue".into(),
+        ),
+        (
+            "/catalogue/1/answered",
+            serde_json::json!(1000),
+            "catalogue[1] 1000 of".into(),
+        ),
     ];
     for (pointer, new, expected) in cases {
         let mut v = value.clone();
