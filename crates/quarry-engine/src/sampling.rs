@@ -392,6 +392,7 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quarry_model::ops::softmax;
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {
@@ -415,13 +416,6 @@ mod tests {
         let mut ids: Vec<u32> = s.candidates.iter().map(|c| c.id()).collect();
         ids.sort_unstable();
         ids
-    }
-
-    fn softmax(logits: &[f32]) -> Vec<f64> {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let e: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
-        let s: f64 = e.iter().sum();
-        e.iter().map(|x| x / s).collect()
     }
 
     fn histogram(p: SamplingParams, logits: &[f32], draws: usize) -> Vec<f64> {

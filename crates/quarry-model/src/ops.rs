@@ -51,6 +51,15 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
 }
 
 /// `cap · tanh(x / cap)`: bounds logits smoothly (Gemma 2's soft-capping).
+/// The probabilities of a row of logits (softmax, computed in `f64` so that the small
+/// probabilities tools compare stay exact).
+pub fn softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let exp: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
+}
+
 pub fn softcap(x: &mut [f32], cap: f32) {
     for v in x.iter_mut() {
         *v = cap * (*v / cap).tanh();
@@ -211,6 +220,16 @@ pub fn rotate_each(parts: &mut [(&RopeTable<'_>, &mut [f32])], head_dim: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn softmax_matches_the_closed_form_and_survives_large_logits() {
+        let p = softmax(&[0.0, (2.0f32).ln(), 1000.0 - 1000.0]);
+        for (got, want) in p.iter().zip([0.25, 0.5, 0.25]) {
+            assert!((got - want).abs() < 1e-7, "{p:?}");
+        }
+        let p = softmax(&[1000.0, 1000.0, f32::NEG_INFINITY]);
+        assert_eq!(p, [0.5, 0.5, 0.0]);
+    }
 
     #[test]
     fn rms_norm_normalises_rows() {

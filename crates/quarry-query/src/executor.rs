@@ -9,6 +9,7 @@ use quarry_format::GgufFile;
 use quarry_lql::{
     DescribeMethod, DescribeScope, Detail, LayerRange, ShowTarget, Source, Statement,
 };
+use quarry_model::ops::softmax;
 use quarry_model::{FfnOverlay, Model};
 use quarry_tokenize::Tokenizer;
 use quarry_vindex::{Level, Vindex};
@@ -21,7 +22,7 @@ use crate::in_context;
 use crate::relations;
 use crate::result::{Cell, ColumnType, ResultSet};
 use crate::select::{self, select};
-use crate::trace::{attribute, ffn_feature_shares, run, softmax, top_n, Readout};
+use crate::trace::{attribute, ffn_feature_shares, run, top_n, Readout};
 use quarry_relations::accuracy::{self, RelationAccuracy};
 use quarry_relations::catalogue;
 use quarry_relations::readout::Baseline;

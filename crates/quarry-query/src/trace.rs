@@ -99,14 +99,6 @@ pub(crate) fn run(model: &Model, tokenizer: &Tokenizer, prompt: &str) -> Result<
     })
 }
 
-/// Probabilities of `logits` (softmax in `f64`).
-pub(crate) fn softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let exp: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
-    let sum: f64 = exp.iter().sum();
-    exp.into_iter().map(|e| e / sum).collect()
-}
-
 /// Indices of the `n` largest values, largest first.
 pub(crate) fn top_n(values: &[f32], n: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..values.len()).collect();

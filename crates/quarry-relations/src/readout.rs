@@ -6,6 +6,7 @@
 //! [`Model::forward_batch`], so twenty relations cost one prefill of their short prompts and
 //! a few batched decode steps, not twenty generations.
 
+use quarry_model::ops::softmax;
 use quarry_model::{ContiguousKvCache, Model, ModelError, SequenceBatch};
 use quarry_tokenize::Tokenizer;
 
@@ -233,7 +234,7 @@ impl Baseline {
                 let mut mean = vec![0.0f32; vocab];
                 for row in ask.chunks(vocab) {
                     for (m, p) in mean.iter_mut().zip(softmax(row)) {
-                        *m += p / PLACEHOLDERS.len() as f32;
+                        *m += p as f32 / PLACEHOLDERS.len() as f32;
                     }
                 }
                 let mut order: Vec<u32> = (0..vocab as u32).collect();
@@ -347,13 +348,6 @@ fn prefill(
         return Ok(Vec::new());
     }
     model.forward_batch(&mut batch)
-}
-
-fn softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.into_iter().map(|e| e / sum).collect()
 }
 
 /// The most likely token of a row of logits and its log-probability.
