@@ -2,6 +2,9 @@
 //! gate score for an entity, then the top 20), and DESCRIBE over the knowledge band, its RAW
 //! variant and WALK. The vindex is `QUARRY_BENCH_VINDEX` if set (e.g. an extracted Gemma 3),
 //! otherwise SmolLM2 extracted at browse level into a temporary directory first (~25 s).
+//! Then DESCRIBE's default method, which asks the model, on Gemma 3 270M's model file (issue
+//! 16's bound: at most 1 s with 2 threads), after one DESCRIBE has made the session's
+//! baseline.
 
 use std::path::PathBuf;
 
@@ -56,6 +59,18 @@ fn knowledge(c: &mut Criterion) {
         let statements = quarry_lql::parse(query).unwrap();
         c.bench_function(name, |b| b.iter(|| exec.execute(&statements[0]).unwrap()));
     }
+
+    let mut asks = Executor::new();
+    let gemma = model_path(TestModel::Gemma3);
+    asks.run_script(&format!(
+        "USE {:?}; DESCRIBE \"Peru\"",
+        gemma.to_str().unwrap()
+    ))
+    .unwrap();
+    let statements = quarry_lql::parse("DESCRIBE \"France\"").unwrap();
+    c.bench_function("describe_answers_gemma3", |b| {
+        b.iter(|| asks.execute(&statements[0]).unwrap())
+    });
 }
 
 criterion_group! {
