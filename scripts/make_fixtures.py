@@ -1,0 +1,136 @@
+"""The tiny reference models of fixtures/families/ (run through scripts/make-fixtures).
+
+For each family: a byte-level BPE tokenizer trained on a fixed text (512 tokens; GPT-2's
+pre-tokenizer, so its GGUF says tokenizer.ggml.pre = "gpt-2"), a model of the family's
+transformers class with a few small layers and seeded random weights (biases and norm weights
+randomised too, so that they matter), saved as safetensors; llama.cpp's convert_hf_to_gguf.py
+turns the directory into model-f32.gguf; transformers' f32 logits on fixed token ids
+(teacher-forced) are the golden, `logits.f32` (little-endian, tokens × vocab) beside `ids.json`.
+Everything is seeded: a second run writes the same bytes.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import PreTrainedTokenizerFast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "fixtures", "families")
+VOCAB = 512
+TOKENS = 40
+SEED = 1234
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+              bos_token_id=0, eos_token_id=0, initializer_range=0.1)
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(**COMMON))
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2ForCausalLM(Qwen2Config(**COMMON, use_sliding_window=False))
+
+
+FAMILIES = {"llama": llama, "qwen2": qwen2}
+
+
+def corpus():
+    text = []
+    for name in ("README.md", "docs/lql.md", "docs/relations.md"):
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            text.append(f.read())
+    return text
+
+
+def tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token=None)
+
+
+def randomise_extras(model):
+    """Biases and norm weights start at 0 and 1; make them random so the fixture tests them."""
+    gen = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "norm" in name:
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def convert(src, model_dir, out):
+    """llama.cpp's converter, with the BPE pre-tokenizer named: a freshly trained tokenizer
+    has no entry in its table of known tokenizations, and its pre-tokenizer is GPT-2's."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[1] + '/gguf-py');"
+        "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, t: 'gpt-2';"
+        "import convert_hf_to_gguf as c; sys.argv = ['convert', sys.argv[2], '--outfile', sys.argv[3],"
+        " '--outtype', 'f32']; c.main()"
+    )
+    done = subprocess.run([sys.executable, "-c", code, src, model_dir, out], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"make-fixtures: convert_hf_to_gguf.py failed on {model_dir}:\n{done.stderr[-4000:]}")
+
+
+def make(family, src):
+    torch.manual_seed(SEED)
+    model = FAMILIES[family]().float().eval()
+    randomise_extras(model)
+    out = os.path.join(OUT, family)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = os.path.join(tmp, "hf")
+        model.save_pretrained(hf, safe_serialization=True)
+        tokenizer().save_pretrained(hf)
+        gguf = os.path.join(tmp, "model-f32.gguf")
+        convert(src, hf, gguf)
+        ids = [0] + torch.randint(1, VOCAB, (TOKENS - 1,), generator=torch.Generator().manual_seed(SEED + 2)).tolist()
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float().numpy()
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.makedirs(out)
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(hf, name), out)
+        shutil.copy(gguf, out)
+    with open(os.path.join(out, "ids.json"), "w") as f:
+        json.dump({"ids": ids, "about": "token ids run teacher-forced; logits.f32 is transformers' "
+                   "f32 output, tokens x vocab, little-endian"}, f)
+        f.write("\n")
+    logits.astype("<f4").tofile(os.path.join(out, "logits.f32"))
+    size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
+    print(f"{family}: {out} ({size / 1e6:.2f} MB), logits range {logits.min():.3f}..{logits.max():.3f}",
+          file=sys.stderr)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--llama-src", required=True)
+    p.add_argument("families", nargs="*", default=sorted(FAMILIES))
+    a = p.parse_args()
+    torch.use_deterministic_algorithms(True)
+    for family in a.families:
+        if family not in FAMILIES:
+            sys.exit(f"make-fixtures: unknown family {family!r} (known: {', '.join(sorted(FAMILIES))})")
+        make(family, a.llama_src)
+
+
+if __name__ == "__main__":
+    main()
