@@ -33,9 +33,18 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
               bos_token_id=0, eos_token_id=0, initializer_range=0.1)
 
 
+MOE = dict(num_experts_per_tok=2)
+
+
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
     return LlamaForCausalLM(LlamaConfig(**COMMON))
+
+
+def mistral():
+    # No sliding window: llama.cpp's converter then writes it as plain llama (the notes).
+    from transformers import MistralConfig, MistralForCausalLM
+    return MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None))
 
 
 def qwen2():
@@ -43,7 +52,44 @@ def qwen2():
     return Qwen2ForCausalLM(Qwen2Config(**COMMON, use_sliding_window=False))
 
 
-FAMILIES = {"llama": llama, "qwen2": qwen2}
+def qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    return Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, use_sliding_window=False))
+
+
+def olmo2():
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+    return Olmo2ForCausalLM(Olmo2Config(**COMMON))
+
+
+def mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    config = dict(COMMON, intermediate_size=64)
+    return MixtralForCausalLM(MixtralConfig(**config, **MOE, num_local_experts=4, sliding_window=None))
+
+
+def qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(**COMMON, **MOE, num_experts=4, moe_intermediate_size=64,
+                                              shared_expert_intermediate_size=128, decoder_sparse_step=1,
+                                              mlp_only_layers=[], use_sliding_window=False))
+
+
+def qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**COMMON, **MOE, num_experts=4, moe_intermediate_size=64,
+                                              head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
+                                              use_sliding_window=False))
+
+
+def olmoe():
+    # llama.cpp expects OLMoE's key norm at full width: as many key/value heads as heads.
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+    config = dict(COMMON, num_key_value_heads=4, intermediate_size=64)
+    return OlmoeForCausalLM(OlmoeConfig(**config, **MOE, num_experts=4))
+
+
+FAMILIES = {f.__name__: f for f in (llama, mistral, qwen2, qwen3, olmo2, mixtral, qwen2_moe, qwen3_moe, olmoe)}
 
 
 def corpus():

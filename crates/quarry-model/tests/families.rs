@@ -10,7 +10,7 @@ use quarry_format::GgufFile;
 use quarry_model::Model;
 
 /// Families Quarry runs from GGUF today.
-const FAMILIES: &[&str] = &["llama"];
+const FAMILIES: &[&str] = &["llama", "mistral"];
 
 #[test]
 fn gguf_logits_equal_transformers_f32() {
