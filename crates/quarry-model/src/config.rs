@@ -119,6 +119,20 @@ impl ModelConfig {
             Ok(get_f32(suffix)?.unwrap_or(default))
         };
 
+        // A Mixtral GGUF says `llama` and adds experts; the dense forward pass would only
+        // miss its FFN tensors, so say what the file is instead.
+        if let Some(experts) = file.get(&key("expert_count")).and_then(|v| v.as_u64()) {
+            if experts > 0 {
+                return Err(ModelError::Invalid {
+                    file: file.source().to_string(),
+                    item: key("expert_count"),
+                    problem: format!(
+                        "a mixture-of-experts model ({experts} experts); Quarry runs dense \
+                         models only so far"
+                    ),
+                });
+            }
+        }
         let n_layers = get_usize("block_count")?;
         let d_model = get_usize("embedding_length")?;
         let n_heads = get_usize("attention.head_count")?;

@@ -54,3 +54,25 @@ fn gguf_logits_equal_transformers_f32() {
         );
     }
 }
+
+/// The families Quarry does not run yet are refused with one error naming what the file is,
+/// not a missing tensor or a panic.
+#[test]
+fn families_not_run_yet_are_named_errors() {
+    for (family, needle) in [
+        ("qwen2", "unsupported architecture 'qwen2'"),
+        ("olmo2", "unsupported architecture 'olmo2'"),
+        (
+            "mixtral",
+            "llama.expert_count: a mixture-of-experts model (4 experts)",
+        ),
+    ] {
+        let path = workspace_root()
+            .join("fixtures/families")
+            .join(family)
+            .join("model-f32.gguf");
+        let file = Arc::new(GgufFile::open(&path).unwrap());
+        let err = Model::load(file).err().unwrap().to_string();
+        assert!(err.contains(needle), "{family}: {err}");
+    }
+}
