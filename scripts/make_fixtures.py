@@ -82,6 +82,21 @@ def qwen3_moe():
                                               use_sliding_window=False))
 
 
+def phi3():
+    # Written with a GPT-2 tokenizer, as Phi-4 is (the converter then needs no tokenizer.model).
+    from transformers import Phi3Config, Phi3ForCausalLM
+    return Phi3ForCausalLM(Phi3Config(**COMMON, pad_token_id=0))
+
+
+def gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    config = dict(COMMON, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    return Gemma2ForCausalLM(Gemma2Config(**config, head_dim=16, sliding_window=8,
+                                          query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                                          final_logit_softcapping=30.0,
+                                          hidden_activation="gelu_pytorch_tanh"))
+
+
 def olmoe():
     # llama.cpp expects OLMoE's key norm at full width: as many key/value heads as heads.
     from transformers import OlmoeConfig, OlmoeForCausalLM
@@ -89,7 +104,10 @@ def olmoe():
     return OlmoeForCausalLM(OlmoeConfig(**config, **MOE, num_experts=4))
 
 
-FAMILIES = {f.__name__: f for f in (llama, mistral, qwen2, qwen3, olmo2, mixtral, qwen2_moe, qwen3_moe, olmoe)}
+FAMILIES = {f.__name__: f for f in (llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, mixtral, qwen2_moe,
+                                     qwen3_moe, olmoe)}
+# Families whose converter reads a SentencePiece model (Gemma-style: no dummy prefix).
+SENTENCEPIECE = {"gemma2"}
 
 
 def corpus():
@@ -109,6 +127,26 @@ def tokenizer():
     tok.train_from_iterator(corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                    eos_token="<|endoftext|>", unk_token=None)
+
+
+def sentencepiece_tokenizer(directory):
+    """A SentencePiece BPE model with Gemma's special pieces, and transformers' tokenizer over it."""
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+    # The model records its trainer's input and output paths: relative ones, for the same bytes.
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        with open("corpus.txt", "w", encoding="utf-8") as f:
+            f.write("\n".join(corpus()))
+        spm.SentencePieceTrainer.train(
+            input="corpus.txt", model_prefix="sp", vocab_size=VOCAB, model_type="bpe",
+            byte_fallback=True, add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+            num_threads=1, seed_sentencepiece_size=100000, shuffle_input_sentence=False,
+            minloglevel=2)
+        os.chdir(here)
+        shutil.copy(os.path.join(tmp, "sp.model"), os.path.join(directory, "tokenizer.model"))
+    GemmaTokenizer(os.path.join(directory, "tokenizer.model")).save_pretrained(directory)
 
 
 def randomise_extras(model):
@@ -144,17 +182,29 @@ def make(family, src):
     with tempfile.TemporaryDirectory() as tmp:
         hf = os.path.join(tmp, "hf")
         model.save_pretrained(hf, safe_serialization=True)
-        tokenizer().save_pretrained(hf)
+        if family in SENTENCEPIECE:
+            sentencepiece_tokenizer(hf)
+        else:
+            tokenizer().save_pretrained(hf)
+        if family == "phi3":
+            path = os.path.join(hf, "tokenizer_config.json")
+            with open(path) as f:
+                config = json.load(f)
+            config["tokenizer_class"] = "GPT2Tokenizer"
+            with open(path, "w") as f:
+                json.dump(config, f, indent=2)
         gguf = os.path.join(tmp, "model-f32.gguf")
         convert(src, hf, gguf)
-        ids = [0] + torch.randint(1, VOCAB, (TOKENS - 1,), generator=torch.Generator().manual_seed(SEED + 2)).tolist()
+        ids = [model.config.bos_token_id] + torch.randint(3, VOCAB, (TOKENS - 1,), generator=torch.Generator().manual_seed(SEED + 2)).tolist()
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float().numpy()
         if os.path.exists(out):
             shutil.rmtree(out)
         os.makedirs(out)
-        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(os.path.join(hf, name), out)
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
+                     "tokenizer_config.json"):
+            if os.path.exists(os.path.join(hf, name)):
+                shutil.copy(os.path.join(hf, name), out)
         shutil.copy(gguf, out)
     with open(os.path.join(out, "ids.json"), "w") as f:
         json.dump({"ids": ids, "about": "token ids run teacher-forced; logits.f32 is transformers' "

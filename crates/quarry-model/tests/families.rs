@@ -62,6 +62,8 @@ fn families_not_run_yet_are_named_errors() {
     for (family, needle) in [
         ("qwen2", "unsupported architecture 'qwen2'"),
         ("olmo2", "unsupported architecture 'olmo2'"),
+        ("gemma2", "unsupported architecture 'gemma2'"),
+        ("phi3", "unsupported architecture 'phi3'"),
         (
             "mixtral",
             "llama.expert_count: a mixture-of-experts model (4 experts)",
