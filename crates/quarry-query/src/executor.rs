@@ -95,10 +95,7 @@ impl Executor {
         let statement = "(the open model)";
         let base = self.base_model(statement)?;
         base.with_overlay(self.overlay())
-            .map_err(|source| QueryError::Model {
-                statement: statement.to_string(),
-                source: Box::new(source),
-            })
+            .map_err(model_error(statement))
     }
 
     /// Parses and runs every statement of `script`, stopping at the first error.
@@ -295,12 +292,9 @@ impl Executor {
             self.vindex = Some(Arc::new(v));
             self.gguf = None;
         } else {
-            let model_error = |source: quarry_model::ModelError| QueryError::Model {
-                statement: statement.to_string(),
-                source: Box::new(source),
-            };
-            let file = GgufFile::open(path).map_err(|e| model_error(e.into()))?;
-            let config = quarry_model::ModelConfig::from_gguf(&file).map_err(model_error)?;
+            let file = GgufFile::open(path).map_err(|e| model_error(statement)(e.into()))?;
+            let config =
+                quarry_model::ModelConfig::from_gguf(&file).map_err(model_error(statement))?;
             let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| QueryError::Invalid {
                 statement: statement.to_string(),
                 message: format!("{}: tokenizer: {e}", path.display()),
@@ -389,10 +383,7 @@ impl Executor {
         let model = self.base_model(statement)?;
         let tok = self.tokenizer().expect("a model is open");
         let start = std::time::Instant::now();
-        let measured = accuracy::measure(model, tok).map_err(|source| QueryError::Model {
-            statement: statement.to_string(),
-            source: Box::new(source),
-        })?;
+        let measured = accuracy::measure(model, tok).map_err(model_error(statement))?;
         let note = format!(
             "measured now in {:.1} s and kept for this session; a vindex keeps it from extraction",
             start.elapsed().as_secs_f64()
@@ -416,11 +407,7 @@ impl Executor {
         }
         let model = self.base_model(statement)?;
         let tok = self.tokenizer().expect("a model is open");
-        let b =
-            Baseline::new(model, tok, &answers::asks()).map_err(|source| QueryError::Model {
-                statement: statement.to_string(),
-                source: Box::new(source),
-            })?;
+        let b = Baseline::new(model, tok, &answers::asks()).map_err(model_error(statement))?;
         Ok(self.baseline.get_or_init(|| b))
     }
 
@@ -441,10 +428,7 @@ impl Executor {
                 })
             }
         };
-        let model = Model::load(file).map_err(|source| QueryError::Model {
-            statement: statement.to_string(),
-            source: Box::new(source),
-        })?;
+        let model = Model::load(file).map_err(model_error(statement))?;
         // A clone that loaded it meanwhile wins; this copy is dropped.
         Ok(self.model.get_or_init(|| model))
     }
@@ -467,10 +451,7 @@ impl Executor {
         let base = self.base_model(statement)?;
         let model = base
             .with_overlay(self.overlay())
-            .map_err(|source| QueryError::Model {
-                statement: statement.to_string(),
-                source: Box::new(source),
-            })?;
+            .map_err(model_error(statement))?;
         let tok = self.tokenizer().expect("a model is open");
         f(self.vindex.as_deref(), tok, &model).map_err(|message| QueryError::Invalid {
             statement: statement.to_string(),
@@ -507,6 +488,14 @@ impl Executor {
                     message,
                 },
             })
+    }
+}
+
+/// Wraps a model error with the statement that met it.
+fn model_error(statement: &str) -> impl FnOnce(quarry_model::ModelError) -> QueryError + '_ {
+    move |source| QueryError::Model {
+        statement: statement.to_string(),
+        source: Box::new(source),
     }
 }
 

@@ -5,8 +5,8 @@
 //! when the greedy answer gives its object ([`gives`]). This is the accuracy SHOW RELATIONS
 //! lists: a relation the model answers 0 of 30 times is not one DESCRIBE can read out of it,
 //! whatever its catalogue entry says. Extraction measures it once and keeps it in the vindex;
-//! a model file queried without a vindex measures it on first use. All prompts of all
-//! relations run in batches of [`BATCH`] (readout::answers).
+//! a model file queried without a vindex measures it on first use. Each relation's prompts run
+//! in batches of [`BATCH`] (readout::answers).
 
 use quarry_model::{Model, ModelError};
 use quarry_tokenize::Tokenizer;
@@ -50,7 +50,11 @@ pub fn ask(
     pairs: &[Pair],
 ) -> Result<Vec<(Answer, bool)>, ModelError> {
     let prompts: Vec<String> = pairs.iter().map(|(s, _)| fill(template, s)).collect();
-    Ok(answer_all(model, tokenizer, &prompts)?
+    let mut got = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(BATCH) {
+        got.extend(answers(model, tokenizer, chunk, ANSWER_TOKENS)?);
+    }
+    Ok(got
         .into_iter()
         .zip(pairs)
         .map(|(a, (_, object))| {
@@ -63,46 +67,23 @@ pub fn ask(
 /// Every catalogue relation that has pairs, asked about its first [`PAIRS_ASKED`], in
 /// catalogue order.
 pub fn measure(model: &Model, tokenizer: &Tokenizer) -> Result<Vec<RelationAccuracy>, ModelError> {
-    let asked: Vec<(catalogue::Relation, &[Pair])> = catalogue::all()
+    catalogue::all()
         .filter(|r| !r.pairs.is_empty())
-        .map(|r| (r, &r.pairs[..r.pairs.len().min(PAIRS_ASKED)]))
-        .collect();
-    let prompts: Vec<String> = asked
-        .iter()
-        .flat_map(|(r, pairs)| pairs.iter().map(|(s, _)| fill(&r.templates[r.describe], s)))
-        .collect();
-    let mut got = answer_all(model, tokenizer, &prompts)?.into_iter();
-    Ok(asked
-        .into_iter()
-        .map(|(r, pairs)| {
-            let mut acc = RelationAccuracy {
+        .map(|r| {
+            let pairs = &r.pairs[..r.pairs.len().min(PAIRS_ASKED)];
+            let got = ask(model, tokenizer, &r.templates[r.describe], pairs)?;
+            let right: Vec<(String, String)> = got
+                .into_iter()
+                .zip(pairs)
+                .filter(|((_, right), _)| *right)
+                .map(|((answer, _), (subject, _))| (subject.clone(), answer.text))
+                .collect();
+            Ok(RelationAccuracy {
                 relation: r.name.to_string(),
                 asked: pairs.len(),
-                answered: 0,
-                examples: Vec::new(),
-            };
-            for ((subject, object), answer) in pairs.iter().zip(got.by_ref()) {
-                if gives(&answer.text, object) {
-                    acc.answered += 1;
-                    if acc.examples.len() < EXAMPLES {
-                        acc.examples.push((subject.clone(), answer.text));
-                    }
-                }
-            }
-            acc
+                answered: right.len(),
+                examples: right.into_iter().take(EXAMPLES).collect(),
+            })
         })
-        .collect())
-}
-
-/// [`answers`] to `prompts`, [`BATCH`] at a time.
-fn answer_all(
-    model: &Model,
-    tokenizer: &Tokenizer,
-    prompts: &[String],
-) -> Result<Vec<Answer>, ModelError> {
-    let mut got = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(BATCH) {
-        got.extend(answers(model, tokenizer, chunk, ANSWER_TOKENS)?);
-    }
-    Ok(got)
+        .collect()
 }
