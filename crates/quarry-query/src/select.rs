@@ -444,7 +444,48 @@ pub(crate) fn like(text: &str, pattern: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::like;
+    use super::{entities, like};
+
+    fn condition(text: &str) -> quarry_lql::Expr {
+        match quarry_lql::parse(&format!("SELECT * FROM EDGES WHERE {text}"))
+            .unwrap()
+            .remove(0)
+        {
+            quarry_lql::Statement::Select(q) => q.filter.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_entities_of_an_edges_condition() {
+        let named = |text: &str| entities(Some(&condition(text)));
+        assert_eq!(
+            named(r#"entity = "France" AND relation = "capital""#).unwrap(),
+            Some(vec!["France".to_string()])
+        );
+        assert_eq!(
+            named(r#"entity IN ("France", "Japan") AND score > 0.1 AND entity != "x""#).unwrap(),
+            Some(vec!["France".to_string(), "Japan".to_string()])
+        );
+        assert_eq!(
+            named(r#"entity IN ("France", "Japan") AND entity = "Japan""#).unwrap(),
+            Some(vec!["Japan".to_string()])
+        );
+        assert_eq!(named("layer = 2").unwrap(), None);
+        assert_eq!(entities(None).unwrap(), None);
+        for (text, needle) in [
+            (r#"entity = "France" OR layer = 2"#, "entity IN"),
+            (r#"NOT entity = "France""#, "entity IN"),
+            ("entity = 3", "compared with the number 3"),
+            (
+                r#"entity = "France" AND entity = "Japan""#,
+                "no entity in common",
+            ),
+        ] {
+            let err = named(text).unwrap_err();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn like_matches_sql_semantics() {

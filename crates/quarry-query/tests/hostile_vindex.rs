@@ -39,15 +39,21 @@ const STATEMENTS: &[&str] = &[
     "SHOW LAYERS",
     "SHOW FEATURES 3",
     "SHOW RELATIONS",
+    "SHOW RELATIONS WITH EXAMPLES",
+    "SHOW RELATIONS VIA FEATURES AT LAYER 12 WITH EXAMPLES",
     "SHOW ENTITIES",
+    "SHOW ENTITIES AT LAYER 12 LIMIT 3",
+    "SHOW FEATURES 3 WHERE relation = \"capital\" LIMIT 2",
     "DESCRIBE \"France\"",
     "DESCRIBE \"France\" VIA FEATURES",
     "DESCRIBE \"France\" ALL LAYERS BRIEF RAW",
     "DESCRIBE \"France\" SYNTAX RAW",
     "DESCRIBE \"France\" OUTPUT VERBOSE RAW",
+    "DESCRIBE \"France\" BRIEF RELATIONS ONLY RAW",
     "WALK \"The capital of France\" TOP 3",
     "EXPLAIN WALK \"France\" TOP 2 LAYERS 0-1",
     "SELECT * FROM EDGES LIMIT 5",
+    "SELECT relation, target FROM EDGES WHERE entity = \"France\" AND relation = \"capital\"",
     "SELECT * FROM FEATURES WHERE layer = 2 LIMIT 3",
     "SELECT * FROM ENTITIES NEAREST TO \"France\" AT LAYER 3 LIMIT 3",
     "INFER \"The capital of France is\" TOP 3",
@@ -158,6 +164,12 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|(i, v)| Change::Relations(format!("/layers/{i}"), v)),
         (0usize..3, awkward_number())
             .prop_map(|(i, v)| Change::Relations(format!("/relations/{i}/id"), v)),
+        (
+            0usize..3,
+            prop::sample::select(vec!["asked", "answered"]),
+            awkward_number()
+        )
+            .prop_map(|(i, f, v)| Change::Relations(format!("/catalogue/{i}/{f}"), v)),
         (0usize..1000, any::<u32>()).prop_map(|(n, t)| Change::WritesToken(n, t)),
         (
             0usize..1000,
@@ -279,4 +291,34 @@ fn the_unchanged_vindex_answers_every_statement() {
             .run_script(statement)
             .unwrap_or_else(|e| panic!("{statement}: {e}"));
     }
+}
+
+/// A browse-level vindex from before extraction measured relation accuracy holds neither the
+/// accuracy nor a model to measure it with: SHOW RELATIONS and the EDGES of an entity say so
+/// and what to do, and the feature clusters are still listed.
+#[test]
+fn a_browse_vindex_without_accuracy_says_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_with(
+        &[
+            Change::Manifest("/level".into(), json!("browse")),
+            Change::Relations("/catalogue".into(), json!([])),
+        ],
+        tmp.path(),
+    );
+    let mut executor = Executor::with_vindex(&dir).unwrap();
+    for (statement, needle) in [
+        ("SHOW RELATIONS", "extract it again"),
+        (
+            "SELECT * FROM EDGES WHERE entity = \"France\"",
+            "this vindex holds none (browse level)",
+        ),
+    ] {
+        let err = executor.run_script(statement).unwrap_err().to_string();
+        assert!(
+            err.contains(needle) && !err.contains('\n'),
+            "{statement}: {err}"
+        );
+    }
+    executor.run_script("SHOW RELATIONS VIA FEATURES").unwrap();
 }
