@@ -90,11 +90,14 @@ def phi3():
 
 def gemma2():
     from transformers import Gemma2Config, Gemma2ForCausalLM
-    config = dict(COMMON, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    # Tied head, as every Gemma 2 is: llama.cpp's converter drops an lm_head for this family.
+    config = dict(COMMON, bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+    # Eager attention: transformers' SDPA path leaves out the attention soft-cap.
     return Gemma2ForCausalLM(Gemma2Config(**config, head_dim=16, sliding_window=8,
                                           query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
                                           final_logit_softcapping=30.0,
-                                          hidden_activation="gelu_pytorch_tanh"))
+                                          hidden_activation="gelu_pytorch_tanh",
+                                          attn_implementation="eager"))
 
 
 def olmoe():

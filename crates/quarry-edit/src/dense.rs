@@ -18,11 +18,12 @@ use quarry_model::{Activation, Model, ModelConfig};
 
 use crate::EditError;
 
-/// A dense `rows × cols` matrix, row-major.
+/// A dense `rows × cols` matrix, row-major, and the bias added to its products (if any).
 struct Dense {
     rows: usize,
     cols: usize,
     data: Vec<f32>,
+    bias: Option<Vec<f32>>,
 }
 
 impl Dense {
@@ -31,10 +32,22 @@ impl Dense {
         let mut data = vec![0.0f32; rows * cols];
         quarry_kernels::dequantize(view.dtype(), view.data(), &mut data)
             .map_err(|e| EditError::Model(e.to_string()))?;
-        Ok(Dense { rows, cols, data })
+        Ok(Dense {
+            rows,
+            cols,
+            data,
+            bias: None,
+        })
     }
 
-    /// `x · selfᵀ` for `n` rows of `x` (`cols` wide): `n × rows`.
+    fn with_bias(self, bias: Option<&[f32]>) -> Dense {
+        Dense {
+            bias: bias.map(<[f32]>::to_vec),
+            ..self
+        }
+    }
+
+    /// `x · selfᵀ + bias` for `n` rows of `x` (`cols` wide): `n × rows`.
     fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0.0f32; n * self.rows];
         gemm(
@@ -45,6 +58,11 @@ impl Dense {
             &mut out,
             self.rows,
         );
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(self.rows) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+        }
         out
     }
 
@@ -62,7 +80,7 @@ impl Dense {
 }
 
 struct DenseFfn {
-    norm: Vec<f32>,
+    norm: Option<Vec<f32>>,
     gate: Dense,
     up: Dense,
     down: Dense,
@@ -70,7 +88,7 @@ struct DenseFfn {
 }
 
 struct DenseAttention {
-    norm: Vec<f32>,
+    norm: Option<Vec<f32>>,
     wq: Dense,
     wk: Dense,
     wv: Dense,
@@ -238,7 +256,7 @@ impl DenseTail {
         let ffn = |l: usize| -> Result<DenseFfn, EditError> {
             let w = model.ffn_weights(l);
             Ok(DenseFfn {
-                norm: w.norm.to_vec(),
+                norm: w.norm.map(<[f32]>::to_vec),
                 gate: Dense::from_view(w.gate)?,
                 up: Dense::from_view(w.up)?,
                 down: Dense::from_view(w.down)?,
@@ -248,11 +266,11 @@ impl DenseTail {
         let attention = |l: usize| -> Result<DenseAttention, EditError> {
             let w = model.attention_weights(l);
             Ok(DenseAttention {
-                norm: w.norm.to_vec(),
-                wq: Dense::from_view(w.wq)?,
-                wk: Dense::from_view(w.wk)?,
-                wv: Dense::from_view(w.wv)?,
-                wo: Dense::from_view(w.wo)?,
+                norm: w.norm.map(<[f32]>::to_vec),
+                wq: Dense::from_view(w.wq)?.with_bias(w.biases[0]),
+                wk: Dense::from_view(w.wk)?.with_bias(w.biases[1]),
+                wv: Dense::from_view(w.wv)?.with_bias(w.biases[2]),
+                wo: Dense::from_view(w.wo)?.with_bias(w.biases[3]),
                 q_norm: w.q_norm.map(<[f32]>::to_vec),
                 k_norm: w.k_norm.map(<[f32]>::to_vec),
                 post_norm: w.post_norm.map(<[f32]>::to_vec),
@@ -329,10 +347,12 @@ impl DenseTail {
         }
         // `δ` is added to layer `first`'s FFN output before its post-norm: its gradient is
         // that of the pre-norm output at each probe's position.
-        let dy = match &self.ffn0.post_norm {
-            Some(w) => rms_backward(&run.tape0.y, w, &run.tape0.post_inv, &dx),
-            None => dx,
-        };
+        let dy = norm_backward(
+            &run.tape0.y,
+            self.ffn0.post_norm.as_deref(),
+            &run.tape0.post_inv,
+            dx,
+        );
         let mut grad = vec![0.0f32; d];
         for &row in &layout.injected {
             grad.iter_mut()
@@ -480,8 +500,7 @@ impl DenseTail {
         delta: &[f32],
     ) -> FfnTape {
         let (d, eps) = (self.cfg.d_model, self.cfg.norm_eps);
-        let mut normed = vec![0.0f32; t * d];
-        let inv = rms_forward(x, &ffn.norm, eps, &mut normed);
+        let (normed, inv) = norm_forward(x, ffn.norm.as_deref(), eps);
         let gate = ffn.gate.forward(&normed, t);
         let up = ffn.up.forward(&normed, t);
         let h: Vec<f32> = gate
@@ -496,14 +515,7 @@ impl DenseTail {
                 .zip(delta)
                 .for_each(|(a, b)| *a += b);
         }
-        let (out, post_inv) = match &ffn.post_norm {
-            Some(w) => {
-                let mut out = vec![0.0f32; t * d];
-                let inv = rms_forward(&y, w, eps, &mut out);
-                (out, inv)
-            }
-            None => (y.clone(), Vec::new()),
-        };
+        let (out, post_inv) = norm_forward(&y, ffn.post_norm.as_deref(), eps);
         let tape = FfnTape {
             x: x.to_vec(),
             inv,
@@ -518,10 +530,12 @@ impl DenseTail {
 
     /// Turns `dx` (the gradient at the block's output) into the gradient at its input.
     fn ffn_backward(&self, ffn: &DenseFfn, tape: &FfnTape, dx: &mut [f32], t: usize) {
-        let dy = match &ffn.post_norm {
-            Some(w) => rms_backward(&tape.y, w, &tape.post_inv, dx),
-            None => dx.to_vec(),
-        };
+        let dy = norm_backward(
+            &tape.y,
+            ffn.post_norm.as_deref(),
+            &tape.post_inv,
+            dx.to_vec(),
+        );
         let ff = self.cfg.ff_dim;
         let mut dh = vec![0.0f32; t * ff];
         ffn.down.backward_into(&dy, t, &mut dh);
@@ -535,7 +549,7 @@ impl DenseTail {
         let mut dnormed = vec![0.0f32; t * self.cfg.d_model];
         ffn.gate.backward_into(&dgate, t, &mut dnormed);
         ffn.up.backward_into(&dup, t, &mut dnormed);
-        let dres = rms_backward(&tape.x, &ffn.norm, &tape.inv, &dnormed);
+        let dres = norm_backward(&tape.x, ffn.norm.as_deref(), &tape.inv, dnormed);
         dx.iter_mut().zip(dres).for_each(|(a, b)| *a += b);
     }
 
@@ -550,24 +564,15 @@ impl DenseTail {
     ) -> AttnTape {
         let (t, rows) = (layout.live.len(), layout.pos.len());
         let cfg = &self.cfg;
-        let (d, hd, eps) = (cfg.d_model, cfg.head_dim, cfg.norm_eps);
+        let (hd, eps) = (cfg.head_dim, cfg.norm_eps);
         let (nh, group) = (cfg.n_heads, cfg.n_heads / cfg.n_kv_heads);
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-        let mut normed = vec![0.0f32; t * d];
-        let inv = rms_forward(x, &attn.norm, eps, &mut normed);
+        let (normed, inv) = norm_forward(x, attn.norm.as_deref(), eps);
         let q = attn.wq.forward(&normed, t);
         let k = attn.wk.forward(&normed, t);
         let v_live = attn.wv.forward(&normed, t);
-        let head_norm = |m: &[f32], w: &Option<Vec<f32>>| match w {
-            Some(w) => {
-                let mut out = vec![0.0f32; m.len()];
-                let inv = rms_forward(m, w, eps, &mut out);
-                (out, inv)
-            }
-            None => (m.to_vec(), Vec::new()),
-        };
-        let (mut q_rot, q_inv) = head_norm(&q, &attn.q_norm);
-        let (mut k_live, k_inv) = head_norm(&k, &attn.k_norm);
+        let (mut q_rot, q_inv) = norm_forward(&q, attn.q_norm.as_deref(), eps);
+        let (mut k_live, k_inv) = norm_forward(&k, attn.k_norm.as_deref(), eps);
         let rope = self.rope(attn);
         for (p, &row) in layout.live.iter().enumerate() {
             let pos = layout.pos[row];
@@ -620,14 +625,7 @@ impl DenseTail {
             }
         }
         let y = attn.wo.forward(&o, t);
-        let (out, post_inv) = match &attn.post_norm {
-            Some(w) => {
-                let mut out = vec![0.0f32; t * d];
-                let inv = rms_forward(&y, w, eps, &mut out);
-                (out, inv)
-            }
-            None => (y.clone(), Vec::new()),
-        };
+        let (out, post_inv) = norm_forward(&y, attn.post_norm.as_deref(), eps);
         let tape = AttnTape {
             x: x.to_vec(),
             inv,
@@ -661,10 +659,12 @@ impl DenseTail {
         let (d, hd) = (cfg.d_model, cfg.head_dim);
         let (nh, group) = (cfg.n_heads, cfg.n_heads / cfg.n_kv_heads);
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-        let dy = match &attn.post_norm {
-            Some(w) => rms_backward(&tape.y, w, &tape.post_inv, dx),
-            None => dx.to_vec(),
-        };
+        let dy = norm_backward(
+            &tape.y,
+            attn.post_norm.as_deref(),
+            &tape.post_inv,
+            dx.to_vec(),
+        );
         let mut d_o = vec![0.0f32; t * q_dim];
         attn.wo.backward_into(&dy, t, &mut d_o);
         let mut dq_rot = vec![0.0f32; t * q_dim];
@@ -722,19 +722,13 @@ impl DenseTail {
             rope.rotate_heads(pos, &mut dq_rot[p * q_dim..(p + 1) * q_dim], hd, true);
             rope.rotate_heads(pos, &mut dk_rot[p * kv_dim..(p + 1) * kv_dim], hd, true);
         }
-        let dq = match &attn.q_norm {
-            Some(w) => rms_backward(&tape.q, w, &tape.q_inv, &dq_rot),
-            None => dq_rot,
-        };
-        let dk = match &attn.k_norm {
-            Some(w) => rms_backward(&tape.k, w, &tape.k_inv, &dk_rot),
-            None => dk_rot,
-        };
+        let dq = norm_backward(&tape.q, attn.q_norm.as_deref(), &tape.q_inv, dq_rot);
+        let dk = norm_backward(&tape.k, attn.k_norm.as_deref(), &tape.k_inv, dk_rot);
         let mut dnormed = vec![0.0f32; t * d];
         attn.wq.backward_into(&dq, t, &mut dnormed);
         attn.wk.backward_into(&dk, t, &mut dnormed);
         attn.wv.backward_into(&dv, t, &mut dnormed);
-        let dres = rms_backward(&tape.x, &attn.norm, &tape.inv, &dnormed);
+        let dres = norm_backward(&tape.x, attn.norm.as_deref(), &tape.inv, dnormed);
         dx.iter_mut().zip(dres).for_each(|(a, b)| *a += b);
     }
 
@@ -784,6 +778,27 @@ fn rms_forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> Vec<f32> {
             inv
         })
         .collect()
+}
+
+/// `x` through the RMSNorm of gains `w` (every row of `w.len()` values: one per head for a
+/// per-head QK-norm), or unchanged when the block has no such norm; and each row's `1/rms`.
+fn norm_forward(x: &[f32], w: Option<&[f32]>, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    match w {
+        Some(w) => {
+            let mut out = vec![0.0f32; x.len()];
+            let inv = rms_forward(x, w, eps, &mut out);
+            (out, inv)
+        }
+        None => (x.to_vec(), Vec::new()),
+    }
+}
+
+/// The gradient at the input of [`norm_forward`] from `dy`, the gradient at its output.
+fn norm_backward(x: &[f32], w: Option<&[f32]>, inv: &[f32], dy: Vec<f32>) -> Vec<f32> {
+    match w {
+        Some(w) => rms_backward(x, w, inv, &dy),
+        None => dy,
+    }
 }
 
 /// The gradient at the input of [`rms_forward`] from the gradient `dy` at its output:

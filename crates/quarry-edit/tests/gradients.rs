@@ -1,19 +1,22 @@
 //! The reverse mode of `DenseTail` against finite differences, on both real models (Gemma 3:
 //! QK-norm, sandwich norms, GELU, halves RoPE, sliding and global layers; SmolLM2: SiLU,
-//! interleaved RoPE, grouped-query attention), for both objectives.
+//! interleaved RoPE, grouped-query attention) and on the tiny reference models of the
+//! families with blocks of their own (Qwen 2: attention biases; OLMo 2: no pre-norms, QK-norm
+//! over all heads at once), for both objectives.
 
 use std::sync::Arc;
 
 use quarry_edit::dense::{Objective, Probe};
 use quarry_edit::solve::KeyStats;
 use quarry_edit::{EditKind, EditRequest, Editor, Hyper};
-use quarry_fixtures::{model_path, TestModel};
+use quarry_fixtures::{model_path, workspace_root, TestModel};
 use quarry_format::GgufFile;
 use quarry_model::Model;
 use quarry_tokenize::Tokenizer;
+use std::path::{Path, PathBuf};
 
-fn editor(which: TestModel, layer_from_top: usize) -> Editor {
-    let file = Arc::new(GgufFile::open(model_path(which)).unwrap());
+fn editor(path: &Path, layer_from_top: usize) -> Editor {
+    let file = Arc::new(GgufFile::open(path).unwrap());
     let tokenizer = Tokenizer::from_gguf(&file).unwrap();
     let model = Model::load(file).unwrap();
     let ff = model.config().ff_dim;
@@ -29,8 +32,8 @@ fn editor(which: TestModel, layer_from_top: usize) -> Editor {
     Editor::new(model, tokenizer, hyper, std::slice::from_ref(&stats)).unwrap()
 }
 
-fn check(which: TestModel) {
-    let ed = editor(which, 7);
+fn check(which: &Path, layer_from_top: usize) {
+    let ed = editor(which, layer_from_top);
     let req = EditRequest {
         entity: "France".into(),
         relation: "capital".into(),
@@ -90,10 +93,24 @@ fn check(which: TestModel) {
 
 #[test]
 fn gemma3_gradients_match_finite_differences() {
-    check(TestModel::Gemma3);
+    check(&model_path(TestModel::Gemma3), 7);
 }
 
 #[test]
 fn smollm2_gradients_match_finite_differences() {
-    check(TestModel::SmolLm2);
+    check(&model_path(TestModel::SmolLm2), 7);
+}
+
+fn family(name: &str) -> PathBuf {
+    workspace_root()
+        .join("fixtures/families")
+        .join(name)
+        .join("model-f32.gguf")
+}
+
+#[test]
+fn qwen2_and_olmo2_gradients_match_finite_differences() {
+    // Two layers: the edit at layer 0, so the tail runs one whole layer above it.
+    check(&family("qwen2"), 2);
+    check(&family("olmo2"), 2);
 }

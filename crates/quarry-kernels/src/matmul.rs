@@ -95,6 +95,21 @@ impl<'a> WeightView<'a> {
         self.data
     }
 
+    /// Rows `rows` of this matrix as a matrix of their own (one part of a fused projection).
+    /// Panics if the range is not within `0..rows`.
+    pub fn row_range(&self, rows: std::ops::Range<usize>) -> WeightView<'a> {
+        assert!(
+            rows.start <= rows.end && rows.end <= self.rows,
+            "row_range: {rows:?} out of range for {} rows",
+            self.rows
+        );
+        WeightView {
+            rows: rows.len(),
+            data: self.row_data(rows.start, rows.len()),
+            ..*self
+        }
+    }
+
     /// Decodes row `row` into `out` (an embedding lookup). Panics if `row >= rows` or
     /// `out.len() != cols`.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
@@ -607,6 +622,20 @@ mod tests {
             format!("{w:?}"),
             "WeightView { dtype: Q4_0, rows: 2, cols: 64, row_bytes: 36, data_len: 72 }"
         );
+    }
+
+    #[test]
+    fn row_range_is_the_rows_it_names() {
+        let bytes: Vec<u8> = (0..3 * 34).map(|i| (i % 7) as u8).collect();
+        let w = WeightView::new(GgmlType::Q8_0, 3, 32, &bytes).unwrap();
+        let part = w.row_range(1..3);
+        assert_eq!((part.rows(), part.cols()), (2, 32));
+        assert_eq!(part.data(), &bytes[34..]);
+        let (mut a, mut b) = (vec![0.0; 32], vec![0.0; 32]);
+        w.dequantize_row(2, &mut a);
+        part.dequantize_row(1, &mut b);
+        assert_eq!(a, b);
+        assert_eq!(w.row_range(3..3).rows(), 0);
     }
 
     #[test]

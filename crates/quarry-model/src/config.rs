@@ -1,22 +1,147 @@
-//! Architectures as configuration.
+//! Architectures as data.
 //!
-//! Every supported family runs through the same forward pass; what differs is captured here:
-//! norms, activation, rotary style and bases, QK-norm, sandwich norms, sliding windows,
-//! soft-caps, embedding scale. Values come from GGUF metadata where the file carries them and
-//! from the family's published defaults where it does not (for instance Gemma 3's
-//! one-global-in-six layer pattern, which GGUF files do not record).
+//! Every supported family runs through the same forward pass over the same blocks; what
+//! differs is an [`ArchSpec`] (where the norms sit, QK-norm, fused projections, activation,
+//! rotary layout, which layers slide, embedding scale) plus the hyper-parameters a file
+//! carries. Values come from GGUF metadata where the file has them and from the family's
+//! published defaults where it does not (for instance Gemma 3's one-global-in-six layer
+//! pattern, which GGUF files do not record). Adding a family is one entry of
+//! [`ARCHITECTURES`].
 
 use quarry_format::GgufFile;
 
 use crate::ModelError;
 
-/// The families the forward pass knows. Each differs only by configuration values.
+/// What sets one family apart from the others, as data the shared forward pass reads.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ArchSpec {
+    /// `general.architecture` in a GGUF file.
+    pub gguf: &'static str,
+    /// The FFN's gate activation.
+    pub activation: Activation,
+    /// How rotary embeddings pair dimensions (llama.cpp's converter permutes only `llama`
+    /// Q/K rows into adjacent pairs; every other family keeps halves).
+    pub rope_style: RopeStyle,
+    /// An RMSNorm before attention and before the FFN (`attn_norm`, `ffn_norm`).
+    pub pre_norms: bool,
+    /// An RMSNorm on what attention and the FFN add to the residual (`post_attention_norm`,
+    /// `post_ffw_norm`): Gemma 2/3 have both kinds, OLMo 2 only these.
+    pub post_norms: bool,
+    pub qk_norm: QkNorm,
+    /// Q, K and V stored as one matrix (`attn_qkv`, rows in that order): Phi-3.
+    pub fused_qkv: bool,
+    /// Gate and up stored as one matrix (`ffn_up`, gate rows first): Phi-3.
+    pub fused_gate_up: bool,
+    /// Token embeddings multiplied by `sqrt(d_model)`: Gemma.
+    pub scale_embeddings: bool,
+    /// Which layers use the sliding window when the file declares one.
+    pub sliding: SlidingLayers,
+}
+
+/// RMSNorm of the queries and keys before RoPE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    /// Llama and its descendants (SmolLM, Mistral).
-    Llama,
-    /// Gemma 3.
-    Gemma3,
+pub enum QkNorm {
+    None,
+    /// Each head normalised on its own with one `head_dim` gain vector (Qwen 3, Gemma 3).
+    PerHead,
+    /// All heads normalised together, gains as wide as Q (or K): OLMo 2.
+    Whole,
+}
+
+/// Which layers attend through the sliding window (when the file declares a window).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlidingLayers {
+    /// Every layer (Mistral, Phi-3).
+    All,
+    /// Layers 0, 2, 4, … slide; odd layers are global (Gemma 2).
+    Even,
+    /// Every layer but each `n`-th (1-based) slides, `n` from
+    /// `attention.sliding_window_pattern` or this default (Gemma 3: 6); the local layers
+    /// use their own RoPE base (`rope.freq_base_swa`, 10k by default).
+    AllButEvery(usize),
+}
+
+/// The families Quarry runs, by their GGUF architecture names.
+pub const ARCHITECTURES: &[ArchSpec] = &[
+    LLAMA,
+    ArchSpec {
+        gguf: "mistral",
+        ..LLAMA
+    },
+    ArchSpec {
+        gguf: "qwen2",
+        rope_style: RopeStyle::Halves,
+        ..LLAMA
+    },
+    ArchSpec {
+        gguf: "qwen3",
+        rope_style: RopeStyle::Halves,
+        qk_norm: QkNorm::PerHead,
+        ..LLAMA
+    },
+    ArchSpec {
+        gguf: "olmo2",
+        rope_style: RopeStyle::Halves,
+        pre_norms: false,
+        post_norms: true,
+        qk_norm: QkNorm::Whole,
+        ..LLAMA
+    },
+    ArchSpec {
+        gguf: "phi3",
+        rope_style: RopeStyle::Halves,
+        fused_qkv: true,
+        fused_gate_up: true,
+        ..LLAMA
+    },
+    ArchSpec {
+        gguf: "gemma2",
+        activation: Activation::GeluTanh,
+        rope_style: RopeStyle::Halves,
+        post_norms: true,
+        scale_embeddings: true,
+        sliding: SlidingLayers::Even,
+        ..LLAMA
+    },
+    ArchSpec {
+        gguf: "gemma3",
+        activation: Activation::GeluTanh,
+        rope_style: RopeStyle::Halves,
+        post_norms: true,
+        qk_norm: QkNorm::PerHead,
+        scale_embeddings: true,
+        sliding: SlidingLayers::AllButEvery(6),
+        ..LLAMA
+    },
+];
+
+const LLAMA: ArchSpec = ArchSpec {
+    gguf: "llama",
+    activation: Activation::Silu,
+    rope_style: RopeStyle::Interleaved,
+    pre_norms: true,
+    post_norms: false,
+    qk_norm: QkNorm::None,
+    fused_qkv: false,
+    fused_gate_up: false,
+    scale_embeddings: false,
+    sliding: SlidingLayers::All,
+};
+
+impl ArchSpec {
+    /// The spec of GGUF architecture `name`.
+    pub fn of_gguf(name: &str) -> Option<&'static ArchSpec> {
+        ARCHITECTURES.iter().find(|a| a.gguf == name)
+    }
+
+    /// Every supported GGUF architecture name, comma-separated (for error messages).
+    pub fn supported() -> String {
+        ARCHITECTURES
+            .iter()
+            .map(|a| a.gguf)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -40,7 +165,7 @@ pub enum Activation {
 /// Hyper-parameters of a decoder-only transformer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
-    pub family: Family,
+    pub spec: &'static ArchSpec,
     /// `general.architecture` as written in the file.
     pub architecture: String,
     pub n_layers: usize,
@@ -79,16 +204,12 @@ impl ModelConfig {
     /// Reads the configuration from a GGUF file's metadata.
     pub fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         let arch = file.architecture()?.to_string();
-        let family = match arch.as_str() {
-            "llama" | "mistral" => Family::Llama,
-            "gemma3" => Family::Gemma3,
-            _ => {
-                return Err(ModelError::UnsupportedArchitecture {
-                    file: file.source().to_string(),
-                    arch,
-                    supported: "llama, mistral, gemma3",
-                })
-            }
+        let Some(spec) = ArchSpec::of_gguf(&arch) else {
+            return Err(ModelError::UnsupportedArchitecture {
+                file: file.source().to_string(),
+                arch,
+                supported: ArchSpec::supported(),
+            });
         };
         let key = |suffix: &str| format!("{arch}.{suffix}");
         let get_usize = |suffix: &str| -> Result<usize, ModelError> {
@@ -178,29 +299,26 @@ impl ModelConfig {
         };
         let attn_softcap = get_f32("attn_logit_softcapping")?;
         let final_softcap = get_f32("final_logit_softcapping")?;
+        // A window of 0 (Phi-3's converter writes one for "none") means no window.
         let sliding = match file.get(&key("attention.sliding_window")) {
+            Some(_) if file.get_u64(&key("attention.sliding_window"))? == 0 => None,
             Some(_) => Some(get_usize("attention.sliding_window")?),
             None => None,
         };
         let default_scale = 1.0 / (head_dim as f32).sqrt();
         let attn_scale = get_f32_or("attention.scale", default_scale)?;
 
-        // What GGUF files leave implicit, per family. Gemma 3 interleaves five sliding-window
-        // layers with one global layer, and its local layers use their own RoPE base (10k).
-        let (activation, rope_style, embed_scale, rope_base_local, global_layers) = match family {
-            Family::Llama => (
-                Activation::Silu,
-                RopeStyle::Interleaved,
-                1.0,
+        let (rope_base_local, global_layers) = match spec.sliding {
+            SlidingLayers::All => (rope_base, vec![sliding.is_none(); n_layers]),
+            SlidingLayers::Even => (
                 rope_base,
-                vec![sliding.is_none(); n_layers],
+                (0..n_layers)
+                    .map(|i| sliding.is_none() || i % 2 == 1)
+                    .collect(),
             ),
-            Family::Gemma3 => {
-                let pattern = get_usize_or("attention.sliding_window_pattern", 6)?;
+            SlidingLayers::AllButEvery(default) => {
+                let pattern = get_usize_or("attention.sliding_window_pattern", default)?;
                 (
-                    Activation::GeluTanh,
-                    RopeStyle::Halves,
-                    (d_model as f32).sqrt(),
                     get_f32_or("rope.freq_base_swa", 10_000.0)?,
                     (0..n_layers)
                         .map(|i| sliding.is_none() || (i + 1) % pattern == 0)
@@ -208,8 +326,13 @@ impl ModelConfig {
                 )
             }
         };
+        let embed_scale = if spec.scale_embeddings {
+            (d_model as f32).sqrt()
+        } else {
+            1.0
+        };
         let config = ModelConfig {
-            family,
+            spec,
             architecture: arch.clone(),
             n_layers,
             d_model,
@@ -220,8 +343,8 @@ impl ModelConfig {
             vocab_size,
             context_length,
             norm_eps,
-            activation,
-            rope_style,
+            activation: spec.activation,
+            rope_style: spec.rope_style,
             rope_dims,
             rope_base,
             rope_base_local,

@@ -11,7 +11,7 @@ pub enum ModelError {
     UnsupportedArchitecture {
         file: String,
         arch: String,
-        supported: &'static str,
+        supported: String,
     },
     #[error("{file}: tensor '{tensor}' has shape {found:?}, expected {expected:?}")]
     WrongShape {

@@ -14,7 +14,9 @@ mod model;
 pub mod ops;
 mod overlay;
 
-pub use config::{Activation, Family, ModelConfig, RopeStyle};
+pub use config::{
+    Activation, ArchSpec, ModelConfig, QkNorm, RopeStyle, SlidingLayers, ARCHITECTURES,
+};
 pub use error::ModelError;
 pub use export::{write_patched_model, DEFAULT_PATCHED_TYPE, PATCHED_TYPES};
 pub use kv_cache::{ContiguousKvCache, KvCache, KV_BYTES_PER_VALUE};

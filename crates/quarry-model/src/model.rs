@@ -22,7 +22,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::attention::{attend, AttentionSpec, SequenceAttention};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, QkNorm};
 use crate::kv_cache::{ContiguousKvCache, KvCache};
 use crate::ops::{gated_activation, rms_norm, rotate_each, softcap, Rope, RopeTable};
 use crate::overlay::FfnOverlay;
@@ -92,41 +92,64 @@ pub struct SequenceBatch<'t, 'c, C> {
 impl ForwardObserver for NoObserver {}
 
 /// One layer's attention weights, for tools that recompute the block outside the forward pass
-/// (the editor's reverse mode): `x + post_norm(wo · attend(rope(q_norm(wq · a)), …))` with `a`
-/// the residual through `norm`.
+/// (the editor's reverse mode): `x + post_norm(wo · attend(rope(q_norm(wq · a + bq)), …))`
+/// with `a` the residual through `norm` (the residual itself when the family has no
+/// pre-norm). A QK-norm gain as long as a head normalises each head; one as long as all of
+/// Q (or K) normalises them together.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionWeights<'m, 'a> {
-    pub norm: &'m [f32],
+    pub norm: Option<&'m [f32]>,
     pub wq: WeightView<'a>,
     pub wk: WeightView<'a>,
     pub wv: WeightView<'a>,
     pub wo: WeightView<'a>,
+    /// Biases of Q, K, V and the output projection, where the family has them (Qwen 2).
+    pub biases: [Option<&'m [f32]>; 4],
     pub q_norm: Option<&'m [f32]>,
     pub k_norm: Option<&'m [f32]>,
     pub post_norm: Option<&'m [f32]>,
 }
 
 /// One layer's gated FFN: `down · (act(gate · x) ⊙ (up · x))` with `x` the residual through
-/// `norm`, and the result through `post_norm` when the family has one (Gemma).
+/// `norm` (the residual itself without one: OLMo 2), and the result through `post_norm`
+/// when the family has one (Gemma, OLMo 2).
 #[derive(Clone, Copy, Debug)]
 pub struct FfnWeights<'m, 'a> {
-    pub norm: &'m [f32],
+    pub norm: Option<&'m [f32]>,
     pub gate: WeightView<'a>,
     pub up: WeightView<'a>,
     pub down: WeightView<'a>,
     pub post_norm: Option<&'m [f32]>,
 }
 
+/// A projection `W · x + b`, the bias where the file has one.
+struct Linear<'a> {
+    weight: Matrix<'a>,
+    bias: Option<Vec<f32>>,
+}
+
+impl Linear<'_> {
+    /// Adds the bias (if any) to each row of `y`, the product of `weight`.
+    fn add_bias(&self, y: &mut [f32]) {
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+        }
+    }
+}
+
+/// One transformer layer; which norms exist is the family's [`crate::ArchSpec`].
 struct Layer<'a> {
-    attn_norm: Vec<f32>,
-    wq: Matrix<'a>,
-    wk: Matrix<'a>,
-    wv: Matrix<'a>,
-    wo: Matrix<'a>,
+    attn_norm: Option<Vec<f32>>,
+    wq: Linear<'a>,
+    wk: Linear<'a>,
+    wv: Linear<'a>,
+    wo: Linear<'a>,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     post_attn_norm: Option<Vec<f32>>,
-    ffn_norm: Vec<f32>,
+    ffn_norm: Option<Vec<f32>>,
     gate: Matrix<'a>,
     up: Matrix<'a>,
     down: Matrix<'a>,
@@ -156,23 +179,65 @@ impl Model {
             Err(_) => token_embd,
         };
         let output = weights.prepared(output);
+        let spec = config.spec;
         let layers = (0..config.n_layers)
             .map(|i| {
                 let name = |s: &str| format!("blk.{i}.{s}.weight");
+                let bias =
+                    |s: &str, len| weights.optional_vector(&format!("blk.{i}.{s}.bias"), len);
+                let linear = |s: &str, view| -> Result<Linear<'static>, ModelError> {
+                    Ok(Linear {
+                        weight: weights.prepared(view),
+                        bias: bias(s, view.rows())?,
+                    })
+                };
+                // A norm the family has must be in the file; one it lacks is not read.
+                let norm = |present: bool, s: &str, len| match present {
+                    true => weights.vector(&name(s), len).map(Some),
+                    false => Ok(None),
+                };
+                let (wq, wk, wv) = if spec.fused_qkv {
+                    let qkv = weights.matrix(&name("attn_qkv"), q + 2 * kv, d)?;
+                    (
+                        linear("attn_q", qkv.row_range(0..q))?,
+                        linear("attn_k", qkv.row_range(q..q + kv))?,
+                        linear("attn_v", qkv.row_range(q + kv..q + 2 * kv))?,
+                    )
+                } else {
+                    (
+                        linear("attn_q", weights.matrix(&name("attn_q"), q, d)?)?,
+                        linear("attn_k", weights.matrix(&name("attn_k"), kv, d)?)?,
+                        linear("attn_v", weights.matrix(&name("attn_v"), kv, d)?)?,
+                    )
+                };
+                let (gate, up) = if spec.fused_gate_up {
+                    let gate_up = weights.matrix(&name("ffn_up"), 2 * ff, d)?;
+                    (gate_up.row_range(0..ff), gate_up.row_range(ff..2 * ff))
+                } else {
+                    (
+                        weights.matrix(&name("ffn_gate"), ff, d)?,
+                        weights.matrix(&name("ffn_up"), ff, d)?,
+                    )
+                };
+                let (q_norm_len, k_norm_len) = match spec.qk_norm {
+                    QkNorm::PerHead => (config.head_dim, config.head_dim),
+                    _ => (q, kv),
+                };
+                let qk_norm = spec.qk_norm != QkNorm::None;
                 Ok(Layer {
-                    attn_norm: weights.vector(&name("attn_norm"), d)?,
-                    wq: weights.prepared(weights.matrix(&name("attn_q"), q, d)?),
-                    wk: weights.prepared(weights.matrix(&name("attn_k"), kv, d)?),
-                    wv: weights.prepared(weights.matrix(&name("attn_v"), kv, d)?),
-                    wo: weights.prepared(weights.matrix(&name("attn_output"), d, q)?),
-                    q_norm: weights.optional_vector(&name("attn_q_norm"), config.head_dim)?,
-                    k_norm: weights.optional_vector(&name("attn_k_norm"), config.head_dim)?,
-                    post_attn_norm: weights.optional_vector(&name("post_attention_norm"), d)?,
-                    ffn_norm: weights.vector(&name("ffn_norm"), d)?,
-                    gate: weights.prepared(weights.matrix(&name("ffn_gate"), ff, d)?),
-                    up: weights.prepared(weights.matrix(&name("ffn_up"), ff, d)?),
+                    attn_norm: norm(spec.pre_norms, "attn_norm", d)?,
+                    wq,
+                    wk,
+                    wv,
+                    wo: linear("attn_output", weights.matrix(&name("attn_output"), d, q)?)?,
+                    q_norm: norm(qk_norm, "attn_q_norm", q_norm_len)?,
+                    k_norm: norm(qk_norm, "attn_k_norm", k_norm_len)?,
+                    post_attn_norm: norm(spec.post_norms, "post_attention_norm", d)?,
+                    ffn_norm: norm(spec.pre_norms, "ffn_norm", d)?,
+                    gate: weights.prepared(gate),
+                    up: weights.prepared(up),
                     down: weights.prepared(weights.matrix(&name("ffn_down"), d, ff)?),
-                    post_ffn_norm: weights.optional_vector(&name("post_ffw_norm"), d)?,
+                    post_ffn_norm: norm(spec.post_norms, "post_ffw_norm", d)?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
@@ -302,7 +367,7 @@ impl Model {
     pub fn ffn_weights(&self, layer: usize) -> FfnWeights<'_, '_> {
         let l = &self.weights.layers[layer];
         FfnWeights {
-            norm: &l.ffn_norm,
+            norm: l.ffn_norm.as_deref(),
             gate: l.gate.view(),
             up: l.up.view(),
             down: l.down.view(),
@@ -314,11 +379,12 @@ impl Model {
     pub fn attention_weights(&self, layer: usize) -> AttentionWeights<'_, '_> {
         let l = &self.weights.layers[layer];
         AttentionWeights {
-            norm: &l.attn_norm,
-            wq: l.wq.view(),
-            wk: l.wk.view(),
-            wv: l.wv.view(),
-            wo: l.wo.view(),
+            norm: l.attn_norm.as_deref(),
+            wq: l.wq.weight.view(),
+            wk: l.wk.weight.view(),
+            wv: l.wv.weight.view(),
+            wo: l.wo.weight.view(),
+            biases: [&l.wq, &l.wk, &l.wv, &l.wo].map(|w| w.bias.as_deref()),
             q_norm: l.q_norm.as_deref(),
             k_norm: l.k_norm.as_deref(),
             post_norm: l.post_attn_norm.as_deref(),
@@ -332,7 +398,12 @@ impl Model {
         let layers: usize = w
             .layers
             .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .flat_map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo]
+                    .map(|w| &w.weight)
+                    .into_iter()
+                    .chain([&l.gate, &l.up, &l.down])
+            })
             .map(|w| w.view().data().len())
             .sum();
         layers + w.output.view().data().len()
@@ -521,16 +592,21 @@ impl Loaded {
         let cfg = &self.config;
         let hd = cfg.head_dim;
         s.norm.copy_from_slice(x);
-        rms_norm(&mut s.norm, &layer.attn_norm, cfg.norm_eps);
+        if let Some(w) = &layer.attn_norm {
+            rms_norm(&mut s.norm, w, cfg.norm_eps);
+        }
         let xq = s.activations(&s.norm, cfg.d_model);
         matmul_quantized_many(
             &mut [
-                (&layer.wq, &mut s.q),
-                (&layer.wk, &mut s.k),
-                (&layer.wv, &mut s.v),
+                (&layer.wq.weight, &mut s.q),
+                (&layer.wk.weight, &mut s.k),
+                (&layer.wv.weight, &mut s.v),
             ],
             &xq,
         );
+        layer.wq.add_bias(&mut s.q);
+        layer.wk.add_bias(&mut s.k);
+        layer.wv.add_bias(&mut s.v);
         if let Some(w) = &layer.q_norm {
             rms_norm(&mut s.q, w, cfg.norm_eps);
         }
@@ -578,7 +654,8 @@ impl Loaded {
             .collect();
         attend(&spec, index, &sequences, &s.q, &mut s.attn);
         let attn = s.activations(&s.attn, cfg.q_dim());
-        matmul_quantized(&layer.wo, &attn, &mut s.norm);
+        matmul_quantized(&layer.wo.weight, &attn, &mut s.norm);
+        layer.wo.add_bias(&mut s.norm);
         if let Some(w) = &layer.post_attn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
         }
@@ -596,7 +673,9 @@ impl Loaded {
     ) {
         let cfg = &self.config;
         s.norm.copy_from_slice(x);
-        rms_norm(&mut s.norm, &layer.ffn_norm, cfg.norm_eps);
+        if let Some(w) = &layer.ffn_norm {
+            rms_norm(&mut s.norm, w, cfg.norm_eps);
+        }
         let xq = s.activations(&s.norm, cfg.d_model);
         matmul_quantized_many(
             &mut [(&layer.gate, &mut s.gate), (&layer.up, &mut s.up)],

@@ -10,7 +10,9 @@ use quarry_format::GgufFile;
 use quarry_model::Model;
 
 /// Families Quarry runs from GGUF today.
-const FAMILIES: &[&str] = &["llama", "mistral"];
+const FAMILIES: &[&str] = &[
+    "llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2",
+];
 
 #[test]
 fn gguf_logits_equal_transformers_f32() {
@@ -60,14 +62,13 @@ fn gguf_logits_equal_transformers_f32() {
 #[test]
 fn families_not_run_yet_are_named_errors() {
     for (family, needle) in [
-        ("qwen2", "unsupported architecture 'qwen2'"),
-        ("olmo2", "unsupported architecture 'olmo2'"),
-        ("gemma2", "unsupported architecture 'gemma2'"),
-        ("phi3", "unsupported architecture 'phi3'"),
         (
             "mixtral",
             "llama.expert_count: a mixture-of-experts model (4 experts)",
         ),
+        ("qwen2_moe", "unsupported architecture 'qwen2moe'"),
+        ("qwen3_moe", "unsupported architecture 'qwen3moe'"),
+        ("olmoe", "unsupported architecture 'olmoe'"),
     ] {
         let path = workspace_root()
             .join("fixtures/families")

@@ -17,7 +17,7 @@ use quarry_format::{GgufFile, GgufWriter};
 use quarry_kernels::vec::{gelu_tanh_mul, silu_mul};
 use quarry_kernels::{matmul, pool, WeightView};
 use quarry_model::ops::rms_norm;
-use quarry_model::{Activation, Model};
+use quarry_model::{Activation, FfnWeights, Model};
 use quarry_tokenize::Tokenizer;
 use sha2::{Digest, Sha256};
 
@@ -97,6 +97,20 @@ pub fn extract(
         });
     }
     debug_assert_eq!(tokenizer.vocab_size(), cfg.vocab_size);
+    // A feature's key is its gate row over the FFN's normalised input; the layout stores
+    // that norm's gains per layer, so a family that feeds its FFN the raw residual (OLMo 2)
+    // has nothing to store yet.
+    if !cfg.spec.pre_norms {
+        return Err(VindexError::Invalid {
+            path: source.display().to_string(),
+            file: "model",
+            problem: format!(
+                "a {} model has no pre-FFN norm, which the vindex layout keeps per layer; \
+                 extracting this family is not supported yet",
+                cfg.architecture
+            ),
+        });
+    }
 
     let tmp = temp_dir_for(out);
     fs::create_dir_all(&tmp).map_err(io(&tmp, "create the temporary directory"))?;
@@ -214,7 +228,7 @@ fn write_all(
         gate.floats(&gate_matrix, dtype)?;
         decode_matrix(&w.up, &mut matrix);
         up.floats(&matrix, dtype)?;
-        norms.floats(w.norm, Dtype::F32)?;
+        norms.floats(pre_norm(&w), Dtype::F32)?;
         stats.floats(&activation_stats(model, layer, &calibration), Dtype::F32)?;
         // Feature f writes column f of the down matrix; what reaches the head is that
         // direction scaled per dimension by the post-FFN norm (if any) and the final norm.
@@ -239,7 +253,7 @@ fn write_all(
         let records = project_to_vocabulary(&model.output_head(), &columns, d, k);
         writes.raw(bytemuck::cast_slice(&records))?;
         if (bands.knowledge[0]..=bands.knowledge[1]).contains(&layer) {
-            relations.add_layer(layer, &gate_matrix, w.norm, |f| {
+            relations.add_layer(layer, &gate_matrix, pre_norm(&w), |f| {
                 records[f * 2 * k..f * 2 * k + k]
                     .iter()
                     .map(|r| r.token)
@@ -340,6 +354,12 @@ fn calibration_inputs(model: &Model) -> Vec<f32> {
     x
 }
 
+/// The gains of the FFN's pre-norm, which [`extract`] checked the family has.
+fn pre_norm<'m>(w: &FfnWeights<'m, '_>) -> &'m [f32] {
+    w.norm
+        .expect("extract refuses families without a pre-FFN norm")
+}
+
 /// Per feature of `layer`, the mean and standard deviation of its activation
 /// `act(gate · x) · (up · x)` over the calibration embeddings through the layer's pre-FFN norm:
 /// the baseline browsing queries measure an entity's activations against.
@@ -349,7 +369,7 @@ fn activation_stats(model: &Model, layer: usize, calibration: &[f32]) -> Vec<f32
     let n = calibration.len() / d;
     let w = model.ffn_weights(layer);
     let mut xn = calibration.to_vec();
-    rms_norm(&mut xn, w.norm, cfg.norm_eps);
+    rms_norm(&mut xn, pre_norm(&w), cfg.norm_eps);
     let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
     matmul(&w.gate, &xn, n, &mut gate);
     matmul(&w.up, &xn, n, &mut up);

@@ -58,7 +58,7 @@ fn vectors_equal_the_models_own_weights() {
     let w = model.ffn_weights(layer);
     w.gate.dequantize_row(99, &mut row);
     assert_eq!(v.gate_vector(layer, 99), row);
-    assert_eq!(v.norm(layer), w.norm);
+    assert_eq!(Some(v.norm(layer)), w.norm);
     assert_eq!(v.norm(cfg.n_layers), model.output_norm());
 
     // gate · x over all features equals row-by-row dot products.
@@ -242,7 +242,11 @@ fn feature_stats_are_the_mean_and_spread_over_the_calibration_embeddings() {
             .token_embeddings()
             .dequantize_row(i * cfg.vocab_size / n, &mut x);
         let rms = (x.iter().map(|a| a * a).sum::<f32>() / x.len() as f32 + cfg.norm_eps).sqrt();
-        let xn: Vec<f32> = x.iter().zip(w.norm).map(|(a, g)| a / rms * g).collect();
+        let xn: Vec<f32> = x
+            .iter()
+            .zip(w.norm.unwrap())
+            .map(|(a, g)| a / rms * g)
+            .collect();
         let g: f32 = gate.iter().zip(&xn).map(|(a, b)| a * b).sum();
         let u: f32 = up.iter().zip(&xn).map(|(a, b)| a * b).sum();
         let act = (g / (1.0 + (-g).exp()) * u) as f64;
