@@ -78,6 +78,7 @@ impl Composer {
         tokenizer: Tokenizer,
         layer: Option<usize>,
     ) -> Result<Composer, EditError> {
+        EditError::check_dense(&model)?;
         let model = model
             .with_overlay(None)
             .map_err(|e| EditError::Model(e.to_string()))?;

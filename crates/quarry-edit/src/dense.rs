@@ -246,6 +246,7 @@ impl DenseTail {
     /// Dense copies of `model`'s layers from `first` upwards. Costs `4 · (weights of those
     /// layers + head)` bytes.
     pub fn new(model: &Model, first: usize) -> Result<DenseTail, EditError> {
+        EditError::check_dense(model)?;
         let cfg = model.config().clone();
         if first >= cfg.n_layers {
             return Err(EditError::BadLayer {

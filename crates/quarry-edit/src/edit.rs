@@ -28,6 +28,7 @@ pub fn key_stats(
     corpus: &str,
     cache_dir: Option<&std::path::Path>,
 ) -> Result<Vec<KeyStats>, EditError> {
+    EditError::check_dense(model)?;
     let ff = model.config().ff_dim;
     let path = |layer: usize| {
         cache_dir.map(|dir| {
@@ -183,7 +184,7 @@ impl Hyper {
     pub fn for_model(model: &Model) -> Hyper {
         let n_layers = model.config().n_layers;
         let layer = n_layers / 3;
-        let post_norm = model.ffn_weights(layer).post_norm.is_some();
+        let post_norm = model.config().spec.post_norms;
         Hyper {
             layer,
             spread: 1,

@@ -31,4 +31,18 @@ pub enum EditError {
     Model(String),
     #[error("edit statistics: {0}")]
     Stats(String),
+    #[error("editing a mixture-of-experts model ({architecture}) is not supported: edits are written into one dense FFN per layer")]
+    Experts { architecture: String },
+}
+
+impl EditError {
+    /// Every editing path starts here: the edits are deltas of a layer's one dense FFN.
+    pub(crate) fn check_dense(model: &quarry_model::Model) -> Result<(), EditError> {
+        match model.config().experts {
+            Some(_) => Err(EditError::Experts {
+                architecture: model.config().architecture.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
 }

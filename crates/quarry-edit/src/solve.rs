@@ -38,6 +38,7 @@ impl KeyStats {
         tokens: &[u32],
         chunk: usize,
     ) -> Result<Vec<KeyStats>, EditError> {
+        EditError::check_dense(model)?;
         let ff = model.config().ff_dim;
         let mut moments = vec![Mat::<f64>::zeros(ff, ff); layers.len()];
         let mut seen = 0usize;

@@ -36,6 +36,10 @@ pub struct ArchSpec {
     pub scale_embeddings: bool,
     /// Which layers use the sliding window when the file declares one.
     pub sliding: SlidingLayers,
+    /// Whether the top-k routing weights of a mixture-of-experts layer are renormalised to
+    /// sum to 1 (Mixtral, Qwen3-MoE) or kept as the softmax gave them (Qwen2-MoE, OLMoE),
+    /// unless the file says (`expert_weights_norm`).
+    pub normalize_expert_weights: bool,
 }
 
 /// RMSNorm of the queries and keys before RoPE.
@@ -74,7 +78,19 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
         ..LLAMA
     },
     ArchSpec {
+        gguf: "qwen2moe",
+        rope_style: RopeStyle::Halves,
+        normalize_expert_weights: false,
+        ..LLAMA
+    },
+    ArchSpec {
         gguf: "qwen3",
+        rope_style: RopeStyle::Halves,
+        qk_norm: QkNorm::PerHead,
+        ..LLAMA
+    },
+    ArchSpec {
+        gguf: "qwen3moe",
         rope_style: RopeStyle::Halves,
         qk_norm: QkNorm::PerHead,
         ..LLAMA
@@ -85,6 +101,13 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
         pre_norms: false,
         post_norms: true,
         qk_norm: QkNorm::Whole,
+        ..LLAMA
+    },
+    ArchSpec {
+        gguf: "olmoe",
+        rope_style: RopeStyle::Halves,
+        qk_norm: QkNorm::Whole,
+        normalize_expert_weights: false,
         ..LLAMA
     },
     ArchSpec {
@@ -126,6 +149,7 @@ const LLAMA: ArchSpec = ArchSpec {
     fused_gate_up: false,
     scale_embeddings: false,
     sliding: SlidingLayers::All,
+    normalize_expert_weights: true,
 };
 
 impl ArchSpec {
@@ -160,6 +184,24 @@ pub enum Activation {
     Silu,
     /// GeGLU with the tanh approximation of GELU.
     GeluTanh,
+}
+
+/// The mixture-of-experts FFN of a model whose layers route each token to a few experts
+/// (`blk.N.ffn_gate_inp`); layers without a router keep a dense FFN.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Experts {
+    /// Experts per layer.
+    pub count: usize,
+    /// Experts each token is routed to (top-k of the router's softmax).
+    pub used: usize,
+    /// Hidden width of one expert.
+    pub ff_dim: usize,
+    /// Hidden width of the shared expert every token also runs (Qwen2-MoE), where there is one.
+    pub shared_ff_dim: usize,
+    /// Renormalise the top-k weights to sum to 1.
+    pub normalize: bool,
+    /// Multiplier of every routing weight (`expert_weights_scale`, 1 by default).
+    pub scale: f32,
 }
 
 /// Hyper-parameters of a decoder-only transformer.
@@ -198,6 +240,8 @@ pub struct ModelConfig {
     pub final_softcap: Option<f32>,
     /// Multiplier applied to token embeddings (Gemma: sqrt(d_model)).
     pub embed_scale: f32,
+    /// The experts, for a mixture-of-experts model.
+    pub experts: Option<Experts>,
 }
 
 impl ModelConfig {
@@ -240,20 +284,6 @@ impl ModelConfig {
             Ok(get_f32(suffix)?.unwrap_or(default))
         };
 
-        // A Mixtral GGUF says `llama` and adds experts; the dense forward pass would only
-        // miss its FFN tensors, so say what the file is instead.
-        if let Some(experts) = file.get(&key("expert_count")).and_then(|v| v.as_u64()) {
-            if experts > 0 {
-                return Err(ModelError::Invalid {
-                    file: file.source().to_string(),
-                    item: key("expert_count"),
-                    problem: format!(
-                        "a mixture-of-experts model ({experts} experts); Quarry runs dense \
-                         models only so far"
-                    ),
-                });
-            }
-        }
         let n_layers = get_usize("block_count")?;
         let d_model = get_usize("embedding_length")?;
         let n_heads = get_usize("attention.head_count")?;
@@ -326,6 +356,36 @@ impl ModelConfig {
                 )
             }
         };
+        // A Mixtral GGUF says `llama` and adds experts: the expert count decides.
+        let experts = match file.get(&key("expert_count")).and_then(|v| v.as_u64()) {
+            None | Some(0) => None,
+            Some(_) => {
+                let count = get_usize("expert_count")?;
+                let used = get_usize("expert_used_count")?;
+                if used > count {
+                    return Err(bad(
+                        file,
+                        &key("expert_used_count"),
+                        used,
+                        "must be at most expert_count",
+                    ));
+                }
+                let normalize = match file.get(&key("expert_weights_norm")) {
+                    Some(v) => v.as_bool().ok_or_else(|| {
+                        bad(file, &key("expert_weights_norm"), "?", "must be a boolean")
+                    })?,
+                    None => spec.normalize_expert_weights,
+                };
+                Some(Experts {
+                    count,
+                    used,
+                    ff_dim: get_usize_or("expert_feed_forward_length", ff_dim)?,
+                    shared_ff_dim: get_usize_or("expert_shared_feed_forward_length", ff_dim)?,
+                    normalize,
+                    scale: get_f32_or("expert_weights_scale", 1.0)?,
+                })
+            }
+        };
         let embed_scale = if spec.scale_embeddings {
             (d_model as f32).sqrt()
         } else {
@@ -355,6 +415,7 @@ impl ModelConfig {
             attn_softcap,
             final_softcap,
             embed_scale,
+            experts,
         };
         Ok(config)
     }

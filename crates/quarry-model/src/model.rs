@@ -22,7 +22,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::attention::{attend, AttentionSpec, SequenceAttention};
-use crate::config::{ModelConfig, QkNorm};
+use crate::config::{Experts, ModelConfig, QkNorm};
 use crate::kv_cache::{ContiguousKvCache, KvCache};
 use crate::ops::{gated_activation, rms_norm, rotate_each, softcap, Rope, RopeTable};
 use crate::overlay::FfnOverlay;
@@ -150,10 +150,33 @@ struct Layer<'a> {
     k_norm: Option<Vec<f32>>,
     post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Option<Vec<f32>>,
+    ffn: Ffn<'a>,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// A layer's FFN: one gated FFN, or a router over several (mixture of experts).
+enum Ffn<'a> {
+    Dense(GatedFfn<'a>),
+    Experts(MoeFfn<'a>),
+}
+
+/// `down · (act(gate · x) ⊙ (up · x))`.
+struct GatedFfn<'a> {
     gate: Matrix<'a>,
     up: Matrix<'a>,
     down: Matrix<'a>,
-    post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// A mixture-of-experts FFN: the router's softmax picks each token's top experts, whose
+/// outputs are summed with those weights; a shared expert (Qwen2-MoE) runs on every token,
+/// scaled by the sigmoid of its own one-row gate.
+struct MoeFfn<'a> {
+    /// `count × d_model`, in `f32`: routing is decided from exact scores, row by row, so a
+    /// token picks the same experts whatever else is in the batch.
+    router: Vec<f32>,
+    experts: Vec<GatedFfn<'a>>,
+    shared: Option<GatedFfn<'a>>,
+    shared_gate: Option<Vec<f32>>,
 }
 
 impl Model {
@@ -210,14 +233,19 @@ impl Model {
                         linear("attn_v", weights.matrix(&name("attn_v"), kv, d)?)?,
                     )
                 };
-                let (gate, up) = if spec.fused_gate_up {
-                    let gate_up = weights.matrix(&name("ffn_up"), 2 * ff, d)?;
-                    (gate_up.row_range(0..ff), gate_up.row_range(ff..2 * ff))
-                } else {
-                    (
-                        weights.matrix(&name("ffn_gate"), ff, d)?,
-                        weights.matrix(&name("ffn_up"), ff, d)?,
-                    )
+                let ffn = match &config.experts {
+                    Some(experts) if bytes.tensor(&name("ffn_gate_inp")).is_ok() => {
+                        Ffn::Experts(weights.moe(i, experts, d)?)
+                    }
+                    _ if spec.fused_gate_up => {
+                        let gate_up = weights.matrix(&name("ffn_up"), 2 * ff, d)?;
+                        Ffn::Dense(GatedFfn {
+                            gate: weights.prepared(gate_up.row_range(0..ff)),
+                            up: weights.prepared(gate_up.row_range(ff..2 * ff)),
+                            down: weights.prepared(weights.matrix(&name("ffn_down"), d, ff)?),
+                        })
+                    }
+                    _ => Ffn::Dense(weights.gated(|p| format!("blk.{i}.ffn_{p}.weight"), ff, d)?),
                 };
                 let (q_norm_len, k_norm_len) = match spec.qk_norm {
                     QkNorm::PerHead => (config.head_dim, config.head_dim),
@@ -234,9 +262,7 @@ impl Model {
                     k_norm: norm(qk_norm, "attn_k_norm", k_norm_len)?,
                     post_attn_norm: norm(spec.post_norms, "post_attention_norm", d)?,
                     ffn_norm: norm(spec.pre_norms, "ffn_norm", d)?,
-                    gate: weights.prepared(gate),
-                    up: weights.prepared(up),
-                    down: weights.prepared(weights.matrix(&name("ffn_down"), d, ff)?),
+                    ffn,
                     post_ffn_norm: norm(spec.post_norms, "post_ffw_norm", d)?,
                 })
             })
@@ -294,6 +320,8 @@ impl Model {
         for (layer, delta) in overlay.deltas() {
             let reason = if layer >= cfg.n_layers {
                 format!("the model has only {} layers", cfg.n_layers)
+            } else if cfg.experts.is_some() {
+                "edits of mixture-of-experts models are not supported".to_string()
             } else if (delta.rows, delta.cols) != (cfg.d_model, cfg.ff_dim) {
                 format!(
                     "the delta is {} × {} but the down projection is {} × {}",
@@ -321,6 +349,12 @@ impl Model {
                 continue;
             };
             let k = n.index.len();
+            if cfg.experts.is_some() {
+                return Err(ModelError::BadOverlay {
+                    layer,
+                    reason: "edits of mixture-of-experts models are not supported".into(),
+                });
+            }
             if k == 0
                 || n.gate.len() != k * cfg.d_model
                 || n.up.len() != k * cfg.d_model
@@ -363,14 +397,18 @@ impl Model {
     }
 
     /// The FFN weights of layer `layer` as stored (for tools that read the model as data;
-    /// the overlay is not part of them). Panics if `layer >= n_layers`.
+    /// the overlay is not part of them). Panics if `layer >= n_layers` or if the layer is a
+    /// mixture of experts (tools check [`ModelConfig::experts`] first).
     pub fn ffn_weights(&self, layer: usize) -> FfnWeights<'_, '_> {
         let l = &self.weights.layers[layer];
+        let Ffn::Dense(ffn) = &l.ffn else {
+            panic!("layer {layer} is a mixture of experts, not one FFN");
+        };
         FfnWeights {
             norm: l.ffn_norm.as_deref(),
-            gate: l.gate.view(),
-            up: l.up.view(),
-            down: l.down.view(),
+            gate: ffn.gate.view(),
+            up: ffn.up.view(),
+            down: ffn.down.view(),
             post_norm: l.post_ffn_norm.as_deref(),
         }
     }
@@ -391,20 +429,32 @@ impl Model {
         }
     }
 
-    /// Bytes of weight data one decode step reads: every layer matrix and the output head (the
-    /// embedding lookup reads a single row, and norm vectors are negligible).
+    /// Bytes of weight data one decode step reads: every layer matrix (of a mixture of
+    /// experts, the share of the experts a token uses) and the output head (the embedding
+    /// lookup reads a single row, and norm vectors are negligible).
     pub fn weight_bytes_per_token(&self) -> usize {
         let w = &self.weights;
+        let bytes = |m: &Matrix<'_>| m.view().data().len();
+        let gated = |f: &GatedFfn<'_>| bytes(&f.gate) + bytes(&f.up) + bytes(&f.down);
         let layers: usize = w
             .layers
             .iter()
-            .flat_map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo]
-                    .map(|w| &w.weight)
-                    .into_iter()
-                    .chain([&l.gate, &l.up, &l.down])
+            .map(|l| {
+                let attention: usize = [&l.wq, &l.wk, &l.wv, &l.wo]
+                    .iter()
+                    .map(|w| bytes(&w.weight))
+                    .sum();
+                let ffn = match &l.ffn {
+                    Ffn::Dense(f) => gated(f),
+                    Ffn::Experts(m) => {
+                        let experts: usize = m.experts.iter().map(gated).sum();
+                        experts * self.config().experts.as_ref().map_or(1, |e| e.used)
+                            / m.experts.len()
+                            + m.shared.as_ref().map_or(0, gated)
+                    }
+                };
+                attention + ffn
             })
-            .map(|w| w.view().data().len())
             .sum();
         layers + w.output.view().data().len()
     }
@@ -676,11 +726,16 @@ impl Loaded {
         if let Some(w) = &layer.ffn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
         }
+        let ffn = match &layer.ffn {
+            Ffn::Dense(ffn) => ffn,
+            Ffn::Experts(moe) => {
+                let y = self.experts(moe, &s.norm, s);
+                s.norm.copy_from_slice(&y);
+                return self.ffn_finish(index, layer, x, s, observer);
+            }
+        };
         let xq = s.activations(&s.norm, cfg.d_model);
-        matmul_quantized_many(
-            &mut [(&layer.gate, &mut s.gate), (&layer.up, &mut s.up)],
-            &xq,
-        );
+        matmul_quantized_many(&mut [(&ffn.gate, &mut s.gate), (&ffn.up, &mut s.up)], &xq);
         gated_activation(&mut s.gate, &s.up, cfg.activation);
         let (ff, d) = (cfg.ff_dim, cfg.d_model);
         for (rows, overlay) in overlays {
@@ -694,7 +749,7 @@ impl Loaded {
         }
         observer.ffn_activations(index, &s.norm, &s.gate);
         let hidden = s.activations(&s.gate, cfg.ff_dim);
-        matmul_quantized(&layer.down, &hidden, &mut s.norm);
+        matmul_quantized(&ffn.down, &hidden, &mut s.norm);
         // The overlay adds to the projection itself, so the post-FFN norm sees W + B·A.
         for (rows, overlay) in overlays {
             if let Some(delta) = overlay.layer(index) {
@@ -704,6 +759,19 @@ impl Loaded {
                 );
             }
         }
+        self.ffn_finish(index, layer, x, s, observer);
+    }
+
+    /// The FFN's projection (in `s.norm`) through the post-FFN norm and into the residual.
+    fn ffn_finish(
+        &self,
+        index: usize,
+        layer: &Layer<'static>,
+        x: &mut [f32],
+        s: &mut Scratch,
+        observer: &mut dyn ForwardObserver,
+    ) {
+        let cfg = &self.config;
         observer.ffn_projection(index, &s.norm);
         if let Some(w) = &layer.post_ffn_norm {
             rms_norm(&mut s.norm, w, cfg.norm_eps);
@@ -711,6 +779,100 @@ impl Loaded {
         observer.ffn_output(index, &s.norm);
         x.iter_mut().zip(&s.norm).for_each(|(a, b)| *a += b);
     }
+
+    /// A mixture-of-experts FFN over the normalised rows `xn`: each row's top experts by
+    /// the router's softmax, the rows routed to one expert multiplied together, and the
+    /// weighted outputs summed (plus the gated shared expert, where there is one).
+    fn experts(&self, moe: &MoeFfn<'static>, xn: &[f32], s: &Scratch) -> Vec<f32> {
+        let cfg = &self.config;
+        let spec = cfg
+            .experts
+            .as_ref()
+            .expect("a model with expert layers has experts");
+        let d = cfg.d_model;
+        let n = xn.len() / d;
+        let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); moe.experts.len()];
+        for (row, x) in xn.chunks_exact(d).enumerate() {
+            let scores: Vec<f32> = moe.router.chunks_exact(d).map(|r| dot(r, x)).collect();
+            for (expert, weight) in route(&scores, spec.used, spec.normalize) {
+                routed[expert].push((row, weight * spec.scale));
+            }
+        }
+        let mut y = vec![0.0f32; n * d];
+        for (expert, rows) in moe.experts.iter().zip(&routed) {
+            if rows.is_empty() {
+                continue;
+            }
+            let picked: Vec<usize> = rows.iter().map(|&(r, _)| r).collect();
+            let xe: Vec<f32> = picked
+                .iter()
+                .flat_map(|&r| xn[r * d..(r + 1) * d].iter().copied())
+                .collect();
+            let out = self.gated_ffn(expert, &xe, spec.ff_dim, s, &picked);
+            for (&(row, weight), o) in rows.iter().zip(out.chunks_exact(d)) {
+                y[row * d..(row + 1) * d]
+                    .iter_mut()
+                    .zip(o)
+                    .for_each(|(a, b)| *a += weight * b);
+            }
+        }
+        if let Some(shared) = &moe.shared {
+            let all: Vec<usize> = (0..n).collect();
+            let out = self.gated_ffn(shared, xn, spec.shared_ff_dim, s, &all);
+            for ((yr, o), x) in y
+                .chunks_exact_mut(d)
+                .zip(out.chunks_exact(d))
+                .zip(xn.chunks_exact(d))
+            {
+                let g = moe
+                    .shared_gate
+                    .as_ref()
+                    .map_or(1.0, |w| 1.0 / (1.0 + (-dot(w, x)).exp()));
+                yr.iter_mut().zip(o).for_each(|(a, b)| *a += g * b);
+            }
+        }
+        y
+    }
+
+    /// One gated FFN of hidden width `ff` over `x`, whose rows are the batch rows `rows` (in
+    /// order): their products are split as those rows' own would be (decode rows in 8 bits,
+    /// each later sequence's rows apart), so a sequence's result does not depend on the batch.
+    fn gated_ffn(
+        &self,
+        ffn: &GatedFfn<'static>,
+        x: &[f32],
+        ff: usize,
+        s: &Scratch,
+        rows: &[usize],
+    ) -> Vec<f32> {
+        let d = self.config.d_model;
+        let m = rows.len();
+        let (mut gate, mut up) = (vec![0.0f32; m * ff], vec![0.0f32; m * ff]);
+        let xq = s.activations_of(x, d, rows);
+        matmul_quantized_many(&mut [(&ffn.gate, &mut gate), (&ffn.up, &mut up)], &xq);
+        gated_activation(&mut gate, &up, self.config.activation);
+        let mut out = vec![0.0f32; m * d];
+        matmul_quantized(&ffn.down, &s.activations_of(&gate, ff, rows), &mut out);
+        out
+    }
+}
+
+/// The experts a token goes to and their weights: the `used` largest of the softmax of
+/// `scores` (ties to the lower index), renormalised to sum to 1 when `normalize`.
+fn route(scores: &[f32], used: usize, normalize: bool) -> Vec<(usize, f32)> {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = scores.iter().map(|&v| (v - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+    order.truncate(used);
+    let picked: f32 = order.iter().map(|&e| exp[e]).sum();
+    let total = if normalize { picked } else { sum };
+    order.into_iter().map(|e| (e, exp[e] / total)).collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
 /// What every layer needs to know of one sequence of a batch: where its tokens start in the
@@ -745,6 +907,38 @@ impl Scratch {
         QuantizedActivations::new(x, x.len() / cols, cols)
             .with_integer_tokens(self.decode_rows)
             .with_segments(self.segments.clone())
+    }
+
+    /// [`Scratch::activations`] for `x`, whose rows are the batch rows `rows` (ascending): the
+    /// decode rows among them in 8 bits, the rest split by the sequence they belong to.
+    fn activations_of<'x>(
+        &self,
+        x: &'x [f32],
+        cols: usize,
+        rows: &[usize],
+    ) -> QuantizedActivations<'x> {
+        let decode = rows.iter().take_while(|&&r| r < self.decode_rows).count();
+        // The first batch row after each sequence that is multiplied apart.
+        let ends: Vec<usize> = self
+            .segments
+            .iter()
+            .scan(self.decode_rows, |end, len| {
+                *end += len;
+                Some(*end)
+            })
+            .collect();
+        let mut segments: Vec<(usize, usize)> = Vec::new();
+        for &row in &rows[decode..] {
+            let seq = ends.partition_point(|&end| end <= row);
+            match segments.last_mut() {
+                Some((last, len)) if *last == seq => *len += 1,
+                _ => segments.push((seq, 1)),
+            }
+        }
+        let segments = segments.into_iter().map(|(_, len)| len).collect();
+        QuantizedActivations::new(x, rows.len(), cols)
+            .with_integer_tokens(decode)
+            .with_segments(segments)
     }
 
     fn new(cfg: &ModelConfig, n: usize) -> Scratch {
@@ -803,6 +997,71 @@ impl<'a> Weights<'a> {
         let view = self.tensor(name, &[len as u64])?;
         let mut out = vec![0.0f32; len];
         quarry_kernels::dequantize(view.info.dtype, view.data, &mut out)
+            .map_err(|source| self.kernel(name, source))?;
+        Ok(out)
+    }
+
+    /// A gated FFN whose tensors are `name("gate")`, `name("up")` and `name("down")`.
+    fn gated(
+        &self,
+        name: impl Fn(&str) -> String,
+        ff: usize,
+        d: usize,
+    ) -> Result<GatedFfn<'a>, ModelError> {
+        Ok(GatedFfn {
+            gate: self.prepared(self.matrix(&name("gate"), ff, d)?),
+            up: self.prepared(self.matrix(&name("up"), ff, d)?),
+            down: self.prepared(self.matrix(&name("down"), d, ff)?),
+        })
+    }
+
+    /// Layer `i`'s mixture of experts: the router, the experts (3-D tensors, one expert's
+    /// matrix after another), and the shared expert with its gate where the file has them.
+    fn moe(&self, i: usize, experts: &Experts, d: usize) -> Result<MoeFfn<'a>, ModelError> {
+        let (count, ff) = (experts.count, experts.ff_dim);
+        let name = |s: &str| format!("blk.{i}.{s}.weight");
+        let stacked = |s: &str, rows: usize, cols: usize| -> Result<WeightView<'a>, ModelError> {
+            let n = name(s);
+            let view = self.tensor(&n, &[cols as u64, rows as u64, count as u64])?;
+            WeightView::new(view.info.dtype, count * rows, cols, view.data)
+                .map_err(|source| self.kernel(&n, source))
+        };
+        let (gate, up, down) = (
+            stacked("ffn_gate_exps", ff, d)?,
+            stacked("ffn_up_exps", ff, d)?,
+            stacked("ffn_down_exps", d, ff)?,
+        );
+        let each = (0..count)
+            .map(|e| GatedFfn {
+                gate: self.prepared(gate.row_range(e * ff..(e + 1) * ff)),
+                up: self.prepared(up.row_range(e * ff..(e + 1) * ff)),
+                down: self.prepared(down.row_range(e * d..(e + 1) * d)),
+            })
+            .collect();
+        let shared = match self.file.tensor(&name("ffn_up_shexp")) {
+            Ok(_) => Some(self.gated(
+                |p| format!("blk.{i}.ffn_{p}_shexp.weight"),
+                experts.shared_ff_dim,
+                d,
+            )?),
+            Err(_) => None,
+        };
+        Ok(MoeFfn {
+            router: self.dense(&name("ffn_gate_inp"), count, d)?,
+            experts: each,
+            shared,
+            shared_gate: match self.file.tensor(&name("ffn_gate_inp_shexp")) {
+                Ok(_) => Some(self.dense(&name("ffn_gate_inp_shexp"), 1, d)?),
+                Err(_) => None,
+            },
+        })
+    }
+
+    /// A `rows × cols` matrix decoded to `f32`.
+    fn dense(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>, ModelError> {
+        let view = self.matrix(name, rows, cols)?;
+        let mut out = vec![0.0f32; rows * cols];
+        quarry_kernels::dequantize(view.dtype(), view.data(), &mut out)
             .map_err(|source| self.kernel(name, source))?;
         Ok(out)
     }

@@ -914,6 +914,13 @@ fn trace(
     if target == Some("") {
         return Err("FOR \"\" names no token; give the token to trace, e.g. FOR \" Paris\"".into());
     }
+    if decompose && model.config().experts.is_some() {
+        return Err(format!(
+            "DECOMPOSE splits a layer's FFN into its features; {} is a mixture of experts, \
+             which it does not split yet (TRACE without DECOMPOSE works)",
+            model.config().architecture
+        ));
+    }
     let result = run(model, tok, prompt)?;
     let target = match target {
         None => top_n(&result.logits, 1)[0] as u32,

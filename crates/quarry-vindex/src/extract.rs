@@ -100,13 +100,25 @@ pub fn extract(
     // A feature's key is its gate row over the FFN's normalised input; the layout stores
     // that norm's gains per layer, so a family that feeds its FFN the raw residual (OLMo 2)
     // has nothing to store yet.
+    if let Some(experts) = &cfg.experts {
+        return Err(VindexError::Invalid {
+            path: source.display().to_string(),
+            file: "model",
+            problem: format!(
+                "a mixture-of-experts model ({} architecture, {} experts); the vindex \
+                 layout keeps one FFN per layer, so extracting per-expert features is not \
+                 supported yet",
+                cfg.architecture, experts.count
+            ),
+        });
+    }
     if !cfg.spec.pre_norms {
         return Err(VindexError::Invalid {
             path: source.display().to_string(),
             file: "model",
             problem: format!(
-                "a {} model has no pre-FFN norm, which the vindex layout keeps per layer; \
-                 extracting this family is not supported yet",
+                "the {} architecture has no pre-FFN norm, which the vindex layout keeps per \
+                 layer; extracting this family is not supported yet",
                 cfg.architecture
             ),
         });
