@@ -1,4 +1,4 @@
-//! Model files on disk as typed views.
+//! Model files on disk as typed views: GGUF files and Hugging Face safetensors checkpoints.
 //!
 //! `quarry-format` knows file layouts, not mathematics: it parses GGUF headers, metadata and
 //! tensor tables, maps tensor data zero-copy from the file, and writes GGUF files atomically.
@@ -9,6 +9,7 @@
 mod ggml_type;
 pub mod gguf;
 pub mod input;
+pub mod safetensors;
 
 pub use ggml_type::{GgmlType, QK_K};
 pub use gguf::{FormatError, GgufFile, GgufWriter, TensorInfo, TensorView, Value, ValueType};

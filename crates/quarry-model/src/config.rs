@@ -17,6 +17,11 @@ use crate::ModelError;
 pub struct ArchSpec {
     /// `general.architecture` in a GGUF file.
     pub gguf: &'static str,
+    /// The `model_type`s of Hugging Face `config.json` files that llama.cpp's converter
+    /// writes as this architecture.
+    pub hf: &'static [&'static str],
+    /// Hugging Face checkpoints store the RMSNorm gains as offsets from 1 (Gemma).
+    pub hf_norms_add_one: bool,
     /// The FFN's gate activation.
     pub activation: Activation,
     /// How rotary embeddings pair dimensions (llama.cpp's converter permutes only `llama`
@@ -70,33 +75,39 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
     LLAMA,
     ArchSpec {
         gguf: "mistral",
+        hf: &[],
         ..LLAMA
     },
     ArchSpec {
         gguf: "qwen2",
+        hf: &["qwen2"],
         rope_style: RopeStyle::Halves,
         ..LLAMA
     },
     ArchSpec {
         gguf: "qwen2moe",
+        hf: &["qwen2_moe"],
         rope_style: RopeStyle::Halves,
         normalize_expert_weights: false,
         ..LLAMA
     },
     ArchSpec {
         gguf: "qwen3",
+        hf: &["qwen3"],
         rope_style: RopeStyle::Halves,
         qk_norm: QkNorm::PerHead,
         ..LLAMA
     },
     ArchSpec {
         gguf: "qwen3moe",
+        hf: &["qwen3_moe"],
         rope_style: RopeStyle::Halves,
         qk_norm: QkNorm::PerHead,
         ..LLAMA
     },
     ArchSpec {
         gguf: "olmo2",
+        hf: &["olmo2"],
         rope_style: RopeStyle::Halves,
         pre_norms: false,
         post_norms: true,
@@ -105,6 +116,7 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
     },
     ArchSpec {
         gguf: "olmoe",
+        hf: &["olmoe"],
         rope_style: RopeStyle::Halves,
         qk_norm: QkNorm::Whole,
         normalize_expert_weights: false,
@@ -112,6 +124,7 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
     },
     ArchSpec {
         gguf: "phi3",
+        hf: &["phi3"],
         rope_style: RopeStyle::Halves,
         fused_qkv: true,
         fused_gate_up: true,
@@ -119,6 +132,8 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
     },
     ArchSpec {
         gguf: "gemma2",
+        hf: &["gemma2"],
+        hf_norms_add_one: true,
         activation: Activation::GeluTanh,
         rope_style: RopeStyle::Halves,
         post_norms: true,
@@ -128,6 +143,8 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
     },
     ArchSpec {
         gguf: "gemma3",
+        hf: &["gemma3_text"],
+        hf_norms_add_one: true,
         activation: Activation::GeluTanh,
         rope_style: RopeStyle::Halves,
         post_norms: true,
@@ -140,6 +157,8 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
 
 const LLAMA: ArchSpec = ArchSpec {
     gguf: "llama",
+    hf: &["llama", "mistral", "mixtral"],
+    hf_norms_add_one: false,
     activation: Activation::Silu,
     rope_style: RopeStyle::Interleaved,
     pre_norms: true,
@@ -156,6 +175,20 @@ impl ArchSpec {
     /// The spec of GGUF architecture `name`.
     pub fn of_gguf(name: &str) -> Option<&'static ArchSpec> {
         ARCHITECTURES.iter().find(|a| a.gguf == name)
+    }
+
+    /// The spec of a Hugging Face `model_type`.
+    pub fn of_hf(model_type: &str) -> Option<&'static ArchSpec> {
+        ARCHITECTURES.iter().find(|a| a.hf.contains(&model_type))
+    }
+
+    /// Every supported Hugging Face `model_type`, comma-separated (for error messages).
+    pub fn supported_hf() -> String {
+        ARCHITECTURES
+            .iter()
+            .flat_map(|a| a.hf.iter().copied())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Every supported GGUF architecture name, comma-separated (for error messages).

@@ -8,6 +8,7 @@ mod attention;
 mod config;
 mod error;
 mod export;
+pub mod hf;
 mod kv_cache;
 mod lora;
 mod model;

@@ -1,6 +1,7 @@
 //! The tiny reference models of `fixtures/families/` (scripts/make-fixtures): each family's
-//! model as llama.cpp's converter writes it to GGUF, run teacher-forced over fixed token ids,
-//! must give transformers' f32 logits (max abs difference ≤ 1e-3 × the logit range, issue 17).
+//! model as llama.cpp's converter writes it to GGUF, and as transformers saved it
+//! (safetensors), run teacher-forced over fixed token ids, must give transformers' f32 logits
+//! (max abs difference ≤ 1e-3 × the logit range, issue 17).
 //! Every family of the fixtures runs; files that break their family's spec are named errors.
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use quarry_fixtures::workspace_root;
 use std::borrow::Cow;
 
 use quarry_format::{gguf::GgufWriter, GgmlType, GgufFile, Value};
+use quarry_model::hf::open_hf_dir;
 use quarry_model::{Model, SequenceBatch};
 
 /// Families Quarry runs from GGUF today.
@@ -26,46 +28,64 @@ const FAMILIES: &[&str] = &[
     "olmoe",
 ];
 
+/// Quarry's logits on `file` (the model of `family`) against transformers' f32 logits; returns
+/// the largest difference and the logit range.
+fn check_logits(family: &str, source: &str, file: Arc<GgufFile>) {
+    let dir = workspace_root().join("fixtures/families").join(family);
+    let ids: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("ids.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = ids["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let golden: Vec<f32> = std::fs::read(dir.join("logits.f32"))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let model = Model::load(file).unwrap_or_else(|e| panic!("{family} ({source}): {e}"));
+    let vocab = model.config().vocab_size;
+    assert_eq!(golden.len(), ids.len() * vocab, "{family}");
+    let mut cache = model.new_cache(ids.len());
+    let logits = model.forward(&ids, &mut cache, 0..ids.len()).unwrap();
+    let (lo, hi) = golden
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let worst = logits
+        .iter()
+        .zip(&golden)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!(
+        "{family} ({source}): max |Δ| {worst:.2e} over a logit range of {:.3}",
+        hi - lo
+    );
+    assert!(
+        worst <= 1e-3 * (hi - lo),
+        "{family} ({source}): max |Δ| {worst} against range {}",
+        hi - lo
+    );
+}
+
 #[test]
 fn gguf_logits_equal_transformers_f32() {
     for family in FAMILIES {
+        let path = workspace_root()
+            .join("fixtures/families")
+            .join(family)
+            .join("model-f32.gguf");
+        check_logits(family, "GGUF", Arc::new(GgufFile::open(path).unwrap()));
+    }
+}
+
+#[test]
+fn safetensors_logits_equal_transformers_f32() {
+    for family in FAMILIES {
         let dir = workspace_root().join("fixtures/families").join(family);
-        let ids: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("ids.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = ids["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let golden: Vec<f32> = std::fs::read(dir.join("logits.f32"))
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let file = Arc::new(GgufFile::open(dir.join("model-f32.gguf")).unwrap());
-        let model = Model::load(file).unwrap_or_else(|e| panic!("{family}: {e}"));
-        let vocab = model.config().vocab_size;
-        assert_eq!(golden.len(), ids.len() * vocab, "{family}");
-        let mut cache = model.new_cache(ids.len());
-        let logits = model.forward(&ids, &mut cache, 0..ids.len()).unwrap();
-        let (lo, hi) = golden
-            .iter()
-            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
-        let worst = logits
-            .iter()
-            .zip(&golden)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        eprintln!(
-            "{family}: max |Δ| {worst:.2e} over a logit range of {:.3}",
-            hi - lo
-        );
-        assert!(
-            worst <= 1e-3 * (hi - lo),
-            "{family}: max |Δ| {worst} against range {}",
-            hi - lo
-        );
+        let file = open_hf_dir(&dir, None).unwrap_or_else(|e| panic!("{family}: {e}"));
+        check_logits(family, "safetensors", file);
     }
 }
 

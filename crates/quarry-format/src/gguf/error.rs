@@ -163,6 +163,9 @@ pub enum FormatError {
     },
     #[error("{file}: no tensor named '{tensor}'")]
     MissingTensor { file: String, tensor: String },
+    /// A Hugging Face checkpoint (safetensors file, shard index) that breaks its format.
+    #[error("{file}: {problem}")]
+    Checkpoint { file: String, problem: String },
 }
 
 impl FormatError {
@@ -193,7 +196,8 @@ impl FormatError {
             | FormatError::TensorOutOfBounds { file, .. }
             | FormatError::OverlappingTensors { file, .. }
             | FormatError::DataSizeMismatch { file, .. }
-            | FormatError::MissingTensor { file, .. } => file,
+            | FormatError::MissingTensor { file, .. }
+            | FormatError::Checkpoint { file, .. } => file,
         }
     }
 }
