@@ -163,7 +163,6 @@ pub fn gguf_from_hf_dir(dir: &Path, quantize: Option<GgmlType>) -> Result<GgufFi
             }
         }
     }
-    drop(tensors);
     Ok(GgufFile::from_bytes(w.to_bytes(), &source)?)
 }
 
@@ -497,7 +496,7 @@ impl<'c> Tensors<'c, '_> {
         let quantize = self.quantize.filter(|q| {
             dims.len() >= 2
                 && !name.contains("ffn_gate_inp")
-                && dims[0] % q.block_size() as u64 == 0
+                && dims[0].is_multiple_of(q.block_size() as u64)
         });
         let (dtype, data) = match quantize {
             Some(q) if q != dtype => {
