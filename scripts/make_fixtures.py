@@ -150,6 +150,10 @@ def sentencepiece_tokenizer(directory):
         os.chdir(here)
         shutil.copy(os.path.join(tmp, "sp.model"), os.path.join(directory, "tokenizer.model"))
     GemmaTokenizer(os.path.join(directory, "tokenizer.model")).save_pretrained(directory)
+    # And transformers' fast tokenizer.json converted from it, as Gemma's own directories have.
+    from transformers import GemmaTokenizerFast
+    GemmaTokenizerFast(vocab_file=os.path.join(directory, "tokenizer.model"),
+                       from_slow=True).save_pretrained(directory)
 
 
 def randomise_extras(model):

@@ -3,13 +3,15 @@
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use quarry_engine::{perplexity as ppl, GenerateOptions, Generation, SamplingParams, Session};
+use quarry_format::GgmlType;
 use quarry_format::GgufFile;
+use quarry_model::hf::{open_hf_dir, QUANTIZE_TYPES};
 use quarry_model::{read_adapter, Model};
 use quarry_tokenize::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::json;
@@ -22,8 +24,40 @@ use crate::{
 /// Largest default context: enough for chat, small enough that the KV cache stays modest.
 pub(crate) const DEFAULT_CTX_LIMIT: usize = 4096;
 
+/// How `--quantize` asked safetensors weights to be stored (set once, from the command line).
+static QUANTIZE: OnceLock<Option<GgmlType>> = OnceLock::new();
+
+/// Records `--quantize` (`q8_0`, `q4_k`; any case) for every model this process opens.
+pub(crate) fn set_quantize(name: Option<&str>) -> Result<()> {
+    let dtype = match name {
+        None => None,
+        Some(name) => Some(
+            QUANTIZE_TYPES
+                .iter()
+                .copied()
+                .find(|t| t.to_string().eq_ignore_ascii_case(name))
+                .with_context(|| format!("--quantize {name}: not offered (q8_0 or q4_k)"))?,
+        ),
+    };
+    QUANTIZE.get_or_init(|| dtype);
+    Ok(())
+}
+
+/// The model `model` names: a GGUF file, a model alias, or a Hugging Face directory
+/// (`config.json` and safetensors), converted in memory and quantized as `--quantize` says.
 pub(crate) fn open(model: &str) -> Result<Arc<GgufFile>> {
     let path = models::resolve(model)?;
+    let quantize = QUANTIZE.get().copied().flatten();
+    if path.is_dir() {
+        return Ok(open_hf_dir(&path, quantize)?);
+    }
+    if let Some(q) = quantize {
+        anyhow::bail!(
+            "--quantize {q} converts a safetensors directory; {} is a GGUF file, whose \
+             types are its own",
+            path.display()
+        );
+    }
     Ok(Arc::new(GgufFile::open(&path)?))
 }
 

@@ -18,11 +18,15 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "quarry",
     version,
-    about = "Run large language models from GGUF files"
+    about = "Run large language models from GGUF files and Hugging Face safetensors directories"
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Store the weights of a Hugging Face (safetensors) model as q8_0 or q4_k when loading
+    /// it, so the integer kernels serve them.
+    #[arg(long, global = true, value_name = "TYPE")]
+    quantize: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -322,6 +326,10 @@ pub struct BenchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = commands::set_quantize(cli.quantize.as_deref()) {
+        eprintln!("error: {}", one_line(&e));
+        return ExitCode::from(1);
+    }
     let result = match cli.command {
         Command::Run(a) => commands::run(a),
         Command::Chat(a) => commands::chat(a),

@@ -4,12 +4,10 @@
 //! engine. A second Ctrl-C or SIGTERM exits at once.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use quarry_engine::{Engine, EngineConfig};
-use quarry_format::GgufFile;
 use quarry_model::Model;
 use quarry_query::Executor;
 use quarry_server::{router, EditPolicy, ServedVindex, ServerConfig};
@@ -228,7 +226,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     // needs it) is the one the engine runs, so edits are solved on exactly those weights.
     let model = match &vindex {
         Some(v) => v.executor.model()?,
-        None => Model::load(Arc::new(GgufFile::open(&model_path)?))?,
+        None => Model::load(crate::commands::open(&model_path.to_string_lossy())?)?,
     };
     // With --lora the adapter is the overlay generation starts under.
     let model = with_lora(model, a.lora.as_deref())?;

@@ -781,7 +781,8 @@ fn chat_lines_are_capped() {
     }
 }
 
-/// Every family of `fixtures/families/` generates from the command line; the tools that do
+/// Every family of `fixtures/families/` generates from the command line, from GGUF and from
+/// its Hugging Face directory; the tools that do
 /// not handle a family's blocks yet (a vindex or an edit of a mixture of experts, a vindex
 /// of OLMo 2's post-norm-only layers, DECOMPOSE of experts) say so in one line.
 #[test]
@@ -805,17 +806,49 @@ fn every_family_runs_and_the_tools_that_cannot_say_so() {
         "qwen3_moe",
         "olmoe",
     ] {
-        let out = quarry(&["run", path_str(&fixture(family)), "The model", "-n", "4"]);
-        assert!(
-            out.status.success(),
-            "{family}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("generated"),
-            "{family}"
-        );
+        let hf = fixture(family).parent().unwrap().to_path_buf();
+        for model in [fixture(family), hf] {
+            let out = quarry(&["run", path_str(&model), "The model", "-n", "4"]);
+            assert!(
+                out.status.success(),
+                "{family}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("generated"),
+                "{family}"
+            );
+        }
     }
+    // A Hugging Face directory runs like its GGUF: the same greedy tokens, also quantized at
+    // load; --quantize on a GGUF file, or of a type not offered, is refused.
+    let dir = quarry_fixtures::workspace_root().join("fixtures/families/qwen2");
+    let tokens = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["The model", "-n", "8", "--json"]);
+        quarry_json(&all)["ids"].clone()
+    };
+    let from_gguf = tokens(&[path_str(&fixture("qwen2"))]);
+    assert_eq!(tokens(&[path_str(&dir)]), from_gguf);
+    assert_eq!(
+        tokens(&[path_str(&dir), "--quantize", "q8_0"])
+            .as_array()
+            .unwrap()
+            .len(),
+        8
+    );
+    let out = quarry(&[
+        "run",
+        path_str(&fixture("qwen2")),
+        "x",
+        "--quantize",
+        "q8_0",
+    ]);
+    assert_one_line_error(&out, "is a GGUF file, whose types are its own");
+    let out = quarry(&["run", path_str(&dir), "x", "--quantize", "q3_k"]);
+    assert_one_line_error(&out, "--quantize q3_k: not offered (q8_0 or q4_k)");
+
     let dir = tempfile::tempdir().unwrap();
     let vindex = dir.path().join("x.vindex");
     for (family, needle) in [

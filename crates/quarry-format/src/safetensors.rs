@@ -39,10 +39,26 @@ struct Entry {
     range: std::ops::Range<usize>,
 }
 
+/// Where a shard's bytes live: its memory map, or a buffer (fuzzing, tests).
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(map) => map,
+            Bytes::Owned(bytes) => bytes,
+        }
+    }
+}
+
 /// A checkpoint's tensors over its memory-mapped files.
 pub struct Checkpoint {
     source: String,
-    shards: Vec<(PathBuf, Mmap)>,
+    shards: Vec<(PathBuf, Bytes)>,
     tensors: HashMap<String, Entry>,
 }
 
@@ -90,6 +106,17 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
+    /// A single-file checkpoint held in memory; `name` stands for its path in errors.
+    pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Result<Checkpoint, FormatError> {
+        let mut checkpoint = Checkpoint {
+            source: name.to_string(),
+            shards: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        checkpoint.add(Path::new(name), Bytes::Owned(bytes))?;
+        Ok(checkpoint)
+    }
+
     fn add_shard(&mut self, path: &Path) -> Result<(), FormatError> {
         let file = path.display().to_string();
         let io = |action, source| FormatError::Io {
@@ -101,6 +128,10 @@ impl Checkpoint {
         // SAFETY: read-only and private to this value; as for GGUF files, the checkpoint must
         // not be truncated or rewritten while it is open.
         let map = unsafe { Mmap::map(&handle) }.map_err(|e| io("map", e))?;
+        self.add(path, Bytes::Mapped(map))
+    }
+
+    fn add(&mut self, path: &Path, map: Bytes) -> Result<(), FormatError> {
         let (header, metadata) = SafeTensors::read_metadata(&map)
             .map_err(|e| bad(path, format!("not a valid safetensors file: {e}")))?;
         let start = 8 + header;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use quarry_format::input::read_text_capped;
 use quarry_format::safetensors::{Checkpoint, CheckpointTensor};
-use quarry_format::{GgmlType, GgufFile, GgufWriter, Value};
+use quarry_format::{GgmlType, GgufFile, GgufWriter, Value, ValueType};
 use serde_json::{Map, Value as Json};
 
 use crate::config::ArchSpec;
@@ -191,8 +191,16 @@ impl Config {
         let path = dir.join("config.json");
         let file = path.display().to_string();
         let json = read_json(&path, MAX_CONFIG_BYTES, "a config.json")?;
-        let Some(Json::Object(json)) = json else {
-            return Err(invalid(&file, "config.json", "is missing".into()));
+        let json = match json {
+            Some(Json::Object(json)) => json,
+            Some(_) => return Err(invalid(&file, "JSON", "is not an object".into())),
+            None => {
+                return Err(invalid(
+                    &dir.display().to_string(),
+                    "config.json",
+                    "is missing; a Hugging Face model directory has one".into(),
+                ))
+            }
         };
         let model_type = match json.get("model_type") {
             Some(Json::String(s)) => s.clone(),
@@ -414,30 +422,58 @@ impl Config {
     }
 }
 
-/// The tokenizer files beside the checkpoint as GGUF metadata: `tokenizer.json` whole, the
-/// chat template, and the BOS/EOS ids (from `config.json`, else `generation_config.json`).
+/// The tokenizer files beside the checkpoint as GGUF metadata: `tokenizer.json` whole (model
+/// `huggingface`, which Quarry's tokenizer runs with HF `tokenizers`), its vocabulary as the
+/// token list (padded to the model's vocabulary with `[PAD<id>]`, as llama.cpp's converter
+/// does; added special tokens as control tokens), the chat template, BOS/EOS ids (from
+/// `config.json`, else `generation_config.json`) and whether BOS is added.
 fn tokenizer_metadata(
     dir: &Path,
     config: &Config,
     w: &mut GgufWriter<'_>,
 ) -> Result<(), ModelError> {
     let path = dir.join("tokenizer.json");
-    if path.exists() {
-        let text =
-            read_text_capped(&path, MAX_TOKENIZER_BYTES, "a tokenizer.json").map_err(|source| {
-                quarry_format::FormatError::Io {
-                    file: path.display().to_string(),
-                    action: "read",
-                    source,
-                }
-            })?;
-        w.add_metadata("tokenizer.huggingface.json", Value::String(text))?;
-    }
+    let file = path.display().to_string();
     let tokenizer_config = read_json(
         &dir.join("tokenizer_config.json"),
         MAX_CONFIG_BYTES,
         "a tokenizer_config.json",
     )?;
+    if path.exists() {
+        let text =
+            read_text_capped(&path, MAX_TOKENIZER_BYTES, "a tokenizer.json").map_err(|source| {
+                quarry_format::FormatError::Io {
+                    file: file.clone(),
+                    action: "read",
+                    source,
+                }
+            })?;
+        let json: Json = serde_json::from_str(&text)
+            .map_err(|e| invalid(&file, "JSON", format!("does not parse: {e}")))?;
+        let (tokens, types) = vocabulary(&json, config.usize("vocab_size")?, &file)?;
+        let strings = tokens.into_iter().map(Value::String).collect();
+        w.add_metadata("tokenizer.ggml.model", Value::String("huggingface".into()))?;
+        let tokens = Value::Array(ValueType::String, strings);
+        w.add_metadata("tokenizer.ggml.tokens", tokens)?;
+        let types = types.into_iter().map(Value::I32).collect();
+        w.add_metadata(
+            "tokenizer.ggml.token_type",
+            Value::Array(ValueType::I32, types),
+        )?;
+        // BOS is added where tokenizer_config.json says so, or where tokenizer.json's
+        // post-processor puts a special token before the text (Llama 3).
+        let add_bos = match tokenizer_config
+            .as_ref()
+            .and_then(|c| c.get("add_bos_token"))
+        {
+            Some(Json::Bool(b)) => *b,
+            _ => json
+                .pointer("/post_processor/single/0/SpecialToken")
+                .is_some(),
+        };
+        w.add_metadata("tokenizer.ggml.add_bos_token", Value::Bool(add_bos))?;
+        w.add_metadata("tokenizer.huggingface.json", Value::String(text))?;
+    }
     if let Some(Json::String(template)) = tokenizer_config
         .as_ref()
         .and_then(|c| c.get("chat_template"))
@@ -623,6 +659,79 @@ fn read_json(path: &Path, max: u64, what: &str) -> Result<Option<Json>, ModelErr
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| invalid(&file, "JSON", format!("does not parse: {e}")))
+}
+
+/// GGUF token types (llama.cpp's numbering).
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
+
+/// Every token of `tokenizer.json` by id, with its GGUF type, padded to `vocab_size`.
+fn vocabulary(
+    json: &Json,
+    vocab_size: usize,
+    file: &str,
+) -> Result<(Vec<String>, Vec<i32>), ModelError> {
+    let bad = |what: String| invalid(file, "model.vocab", what);
+    let mut tokens: Vec<Option<(String, i32)>> = vec![None; vocab_size];
+    let mut put = |id: u64, text: &str, kind: i32| -> Result<(), ModelError> {
+        let slot = tokens.get_mut(id as usize).ok_or_else(|| {
+            bad(format!(
+                "token id {id} is outside the model's {vocab_size} tokens"
+            ))
+        })?;
+        *slot = Some((text.to_string(), kind));
+        Ok(())
+    };
+    let kind = |t: &str| match t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') {
+        true => BYTE,
+        false => NORMAL,
+    };
+    match json.pointer("/model/vocab") {
+        // BPE and WordPiece: text → id.
+        Some(Json::Object(vocab)) => {
+            for (text, id) in vocab {
+                let id = id
+                    .as_u64()
+                    .ok_or_else(|| bad(format!("maps \"{text}\" to {id}, not an id")))?;
+                put(id, text, kind(text))?;
+            }
+        }
+        // Unigram: [text, score] in id order.
+        Some(Json::Array(vocab)) => {
+            for (id, entry) in vocab.iter().enumerate() {
+                let text = entry
+                    .get(0)
+                    .and_then(Json::as_str)
+                    .ok_or_else(|| bad(format!("entry {id} is not [text, score]")))?;
+                put(id as u64, text, kind(text))?;
+            }
+        }
+        _ => return Err(bad("is missing".into())),
+    }
+    let added = json.get("added_tokens").and_then(Json::as_array);
+    for token in added.into_iter().flatten() {
+        let id = token.get("id").and_then(Json::as_u64);
+        let text = token.get("content").and_then(Json::as_str);
+        let (Some(id), Some(text)) = (id, text) else {
+            let problem = "has an entry without an id and content".to_string();
+            return Err(invalid(file, "added_tokens", problem));
+        };
+        // Tokenizers add tokens past the embedding table (Gemma's fast tokenizer, </s> and
+        // <s>); the model can neither read nor write them, so they are left out.
+        if id as usize >= vocab_size {
+            continue;
+        }
+        let special = token.get("special").and_then(Json::as_bool) == Some(true);
+        put(id, text, if special { CONTROL } else { USER_DEFINED })?;
+    }
+    Ok(tokens
+        .into_iter()
+        .enumerate()
+        .map(|(id, t)| t.unwrap_or_else(|| (format!("[PAD{id}]"), UNUSED)))
+        .unzip())
 }
 
 fn invalid(file: &str, item: &str, problem: String) -> ModelError {

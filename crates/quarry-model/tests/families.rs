@@ -319,3 +319,300 @@ fn expert_layers_batch_exactly_and_decode_like_prefill() {
         }
     }
 }
+
+/// A copy of `family`'s Hugging Face directory in a temporary directory, for breaking.
+fn hf_copy(family: &str) -> tempfile::TempDir {
+    let from = workspace_root().join("fixtures/families").join(family);
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.to_string_lossy().ends_with(".gguf") {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
+
+fn hf_error(dir: &std::path::Path) -> String {
+    open_hf_dir(dir, None)
+        .err()
+        .expect("a broken directory loads")
+        .to_string()
+}
+
+/// Every way a Hugging Face directory can be wrong is one error naming the file and what is
+/// wrong with it.
+#[test]
+fn broken_safetensors_directories_are_named_errors() {
+    let config = |dir: &std::path::Path, edit: &dyn Fn(&mut serde_json::Value)| {
+        let path = dir.join("config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        edit(&mut json);
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+    };
+    // Config fields of the wrong type, an unknown family, a missing config.
+    for (edit, needle) in [
+        (
+            &(|j: &mut serde_json::Value| j["hidden_size"] = "64".into()) as &dyn Fn(&mut _),
+            "hidden_size: must be an integer between 1 and 2^24, found \"64\"",
+        ),
+        (
+            &|j: &mut serde_json::Value| j["num_hidden_layers"] = (-2).into(),
+            "num_hidden_layers: must be an integer",
+        ),
+        (
+            &|j: &mut serde_json::Value| j["rms_norm_eps"] = serde_json::json!([1]),
+            "rms_norm_eps: must be a positive number",
+        ),
+        (
+            &|j: &mut serde_json::Value| j["tie_word_embeddings"] = 1.into(),
+            "tie_word_embeddings: must be true or false",
+        ),
+        (
+            &|j: &mut serde_json::Value| j["model_type"] = "mamba".into(),
+            "unsupported architecture 'mamba'",
+        ),
+        (
+            &|j: &mut serde_json::Value| {
+                j["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
+            },
+            "rope_scaling: type \"yarn\" is not supported",
+        ),
+    ] {
+        let dir = hf_copy("qwen2");
+        config(dir.path(), edit);
+        let err = hf_error(dir.path());
+        assert!(err.contains("config.json") && err.contains(needle), "{err}");
+    }
+    let dir = hf_copy("llama");
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    let err = hf_error(dir.path());
+    assert!(
+        err.contains("config.json: is missing; a Hugging Face model directory has one"),
+        "{err}"
+    );
+
+    // A header whose offsets or dtype lie, a file cut short, a missing tensor.
+    let st = |dir: &std::path::Path| dir.join("model.safetensors");
+    let header = |bytes: &[u8]| -> (usize, String) {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        (n, String::from_utf8(bytes[8..8 + n].to_vec()).unwrap())
+    };
+    let rewrite = |dir: &std::path::Path, edit: &dyn Fn(String) -> String| {
+        let bytes = std::fs::read(st(dir)).unwrap();
+        let (n, text) = header(&bytes);
+        // Same length, so the data section stays where it was.
+        let edited = edit(text);
+        assert_eq!(edited.len(), n);
+        let mut out = bytes[..8].to_vec();
+        out.extend_from_slice(edited.as_bytes());
+        out.extend_from_slice(&bytes[8 + n..]);
+        std::fs::write(st(dir), out).unwrap();
+    };
+    let dir = hf_copy("llama");
+    rewrite(dir.path(), &|h| h.replacen("\"F32\"", "\"I32\"", 1));
+    let err = hf_error(dir.path());
+    assert!(
+        err.contains("model.safetensors") && err.contains("weights must be F32, F16 or BF16"),
+        "{err}"
+    );
+    let dir = hf_copy("llama");
+    rewrite(dir.path(), &|h| h.replacen("\"F32\"", "\"F16\"", 1));
+    let err = hf_error(dir.path());
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+    let dir = hf_copy("llama");
+    rewrite(dir.path(), &|h| {
+        let at = h.find("\"data_offsets\":[0,").unwrap() + "\"data_offsets\":[".len();
+        format!("{}1{}", &h[..at], &h[at + 1..])
+    });
+    let err = hf_error(dir.path());
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+    let dir = hf_copy("llama");
+    let bytes = std::fs::read(st(dir.path())).unwrap();
+    std::fs::write(st(dir.path()), &bytes[..bytes.len() - 100]).unwrap();
+    assert!(hf_error(dir.path()).contains("not a valid safetensors file"));
+    std::fs::write(st(dir.path()), b"\xff\xff\xff\xff\xff\xff\xff\xff{}").unwrap();
+    assert!(hf_error(dir.path()).contains("not a valid safetensors file"));
+
+    // Shards: an index naming a missing shard, a path outside the directory, a tensor the
+    // shard does not hold.
+    for (map, needle) in [
+        (
+            serde_json::json!({"model.norm.weight": "model-00002-of-00002.safetensors"}),
+            "model-00002-of-00002.safetensors: cannot open",
+        ),
+        (
+            serde_json::json!({"model.norm.weight": "../model.safetensors"}),
+            "is not a file name beside the index",
+        ),
+        (
+            serde_json::json!({"model.nope.weight": "model.safetensors"}),
+            "maps tensor 'model.nope.weight' to model.safetensors, which does not hold it",
+        ),
+    ] {
+        let dir = hf_copy("llama");
+        let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let err = hf_error(dir.path());
+        assert!(err.contains(needle), "{err}");
+    }
+}
+
+/// A tokenizer.json that is not JSON fails the load naming the file; one that is JSON but not
+/// a tokenizer fails when the tokenizer is built, saying so.
+#[test]
+fn broken_tokenizer_json_is_a_named_error() {
+    let dir = hf_copy("qwen2");
+    std::fs::write(dir.path().join("tokenizer.json"), "{\"model\": ").unwrap();
+    let err = hf_error(dir.path());
+    assert!(
+        err.contains("tokenizer.json: JSON: does not parse"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        r#"{"model": {"type": "Nonsense", "vocab": {"a": 0}}, "added_tokens": []}"#,
+    )
+    .unwrap();
+    let file = open_hf_dir(dir.path(), None).unwrap();
+    let err = quarry_tokenize::Tokenizer::from_gguf(&file)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.starts_with("tokenizer.json does not parse"), "{err}");
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        r#"{"model": {"type": "BPE", "vocab": {"a": 900}}}"#,
+    )
+    .unwrap();
+    let err = hf_error(dir.path());
+    assert!(
+        err.contains("model.vocab: token id 900 is outside the model's 512 tokens"),
+        "{err}"
+    );
+}
+
+/// A sharded checkpoint (the index and two shards, as transformers writes large models)
+/// loads to the same logits as the single file.
+#[test]
+fn sharded_checkpoints_load_like_one_file() {
+    let dir = hf_copy("qwen2");
+    let single = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&single).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [first, second].into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let mut head = serde_json::Map::new();
+        let mut body = Vec::new();
+        for name in part {
+            let info = &header[*name];
+            let offsets = info["data_offsets"].as_array().unwrap();
+            let (s, e) = (
+                offsets[0].as_u64().unwrap() as usize,
+                offsets[1].as_u64().unwrap() as usize,
+            );
+            let mut entry = info.clone();
+            entry["data_offsets"] = serde_json::json!([body.len(), body.len() + e - s]);
+            body.extend_from_slice(&data[s..e]);
+            head.insert((*name).clone(), entry);
+            weight_map.insert((*name).clone(), file.clone().into());
+        }
+        let head = serde_json::to_vec(&head).unwrap();
+        let mut out = (head.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&body);
+        std::fs::write(dir.path().join(&file), out).unwrap();
+    }
+    std::fs::remove_file(&single).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({ "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+    check_logits(
+        "qwen2",
+        "sharded safetensors",
+        open_hf_dir(dir.path(), None).unwrap(),
+    );
+}
+
+/// Texts that stress tokenizers: several scripts, code, digit runs, whitespace runs, special
+/// tokens and their near misses.
+fn awkward_texts() -> Vec<String> {
+    let parts = [
+        "Hello world",
+        " the model",
+        "  two  spaces",
+        "\ttab\t",
+        "new\nline\n\n",
+        "1234567890",
+        "3.14159",
+        "x = f(y) + 2 * z;",
+        "fn main() { println!(\"hi\"); }",
+        "<bos>",
+        "<eos>",
+        "<|endoftext|>",
+        "<|endoftext",
+        "Ünïcödé",
+        "日本語のテキスト",
+        "Привет, мир",
+        "مرحبا",
+        "emoji 🙂👍",
+        "   ",
+        "'s 're 'll",
+        "URL: https://example.com/a?b=c",
+        "CamelCaseWord",
+        "ALLCAPS",
+        "a\u{a0}b",
+        "trailing ",
+    ];
+    let mut texts: Vec<String> = parts.iter().map(|s| s.to_string()).collect();
+    let mut seed = 11u64;
+    for _ in 0..200 {
+        let mut text = String::new();
+        for _ in 0..4 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            text.push_str(parts[(seed >> 33) as usize % parts.len()]);
+        }
+        texts.push(text);
+    }
+    texts
+}
+
+/// A Hugging Face directory's tokenizer (its tokenizer.json, run by HF `tokenizers`) gives the
+/// ids Quarry's GGUF tokenizer gives on the GGUF llama.cpp's converter wrote from it (which
+/// matches llama.cpp's own tokenizer), for byte-level BPE (qwen2, phi3) and SentencePiece
+/// (gemma2) vocabularies, with and without parsing special tokens; and decodes them back.
+#[test]
+fn safetensors_tokenizers_match_the_gguf_ones() {
+    for family in ["qwen2", "phi3", "gemma2"] {
+        let dir = workspace_root().join("fixtures/families").join(family);
+        let hf = quarry_tokenize::Tokenizer::from_gguf(&open_hf_dir(&dir, None).unwrap()).unwrap();
+        let gguf = GgufFile::open(dir.join("model-f32.gguf")).unwrap();
+        let gguf = quarry_tokenize::Tokenizer::from_gguf(&gguf).unwrap();
+        assert_eq!(hf.bos_id(), gguf.bos_id(), "{family}");
+        for text in awkward_texts() {
+            for (add, parse) in [(true, true), (false, false)] {
+                let ids = hf.encode(&text, add, parse);
+                assert_eq!(ids, gguf.encode(&text, add, parse), "{family}: {text:?}");
+                if !parse {
+                    assert_eq!(hf.decode(&ids), gguf.decode(&ids), "{family}: {text:?}");
+                }
+            }
+        }
+    }
+}

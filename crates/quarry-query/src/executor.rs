@@ -270,11 +270,13 @@ impl Executor {
         }
     }
 
-    /// `USE`: a directory is opened as a vindex, anything else as a GGUF model file. The
-    /// editing session starts afresh (patches applied to the previous model do not follow).
+    /// `USE`: a directory is opened as a vindex (or, holding a `config.json` and no vindex
+    /// manifest, as a Hugging Face model), anything else as a GGUF model file. The editing
+    /// session starts afresh (patches applied to the previous model do not follow).
     fn open(&mut self, path: &Path, statement: &str) -> Result<ResultSet, QueryError> {
         let mut r = ResultSet::new(&[("key", ColumnType::Text), ("value", ColumnType::Text)]);
-        if path.is_dir() {
+        let hf_model = path.join("config.json").is_file() && !path.join("index.json").exists();
+        if path.is_dir() && !hf_model {
             let v = Vindex::open(path).map_err(|source| QueryError::Vindex {
                 statement: statement.to_string(),
                 source: Box::new(source),
@@ -292,7 +294,11 @@ impl Executor {
             self.vindex = Some(Arc::new(v));
             self.gguf = None;
         } else {
-            let file = GgufFile::open(path).map_err(|e| model_error(statement)(e.into()))?;
+            let file = match hf_model {
+                true => quarry_model::hf::gguf_from_hf_dir(path, None)
+                    .map_err(model_error(statement))?,
+                false => GgufFile::open(path).map_err(|e| model_error(statement)(e.into()))?,
+            };
             let config =
                 quarry_model::ModelConfig::from_gguf(&file).map_err(model_error(statement))?;
             let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| QueryError::Invalid {

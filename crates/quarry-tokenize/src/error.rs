@@ -25,8 +25,14 @@ pub enum TokenizeError {
         n_vocab: usize,
     },
     /// `tokenizer.ggml.model` names a tokenizer this crate does not implement.
-    #[error("tokenizer.ggml.model = {0:?} is not supported (supported: \"llama\", \"gpt2\")")]
+    #[error(
+        "tokenizer.ggml.model = {0:?} is not supported (supported: \"llama\", \"gpt2\", \
+         \"huggingface\")"
+    )]
     UnsupportedModel(String),
+    /// The Hugging Face `tokenizer.json` a model carries does not load.
+    #[error("tokenizer.json does not parse: {0}")]
+    HuggingFace(String),
     /// `tokenizer.ggml.pre` names a pre-tokenizer this crate does not implement.
     #[error(
         "tokenizer.ggml.pre = {0:?} is not supported (supported: default, gpt2, gpt-2, smollm \

@@ -9,7 +9,7 @@ use quarry_format::{GgufFile, Value};
 
 use crate::bpe::Merges;
 use crate::pretokenize::PreTokenizer;
-use crate::tokenizer::{ModelSpec, TokenizerSpec};
+use crate::tokenizer::{HfTokenizer, ModelSpec, TokenizerSpec};
 use crate::vocab::{Token, TokenType};
 use crate::{TokenizeError, Tokenizer};
 
@@ -92,6 +92,7 @@ fn read_spec(file: &GgufFile) -> Result<TokenizerSpec, TokenizeError> {
                     false,
                 )
             }
+            "huggingface" => (ModelSpec::Hf(hf_tokenizer(file)?), None, None, None, false),
             other => return Err(TokenizeError::UnsupportedModel(other.to_string())),
         };
 
@@ -105,6 +106,25 @@ fn read_spec(file: &GgufFile) -> Result<TokenizerSpec, TokenizeError> {
         unk: id("tokenizer.ggml.unknown_token_id")?.or(default_unk),
         add_bos: flag("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos),
         add_eos: flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+    })
+}
+
+/// The `tokenizer.json` a converted Hugging Face model carries (`tokenizer.huggingface.json`).
+/// Special tokens inside text fragments are encoded as text: the fragments reach it only after
+/// [`Tokenizer::encode`] has cut out the special tokens it was asked to parse.
+fn hf_tokenizer(file: &GgufFile) -> Result<HfTokenizer, TokenizeError> {
+    let json = file.get_str("tokenizer.huggingface.json")?;
+    let mut tokenizer: tokenizers::Tokenizer = json
+        .parse()
+        .map_err(|e: tokenizers::Error| TokenizeError::HuggingFace(e.to_string()))?;
+    tokenizer.set_encode_special_tokens(true);
+    let byte_level = matches!(
+        tokenizer.get_decoder(),
+        Some(tokenizers::DecoderWrapper::ByteLevel(_))
+    );
+    Ok(HfTokenizer {
+        tokenizer: Box::new(tokenizer),
+        byte_level,
     })
 }
 

@@ -47,6 +47,17 @@ pub(crate) enum ModelSpec {
     Spm { add_space_prefix: bool },
     /// `tokenizer.ggml.model = "gpt2"`.
     Bpe { pre: PreTokenizer, merges: Merges },
+    /// `tokenizer.ggml.model = "huggingface"`: a Hugging Face model directory's
+    /// `tokenizer.json` (`tokenizer.huggingface.json`), run by HF `tokenizers`.
+    Hf(HfTokenizer),
+}
+
+/// A `tokenizer.json` loaded by HF `tokenizers`, which splits and merges text fragments (special
+/// tokens are cut out first, as for the other models), and how its tokens decode: GPT-2's byte
+/// alphabet (a `ByteLevel` decoder) or SentencePiece's escaped spaces and byte tokens.
+pub(crate) struct HfTokenizer {
+    pub(crate) tokenizer: Box<tokenizers::Tokenizer>,
+    pub(crate) byte_level: bool,
 }
 
 /// Everything a tokenizer is built from, as plain data (read from GGUF metadata, or written by a
@@ -74,6 +85,7 @@ enum Algorithm {
         pre: PreTokenizer,
         merges: Merges,
     },
+    Hf(HfTokenizer),
 }
 
 /// A tokenizer built from a GGUF file's vocabulary. Cheap to share: `Send + Sync`, and every
@@ -167,6 +179,7 @@ impl Tokenizer {
                 }
             }
             ModelSpec::Bpe { pre, merges } => Algorithm::Bpe { pre, merges },
+            ModelSpec::Hf(hf) => Algorithm::Hf(hf),
         };
 
         Ok(Tokenizer {
@@ -300,6 +313,20 @@ impl Tokenizer {
                     }
                 }
             }
+            Algorithm::Hf(hf) => {
+                for piece in pieces {
+                    match piece {
+                        Piece::Token(id) => out.push(id),
+                        // The tokenizer loaded, and special tokens in the text are encoded as
+                        // text (see `read_spec`); a fragment it still refuses adds nothing.
+                        Piece::Text(fragment) => {
+                            if let Ok(encoding) = hf.tokenizer.encode_fast(fragment, false) {
+                                out.extend_from_slice(encoding.get_ids());
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -339,14 +366,20 @@ impl Tokenizer {
                 Some(b) => out.push(b),
                 None => out.extend_from_slice(text.as_bytes()),
             },
-            TokenType::Normal => match self.algorithm {
-                Algorithm::Spm { .. } => {
+            TokenType::Normal => match &self.algorithm {
+                Algorithm::Spm { .. }
+                | Algorithm::Hf(HfTokenizer {
+                    byte_level: false, ..
+                }) => {
                     for c in text.chars() {
                         let c = if c == ESCAPED_SPACE { ' ' } else { c };
                         out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
                     }
                 }
-                Algorithm::Bpe { .. } => bpe::decode_text(text, out),
+                Algorithm::Bpe { .. }
+                | Algorithm::Hf(HfTokenizer {
+                    byte_level: true, ..
+                }) => bpe::decode_text(text, out),
             },
         }
     }
