@@ -508,7 +508,10 @@ mod tests {
                 });
                 assert_eq!(hits.into_inner(), (1 << n_tasks) - 1, "round {round}");
             }
-            assert_eq!(total.into_inner(), (0..10_000).map(|r| 2 + r % 7).sum());
+            assert_eq!(
+                total.into_inner(),
+                (0..10_000).map(|r| 2 + r % 7).sum::<usize>()
+            );
         }
     }
 

@@ -335,8 +335,7 @@ fn hf_copy(family: &str) -> tempfile::TempDir {
 
 fn hf_error(dir: &std::path::Path) -> String {
     open_hf_dir(dir, None)
-        .err()
-        .expect("a broken directory loads")
+        .expect_err("a broken directory loads")
         .to_string()
 }
 
