@@ -287,7 +287,27 @@ impl ChatTemplate {
 
     /// Compiles `source` with no vocabulary: no content is marked (for tests of the rendering).
     fn compile(source: &str, bos: &str, eos: &str) -> Result<ChatTemplate, TokenizeError> {
+        ChatTemplate::compile_at(source, bos, eos, None)
+    }
+
+    /// [`ChatTemplate::compile`] whose `strftime_now` reads `now` (seconds since the Unix
+    /// epoch, UTC) instead of the clock.
+    fn compile_at(
+        source: &str,
+        bos: &str,
+        eos: &str,
+        now: Option<u64>,
+    ) -> Result<ChatTemplate, TokenizeError> {
         let mut env = Environment::new();
+        // transformers gives templates the current time (Llama 3 prints "Today Date").
+        env.add_function("strftime_now", move |format: String| -> String {
+            let secs = now.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            });
+            strftime(&format, secs)
+        });
         // transformers renders chat templates with these two Jinja2 options.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -369,6 +389,95 @@ impl ChatTemplate {
     }
 }
 
+/// `format` with the date and time `secs` after the Unix epoch (UTC), for the conversions
+/// chat templates use: `%Y %y %m %d %e %B %b %A %a %H %M %S %j %%`; others stay as written.
+fn strftime(format: &str, secs: u64) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
+    let days = secs / 86_400;
+    let (year, month, day) = civil_from_days(days as i64);
+    let year_day = days as i64 - days_from_civil(year, 1, 1) + 1;
+    let weekday = DAYS[(days % 7) as usize];
+    let month_name = MONTHS[month as usize - 1];
+    let (h, m, sec) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('e') => out.push_str(&format!("{day:2}")),
+            Some('B') => out.push_str(month_name),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('H') => out.push_str(&format!("{h:02}")),
+            Some('M') => out.push_str(&format!("{m:02}")),
+            Some('S') => out.push_str(&format!("{sec:02}")),
+            Some('j') => out.push_str(&format!("{year_day:03}")),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// The (year, month, day) of `days` after 1970-01-01 (proleptic Gregorian; Hinnant's method).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Days from 1970-01-01 to (year, month, day): the inverse of [`civil_from_days`].
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 #[cfg(test)]
 mod tests {
     use quarry_format::Value;
@@ -448,6 +557,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("alternate user and assistant"), "{err}");
+    }
+
+    #[test]
+    fn strftime_formats_dates() {
+        // 2026-12-04 09:30:05 UTC, a Friday, day 338.
+        let t = 1_796_376_605;
+        assert_eq!(
+            strftime("%d %b %Y|%A %a|%B %m %y|%H:%M:%S|%j %e|%% %Q", t),
+            "04 Dec 2026|Friday Fri|December 12 26|09:30:05|338  4|% %Q"
+        );
+        assert_eq!(strftime("%Y-%m-%d", 0), "1970-01-01");
+        assert_eq!(strftime("%Y-%m-%d %A", 951_782_400), "2000-02-29 Tuesday");
+        for days in [0i64, 59, 365, 10_957, 20_000, 40_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+
+    /// The real chat templates of the families (fixtures/chat, from llama.cpp's tree) render
+    /// exactly as transformers' `apply_chat_template` rendered them (scripts/make_chat_goldens.py),
+    /// multi-turn with a system message included; a conversation a template refuses is refused
+    /// here too, with its message.
+    #[test]
+    fn family_templates_render_as_transformers_does() {
+        let dir = quarry_fixtures::workspace_root().join("fixtures/chat");
+        let goldens: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("goldens.json")).unwrap()).unwrap();
+        // The goldens' "today" at 09:30 UTC, as the script froze transformers' clock.
+        let now = 1_796_376_600;
+        assert_eq!(goldens["today"], "2026-12-04");
+        let goldens = goldens["goldens"].as_array().unwrap();
+        assert_eq!(goldens.len(), 24);
+        for g in goldens {
+            let name = g["template"].as_str().unwrap();
+            let source = std::fs::read_to_string(dir.join(format!("{name}.jinja"))).unwrap();
+            let t = ChatTemplate::compile_at(
+                &source,
+                g["bos"].as_str().unwrap(),
+                g["eos"].as_str().unwrap(),
+                Some(now),
+            )
+            .unwrap();
+            let messages: Vec<ChatMessage> = serde_json::from_value(g["messages"].clone()).unwrap();
+            let add = g["add_generation_prompt"].as_bool().unwrap();
+            match (t.render(&messages, add), g.get("rendered")) {
+                (Ok(r), Some(expected)) => {
+                    assert_eq!(r.text(), expected.as_str().unwrap(), "{name}")
+                }
+                (Err(e), None) => {
+                    let expected = g["error"].as_str().unwrap();
+                    assert!(e.to_string().contains(expected), "{name}: {e}");
+                }
+                (got, _) => panic!("{name}: {:?} against {g}", got.map(|r| r.into_text())),
+            }
+        }
     }
 
     #[test]
