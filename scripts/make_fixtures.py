@@ -41,6 +41,16 @@ def llama():
     return LlamaForCausalLM(LlamaConfig(**COMMON))
 
 
+def llama3():
+    # Llama 3's frequency-dependent RoPE scaling (a rope_freqs tensor in GGUF), with a short
+    # original context so that the 16-wide heads have pairs in all three bands.
+    from transformers import LlamaConfig, LlamaForCausalLM
+    scaling = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+    config = dict(COMMON, rope_theta=500000.0)
+    return LlamaForCausalLM(LlamaConfig(**config, rope_scaling=scaling))
+
+
 def mistral():
     # No sliding window: llama.cpp's converter then writes it as plain llama (the notes).
     from transformers import MistralConfig, MistralForCausalLM
@@ -108,7 +118,7 @@ def olmoe():
     return OlmoeForCausalLM(OlmoeConfig(**config, **MOE, num_experts=4))
 
 
-FAMILIES = {f.__name__: f for f in (llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, mixtral, qwen2_moe,
+FAMILIES = {f.__name__: f for f in (llama, llama3, mistral, qwen2, qwen3, olmo2, phi3, gemma2, mixtral, qwen2_moe,
                                      qwen3_moe, olmoe)}
 # Families whose converter reads a SentencePiece model (Gemma-style: no dummy prefix).
 SENTENCEPIECE = {"gemma2"}

@@ -795,6 +795,7 @@ fn every_family_runs_and_the_tools_that_cannot_say_so() {
     };
     for family in [
         "llama",
+        "llama3",
         "mistral",
         "qwen2",
         "qwen3",

@@ -281,8 +281,7 @@ impl DenseTail {
         let layers = (first + 1..cfg.n_layers)
             .map(|l| Ok((attention(l)?, ffn(l)?)))
             .collect::<Result<Vec<_>, EditError>>()?;
-        let rope_global = Rope::new(cfg.rope_style, cfg.rope_dims, cfg.rope_base, cfg.rope_scale);
-        let rope_local = Rope::new(cfg.rope_style, cfg.rope_dims, cfg.rope_base_local, 1.0);
+        let (rope_global, rope_local) = (model.rope(true).clone(), model.rope(false).clone());
         Ok(DenseTail {
             ffn0: ffn(first)?,
             layers,

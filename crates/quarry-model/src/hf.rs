@@ -61,6 +61,11 @@ pub fn gguf_from_hf_dir(dir: &Path, quantize: Option<GgmlType>) -> Result<GgufFi
         tensors.copy("lm_head.weight", "output.weight")?;
     }
     tensors.norm("model.norm.weight", "output_norm.weight")?;
+    if let Some(factors) = config.rope_factors()? {
+        let bytes = bytemuck::cast_slice(&factors).to_vec();
+        let dims = vec![factors.len() as u64];
+        tensors.add("rope_freqs.weight", dims, GgmlType::F32, Cow::Owned(bytes))?;
+    }
     let n_layers = config.usize("num_hidden_layers")?;
     let (heads, kv_heads) = (config.heads()?, config.kv_heads()?);
     for i in 0..n_layers {
@@ -380,8 +385,63 @@ impl Config {
         Ok(())
     }
 
-    /// `rope_scaling`: linear scaling is a GGUF key; the other schemes are refused by name
-    /// rather than run wrong.
+    /// Llama 3's per-frequency RoPE divisors (`rope_freqs.weight`), computed from
+    /// `rope_scaling` as llama.cpp's converter does: unchanged above the high-frequency
+    /// wavelength, divided by `factor` below the low one, interpolated between.
+    fn rope_factors(&self) -> Result<Option<Vec<f32>>, ModelError> {
+        let Some(scaling) = self.get("rope_scaling") else {
+            return Ok(None);
+        };
+        if scaling.get("rope_type").and_then(Json::as_str) != Some("llama3") {
+            return Ok(None);
+        }
+        let number = |key: &str, default: f64| -> Result<f64, ModelError> {
+            match scaling.get(key) {
+                None => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| {
+                        let problem = format!("must be a positive number, found {v}");
+                        invalid(&self.file, &format!("rope_scaling.{key}"), problem)
+                    }),
+            }
+        };
+        let factor = number("factor", 8.0)?;
+        let low = number("low_freq_factor", 1.0)?;
+        let high = number("high_freq_factor", 4.0)?;
+        let context = number("original_max_position_embeddings", 8192.0)?;
+        if high <= low {
+            let problem = "high_freq_factor must exceed low_freq_factor".to_string();
+            return Err(invalid(&self.file, "rope_scaling", problem));
+        }
+        let base = f64::from(self.optional_f32("rope_theta")?.unwrap_or(10_000.0));
+        let dim = match self.optional_usize("head_dim")? {
+            Some(h) => h,
+            None => self.usize("hidden_size")? / self.heads()?,
+        };
+        let (low_wavelen, high_wavelen) = (context / low, context / high);
+        Ok(Some(
+            (0..dim / 2)
+                .map(|i| {
+                    let freq = base.powf(-((2 * i) as f64) / dim as f64);
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    let divisor = if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        factor
+                    } else {
+                        let smooth = (context / wavelen - low) / (high - low);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    };
+                    divisor as f32
+                })
+                .collect(),
+        ))
+    }
+
+    /// `rope_scaling`: linear scaling is a GGUF key, Llama 3's scaling a tensor
+    /// ([`Config::rope_factors`]); the other schemes are refused by name rather than run wrong.
     fn rope_scaling(
         &self,
         meta: &mut impl FnMut(&str, Value) -> Result<(), ModelError>,
@@ -394,7 +454,7 @@ impl Config {
             .or_else(|| scaling.get("type"))
             .and_then(Json::as_str);
         match kind {
-            Some("default") => Ok(()),
+            Some("default") | Some("llama3") => Ok(()),
             Some("linear") => {
                 let factor = scaling
                     .get("factor")
@@ -414,7 +474,7 @@ impl Config {
                 &self.file,
                 "rope_scaling",
                 format!(
-                    "type {} is not supported (linear is)",
+                    "type {} is not supported (linear and llama3 are)",
                     shown(other.map(|s| Json::String(s.into())).as_ref())
                 ),
             )),

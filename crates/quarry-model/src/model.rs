@@ -267,11 +267,15 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
-        let rope_global = Rope::new(
+        // Llama 3's per-frequency scaling, where the file has it (global layers only: the
+        // families with local layers have no such tensor).
+        let rope_freqs = weights.optional_vector("rope_freqs.weight", config.rope_dims / 2)?;
+        let rope_global = Rope::with_factors(
             config.rope_style,
             config.rope_dims,
             config.rope_base,
             config.rope_scale,
+            rope_freqs.as_deref(),
         );
         let rope_local = Rope::new(
             config.rope_style,
@@ -410,6 +414,14 @@ impl Model {
             up: ffn.up.view(),
             down: ffn.down.view(),
             post_norm: l.post_ffn_norm.as_deref(),
+        }
+    }
+
+    /// The rotary embedding of global-attention layers (`true`) or sliding-window ones.
+    pub fn rope(&self, global: bool) -> &Rope {
+        match global {
+            true => &self.weights.rope_global,
+            false => &self.weights.rope_local,
         }
     }
 

@@ -84,7 +84,8 @@ pub fn gated_activation(gate: &mut [f32], up: &[f32], act: Activation) {
 }
 
 /// Rotary position embedding for one base: rotates pairs of dimensions by `pos · θᵢ` with
-/// `θᵢ = base^(-2i/dims)`.
+/// `θᵢ = base^(-2i/dims)`, divided by a per-pair factor where the model has them (Llama 3's
+/// frequency-dependent scaling, GGUF `rope_freqs.weight`).
 #[derive(Clone, Debug)]
 pub struct Rope {
     style: RopeStyle,
@@ -95,8 +96,22 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(style: RopeStyle, dims: usize, base: f32, position_scale: f32) -> Rope {
+        Rope::with_factors(style, dims, base, position_scale, None)
+    }
+
+    /// [`Rope::new`] with each pair's frequency divided by `factors[i]` (`dims / 2` of them).
+    pub fn with_factors(
+        style: RopeStyle,
+        dims: usize,
+        base: f32,
+        position_scale: f32,
+        factors: Option<&[f32]>,
+    ) -> Rope {
         let inv_freq = (0..dims / 2)
-            .map(|i| (base as f64).powf(-2.0 * i as f64 / dims as f64))
+            .map(|i| {
+                let factor = factors.map_or(1.0, |f| f64::from(f[i]));
+                (base as f64).powf(-2.0 * i as f64 / dims as f64) / factor
+            })
             .collect();
         Rope {
             style,

@@ -16,6 +16,7 @@ use quarry_model::{Model, SequenceBatch};
 /// Families Quarry runs from GGUF today.
 const FAMILIES: &[&str] = &[
     "llama",
+    "llama3",
     "mistral",
     "qwen2",
     "qwen3",
