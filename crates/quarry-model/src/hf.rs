@@ -203,7 +203,9 @@ impl Config {
                 return Err(invalid(
                     &dir.display().to_string(),
                     "config.json",
-                    "is missing; a Hugging Face model directory has one".into(),
+                    "missing: the path is a directory, not a regular file (a GGUF model), and \
+                     not a Hugging Face model directory either"
+                        .into(),
                 ))
             }
         };

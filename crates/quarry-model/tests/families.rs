@@ -389,7 +389,7 @@ fn broken_safetensors_directories_are_named_errors() {
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     let err = hf_error(dir.path());
     assert!(
-        err.contains("config.json: is missing; a Hugging Face model directory has one"),
+        err.contains("config.json: missing: the path is a directory, not a regular file"),
         "{err}"
     );
 
