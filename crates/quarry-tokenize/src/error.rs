@@ -35,8 +35,8 @@ pub enum TokenizeError {
     HuggingFace(String),
     /// `tokenizer.ggml.pre` names a pre-tokenizer this crate does not implement.
     #[error(
-        "tokenizer.ggml.pre = {0:?} is not supported (supported: default, gpt2, gpt-2, smollm \
-         and the pre-tokenizers that share their rules)"
+        "tokenizer.ggml.pre = {0:?} is not supported (supported: default, gpt2, gpt-2, smollm, \
+         llama-bpe, qwen2 and the pre-tokenizers that share their rules)"
     )]
     UnknownPreTokenizer(String),
     /// A special-token id in the metadata lies outside the vocabulary.

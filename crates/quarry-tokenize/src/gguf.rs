@@ -244,11 +244,11 @@ pub(crate) mod tests {
     fn errors_name_the_key() {
         let err = error(vec![
             (MODEL, text("gpt2")),
-            (PRE, text("llama-bpe")),
+            (PRE, text("tekken")),
             (TOKENS, strings(&["a"])),
         ]);
         assert!(
-            err.starts_with("tokenizer.ggml.pre = \"llama-bpe\" is not supported"),
+            err.starts_with("tokenizer.ggml.pre = \"tekken\" is not supported"),
             "{err}"
         );
         let err = error(vec![(MODEL, text("bert")), (TOKENS, strings(&["a"]))]);

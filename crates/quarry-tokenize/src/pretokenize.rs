@@ -10,6 +10,7 @@
 //! `\p{P}` punctuation) and the `White_Space` property (`\s`).
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
 
@@ -24,6 +25,26 @@ pub(crate) enum PreTokenizer {
     /// llama.cpp's fallback for an unnamed BPE pre-tokenizer ("default"): runs of punctuation,
     /// then GPT-2, then runs of numbers, then groups of three ASCII digits.
     Default,
+    /// Llama 3's expression ("llama-bpe", "llama3", "dbrx", "smaug-bpe", ...): case-insensitive
+    /// contractions, a letter run with one leading non-letter, numbers in groups of up to three,
+    /// punctuation runs with the line breaks after them, line-break runs.
+    Llama3,
+    /// Qwen 2's ("qwen2", "deepseek-r1-qwen"): Llama 3's with each number character alone.
+    Qwen2,
+}
+
+/// Llama 3's pre-tokenizer expression (`tokenizer.json` `Split` pattern, as llama.cpp runs it).
+const LLAMA3_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen 2's: Llama 3's with `\p{N}` alone.
+const QWEN2_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// An expression with a lookahead, compiled once (by the `fancy-regex` engine HF `tokenizers`
+/// runs the same patterns with).
+fn compiled(
+    cell: &'static OnceLock<fancy_regex::Regex>,
+    pattern: &str,
+) -> &'static fancy_regex::Regex {
+    cell.get_or_init(|| fancy_regex::Regex::new(pattern).expect("the built-in pattern compiles"))
 }
 
 impl PreTokenizer {
@@ -36,12 +57,23 @@ impl PreTokenizer {
             }
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
             | "minerva-7b" => PreTokenizer::DigitsThenGpt2,
+            "llama-bpe" | "llama3" | "dbrx" | "smaug-bpe" | "falcon3" | "pixtral" => {
+                PreTokenizer::Llama3
+            }
+            "qwen2" | "deepseek-r1-qwen" | "megrez" => PreTokenizer::Qwen2,
             _ => return None,
         })
     }
 
     /// Splits `text` into words: byte ranges that cover it exactly, in order, none empty.
     pub(crate) fn split(self, text: &str) -> Vec<Range<usize>> {
+        static LLAMA3: OnceLock<fancy_regex::Regex> = OnceLock::new();
+        static QWEN2: OnceLock<fancy_regex::Regex> = OnceLock::new();
+        match self {
+            PreTokenizer::Llama3 => return split_by(compiled(&LLAMA3, LLAMA3_PATTERN), text),
+            PreTokenizer::Qwen2 => return split_by(compiled(&QWEN2, QWEN2_PATTERN), text),
+            _ => {}
+        }
         let stages: &[Stage] = match self {
             PreTokenizer::Gpt2 => &[Stage::Gpt2],
             PreTokenizer::DigitsThenGpt2 => &[Stage::EachNumber, Stage::Gpt2],
@@ -51,6 +83,7 @@ impl PreTokenizer {
                 Stage::NumberRuns,
                 Stage::AsciiDigitTriples,
             ],
+            PreTokenizer::Llama3 | PreTokenizer::Qwen2 => unreachable!("split by expression above"),
         };
         // An empty text splits into no pieces: every stage drops empty ones.
         let mut pieces: Vec<Range<usize>> = std::iter::once(0..text.len()).collect();
@@ -63,6 +96,28 @@ impl PreTokenizer {
         }
         pieces
     }
+}
+
+/// The matches of `regex` in `text` and the text between them, in order, none empty.
+fn split_by(regex: &fancy_regex::Regex, text: &str) -> Vec<Range<usize>> {
+    let mut pieces = Vec::new();
+    let mut last = 0;
+    for m in regex.find_iter(text) {
+        // The patterns end in `\s+`, which matches any character run left; an engine error
+        // (backtracking limits) leaves the rest as one piece.
+        let Ok(m) = m else { break };
+        if m.start() > last {
+            pieces.push(last..m.start());
+        }
+        if m.end() > m.start() {
+            pieces.push(m.start()..m.end());
+        }
+        last = m.end();
+    }
+    if last < text.len() {
+        pieces.push(last..text.len());
+    }
+    pieces
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -247,6 +302,54 @@ mod tests {
         pre.split(text).into_iter().map(|r| &text[r]).collect()
     }
 
+    /// Expected words from HF `tokenizers` (Python, Oniguruma engine): `Split(Regex(pattern),
+    /// "isolated")` with each family's pattern.
+    #[test]
+    fn llama3_and_qwen2_words_match_hf_tokenizers() {
+        let cases: [(&str, &[&str], &[&str]); 5] = [
+            (
+                "Hello world!  \n\tDON'T 1234567 x",
+                &[
+                    "Hello", " world", "!", "  \n", "\tDON", "'T", " ", "123", "456", "7", " x",
+                ],
+                &[
+                    "Hello", " world", "!", "  \n", "\tDON", "'T", " ", "1", "2", "3", "4", "5",
+                    "6", "7", " x",
+                ],
+            ),
+            (
+                "a   b  \n\n  c",
+                &["a", "  ", " b", "  \n\n", " ", " c"],
+                &["a", "  ", " b", "  \n\n", " ", " c"],
+            ),
+            (
+                "(x+y)*12;\r\n  foo.bar",
+                &["(x", "+y", ")*", "12", ";\r\n", " ", " foo", ".bar"],
+                &["(x", "+y", ")*", "1", "2", ";\r\n", " ", " foo", ".bar"],
+            ),
+            (
+                "日本語 über\u{a0}x 3.14",
+                &["日本語", " über", "\u{a0}x", " ", "3", ".", "14"],
+                &["日本語", " über", "\u{a0}x", " ", "3", ".", "1", "4"],
+            ),
+            (
+                " 's'S 'Ll",
+                &[" '", "s", "'S", " '", "Ll"],
+                &[" '", "s", "'S", " '", "Ll"],
+            ),
+        ];
+        for (text, llama3, qwen2) in cases {
+            assert_eq!(words(PreTokenizer::Llama3, text), llama3, "{text:?}");
+            assert_eq!(words(PreTokenizer::Qwen2, text), qwen2, "{text:?}");
+        }
+        assert!(words(PreTokenizer::Llama3, "").is_empty());
+        assert_eq!(
+            PreTokenizer::from_name("llama-bpe"),
+            Some(PreTokenizer::Llama3)
+        );
+        assert_eq!(PreTokenizer::from_name("qwen2"), Some(PreTokenizer::Qwen2));
+    }
+
     #[test]
     fn gpt2_words() {
         assert_eq!(
@@ -317,6 +420,6 @@ mod tests {
             PreTokenizer::from_name("default"),
             Some(PreTokenizer::Default)
         );
-        assert_eq!(PreTokenizer::from_name("llama-bpe"), None);
+        assert_eq!(PreTokenizer::from_name("tekken"), None);
     }
 }
