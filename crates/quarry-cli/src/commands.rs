@@ -359,9 +359,17 @@ pub fn info(a: InfoArgs) -> Result<()> {
         e.1 += t.n_bytes;
         params += t.n_elements();
     }
-    let size = std::fs::metadata(file.source())
-        .map(|m| m.len())
-        .unwrap_or(0);
+    // A Hugging Face directory's size is its files'; a GGUF file's its own.
+    let source = Path::new(file.source());
+    let size = match std::fs::read_dir(source) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum(),
+        Err(_) => std::fs::metadata(source).map(|m| m.len()).unwrap_or(0),
+    };
     let name = file
         .get("general.name")
         .and_then(|v| v.as_str())
@@ -380,6 +388,10 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "norm_eps": c.norm_eps, "activation": format!("{:?}", c.activation),
             "rope_style": format!("{:?}", c.rope_style), "rope_base": c.rope_base,
             "rope_base_local": c.rope_base_local, "sliding_window": c.sliding_window,
+            "experts": c.experts.as_ref().map(|e| json!({
+                "count": e.count, "used": e.used, "ff_dim": e.ff_dim,
+                "shared_ff_dim": e.shared_ff_dim, "normalized": e.normalize,
+            })),
             "global_layers": c.global_layers.iter().enumerate().filter(|(_, g)| **g).map(|(i, _)| i).collect::<Vec<_>>(),
             "attn_softcap": c.attn_softcap, "final_softcap": c.final_softcap,
             "embed_scale": c.embed_scale, "tensor_types": types,
@@ -388,10 +400,13 @@ pub fn info(a: InfoArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "file          {} ({:.1} MiB, GGUF v{})",
+        "file          {} ({:.1} MiB, {})",
         file.source(),
         size as f64 / 1048576.0,
-        file.version()
+        match source.is_dir() {
+            true => "Hugging Face safetensors".to_string(),
+            false => format!("GGUF v{}", file.version()),
+        }
     );
     println!("name          {name}");
     println!(
@@ -424,6 +439,19 @@ pub fn info(a: InfoArgs) -> Result<()> {
             .map(|(i, _)| i)
             .collect();
         println!("sliding       window {w}; global layers {globals:?}");
+    }
+    if let Some(e) = &c.experts {
+        println!(
+            "experts       {} per layer, {} used per token{}, ff {}",
+            e.count,
+            e.used,
+            if e.normalize {
+                " (weights renormalised)"
+            } else {
+                ""
+            },
+            e.ff_dim
+        );
     }
     println!("tensors       {}", file.tensors().len());
     for (t, (n, bytes)) in &by_type {
