@@ -787,26 +787,8 @@ fn chat_lines_are_capped() {
 /// of OLMo 2's post-norm-only layers, DECOMPOSE of experts) say so in one line.
 #[test]
 fn every_family_runs_and_the_tools_that_cannot_say_so() {
-    let fixture = |family: &str| {
-        quarry_fixtures::workspace_root()
-            .join("fixtures/families")
-            .join(family)
-            .join("model-f32.gguf")
-    };
-    for family in [
-        "llama",
-        "llama3",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "olmo2",
-        "phi3",
-        "gemma2",
-        "mixtral",
-        "qwen2_moe",
-        "qwen3_moe",
-        "olmoe",
-    ] {
+    let fixture = |family: &str| quarry_fixtures::family_dir(family).join("model-f32.gguf");
+    for family in quarry_fixtures::FAMILIES {
         let hf = fixture(family).parent().unwrap().to_path_buf();
         for model in [fixture(family), hf] {
             let out = quarry(&["run", path_str(&model), "The model", "-n", "4"]);
@@ -823,7 +805,7 @@ fn every_family_runs_and_the_tools_that_cannot_say_so() {
     }
     // A Hugging Face directory runs like its GGUF: the same greedy tokens, also quantized at
     // load; --quantize on a GGUF file, or of a type not offered, is refused.
-    let dir = quarry_fixtures::workspace_root().join("fixtures/families/qwen2");
+    let dir = quarry_fixtures::family_dir("qwen2");
     let tokens = |args: &[&str]| -> serde_json::Value {
         let mut all = vec!["run"];
         all.extend_from_slice(args);

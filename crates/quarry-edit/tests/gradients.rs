@@ -9,7 +9,7 @@ use std::sync::Arc;
 use quarry_edit::dense::{Objective, Probe};
 use quarry_edit::solve::KeyStats;
 use quarry_edit::{EditKind, EditRequest, Editor, Hyper};
-use quarry_fixtures::{model_path, workspace_root, TestModel};
+use quarry_fixtures::{family_dir, model_path, TestModel};
 use quarry_format::GgufFile;
 use quarry_model::Model;
 use quarry_tokenize::Tokenizer;
@@ -102,10 +102,7 @@ fn smollm2_gradients_match_finite_differences() {
 }
 
 fn family(name: &str) -> PathBuf {
-    workspace_root()
-        .join("fixtures/families")
-        .join(name)
-        .join("model-f32.gguf")
+    family_dir(name).join("model-f32.gguf")
 }
 
 #[test]

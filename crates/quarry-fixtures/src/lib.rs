@@ -47,6 +47,28 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The tiny reference models of `fixtures/families/` (scripts/make-fixtures), one per family.
+pub const FAMILIES: &[&str] = &[
+    "llama",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "olmo2",
+    "phi3",
+    "gemma2",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+];
+
+/// The Hugging Face directory of family `name`'s reference model (`model-f32.gguf` inside is
+/// the GGUF llama.cpp's converter wrote from it).
+pub fn family_dir(name: &str) -> PathBuf {
+    workspace_root().join("fixtures/families").join(name)
+}
+
 /// Path of a real test model, fetched into the cache on first use.
 ///
 /// Panics with the script's message when the model cannot be fetched: a test on real data must

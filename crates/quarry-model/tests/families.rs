@@ -6,33 +6,17 @@
 
 use std::sync::Arc;
 
-use quarry_fixtures::workspace_root;
+use quarry_fixtures::{family_dir, FAMILIES};
 use std::borrow::Cow;
 
 use quarry_format::{gguf::GgufWriter, GgmlType, GgufFile, Value};
 use quarry_model::hf::open_hf_dir;
 use quarry_model::{Model, SequenceBatch};
 
-/// Families Quarry runs from GGUF today.
-const FAMILIES: &[&str] = &[
-    "llama",
-    "llama3",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "olmo2",
-    "phi3",
-    "gemma2",
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-];
-
 /// Quarry's logits on `file` (the model of `family`) against transformers' f32 logits; returns
 /// the largest difference and the logit range.
 fn check_logits(family: &str, source: &str, file: Arc<GgufFile>) {
-    let dir = workspace_root().join("fixtures/families").join(family);
+    let dir = family_dir(family);
     let ids: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("ids.json")).unwrap()).unwrap();
     let ids: Vec<u32> = ids["ids"]
@@ -73,10 +57,7 @@ fn check_logits(family: &str, source: &str, file: Arc<GgufFile>) {
 #[test]
 fn gguf_logits_equal_transformers_f32() {
     for family in FAMILIES {
-        let path = workspace_root()
-            .join("fixtures/families")
-            .join(family)
-            .join("model-f32.gguf");
+        let path = family_dir(family).join("model-f32.gguf");
         check_logits(family, "GGUF", Arc::new(GgufFile::open(path).unwrap()));
     }
 }
@@ -84,7 +65,7 @@ fn gguf_logits_equal_transformers_f32() {
 #[test]
 fn safetensors_logits_equal_transformers_f32() {
     for family in FAMILIES {
-        let dir = workspace_root().join("fixtures/families").join(family);
+        let dir = family_dir(family);
         let file = open_hf_dir(&dir, None).unwrap_or_else(|e| panic!("{family}: {e}"));
         check_logits(family, "safetensors", file);
     }
@@ -103,10 +84,7 @@ fn rewritten(
     drop: Option<&str>,
     dtype: GgmlType,
 ) -> Arc<GgufFile> {
-    let path = workspace_root()
-        .join("fixtures/families")
-        .join(family)
-        .join("model-f32.gguf");
+    let path = family_dir(family).join("model-f32.gguf");
     let file = GgufFile::open(&path).unwrap();
     let mut w = GgufWriter::new();
     for (key, value) in file.metadata() {
@@ -323,7 +301,7 @@ fn expert_layers_batch_exactly_and_decode_like_prefill() {
 
 /// A copy of `family`'s Hugging Face directory in a temporary directory, for breaking.
 fn hf_copy(family: &str) -> tempfile::TempDir {
-    let from = workspace_root().join("fixtures/families").join(family);
+    let from = family_dir(family);
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(&from).unwrap() {
         let path = entry.unwrap().path();
@@ -600,7 +578,7 @@ fn awkward_texts() -> Vec<String> {
 #[test]
 fn safetensors_tokenizers_match_the_gguf_ones() {
     for family in ["qwen2", "phi3", "gemma2"] {
-        let dir = workspace_root().join("fixtures/families").join(family);
+        let dir = family_dir(family);
         let hf = quarry_tokenize::Tokenizer::from_gguf(&open_hf_dir(&dir, None).unwrap()).unwrap();
         let gguf = GgufFile::open(dir.join("model-f32.gguf")).unwrap();
         let gguf = quarry_tokenize::Tokenizer::from_gguf(&gguf).unwrap();
@@ -629,7 +607,7 @@ fn llama3_and_qwen2_pre_tokenizers_match_hf_tokenizers() {
         )
     };
     // The fixture's own tokenizer.json pre-tokenizes as GPT-2 does.
-    let gpt2 = open_hf_dir(&workspace_root().join("fixtures/families/qwen2"), None).unwrap();
+    let gpt2 = open_hf_dir(&family_dir("qwen2"), None).unwrap();
     let gpt2 = quarry_tokenize::Tokenizer::from_gguf(&gpt2).unwrap();
     for (pre, regex) in [("llama-bpe", pattern("{1,3}")), ("qwen2", pattern(""))] {
         let gguf = altered(
