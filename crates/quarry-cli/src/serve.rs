@@ -185,7 +185,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let max_connections = max_connections(&a)?;
     init_threads(a.threads)?;
     let edits = edit_policy(&a)?;
-    let is_vindex = Path::new(&a.model).is_dir();
+    let is_vindex =
+        Path::new(&a.model).is_dir() && !quarry_model::hf::is_hf_dir(Path::new(&a.model));
     let (model_path, vindex) = if is_vindex {
         // Opened (and validated) once: every knowledge statement runs on a clone of this
         // executor, over the same memory-mapped vindex.

@@ -1,7 +1,8 @@
 //! `quarry serve` behaves like the OpenAI API for the real `openai` Python client: the
 //! acceptance script `tests/serve/openai_acceptance.py` (chat and completions, streaming and
 //! not, logprobs, stop, n, usage, echo, greedy output equal to `quarry run`'s, a hung-up stream
-//! freeing its KV blocks) runs against a server started on SmolLM2.
+//! freeing its KV blocks) runs against a server started on SmolLM2; and a Hugging Face
+//! directory of a mixture of experts serves `quarry run`'s greedy text to concurrent requests.
 //!
 //! The Python packages come from `scripts/python-deps` (run by `scripts/test`, which exports
 //! their directory as `QUARRY_PYTHONPATH`); without them the test fails and says so.
@@ -161,4 +162,59 @@ fn openai_client_acceptance_on_smollm2() {
         out.status,
         server.log()
     );
+}
+
+/// A Hugging Face directory of a mixture of experts serves like a GGUF: two completions sent
+/// at once (batched together) each get `quarry run`'s greedy text for their prompt.
+#[test]
+fn a_safetensors_mixture_of_experts_serves_quarry_runs_text() {
+    use std::io::{Read, Write};
+    let dir = quarry_fixtures::family_dir("qwen2_moe");
+    let server = Server::start(&dir, &["--parallel", "2"]);
+    let ask = |prompt: &'static str, addr: String| {
+        thread::spawn(move || {
+            let body = format!(r#"{{"prompt":"{prompt}","max_tokens":6,"temperature":0}}"#);
+            let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+            write!(
+                stream,
+                "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            let json = response.split_once("\r\n\r\n").unwrap().1;
+            let json: serde_json::Value = serde_json::from_str(json).unwrap();
+            json["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+    };
+    let prompts = ["The model", "Quarry runs"];
+    let answers: Vec<_> = prompts
+        .iter()
+        .map(|p| ask(p, server.addr.clone()))
+        .collect();
+    for (prompt, answer) in prompts.iter().zip(answers) {
+        let served = answer.join().unwrap();
+        let out = Command::new(QUARRY)
+            .args([
+                "run",
+                dir.to_str().unwrap(),
+                prompt,
+                "-n",
+                "6",
+                "--temperature",
+                "0",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            served,
+            run["text"].as_str().unwrap(),
+            "{prompt}; log: {}",
+            server.log()
+        );
+    }
 }

@@ -171,6 +171,12 @@ pub fn gguf_from_hf_dir(dir: &Path, quantize: Option<GgmlType>) -> Result<GgufFi
     Ok(GgufFile::from_bytes(w.to_bytes(), &source)?)
 }
 
+/// Whether `path` is a Hugging Face model directory: a `config.json`, and no vindex manifest
+/// (`index.json`), the other kind of directory a model argument may name.
+pub fn is_hf_dir(path: &Path) -> bool {
+    path.join("config.json").is_file() && !path.join("index.json").exists()
+}
+
 /// [`gguf_from_hf_dir`] shared, ready for [`crate::Model::load`].
 pub fn open_hf_dir(dir: &Path, quantize: Option<GgmlType>) -> Result<Arc<GgufFile>, ModelError> {
     gguf_from_hf_dir(dir, quantize).map(Arc::new)

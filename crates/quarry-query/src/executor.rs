@@ -275,7 +275,7 @@ impl Executor {
     /// session starts afresh (patches applied to the previous model do not follow).
     fn open(&mut self, path: &Path, statement: &str) -> Result<ResultSet, QueryError> {
         let mut r = ResultSet::new(&[("key", ColumnType::Text), ("value", ColumnType::Text)]);
-        let hf_model = path.join("config.json").is_file() && !path.join("index.json").exists();
+        let hf_model = quarry_model::hf::is_hf_dir(path);
         if path.is_dir() && !hf_model {
             let v = Vindex::open(path).map_err(|source| QueryError::Vindex {
                 statement: statement.to_string(),
