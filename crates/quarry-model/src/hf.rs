@@ -508,16 +508,8 @@ fn tokenizer_metadata(
         "a tokenizer_config.json",
     )?;
     if path.exists() {
-        let text =
-            read_text_capped(&path, MAX_TOKENIZER_BYTES, "a tokenizer.json").map_err(|source| {
-                quarry_format::FormatError::Io {
-                    file: file.clone(),
-                    action: "read",
-                    source,
-                }
-            })?;
-        let json: Json = serde_json::from_str(&text)
-            .map_err(|e| invalid(&file, "JSON", format!("does not parse: {e}")))?;
+        let text = read_text(&path, MAX_TOKENIZER_BYTES, "a tokenizer.json")?;
+        let json = parse_json(&file, &text)?;
         let (tokens, types) = vocabulary(&json, config.usize("vocab_size")?, &file)?;
         let strings = tokens.into_iter().map(Value::String).collect();
         w.add_metadata("tokenizer.ggml.model", Value::String("huggingface".into()))?;
@@ -717,16 +709,23 @@ fn read_json(path: &Path, max: u64, what: &str) -> Result<Option<Json>, ModelErr
     if !path.exists() {
         return Ok(None);
     }
-    let file = path.display().to_string();
-    let text =
-        read_text_capped(path, max, what).map_err(|source| quarry_format::FormatError::Io {
-            file: file.clone(),
+    let text = read_text(path, max, what)?;
+    parse_json(&path.display().to_string(), &text).map(Some)
+}
+
+/// The text of `path`, at most `max` bytes (`what` names the limit in the error).
+fn read_text(path: &Path, max: u64, what: &str) -> Result<String, ModelError> {
+    read_text_capped(path, max, what).map_err(|source| {
+        ModelError::Format(quarry_format::FormatError::Io {
+            file: path.display().to_string(),
             action: "read",
             source,
-        })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| invalid(&file, "JSON", format!("does not parse: {e}")))
+        })
+    })
+}
+
+fn parse_json(file: &str, text: &str) -> Result<Json, ModelError> {
+    serde_json::from_str(text).map_err(|e| invalid(file, "JSON", format!("does not parse: {e}")))
 }
 
 /// GGUF token types (llama.cpp's numbering).

@@ -15,6 +15,7 @@
 //! ([`SequenceBatch::overlay`]), or by default for a whole model value ([`Model::with_overlay`]).
 
 use quarry_format::{GgufFile, TensorView};
+use quarry_kernels::vec::dot;
 use quarry_kernels::{
     matmul_quantized, matmul_quantized_many, Matrix, QuantizedActivations, WeightView,
 };
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use crate::attention::{attend, AttentionSpec, SequenceAttention};
 use crate::config::{Experts, ModelConfig, QkNorm};
 use crate::kv_cache::{ContiguousKvCache, KvCache};
-use crate::ops::{gated_activation, rms_norm, rotate_each, softcap, Rope, RopeTable};
+use crate::ops::{gated_activation, rms_norm, rotate_each, softcap, softmax, Rope, RopeTable};
 use crate::overlay::FfnOverlay;
 use crate::ModelError;
 
@@ -872,19 +873,19 @@ impl Loaded {
 /// The experts a token goes to and their weights: the `used` largest of the softmax of
 /// `scores` (ties to the lower index), renormalised to sum to 1 when `normalize`.
 fn route(scores: &[f32], used: usize, normalize: bool) -> Vec<(usize, f32)> {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = scores.iter().map(|&v| (v - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
+    let p = softmax(scores);
     let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
     order.truncate(used);
-    let picked: f32 = order.iter().map(|&e| exp[e]).sum();
-    let total = if normalize { picked } else { sum };
-    order.into_iter().map(|e| (e, exp[e] / total)).collect()
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
+    let total = if normalize {
+        order.iter().map(|&e| p[e]).sum()
+    } else {
+        1.0
+    };
+    order
+        .into_iter()
+        .map(|e| (e, (p[e] / total) as f32))
+        .collect()
 }
 
 /// What every layer needs to know of one sequence of a batch: where its tokens start in the

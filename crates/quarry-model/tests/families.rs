@@ -13,8 +13,8 @@ use quarry_format::{gguf::GgufWriter, GgmlType, GgufFile, Value};
 use quarry_model::hf::open_hf_dir;
 use quarry_model::{Model, SequenceBatch};
 
-/// Quarry's logits on `file` (the model of `family`) against transformers' f32 logits; returns
-/// the largest difference and the logit range.
+/// Quarry's logits on `file` (the model of `family`, from `source`) against transformers' f32
+/// logits, within 1e-3 of their range.
 fn check_logits(family: &str, source: &str, file: Arc<GgufFile>) {
     let dir = family_dir(family);
     let ids: serde_json::Value =
