@@ -47,6 +47,18 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// An empty directory `name` in the system's temporary directory, emptied first if an earlier
+/// run left it: for an extraction a test binary shares among its tests through a `static`. A
+/// `static` is never dropped, so a `tempfile::TempDir` there would leave one copy behind per
+/// run; a fixed name keeps at most one. Each caller passes a name of its own.
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
 /// The tiny reference models of `fixtures/families/` (scripts/make-fixtures), one per family.
 pub const FAMILIES: &[&str] = &[
     "llama",

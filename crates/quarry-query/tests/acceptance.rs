@@ -12,25 +12,23 @@ use quarry_tokenize::Tokenizer;
 use quarry_vindex::{extract, Dtype, ExtractOptions, Level};
 
 fn vindex(model: TestModel) -> &'static Path {
-    static GEMMA: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    static SMOL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    static GEMMA: OnceLock<PathBuf> = OnceLock::new();
+    static SMOL: OnceLock<PathBuf> = OnceLock::new();
     let cell = match model {
         TestModel::Gemma3 => &GEMMA,
         TestModel::SmolLm2 => &SMOL,
     };
-    &cell
-        .get_or_init(|| {
-            let tmp = tempfile::tempdir().unwrap();
-            let out = tmp.path().join("model.vindex");
-            let options = ExtractOptions {
-                level: Level::Inference,
-                dtype: Dtype::F16,
-                top_k: 10,
-            };
-            extract(&model_path(model), &out, &options, &mut |_| {}).unwrap();
-            (tmp, out)
-        })
-        .1
+    cell.get_or_init(|| {
+        let dir = quarry_fixtures::fresh_dir(&format!("quarry-acceptance-{model:?}"));
+        let out = dir.join("model.vindex");
+        let options = ExtractOptions {
+            level: Level::Inference,
+            dtype: Dtype::F16,
+            top_k: 10,
+        };
+        extract(&model_path(model), &out, &options, &mut |_| {}).unwrap();
+        out
+    })
 }
 
 fn query(model: TestModel, script: &str) -> Vec<ResultSet> {

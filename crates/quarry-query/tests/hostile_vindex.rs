@@ -18,19 +18,17 @@ use quarry_vindex::{extract, layout, Dtype, ExtractOptions, Level};
 use serde_json::{json, Value};
 
 fn vindex() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("smollm2.vindex");
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = quarry_fixtures::fresh_dir("quarry-hostile-smollm2").join("smollm2.vindex");
         let options = ExtractOptions {
             level: Level::Inference,
             dtype: Dtype::F16,
             top_k: 5,
         };
         extract(&model_path(TestModel::SmolLm2), &out, &options, &mut |_| {}).unwrap();
-        (tmp, out)
+        out
     })
-    .1
 }
 
 /// Every kind of statement, each run on its own so one error does not skip the rest.

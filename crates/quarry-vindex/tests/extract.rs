@@ -19,19 +19,17 @@ fn smollm2() -> Model {
 
 /// One `all`-level f32 extraction shared by the tests (read-only).
 fn vindex_dir() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("smollm2.vindex");
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = quarry_fixtures::fresh_dir("quarry-extract-smollm2").join("smollm2.vindex");
         let options = ExtractOptions {
             level: Level::All,
             dtype: Dtype::F32,
             top_k: 5,
         };
         extract(&model_path(TestModel::SmolLm2), &out, &options, &mut |_| {}).unwrap();
-        (tmp, out)
+        out
     })
-    .1
 }
 
 fn copy_dir(from: &Path, to: &Path) {
