@@ -8,9 +8,10 @@ converter turns that into a GGUF (it names the pre-tokenizer by hashing a test e
 "qwen2" for Qwen, "smaug-bpe", the Llama 3 expression, for Llama). Then every text of a set of
 awkward strings and README passages is tokenized by `quarry tokenize` from the GGUF (Quarry's own
 BPE and pre-tokenizer) and from the directory (HF `tokenizers` over tokenizer.json), and both must
-equal tiktoken's ids.
+equal tiktoken's ids and llama.cpp's (`llama-tokenize` on the same GGUF).
 
-    ~/.cache/quarry/fixtures-venv/bin/python scripts/check_real_tokenizers.py --llama-src DIR --work DIR
+    ~/.cache/quarry/fixtures-venv/bin/python scripts/check_real_tokenizers.py --llama-src DIR \
+        --llama-bin DIR --work DIR
 """
 import argparse
 import json
@@ -85,6 +86,7 @@ def build(name, work, llama_src):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--llama-src", required=True)
+    p.add_argument("--llama-bin", required=True, help="llama.cpp's bin directory, with llama-tokenize")
     p.add_argument("--work", required=True)
     p.add_argument("--quarry", default=os.path.join(ROOT, "target/release/quarry"))
     a = p.parse_args()
@@ -93,23 +95,37 @@ def main():
 
     os.makedirs(a.work, exist_ok=True)
     failures = 0
+    llama_differs = 0
+    llama_quarry = 0
     for name in TOKENIZERS:
         directory, ranks, pattern = build(name, a.work, a.llama_src)
         reference = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=load_tiktoken_bpe(ranks), special_tokens={})
         compared = 0
         for text in texts():
             want = reference.encode(text, disallowed_special=())
+            out = subprocess.run([os.path.join(a.llama_bin, "llama-tokenize"), "-m", directory + ".gguf", "--stdin",
+                                  "--no-escape", "--ids", "--no-bos", "--no-parse-special", "--log-disable"],
+                                 input=text.encode(), capture_output=True)
+            llama = json.loads(out.stdout) if out.returncode == 0 else out.stderr.decode(errors="replace").strip()
+            if llama != want:
+                llama_differs += 1
+                print(f"{name}: llama-tokenize on {text[:50]!r}: {str(llama)[:80]} != tiktoken's {want[:12]}")
             for model in (directory + ".gguf", directory):
                 out = subprocess.run([a.quarry, "tokenize", "--no-bos", "--no-parse-special", "--json", model, "--", text],
                                      capture_output=True, text=True)
                 got = json.loads(out.stdout)["ids"] if out.returncode == 0 else out.stderr.strip()
                 compared += 1
+                if got != llama:
+                    llama_quarry += 1
+                    print(f"{name}: {os.path.basename(model)} on {text[:50]!r}: {str(got)[:80]} != llama-tokenize's "
+                          f"{str(llama)[:80]}")
                 if got != want:
                     failures += 1
                     print(f"{name}: {os.path.basename(model)} on {text[:50]!r}: {str(got)[:80]} != {want[:12]}")
-        print(f"{name}: {compared} tokenizations (GGUF and tokenizer.json, {compared // 2} texts) against tiktoken, "
-              f"{failures} differ so far")
-    sys.exit(1 if failures else 0)
+        print(f"{name}: {compared} tokenizations (GGUF and tokenizer.json, {compared // 2} texts) against tiktoken "
+              f"and llama-tokenize: so far {failures} differ from tiktoken, {llama_quarry} from llama-tokenize; "
+              f"llama-tokenize differs from tiktoken on {llama_differs} texts")
+    sys.exit(1 if failures or llama_quarry else 0)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ transformers class with a few small layers and seeded random weights (biases and
 randomised too, so that they matter), saved as safetensors; llama.cpp's convert_hf_to_gguf.py
 turns the directory into model-f32.gguf; transformers' f32 logits on fixed token ids
 (teacher-forced) are the golden, `logits.f32` (little-endian, tokens × vocab) beside `ids.json`.
+llama.cpp's `llama-quantize` writes Q8_0 and Q4_K_M copies, and llama.cpp's logits on the same
+ids from each GGUF (`llama-logits`, scripts/llama_logits.cpp) are `llamacpp-<type>.f32`.
 Everything is seeded: a second run writes the same bytes.
 """
 import argparse
@@ -191,7 +193,29 @@ def convert(src, model_dir, out):
         sys.exit(f"make-fixtures: convert_hf_to_gguf.py failed on {model_dir}:\n{done.stderr[-4000:]}")
 
 
-def make(family, src):
+# llama-quantize's types for the quantized copies. With rows of 64 and 128 values the k-quants
+# of Q4_K_M cannot be used, and llama-quantize falls back as it does for any such model (Q5_0,
+# Q5_1, Q8_0 per tensor): the copies are what a user of these shapes gets.
+QUANTIZED = ("Q8_0", "Q4_K_M")
+
+
+def llamacpp_goldens(out, bin_dir, ids):
+    """Quantized copies of out/model-f32.gguf, and llama.cpp's logits on `ids` from each GGUF."""
+    for qtype in QUANTIZED:
+        done = subprocess.run([os.path.join(bin_dir, "llama-quantize"), os.path.join(out, "model-f32.gguf"),
+                               os.path.join(out, f"model-{qtype.lower()}.gguf"), qtype],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"make-fixtures: llama-quantize {qtype} failed in {out}:\n{done.stderr[-4000:]}")
+    for name in ("f32",) + tuple(q.lower() for q in QUANTIZED):
+        done = subprocess.run([os.path.join(bin_dir, "llama-logits"), os.path.join(out, f"model-{name}.gguf"),
+                               os.path.join(out, f"llamacpp-{name}.f32")] + [str(i) for i in ids],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"make-fixtures: llama-logits failed on {out}/model-{name}.gguf:\n{done.stderr[-4000:]}")
+
+
+def make(family, src, bin_dir):
     torch.manual_seed(SEED)
     model = FAMILIES[family]().float().eval()
     randomise_extras(model)
@@ -228,6 +252,7 @@ def make(family, src):
                    "f32 output, tokens x vocab, little-endian"}, f)
         f.write("\n")
     logits.astype("<f4").tofile(os.path.join(out, "logits.f32"))
+    llamacpp_goldens(out, bin_dir, ids)
     size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
     print(f"{family}: {out} ({size / 1e6:.2f} MB), logits range {logits.min():.3f}..{logits.max():.3f}",
           file=sys.stderr)
@@ -236,13 +261,14 @@ def make(family, src):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--llama-src", required=True)
+    p.add_argument("--llama-bin", required=True, help="llama.cpp's bin directory: llama-quantize, llama-logits")
     p.add_argument("families", nargs="*", default=sorted(FAMILIES))
     a = p.parse_args()
     torch.use_deterministic_algorithms(True)
     for family in a.families:
         if family not in FAMILIES:
             sys.exit(f"make-fixtures: unknown family {family!r} (known: {', '.join(sorted(FAMILIES))})")
-        make(family, a.llama_src)
+        make(family, a.llama_src, a.llama_bin)
 
 
 if __name__ == "__main__":

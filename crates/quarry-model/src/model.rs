@@ -977,7 +977,12 @@ struct Weights<'a> {
 impl<'a> Weights<'a> {
     fn tensor(&self, name: &str, expected: &[u64]) -> Result<TensorView<'a>, ModelError> {
         let view = self.file.tensor(name)?;
-        if view.info.dims != expected {
+        // ggml's shapes have implicit trailing 1s: llama-quantize writes the [64, 1] vector
+        // that the converter wrote as [64].
+        let significant =
+            |dims: &[u64]| dims.len() - dims.iter().rev().take_while(|&&d| d == 1).count();
+        let (found, wanted) = (&view.info.dims, expected);
+        if found[..significant(found)] != wanted[..significant(wanted)] {
             return Err(ModelError::WrongShape {
                 file: self.file.source().to_string(),
                 tensor: name.to_string(),
