@@ -9,10 +9,12 @@
 
 use std::sync::OnceLock;
 
+use crate::pool;
+
 /// 32 activations: `x[i] ≈ d · qs[i]`; `s = d · Σ qs` lets the Q4_1/Q5_1 minimum be applied
 /// once per block, and `sum = Σ qs` lets a kernel take a weight code offset out once per
 /// block in integers.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[repr(C)]
 pub struct BlockQ8x32 {
     pub d: f32,
@@ -245,8 +247,7 @@ impl<'x> QuantizedActivations<'x> {
         self.cols
     }
 
-    /// Integer row `token` (below [`Self::integer_tokens`]) as 32-value blocks (`cols` must
-    /// be a multiple of 32).
+    /// Row `token` as 32-value blocks (`cols` must be a multiple of 32).
     pub fn q8x32(&self, token: usize) -> &[BlockQ8x32] {
         let per_row = self.cols / 32;
         &self.all_q8x32()[token * per_row..(token + 1) * per_row]
@@ -258,21 +259,28 @@ impl<'x> QuantizedActivations<'x> {
         &self.all_q8x256()[token * per_row..(token + 1) * per_row]
     }
 
-    /// Every integer row as 32-value blocks, computed now if not yet; `f32` rows are never
-    /// quantized (no product reads them in 8 bits, and a prompt has hundreds). Call it
+    /// Every row as 32-value blocks, computed now if not yet: the panel kernels of the
+    /// 32-value types multiply prompt rows in 8 bits too (see `matmul_quantized`). Call it
     /// before threads share `self`: threads that race to compute a form wait on its lock, and
     /// waking them costs a system call per matmul (5% of a SmolLM2 decode step).
     pub fn all_q8x32(&self) -> &[BlockQ8x32] {
         self.q8x32.get_or_init(|| {
-            self.integer_rows()
-                .chunks_exact(32)
-                .map(quantize_q8x32)
-                .collect()
+            let mut blocks = vec![BlockQ8x32::default(); self.x.len() / 32];
+            // A prompt has hundreds of rows: quantized by the pool, a run of rows per task.
+            let per_task = (64 * 1024 / 32).max(self.cols / 32);
+            pool::global().for_each_chunk_mut(&mut blocks, per_task, &|c, out| {
+                let x = &self.x[c * per_task * 32..][..out.len() * 32];
+                for (b, v) in out.iter_mut().zip(x.chunks_exact(32)) {
+                    *b = quantize_q8x32(v);
+                }
+            });
+            blocks
         })
     }
 
-    /// Every integer row as 256-value super-blocks, computed now if not yet (see
-    /// [`Self::all_q8x32`]).
+    /// Every integer row (the first [`Self::integer_tokens`]) as 256-value super-blocks,
+    /// computed now if not yet; the other rows are never quantized this way, since the
+    /// K-quants multiply prompts in `f32` (see [`Self::all_q8x32`] on threads).
     pub fn all_q8x256(&self) -> &[BlockQ8x256] {
         self.q8x256.get_or_init(|| {
             self.integer_rows()
@@ -383,12 +391,16 @@ mod tests {
     }
 
     #[test]
-    fn only_integer_rows_are_quantized() {
-        let x: Vec<f32> = (0..3 * 64).map(|i| i as f32).collect();
-        let a = QuantizedActivations::new(&x, 3, 64).with_integer_tokens(1);
-        assert_eq!(a.all_q8x32().len(), 2);
-        assert_eq!(a.q8x32(0)[1], quantize_q8x32(&x[32..64]));
-        let none = QuantizedActivations::new(&x, 3, 64).with_integer_tokens(0);
-        assert!(none.all_q8x32().is_empty());
+    fn every_row_has_32_value_blocks_and_integer_rows_super_blocks() {
+        let x: Vec<f32> = (0..3 * 256).map(|i| (i % 97) as f32 - 40.0).collect();
+        let a = QuantizedActivations::new(&x, 3, 256).with_integer_tokens(1);
+        assert_eq!(a.all_q8x32().len(), 3 * 8);
+        assert_eq!(
+            a.q8x32(2)[1],
+            quantize_q8x32(&x[2 * 256 + 32..2 * 256 + 64])
+        );
+        assert_eq!(a.all_q8x256().len(), 1);
+        let none = QuantizedActivations::new(&x, 3, 256).with_integer_tokens(0);
+        assert!(none.all_q8x256().is_empty());
     }
 }

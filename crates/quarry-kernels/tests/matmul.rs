@@ -224,8 +224,17 @@ fn decode_tokens_of_a_batch_equal_each_token_alone() {
                 "{dtype} token {t}"
             );
         }
+        // The other rows: on a panel kernel in 8 bits, each as if it were a decode token
+        // alone; otherwise in f32, as `matmul` computes them.
         let mut rest = vec![f32::NAN; (n - decode) * rows];
-        matmul(&view, &x[decode * cols..], n - decode, &mut rest);
+        if w.is_packed() {
+            for (t, y) in rest.chunks_mut(rows).enumerate() {
+                let row = &x[(decode + t) * cols..(decode + t + 1) * cols];
+                matmul_quantized(&w, &QuantizedActivations::new(row, 1, cols), y);
+            }
+        } else {
+            matmul(&view, &x[decode * cols..], n - decode, &mut rest);
+        }
         assert_eq!(&batch[decode * rows..], &rest[..], "{dtype} prompt rows");
     }
 }
@@ -259,10 +268,18 @@ fn each_segment_of_a_batch_equals_that_segment_alone() {
                 &y[..],
                 "{dtype} segment at {first}"
             );
-            // A packed matrix's f32 products read its packed copy: the same as the view's.
-            let mut from_view = vec![f32::NAN; len * rows];
-            matmul(&w.view(), alone_x, len, &mut from_view);
-            assert_eq!(y, from_view, "{dtype} segment at {first}: packed vs view");
+            // A packed matrix multiplies every row in 8 bits, each as a decode token alone;
+            // another takes the f32 paths on its file view.
+            let mut expected = vec![f32::NAN; len * rows];
+            if w.is_packed() {
+                for (t, e) in expected.chunks_mut(rows).enumerate() {
+                    let row = &alone_x[t * cols..(t + 1) * cols];
+                    matmul_quantized(&w, &QuantizedActivations::new(row, 1, cols), e);
+                }
+            } else {
+                matmul(&w.view(), alone_x, len, &mut expected);
+            }
+            assert_eq!(y, expected, "{dtype} segment at {first}");
             first += len;
         }
     }
