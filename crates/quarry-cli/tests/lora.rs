@@ -177,10 +177,13 @@ fn perplexity_chat_and_bench_take_the_adapter() {
     let base = ppl("smollm2", &[]);
     let with_lora = ppl("smollm2", &["--lora", s(&adapter)]);
     let from_compiled = ppl(s(&compiled), &[]);
-    // Prompt evaluation is f32 on both paths, so the two agree closely; the delta itself
-    // moves the perplexity much further.
+    eprintln!("perplexity: base {base}, adapter {with_lora}, compiled {from_compiled}");
+    // The adapter's base product takes 8-bit activations (Q4_1 on its panel kernel) where the
+    // compiled f32 weight takes f32 ones, which on this strong delta moves the perplexity by
+    // 1.5% (measured: base 29.1, adapter 71.7, compiled 72.7); the delta itself moves it by
+    // 146%.
     assert!(
-        (with_lora / from_compiled - 1.0).abs() < 0.002,
+        (with_lora / from_compiled - 1.0).abs() < 0.03,
         "adapter {with_lora}, compiled {from_compiled}"
     );
     assert!(

@@ -140,10 +140,10 @@ impl quarry_model::ForwardObserver for Residuals {
 /// SmolLM2 for reference.
 #[test]
 fn the_dense_tail_is_the_model() {
-    for (path, layer) in [
-        (family("qwen2"), 0),
-        (family("olmo2"), 0),
-        (model_path(TestModel::SmolLm2), 20),
+    for (path, layer, quantized) in [
+        (family("qwen2"), 0, false),
+        (family("olmo2"), 0, false),
+        (model_path(TestModel::SmolLm2), 20, true),
     ] {
         let model = Model::load(Arc::new(GgufFile::open(&path).unwrap())).unwrap();
         let tail = quarry_edit::dense::DenseTail::new(&model, layer).unwrap();
@@ -168,19 +168,37 @@ fn the_dense_tail_is_the_model() {
         };
         let d = model.config().d_model;
         let dense = tail.log_probs(&probe, &vec![0.0; d], &rows);
-        let mut worst = 0.0f32;
+        // Over the whole vocabulary, and over the tokens the model gives ≥ 1e-3 (those an
+        // edit's objective weighs).
+        let (mut worst, mut worst_likely) = (0.0f32, 0.0f32);
         for (row, lp) in logits.chunks_exact(vocab).zip(&dense) {
             let max = row.iter().copied().fold(f32::MIN, f32::max);
             let log_sum = row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln() + max;
             for (l, dl) in row.iter().zip(lp) {
-                worst = worst.max((l - log_sum - dl).abs());
+                let diff = (l - log_sum - dl).abs();
+                worst = worst.max(diff);
+                if l - log_sum >= 1e-3f32.ln() {
+                    worst_likely = worst_likely.max(diff);
+                }
             }
         }
-        // Measured: 3.5e-4 (qwen2), 4.3e-4 (olmo2), 3.6e-3 (SmolLM2's Q4_1); 6.8e-2 on qwen2
-        // with the query bias left out.
+        eprintln!(
+            "{}: log-probabilities differ by {worst:.2e}, {worst_likely:.2e} where p ≥ 1e-3",
+            path.display()
+        );
+        // f32 weights: measured 3.5e-4 (qwen2), 4.3e-4 (olmo2); 6.8e-2 on qwen2 with the query
+        // bias left out. SmolLM2's Q4_1 products take 8-bit activations in the model (as
+        // llama.cpp's do) and f32 in the tail, over ten layers of random tokens: measured 0.66
+        // over the whole vocabulary, set by its least likely tokens, and 0.29 where p ≥ 1e-3,
+        // so for it this is a check of gross errors only.
+        let (bound, measured) = if quantized {
+            (0.5, worst_likely)
+        } else {
+            (1e-2, worst)
+        };
         assert!(
-            worst < 1e-2,
-            "{}: log-probabilities differ by {worst}",
+            measured < bound,
+            "{}: log-probabilities differ by {measured}",
             path.display()
         );
     }

@@ -33,6 +33,16 @@ pub struct BlockQ8x256 {
     pub bsums: [i16; 16],
 }
 
+impl Default for BlockQ8x256 {
+    fn default() -> Self {
+        BlockQ8x256 {
+            d: 0.0,
+            qs: [0; 256],
+            bsums: [0; 16],
+        }
+    }
+}
+
 impl BlockQ8x32 {
     /// The block of codes `qs` (summing to `sum`) at scale `d`.
     fn from_codes(d: f32, sum: i32, qs: [i8; 32]) -> BlockQ8x32 {
@@ -278,20 +288,20 @@ impl<'x> QuantizedActivations<'x> {
         })
     }
 
-    /// Every integer row (the first [`Self::integer_tokens`]) as 256-value super-blocks,
-    /// computed now if not yet; the other rows are never quantized this way, since the
-    /// K-quants multiply prompts in `f32` (see [`Self::all_q8x32`] on threads).
+    /// Every row as 256-value super-blocks, computed now if not yet (see
+    /// [`Self::all_q8x32`]): the Q4_K panel kernel multiplies prompt rows in 8 bits too.
     pub fn all_q8x256(&self) -> &[BlockQ8x256] {
         self.q8x256.get_or_init(|| {
-            self.integer_rows()
-                .chunks_exact(256)
-                .map(quantize_q8x256)
-                .collect()
+            let mut blocks = vec![BlockQ8x256::default(); self.x.len() / 256];
+            let per_task = (64 * 1024 / 256).max(self.cols / 256);
+            pool::global().for_each_chunk_mut(&mut blocks, per_task, &|c, out| {
+                let x = &self.x[c * per_task * 256..][..out.len() * 256];
+                for (b, v) in out.iter_mut().zip(x.chunks_exact(256)) {
+                    *b = quantize_q8x256(v);
+                }
+            });
+            blocks
         })
-    }
-
-    fn integer_rows(&self) -> &'x [f32] {
-        &self.x[..self.integer_tokens * self.cols]
     }
 }
 
@@ -391,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn every_row_has_32_value_blocks_and_integer_rows_super_blocks() {
+    fn every_row_has_both_8_bit_forms() {
         let x: Vec<f32> = (0..3 * 256).map(|i| (i % 97) as f32 - 40.0).collect();
         let a = QuantizedActivations::new(&x, 3, 256).with_integer_tokens(1);
         assert_eq!(a.all_q8x32().len(), 3 * 8);
@@ -399,8 +409,7 @@ mod tests {
             a.q8x32(2)[1],
             quantize_q8x32(&x[2 * 256 + 32..2 * 256 + 64])
         );
-        assert_eq!(a.all_q8x256().len(), 1);
-        let none = QuantizedActivations::new(&x, 3, 256).with_integer_tokens(0);
-        assert!(none.all_q8x256().is_empty());
+        assert_eq!(a.all_q8x256().len(), 3);
+        assert_eq!(a.q8x256(1)[0], quantize_q8x256(&x[256..512]));
     }
 }

@@ -12,6 +12,7 @@ use crate::{GgmlType, WeightView};
 
 mod kquants;
 mod legacy;
+pub mod q4k_panels;
 
 pub use legacy::packed::{self, PackedRows};
 
@@ -130,6 +131,11 @@ pub fn gemv_packed_tokens(
     x: &QuantizedActivations<'_>,
     outs: &mut [&mut [f32]],
 ) {
+    if p.dtype() == GgmlType::Q4_K {
+        let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x256(t)).collect();
+        q4k_panels::gemv_tokens(p.bytes(), p.rows(), p.cols(), rows, &acts, outs);
+        return;
+    }
     let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x32(t)).collect();
     packed::gemv_tokens(p, rows, &acts, outs);
 }

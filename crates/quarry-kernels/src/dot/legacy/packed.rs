@@ -36,7 +36,7 @@ use super::{
     block_values, f16_at, nibbles, runnable, Layout, MIN_AT, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 };
 use crate::act::BlockQ8x32;
-use crate::dot::Isa;
+use crate::dot::{q4k_panels, Isa};
 use crate::{pool, GgmlType, WeightView};
 
 /// Rows per panel: one 32-bit lane each in a 512-bit vector.
@@ -68,12 +68,16 @@ impl PackedRows {
     }
 
     /// Repacks `w` for the panel kernel of `isa` when this CPU runs it (AVX2 or AVX-512 VNNI)
-    /// and `w`'s type is one of the 32-value types; `None` otherwise.
+    /// and `w`'s type is one of the 32-value types, or Q4_K on AVX-512 VNNI (its panels are
+    /// [`q4k_panels`]'s); `None` otherwise.
     pub fn for_isa(w: &WeightView<'_>, isa: Isa) -> Option<PackedRows> {
         if isa == Isa::Scalar || !runnable(isa) {
             return None;
         }
-        let bytes = by_layout!(w.dtype(), L => pack::<L>(w), _ => return None);
+        let bytes = match w.dtype() {
+            GgmlType::Q4_K if isa == Isa::Avx512Vnni => q4k_panels::pack(w),
+            _ => by_layout!(w.dtype(), L => pack::<L>(w), _ => return None),
+        };
         Some(PackedRows {
             isa,
             dtype: w.dtype(),
@@ -93,11 +97,19 @@ impl PackedRows {
             first + n,
             self.rows
         );
+        if self.dtype == GgmlType::Q4_K {
+            return q4k_panels::unpack(&self.bytes, self.cols, first, n, out);
+        }
         by_layout!(
             self.dtype,
             L => self.unpack::<L>(first, n, out),
-            _ => unreachable!("PackedRows holds only 32-value types")
+            _ => unreachable!("PackedRows holds only 32-value types and Q4_K")
         )
+    }
+
+    /// The packed bytes (the layout of the type's panel module).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 
     /// The inverse of [`pack`], row by row.
