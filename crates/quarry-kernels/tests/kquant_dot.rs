@@ -11,7 +11,7 @@ mod common;
 use proptest::prelude::*;
 use quarry_kernels::act::QuantizedActivations;
 use quarry_kernels::dot::{
-    gemv_packed_tokens, gemv_rows, has_integer_kernel, q4k_panels, Isa, PackedRows,
+    gemv_packed_tokens, gemv_rows, has_integer_kernel, kquant_panels, Isa, PackedRows,
 };
 use quarry_kernels::{dequantize, quantize, GgmlType, WeightView};
 use rand::rngs::StdRng;
@@ -214,30 +214,32 @@ fn empty_row_range() {
     }
 }
 
-/// `w` (Q4_K) in panels, when this CPU packs Q4_K (AVX-512 VNNI), else `None`.
-fn q4k_panels(w: &WeightView<'_>) -> Option<PackedRows> {
+/// `w` (Q4_K or Q6_K) in panels, when this CPU packs them (AVX-512 VNNI), else `None`.
+fn panels_of(w: &WeightView<'_>) -> Option<PackedRows> {
     Isa::available()
         .into_iter()
         .filter_map(|isa| PackedRows::for_isa(w, isa))
-        .find(|p| p.dtype() == GgmlType::Q4_K)
+        .next()
 }
 
-/// The Q4_K panels on awkward shapes (rows not a multiple of 16, one to nine tokens: passes
+/// The Q4_K and Q6_K panels on awkward shapes (rows not a multiple of 16, one to nine tokens: passes
 /// of the kernel's four and a short last one, any first panel) equal the scalar reference
 /// bit for bit, and the reference stays within 1e-4 of Σ|w·x| of the dequantized product;
 /// unpacking gives back the file's bytes.
 #[test]
-fn q4k_panels_equal_the_reference_bit_for_bit() {
+fn kquant_panels_equal_the_reference_bit_for_bit() {
     let mut rng = StdRng::seed_from_u64(41);
-    for (rows, cols, tokens, first_panel) in [
-        (1, 256, 1, 0),
-        (17, 256, 3, 1),
-        (40, 512, 9, 0),
-        (33, 1280, 5, 2),
-        (16, 768, 4, 0),
+    for (dtype, rows, cols, tokens, first_panel) in [
+        (GgmlType::Q4_K, 1, 256, 1, 0),
+        (GgmlType::Q4_K, 17, 256, 3, 1),
+        (GgmlType::Q4_K, 40, 512, 9, 0),
+        (GgmlType::Q4_K, 33, 1280, 5, 2),
+        (GgmlType::Q6_K, 16, 768, 4, 0),
+        (GgmlType::Q6_K, 1, 256, 2, 0),
+        (GgmlType::Q6_K, 35, 512, 7, 1),
     ] {
-        let data = random_blocks(&mut rng, GgmlType::Q4_K, rows, cols);
-        let w = WeightView::new(GgmlType::Q4_K, rows, cols, &data).unwrap();
+        let data = random_blocks(&mut rng, dtype, rows, cols);
+        let w = WeightView::new(dtype, rows, cols, &data).unwrap();
         let x = common::gaussian(&mut rng, tokens * cols, 1.0);
         let xq = QuantizedActivations::new(&x, tokens, cols).with_integer_tokens(tokens);
         let range = (16 * first_panel).min(rows)..rows;
@@ -245,7 +247,7 @@ fn q4k_panels_equal_the_reference_bit_for_bit() {
         let mut want = vec![vec![f32::NAN; range.len()]; tokens];
         {
             let mut outs: Vec<&mut [f32]> = want.iter_mut().map(|v| v.as_mut_slice()).collect();
-            q4k_panels::reference(&w, range.clone(), &acts, &mut outs);
+            kquant_panels::reference(&w, range.clone(), &acts, &mut outs);
         }
         let dense = dequantized(&w);
         for (t, row) in want.iter().enumerate() {
@@ -265,24 +267,30 @@ fn q4k_panels_equal_the_reference_bit_for_bit() {
                     .sum();
                 assert!(
                     (got as f64 - exact).abs() <= 1e-4 * scale + 1e-6,
-                    "{rows}x{cols} token {t} row {r}: reference {got} against {exact}"
+                    "{dtype} {rows}x{cols} token {t} row {r}: reference {got} against {exact}"
                 );
             }
         }
-        let Some(p) = q4k_panels(&w) else { continue };
+        let Some(p) = panels_of(&w) else {
+            assert!(
+                !Isa::available().contains(&Isa::Avx512Vnni),
+                "AVX-512 VNNI packs {dtype}"
+            );
+            continue;
+        };
         let mut got = vec![vec![f32::NAN; range.len()]; tokens];
         let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|v| v.as_mut_slice()).collect();
         gemv_packed_tokens(&p, range.clone(), &xq, &mut outs);
         assert_eq!(
             got, want,
-            "{rows}x{cols}, {tokens} tokens from row {}",
+            "{dtype} {rows}x{cols}, {tokens} tokens from row {}",
             range.start
         );
         let mut back = vec![0u8; data.len()];
         p.unpack_rows(0, rows, &mut back);
         assert!(
             back == data,
-            "{rows}x{cols}: unpacked rows differ from the file's"
+            "{dtype} {rows}x{cols}: unpacked rows differ from the file's"
         );
     }
 }

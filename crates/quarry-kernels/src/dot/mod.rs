@@ -10,9 +10,9 @@ use std::sync::OnceLock;
 use crate::act::QuantizedActivations;
 use crate::{GgmlType, WeightView};
 
+pub mod kquant_panels;
 mod kquants;
 mod legacy;
-pub mod q4k_panels;
 
 pub use legacy::packed::{self, PackedRows};
 
@@ -131,9 +131,9 @@ pub fn gemv_packed_tokens(
     x: &QuantizedActivations<'_>,
     outs: &mut [&mut [f32]],
 ) {
-    if p.dtype() == GgmlType::Q4_K {
+    if kquant_panels::supports(p.dtype()) {
         let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x256(t)).collect();
-        q4k_panels::gemv_tokens(p.bytes(), p.rows(), p.cols(), rows, &acts, outs);
+        kquant_panels::gemv_tokens(p.dtype(), p.bytes(), p.rows(), p.cols(), rows, &acts, outs);
         return;
     }
     let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x32(t)).collect();

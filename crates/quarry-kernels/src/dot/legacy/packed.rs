@@ -36,7 +36,7 @@ use super::{
     block_values, f16_at, nibbles, runnable, Layout, MIN_AT, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 };
 use crate::act::BlockQ8x32;
-use crate::dot::{q4k_panels, Isa};
+use crate::dot::{kquant_panels, Isa};
 use crate::{pool, GgmlType, WeightView};
 
 /// Rows per panel: one 32-bit lane each in a 512-bit vector.
@@ -68,14 +68,14 @@ impl PackedRows {
     }
 
     /// Repacks `w` for the panel kernel of `isa` when this CPU runs it (AVX2 or AVX-512 VNNI)
-    /// and `w`'s type is one of the 32-value types, or Q4_K on AVX-512 VNNI (its panels are
-    /// [`q4k_panels`]'s); `None` otherwise.
+    /// and `w`'s type is one of the 32-value types, or Q4_K or Q6_K on AVX-512 VNNI (their panels are
+    /// [`kquant_panels`]'s); `None` otherwise.
     pub fn for_isa(w: &WeightView<'_>, isa: Isa) -> Option<PackedRows> {
         if isa == Isa::Scalar || !runnable(isa) {
             return None;
         }
         let bytes = match w.dtype() {
-            GgmlType::Q4_K if isa == Isa::Avx512Vnni => q4k_panels::pack(w),
+            t if kquant_panels::supports(t) && isa == Isa::Avx512Vnni => kquant_panels::pack(w),
             _ => by_layout!(w.dtype(), L => pack::<L>(w), _ => return None),
         };
         Some(PackedRows {
@@ -97,13 +97,13 @@ impl PackedRows {
             first + n,
             self.rows
         );
-        if self.dtype == GgmlType::Q4_K {
-            return q4k_panels::unpack(&self.bytes, self.cols, first, n, out);
+        if kquant_panels::supports(self.dtype) {
+            return kquant_panels::unpack(self.dtype, &self.bytes, self.cols, first, n, out);
         }
         by_layout!(
             self.dtype,
             L => self.unpack::<L>(first, n, out),
-            _ => unreachable!("PackedRows holds only 32-value types and Q4_K")
+            _ => unreachable!("PackedRows holds only 32-value types and K-quants")
         )
     }
 
