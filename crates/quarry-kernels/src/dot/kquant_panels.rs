@@ -1,6 +1,7 @@
 //! Q4_K and Q6_K repacked into panels of 16 rows, for kernels that multiply a panel by
 //! several tokens per pass: the K-quant counterpart of the 32-value types' panels
-//! ([`super::packed`]), used on AVX-512 VNNI.
+//! ([`super::packed`]), with kernels for AVX-512 VNNI and for AVX2 (a half-panel of 8 rows
+//! at a time, `vpmaddubsw` pairs summed in 16 bits where they cannot overflow).
 //!
 //! Why: prompts of Q4_K_M files (Q4_K, with Q6_K for some matrices) otherwise take the `f32`
 //! GEMM, and the row-by-row K-quant kernels re-unpack every weight for every token; in a
@@ -38,6 +39,7 @@
 use std::ops::Range;
 
 use crate::act::BlockQ8x256;
+use crate::dot::Isa;
 use crate::{pool, GgmlType, WeightView, QK_K};
 
 /// Rows per panel: one 32-bit lane each in a 512-bit vector.
@@ -224,11 +226,14 @@ pub fn unpack(dtype: GgmlType, bytes: &[u8], cols: usize, first: usize, n: usize
 }
 
 /// `outs[t][i] = row rows.start + i · acts[t]` over the `dtype` matrix of `total_rows × cols`
-/// packed in `bytes`; `rows.start` must be a multiple of [`PANEL`] and the CPU must run
-/// AVX-512 VNNI (the only level that packs the K-quants).
+/// packed in `bytes`, with the kernel of `isa` (AVX2 or AVX-512 VNNI, which this CPU must
+/// run); `rows.start` must be a multiple of [`PANEL`].
 ///
-/// Panics on a shape mismatch between the matrix, `rows`, `acts` and `outs`.
+/// Panics on a shape mismatch between the matrix, `rows`, `acts` and `outs`, or on a level
+/// this CPU does not run.
+#[allow(clippy::too_many_arguments)]
 pub fn gemv_tokens(
+    isa: Isa,
     dtype: GgmlType,
     bytes: &[u8],
     total_rows: usize,
@@ -260,7 +265,11 @@ pub fn gemv_tokens(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(avx512::runnable(), "kquant panels need AVX-512 VNNI");
+        assert!(
+            (isa == Isa::Avx512Vnni && avx512::runnable())
+                || (isa == Isa::Avx2 && avx2::runnable()),
+            "kquant panels: this CPU does not run {isa:?}"
+        );
         for first in rows.clone().step_by(PANEL) {
             let n = PANEL.min(rows.end - first);
             let panel = &bytes[first / PANEL * panel_bytes..][..panel_bytes];
@@ -269,14 +278,14 @@ pub fn gemv_tokens(
                 let tokens = TOKENS.min(acts.len() - t0);
                 let (a, o) = (&acts[t0..t0 + tokens], &mut outs[t0..t0 + tokens]);
                 macro_rules! pass {
-                    ($kernel:ident: $($t:literal)*) => {
+                    ($module:ident::$kernel:ident: $($t:literal)*) => {
                         match tokens {
-                            // SAFETY: AVX-512 VNNI is present (asserted above); the panel
+                            // SAFETY: the level's features are present (asserted above); the panel
                             // holds `supers` super-blocks of `dtype`; every activation row has
                             // `supers` super-blocks and every output at least `at + n` values
                             // (asserted above), with `n <= PANEL`.
                             $($t => unsafe {
-                                avx512::$kernel::<$t>(
+                                $module::$kernel::<$t>(
                                     panel.as_ptr(),
                                     supers,
                                     std::array::from_fn(|t| a[t].as_ptr()),
@@ -288,10 +297,11 @@ pub fn gemv_tokens(
                         }
                     };
                 }
-                if dtype == GgmlType::Q4_K {
-                    pass!(q4k: 1 2 3 4);
-                } else {
-                    pass!(q6k: 1 2 3 4);
+                match (isa, dtype) {
+                    (Isa::Avx512Vnni, GgmlType::Q4_K) => pass!(avx512::q4k: 1 2 3 4),
+                    (Isa::Avx512Vnni, _) => pass!(avx512::q6k: 1 2 3 4),
+                    (_, GgmlType::Q4_K) => pass!(avx2::q4k: 1 2 3 4),
+                    _ => pass!(avx2::q6k: 1 2 3 4),
                 }
             }
         }
@@ -504,5 +514,197 @@ mod avx512 {
             }
         }
         store(outs, acc, n);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+
+    use super::{DMIN_AT, D_AT, MINS_AT, Q4K_SUPER, Q6K_SUPER, Q6_D_AT, Q6_SCALES_AT, SCALES_AT};
+    use crate::act::BlockQ8x256;
+    use crate::dot::prefetch;
+
+    /// Rows per vector: one 32-bit lane each in a 256-bit vector, half a panel.
+    const HALF: usize = 8;
+
+    pub fn runnable() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    /// Four activation bytes of `a`, from value `k`, in every lane.
+    ///
+    /// # Safety
+    /// `a` points to a readable super-block and `k <= 252`.
+    #[inline(always)]
+    unsafe fn quad(a: *const BlockQ8x256, k: usize) -> __m256i {
+        _mm256_set1_epi32(core::ptr::read_unaligned(
+            (*a).qs.as_ptr().add(k) as *const i32
+        ))
+    }
+
+    /// Stores the first `rows` lanes of each token's accumulator.
+    ///
+    /// # Safety
+    /// Each `outs[t]` points to `rows <= 8` writable values.
+    #[inline(always)]
+    unsafe fn store<const T: usize>(outs: [*mut f32; T], acc: [__m256; T], rows: usize) {
+        let keep = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(rows as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        for t in 0..T {
+            _mm256_maskstore_ps(outs[t], keep, acc[t]);
+        }
+    }
+
+    /// `outs[t][0..n]` = the Q4_K panel at `p` (`supers` panel super-blocks) · token t, one
+    /// half-panel after the other.
+    ///
+    /// # Safety
+    /// The CPU has avx2, fma and f16c; `p` points to `supers` panel super-blocks; each
+    /// `acts[t]` to `supers` readable super-blocks; each `outs[t]` to `n <= 16` writable
+    /// values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4k<const T: usize>(
+        p: *const u8,
+        supers: usize,
+        acts: [*const BlockQ8x256; T],
+        outs: [*mut f32; T],
+        n: usize,
+    ) {
+        for h in 0..n.div_ceil(HALF) {
+            let low = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let zero = _mm256_setzero_si256();
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..supers {
+                let blk = p.add(b * Q4K_SUPER);
+                if h == 0 {
+                    prefetch(blk.wrapping_add(2 * Q4K_SUPER), Q4K_SUPER);
+                }
+                let a: [*const BlockQ8x256; T] = core::array::from_fn(|t| acts[t].add(b));
+                let mut isum = [zero; T];
+                for j in 0..8 {
+                    // A sub-block's eight pair sums per lane stay within 8 · 2 · 15 · 128.
+                    let mut pairs = [zero; T];
+                    for v in 0..8 {
+                        let c = _mm256_loadu_si256(
+                            blk.add(64 * (8 * (j / 2) + v) + 32 * h) as *const __m256i
+                        );
+                        let q = if j % 2 == 0 {
+                            _mm256_and_si256(c, low)
+                        } else {
+                            _mm256_and_si256(_mm256_srli_epi16(c, 4), low)
+                        };
+                        for t in 0..T {
+                            let prod = _mm256_maddubs_epi16(q, quad(a[t], 32 * j + 4 * v));
+                            pairs[t] = _mm256_add_epi16(pairs[t], prod);
+                        }
+                    }
+                    let scale = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        blk.add(SCALES_AT + 16 * j + HALF * h) as *const __m128i,
+                    ));
+                    for t in 0..T {
+                        let sum = _mm256_madd_epi16(pairs[t], ones);
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(sum, scale));
+                    }
+                }
+                let mut mins = [zero; T];
+                for k in 0..4 {
+                    let pair = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                        blk.add(MINS_AT + 32 * k + 2 * HALF * h) as *const __m128i,
+                    ));
+                    for t in 0..T {
+                        let s = &(*a[t]).bsums;
+                        let lo = s[4 * k] as i32 + s[4 * k + 1] as i32;
+                        let hi = s[4 * k + 2] as i32 + s[4 * k + 3] as i32;
+                        let sums = _mm256_set1_epi32((lo & 0xFFFF) | (hi << 16));
+                        mins[t] = _mm256_add_epi32(mins[t], _mm256_madd_epi16(pair, sums));
+                    }
+                }
+                let half_f16 = |at: usize| {
+                    _mm256_cvtph_ps(_mm_loadu_si128(blk.add(at + 2 * HALF * h) as *const __m128i))
+                };
+                let (d, dmin) = (half_f16(D_AT), half_f16(DMIN_AT));
+                for t in 0..T {
+                    let da = _mm256_set1_ps((*a[t]).d);
+                    acc[t] =
+                        _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+                    acc[t] = _mm256_fnmadd_ps(
+                        _mm256_mul_ps(dmin, da),
+                        _mm256_cvtepi32_ps(mins[t]),
+                        acc[t],
+                    );
+                }
+            }
+            let outs = core::array::from_fn(|t| outs[t].add(HALF * h));
+            store(outs, acc, (n - HALF * h).min(HALF));
+        }
+    }
+
+    /// `outs[t][0..n]` = the Q6_K panel at `p` (`supers` panel super-blocks) · token t, one
+    /// half-panel after the other; as the AVX-512 kernel, each group's sum starts at −32 ×
+    /// its activations' sum.
+    ///
+    /// # Safety
+    /// As [`q4k`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6k<const T: usize>(
+        p: *const u8,
+        supers: usize,
+        acts: [*const BlockQ8x256; T],
+        outs: [*mut f32; T],
+        n: usize,
+    ) {
+        for h in 0..n.div_ceil(HALF) {
+            let ones = _mm256_set1_epi16(1);
+            let zero = _mm256_setzero_si256();
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..supers {
+                let blk = p.add(b * Q6K_SUPER);
+                if h == 0 {
+                    prefetch(blk.wrapping_add(Q6K_SUPER), Q6K_SUPER);
+                }
+                let a: [*const BlockQ8x256; T] = core::array::from_fn(|t| acts[t].add(b));
+                let mut isum = [zero; T];
+                for j in 0..16 {
+                    let mut sum: [__m256i; T] =
+                        core::array::from_fn(|t| _mm256_set1_epi32(-32 * (*a[t]).bsums[j] as i32));
+                    // Two vectors' pair sums per lane stay within 2 · 2 · 63 · 128 < 2¹⁵.
+                    for v in [0, 2] {
+                        let code = |v: usize| {
+                            _mm256_loadu_si256(blk.add(64 * (4 * j + v) + 32 * h) as *const __m256i)
+                        };
+                        let (c0, c1) = (code(v), code(v + 1));
+                        for t in 0..T {
+                            let pairs = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(c0, quad(a[t], 16 * j + 4 * v)),
+                                _mm256_maddubs_epi16(c1, quad(a[t], 16 * j + 4 * v + 4)),
+                            );
+                            sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(pairs, ones));
+                        }
+                    }
+                    let scale = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        blk.add(Q6_SCALES_AT + 16 * j + HALF * h) as *const __m128i,
+                    ));
+                    for t in 0..T {
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(sum[t], scale));
+                    }
+                }
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(
+                    blk.add(Q6_D_AT + 2 * HALF * h) as *const __m128i
+                ));
+                for t in 0..T {
+                    let da = _mm256_set1_ps((*a[t]).d);
+                    acc[t] =
+                        _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+                }
+            }
+            let outs = core::array::from_fn(|t| outs[t].add(HALF * h));
+            store(outs, acc, (n - HALF * h).min(HALF));
+        }
     }
 }

@@ -133,7 +133,16 @@ pub fn gemv_packed_tokens(
 ) {
     if kquant_panels::supports(p.dtype()) {
         let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x256(t)).collect();
-        kquant_panels::gemv_tokens(p.dtype(), p.bytes(), p.rows(), p.cols(), rows, &acts, outs);
+        kquant_panels::gemv_tokens(
+            p.isa(),
+            p.dtype(),
+            p.bytes(),
+            p.rows(),
+            p.cols(),
+            rows,
+            &acts,
+            outs,
+        );
         return;
     }
     let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x32(t)).collect();

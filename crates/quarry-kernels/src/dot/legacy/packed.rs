@@ -68,14 +68,14 @@ impl PackedRows {
     }
 
     /// Repacks `w` for the panel kernel of `isa` when this CPU runs it (AVX2 or AVX-512 VNNI)
-    /// and `w`'s type is one of the 32-value types, or Q4_K or Q6_K on AVX-512 VNNI (their panels are
+    /// and `w`'s type is one of the 32-value types, or Q4_K or Q6_K (their panels are
     /// [`kquant_panels`]'s); `None` otherwise.
     pub fn for_isa(w: &WeightView<'_>, isa: Isa) -> Option<PackedRows> {
         if isa == Isa::Scalar || !runnable(isa) {
             return None;
         }
         let bytes = match w.dtype() {
-            t if kquant_panels::supports(t) && isa == Isa::Avx512Vnni => kquant_panels::pack(w),
+            t if kquant_panels::supports(t) => kquant_panels::pack(w),
             _ => by_layout!(w.dtype(), L => pack::<L>(w), _ => return None),
         };
         Some(PackedRows {
