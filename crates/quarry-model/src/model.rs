@@ -528,8 +528,9 @@ impl Model {
     ///
     /// Sequences at the front of the batch with a single token are decode steps: their
     /// products, like every selected row's output head, use 8-bit activations; every later
-    /// sequence's rows are multiplied in `f32` apart from the others. So each sequence's logits
-    /// are exactly those it would get from [`Model::forward`] alone with the same tokens.
+    /// sequence's rows are multiplied apart from the others (8-bit on a repacked matrix, `f32`
+    /// otherwise: see `matmul_quantized`). So each sequence's logits are exactly those it
+    /// would get from [`Model::forward`] alone with the same tokens.
     pub fn forward_batch<C: KvCache + Sync>(
         &self,
         batch: &mut [SequenceBatch<'_, '_, C>],
