@@ -202,7 +202,7 @@ impl Model {
             Ok(_) => weights.matrix("output.weight", config.vocab_size, d)?,
             Err(_) => token_embd,
         };
-        let output = weights.prepared(output);
+        let output = weights.prepared_head(output);
         let spec = config.spec;
         let layers = (0..config.n_layers)
             .map(|i| {
@@ -1005,6 +1005,16 @@ impl<'a> Weights<'a> {
     /// it are released, since nothing reads them again (prompts read the copy too).
     fn prepared(&self, view: WeightView<'a>) -> Matrix<'a> {
         let matrix = Matrix::new(view);
+        if matrix.is_packed() {
+            self.file.release(view.data());
+        }
+        matrix
+    }
+
+    /// [`Weights::prepared`] for the output head, which products read a row at a time
+    /// ([`Matrix::for_single_rows`]).
+    fn prepared_head(&self, view: WeightView<'a>) -> Matrix<'a> {
+        let matrix = Matrix::for_single_rows(view);
         if matrix.is_packed() {
             self.file.release(view.data());
         }

@@ -21,9 +21,12 @@
 //!   widened to 16 bits each lane holds a row's pair, the operand order of `vpdpwssd`);
 //! - the rows' f16 `d`, then their f16 `dmin`.
 //!
-//! Q6_K, [`Q6K_SUPER`] bytes (274 per row against the file's 210: the 6-bit codes take a byte
-//! each, so no bits are gathered per token):
-//! - codes, 64 vectors of 64 bytes: byte 4r + i of vector g is code 4g + i (0..64) of row r;
+//! Q6_K, [`Q6K_SUPER`] bytes (210 per row, as in the file). Code vector c (0..64) holds, in
+//! byte 4r + i, code 4c + i (0..64) of row r; it is stored split:
+//! - low nibbles, 32 vectors of 64 bytes: nibble vector n holds code vector n's low four bits
+//!   in its low nibbles and code vector n + 32's in its high ones;
+//! - top bits, 16 vectors of 64 bytes: bits 2k..2k + 2 of top vector m are the top two bits
+//!   of code vector m + 16k;
 //! - the 16-value groups' signed scales, 16 × 16 bytes: byte 16j + r is group j's of row r;
 //! - the rows' f16 `d`.
 //!
@@ -62,7 +65,8 @@ const Q6K_FILE: usize = 210;
 const Q6K_QH: usize = 128;
 const Q6K_SCALES: usize = 192;
 const Q6K_D: usize = 208;
-const Q6_SCALES_AT: usize = 64 * 64;
+const Q6_TOPS_AT: usize = 32 * 64;
+const Q6_SCALES_AT: usize = Q6_TOPS_AT + 16 * 64;
 const Q6_D_AT: usize = Q6_SCALES_AT + 16 * PANEL;
 /// Bytes of one Q6_K panel super-block.
 pub const Q6K_SUPER: usize = Q6_D_AT + 2 * PANEL;
@@ -170,8 +174,33 @@ fn pack_q4k(b: &[u8], dst: &mut [u8], r: usize) {
 
 /// Row r's Q6_K super-block `b` into the panel super-block `dst`.
 fn pack_q6k(b: &[u8], dst: &mut [u8], r: usize) {
-    for v in 0..QK_K {
-        dst[64 * (v / 4) + 4 * r + v % 4] = q6k_code(b, v);
+    // The file's layout, a 32-value run at a time (see `q6k_code`): run (n, m) holds values
+    // 128n + 32m .. + 32, whose low nibbles are byte l + 32(m % 2) of `ql`'s half n (low or
+    // high nibble by m / 2) and whose top bits are bits 2m of `qh`'s half n.
+    let mut codes = [0u8; QK_K];
+    for n in 0..2 {
+        let (ql, qh) = (
+            &b[64 * n..64 * n + 64],
+            &b[Q6K_QH + 32 * n..Q6K_QH + 32 * n + 32],
+        );
+        for m in 0..4 {
+            let run = &mut codes[128 * n + 32 * m..][..32];
+            for (l, q) in run.iter_mut().enumerate() {
+                let byte = ql[l + 32 * (m % 2)];
+                let low = if m < 2 { byte & 0x0F } else { byte >> 4 };
+                *q = low | ((qh[l] >> (2 * m)) & 3) << 4;
+            }
+        }
+    }
+    for (c, quad) in codes.chunks_exact(4).enumerate() {
+        let nibbles = &mut dst[64 * (c % 32) + 4 * r..][..4];
+        for (d, &q) in nibbles.iter_mut().zip(quad) {
+            *d |= (q & 0x0F) << (4 * (c / 32));
+        }
+        let tops = &mut dst[Q6_TOPS_AT + 64 * (c % 16) + 4 * r..][..4];
+        for (d, &q) in tops.iter_mut().zip(quad) {
+            *d |= (q >> 4) << (2 * (c / 16));
+        }
     }
     for j in 0..16 {
         dst[Q6_SCALES_AT + PANEL * j + r] = b[Q6K_SCALES + j];
@@ -213,7 +242,12 @@ pub fn unpack(dtype: GgmlType, bytes: &[u8], cols: usize, first: usize, n: usize
                 }
             } else {
                 let codes: Vec<u8> = (0..QK_K)
-                    .map(|v| src[64 * (v / 4) + 4 * r + v % 4])
+                    .map(|v| {
+                        let (c, at) = (v / 4, 4 * r + v % 4);
+                        let low = (src[64 * (c % 32) + at] >> (4 * (c / 32))) & 0x0F;
+                        let top = (src[Q6_TOPS_AT + 64 * (c % 16) + at] >> (2 * (c / 16))) & 3;
+                        low | top << 4
+                    })
                     .collect();
                 q6k_bits(&codes, b);
                 for j in 0..16 {
@@ -366,7 +400,9 @@ pub fn reference(
 mod avx512 {
     use core::arch::x86_64::*;
 
-    use super::{DMIN_AT, D_AT, MINS_AT, Q4K_SUPER, Q6K_SUPER, Q6_D_AT, Q6_SCALES_AT, SCALES_AT};
+    use super::{
+        DMIN_AT, D_AT, MINS_AT, Q4K_SUPER, Q6K_SUPER, Q6_D_AT, Q6_SCALES_AT, Q6_TOPS_AT, SCALES_AT,
+    };
     use crate::act::BlockQ8x256;
     use crate::dot::prefetch;
 
@@ -471,6 +507,21 @@ mod avx512 {
         store(outs, acc, n);
     }
 
+    /// Code vector `c` of the Q6_K panel super-block at `blk`, from its nibble and top bits.
+    ///
+    /// # Safety
+    /// The CPU has avx512f/bw; `blk` points to a Q6_K panel super-block; `c < 64`.
+    #[inline(always)]
+    unsafe fn q6k_codes(blk: *const u8, c: usize, low: __m512i, top: __m512i) -> __m512i {
+        let shift = |x: __m512i, by: usize| _mm512_srl_epi16(x, _mm_cvtsi32_si128(by as i32));
+        let n = _mm512_loadu_si512(blk.add(64 * (c % 32)) as *const _);
+        let m = _mm512_loadu_si512(blk.add(Q6_TOPS_AT + 64 * (c % 16)) as *const _);
+        let low4 = _mm512_and_si512(shift(n, 4 * (c / 32)), low);
+        // The two top bits of this code vector down to bits 0..2, then up to 4..6.
+        let top2 = _mm512_and_si512(shift(m, 2 * (c / 16)), top);
+        _mm512_or_si512(low4, _mm512_slli_epi16(top2, 4))
+    }
+
     /// `outs[t][0..n]` = the Q6_K panel at `p` (`supers` panel super-blocks) · token t. Each
     /// group's sums start at −32 × its activations' sum, which removes the codes' offset.
     ///
@@ -485,6 +536,7 @@ mod avx512 {
         n: usize,
     ) {
         let zero = _mm512_setzero_si512();
+        let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x03));
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..supers {
             let blk = p.add(b * Q6K_SUPER);
@@ -495,7 +547,7 @@ mod avx512 {
                 let mut sum: [__m512i; T] =
                     core::array::from_fn(|t| _mm512_set1_epi32(-32 * (*a[t]).bsums[j] as i32));
                 for v in 0..4 {
-                    let c = _mm512_loadu_si512(blk.add(64 * (4 * j + v)) as *const _);
+                    let c = q6k_codes(blk, 4 * j + v, low, top);
                     for t in 0..T {
                         sum[t] = _mm512_dpbusd_epi32(sum[t], c, quad(a[t], 16 * j + 4 * v));
                     }
@@ -521,7 +573,9 @@ mod avx512 {
 mod avx2 {
     use core::arch::x86_64::*;
 
-    use super::{DMIN_AT, D_AT, MINS_AT, Q4K_SUPER, Q6K_SUPER, Q6_D_AT, Q6_SCALES_AT, SCALES_AT};
+    use super::{
+        DMIN_AT, D_AT, MINS_AT, Q4K_SUPER, Q6K_SUPER, Q6_D_AT, Q6_SCALES_AT, Q6_TOPS_AT, SCALES_AT,
+    };
     use crate::act::BlockQ8x256;
     use crate::dot::prefetch;
 
@@ -645,6 +699,21 @@ mod avx2 {
         }
     }
 
+    /// Half `h`'s code vector `c` of the Q6_K panel super-block whose half starts at `half`
+    /// (the super-block plus 32h), from its nibble and top bits.
+    ///
+    /// # Safety
+    /// The CPU has avx2; `half` points into a Q6_K panel super-block as above; `c < 64`.
+    #[inline(always)]
+    unsafe fn q6k_codes(half: *const u8, c: usize, low: __m256i, top: __m256i) -> __m256i {
+        let shift = |x: __m256i, by: usize| _mm256_srl_epi16(x, _mm_cvtsi32_si128(by as i32));
+        let n = _mm256_loadu_si256(half.add(64 * (c % 32)) as *const __m256i);
+        let m = _mm256_loadu_si256(half.add(Q6_TOPS_AT + 64 * (c % 16)) as *const __m256i);
+        let low4 = _mm256_and_si256(shift(n, 4 * (c / 32)), low);
+        let top2 = _mm256_and_si256(shift(m, 2 * (c / 16)), top);
+        _mm256_or_si256(low4, _mm256_slli_epi16(top2, 4))
+    }
+
     /// `outs[t][0..n]` = the Q6_K panel at `p` (`supers` panel super-blocks) · token t, one
     /// half-panel after the other; as the AVX-512 kernel, each group's sum starts at −32 ×
     /// its activations' sum.
@@ -662,6 +731,7 @@ mod avx2 {
         for h in 0..n.div_ceil(HALF) {
             let ones = _mm256_set1_epi16(1);
             let zero = _mm256_setzero_si256();
+            let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
             let mut acc = [_mm256_setzero_ps(); T];
             for b in 0..supers {
                 let blk = p.add(b * Q6K_SUPER);
@@ -675,9 +745,7 @@ mod avx2 {
                         core::array::from_fn(|t| _mm256_set1_epi32(-32 * (*a[t]).bsums[j] as i32));
                     // Two vectors' pair sums per lane stay within 2 · 2 · 63 · 128 < 2¹⁵.
                     for v in [0, 2] {
-                        let code = |v: usize| {
-                            _mm256_loadu_si256(blk.add(64 * (4 * j + v) + 32 * h) as *const __m256i)
-                        };
+                        let code = |v: usize| q6k_codes(blk.add(32 * h), 4 * j + v, low, top);
                         let (c0, c1) = (code(v), code(v + 1));
                         for t in 0..T {
                             let pairs = _mm256_add_epi16(
