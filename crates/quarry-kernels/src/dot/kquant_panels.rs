@@ -507,21 +507,6 @@ mod avx512 {
         store(outs, acc, n);
     }
 
-    /// Code vector `c` of the Q6_K panel super-block at `blk`, from its nibble and top bits.
-    ///
-    /// # Safety
-    /// The CPU has avx512f/bw; `blk` points to a Q6_K panel super-block; `c < 64`.
-    #[inline(always)]
-    unsafe fn q6k_codes(blk: *const u8, c: usize, low: __m512i, top: __m512i) -> __m512i {
-        let shift = |x: __m512i, by: usize| _mm512_srl_epi16(x, _mm_cvtsi32_si128(by as i32));
-        let n = _mm512_loadu_si512(blk.add(64 * (c % 32)) as *const _);
-        let m = _mm512_loadu_si512(blk.add(Q6_TOPS_AT + 64 * (c % 16)) as *const _);
-        let low4 = _mm512_and_si512(shift(n, 4 * (c / 32)), low);
-        // The two top bits of this code vector down to bits 0..2, then up to 4..6.
-        let top2 = _mm512_and_si512(shift(m, 2 * (c / 16)), top);
-        _mm512_or_si512(low4, _mm512_slli_epi16(top2, 4))
-    }
-
     /// `outs[t][0..n]` = the Q6_K panel at `p` (`supers` panel super-blocks) · token t. Each
     /// group's sums start at −32 × its activations' sum, which removes the codes' offset.
     ///
@@ -536,27 +521,59 @@ mod avx512 {
         n: usize,
     ) {
         let zero = _mm512_setzero_si512();
-        let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x03));
+        let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..supers {
             let blk = p.add(b * Q6K_SUPER);
             prefetch(blk.wrapping_add(Q6K_SUPER), Q6K_SUPER);
             let a: [*const BlockQ8x256; T] = core::array::from_fn(|t| acts[t].add(b));
             let mut isum = [zero; T];
-            for j in 0..16 {
-                let mut sum: [__m512i; T] =
-                    core::array::from_fn(|t| _mm512_set1_epi32(-32 * (*a[t]).bsums[j] as i32));
-                for v in 0..4 {
-                    let c = q6k_codes(blk, 4 * j + v, low, top);
-                    for t in 0..T {
-                        sum[t] = _mm512_dpbusd_epi32(sum[t], c, quad(a[t], 16 * j + 4 * v));
+            // Top vector m serves code vectors m, m + 16, m + 32 and m + 48, and nibble
+            // vectors m and m + 16 serve the same four: so groups q, q + 4, q + 8 and q + 12
+            // (code vectors 4q.. + 4 plus multiples of 16) are summed together, every shift a
+            // constant.
+            for q in 0..4 {
+                let mut sum: [[__m512i; T]; 4] = core::array::from_fn(|g| {
+                    core::array::from_fn(|t| {
+                        _mm512_set1_epi32(-32 * (*a[t]).bsums[q + 4 * g] as i32)
+                    })
+                });
+                for m in 4 * q..4 * q + 4 {
+                    let tops = _mm512_loadu_si512(blk.add(Q6_TOPS_AT + 64 * m) as *const _);
+                    let n0 = _mm512_loadu_si512(blk.add(64 * m) as *const _);
+                    let n1 = _mm512_loadu_si512(blk.add(64 * (m + 16)) as *const _);
+                    let codes = [
+                        _mm512_or_si512(
+                            _mm512_and_si512(n0, low),
+                            _mm512_and_si512(_mm512_slli_epi16(tops, 4), top),
+                        ),
+                        _mm512_or_si512(
+                            _mm512_and_si512(n1, low),
+                            _mm512_and_si512(_mm512_slli_epi16(tops, 2), top),
+                        ),
+                        _mm512_or_si512(
+                            _mm512_and_si512(_mm512_srli_epi16(n0, 4), low),
+                            _mm512_and_si512(tops, top),
+                        ),
+                        _mm512_or_si512(
+                            _mm512_and_si512(_mm512_srli_epi16(n1, 4), low),
+                            _mm512_and_si512(_mm512_srli_epi16(tops, 2), top),
+                        ),
+                    ];
+                    for (g, code) in codes.into_iter().enumerate() {
+                        for t in 0..T {
+                            let x = quad(a[t], 4 * (m + 16 * g));
+                            sum[g][t] = _mm512_dpbusd_epi32(sum[g][t], code, x);
+                        }
                     }
                 }
-                let scale = _mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    blk.add(Q6_SCALES_AT + 16 * j) as *const __m128i
-                ));
-                for t in 0..T {
-                    isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(sum[t], scale));
+                for (g, sum) in sum.iter().enumerate() {
+                    let scale = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        blk.add(Q6_SCALES_AT + 16 * (q + 4 * g)) as *const __m128i,
+                    ));
+                    for t in 0..T {
+                        isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(sum[t], scale));
+                    }
                 }
             }
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(Q6_D_AT) as *const __m256i));
