@@ -161,6 +161,25 @@ pub fn quantize_q8x256(x: &[f32]) -> BlockQ8x256 {
     BlockQ8x256 { d, qs, bsums }
 }
 
+/// `x` (rows of `cols` values) as blocks of `size` values, quantized by the pool: a prompt
+/// has hundreds of rows, and a task takes a run of them (at least 64 Ki values).
+fn quantized_on_pool<B: Default + Clone + Send>(
+    x: &[f32],
+    cols: usize,
+    size: usize,
+    quantize: fn(&[f32]) -> B,
+) -> Vec<B> {
+    let mut blocks = vec![B::default(); x.len() / size];
+    let per_task = (64 * 1024 / size).max(cols / size).max(1);
+    pool::global().for_each_chunk_mut(&mut blocks, per_task, &|c, out| {
+        let x = &x[c * per_task * size..][..out.len() * size];
+        for (b, v) in out.iter_mut().zip(x.chunks_exact(size)) {
+            *b = quantize(v);
+        }
+    });
+    blocks
+}
+
 /// `n_tokens` rows of `cols` activations, with their 8-bit forms computed on first use.
 ///
 /// The first [`QuantizedActivations::integer_tokens`] rows are decode tokens, which matrix
@@ -274,34 +293,15 @@ impl<'x> QuantizedActivations<'x> {
     /// before threads share `self`: threads that race to compute a form wait on its lock, and
     /// waking them costs a system call per matmul (5% of a SmolLM2 decode step).
     pub fn all_q8x32(&self) -> &[BlockQ8x32] {
-        self.q8x32.get_or_init(|| {
-            let mut blocks = vec![BlockQ8x32::default(); self.x.len() / 32];
-            // A prompt has hundreds of rows: quantized by the pool, a run of rows per task.
-            let per_task = (64 * 1024 / 32).max(self.cols / 32);
-            pool::global().for_each_chunk_mut(&mut blocks, per_task, &|c, out| {
-                let x = &self.x[c * per_task * 32..][..out.len() * 32];
-                for (b, v) in out.iter_mut().zip(x.chunks_exact(32)) {
-                    *b = quantize_q8x32(v);
-                }
-            });
-            blocks
-        })
+        self.q8x32
+            .get_or_init(|| quantized_on_pool(self.x, self.cols, 32, quantize_q8x32))
     }
 
     /// Every row as 256-value super-blocks, computed now if not yet (see
     /// [`Self::all_q8x32`]): the Q4_K panel kernel multiplies prompt rows in 8 bits too.
     pub fn all_q8x256(&self) -> &[BlockQ8x256] {
-        self.q8x256.get_or_init(|| {
-            let mut blocks = vec![BlockQ8x256::default(); self.x.len() / 256];
-            let per_task = (64 * 1024 / 256).max(self.cols / 256);
-            pool::global().for_each_chunk_mut(&mut blocks, per_task, &|c, out| {
-                let x = &self.x[c * per_task * 256..][..out.len() * 256];
-                for (b, v) in out.iter_mut().zip(x.chunks_exact(256)) {
-                    *b = quantize_q8x256(v);
-                }
-            });
-            blocks
-        })
+        self.q8x256
+            .get_or_init(|| quantized_on_pool(self.x, self.cols, 256, quantize_q8x256))
     }
 }
 

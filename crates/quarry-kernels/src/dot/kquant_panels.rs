@@ -42,6 +42,8 @@
 use std::ops::Range;
 
 use crate::act::BlockQ8x256;
+use crate::dot::kquants::k4_scales_mins;
+use crate::dot::legacy::runnable;
 use crate::dot::Isa;
 use crate::{pool, GgmlType, WeightView, QK_K};
 
@@ -104,19 +106,13 @@ fn q6k_bits(codes: &[u8], b: &mut [u8]) {
     }
 }
 
-/// Sub-block j's 6-bit scale and minimum from a super-block's 12 scale bytes.
-fn scale_min(s: &[u8], j: usize) -> (u8, u8) {
-    if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        (
-            (s[j + 4] & 0x0F) | (s[j - 4] >> 6) << 4,
-            (s[j + 4] >> 4) | (s[j] >> 6) << 4,
-        )
-    }
+/// The eight sub-blocks' 6-bit scales and minimums from a super-block's 12 scale bytes.
+fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (sc, mn) = k4_scales_mins(s);
+    (sc.to_le_bytes(), mn.to_le_bytes())
 }
 
-/// The inverse of [`scale_min`] over all eight sub-blocks: the 12 scale bytes.
+/// The inverse of [`scales_mins`]: the 12 scale bytes.
 fn scale_bytes(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
     let mut s = [0u8; 12];
     for j in 0..4 {
@@ -163,10 +159,10 @@ fn pack_q4k(b: &[u8], dst: &mut [u8], r: usize) {
     for g in 0..32 {
         dst[64 * g + 4 * r..][..4].copy_from_slice(&qs[4 * g..4 * g + 4]);
     }
+    let (sc, mn) = scales_mins(&b[4..16]);
     for j in 0..8 {
-        let (sc, mn) = scale_min(&b[4..16], j);
-        dst[SCALES_AT + PANEL * j + r] = sc;
-        dst[MINS_AT + 2 * PANEL * (j / 2) + 2 * r + j % 2] = mn;
+        dst[SCALES_AT + PANEL * j + r] = sc[j];
+        dst[MINS_AT + 2 * PANEL * (j / 2) + 2 * r + j % 2] = mn[j];
     }
     dst[D_AT + 2 * r..][..2].copy_from_slice(&b[0..2]);
     dst[DMIN_AT + 2 * r..][..2].copy_from_slice(&b[2..4]);
@@ -300,8 +296,7 @@ pub fn gemv_tokens(
     #[cfg(target_arch = "x86_64")]
     {
         assert!(
-            (isa == Isa::Avx512Vnni && avx512::runnable())
-                || (isa == Isa::Avx2 && avx2::runnable()),
+            isa != Isa::Scalar && runnable(isa),
             "kquant panels: this CPU does not run {isa:?}"
         );
         for first in rows.clone().step_by(PANEL) {
@@ -368,15 +363,15 @@ pub fn reference(
             for (b, x) in row.chunks_exact(rb / supers.max(1)).zip(*a) {
                 if w.dtype() == GgmlType::Q4_K {
                     let (mut isum, mut m) = (0i32, 0i32);
+                    let (sc, mn) = scales_mins(&b[4..16]);
                     for j in 0..8 {
-                        let (sc, mn) = scale_min(&b[4..16], j);
                         let dot: i32 = b[16 + 32 * (j / 2)..][..32]
                             .iter()
                             .zip(&x.qs[32 * j..32 * j + 32])
                             .map(|(&q, &a)| ((q >> (4 * (j % 2))) & 0x0F) as i32 * a as i32)
                             .sum();
-                        isum += sc as i32 * dot;
-                        m += mn as i32 * (x.bsums[2 * j] as i32 + x.bsums[2 * j + 1] as i32);
+                        isum += sc[j] as i32 * dot;
+                        m += mn[j] as i32 * (x.bsums[2 * j] as i32 + x.bsums[2 * j + 1] as i32);
                     }
                     acc = (f16(b, 0) * x.d).mul_add(isum as f32, acc);
                     acc = (-(f16(b, 2) * x.d)).mul_add(m as f32, acc);
@@ -405,14 +400,6 @@ mod avx512 {
     };
     use crate::act::BlockQ8x256;
     use crate::dot::prefetch;
-
-    pub fn runnable() -> bool {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("f16c")
-    }
 
     /// Four activation bytes of `a`, from value `k`, in every lane.
     ///
@@ -598,12 +585,6 @@ mod avx2 {
 
     /// Rows per vector: one 32-bit lane each in a 256-bit vector, half a panel.
     const HALF: usize = 8;
-
-    pub fn runnable() -> bool {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
 
     /// Four activation bytes of `a`, from value `k`, in every lane.
     ///

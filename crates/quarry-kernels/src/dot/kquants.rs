@@ -155,7 +155,7 @@ fn f16_to_f32(lo: u8, hi: u8) -> f32 {
 /// are the low six bits of bytes 0..4 and 4..8; 4..8 take a nibble of bytes 8..12 (low for
 /// scales, high for minimums) under the top two bits of bytes 0..4 (scales) or 4..8 (minimums).
 #[inline(always)]
-fn k4_scales_mins(s: &[u8]) -> (u64, u64) {
+pub(super) fn k4_scales_mins(s: &[u8]) -> (u64, u64) {
     let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
     let (w0, w1, w2) = (w(0), w(4), w(8));
     const LOW6: u32 = 0x3F3F_3F3F;

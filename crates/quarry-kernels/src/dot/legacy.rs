@@ -116,7 +116,7 @@ fn check_shapes(w: &WeightView<'_>, rows: &Range<usize>, a: &[BlockQ8x32], out: 
 
 /// Whether this CPU has every feature the `isa` kernels are compiled with. Detection
 /// results are cached by std, so this costs a few loads per call.
-fn runnable(isa: Isa) -> bool {
+pub(super) fn runnable(isa: Isa) -> bool {
     match isa {
         Isa::Scalar => true,
         #[cfg(target_arch = "x86_64")]
