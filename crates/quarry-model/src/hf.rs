@@ -596,7 +596,7 @@ impl<'c> Tensors<'c, '_> {
         });
         let (dtype, data) = match quantize {
             Some(q) if q != dtype => {
-                let values = to_f32(dtype, &data, name)?;
+                let values = to_f32(dtype, &data, self.checkpoint.source(), name)?;
                 let mut out = vec![0u8; q.bytes_for(values.len() as u64).unwrap_or(0) as usize];
                 quarry_kernels::quantize(q, &values, &mut out).map_err(|source| {
                     ModelError::Kernel {
@@ -656,7 +656,7 @@ impl<'c> Tensors<'c, '_> {
     /// A norm's gains, as `f32`, plus 1 where the family stores offsets from 1 (Gemma).
     fn norm(&mut self, from: &str, to: &str) -> Result<(), ModelError> {
         let t = self.tensor(from)?;
-        let mut values = to_f32(t.dtype, t.data, from)?;
+        let mut values = to_f32(t.dtype, t.data, self.checkpoint.source(), from)?;
         if self.norms_add_one {
             values.iter_mut().for_each(|v| *v += 1.0);
         }
@@ -693,11 +693,11 @@ impl<'c> Tensors<'c, '_> {
     }
 }
 
-fn to_f32(dtype: GgmlType, data: &[u8], name: &str) -> Result<Vec<f32>, ModelError> {
+fn to_f32(dtype: GgmlType, data: &[u8], file: &str, name: &str) -> Result<Vec<f32>, ModelError> {
     let n = data.len() / dtype.type_size().max(1);
     let mut values = vec![0.0f32; n];
     quarry_kernels::dequantize(dtype, data, &mut values).map_err(|source| ModelError::Kernel {
-        file: "safetensors".into(),
+        file: file.to_string(),
         tensor: name.to_string(),
         source,
     })?;
