@@ -697,28 +697,19 @@ mod avx2 {
         }
     }
 
-    /// The 64 code vectors of a Q6_K panel super-block's half whose bytes start at `half`
-    /// (the super-block plus 32h): top vector m and nibble vectors m and m + 16 give code
-    /// vectors m, m + 16, m + 32 and m + 48, every shift a constant.
+    /// Half `h`'s code vector `c` of the Q6_K panel super-block whose half starts at `half`
+    /// (the super-block plus 32h), from its nibble and top bits.
     ///
     /// # Safety
-    /// The CPU has avx2; `half` points into a Q6_K panel super-block as above.
+    /// The CPU has avx2; `half` points into a Q6_K panel super-block as above; `c < 64`.
     #[inline(always)]
-    unsafe fn q6k_codes(half: *const u8) -> [__m256i; 64] {
-        let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
-        let mut codes = [_mm256_setzero_si256(); 64];
-        for m in 0..16 {
-            let load = |at: usize| _mm256_loadu_si256(half.add(at) as *const __m256i);
-            let (tops, n0, n1) = (load(Q6_TOPS_AT + 64 * m), load(64 * m), load(64 * (m + 16)));
-            let join = |nibbles: __m256i, top2: __m256i| {
-                _mm256_or_si256(_mm256_and_si256(nibbles, low), _mm256_and_si256(top2, top))
-            };
-            codes[m] = join(n0, _mm256_slli_epi16(tops, 4));
-            codes[m + 16] = join(n1, _mm256_slli_epi16(tops, 2));
-            codes[m + 32] = join(_mm256_srli_epi16(n0, 4), tops);
-            codes[m + 48] = join(_mm256_srli_epi16(n1, 4), _mm256_srli_epi16(tops, 2));
-        }
-        codes
+    unsafe fn q6k_codes(half: *const u8, c: usize, low: __m256i, top: __m256i) -> __m256i {
+        let shift = |x: __m256i, by: usize| _mm256_srl_epi16(x, _mm_cvtsi32_si128(by as i32));
+        let n = _mm256_loadu_si256(half.add(64 * (c % 32)) as *const __m256i);
+        let m = _mm256_loadu_si256(half.add(Q6_TOPS_AT + 64 * (c % 16)) as *const __m256i);
+        let low4 = _mm256_and_si256(shift(n, 4 * (c / 32)), low);
+        let top2 = _mm256_and_si256(shift(m, 2 * (c / 16)), top);
+        _mm256_or_si256(low4, _mm256_slli_epi16(top2, 4))
     }
 
     /// `outs[t][0..n]` = the Q6_K panel at `p` (`supers` panel super-blocks) · token t, one
@@ -738,6 +729,7 @@ mod avx2 {
         for h in 0..n.div_ceil(HALF) {
             let ones = _mm256_set1_epi16(1);
             let zero = _mm256_setzero_si256();
+            let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
             let mut acc = [_mm256_setzero_ps(); T];
             for b in 0..supers {
                 let blk = p.add(b * Q6K_SUPER);
@@ -746,13 +738,13 @@ mod avx2 {
                 }
                 let a: [*const BlockQ8x256; T] = core::array::from_fn(|t| acts[t].add(b));
                 let mut isum = [zero; T];
-                let codes = q6k_codes(blk.add(32 * h));
                 for j in 0..16 {
                     let mut sum: [__m256i; T] =
                         core::array::from_fn(|t| _mm256_set1_epi32(-32 * (*a[t]).bsums[j] as i32));
                     // Two vectors' pair sums per lane stay within 2 · 2 · 63 · 128 < 2¹⁵.
                     for v in [0, 2] {
-                        let (c0, c1) = (codes[4 * j + v], codes[4 * j + v + 1]);
+                        let code = |v: usize| q6k_codes(blk.add(32 * h), 4 * j + v, low, top);
+                        let (c0, c1) = (code(v), code(v + 1));
                         for t in 0..T {
                             let pairs = _mm256_add_epi16(
                                 _mm256_maddubs_epi16(c0, quad(a[t], 16 * j + 4 * v)),
