@@ -182,10 +182,11 @@ fn quantized_on_pool<B: Default + Clone + Send>(
 
 /// `n_tokens` rows of `cols` activations, with their 8-bit forms computed on first use.
 ///
-/// The first [`QuantizedActivations::integer_tokens`] rows are decode tokens, which matrix
-/// products compute from the 8-bit form; the others take the `f32` path (see
-/// `matmul_quantized`), in [segments](QuantizedActivations::with_segments) multiplied one at a
-/// time (one per sequence of a batch: each gets the products it would get alone).
+/// The first [`QuantizedActivations::integer_tokens`] rows are decode tokens, which every
+/// matrix with an integer kernel multiplies from the 8-bit form; the others are multiplied in
+/// 8 bits by a repacked matrix and in `f32` by any other (see `matmul_quantized`), in
+/// [segments](QuantizedActivations::with_segments) one at a time (one per sequence of a
+/// batch: each gets the products it would get alone).
 pub struct QuantizedActivations<'x> {
     x: &'x [f32],
     n_tokens: usize,
@@ -244,8 +245,12 @@ impl<'x> QuantizedActivations<'x> {
 
     /// Lengths of the runs of rows a product multiplies separately in `f32`, starting at row
     /// `first`: the segments after the integer rows (`first == integer_tokens`), or, for a
-    /// type without an integer kernel (`first == 0`), each decode row alone and then those.
+    /// type without an integer kernel (`first == 0`), each decode row alone and then those;
+    /// none when every row is multiplied in 8 bits (`first == n_tokens`, a repacked matrix).
     pub fn segments_from(&self, first: usize) -> Vec<usize> {
+        if first == self.n_tokens {
+            return Vec::new();
+        }
         let tail = if self.segments.is_empty() {
             vec![self.n_tokens - self.integer_tokens]
         } else {

@@ -281,11 +281,12 @@ fn matmul_from<W: EncodedRows>(m: &W, x: &[f32], n_tokens: usize, y: &mut [f32])
 /// matrices reading the same input (Q, K and V; gate and up) share one 8-bit quantization.
 ///
 /// Which rows are multiplied in 8 bits is the CPU backend's policy, per matrix:
-/// - a matrix repacked into panels ([`PackedRows`]: the 32-value types) takes every row on
-///   its panel kernel, prompts included, as llama.cpp does for every type: 8-bit products
-///   run ~3.5× faster than the `f32` GEMM on prompts (Llama-3.2-1B-shaped Q4_0, pp512: 268
-///   against 75 tok/s);
-/// - another type with an integer kernel (the K-quants) takes its decode tokens (the first
+/// - a matrix repacked into panels ([`PackedRows`]: the 32-value types, Q4_K and Q6_K) takes
+///   every row on its panel kernel, prompts included, as llama.cpp does for every type: 8-bit
+///   products run ~3.5× faster than the `f32` GEMM on prompts (Llama-3.2-1B-shaped Q4_0,
+///   pp512: 268 against 75 tok/s);
+/// - another matrix with an integer kernel (the other K-quants, and a K-quant output head,
+///   see [`Matrix::for_single_rows`]) takes its decode tokens (the first
 ///   [`QuantizedActivations::integer_tokens`] rows) on the fused dequantize-and-dot path and
 ///   the other rows on [`matmul`]'s `f32` paths;
 /// - a type without one (`f32`, `f16`, ...) takes every row in `f32`.
@@ -334,12 +335,7 @@ pub fn matmul_quantized_many(
         let (by_int, by_f32) = y.split_at_mut(split * w.rows);
         let mut first = split;
         let mut rest = by_f32;
-        let f32_segments = if split == n {
-            Vec::new()
-        } else {
-            x.segments_from(split)
-        };
-        for (len, short) in f32_runs(&f32_segments) {
+        for (len, short) in f32_runs(&x.segments_from(split)) {
             let (y, tail) = rest.split_at_mut(len * w.rows);
             let rows = &x.f32()[first * cols..(first + len) * cols];
             if short {

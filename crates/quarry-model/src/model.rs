@@ -978,8 +978,8 @@ struct Weights<'a> {
 impl<'a> Weights<'a> {
     fn tensor(&self, name: &str, expected: &[u64]) -> Result<TensorView<'a>, ModelError> {
         let view = self.file.tensor(name)?;
-        // ggml's shapes have implicit trailing 1s: llama-quantize writes the [64, 1] vector
-        // that the converter wrote as [64].
+        // ggml's shapes have implicit trailing 1s: llama-quantize writes as [64] the vector
+        // that llama.cpp's converter wrote as [64, 1].
         let significant =
             |dims: &[u64]| dims.len() - dims.iter().rev().take_while(|&&d| d == 1).count();
         let (found, wanted) = (&view.info.dims, expected);
@@ -1004,19 +1004,19 @@ impl<'a> Weights<'a> {
     /// `view` ready for products; when the kernels keep a packed copy, the file's pages of
     /// it are released, since nothing reads them again (prompts read the copy too).
     fn prepared(&self, view: WeightView<'a>) -> Matrix<'a> {
-        let matrix = Matrix::new(view);
-        if matrix.is_packed() {
-            self.file.release(view.data());
-        }
-        matrix
+        self.released(Matrix::new(view))
     }
 
     /// [`Weights::prepared`] for the output head, which products read a row at a time
     /// ([`Matrix::for_single_rows`]).
     fn prepared_head(&self, view: WeightView<'a>) -> Matrix<'a> {
-        let matrix = Matrix::for_single_rows(view);
+        self.released(Matrix::for_single_rows(view))
+    }
+
+    /// `matrix`, with the file's pages of it released when the kernels keep a packed copy.
+    fn released(&self, matrix: Matrix<'a>) -> Matrix<'a> {
         if matrix.is_packed() {
-            self.file.release(view.data());
+            self.file.release(matrix.view().data());
         }
         matrix
     }

@@ -55,7 +55,7 @@ pub const PANEL: usize = 16;
 pub const TOKENS: usize = 4;
 
 /// Bytes of one super-block of Q4_K in the file.
-const FILE_BYTES: usize = 144;
+const Q4K_FILE: usize = 144;
 const SCALES_AT: usize = 32 * 64;
 const MINS_AT: usize = SCALES_AT + 8 * PANEL;
 const D_AT: usize = MINS_AT + 4 * 2 * PANEL;
@@ -87,15 +87,30 @@ fn super_bytes(dtype: GgmlType) -> usize {
     }
 }
 
-/// Code `v` (0..256) of a Q6_K super-block, 0..64 (the stored value plus 32).
-fn q6k_code(b: &[u8], v: usize) -> u8 {
-    let (n, m, l) = (v / 128, v % 128 / 32, v % 32);
-    let ql = b[64 * n + l + 32 * (m % 2)];
-    let nibble = if m < 2 { ql & 0x0F } else { ql >> 4 };
-    nibble | ((b[Q6K_QH + 32 * n + l] >> (2 * m)) & 3) << 4
+/// A Q6_K super-block's 256 codes, 0..64 each (the stored value plus 32). The file holds them
+/// a 32-value run at a time: run (n, m), values 128n + 32m .. + 32, has its low nibbles in
+/// byte l + 32(m % 2) of `ql`'s half n (low or high nibble by m / 2) and its top bits at bit
+/// 2m of `qh`'s half n.
+fn q6k_codes(b: &[u8]) -> [u8; QK_K] {
+    let mut codes = [0u8; QK_K];
+    for n in 0..2 {
+        let (ql, qh) = (
+            &b[64 * n..64 * n + 64],
+            &b[Q6K_QH + 32 * n..Q6K_QH + 32 * n + 32],
+        );
+        for m in 0..4 {
+            let run = &mut codes[128 * n + 32 * m..][..32];
+            for (l, q) in run.iter_mut().enumerate() {
+                let byte = ql[l + 32 * (m % 2)];
+                let low = if m < 2 { byte & 0x0F } else { byte >> 4 };
+                *q = low | ((qh[l] >> (2 * m)) & 3) << 4;
+            }
+        }
+    }
+    codes
 }
 
-/// The inverse of [`q6k_code`]: a super-block's `ql` and `qh` from its 256 codes.
+/// The inverse of [`q6k_codes`]: a super-block's `ql` and `qh` from its 256 codes.
 fn q6k_bits(codes: &[u8], b: &mut [u8]) {
     b[..Q6K_SCALES].fill(0);
     for (v, &q) in codes.iter().enumerate() {
@@ -170,24 +185,7 @@ fn pack_q4k(b: &[u8], dst: &mut [u8], r: usize) {
 
 /// Row r's Q6_K super-block `b` into the panel super-block `dst`.
 fn pack_q6k(b: &[u8], dst: &mut [u8], r: usize) {
-    // The file's layout, a 32-value run at a time (see `q6k_code`): run (n, m) holds values
-    // 128n + 32m .. + 32, whose low nibbles are byte l + 32(m % 2) of `ql`'s half n (low or
-    // high nibble by m / 2) and whose top bits are bits 2m of `qh`'s half n.
-    let mut codes = [0u8; QK_K];
-    for n in 0..2 {
-        let (ql, qh) = (
-            &b[64 * n..64 * n + 64],
-            &b[Q6K_QH + 32 * n..Q6K_QH + 32 * n + 32],
-        );
-        for m in 0..4 {
-            let run = &mut codes[128 * n + 32 * m..][..32];
-            for (l, q) in run.iter_mut().enumerate() {
-                let byte = ql[l + 32 * (m % 2)];
-                let low = if m < 2 { byte & 0x0F } else { byte >> 4 };
-                *q = low | ((qh[l] >> (2 * m)) & 3) << 4;
-            }
-        }
-    }
+    let codes = q6k_codes(b);
     for (c, quad) in codes.chunks_exact(4).enumerate() {
         let nibbles = &mut dst[64 * (c % 32) + 4 * r..][..4];
         for (d, &q) in nibbles.iter_mut().zip(quad) {
@@ -209,7 +207,7 @@ fn pack_q6k(b: &[u8], dst: &mut [u8], r: usize) {
 pub fn unpack(dtype: GgmlType, bytes: &[u8], cols: usize, first: usize, n: usize, out: &mut [u8]) {
     let supers = cols / QK_K;
     let file_bytes = if dtype == GgmlType::Q4_K {
-        FILE_BYTES
+        Q4K_FILE
     } else {
         Q6K_FILE
     };
@@ -377,9 +375,10 @@ pub fn reference(
                     acc = (-(f16(b, 2) * x.d)).mul_add(m as f32, acc);
                 } else {
                     let mut isum = 0i32;
+                    let codes = q6k_codes(b);
                     for j in 0..16 {
                         let dot: i32 = (16 * j..16 * j + 16)
-                            .map(|v| q6k_code(b, v) as i32 * x.qs[v] as i32)
+                            .map(|v| codes[v] as i32 * x.qs[v] as i32)
                             .sum();
                         isum += (b[Q6K_SCALES + j] as i8) as i32 * (dot - 32 * x.bsums[j] as i32);
                     }
