@@ -8,6 +8,7 @@ mod attention;
 mod config;
 mod error;
 mod export;
+pub mod ffn;
 pub mod hf;
 mod kv_cache;
 mod lora;
@@ -16,10 +17,11 @@ pub mod ops;
 mod overlay;
 
 pub use config::{
-    Activation, ArchSpec, ModelConfig, QkNorm, RopeStyle, SlidingLayers, ARCHITECTURES,
+    Activation, ArchSpec, Experts, ModelConfig, QkNorm, RopeStyle, SlidingLayers, ARCHITECTURES,
 };
 pub use error::ModelError;
 pub use export::{write_patched_model, DEFAULT_PATCHED_TYPE, PATCHED_TYPES};
+pub use ffn::{FeatureBlock, FeatureOwner, FfnFeatures, Router};
 pub use kv_cache::{ContiguousKvCache, KvCache, KV_BYTES_PER_VALUE};
 pub use lora::{read_adapter, write_adapter};
 pub use model::{AttentionWeights, FfnWeights, ForwardObserver, Model, SequenceBatch};

@@ -15,7 +15,6 @@
 //! ([`SequenceBatch::overlay`]), or by default for a whole model value ([`Model::with_overlay`]).
 
 use quarry_format::{GgufFile, TensorView};
-use quarry_kernels::vec::dot;
 use quarry_kernels::{
     matmul_quantized, matmul_quantized_many, Matrix, QuantizedActivations, WeightView,
 };
@@ -24,8 +23,9 @@ use std::sync::Arc;
 
 use crate::attention::{attend, AttentionSpec, SequenceAttention};
 use crate::config::{Experts, ModelConfig, QkNorm};
+use crate::ffn::{FeatureBlock, FfnFeatures, Router};
 use crate::kv_cache::{ContiguousKvCache, KvCache};
-use crate::ops::{gated_activation, rms_norm, rotate_each, softcap, softmax, Rope, RopeTable};
+use crate::ops::{gated_activation, rms_norm, rotate_each, softcap, Rope, RopeTable};
 use crate::overlay::FfnOverlay;
 use crate::ModelError;
 
@@ -65,8 +65,15 @@ pub trait ForwardObserver {
     /// What layer `layer`'s attention adds to the residual (after any post-attention norm).
     fn attention_output(&mut self, _layer: usize, _added: &[f32]) {}
     /// The normalized input layer `layer`'s FFN reads (`d_model` per row) and its hidden
-    /// activations `act(gate · x) ⊙ (up · x)` (`ff_dim` per row), one per feature.
+    /// activations, one per feature ([`Model::ffn_features`]): `act(gate · x) ⊙ (up · x)`,
+    /// times the block's routing weight in a mixture of experts (zero for the experts a row
+    /// is not routed to).
     fn ffn_activations(&mut self, _layer: usize, _input: &[f32], _activations: &[f32]) {}
+    /// Whether [`ForwardObserver::ffn_activations`] is wanted: a mixture of experts builds
+    /// its feature-wide activations only for an observer that reads them.
+    fn observes_ffn_activations(&self) -> bool {
+        true
+    }
     /// Layer `layer`'s FFN down projection `y` (overlay included), before any post-FFN norm.
     fn ffn_projection(&mut self, _layer: usize, _y: &[f32]) {}
     /// What layer `layer`'s FFN adds to the residual (after any post-FFN norm).
@@ -90,7 +97,11 @@ pub struct SequenceBatch<'t, 'c, C> {
     pub overlay: Option<&'t FfnOverlay>,
 }
 
-impl ForwardObserver for NoObserver {}
+impl ForwardObserver for NoObserver {
+    fn observes_ffn_activations(&self) -> bool {
+        false
+    }
+}
 
 /// One layer's attention weights, for tools that recompute the block outside the forward pass
 /// (the editor's reverse mode): `x + post_norm(wo · attend(rope(q_norm(wq · a + bq)), …))`
@@ -172,12 +183,17 @@ struct GatedFfn<'a> {
 /// outputs are summed with those weights; a shared expert (Qwen2-MoE) runs on every token,
 /// scaled by the sigmoid of its own one-row gate.
 struct MoeFfn<'a> {
-    /// `count × d_model`, in `f32`: routing is decided from exact scores, row by row, so a
-    /// token picks the same experts whatever else is in the batch.
+    /// `count × d_model`, in `f32` ([`Router::weights`]).
     router: Vec<f32>,
     experts: Vec<GatedFfn<'a>>,
     shared: Option<GatedFfn<'a>>,
     shared_gate: Option<Vec<f32>>,
+}
+
+impl MoeFfn<'_> {
+    fn router(&self, spec: &Experts) -> Router<'_> {
+        Router::new(spec, &self.router, self.shared_gate.as_deref())
+    }
 }
 
 impl Model {
@@ -415,6 +431,31 @@ impl Model {
             up: ffn.up.view(),
             down: ffn.down.view(),
             post_norm: l.post_ffn_norm.as_deref(),
+        }
+    }
+
+    /// Layer `layer`'s FFN as features, dense or a mixture of experts (see [`crate::ffn`]).
+    /// Panics if `layer >= n_layers`.
+    pub fn ffn_features(&self, layer: usize) -> FfnFeatures<'_, '_> {
+        let l = &self.weights.layers[layer];
+        let block = |f: &GatedFfn<'static>| FeatureBlock {
+            gate: f.gate.view(),
+            up: f.up.view(),
+            down: f.down.view(),
+        };
+        let (blocks, router) = match &l.ffn {
+            Ffn::Dense(f) => (vec![block(f)], None),
+            Ffn::Experts(m) => {
+                let spec = self.config().experts.as_ref().expect("an expert layer");
+                let blocks = m.experts.iter().chain(&m.shared).map(block).collect();
+                (blocks, Some(m.router(spec)))
+            }
+        };
+        FfnFeatures {
+            norm: l.ffn_norm.as_deref(),
+            post_norm: l.post_ffn_norm.as_deref(),
+            blocks,
+            router,
         }
     }
 
@@ -743,7 +784,7 @@ impl Loaded {
         let ffn = match &layer.ffn {
             Ffn::Dense(ffn) => ffn,
             Ffn::Experts(moe) => {
-                let y = self.experts(moe, &s.norm, s);
+                let y = self.experts(index, moe, &s.norm, s, observer);
                 s.norm.copy_from_slice(&y);
                 return self.ffn_finish(index, layer, x, s, observer);
             }
@@ -796,24 +837,46 @@ impl Loaded {
 
     /// A mixture-of-experts FFN over the normalised rows `xn`: each row's top experts by
     /// the router's softmax, the rows routed to one expert multiplied together, and the
-    /// weighted outputs summed (plus the gated shared expert, where there is one).
-    fn experts(&self, moe: &MoeFfn<'static>, xn: &[f32], s: &Scratch) -> Vec<f32> {
+    /// weighted outputs summed (plus the gated shared expert, where there is one). An
+    /// observer that wants them is shown the weighted activations of every expert's features
+    /// (zeros where a row was not routed), then the shared expert's.
+    fn experts(
+        &self,
+        index: usize,
+        moe: &MoeFfn<'static>,
+        xn: &[f32],
+        s: &Scratch,
+        observer: &mut dyn ForwardObserver,
+    ) -> Vec<f32> {
         let cfg = &self.config;
         let spec = cfg
             .experts
             .as_ref()
             .expect("a model with expert layers has experts");
+        let router = moe.router(spec);
         let d = cfg.d_model;
         let n = xn.len() / d;
+        let features =
+            moe.experts.len() * spec.ff_dim + moe.shared.as_ref().map_or(0, |_| spec.shared_ff_dim);
+        let mut observed = match observer.observes_ffn_activations() {
+            true => vec![0.0f32; n * features],
+            false => Vec::new(),
+        };
+        let mut observe = |row: usize, offset: usize, weight: f32, hidden: &[f32]| {
+            if let Some(out) = observed.get_mut(row * features + offset..) {
+                out.iter_mut()
+                    .zip(hidden)
+                    .for_each(|(o, h)| *o = weight * h);
+            }
+        };
         let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); moe.experts.len()];
         for (row, x) in xn.chunks_exact(d).enumerate() {
-            let scores: Vec<f32> = moe.router.chunks_exact(d).map(|r| dot(r, x)).collect();
-            for (expert, weight) in route(&scores, spec.used, spec.normalize) {
-                routed[expert].push((row, weight * spec.scale));
+            for (expert, weight) in router.route(x) {
+                routed[expert].push((row, weight));
             }
         }
         let mut y = vec![0.0f32; n * d];
-        for (expert, rows) in moe.experts.iter().zip(&routed) {
+        for (expert, (ffn, rows)) in moe.experts.iter().zip(&routed).enumerate() {
             if rows.is_empty() {
                 continue;
             }
@@ -822,35 +885,44 @@ impl Loaded {
                 .iter()
                 .flat_map(|&r| xn[r * d..(r + 1) * d].iter().copied())
                 .collect();
-            let out = self.gated_ffn(expert, &xe, spec.ff_dim, s, &picked);
-            for (&(row, weight), o) in rows.iter().zip(out.chunks_exact(d)) {
+            let (out, hidden) = self.gated_ffn(ffn, &xe, spec.ff_dim, s, &picked);
+            for ((&(row, weight), o), h) in rows
+                .iter()
+                .zip(out.chunks_exact(d))
+                .zip(hidden.chunks_exact(spec.ff_dim))
+            {
                 y[row * d..(row + 1) * d]
                     .iter_mut()
                     .zip(o)
                     .for_each(|(a, b)| *a += weight * b);
+                observe(row, expert * spec.ff_dim, weight, h);
             }
         }
         if let Some(shared) = &moe.shared {
             let all: Vec<usize> = (0..n).collect();
-            let out = self.gated_ffn(shared, xn, spec.shared_ff_dim, s, &all);
-            for ((yr, o), x) in y
+            let (out, hidden) = self.gated_ffn(shared, xn, spec.shared_ff_dim, s, &all);
+            for (row, ((yr, o), x)) in y
                 .chunks_exact_mut(d)
                 .zip(out.chunks_exact(d))
                 .zip(xn.chunks_exact(d))
+                .enumerate()
             {
-                let g = moe
-                    .shared_gate
-                    .as_ref()
-                    .map_or(1.0, |w| 1.0 / (1.0 + (-dot(w, x)).exp()));
+                let g = router.shared_weight(x);
                 yr.iter_mut().zip(o).for_each(|(a, b)| *a += g * b);
+                let h = &hidden[row * spec.shared_ff_dim..(row + 1) * spec.shared_ff_dim];
+                observe(row, moe.experts.len() * spec.ff_dim, g, h);
             }
+        }
+        if !observed.is_empty() {
+            observer.ffn_activations(index, xn, &observed);
         }
         y
     }
 
     /// One gated FFN of hidden width `ff` over `x`, whose rows are the batch rows `rows` (in
-    /// order): their products are split as those rows' own would be (decode rows in 8 bits,
-    /// each later sequence's rows apart), so a sequence's result does not depend on the batch.
+    /// order): its output and hidden activations. The products are split as those rows' own
+    /// would be (decode rows in 8 bits, each later sequence's rows apart), so a sequence's
+    /// result does not depend on the batch.
     fn gated_ffn(
         &self,
         ffn: &GatedFfn<'static>,
@@ -858,7 +930,7 @@ impl Loaded {
         ff: usize,
         s: &Scratch,
         rows: &[usize],
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, Vec<f32>) {
         let d = self.config.d_model;
         let m = rows.len();
         let (mut gate, mut up) = (vec![0.0f32; m * ff], vec![0.0f32; m * ff]);
@@ -867,26 +939,8 @@ impl Loaded {
         gated_activation(&mut gate, &up, self.config.activation);
         let mut out = vec![0.0f32; m * d];
         matmul_quantized(&ffn.down, &s.activations_of(&gate, ff, rows), &mut out);
-        out
+        (out, gate)
     }
-}
-
-/// The experts a token goes to and their weights: the `used` largest of the softmax of
-/// `scores` (ties to the lower index), renormalised to sum to 1 when `normalize`.
-fn route(scores: &[f32], used: usize, normalize: bool) -> Vec<(usize, f32)> {
-    let p = softmax(scores);
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-    order.truncate(used);
-    let total = if normalize {
-        order.iter().map(|&e| p[e]).sum()
-    } else {
-        1.0
-    };
-    order
-        .into_iter()
-        .map(|e| (e, (p[e] / total) as f32))
-        .collect()
 }
 
 /// What every layer needs to know of one sequence of a batch: where its tokens start in the

@@ -12,6 +12,12 @@
 //! so both ends of every projection are kept. Features are ranked by the effect on the token
 //! they move most.
 //!
+//! In a mixture of experts a feature is one hidden unit of one expert, and an expert runs only
+//! on the inputs its layer's router sends it: the stored router (the model's own routing
+//! rule over the model's own rows) picks the experts for the normalized input, and only their
+//! features (and the shared expert's) fire, each scaled by its expert's routing weight, as
+//! the forward pass scales their output.
+//!
 //! RAW mode reproduces the common shortcut: the raw embedding dotted with the raw gate rows,
 //! features ranked by `|gate · e|`, each contributing its top tokens weighted by that score.
 
@@ -72,10 +78,12 @@ pub(crate) fn band(v: &Vindex, layer: usize) -> &'static str {
     }
 }
 
-/// `x` through layer `layer`'s pre-FFN RMS norm.
+/// `x` through layer `layer`'s pre-FFN RMS norm (as it is, where the FFN reads the residual).
 pub(crate) fn ffn_input(v: &Vindex, layer: usize, x: &[f32]) -> Vec<f32> {
     let mut xn = x.to_vec();
-    rms_norm(&mut xn, v.norm(layer), v.index().model.norm_eps);
+    if !v.index().model.ffn_reads_residual {
+        rms_norm(&mut xn, v.norm(layer), v.index().model.norm_eps);
+    }
     xn
 }
 
@@ -92,10 +100,13 @@ pub(crate) struct Firing {
     pub weight: f32,
 }
 
-/// Every feature of `layer` on the normalized input `xn`.
+/// Every feature of `layer` that runs on the normalized input `xn`: all of a dense FFN's; in
+/// a mixture of experts those of the experts the router picks for `xn` (and of the shared
+/// expert), their activations and z-scores times their expert's routing weight.
 pub(crate) fn fire(v: &Vindex, layer: usize, xn: &[f32]) -> Vec<Firing> {
     let gate = v.gate_scores(layer, xn);
     let up = v.up_scores(layer, xn);
+    let routing = v.feature_weights(layer, xn);
     let mut act = gate.clone();
     if v.index().model.activation == "silu" {
         silu_mul(&mut act, &up);
@@ -103,6 +114,7 @@ pub(crate) fn fire(v: &Vindex, layer: usize, xn: &[f32]) -> Vec<Firing> {
         gelu_tanh_mul(&mut act, &up);
     }
     (0..gate.len())
+        .filter(|&f| routing[f] != 0.0)
         .map(|f| {
             let (mean, std) = v.activation_stats(layer, f);
             Firing {
@@ -110,8 +122,8 @@ pub(crate) fn fire(v: &Vindex, layer: usize, xn: &[f32]) -> Vec<Firing> {
                 feature: f,
                 gate: gate[f],
                 up: up[f],
-                activation: act[f],
-                weight: (act[f] - mean) / std.max(1e-6),
+                activation: routing[f] * act[f],
+                weight: routing[f] * (act[f] - mean) / std.max(1e-6),
             }
         })
         .collect()

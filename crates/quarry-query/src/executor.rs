@@ -10,7 +10,7 @@ use quarry_lql::{
     DescribeMethod, DescribeScope, Detail, LayerRange, ShowTarget, Source, Statement,
 };
 use quarry_model::ops::softmax;
-use quarry_model::{FfnOverlay, Model};
+use quarry_model::{FeatureOwner, FfnOverlay, Model};
 use quarry_tokenize::Tokenizer;
 use quarry_vindex::{Level, Vindex};
 
@@ -510,6 +510,23 @@ fn token(tok: &Tokenizer, id: u32) -> Cell {
 }
 
 /// A token's text in double quotes, for lists of tokens in one cell.
+/// The expert column of queries that list features, in a mixture-of-experts vindex: a
+/// feature's expert number, or "shared".
+fn expert_column(v: &Vindex) -> Option<(&'static str, ColumnType)> {
+    v.index().model.experts.as_ref()?;
+    Some(("expert", ColumnType::Text))
+}
+
+/// The expert cell of feature `feature` (see [`expert_column`]); nothing in a dense vindex.
+fn expert_cell(v: &Vindex, feature: usize) -> Option<Cell> {
+    v.index().model.experts.as_ref()?;
+    Some(match v.feature_owner(feature) {
+        Some(FeatureOwner::Expert { expert, .. }) => Cell::Text(expert.to_string()),
+        Some(FeatureOwner::Shared { .. }) => Cell::Text("shared".into()),
+        _ => Cell::Null,
+    })
+}
+
 pub(crate) fn quoted(v: &Vindex, id: u32) -> String {
     format!("\"{}\"", v.tokenizer().decode(&[id]))
 }
@@ -539,6 +556,22 @@ fn stats(v: &Vindex) -> ResultSet {
         ("d_model", i.model.d_model.to_string()),
         ("features per layer", i.model.ff_dim.to_string()),
         ("features", (i.model.ff_dim * i.model.n_layers).to_string()),
+        (
+            "experts",
+            i.model
+                .experts
+                .as_ref()
+                .map_or("none (dense FFN)".into(), |e| {
+                    let shared = match e.shared_ff_dim {
+                        0 => String::new(),
+                        n => format!(", a shared expert of {n}"),
+                    };
+                    format!(
+                        "{} of {} features, {} per token{shared}",
+                        e.count, e.ff_dim, e.used
+                    )
+                }),
+        ),
         ("vocabulary", i.model.vocab_size.to_string()),
         ("activation", i.model.activation.clone()),
         ("level", i.level.name().into()),
@@ -614,14 +647,16 @@ fn show(v: &Vindex, target: &ShowTarget) -> Result<ResultSet, String> {
             if layer >= m.n_layers {
                 return Err(format!("the model has layers 0-{}", m.n_layers - 1));
             }
-            let mut r = ResultSet::new(&[
+            let mut cols = vec![
                 ("feature", ColumnType::Int),
                 ("pushes_up", ColumnType::Text),
                 ("top_logit", ColumnType::Float),
                 ("pushes_down", ColumnType::Text),
                 ("bottom_logit", ColumnType::Float),
                 ("relation", ColumnType::Text),
-            ]);
+            ];
+            cols.extend(expert_column(v));
+            let mut r = ResultSet::new(&cols);
             let list = |recs: &[quarry_vindex::TokenLogit]| {
                 recs.iter()
                     .take(3)
@@ -631,7 +666,7 @@ fn show(v: &Vindex, target: &ShowTarget) -> Result<ResultSet, String> {
             };
             for f in 0..m.ff_dim {
                 let (top, bottom) = v.writes(layer, f);
-                r.push(vec![
+                let mut row = vec![
                     Cell::Int(f as i64),
                     Cell::Text(list(top)),
                     Cell::Float(top[0].logit as f64),
@@ -639,7 +674,9 @@ fn show(v: &Vindex, target: &ShowTarget) -> Result<ResultSet, String> {
                     Cell::Float(bottom[0].logit as f64),
                     catalogue::answered_by(&v.tokenizer().decode(&[top[0].token]))
                         .map_or(Cell::Null, |r| Cell::Text(r.name.into())),
-                ]);
+                ];
+                row.extend(expert_cell(v, f));
+                r.push(row);
             }
             let mut r = select::filter(r, filter.as_ref())?;
             select::limit(&mut r, *limit);
@@ -791,6 +828,7 @@ fn walk(
         ("pushes", ColumnType::Text),
         ("effect", ColumnType::Float),
     ];
+    cols.extend(expert_column(v));
     if explain {
         cols.extend([("gate", ColumnType::Float), ("up", ColumnType::Float)]);
     }
@@ -810,6 +848,7 @@ fn walk(
                 Cell::Text(pushed.join(" ")),
                 Cell::Float(effect as f64),
             ];
+            row.extend(expert_cell(v, firing.feature));
             if explain {
                 row.extend([
                     Cell::Float(firing.gate as f64),
@@ -864,13 +903,15 @@ fn explain_infer(
     layers: Option<LayerRange>,
 ) -> Result<ResultSet, String> {
     let result = run(model, v.tokenizer(), prompt)?;
-    let mut r = ResultSet::new(&[
+    let mut cols = vec![
         ("layer", ColumnType::Int),
         ("feature", ColumnType::Int),
         ("activation", ColumnType::Float),
         ("pushes", ColumnType::Text),
         ("effect", ColumnType::Float),
-    ]);
+    ];
+    cols.extend(expert_column(v));
+    let mut r = ResultSet::new(&cols);
     for layer in layer_list(v.index().model.n_layers, layers)? {
         let acts = &result.pieces.activations[layer];
         let mut ranked: Vec<(usize, Vec<(u32, f32)>)> = (0..acts.len())
@@ -890,13 +931,15 @@ fn explain_infer(
         ranked.sort_by(|a, b| effect(&b.1).total_cmp(&effect(&a.1)));
         for (f, pushed) in ranked.into_iter().take(top) {
             let names: Vec<String> = pushed.iter().take(3).map(|&(t, _)| quoted(v, t)).collect();
-            r.push(vec![
+            let mut row = vec![
                 Cell::Int(layer as i64),
                 Cell::Int(f as i64),
                 Cell::Float(acts[f] as f64),
                 Cell::Text(names.join(" ")),
                 Cell::Float(effect(&pushed) as f64),
-            ]);
+            ];
+            row.extend(expert_cell(v, f));
+            r.push(row);
         }
     }
     let best = top_n(&result.logits, 1)[0];
@@ -919,13 +962,6 @@ fn trace(
     // An empty target would otherwise match whatever " " encodes to and trace that.
     if target == Some("") {
         return Err("FOR \"\" names no token; give the token to trace, e.g. FOR \" Paris\"".into());
-    }
-    if decompose && model.config().experts.is_some() {
-        return Err(format!(
-            "DECOMPOSE splits a layer's FFN into its features; {} is a mixture of experts, \
-             which it does not split yet (TRACE without DECOMPOSE works)",
-            model.config().architecture
-        ));
     }
     let result = run(model, tok, prompt)?;
     let target = match target {
@@ -983,14 +1019,22 @@ fn trace(
                 Cell::Float(a.attention[layer]),
             ]);
             let shares = ffn_feature_shares(model, &result, &readout, layer);
+            let features = model.ffn_features(layer);
             let mut order: Vec<usize> = (0..shares.len()).collect();
             order.sort_by(|&x, &y| shares[y].abs().total_cmp(&shares[x].abs()));
             let mut rest = a.ffn[layer];
             for &f in order.iter().take(5) {
                 rest -= shares[f];
+                let part = match features.owner(f) {
+                    Some(FeatureOwner::Expert { expert, .. }) => {
+                        format!("ffn feature of expert {expert}")
+                    }
+                    Some(FeatureOwner::Shared { .. }) => "ffn feature of the shared expert".into(),
+                    _ => "ffn feature".into(),
+                };
                 r.push(vec![
                     Cell::Int(layer as i64),
-                    Cell::Text("ffn feature".into()),
+                    Cell::Text(part),
                     Cell::Int(f as i64),
                     Cell::Float(shares[f]),
                 ]);

@@ -61,10 +61,10 @@ pub(crate) fn edges(
     limit: usize,
 ) -> Result<(Vec<Edge>, Vec<u32>), String> {
     let cfg = model.config();
-    let (d, ff) = (cfg.d_model, cfg.ff_dim);
+    let d = cfg.d_model;
     let near = neighbours(v, entity, NEIGHBOURS);
     let own = activations(v, model, text)?;
-    let mut mean = vec![vec![0.0f32; ff]; cfg.n_layers];
+    let mut mean: Vec<Vec<f32>> = own.iter().map(|a| vec![0.0f32; a.len()]).collect();
     for &id in &near {
         let acts = activations(v, model, v.tokenizer().decode(&[id]).trim())?;
         for &l in layers {
@@ -80,9 +80,8 @@ pub(crate) fn edges(
         .iter()
         .zip(&changes)
         .map(|(&l, change)| {
-            let w = model.ffn_weights(l);
-            let mut y = vec![0.0f32; d];
-            quarry_kernels::matmul(&w.down, change, 1, &mut y);
+            let w = model.ffn_features(l);
+            let mut y = w.write(change);
             for (j, y) in y.iter_mut().enumerate() {
                 *y *= model.output_norm()[j] * w.post_norm.map_or(1.0, |p| p[j]);
             }
@@ -122,7 +121,6 @@ pub(crate) fn edges(
     }
 
     let mut head_row = vec![0.0f32; d];
-    let mut down_cache: HashMap<usize, Vec<f32>> = HashMap::new();
     let mut found = Vec::with_capacity(picked.len());
     for (id, score) in picked {
         head.dequantize_row(id as usize, &mut head_row);
@@ -134,28 +132,21 @@ pub(crate) fn edges(
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .expect("the scope has layers");
         let layer = layers[at];
-        let down = down_cache.entry(layer).or_insert_with(|| {
-            let w = model.ffn_weights(layer).down;
-            let mut m = vec![0.0f32; d * ff];
-            for (j, row) in m.chunks_exact_mut(ff).enumerate() {
-                w.dequantize_row(j, row);
-            }
-            m
-        });
         // What one unit of each feature adds to this token (post-FFN and final gains; the
         // norms' scales are positive and common to all features).
-        let post = model.ffn_weights(layer).post_norm;
-        let mut per_unit = vec![0.0f32; ff];
-        for (j, row) in down.chunks_exact(ff).enumerate() {
-            let k = head_row[j] * model.output_norm()[j] * post.map_or(1.0, |p| p[j]);
-            add_scaled(&mut per_unit, row, k);
-        }
-        let shares: Vec<f32> = per_unit
+        let w = model.ffn_features(layer);
+        let k: Vec<f64> = (0..d)
+            .map(|j| {
+                (head_row[j] * model.output_norm()[j] * w.post_norm.map_or(1.0, |p| p[j])) as f64
+            })
+            .collect();
+        let shares: Vec<f64> = w
+            .read_back(&k)
             .iter()
             .zip(&changes[at])
-            .map(|(u, c)| u * c)
+            .map(|(u, &c)| u * c as f64)
             .collect();
-        let feature = (0..ff)
+        let feature = (0..shares.len())
             .max_by(|&a, &b| shares[a].total_cmp(&shares[b]))
             .expect("layers have features");
         found.push(Edge {

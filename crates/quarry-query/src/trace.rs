@@ -196,40 +196,70 @@ pub(crate) fn attribute(model: &Model, run: &Run, readout: &Readout) -> Attribut
 }
 
 /// Each feature's share of layer `layer`'s FFN term in the target's logit (they sum to it).
+/// In a mixture of experts the features are every expert's (those of experts the last token
+/// was not routed to have no share) and the activations include the routing weights.
 pub(crate) fn ffn_feature_shares(
     model: &Model,
     run: &Run,
     readout: &Readout,
     layer: usize,
 ) -> Vec<f64> {
-    let w = model.ffn_weights(layer);
+    let w = model.ffn_features(layer);
     let cfg = model.config();
-    let (d, ff) = (cfg.d_model, cfg.ff_dim);
     let a = &run.pieces.activations[layer];
-    let mut down = vec![0.0f32; d * ff];
-    for (j, row) in down.chunks_exact_mut(ff).enumerate() {
-        w.down.dequantize_row(j, row);
-    }
     // With a post-FFN norm, the output is (down · a) scaled by 1/rms(down · a) and the
     // norm's gains: freeze that scale, as for the final norm.
     let gains: Vec<f64> = match w.post_norm {
         Some(g) => {
-            let y: Vec<f64> = down
-                .chunks_exact(ff)
-                .map(|row| row.iter().zip(a).map(|(x, y)| *x as f64 * *y as f64).sum())
-                .collect();
-            let mean_sq = y.iter().map(|v| v * v).sum::<f64>() / d as f64;
+            let y = w.write(a);
+            let mean_sq = y.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / y.len() as f64;
             let inv = 1.0 / (mean_sq + cfg.norm_eps as f64).sqrt();
             g.iter().map(|&g| g as f64 * inv).collect()
         }
-        None => vec![1.0; d],
+        None => vec![1.0; cfg.d_model],
     };
-    let mut shares = vec![0.0f64; ff];
-    for (j, row) in down.chunks_exact(ff).enumerate() {
-        let k = readout.weights[j] * gains[j];
-        for (s, (x, act)) in shares.iter_mut().zip(row.iter().zip(a)) {
-            *s += k * *x as f64 * *act as f64;
+    let k: Vec<f64> = readout
+        .weights
+        .iter()
+        .zip(&gains)
+        .map(|(r, g)| r * g)
+        .collect();
+    w.read_back(&k)
+        .iter()
+        .zip(a)
+        .map(|(&unit, &act)| unit * act as f64)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quarry_format::GgufFile;
+    use std::sync::Arc;
+
+    /// The feature shares of every layer add up to that layer's FFN term, for dense FFNs
+    /// with and without a post-FFN norm and for mixtures of experts with and without a
+    /// shared expert (the reference models of `fixtures/families`).
+    #[test]
+    fn feature_shares_add_up_to_each_layers_ffn_term() {
+        for family in ["llama", "olmo2", "gemma2", "mixtral", "qwen2_moe"] {
+            let path = quarry_fixtures::family_dir(family).join("model-f32.gguf");
+            let file = Arc::new(GgufFile::open(path).unwrap());
+            let tok = Tokenizer::from_gguf(&file).unwrap();
+            let model = Model::load(file).unwrap();
+            let result = run(&model, &tok, "The capital of France is").unwrap();
+            let target = top_n(&result.logits, 1)[0] as u32;
+            let readout = Readout::new(&model, &result.pieces.final_residual, target);
+            for layer in 0..model.config().n_layers {
+                let shares = ffn_feature_shares(&model, &result, &readout, layer);
+                assert_eq!(shares.len(), model.ffn_features(layer).width());
+                let sum: f64 = shares.iter().sum();
+                let term = readout.of(&result.pieces.ffn[layer]);
+                assert!(
+                    (sum - term).abs() <= 1e-4 * term.abs().max(1.0),
+                    "{family} layer {layer}: shares {sum} vs term {term}"
+                );
+            }
         }
     }
-    shares
 }

@@ -15,7 +15,7 @@ use quarry_model::{Activation, ModelConfig};
 use crate::error::VindexError;
 use crate::layout::{
     Element, Index, DOWN, EMBEDDINGS, FEATURE_STATS, FORMAT, GATE, INDEX, MODEL, NORMS, RELATIONS,
-    TOKENIZER, UP, VERSION, WRITES,
+    ROUTER, TOKENIZER, UP, VERSION, WRITES,
 };
 use crate::relations::Relations;
 use crate::TokenLogit;
@@ -27,7 +27,7 @@ pub const MAX_RELATIONS_BYTES: u64 = 512 << 20;
 /// Bound on every dimension, as for a model file's hyper-parameters.
 const MAX_DIM: usize = 1 << 24;
 /// Every file a vindex may hold.
-const KNOWN_FILES: [&str; 10] = [
+const KNOWN_FILES: [&str; 11] = [
     TOKENIZER,
     RELATIONS,
     EMBEDDINGS,
@@ -38,6 +38,7 @@ const KNOWN_FILES: [&str; 10] = [
     WRITES,
     MODEL,
     DOWN,
+    ROUTER,
 ];
 
 /// The `activation` names a manifest may hold, as `extract` writes them.
@@ -116,6 +117,49 @@ pub fn check_index(index: &Index, path: &str) -> Result<(), VindexError> {
             "model.embed_scale",
             format!("is {}; it must be in (0, 4096]", m.embed_scale),
         ));
+    }
+    if let Some(e) = &m.experts {
+        let features = e
+            .count
+            .checked_mul(e.ff_dim)
+            .and_then(|n| n.checked_add(e.shared_ff_dim));
+        let problem = if e.count == 0 || e.count > MAX_DIM {
+            Some((
+                "model.experts.count",
+                format!("is {}; it must be between 1 and {MAX_DIM}", e.count),
+            ))
+        } else if e.used == 0 || e.used > e.count {
+            Some((
+                "model.experts.used",
+                format!(
+                    "is {}; it must be between 1 and the {} experts",
+                    e.used, e.count
+                ),
+            ))
+        } else if e.ff_dim == 0 || features != Some(m.ff_dim) {
+            Some((
+                "model.experts.ff_dim",
+                format!(
+                    "is {}: {} experts of it and a shared expert of {} are not the layer's {} features",
+                    e.ff_dim, e.count, e.shared_ff_dim, m.ff_dim
+                ),
+            ))
+        } else if e.shared_gate && e.shared_ff_dim == 0 {
+            Some((
+                "model.experts.shared_gate",
+                "is set but there is no shared expert".to_string(),
+            ))
+        } else if !(e.scale.is_finite() && e.scale > 0.0) {
+            Some((
+                "model.experts.scale",
+                format!("is {}; it must be positive", e.scale),
+            ))
+        } else {
+            None
+        };
+        if let Some((field, problem)) = problem {
+            return Err(invalid(field, problem));
+        }
     }
     for (field, band) in [
         ("bands.syntax", index.bands.syntax),
@@ -315,6 +359,29 @@ pub fn check_writes(records: &[TokenLogit], index: &Index, path: &str) -> Result
 /// The model inside an `inference` or `all` vindex agrees with what the manifest says of it.
 pub fn check_model(index: &Index, config: &ModelConfig, path: &str) -> Result<(), VindexError> {
     let m = &index.model;
+    // Features per layer: the dense FFN's, or per expert (the shared expert's width is the
+    // manifest's, which the configuration cannot confirm: only the file's tensors say
+    // whether there is one).
+    let describe = |e: Option<&quarry_model::Experts>| match e {
+        None => format!("a dense FFN of {} features", config.ff_dim),
+        Some(c) => format!(
+            "{} experts of {} features, {} used (normalize {}, scale {})",
+            c.count, c.ff_dim, c.used, c.normalize, c.scale
+        ),
+    };
+    let (manifest_ffn, model_ffn) = match &m.experts {
+        None => (
+            format!("a dense FFN of {} features", m.ff_dim),
+            describe(config.experts.as_ref()),
+        ),
+        Some(e) => (
+            format!(
+                "{} experts of {} features, {} used (normalize {}, scale {})",
+                e.count, e.ff_dim, e.used, e.normalize, e.scale
+            ),
+            describe(config.experts.as_ref()),
+        ),
+    };
     let pairs = [
         (
             "n_layers",
@@ -322,7 +389,7 @@ pub fn check_model(index: &Index, config: &ModelConfig, path: &str) -> Result<()
             config.n_layers.to_string(),
         ),
         ("d_model", m.d_model.to_string(), config.d_model.to_string()),
-        ("ff_dim", m.ff_dim.to_string(), config.ff_dim.to_string()),
+        ("ffn", manifest_ffn, model_ffn),
         (
             "vocab_size",
             m.vocab_size.to_string(),

@@ -17,15 +17,16 @@ use quarry_format::{GgufFile, GgufWriter};
 use quarry_kernels::vec::{gelu_tanh_mul, silu_mul};
 use quarry_kernels::{matmul, pool, WeightView};
 use quarry_model::ops::rms_norm;
-use quarry_model::{Activation, FfnWeights, Model};
+use quarry_model::{Activation, FeatureBlock, FfnFeatures, Model};
 use quarry_tokenize::Tokenizer;
 use sha2::{Digest, Sha256};
 
 use crate::check;
 use crate::error::{io, VindexError};
 use crate::layout::{
-    Bands, Dtype, Element, FileEntry, Index, Level, ModelInfo, Provenance, DOWN, EMBEDDINGS,
-    FEATURE_STATS, FORMAT, GATE, INDEX, MODEL, NORMS, RELATIONS, TOKENIZER, UP, VERSION, WRITES,
+    Bands, Dtype, Element, ExpertInfo, FileEntry, Index, Level, ModelInfo, Provenance, DOWN,
+    EMBEDDINGS, FEATURE_STATS, FORMAT, GATE, INDEX, MODEL, NORMS, RELATIONS, ROUTER, TOKENIZER, UP,
+    VERSION, WRITES,
 };
 use crate::relations::RelationBuilder;
 use crate::TokenLogit;
@@ -97,29 +98,16 @@ pub fn extract(
         });
     }
     debug_assert_eq!(tokenizer.vocab_size(), cfg.vocab_size);
-    // A feature's key is its gate row over the FFN's normalised input; the layout stores
-    // that norm's gains per layer, so a family that feeds its FFN the raw residual (OLMo 2)
-    // has nothing to store yet.
-    if let Some(experts) = &cfg.experts {
+    // Every layer's features are stored in one array per file, so every layer must have the
+    // same blocks (all dense, or all routed over the same experts).
+    let first = layer_shape(&model.ffn_features(0));
+    if let Some(layer) = (1..cfg.n_layers).find(|&l| layer_shape(&model.ffn_features(l)) != first) {
         return Err(VindexError::Invalid {
             path: source.display().to_string(),
             file: "model",
             problem: format!(
-                "a mixture-of-experts model ({} architecture, {} experts); the vindex \
-                 layout keeps one FFN per layer, so extracting per-expert features is not \
-                 supported yet",
-                cfg.architecture, experts.count
-            ),
-        });
-    }
-    if !cfg.spec.pre_norms {
-        return Err(VindexError::Invalid {
-            path: source.display().to_string(),
-            file: "model",
-            problem: format!(
-                "the {} architecture has no pre-FFN norm, which the vindex layout keeps per \
-                 layer; extracting this family is not supported yet",
-                cfg.architecture
+                "layer {layer}'s FFN is not shaped like layer 0's (dense layers beside \
+                 mixture-of-experts ones); the vindex keeps the same features in every layer"
             ),
         });
     }
@@ -141,6 +129,14 @@ pub fn extract(
     Ok(index)
 }
 
+/// A layer's feature blocks' widths and whether a router picks among them.
+fn layer_shape(f: &FfnFeatures<'_, '_>) -> (Vec<usize>, bool) {
+    (
+        f.blocks.iter().map(FeatureBlock::width).collect(),
+        f.router.is_some(),
+    )
+}
+
 fn temp_dir_for(out: &Path) -> PathBuf {
     let mut name = out
         .file_name()
@@ -160,7 +156,9 @@ fn write_all(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Index, VindexError> {
     let cfg = model.config();
-    let (n_layers, d, ff, vocab) = (cfg.n_layers, cfg.d_model, cfg.ff_dim, cfg.vocab_size);
+    let (n_layers, d, vocab) = (cfg.n_layers, cfg.d_model, cfg.vocab_size);
+    let ff = model.ffn_features(0).width();
+    let experts = expert_info(model);
     let dtype = options.dtype;
     let mut files = Vec::new();
 
@@ -215,6 +213,15 @@ fn write_all(
         Element::F32,
         vec![n_layers as u64, ff as u64, 2],
     )?;
+    let mut router = match &experts {
+        Some(e) => Some(DataFile::create(
+            dir,
+            ROUTER,
+            Element::F32,
+            vec![n_layers as u64, e.router_rows() as u64, d as u64],
+        )?),
+        None => None,
+    };
     let calibration = calibration_inputs(model);
     let bands = Bands::default_for(n_layers);
     let scaled_embedding = |id: u32, row: &mut [f32]| {
@@ -229,35 +236,48 @@ fn write_all(
     let mut relations = RelationBuilder::new(tokenizer, vocab, d, cfg.norm_eps, scaled_embedding);
     let mut matrix = Vec::new();
     let mut gate_matrix = Vec::new();
+    let ones = vec![1.0f32; d];
     for layer in 0..n_layers {
         progress(Progress {
             step: "layers",
             done: layer,
             total: n_layers,
         });
-        let w = model.ffn_weights(layer);
-        decode_matrix(&w.gate, &mut gate_matrix);
+        let w = model.ffn_features(layer);
+        decode_blocks(&w, |b| b.gate, &mut gate_matrix);
         gate.floats(&gate_matrix, dtype)?;
-        decode_matrix(&w.up, &mut matrix);
+        decode_blocks(&w, |b| b.up, &mut matrix);
         up.floats(&matrix, dtype)?;
-        norms.floats(pre_norm(&w), Dtype::F32)?;
-        stats.floats(&activation_stats(model, layer, &calibration), Dtype::F32)?;
-        // Feature f writes column f of the down matrix; what reaches the head is that
-        // direction scaled per dimension by the post-FFN norm (if any) and the final norm.
-        decode_matrix(&w.down, &mut matrix);
+        norms.floats(w.norm.unwrap_or(&ones), Dtype::F32)?;
+        stats.floats(&activation_stats(model, &w, &calibration), Dtype::F32)?;
+        if let (Some(out), Some(r)) = (router.as_mut(), &w.router) {
+            out.floats(r.weights, Dtype::F32)?;
+            if let Some(g) = r.shared_gate {
+                out.floats(g, Dtype::F32)?;
+            }
+        }
+        // Feature f writes column f of its block's down matrix; what reaches the head is
+        // that direction scaled per dimension by the post-FFN norm (if any) and the final
+        // norm.
         let gains: Vec<f32> = (0..d)
             .map(|j| w.post_norm.map_or(1.0, |p| p[j]) * model.output_norm()[j])
             .collect();
         let mut columns = vec![0.0f32; ff * d];
         let mut raw_columns = vec![0.0f32; if down.is_some() { ff * d } else { 0 }];
-        for j in 0..d {
-            for f in 0..ff {
-                let v = matrix[j * ff + f];
-                columns[f * d + j] = v * gains[j];
-                if let Some(raw) = raw_columns.get_mut(f * d + j) {
-                    *raw = v;
+        let mut first = 0;
+        for block in &w.blocks {
+            let width = block.width();
+            decode_matrix(&block.down, &mut matrix);
+            for j in 0..d {
+                for f in 0..width {
+                    let v = matrix[j * width + f];
+                    columns[(first + f) * d + j] = v * gains[j];
+                    if let Some(raw) = raw_columns.get_mut((first + f) * d + j) {
+                        *raw = v;
+                    }
                 }
             }
+            first += width;
         }
         if let Some(down) = down.as_mut() {
             down.floats(&raw_columns, dtype)?;
@@ -265,7 +285,7 @@ fn write_all(
         let records = project_to_vocabulary(&model.output_head(), &columns, d, k);
         writes.raw(bytemuck::cast_slice(&records))?;
         if (bands.knowledge[0]..=bands.knowledge[1]).contains(&layer) {
-            relations.add_layer(layer, &gate_matrix, pre_norm(&w), |f| {
+            relations.add_layer(layer, &gate_matrix, w.norm, |f| {
                 records[f * 2 * k..f * 2 * k + k]
                     .iter()
                     .map(|r| r.token)
@@ -296,6 +316,9 @@ fn write_all(
     ]);
     if let Some(down) = down {
         files.push(down.finish()?);
+    }
+    if let Some(router) = router {
+        files.push(router.finish()?);
     }
     if options.level >= Level::Inference {
         progress(Progress {
@@ -330,6 +353,8 @@ fn write_all(
             activation: check::activation_name(cfg.activation).into(),
             norm_eps: cfg.norm_eps,
             embed_scale: cfg.embed_scale,
+            ffn_reads_residual: model.ffn_features(0).norm.is_none(),
+            experts,
         },
         provenance: Provenance {
             source: source.display().to_string(),
@@ -366,45 +391,74 @@ fn calibration_inputs(model: &Model) -> Vec<f32> {
     x
 }
 
-/// The gains of the FFN's pre-norm, which [`extract`] checked the family has.
-fn pre_norm<'m>(w: &FfnWeights<'m, '_>) -> &'m [f32] {
-    w.norm
-        .expect("extract refuses families without a pre-FFN norm")
+/// The routing of a mixture-of-experts model as the manifest records it (`None`: dense).
+fn expert_info(model: &Model) -> Option<ExpertInfo> {
+    let w = model.ffn_features(0);
+    let r = w.router?;
+    let spec = model.config().experts.as_ref()?;
+    Some(ExpertInfo {
+        count: r.count(),
+        used: r.used,
+        ff_dim: spec.ff_dim,
+        shared_ff_dim: w.blocks.get(r.count()).map_or(0, FeatureBlock::width),
+        shared_gate: r.shared_gate.is_some(),
+        normalize: r.normalize,
+        scale: r.scale,
+    })
 }
 
-/// Per feature of `layer`, the mean and standard deviation of its activation
-/// `act(gate · x) · (up · x)` over the calibration embeddings through the layer's pre-FFN norm:
-/// the baseline browsing queries measure an entity's activations against.
-fn activation_stats(model: &Model, layer: usize, calibration: &[f32]) -> Vec<f32> {
+/// Per feature of the layer `w`, the mean and standard deviation of its activation
+/// `act(gate · x) · (up · x)` over the calibration embeddings through the layer's pre-FFN norm
+/// (the embeddings themselves where the FFN reads the residual): the baseline browsing
+/// queries measure an entity's activations against. An expert's features are measured as if
+/// every input were routed to it, unweighted: routing is applied when browsing.
+fn activation_stats(model: &Model, w: &FfnFeatures<'_, '_>, calibration: &[f32]) -> Vec<f32> {
     let cfg = model.config();
-    let (d, ff) = (cfg.d_model, cfg.ff_dim);
+    let d = cfg.d_model;
     let n = calibration.len() / d;
-    let w = model.ffn_weights(layer);
     let mut xn = calibration.to_vec();
-    rms_norm(&mut xn, pre_norm(&w), cfg.norm_eps);
-    let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
-    matmul(&w.gate, &xn, n, &mut gate);
-    matmul(&w.up, &xn, n, &mut up);
-    match cfg.activation {
-        Activation::Silu => silu_mul(&mut gate, &up),
-        Activation::GeluTanh => gelu_tanh_mul(&mut gate, &up),
+    if let Some(norm) = w.norm {
+        rms_norm(&mut xn, norm, cfg.norm_eps);
     }
-    let mut sum = vec![0.0f64; ff];
-    let mut sum_sq = vec![0.0f64; ff];
-    for row in gate.chunks_exact(ff) {
-        for ((s, q), &a) in sum.iter_mut().zip(&mut sum_sq).zip(row) {
-            *s += a as f64;
-            *q += a as f64 * a as f64;
+    let mut out = Vec::with_capacity(2 * w.width());
+    for block in &w.blocks {
+        let ff = block.width();
+        let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
+        matmul(&block.gate, &xn, n, &mut gate);
+        matmul(&block.up, &xn, n, &mut up);
+        match cfg.activation {
+            Activation::Silu => silu_mul(&mut gate, &up),
+            Activation::GeluTanh => gelu_tanh_mul(&mut gate, &up),
         }
-    }
-    sum.iter()
-        .zip(&sum_sq)
-        .flat_map(|(&s, &q)| {
+        let mut sum = vec![0.0f64; ff];
+        let mut sum_sq = vec![0.0f64; ff];
+        for row in gate.chunks_exact(ff) {
+            for ((s, q), &a) in sum.iter_mut().zip(&mut sum_sq).zip(row) {
+                *s += a as f64;
+                *q += a as f64 * a as f64;
+            }
+        }
+        out.extend(sum.iter().zip(&sum_sq).flat_map(|(&s, &q)| {
             let mean = s / n as f64;
             let var = (q / n as f64 - mean * mean).max(0.0);
             [mean as f32, var.sqrt() as f32]
-        })
-        .collect()
+        }));
+    }
+    out
+}
+
+/// One matrix of every block of `w` (`pick`), decoded one after another into `out`.
+fn decode_blocks<'a>(
+    w: &FfnFeatures<'_, 'a>,
+    pick: impl Fn(&FeatureBlock<'a>) -> WeightView<'a>,
+    out: &mut Vec<f32>,
+) {
+    out.clear();
+    let mut part = Vec::new();
+    for block in &w.blocks {
+        decode_matrix(&pick(block), &mut part);
+        out.extend_from_slice(&part);
+    }
 }
 
 /// Decodes a whole matrix (one layer's, a few MiB) into `out`, row-major.

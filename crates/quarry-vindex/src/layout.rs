@@ -24,6 +24,7 @@ pub const FEATURE_STATS: &str = "feature_stats.bin";
 pub const MODEL: &str = "model.gguf";
 pub const DOWN: &str = "down.bin";
 pub const RELATIONS: &str = "relations.json";
+pub const ROUTER: &str = "router.bin";
 
 /// How much of the model a vindex holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -123,6 +124,50 @@ pub struct ModelInfo {
     pub activation: String,
     pub norm_eps: f32,
     pub embed_scale: f32,
+    /// The FFN reads the residual itself, with no norm before it (OLMo 2): browsing feeds it
+    /// the input as it is, and the FFN rows of `norms.bin` are ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ffn_reads_residual: bool,
+    /// A mixture of experts: `ff_dim` counts every expert's features one expert after
+    /// another, then the shared expert's, and `router.bin` holds each layer's router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<ExpertInfo>,
+}
+
+/// How a mixture of experts routes (see `quarry_model::Router`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExpertInfo {
+    /// Experts per layer.
+    pub count: usize,
+    /// Experts each token goes to.
+    pub used: usize,
+    /// Features (hidden units) of one expert.
+    pub ff_dim: usize,
+    /// Features of the shared expert every token also runs; 0: there is none.
+    pub shared_ff_dim: usize,
+    /// The shared expert's output is scaled by the sigmoid of a gate row, stored in
+    /// `router.bin` after the experts' rows.
+    pub shared_gate: bool,
+    /// The chosen experts' softmax weights are renormalised to sum to 1.
+    pub normalize: bool,
+    /// Multiplier of every routing weight.
+    pub scale: f32,
+}
+
+impl ExpertInfo {
+    /// Rows of one layer's router in `router.bin`.
+    pub fn router_rows(&self) -> usize {
+        self.count + self.shared_gate as usize
+    }
+
+    /// The widths of a layer's feature blocks: each expert's, then the shared expert's.
+    pub fn block_widths(&self) -> Vec<usize> {
+        let mut widths = vec![self.ff_dim; self.count];
+        if self.shared_ff_dim > 0 {
+            widths.push(self.shared_ff_dim);
+        }
+        widths
+    }
 }
 
 /// Where the vindex came from.

@@ -118,12 +118,12 @@ impl<'a> RelationBuilder<'a> {
     }
 
     /// Reads the features of `layer`: `gate` is its gate matrix (`ff × d`), `norm` its
-    /// pre-FFN norm gains, and `top_writes(f)` feature f's top written tokens, best first.
+    /// pre-FFN norm gains (none: the FFN reads the residual as it is), and `top_writes(f)` feature f's top written tokens, best first.
     pub fn add_layer(
         &mut self,
         layer: usize,
         gate: &[f32],
-        norm: &[f32],
+        norm: Option<&[f32]>,
         top_writes: impl Fn(usize) -> Vec<u32>,
     ) {
         let d = self.d;
@@ -139,7 +139,9 @@ impl<'a> RelationBuilder<'a> {
             let n = ids.len();
             x.clear();
             x.extend_from_slice(rows);
-            rms_norm(&mut x, norm, self.norm_eps);
+            if let Some(norm) = norm {
+                rms_norm(&mut x, norm, self.norm_eps);
+            }
             let g = MatRef::row_major(gate, ff, d, d);
             let xt = MatRef::row_major(&x, n, d, d).t();
             gemm(1.0, g, xt, 0.0, &mut scores[..ff * n], n);

@@ -16,7 +16,7 @@ use quarry_format::input::{open_regular, read_capped};
 use quarry_format::GgufFile;
 use quarry_kernels::pool;
 use quarry_kernels::vec::dot;
-use quarry_model::ModelConfig;
+use quarry_model::{FeatureOwner, ModelConfig, Router};
 use quarry_tokenize::Tokenizer;
 
 use crate::check::{self, MAX_INDEX_BYTES};
@@ -24,7 +24,7 @@ use crate::error::{io, VindexError};
 use crate::extract::hash_file;
 use crate::layout::{
     Dtype, Element, FileEntry, Index, Level, DOWN, EMBEDDINGS, FEATURE_STATS, GATE, INDEX, MODEL,
-    NORMS, RELATIONS, TOKENIZER, UP, WRITES,
+    NORMS, RELATIONS, ROUTER, TOKENIZER, UP, WRITES,
 };
 use crate::relations::Relations;
 use crate::TokenLogit;
@@ -200,6 +200,50 @@ impl Vindex {
         let d = self.index.model.d_model;
         let all: &[f32] = bytemuck::cast_slice(&self.maps[NORMS][..]);
         &all[layer * d..(layer + 1) * d]
+    }
+
+    /// Layer `layer`'s router, in a mixture-of-experts vindex (the model's own routing over
+    /// the stored rows).
+    pub fn router(&self, layer: usize) -> Option<Router<'_>> {
+        let e = self.index.model.experts.as_ref()?;
+        let d = self.index.model.d_model;
+        let all: &[f32] = bytemuck::cast_slice(&self.maps[ROUTER][..]);
+        let rows = &all[layer * e.router_rows() * d..(layer + 1) * e.router_rows() * d];
+        let (experts, shared) = rows.split_at(e.count * d);
+        Some(Router {
+            weights: experts,
+            experts: e.count,
+            shared_gate: e.shared_gate.then_some(shared),
+            used: e.used,
+            normalize: e.normalize,
+            scale: e.scale,
+        })
+    }
+
+    /// What feature `feature` of a layer is: a neuron of the dense FFN, or of an expert.
+    pub fn feature_owner(&self, feature: usize) -> Option<FeatureOwner> {
+        let m = &self.index.model;
+        match &m.experts {
+            None => FeatureOwner::of(feature, &[m.ff_dim], 0),
+            Some(e) => FeatureOwner::of(feature, &e.block_widths(), e.count),
+        }
+    }
+
+    /// Per feature of layer `layer`, the weight its block gets for the FFN input `xn`: 1 in
+    /// a dense model; in a mixture of experts the routing weight of its expert (0 where the
+    /// router does not choose it) or the shared expert's gate.
+    pub fn feature_weights(&self, layer: usize, xn: &[f32]) -> Vec<f32> {
+        let m = &self.index.model;
+        let (Some(e), Some(router)) = (&m.experts, self.router(layer)) else {
+            return vec![1.0; m.ff_dim];
+        };
+        let widths = e.block_widths();
+        let weights = router.block_weights(xn, widths.len());
+        widths
+            .iter()
+            .zip(weights)
+            .flat_map(|(&w, b)| std::iter::repeat_n(b, w))
+            .collect()
     }
 
     /// Mean and standard deviation of feature `feature`'s activation at layer `layer` over the
@@ -382,6 +426,9 @@ fn expected_files(index: &Index) -> Vec<(&'static str, Element, Vec<u64>)> {
     }
     if index.level >= Level::All {
         files.push((DOWN, float, vec![l, ff, d]));
+    }
+    if let Some(e) = &m.experts {
+        files.push((ROUTER, Element::F32, vec![l, e.router_rows() as u64, d]));
     }
     files
 }
