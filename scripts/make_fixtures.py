@@ -101,6 +101,19 @@ def phi3():
     return Phi3ForCausalLM(Phi3Config(**COMMON, pad_token_id=0))
 
 
+def phi3_longrope():
+    # Phi-3's LongRoPE (the 128k models, Phi-3.5): per-frequency factors, the short ones within
+    # the original context and the long ones beyond it, with cos and sin scaled by
+    # sqrt(1 + ln(s) / ln(original)). The 40 fixture tokens stay within the 64-token original
+    # context, where transformers and llama.cpp (whose n_ctx is the 40 tokens) both take the
+    # short factors.
+    from transformers import Phi3Config, Phi3ForCausalLM
+    scaling = dict(type="longrope", short_factor=[1.0, 1.02, 1.05, 1.1, 1.3, 1.7, 2.2, 3.0],
+                   long_factor=[1.0, 1.1, 1.4, 2.0, 3.5, 6.0, 9.0, 12.0])
+    return Phi3ForCausalLM(Phi3Config(**COMMON, pad_token_id=0, rope_scaling=scaling,
+                                      original_max_position_embeddings=64))
+
+
 def gemma2():
     from transformers import Gemma2Config, Gemma2ForCausalLM
     # Tied head, as every Gemma 2 is: llama.cpp's converter drops an lm_head for this family.
@@ -120,8 +133,8 @@ def olmoe():
     return OlmoeForCausalLM(OlmoeConfig(**config, **MOE, num_experts=4))
 
 
-FAMILIES = {f.__name__: f for f in (llama, llama3, mistral, qwen2, qwen3, olmo2, phi3, gemma2, mixtral, qwen2_moe,
-                                     qwen3_moe, olmoe)}
+FAMILIES = {f.__name__: f for f in (llama, llama3, mistral, qwen2, qwen3, olmo2, phi3, phi3_longrope, gemma2,
+                                     mixtral, qwen2_moe, qwen3_moe, olmoe)}
 # Families whose converter reads a SentencePiece model (Gemma-style: no dummy prefix).
 SENTENCEPIECE = {"gemma2"}
 
@@ -227,7 +240,7 @@ def make(family, src, bin_dir):
             sentencepiece_tokenizer(hf)
         else:
             tokenizer().save_pretrained(hf)
-        if family == "phi3":
+        if family.startswith("phi3"):
             path = os.path.join(hf, "tokenizer_config.json")
             with open(path) as f:
                 config = json.load(f)

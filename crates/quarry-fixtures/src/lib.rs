@@ -68,6 +68,7 @@ pub const FAMILIES: &[&str] = &[
     "qwen3",
     "olmo2",
     "phi3",
+    "phi3_longrope",
     "gemma2",
     "mixtral",
     "qwen2_moe",

@@ -263,6 +263,13 @@ pub struct ModelConfig {
     pub rope_base_local: f32,
     /// Linear RoPE scaling of global layers (positions divided by this).
     pub rope_scale: f32,
+    /// The amplitude of the rotation's cosines and sines (LongRoPE's attention factor, GGUF
+    /// `rope.scaling.attn_factor`; 1 otherwise).
+    pub rope_attn_factor: f32,
+    /// The context the RoPE factors were made for (`rope.scaling.original_context_length`,
+    /// else the training context): a model with LongRoPE's two sets of factors uses its long
+    /// ones for a sequence whose cache holds more, as llama.cpp does for a larger `n_ctx`.
+    pub rope_original_context: usize,
     /// Window of sliding-window layers, in tokens (a query sees keys less than this far back).
     pub sliding_window: Option<usize>,
     /// Per layer: true when it attends globally, false when it uses the sliding window.
@@ -356,10 +363,25 @@ impl ModelConfig {
             ));
         }
         let rope_base = get_f32_or("rope.freq_base", 10_000.0)?;
+        // LongRoPE writes no type: its factors are tensors and its amplitude a key. YaRN's
+        // interpolation ramp is not implemented, so it is refused rather than run wrong.
         let rope_scale = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
             Some("linear") => get_f32_or("rope.scaling.factor", 1.0)?,
-            _ => 1.0,
+            None | Some("none") => 1.0,
+            Some(other) => {
+                return Err(ModelError::Invalid {
+                    file: file.source().to_string(),
+                    item: key("rope.scaling.type"),
+                    problem: format!(
+                        "{other:?} RoPE scaling is not supported (linear, Llama 3's rope_freqs \
+                         and Phi-3's LongRoPE factors are)"
+                    ),
+                })
+            }
         };
+        let rope_attn_factor = get_f32_or("rope.scaling.attn_factor", 1.0)?;
+        let rope_original_context =
+            get_usize_or("rope.scaling.original_context_length", context_length)?;
         let attn_softcap = get_f32("attn_logit_softcapping")?;
         let final_softcap = get_f32("final_logit_softcapping")?;
         // A window of 0 (Phi-3's converter writes one for "none") means no window.
@@ -442,6 +464,8 @@ impl ModelConfig {
             rope_base,
             rope_base_local,
             rope_scale,
+            rope_attn_factor,
+            rope_original_context,
             sliding_window: sliding,
             global_layers,
             attn_scale,

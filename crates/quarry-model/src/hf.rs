@@ -61,10 +61,10 @@ pub fn gguf_from_hf_dir(dir: &Path, quantize: Option<GgmlType>) -> Result<GgufFi
         tensors.copy("lm_head.weight", "output.weight")?;
     }
     tensors.norm("model.norm.weight", "output_norm.weight")?;
-    if let Some(factors) = config.rope_factors()? {
+    for (name, factors) in config.rope_factors()? {
         let bytes = bytemuck::cast_slice(&factors).to_vec();
         let dims = vec![factors.len() as u64];
-        tensors.add("rope_freqs.weight", dims, GgmlType::F32, Cow::Owned(bytes))?;
+        tensors.add(name, dims, GgmlType::F32, Cow::Owned(bytes))?;
     }
     let n_layers = config.usize("num_hidden_layers")?;
     let (heads, kv_heads) = (config.heads()?, config.kv_heads()?);
@@ -393,16 +393,46 @@ impl Config {
         Ok(())
     }
 
-    /// Llama 3's per-frequency RoPE divisors (`rope_freqs.weight`), computed from
-    /// `rope_scaling` as llama.cpp's converter does: unchanged above the high-frequency
-    /// wavelength, divided by `factor` below the low one, interpolated between.
-    fn rope_factors(&self) -> Result<Option<Vec<f32>>, ModelError> {
+    /// The per-frequency RoPE divisors `rope_scaling` implies, as GGUF tensors: Llama 3's
+    /// (`rope_freqs.weight`), computed as llama.cpp's converter does — unchanged above the
+    /// high-frequency wavelength, divided by `factor` below the low one, interpolated between
+    /// — or LongRoPE's two lists as given (`rope_factors_long.weight`,
+    /// `rope_factors_short.weight`).
+    fn rope_factors(&self) -> Result<Vec<(&'static str, Vec<f32>)>, ModelError> {
         let Some(scaling) = self.get("rope_scaling") else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        if scaling.get("rope_type").and_then(Json::as_str) != Some("llama3") {
-            return Ok(None);
+        match scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(Json::as_str)
+        {
+            Some("llama3") => Ok(vec![("rope_freqs.weight", self.llama3_factors(scaling)?)]),
+            Some("longrope") | Some("su") => {
+                let list = |key: &str| -> Result<Vec<f32>, ModelError> {
+                    let values = scaling.get(key).and_then(Json::as_array);
+                    let parsed: Option<Vec<f32>> = values.and_then(|v| {
+                        v.iter()
+                            .map(|x| x.as_f64().filter(|x| x.is_finite() && *x > 0.0))
+                            .map(|x| x.map(|x| x as f32))
+                            .collect()
+                    });
+                    parsed.filter(|p| !p.is_empty()).ok_or_else(|| {
+                        let problem = "must be a list of positive numbers".to_string();
+                        invalid(&self.file, &format!("rope_scaling.{key}"), problem)
+                    })
+                };
+                Ok(vec![
+                    ("rope_factors_long.weight", list("long_factor")?),
+                    ("rope_factors_short.weight", list("short_factor")?),
+                ])
+            }
+            _ => Ok(Vec::new()),
         }
+    }
+
+    /// Llama 3's divisors ([`Config::rope_factors`]).
+    fn llama3_factors(&self, scaling: &Json) -> Result<Vec<f32>, ModelError> {
         let number = |key: &str, default: f64| -> Result<f64, ModelError> {
             match scaling.get(key) {
                 None => Ok(default),
@@ -429,27 +459,26 @@ impl Config {
             None => self.usize("hidden_size")? / self.heads()?,
         };
         let (low_wavelen, high_wavelen) = (context / low, context / high);
-        Ok(Some(
-            (0..dim / 2)
-                .map(|i| {
-                    let freq = base.powf(-((2 * i) as f64) / dim as f64);
-                    let wavelen = 2.0 * std::f64::consts::PI / freq;
-                    let divisor = if wavelen < high_wavelen {
-                        1.0
-                    } else if wavelen > low_wavelen {
-                        factor
-                    } else {
-                        let smooth = (context / wavelen - low) / (high - low);
-                        1.0 / ((1.0 - smooth) / factor + smooth)
-                    };
-                    divisor as f32
-                })
-                .collect(),
-        ))
+        Ok((0..dim / 2)
+            .map(|i| {
+                let freq = base.powf(-((2 * i) as f64) / dim as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let divisor = if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor
+                } else {
+                    let smooth = (context / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                };
+                divisor as f32
+            })
+            .collect())
     }
 
-    /// `rope_scaling`: linear scaling is a GGUF key, Llama 3's scaling a tensor
-    /// ([`Config::rope_factors`]); the other schemes are refused by name rather than run wrong.
+    /// `rope_scaling`: linear scaling is a GGUF key, Llama 3's scaling a tensor, LongRoPE two
+    /// tensors ([`Config::rope_factors`]) and the keys below, as transformers computes them;
+    /// the other schemes are refused by name rather than run wrong.
     fn rope_scaling(
         &self,
         meta: &mut impl FnMut(&str, Value) -> Result<(), ModelError>,
@@ -463,6 +492,25 @@ impl Config {
             .and_then(Json::as_str);
         match kind {
             Some("default") | Some("llama3") => Ok(()),
+            Some("longrope") | Some("su") => {
+                // Phi-3 keeps the pretrained context beside the extended one, whose ratio is
+                // the scale; the factors' amplitude is sqrt(1 + ln(scale) / ln(original)).
+                let extended = self.usize("max_position_embeddings")?;
+                let original = self
+                    .optional_usize("original_max_position_embeddings")?
+                    .unwrap_or(extended);
+                let scale = extended as f64 / original as f64;
+                let amplitude = match scaling.get("attention_factor").and_then(Json::as_f64) {
+                    Some(a) => a,
+                    None if scale <= 1.0 => 1.0,
+                    None => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
+                };
+                meta("rope.scaling.attn_factor", Value::F32(amplitude as f32))?;
+                meta(
+                    "rope.scaling.original_context_length",
+                    Value::U32(original.min(u32::MAX as usize) as u32),
+                )
+            }
             Some("linear") => {
                 let factor = scaling
                     .get("factor")
@@ -482,7 +530,7 @@ impl Config {
                 &self.file,
                 "rope_scaling",
                 format!(
-                    "type {} is not supported (linear and llama3 are)",
+                    "type {} is not supported (linear, llama3 and longrope are)",
                     shown(other.map(|s| Json::String(s.into())).as_ref())
                 ),
             )),

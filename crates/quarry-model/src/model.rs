@@ -52,6 +52,9 @@ struct Loaded {
     output_norm: Vec<f32>,
     layers: Vec<Layer<'static>>,
     rope_global: Rope,
+    /// LongRoPE's long factors, for sequences whose cache holds more than the original
+    /// context ([`ModelConfig::rope_original_context`]).
+    rope_long: Option<Rope>,
     rope_local: Rope,
     /// Declared last, so dropped after the views into it.
     file: Arc<GgufFile>,
@@ -190,6 +193,18 @@ struct MoeFfn<'a> {
     shared_gate: Option<Vec<f32>>,
 }
 
+impl Loaded {
+    /// The rotation of global layers for a sequence whose cache holds `capacity` tokens: the
+    /// long LongRoPE factors when that is more than the context the factors were made for
+    /// (llama.cpp chooses by its `n_ctx` the same way), the model's own otherwise.
+    fn global_rope(&self, capacity: usize) -> &Rope {
+        match &self.rope_long {
+            Some(long) if capacity > self.config.rope_original_context => long,
+            _ => &self.rope_global,
+        }
+    }
+}
+
 impl MoeFfn<'_> {
     fn router(&self, spec: &Experts) -> Router<'_> {
         Router::new(spec, &self.router, self.shared_gate.as_deref())
@@ -284,16 +299,36 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
-        // Llama 3's per-frequency scaling, where the file has it (global layers only: the
-        // families with local layers have no such tensor).
-        let rope_freqs = weights.optional_vector("rope_freqs.weight", config.rope_dims / 2)?;
-        let rope_global = Rope::with_factors(
-            config.rope_style,
-            config.rope_dims,
-            config.rope_base,
-            config.rope_scale,
-            rope_freqs.as_deref(),
-        );
+        // Per-frequency divisors of global layers, where the file has them (the families with
+        // local layers have none): Llama 3's one set, or Phi-3's LongRoPE pair, the short
+        // factors within the original context and the long ones beyond it.
+        let half = config.rope_dims / 2;
+        let rope_freqs = weights.optional_vector("rope_freqs.weight", half)?;
+        let short = weights.optional_vector("rope_factors_short.weight", half)?;
+        let long = weights.optional_vector("rope_factors_long.weight", half)?;
+        if short.is_some() != long.is_some() {
+            let missing = match short {
+                None => "rope_factors_short.weight",
+                Some(_) => "rope_factors_long.weight",
+            };
+            return Err(ModelError::Invalid {
+                file: file.source().to_string(),
+                item: missing.into(),
+                problem: "is missing: LongRoPE needs both its short and its long factors".into(),
+            });
+        }
+        let global = |factors: Option<&[f32]>| {
+            Rope::with_factors(
+                config.rope_style,
+                config.rope_dims,
+                config.rope_base,
+                config.rope_scale,
+                factors,
+            )
+            .with_amplitude(config.rope_attn_factor)
+        };
+        let rope_global = global(rope_freqs.as_deref().or(short.as_deref()));
+        let rope_long = long.as_deref().map(|f| global(Some(f)));
         let rope_local = Rope::new(
             config.rope_style,
             config.rope_dims,
@@ -307,6 +342,7 @@ impl Model {
             output,
             layers,
             rope_global,
+            rope_long,
             rope_local,
             file,
         };
@@ -459,7 +495,8 @@ impl Model {
         }
     }
 
-    /// The rotary embedding of global-attention layers (`true`) or sliding-window ones.
+    /// The rotary embedding of global-attention layers (`true`, with LongRoPE the one of
+    /// sequences within the original context) or sliding-window ones.
     pub fn rope(&self, global: bool) -> &Rope {
         match global {
             true => &self.weights.rope_global,
@@ -621,7 +658,7 @@ impl Model {
             plans.push(SequencePlan {
                 start,
                 rows: n..n + len,
-                rope_global: w.rope_global.table(start, len),
+                rope_global: w.global_rope(seq.cache.capacity()).table(start, len),
                 rope_local: w.rope_local.table(start, len),
             });
             n += len;

@@ -85,13 +85,15 @@ pub fn gated_activation(gate: &mut [f32], up: &[f32], act: Activation) {
 
 /// Rotary position embedding for one base: rotates pairs of dimensions by `pos · θᵢ` with
 /// `θᵢ = base^(-2i/dims)`, divided by a per-pair factor where the model has them (Llama 3's
-/// frequency-dependent scaling, GGUF `rope_freqs.weight`).
+/// frequency-dependent scaling, GGUF `rope_freqs.weight`; Phi-3's LongRoPE factors), the
+/// rotation's cosines and sines times an amplitude (LongRoPE's attention factor; 1 otherwise).
 #[derive(Clone, Debug)]
 pub struct Rope {
     style: RopeStyle,
     dims: usize,
     inv_freq: Vec<f64>,
     position_scale: f64,
+    amplitude: f64,
 }
 
 impl Rope {
@@ -118,7 +120,16 @@ impl Rope {
             dims,
             inv_freq,
             position_scale: 1.0 / position_scale as f64,
+            amplitude: 1.0,
         }
+    }
+
+    /// This rotation with its cosines and sines multiplied by `amplitude` (LongRoPE's
+    /// `sqrt(1 + ln(s) / ln(original context))`, which scales every attention score by its
+    /// square).
+    pub fn with_amplitude(mut self, amplitude: f32) -> Rope {
+        self.amplitude = amplitude as f64;
+        self
     }
 
     /// The cosines and sines for positions `start..start + n`, computed once per batch and
@@ -131,7 +142,7 @@ impl Rope {
                 let k = c * half.max(1) * 64 + i;
                 let pos = (start + k / half) as f64 * self.position_scale;
                 let (sin, cos) = (pos * self.inv_freq[k % half]).sin_cos();
-                *cs = [cos, sin];
+                *cs = [cos * self.amplitude, sin * self.amplitude];
             }
         });
         RopeTable {

@@ -243,6 +243,24 @@ fn files_that_break_their_family_are_named_errors() {
             "blk.0.attn_qkv.weight",
         ),
         (
+            "llama",
+            vec![("llama.rope.scaling.type", Value::String("yarn".into()))],
+            None,
+            "llama.rope.scaling.type: \"yarn\" RoPE scaling is not supported",
+        ),
+        (
+            "phi3_longrope",
+            vec![("phi3.rope.scaling.attn_factor", Value::F32(-1.0))],
+            None,
+            "phi3.rope.scaling.attn_factor = -1: must be a positive finite number",
+        ),
+        (
+            "phi3_longrope",
+            vec![],
+            Some("rope_factors_short.weight"),
+            "rope_factors_short.weight",
+        ),
+        (
             "gemma2",
             vec![("gemma2.attention.sliding_window", Value::U64(1 << 40))],
             None,
@@ -255,6 +273,30 @@ fn files_that_break_their_family_are_named_errors() {
             .to_string();
         assert!(err.contains(needle), "{family}: {err}");
     }
+}
+
+/// LongRoPE's long factors rotate the sequences whose cache holds more than the original
+/// context (64 tokens in the fixture), as llama.cpp's larger `n_ctx` does; the golden logits
+/// (40 tokens in a 40-token cache) are the short factors'. A model without them ignores the
+/// cache size.
+#[test]
+fn longrope_takes_the_long_factors_beyond_the_original_context() {
+    let logits = |family: &str, capacity: usize| {
+        let path = family_dir(family).join("model-f32.gguf");
+        let model = Model::load(Arc::new(GgufFile::open(path).unwrap())).unwrap();
+        let ids = &fixture_ids(family)[..24];
+        let mut cache = model.new_cache(capacity);
+        model.forward(ids, &mut cache, 0..ids.len()).unwrap()
+    };
+    let moved = |family: &str| {
+        logits(family, 64)
+            .iter()
+            .zip(&logits(family, 65))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert!(moved("phi3_longrope") > 1e-2, "{}", moved("phi3_longrope"));
+    assert_eq!(moved("phi3"), 0.0);
 }
 
 /// A file's `expert_weights_norm` overrides the family's default: OLMoE's top-2 weights
