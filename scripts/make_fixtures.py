@@ -64,6 +64,14 @@ def qwen2():
     return Qwen2ForCausalLM(Qwen2Config(**COMMON, use_sliding_window=False))
 
 
+def qwen2_yarn():
+    # YaRN, as Qwen2.5 and Qwen3 enable it for long contexts: factor 4 over an original context
+    # of 64 tokens, so the 16-wide heads have pairs kept, interpolated, and ramped between.
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    scaling = dict(type="yarn", factor=4.0, original_max_position_embeddings=64)
+    return Qwen2ForCausalLM(Qwen2Config(**COMMON, use_sliding_window=False, rope_scaling=scaling))
+
+
 def qwen3():
     from transformers import Qwen3Config, Qwen3ForCausalLM
     return Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, use_sliding_window=False))
@@ -133,7 +141,7 @@ def olmoe():
     return OlmoeForCausalLM(OlmoeConfig(**config, **MOE, num_experts=4))
 
 
-FAMILIES = {f.__name__: f for f in (llama, llama3, mistral, qwen2, qwen3, olmo2, phi3, phi3_longrope, gemma2,
+FAMILIES = {f.__name__: f for f in (llama, llama3, mistral, qwen2, qwen2_yarn, qwen3, olmo2, phi3, phi3_longrope, gemma2,
                                      mixtral, qwen2_moe, qwen3_moe, olmoe)}
 # Families whose converter reads a SentencePiece model (Gemma-style: no dummy prefix).
 SENTENCEPIECE = {"gemma2"}

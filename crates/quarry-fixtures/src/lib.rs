@@ -65,6 +65,7 @@ pub const FAMILIES: &[&str] = &[
     "llama3",
     "mistral",
     "qwen2",
+    "qwen2_yarn",
     "qwen3",
     "olmo2",
     "phi3",

@@ -263,6 +263,8 @@ pub struct ModelConfig {
     pub rope_base_local: f32,
     /// Linear RoPE scaling of global layers (positions divided by this).
     pub rope_scale: f32,
+    /// YaRN scaling of global layers: `(factor, original context)`.
+    pub rope_yarn: Option<(f32, usize)>,
     /// The amplitude of the rotation's cosines and sines (LongRoPE's attention factor, GGUF
     /// `rope.scaling.attn_factor`; 1 otherwise).
     pub rope_attn_factor: f32,
@@ -363,22 +365,38 @@ impl ModelConfig {
             ));
         }
         let rope_base = get_f32_or("rope.freq_base", 10_000.0)?;
-        // LongRoPE writes no type: its factors are tensors and its amplitude a key. YaRN's
-        // interpolation ramp is not implemented, so it is refused rather than run wrong.
-        let rope_scale = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
-            Some("linear") => get_f32_or("rope.scaling.factor", 1.0)?,
-            None | Some("none") => 1.0,
-            Some(other) => {
-                return Err(ModelError::Invalid {
-                    file: file.source().to_string(),
-                    item: key("rope.scaling.type"),
-                    problem: format!(
-                        "{other:?} RoPE scaling is not supported (linear, Llama 3's rope_freqs \
-                         and Phi-3's LongRoPE factors are)"
-                    ),
-                })
-            }
+        // LongRoPE's factors are tensors and its amplitude a key (Phi-3's converter writes no
+        // type, the generic one "longrope"). Other schemes are refused rather than run wrong.
+        let unsupported = |problem: String| ModelError::Invalid {
+            file: file.source().to_string(),
+            item: key("rope.scaling.type"),
+            problem,
         };
+        let (rope_scale, rope_yarn) =
+            match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+                Some("linear") => (get_f32_or("rope.scaling.factor", 1.0)?, None),
+                None | Some("none") | Some("longrope") => (1.0, None),
+                Some("yarn") => {
+                    // DeepSeek's variant rescales the amplitude by a log multiplier.
+                    if file.get(&key("rope.scaling.yarn_log_multiplier")).is_some() {
+                        return Err(unsupported(
+                            "YaRN with a yarn_log_multiplier (DeepSeek's variant) is not \
+                             supported"
+                                .into(),
+                        ));
+                    }
+                    let factor = get_f32_or("rope.scaling.factor", 1.0)?;
+                    let original =
+                        get_usize_or("rope.scaling.original_context_length", context_length)?;
+                    (1.0, Some((factor, original)))
+                }
+                Some(other) => {
+                    return Err(unsupported(format!(
+                        "{other:?} RoPE scaling is not supported (linear, YaRN, Llama 3's \
+                         rope_freqs and Phi-3's LongRoPE factors are)"
+                    )))
+                }
+            };
         let rope_attn_factor = get_f32_or("rope.scaling.attn_factor", 1.0)?;
         let rope_original_context =
             get_usize_or("rope.scaling.original_context_length", context_length)?;
@@ -464,6 +482,7 @@ impl ModelConfig {
             rope_base,
             rope_base_local,
             rope_scale,
+            rope_yarn,
             rope_attn_factor,
             rope_original_context,
             sliding_window: sliding,

@@ -476,9 +476,9 @@ impl Config {
             .collect())
     }
 
-    /// `rope_scaling`: linear scaling is a GGUF key, Llama 3's scaling a tensor, LongRoPE two
-    /// tensors ([`Config::rope_factors`]) and the keys below, as transformers computes them;
-    /// the other schemes are refused by name rather than run wrong.
+    /// `rope_scaling`: linear scaling and YaRN are GGUF keys, Llama 3's scaling a tensor,
+    /// LongRoPE two tensors ([`Config::rope_factors`]) and the keys below, as transformers
+    /// computes them; the other schemes are refused by name rather than run wrong.
     fn rope_scaling(
         &self,
         meta: &mut impl FnMut(&str, Value) -> Result<(), ModelError>,
@@ -492,6 +492,55 @@ impl Config {
             .and_then(Json::as_str);
         match kind {
             Some("default") | Some("llama3") => Ok(()),
+            Some("yarn") => {
+                // The paper's defaults, which llama.cpp assumes; other values are refused.
+                for (key, default) in [
+                    ("beta_fast", Some(32.0)),
+                    ("beta_slow", Some(1.0)),
+                    ("attention_factor", None),
+                    ("mscale", None),
+                    ("mscale_all_dim", None),
+                ] {
+                    if let Some(v) = scaling.get(key).filter(|v| !v.is_null()) {
+                        if v.as_f64() != default {
+                            let problem = format!("{v} is not supported (YaRN runs with the defaults llama.cpp assumes)");
+                            return Err(invalid(
+                                &self.file,
+                                &format!("rope_scaling.{key}"),
+                                problem,
+                            ));
+                        }
+                    }
+                }
+                let factor = scaling
+                    .get("factor")
+                    .and_then(Json::as_f64)
+                    .filter(|f| f.is_finite() && *f >= 1.0)
+                    .ok_or_else(|| {
+                        invalid(
+                            &self.file,
+                            "rope_scaling.factor",
+                            "must be a number ≥ 1".into(),
+                        )
+                    })?;
+                let original = match scaling.get("original_max_position_embeddings") {
+                    Some(v) => v.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+                        let problem = "must be a positive integer".to_string();
+                        invalid(
+                            &self.file,
+                            "rope_scaling.original_max_position_embeddings",
+                            problem,
+                        )
+                    })? as usize,
+                    None => self.usize("max_position_embeddings")?,
+                };
+                meta("rope.scaling.type", Value::String("yarn".into()))?;
+                meta("rope.scaling.factor", Value::F32(factor as f32))?;
+                meta(
+                    "rope.scaling.original_context_length",
+                    Value::U32(original.min(u32::MAX as usize) as u32),
+                )
+            }
             Some("longrope") | Some("su") => {
                 // Phi-3 keeps the pretrained context beside the extended one, whose ratio is
                 // the scale; the factors' amplitude is sqrt(1 + ln(scale) / ln(original)).
@@ -530,7 +579,7 @@ impl Config {
                 &self.file,
                 "rope_scaling",
                 format!(
-                    "type {} is not supported (linear, llama3 and longrope are)",
+                    "type {} is not supported (linear, llama3, yarn and longrope are)",
                     shown(other.map(|s| Json::String(s.into())).as_ref())
                 ),
             )),

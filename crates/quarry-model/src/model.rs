@@ -318,13 +318,22 @@ impl Model {
             });
         }
         let global = |factors: Option<&[f32]>| {
-            Rope::with_factors(
-                config.rope_style,
-                config.rope_dims,
-                config.rope_base,
-                config.rope_scale,
-                factors,
-            )
+            match config.rope_yarn {
+                Some((factor, original)) => Rope::yarn(
+                    config.rope_style,
+                    config.rope_dims,
+                    config.rope_base,
+                    factor,
+                    original,
+                ),
+                None => Rope::with_factors(
+                    config.rope_style,
+                    config.rope_dims,
+                    config.rope_base,
+                    config.rope_scale,
+                    factors,
+                ),
+            }
             .with_amplitude(config.rope_attn_factor)
         };
         let rope_global = global(rope_freqs.as_deref().or(short.as_deref()));

@@ -124,11 +124,53 @@ impl Rope {
         }
     }
 
+    /// YaRN (as llama.cpp and transformers compute it): pair `i`'s frequency is the original
+    /// one where a wavelength fits the original context many times (pairs below the
+    /// correction range of `beta_fast = 32` rotations), divided by `factor` where it fits
+    /// less than once (`beta_slow = 1`), mixed linearly between; the cosines and sines are
+    /// multiplied by `1 + 0.1 ln(factor)`.
+    pub fn yarn(
+        style: RopeStyle,
+        dims: usize,
+        base: f32,
+        factor: f32,
+        original_context: usize,
+    ) -> Rope {
+        let (base, factor) = (base as f64, factor as f64);
+        // The pair index at which a wavelength makes `rotations` turns over the context.
+        let pair_of = |rotations: f64| {
+            dims as f64 * (original_context as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        let low = pair_of(32.0).floor().max(0.0);
+        let high = pair_of(1.0).ceil().min(dims as f64 - 1.0);
+        let inv_freq = (0..dims / 2)
+            .map(|i| {
+                let extrapolated = base.powf(-2.0 * i as f64 / dims as f64);
+                let ramp = ((i as f64 - low) / (high - low).max(0.001)).clamp(0.0, 1.0);
+                let kept = 1.0 - ramp;
+                extrapolated / factor * (1.0 - kept) + extrapolated * kept
+            })
+            .collect();
+        let amplitude = if factor > 1.0 {
+            1.0 + 0.1 * factor.ln()
+        } else {
+            1.0
+        };
+        Rope {
+            style,
+            dims,
+            inv_freq,
+            position_scale: 1.0,
+            amplitude,
+        }
+    }
+
     /// This rotation with its cosines and sines multiplied by `amplitude` (LongRoPE's
     /// `sqrt(1 + ln(s) / ln(original context))`, which scales every attention score by its
     /// square).
     pub fn with_amplitude(mut self, amplitude: f32) -> Rope {
-        self.amplitude = amplitude as f64;
+        self.amplitude *= amplitude as f64;
         self
     }
 

@@ -244,9 +244,15 @@ fn files_that_break_their_family_are_named_errors() {
         ),
         (
             "llama",
-            vec![("llama.rope.scaling.type", Value::String("yarn".into()))],
+            vec![("llama.rope.scaling.type", Value::String("dynamic".into()))],
             None,
-            "llama.rope.scaling.type: \"yarn\" RoPE scaling is not supported",
+            "llama.rope.scaling.type: \"dynamic\" RoPE scaling is not supported",
+        ),
+        (
+            "qwen2_yarn",
+            vec![("qwen2.rope.scaling.yarn_log_multiplier", Value::F32(0.1))],
+            None,
+            "YaRN with a yarn_log_multiplier (DeepSeek's variant) is not supported",
         ),
         (
             "phi3_longrope",
@@ -477,9 +483,22 @@ fn broken_safetensors_directories_are_named_errors() {
         ),
         (
             &|j: &mut serde_json::Value| {
-                j["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
+                j["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 4.0})
             },
-            "rope_scaling: type \"yarn\" is not supported",
+            "rope_scaling: type \"dynamic\" is not supported",
+        ),
+        (
+            &|j: &mut serde_json::Value| {
+                j["rope_scaling"] =
+                    serde_json::json!({"rope_type": "yarn", "factor": 4.0, "mscale_all_dim": 1.0})
+            },
+            "rope_scaling.mscale_all_dim: 1.0 is not supported",
+        ),
+        (
+            &|j: &mut serde_json::Value| {
+                j["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": "4"})
+            },
+            "rope_scaling.factor: must be a number ≥ 1",
         ),
     ] {
         let dir = hf_copy("qwen2");
