@@ -408,7 +408,14 @@ impl ModelConfig {
             Some(_) => Some(get_usize("attention.sliding_window")?),
             None => None,
         };
-        let default_scale = 1.0 / (head_dim as f32).sqrt();
+        // Gemma 2 27B scales queries by 1/sqrt(d_model / heads) (its query_pre_attn_scalar),
+        // not by the head size; its GGUF says so only by having 46 layers, which is how
+        // llama.cpp recognises it.
+        let scaled_by = match (arch.as_str(), n_layers) {
+            ("gemma2", 46) => d_model / n_heads,
+            _ => head_dim,
+        };
+        let default_scale = 1.0 / (scaled_by as f32).sqrt();
         let attn_scale = get_f32_or("attention.scale", default_scale)?;
 
         let (rope_base_local, global_layers) = match spec.sliding {

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use quarry_format::{gguf::GgufWriter, GgmlType, GgufFile, Value};
 use quarry_model::hf::open_hf_dir;
-use quarry_model::{Model, SequenceBatch};
+use quarry_model::{Model, ModelConfig, SequenceBatch};
 
 /// The fixture's token ids (`ids.json`) of `family`.
 fn fixture_ids(family: &str) -> Vec<u32> {
@@ -279,6 +279,29 @@ fn files_that_break_their_family_are_named_errors() {
             .to_string();
         assert!(err.contains(needle), "{family}: {err}");
     }
+}
+
+/// Gemma 2 27B (46 layers) scales its queries by 1/sqrt(d_model / heads), as llama.cpp
+/// recognises it; other Gemma 2 sizes by the head size.
+#[test]
+fn gemma2_27b_scales_queries_by_its_width_per_head() {
+    let scale = |layers: u32| {
+        let file = altered(
+            "gemma2",
+            &[
+                ("gemma2.block_count", Value::U32(layers)),
+                ("gemma2.embedding_length", Value::U32(4608)),
+                ("gemma2.attention.head_count", Value::U32(32)),
+                ("gemma2.attention.head_count_kv", Value::U32(16)),
+                ("gemma2.attention.key_length", Value::U32(128)),
+                ("gemma2.attention.value_length", Value::U32(128)),
+            ],
+            None,
+        );
+        ModelConfig::from_gguf(&file).unwrap().attn_scale
+    };
+    assert_eq!(scale(46), 1.0 / 144f32.sqrt());
+    assert_eq!(scale(42), 1.0 / 128f32.sqrt());
 }
 
 /// LongRoPE's long factors rotate the sequences whose cache holds more than the original
