@@ -24,3 +24,5 @@ pub use error::{GpuError, Result};
 pub use gemv::{row_bytes, GemvConfig, GpuMatrix, PreparedGemv, Reduction, MAX_TOKENS_PER_PASS};
 pub use quarry_format::GgmlType;
 pub use shader::SUPPORTED;
+/// The wgpu this crate is built on, for callers recording their own passes.
+pub use wgpu;
