@@ -132,7 +132,12 @@ fn measure(
         gpu.submit_and_wait(cmd)?;
         Ok(start.elapsed())
     };
-    run(per_submit.min(8))?; // warm-up: pipelines, caches, clocks
+    // Warm-up: pipelines, caches, and the GPU's clocks, which drop while the CPU computes the
+    // reference and rise only after some 100 ms of steady work.
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(if quick { 20 } else { 300 }) {
+        run(per_submit)?;
+    }
     let reps = if quick { 3 } else { 7 };
     let mut times = (0..reps)
         .map(|_| run(per_submit).map(|d| d.as_secs_f64() / per_submit as f64))
@@ -180,6 +185,7 @@ fn main() {
                     tokens: usize,
                     config: &GemvConfig,
                     cache: &mut Uploaded| {
+        let config = &config.resolved(&gpu, tokens);
         let label = format!(
             "{:<5} {rows:>5}x{cols:<5} T={tokens} wg={} rows/wg={}{}{}",
             format!("{dtype:?}"),

@@ -62,10 +62,10 @@ pub(crate) fn layout(dtype: GgmlType, cols: usize) -> Option<Layout> {
         GgmlType::F32 => l(1, 4, 1, false, &[0], F32_SCALAR),
         GgmlType::F16 if cols.is_multiple_of(8) => l(8, 16, 1, true, &[0, 4], F16_VEC),
         GgmlType::F16 => l(1, 2, 1, false, &[0], F16_SCALAR),
-        GgmlType::Q8_0 => l(32, 34, 4, true, &[0, 4], Q8_0),
-        GgmlType::Q4_0 => l(32, 18, 4, true, &[0, 16], Q4_0),
-        GgmlType::Q4_1 => l(32, 20, 4, true, &[0, 16], Q4_1),
-        GgmlType::Q5_0 => l(32, 22, 4, true, &[0, 16], Q5_0),
+        GgmlType::Q8_0 => l(32, 34, 2, true, &[0, 4, 8, 12], Q8_0),
+        GgmlType::Q4_0 => l(32, 18, 2, true, &[0, 4, 16, 20], Q4_0),
+        GgmlType::Q4_1 => l(32, 20, 2, true, &[0, 4, 16, 20], Q4_1),
+        GgmlType::Q5_0 => l(32, 22, 2, true, &[0, 4, 16, 20], Q5_0),
         GgmlType::Q4_K => l(256, 144, 8, true, K_OFFS, Q4_K),
         GgmlType::Q5_K => l(256, 176, 8, true, K_OFFS, Q5_K),
         GgmlType::Q6_K => l(256, 210, 8, true, &[0, 32, 64, 96, 4, 36, 68, 100], Q6_K),
@@ -264,8 +264,9 @@ fn mul1(a: f32, b: f32) -> f32 { return a * b; }
 fn w32(off: u32) -> u32 {
     let i = off >> 2u;
     let s = (off & 3u) * 8u;
-    if (s == 0u) { return W[i]; }
-    return (W[i] >> s) | (W[i + 1u] << (32u - s));
+    // Branch-free (neighbouring blocks differ in alignment): at s = 0 the second word
+    // shifts out entirely.
+    return (W[i] >> s) | ((W[i + 1u] << (31u - s)) << 1u);
 }
 // Two bytes at an even offset.
 fn w16(off: u32) -> u32 { return (W[off >> 2u] >> ((off & 2u) * 8u)) & 0xFFFFu; }
@@ -351,48 +352,60 @@ fn decode(wb: u32, u: u32) -> array<VT, NV> {
 }
 "#;
 
-// Q8_0: f16 d, 32 i8. Unit u: values 8u..8u+8.
+// Q8_0: f16 d, 32 i8. Unit u: values 16u..16u+16.
 const Q8_0: &str = r#"
-fn xbase(u: u32) -> u32 { return 8u * u; }
+fn xbase(u: u32) -> u32 { return 16u * u; }
 fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let d = f16at(wb);
-    let o = wb + 2u + 8u * u;
-    return array<VT, NV>(d * i8x4(w32(o)), d * i8x4(w32(o + 4u)));
+    let o = wb + 2u + 16u * u;
+    return array<VT, NV>(d * i8x4(w32(o)), d * i8x4(w32(o + 4u)),
+                         d * i8x4(w32(o + 8u)), d * i8x4(w32(o + 12u)));
 }
 "#;
 
 // Q4_0: f16 d, 16 bytes; byte j's low nibble is value j, its high nibble value j + 16.
-// Unit u: bytes 4u..4u+4 (values 4u.. and 16 + 4u..).
+// Unit u: bytes 8u..8u+8 (values 8u.. and 16 + 8u..).
 const Q4_0: &str = r#"
-fn xbase(u: u32) -> u32 { return 4u * u; }
+fn xbase(u: u32) -> u32 { return 8u * u; }
 fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let d = f16at(wb);
-    let q = w32(wb + 2u + 4u * u);
-    return array<VT, NV>(d * (nib_lo(q) - 8.0), d * (nib_hi(q) - 8.0));
+    let a = w32(wb + 2u + 8u * u);
+    let b = w32(wb + 6u + 8u * u);
+    return array<VT, NV>(d * (nib_lo(a) - 8.0), d * (nib_lo(b) - 8.0),
+                         d * (nib_hi(a) - 8.0), d * (nib_hi(b) - 8.0));
 }
 "#;
 
 // Q4_1: f16 d, f16 m, nibbles as Q4_0; value = q * d + m.
 const Q4_1: &str = r#"
-fn xbase(u: u32) -> u32 { return 4u * u; }
+fn xbase(u: u32) -> u32 { return 8u * u; }
 fn decode(wb: u32, u: u32) -> array<VT, NV> {
-    let dm = unpack2x16float(W[wb >> 2u]);
-    let q = W[(wb >> 2u) + 1u + u];
-    return array<VT, NV>(dm.x * nib_lo(q) + dm.y, dm.x * nib_hi(q) + dm.y);
+    let w = wb >> 2u;
+    let dm = unpack2x16float(W[w]);
+    let a = W[w + 1u + 2u * u];
+    let b = W[w + 2u + 2u * u];
+    return array<VT, NV>(dm.x * nib_lo(a) + dm.y, dm.x * nib_lo(b) + dm.y,
+                         dm.x * nib_hi(a) + dm.y, dm.x * nib_hi(b) + dm.y);
 }
 "#;
 
 // Q5_0: f16 d, u32 qh (bit j: fifth bit of value j), nibbles as Q4_0; value = (q - 16) * d.
 const Q5_0: &str = r#"
-fn xbase(u: u32) -> u32 { return 4u * u; }
+fn xbase(u: u32) -> u32 { return 8u * u; }
+fn q5_high(qh: vec4<u32>, first: u32) -> vec4<f32> {
+    let sh = vec4<u32>(first) + vec4<u32>(0u, 1u, 2u, 3u);
+    return vec4<f32>(((qh >> sh) & vec4<u32>(1u)) << vec4<u32>(4u));
+}
 fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let d = f16at(wb);
     let qh = vec4<u32>(w32(wb + 2u));
-    let q = w32(wb + 6u + 4u * u);
-    let sh = vec4<u32>(0u, 1u, 2u, 3u) + vec4<u32>(4u * u);
-    let hlo = vec4<f32>(((qh >> sh) & vec4<u32>(1u)) << vec4<u32>(4u));
-    let hhi = vec4<f32>(((qh >> (sh + vec4<u32>(16u))) & vec4<u32>(1u)) << vec4<u32>(4u));
-    return array<VT, NV>(d * (nib_lo(q) + hlo - 16.0), d * (nib_hi(q) + hhi - 16.0));
+    let a = w32(wb + 6u + 8u * u);
+    let b = w32(wb + 10u + 8u * u);
+    let j = 8u * u;
+    return array<VT, NV>(d * (nib_lo(a) + q5_high(qh, j) - 16.0),
+                         d * (nib_lo(b) + q5_high(qh, j + 4u) - 16.0),
+                         d * (nib_hi(a) + q5_high(qh, j + 16u) - 16.0),
+                         d * (nib_hi(b) + q5_high(qh, j + 20u) - 16.0));
 }
 "#;
 
@@ -481,21 +494,21 @@ fn decode(wb: u32, u: u32) -> array<VT, NV> {
 "#;
 
 const REDUCE_SHARED_END: &str = r#"
-    if (lid < K) {
-        let row = row0 + lid / T;
-        if (row < P.rows) { Y[P.y_off + (lid % T) * P.y_stride + row] = RED[lid * WG]; }
+    for (var k = lid; k < K; k += WG) {
+        let row = row0 + k / T;
+        if (row < P.rows) { Y[P.y_off + (k % T) * P.y_stride + row] = RED[k * WG]; }
     }
 "#;
 
 // One partial per subgroup (written above), summed through shared memory.
 const REDUCE_SUBGROUP_END: &str = r#"
     workgroupBarrier();
-    if (lid < K) {
-        let row = row0 + lid / T;
+    for (var k = lid; k < K; k += WG) {
+        let row = row0 + k / T;
         if (row < P.rows) {
             var sum = 0.0;
-            for (var j = 0u; j < n_sg; j++) { sum += RED[lid * WG + j]; }
-            Y[P.y_off + (lid % T) * P.y_stride + row] = sum;
+            for (var j = 0u; j < n_sg; j++) { sum += RED[k * WG + j]; }
+            Y[P.y_off + (k % T) * P.y_stride + row] = sum;
         }
     }
 "#;

@@ -116,7 +116,8 @@ fn subgroup_reduction_when_the_adapter_has_it() {
 #[test]
 fn kernel_shapes_workgroups_and_rows_per_group() {
     let Some(gpu) = test_gpu() else { return };
-    for &(wg, rpw) in &[(32u32, 1u32), (128, 4), (256, 1), (64, 16)] {
+    // (32, 8) and (64, 16) at 8 tokens: more accumulators per workgroup than invocations.
+    for &(wg, rpw) in &[(32u32, 1u32), (32, 8), (128, 4), (256, 1), (64, 16)] {
         for &reduction in &[Reduction::Auto, Reduction::Shared] {
             for &tiled in &[false, true] {
                 let config = GemvConfig {
@@ -126,7 +127,22 @@ fn kernel_shapes_workgroups_and_rows_per_group() {
                     reduction,
                 };
                 for &dtype in &[GgmlType::F32, GgmlType::Q4_K, GgmlType::Q8_0] {
-                    check(&gpu, dtype, 37, 768, 2, &config, wg as u64 + rpw as u64);
+                    let many = wg < rpw * 8; // 8 tokens: more accumulators than invocations
+                    for tokens in [2u32, 8].into_iter().filter(|&t| t == 2 || many) {
+                        let shared = rpw * tokens * wg * 4 + if tiled { tokens * 1024 } else { 0 };
+                        if shared > gpu.limits().max_compute_workgroup_storage_size {
+                            continue; // refused with a clear error; not this test's subject
+                        }
+                        check(
+                            &gpu,
+                            dtype,
+                            37,
+                            768,
+                            tokens as usize,
+                            &config,
+                            wg as u64 + rpw as u64,
+                        );
+                    }
                 }
             }
         }
