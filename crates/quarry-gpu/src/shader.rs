@@ -160,10 +160,31 @@ pub(crate) fn source(key: &ShaderKey, layout: &Layout) -> String {
         "blk * VPB + xbase(ub)"
     };
     let _ = writeln!(unit, "        let xb = {xb};");
-    for r in 0..rows {
-        let _ = writeln!(unit, "        let w{r} = decode(rb{r} + blk * BB, ub);");
+    if tokens == 1 {
+        // One token: x once, then each row decoded and used in turn (registers: one unit of x
+        // and one row's values, however many rows), so more rows cost no x traffic.
+        for (i, off) in layout.offsets.iter().enumerate() {
+            let _ = writeln!(
+                unit,
+                "        let x{i} = {};",
+                x_at(0, &format!("xb + {off}u"))
+            );
+        }
+        for r in 0..rows {
+            let terms: Vec<String> = (0..nv).map(|i| format!("{mul}(w{r}[{i}], x{i})")).collect();
+            let _ = writeln!(
+                unit,
+                "        {{\n            let w{r} = decode(rb{r} + blk * BB, ub);\n            acc[{r}] += {};\n        }}",
+                terms.join(" + ")
+            );
+        }
+    } else {
+        // Several tokens: every row's values decoded once, then each token's x used for all.
+        for r in 0..rows {
+            let _ = writeln!(unit, "        let w{r} = decode(rb{r} + blk * BB, ub);");
+        }
     }
-    for t in 0..tokens {
+    for t in (0..tokens).filter(|_| tokens > 1) {
         unit.push_str("        {\n");
         for (i, off) in layout.offsets.iter().enumerate() {
             let _ = writeln!(
