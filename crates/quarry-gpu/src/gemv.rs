@@ -63,14 +63,15 @@ impl GemvConfig {
     }
 
     /// This configuration with its automatic fields filled for `tokens` per pass on `gpu`.
-    /// On a GPU, one token: 128 invocations over 2 rows; several: 64 over 4 (each x load then
-    /// serves 4 rows); chosen from a sweep on an H200 (Vulkan) at 14336×4096, other GPUs may
-    /// prefer others. On a software adapter (lavapipe), 64 over 2, which it runs fastest.
+    /// On a GPU, 4 rows per workgroup (one unit of x loaded serves 4 rows), 128 invocations
+    /// for one token and 64 for several: the best or within 5% of it for F16, Q8_0, Q4_K and
+    /// Q6_K in a sweep of 32..256 × 1..8 on an H200 (Vulkan) at 14336×4096 (other GPUs may
+    /// prefer others). On a software adapter (lavapipe), 64 over 2, which it runs fastest.
     pub fn resolved(&self, gpu: &Gpu, tokens: usize) -> Self {
         let (wg, rows) = if gpu.adapter().kind == crate::DeviceKind::Cpu {
             (64, 2)
         } else if tokens <= 1 {
-            (128, 2)
+            (128, 4)
         } else {
             (64, 4)
         };

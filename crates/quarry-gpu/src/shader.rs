@@ -296,11 +296,17 @@ fn wbyte(off: u32) -> u32 { return (W[off >> 2u] >> ((off & 3u) * 8u)) & 0xFFu; 
 fn sext8(b: u32) -> i32 { return bitcast<i32>(b << 24u) >> 24u; }
 // The four bytes of a word, least significant first.
 fn bytes4(w: u32) -> vec4<u32> { return (vec4<u32>(w) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(255u); }
-fn nib_lo(w: u32) -> vec4<f32> { return vec4<f32>(bytes4(w) & vec4<u32>(15u)); }
-fn nib_hi(w: u32) -> vec4<f32> { return vec4<f32>(bytes4(w) >> vec4<u32>(4u)); }
-fn i8x4(w: u32) -> vec4<f32> {
-    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(w) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u));
+fn nlo(w: u32) -> vec4<u32> { return (vec4<u32>(w) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u); }
+fn nhi(w: u32) -> vec4<u32> { return (vec4<u32>(w) >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(15u); }
+// v - k as f32 for integers v < 2^23, without a conversion instruction (a quarter-rate
+// instruction on some GPUs): v in the mantissa of 2^23, then 2^23 + k subtracted (exact).
+fn u2f_minus(v: vec4<u32>, k: f32) -> vec4<f32> {
+    return bitcast<vec4<f32>>(v | vec4<u32>(0x4B000000u)) - vec4<f32>(8388608.0 + k);
 }
+fn nib_lo(w: u32) -> vec4<f32> { return u2f_minus(nlo(w), 0.0); }
+fn nib_hi(w: u32) -> vec4<f32> { return u2f_minus(nhi(w), 0.0); }
+// Four i8: offset by 128 to unsigned, converted, 128 taken off again.
+fn i8x4(w: u32) -> vec4<f32> { return u2f_minus(bytes4(w ^ 0x80808080u), 128.0); }
 // Byte k of the 12 scale bytes shared by Q4_K and Q5_K.
 fn sb(s: vec3<u32>, k: u32) -> u32 {
     let w = select(select(s.x, s.y, k >= 4u), s.z, k >= 8u);
@@ -392,8 +398,8 @@ fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let d = f16at(wb);
     let a = w32(wb + 2u + 8u * u);
     let b = w32(wb + 6u + 8u * u);
-    return array<VT, NV>(d * (nib_lo(a) - 8.0), d * (nib_lo(b) - 8.0),
-                         d * (nib_hi(a) - 8.0), d * (nib_hi(b) - 8.0));
+    return array<VT, NV>(d * u2f_minus(nlo(a), 8.0), d * u2f_minus(nlo(b), 8.0),
+                         d * u2f_minus(nhi(a), 8.0), d * u2f_minus(nhi(b), 8.0));
 }
 "#;
 
@@ -413,9 +419,9 @@ fn decode(wb: u32, u: u32) -> array<VT, NV> {
 // Q5_0: f16 d, u32 qh (bit j: fifth bit of value j), nibbles as Q4_0; value = (q - 16) * d.
 const Q5_0: &str = r#"
 fn xbase(u: u32) -> u32 { return 8u * u; }
-fn q5_high(qh: vec4<u32>, first: u32) -> vec4<f32> {
+fn q5_high(qh: vec4<u32>, first: u32) -> vec4<u32> {
     let sh = vec4<u32>(first) + vec4<u32>(0u, 1u, 2u, 3u);
-    return vec4<f32>(((qh >> sh) & vec4<u32>(1u)) << vec4<u32>(4u));
+    return ((qh >> sh) & vec4<u32>(1u)) << vec4<u32>(4u);
 }
 fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let d = f16at(wb);
@@ -423,10 +429,10 @@ fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let a = w32(wb + 6u + 8u * u);
     let b = w32(wb + 10u + 8u * u);
     let j = 8u * u;
-    return array<VT, NV>(d * (nib_lo(a) + q5_high(qh, j) - 16.0),
-                         d * (nib_lo(b) + q5_high(qh, j + 4u) - 16.0),
-                         d * (nib_hi(a) + q5_high(qh, j + 16u) - 16.0),
-                         d * (nib_hi(b) + q5_high(qh, j + 20u) - 16.0));
+    return array<VT, NV>(d * u2f_minus(nlo(a) | q5_high(qh, j), 16.0),
+                         d * u2f_minus(nlo(b) | q5_high(qh, j + 4u), 16.0),
+                         d * u2f_minus(nhi(a) | q5_high(qh, j + 16u), 16.0),
+                         d * u2f_minus(nhi(b) | q5_high(qh, j + 20u), 16.0));
 }
 "#;
 
@@ -456,9 +462,10 @@ fn decode(wb: u32, u: u32) -> array<VT, NV> {
 // sub-block s's value l.
 const Q5_K: &str = r#"
 fn xbase(u: u32) -> u32 { return 64u * (u >> 1u) + 16u * (u & 1u); }
-fn q5k_bit(h: u32, b: u32) -> vec4<f32> {
-    return vec4<f32>(((bytes4(h) >> vec4<u32>(b)) & vec4<u32>(1u)) << vec4<u32>(4u));
+fn q5k_bit(h: u32, b: u32) -> vec4<u32> {
+    return ((bytes4(h) >> vec4<u32>(b)) & vec4<u32>(1u)) << vec4<u32>(4u);
 }
+fn q5k(n: vec4<u32>, h: u32, b: u32) -> vec4<f32> { return u2f_minus(n | q5k_bit(h, b), 0.0); }
 fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let c = u >> 1u;
     let hf = u & 1u;
@@ -476,10 +483,10 @@ fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let b1 = 2u * c;
     let b2 = 2u * c + 1u;
     return array<VT, NV>(
-        d1 * (nib_lo(q.x) + q5k_bit(qh.x, b1)) - m1, d1 * (nib_lo(q.y) + q5k_bit(qh.y, b1)) - m1,
-        d1 * (nib_lo(q.z) + q5k_bit(qh.z, b1)) - m1, d1 * (nib_lo(q.w) + q5k_bit(qh.w, b1)) - m1,
-        d2 * (nib_hi(q.x) + q5k_bit(qh.x, b2)) - m2, d2 * (nib_hi(q.y) + q5k_bit(qh.y, b2)) - m2,
-        d2 * (nib_hi(q.z) + q5k_bit(qh.z, b2)) - m2, d2 * (nib_hi(q.w) + q5k_bit(qh.w, b2)) - m2);
+        d1 * q5k(nlo(q.x), qh.x, b1) - m1, d1 * q5k(nlo(q.y), qh.y, b1) - m1,
+        d1 * q5k(nlo(q.z), qh.z, b1) - m1, d1 * q5k(nlo(q.w), qh.w, b1) - m1,
+        d2 * q5k(nhi(q.x), qh.x, b2) - m2, d2 * q5k(nhi(q.y), qh.y, b2) - m2,
+        d2 * q5k(nhi(q.z), qh.z, b2) - m2, d2 * q5k(nhi(q.w), qh.w, b2) - m2);
 }
 "#;
 
@@ -495,10 +502,10 @@ fn q6k_quad(wb: u32, h: u32, l0: u32) -> array<vec4<f32>, 4> {
     let three = vec4<u32>(3u);
     let four = vec4<u32>(4u);
     return array<vec4<f32>, 4>(
-        vec4<f32>((a & vec4<u32>(15u)) | ((hv & three) << four)) - 32.0,
-        vec4<f32>((b & vec4<u32>(15u)) | (((hv >> vec4<u32>(2u)) & three) << four)) - 32.0,
-        vec4<f32>((a >> four) | (((hv >> four) & three) << four)) - 32.0,
-        vec4<f32>((b >> four) | (((hv >> vec4<u32>(6u)) & three) << four)) - 32.0);
+        u2f_minus((a & vec4<u32>(15u)) | ((hv & three) << four), 32.0),
+        u2f_minus((b & vec4<u32>(15u)) | (((hv >> vec4<u32>(2u)) & three) << four), 32.0),
+        u2f_minus((a >> four) | (((hv >> four) & three) << four), 32.0),
+        u2f_minus((b >> four) | (((hv >> vec4<u32>(6u)) & three) << four), 32.0));
 }
 fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let h = u >> 2u;
