@@ -298,8 +298,9 @@ fn sext8(b: u32) -> i32 { return bitcast<i32>(b << 24u) >> 24u; }
 fn bytes4(w: u32) -> vec4<u32> { return (vec4<u32>(w) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(255u); }
 fn nlo(w: u32) -> vec4<u32> { return (vec4<u32>(w) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u); }
 fn nhi(w: u32) -> vec4<u32> { return (vec4<u32>(w) >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(15u); }
-// v - k as f32 for integers v < 2^23, without a conversion instruction (a quarter-rate
-// instruction on some GPUs): v in the mantissa of 2^23, then 2^23 + k subtracted (exact).
+// v - k as f32 for integers v < 2^23 without a conversion instruction (quarter-rate on some
+// GPUs): v in the mantissa of 2^23, then 2^23 + k subtracted (exact). Measured neutral on an
+// H200 (within run-to-run noise), kept as the cheaper form elsewhere.
 fn u2f_minus(v: vec4<u32>, k: f32) -> vec4<f32> {
     return bitcast<vec4<f32>>(v | vec4<u32>(0x4B000000u)) - vec4<f32>(8388608.0 + k);
 }
