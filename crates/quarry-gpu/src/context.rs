@@ -1,0 +1,494 @@
+//! The device context: one adapter, its device and queue, the error bookkeeping that turns
+//! wgpu's callbacks into `GpuError`s, and the cache of compiled GEMV pipelines.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::{GpuError, Result};
+use crate::gemv::{PipelineKey, Pipelines};
+
+/// What kind of device an adapter is, most preferred first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DeviceKind {
+    Discrete,
+    Integrated,
+    Virtual,
+    Other,
+    /// A software rasterizer (lavapipe, WARP, SwiftShader).
+    Cpu,
+}
+
+impl DeviceKind {
+    fn of(t: wgpu::DeviceType) -> Self {
+        match t {
+            wgpu::DeviceType::DiscreteGpu => Self::Discrete,
+            wgpu::DeviceType::IntegratedGpu => Self::Integrated,
+            wgpu::DeviceType::VirtualGpu => Self::Virtual,
+            wgpu::DeviceType::Cpu => Self::Cpu,
+            wgpu::DeviceType::Other => Self::Other,
+        }
+    }
+}
+
+/// What a caller may want to know about the adapter in use.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub kind: DeviceKind,
+    pub driver: String,
+    /// Whether subgroup operations (wgpu's `SUBGROUP` feature) are enabled on the device.
+    pub subgroups: bool,
+    /// The range of subgroup sizes the adapter reports.
+    pub subgroup_sizes: (u32, u32),
+    /// The largest buffer one storage binding may cover.
+    pub max_binding_bytes: u64,
+}
+
+impl std::fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}, {:?}, driver {:?}, subgroups {})",
+            self.name,
+            self.backend,
+            self.kind,
+            self.driver,
+            if self.subgroups {
+                format!("{}..={}", self.subgroup_sizes.0, self.subgroup_sizes.1)
+            } else {
+                "no".to_string()
+            }
+        )
+    }
+}
+
+/// How a `Gpu` is chosen and set up.
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    /// Only adapters whose name contains this (case-insensitive); `None` = any.
+    /// `Gpu::new` reads it from `QUARRY_GPU_ADAPTER`.
+    pub adapter_name: Option<String>,
+    /// Do not enable subgroup operations even where the adapter has them.
+    pub disable_subgroups: bool,
+    /// How long one wait for the device may take before it is reported as `Timeout`.
+    pub wait_timeout: Duration,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        Self {
+            adapter_name: std::env::var("QUARRY_GPU_ADAPTER")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            disable_subgroups: false,
+            wait_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Errors reported by wgpu's callbacks, kept until the next check.
+#[derive(Default)]
+struct Faults {
+    lost: Option<String>,
+    uncaptured: Option<String>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) summary: AdapterSummary,
+    pub(crate) limits: wgpu::Limits,
+    pub(crate) layout: wgpu::BindGroupLayout,
+    pub(crate) pipeline_layout: wgpu::PipelineLayout,
+    pub(crate) pipelines: Mutex<Pipelines>,
+    faults: Arc<Mutex<Faults>>,
+    wait_timeout: Duration,
+}
+
+/// A GPU device and queue. Cheap to clone (shared inside).
+#[derive(Clone)]
+pub struct Gpu {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("adapter", &self.inner.summary)
+            .finish()
+    }
+}
+
+/// Names of every adapter wgpu finds, best first, for listing devices.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    let instance = instance();
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    adapters.sort_by_key(|a| DeviceKind::of(a.get_info().device_type));
+    adapters.iter().map(|a| summarize(a, false)).collect()
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
+    // No validation layers or debug labels in the driver: they may be absent and cost time.
+    desc.flags = wgpu::InstanceFlags::empty();
+    wgpu::Instance::new(desc)
+}
+
+fn summarize(adapter: &wgpu::Adapter, subgroups: bool) -> AdapterSummary {
+    let info = adapter.get_info();
+    AdapterSummary {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        kind: DeviceKind::of(info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
+        subgroups,
+        subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+        max_binding_bytes: adapter.limits().max_storage_buffer_binding_size,
+    }
+}
+
+impl Gpu {
+    /// The best adapter: a discrete GPU, else an integrated one, else anything (lavapipe).
+    pub fn new() -> Result<Self> {
+        Self::with_options(GpuOptions::default())
+    }
+
+    pub fn with_options(options: GpuOptions) -> Result<Self> {
+        let instance = instance();
+        let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let found: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        if let Some(want) = &options.adapter_name {
+            let want = want.to_lowercase();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&want));
+        }
+        adapters.sort_by_key(|a| DeviceKind::of(a.get_info().device_type));
+        let Some(adapter) = adapters.into_iter().next() else {
+            return Err(GpuError::NoAdapter(match &options.adapter_name {
+                Some(want) => format!("; none named like {want:?} among {found:?}"),
+                None => String::new(),
+            }));
+        };
+        let info = adapter.get_info();
+        let subgroups =
+            !options.disable_subgroups && adapter.features().contains(wgpu::Features::SUBGROUP);
+        let mut features = wgpu::Features::empty();
+        if subgroups {
+            features |= wgpu::Features::SUBGROUP;
+        }
+        // The adapter's own limits: weights need the largest storage bindings it allows.
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("quarry-gpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| GpuError::RequestDevice {
+            adapter: info.name.clone(),
+            message: e.to_string(),
+        })?;
+
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        {
+            let faults = faults.clone();
+            device.set_device_lost_callback(move |reason, message| {
+                if let Ok(mut f) = faults.lock() {
+                    f.lost = Some(format!("{reason:?}: {message}"));
+                }
+            });
+        }
+        {
+            // wgpu's default handler panics; keep the error for the next check instead.
+            let faults = faults.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                if let Ok(mut f) = faults.lock() {
+                    f.uncaptured.get_or_insert_with(|| e.to_string());
+                }
+            }));
+        }
+
+        let layout = crate::gemv::bind_group_layout(&device);
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("quarry-gpu gemv"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let summary = summarize(&adapter, subgroups);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                device,
+                queue,
+                summary,
+                limits,
+                layout,
+                pipeline_layout,
+                pipelines: Mutex::new(HashMap::new()),
+                faults,
+                wait_timeout: options.wait_timeout,
+            }),
+        })
+    }
+
+    pub fn adapter(&self) -> &AdapterSummary {
+        &self.inner.summary
+    }
+
+    pub fn subgroups(&self) -> bool {
+        self.inner.summary.subgroups
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.inner.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.inner.queue
+    }
+
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.inner.limits
+    }
+
+    /// A lost device or an error wgpu reported outside any scope, as an error.
+    pub fn check(&self) -> Result<()> {
+        let mut f = self.inner.faults.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lost) = &f.lost {
+            return Err(GpuError::DeviceLost(lost.clone()));
+        }
+        if let Some(message) = f.uncaptured.take() {
+            return Err(GpuError::Validation {
+                what: "an earlier operation",
+                message,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `f` inside error scopes, so an out-of-memory or validation error it causes comes
+    /// back as a `GpuError` (wgpu reports both asynchronously otherwise).
+    pub(crate) fn scoped<T>(
+        &self,
+        what: &'static str,
+        bytes: u64,
+        f: impl FnOnce(&wgpu::Device) -> T,
+    ) -> Result<T> {
+        self.check()?;
+        let device = &self.inner.device;
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let out = f(device);
+        let oom = pollster::block_on(oom.pop());
+        let validation = pollster::block_on(validation.pop());
+        if oom.is_some() {
+            return Err(GpuError::OutOfMemory { what, bytes });
+        }
+        if let Some(e) = validation {
+            return Err(GpuError::Validation {
+                what,
+                message: e.to_string(),
+            });
+        }
+        self.check()?;
+        Ok(out)
+    }
+
+    /// A buffer of `size` bytes (checked against the adapter's limits and for memory).
+    pub fn create_buffer(
+        &self,
+        what: &'static str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        self.check_size(what, size)?;
+        self.scoped(what, size, |d| {
+            d.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(what),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    /// A buffer holding `bytes`, zero-padded to a multiple of `align` (a power of two ≥ 4).
+    pub fn create_buffer_with(
+        &self,
+        what: &'static str,
+        bytes: &[u8],
+        align: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        let size = (bytes.len() as u64).max(1).next_multiple_of(align.max(4));
+        self.check_size(what, size)?;
+        let buffer = self.scoped(what, size, |d| {
+            d.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(what),
+                size,
+                usage,
+                mapped_at_creation: true,
+            })
+        })?;
+        {
+            let mut view =
+                buffer
+                    .slice(..)
+                    .get_mapped_range_mut()
+                    .map_err(|e| GpuError::Validation {
+                        what,
+                        message: e.to_string(),
+                    })?;
+            let mut dst = view.slice(..);
+            dst.slice(..bytes.len()).copy_from_slice(bytes);
+            if (bytes.len() as u64) < size {
+                let pad = vec![0u8; size as usize - bytes.len()];
+                dst.slice(bytes.len()..).copy_from_slice(&pad);
+            }
+        }
+        buffer.unmap();
+        Ok(buffer)
+    }
+
+    /// A storage buffer holding `values` (for activations).
+    pub fn upload_f32(&self, what: &'static str, values: &[f32]) -> Result<wgpu::Buffer> {
+        self.create_buffer_with(
+            what,
+            bytemuck::cast_slice(values),
+            16,
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+        )
+    }
+
+    /// A storage buffer for `n` f32 results.
+    pub fn output_f32(&self, what: &'static str, n: usize) -> Result<wgpu::Buffer> {
+        let size = (n as u64 * 4).max(4).next_multiple_of(16);
+        self.create_buffer(
+            what,
+            size,
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        )
+    }
+
+    fn check_size(&self, what: &'static str, bytes: u64) -> Result<()> {
+        let limit = self.inner.limits.max_buffer_size;
+        if bytes > limit {
+            return Err(GpuError::TooLarge { what, bytes, limit });
+        }
+        Ok(())
+    }
+
+    /// Submits `commands` and waits for the device to finish them.
+    pub fn submit_and_wait(&self, commands: wgpu::CommandBuffer) -> Result<()> {
+        self.check()?;
+        let index = self.inner.queue.submit([commands]);
+        self.wait(Some(index))
+    }
+
+    /// Waits for the submission `index` (or everything submitted), up to the timeout.
+    pub fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        let timeout = self.inner.wait_timeout;
+        match self.inner.device.poll(wgpu::PollType::Wait {
+            submission_index: index,
+            timeout: Some(timeout),
+        }) {
+            Ok(_) => self.check(),
+            Err(wgpu::PollError::Timeout) => {
+                self.check()?;
+                Err(GpuError::Timeout(timeout.as_secs()))
+            }
+            Err(e) => {
+                self.check()?;
+                Err(GpuError::Readback(e.to_string()))
+            }
+        }
+    }
+
+    /// Copies the first `n` f32 of `buffer` back to the host.
+    pub fn read_f32(&self, buffer: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+        let bytes = n as u64 * 4;
+        if bytes > buffer.size() {
+            return Err(GpuError::Shape(format!(
+                "cannot read {n} f32 from a buffer of {} bytes",
+                buffer.size()
+            )));
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.create_buffer(
+            "readback staging",
+            bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let mut encoder =
+            self.inner
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("readback"),
+                });
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+        self.submit_and_wait(encoder.finish())?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait(None)?;
+        match rx.try_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(GpuError::Readback(e.to_string())),
+            Err(_) => return Err(GpuError::Readback("buffer was not mapped".into())),
+        }
+        let out = {
+            let view = staging
+                .get_mapped_range(..)
+                .map_err(|e| GpuError::Readback(e.to_string()))?;
+            bytemuck::pod_collect_to_vec::<u8, f32>(&view[..bytes as usize])
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    pub(crate) fn pipeline(
+        &self,
+        key: PipelineKey,
+        build: impl FnOnce() -> String,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut cache = self
+            .inner
+            .pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let source = build();
+        let layout = &self.inner.pipeline_layout;
+        let pipeline = self.scoped("compiling a GEMV kernel", 0, |d| {
+            let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("gemv"),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+            d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("gemv"),
+                layout: Some(layout),
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        })?;
+        let pipeline = Arc::new(pipeline);
+        cache.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}

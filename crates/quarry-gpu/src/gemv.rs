@@ -1,0 +1,468 @@
+//! Weight matrices on the device and the GEMV `y[t][r] = Σ_c W[r][c] · x[t][c]` over them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use quarry_format::GgmlType;
+
+use crate::context::Gpu;
+use crate::error::{GpuError, Result};
+use crate::shader::{self, Layout, ShaderKey};
+
+pub(crate) type PipelineKey = ShaderKey;
+pub(crate) type Pipelines = HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>;
+
+/// Tokens one dispatch multiplies per weight read; more are split into several dispatches.
+pub const MAX_TOKENS_PER_PASS: usize = 8;
+
+/// Bytes of one dispatch's parameters in the uniform buffer (dynamic offsets must be
+/// multiples of the adapter's alignment, 256 at most).
+const PARAMS_STRIDE: u64 = 256;
+
+/// Which reduction the kernel ends with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Reduction {
+    /// Subgroup adds where the device has them, else the shared-memory tree.
+    #[default]
+    Auto,
+    /// Subgroup adds (an error where the device has none).
+    Subgroup,
+    /// The shared-memory tree, whatever the device has.
+    Shared,
+}
+
+/// The shape of a GEMV kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemvConfig {
+    /// Invocations per workgroup (a power of two, 32..=256); 0 = chosen for the token count.
+    pub workgroup_size: u32,
+    /// Rows each workgroup computes (1..=16); 0 = chosen for the token count.
+    pub rows_per_workgroup: u32,
+    /// Stage x through workgroup memory, 256 columns at a time.
+    pub tiled: bool,
+    pub reduction: Reduction,
+}
+
+impl Default for GemvConfig {
+    fn default() -> Self {
+        Self {
+            workgroup_size: 0,
+            rows_per_workgroup: 0,
+            tiled: false,
+            reduction: Reduction::Auto,
+        }
+    }
+}
+
+impl GemvConfig {
+    pub fn tiled() -> Self {
+        Self {
+            tiled: true,
+            ..Self::default()
+        }
+    }
+
+    /// This configuration with its automatic fields filled for `tokens` per pass on `gpu`.
+    /// On a GPU, 4 rows per workgroup (one unit of x loaded serves 4 rows), 128 invocations
+    /// for one token and 64 for several: the best or within 5% of it for F16, Q8_0, Q4_K and
+    /// Q6_K in a sweep of 32..256 × 1..8 on an H200 (Vulkan) at 14336×4096 (other GPUs may
+    /// prefer others). On a software adapter (lavapipe), 64 over 2, which it runs fastest.
+    pub fn resolved(&self, gpu: &Gpu, tokens: usize) -> Self {
+        let (wg, rows) = if gpu.adapter().kind == crate::DeviceKind::Cpu {
+            (64, 2)
+        } else if tokens <= 1 {
+            (128, 4)
+        } else {
+            (64, 4)
+        };
+        Self {
+            workgroup_size: if self.workgroup_size == 0 {
+                wg
+            } else {
+                self.workgroup_size
+            },
+            rows_per_workgroup: if self.rows_per_workgroup == 0 {
+                rows
+            } else {
+                self.rows_per_workgroup
+            },
+            ..*self
+        }
+    }
+}
+
+/// A weight matrix on the device, `rows × cols` values of `dtype`, held as the file's bytes.
+pub struct GpuMatrix {
+    gpu: Gpu,
+    dtype: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    layout: Layout,
+    buffer: wgpu::Buffer,
+}
+
+impl std::fmt::Debug for GpuMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuMatrix")
+            .field("dtype", &self.dtype)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
+    }
+}
+
+/// Bytes one row of `cols` values of `dtype` occupies, after checking the type has a kernel
+/// and `cols` is a whole number of blocks.
+pub fn row_bytes(dtype: GgmlType, cols: usize) -> Result<usize> {
+    if shader::layout(dtype, cols.max(1)).is_none() {
+        return Err(GpuError::UnsupportedType(dtype));
+    }
+    let bs = dtype.block_size();
+    if cols == 0 || !cols.is_multiple_of(bs) {
+        return Err(GpuError::Shape(format!(
+            "{dtype:?} rows must be a positive multiple of {bs} values, not {cols}"
+        )));
+    }
+    (cols / bs)
+        .checked_mul(dtype.type_size())
+        .ok_or_else(|| GpuError::Shape(format!("{cols} columns of {dtype:?} overflow")))
+}
+
+impl GpuMatrix {
+    /// Uploads `bytes` (rows of `dtype` blocks, exactly as stored in a GGUF file) once.
+    pub fn upload(
+        gpu: &Gpu,
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<Self> {
+        let row_bytes = row_bytes(dtype, cols)?;
+        let layout = shader::layout(dtype, cols).ok_or(GpuError::UnsupportedType(dtype))?;
+        if rows == 0 {
+            return Err(GpuError::Shape("a matrix needs at least one row".into()));
+        }
+        let expected = rows
+            .checked_mul(row_bytes)
+            .ok_or_else(|| GpuError::Shape(format!("{rows} rows of {cols} {dtype:?} overflow")))?;
+        if bytes.len() != expected {
+            return Err(GpuError::Shape(format!(
+                "{rows}×{cols} {dtype:?} is {expected} bytes ({row_bytes} per row), got {}",
+                bytes.len()
+            )));
+        }
+        // Offsets inside the kernel are u32 bytes, and the whole matrix is one binding.
+        let padded = (expected as u64).next_multiple_of(16);
+        let limit = gpu
+            .limits()
+            .max_storage_buffer_binding_size
+            .min(u32::MAX as u64);
+        if padded > limit {
+            return Err(GpuError::TooLarge {
+                what: "a weight matrix",
+                bytes: padded,
+                limit,
+            });
+        }
+        let buffer = gpu.create_buffer_with(
+            "weights",
+            bytes,
+            16,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        )?;
+        Ok(Self {
+            gpu: gpu.clone(),
+            dtype,
+            rows,
+            cols,
+            row_bytes,
+            layout,
+            buffer,
+        })
+    }
+
+    pub fn dtype(&self) -> GgmlType {
+        self.dtype
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes of weights one GEMV reads.
+    pub fn weight_bytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// `y = W·x` for `tokens` activation rows of `cols` values (`x` is `[tokens][cols]`,
+    /// the result `[tokens][rows]`), with the default kernel.
+    pub fn gemv(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
+        self.gemv_with(x, tokens, &GemvConfig::default())
+    }
+
+    /// As `gemv`, with a chosen kernel shape.
+    pub fn gemv_with(&self, x: &[f32], tokens: usize, config: &GemvConfig) -> Result<Vec<f32>> {
+        if x.len() != tokens * self.cols {
+            return Err(GpuError::Shape(format!(
+                "x has {} values; {tokens} tokens of {} columns need {}",
+                x.len(),
+                self.cols,
+                tokens * self.cols
+            )));
+        }
+        if tokens == 0 {
+            return Ok(Vec::new());
+        }
+        let xb = self.gpu.upload_f32("gemv x", x)?;
+        let yb = self.gpu.output_f32("gemv y", tokens * self.rows)?;
+        let mut encoder =
+            self.gpu
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("gemv"),
+                });
+        self.encode(&mut encoder, &xb, &yb, tokens, config)?;
+        self.gpu.submit_and_wait(encoder.finish())?;
+        self.gpu.read_f32(&yb, tokens * self.rows)
+    }
+
+    /// Records `y = W·x` into `encoder`, leaving x and y on the device: `x` holds
+    /// `[tokens][cols]` f32 from offset 0, `y` receives `[tokens][rows]` f32 from offset 0.
+    /// Both must be storage buffers (x a multiple of 16 bytes long, as `Gpu::upload_f32`
+    /// makes them).
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        tokens: usize,
+        config: &GemvConfig,
+    ) -> Result<()> {
+        let prepared = self.prepare(x, y, tokens, config)?;
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("gemv"),
+            timestamp_writes: None,
+        });
+        prepared.record(&mut pass);
+        Ok(())
+    }
+
+    /// Pipelines, parameters and bindings for `y = W·x`, to be recorded into compute passes
+    /// (once or many times, as a benchmark does).
+    pub fn prepare(
+        &self,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        tokens: usize,
+        config: &GemvConfig,
+    ) -> Result<PreparedGemv> {
+        let gpu = &self.gpu;
+        if tokens == 0 {
+            return Ok(PreparedGemv { steps: Vec::new() });
+        }
+        let x_bytes = (tokens * self.cols * 4) as u64;
+        let y_bytes = (tokens * self.rows * 4) as u64;
+        if x.size() < x_bytes || y.size() < y_bytes {
+            return Err(GpuError::Shape(format!(
+                "{tokens} tokens need x ≥ {x_bytes} and y ≥ {y_bytes} bytes; got {} and {}",
+                x.size(),
+                y.size()
+            )));
+        }
+        let in_u32 = |n: usize, what: &str| {
+            u32::try_from(n).map_err(|_| GpuError::Shape(format!("{what} {n} exceeds u32")))
+        };
+        in_u32(tokens * self.cols, "x length")?;
+        in_u32(tokens * self.rows, "y length")?;
+
+        let subgroups = match config.reduction {
+            Reduction::Auto => gpu.subgroups(),
+            Reduction::Shared => false,
+            Reduction::Subgroup if gpu.subgroups() => true,
+            Reduction::Subgroup => {
+                return Err(GpuError::Unsupported(format!(
+                    "subgroup reduction requested, but {} has no subgroups enabled",
+                    gpu.adapter().name
+                )))
+            }
+        };
+        let config = config.resolved(gpu, tokens.min(MAX_TOKENS_PER_PASS));
+        let wg = config.workgroup_size;
+        if !wg.is_power_of_two()
+            || !(32..=256).contains(&wg)
+            || wg > gpu.limits().max_compute_invocations_per_workgroup
+            || wg > gpu.limits().max_compute_workgroup_size_x
+        {
+            return Err(GpuError::Unsupported(format!(
+                "workgroup size {wg}: must be a power of two in 32..=256 within the adapter's limits"
+            )));
+        }
+        let rows_per_wg = config.rows_per_workgroup;
+        if !(1..=16).contains(&rows_per_wg) {
+            return Err(GpuError::Unsupported(format!(
+                "rows per workgroup {rows_per_wg}: must be 1..=16"
+            )));
+        }
+
+        let groups = self.rows.div_ceil(rows_per_wg as usize);
+        let max_dim = gpu.limits().max_compute_workgroups_per_dimension as usize;
+        let groups_x = groups.min(max_dim);
+        let groups_y = groups.div_ceil(groups_x);
+        if groups_y > max_dim {
+            return Err(GpuError::Shape(format!(
+                "{} rows need {groups} workgroups, more than this adapter dispatches",
+                self.rows
+            )));
+        }
+        let units = (self.cols / self.layout.vals_per_block as usize)
+            * self.layout.units_per_block as usize;
+
+        let chunks: Vec<(usize, usize)> = (0..tokens)
+            .step_by(MAX_TOKENS_PER_PASS)
+            .map(|t0| (t0, (tokens - t0).min(MAX_TOKENS_PER_PASS)))
+            .collect();
+        let mut params = vec![0u8; chunks.len() * PARAMS_STRIDE as usize];
+        for (i, &(t0, _)) in chunks.iter().enumerate() {
+            let p: [u32; 12] = [
+                self.rows as u32,
+                self.cols as u32,
+                self.row_bytes as u32,
+                units as u32,
+                0,
+                (t0 * self.cols) as u32,
+                self.cols as u32,
+                (t0 * self.rows) as u32,
+                self.rows as u32,
+                groups_x as u32,
+                0,
+                0,
+            ];
+            params[i * PARAMS_STRIDE as usize..][..48].copy_from_slice(bytemuck::bytes_of(&p));
+        }
+        let params =
+            gpu.create_buffer_with("gemv params", &params, 16, wgpu::BufferUsages::UNIFORM)?;
+        let bind_group = gpu.scoped("binding a GEMV", 0, |d| {
+            d.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("gemv"),
+                layout: &gpu.inner.layout,
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &params,
+                            offset: 0,
+                            size: wgpu::BufferSize::new(48),
+                        }),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: self.buffer.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 2,
+                        resource: self.buffer.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 3,
+                        resource: x.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 4,
+                        resource: y.as_entire_binding(),
+                    },
+                ],
+            })
+        })?;
+        let bind_group = Arc::new(bind_group);
+
+        let mut steps = Vec::with_capacity(chunks.len());
+        for (i, &(_, n)) in chunks.iter().enumerate() {
+            let key = ShaderKey {
+                dtype: self.dtype,
+                vec: self.layout.vec,
+                tokens: n as u32,
+                workgroup_size: wg,
+                rows_per_workgroup: rows_per_wg,
+                tiled: config.tiled,
+                subgroups,
+            };
+            let need = shader::workgroup_bytes(&key);
+            let have = gpu.limits().max_compute_workgroup_storage_size;
+            if need > have {
+                return Err(GpuError::Unsupported(format!(
+                    "{config:?} with {n} tokens needs {need} bytes of workgroup memory; \
+                     the adapter has {have}"
+                )));
+            }
+            let layout = self.layout;
+            let pipeline = gpu.pipeline(key, || shader::source(&key, &layout))?;
+            steps.push(Step {
+                pipeline,
+                bind_group: bind_group.clone(),
+                offset: (i as u64 * PARAMS_STRIDE) as u32,
+                groups: (groups_x as u32, groups_y as u32),
+            });
+        }
+        Ok(PreparedGemv { steps })
+    }
+}
+
+struct Step {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: Arc<wgpu::BindGroup>,
+    offset: u32,
+    groups: (u32, u32),
+}
+
+/// A GEMV ready to record: its pipelines, bindings and parameters.
+pub struct PreparedGemv {
+    steps: Vec<Step>,
+}
+
+impl PreparedGemv {
+    /// Records the dispatches into `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for s in &self.steps {
+            pass.set_pipeline(&s.pipeline);
+            pass.set_bind_group(0, Some(s.bind_group.as_ref()), &[s.offset]);
+            pass.dispatch_workgroups(s.groups.0, s.groups.1, 1);
+        }
+    }
+}
+
+pub(crate) fn bind_group_layout(device: &wgpu::Device) -> wgpu::BindGroupLayout {
+    let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    };
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some("gemv"),
+        entries: &[
+            wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: true,
+                    min_binding_size: wgpu::BufferSize::new(48),
+                },
+                count: None,
+            },
+            storage(1, true),
+            storage(2, true),
+            storage(3, true),
+            storage(4, false),
+        ],
+    })
+}
