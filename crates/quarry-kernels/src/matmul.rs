@@ -160,15 +160,23 @@ impl fmt::Debug for WeightView<'_> {
 pub struct Matrix<'a> {
     view: WeightView<'a>,
     packed: Option<PackedRows>,
+    /// Decode tokens read the file's rows on the row kernel, prompt rows the panels: for
+    /// Q6_K, whose row kernel reads a single token's products about twice as fast as its
+    /// panel kernel (1024 × 2560 and 2048 × 8192, 2 threads, 2-core Zen 4: 31 and 26 GB/s
+    /// against 14.5 and 15), while prompts gain from the panels (Llama-3.2-1B-shaped Q4_K_M,
+    /// pp256: 270 tok/s with Q6_K panels, 202 without).
+    decode_from_file: bool,
 }
 
 impl<'a> Matrix<'a> {
     /// Wraps `view`, repacking it when the kernel level in use ([`Isa::best`]) has a panel
     /// kernel for its type.
     pub fn new(view: WeightView<'a>) -> Matrix<'a> {
+        let packed = PackedRows::new(&view);
         Matrix {
+            decode_from_file: packed.is_some() && view.dtype == GgmlType::Q6_K,
             view,
-            packed: PackedRows::new(&view),
+            packed,
         }
     }
 
@@ -179,7 +187,11 @@ impl<'a> Matrix<'a> {
     /// Zen 4: 34–39 tok/s with the head row by row, 28 with it in panels).
     pub fn for_single_rows(view: WeightView<'a>) -> Matrix<'a> {
         if kquant_panels::supports(view.dtype) {
-            Matrix { view, packed: None }
+            Matrix {
+                view,
+                packed: None,
+                decode_from_file: false,
+            }
         } else {
             Matrix::new(view)
         }
@@ -190,9 +202,16 @@ impl<'a> Matrix<'a> {
         self.view
     }
 
-    /// Whether decode products read a repacked copy.
+    /// Whether products read a repacked copy (prompt rows always, decode tokens unless
+    /// [`Matrix::reads_file`]).
     pub fn is_packed(&self) -> bool {
         self.packed.is_some()
+    }
+
+    /// Whether products read the file's rows, whose pages must then stay: every product of
+    /// a matrix that is not repacked, and the decode tokens of a Q6_K one.
+    pub fn reads_file(&self) -> bool {
+        self.packed.is_none() || self.decode_from_file
     }
 }
 
@@ -284,7 +303,8 @@ fn matmul_from<W: EncodedRows>(m: &W, x: &[f32], n_tokens: usize, y: &mut [f32])
 /// - a matrix repacked into panels ([`PackedRows`]: the 32-value types, Q4_K and Q6_K) takes
 ///   every row on its panel kernel, prompts included, as llama.cpp does for every type: 8-bit
 ///   products run ~3.5× faster than the `f32` GEMM on prompts (Llama-3.2-1B-shaped Q4_0,
-///   pp512: 268 against 75 tok/s);
+///   pp512: 268 against 75 tok/s); except that a Q6_K matrix takes its decode tokens on the
+///   row kernel over the file's rows, which is faster for them (see [`Matrix`]);
 /// - another matrix with an integer kernel (the other K-quants, and a K-quant output head,
 ///   see [`Matrix::for_single_rows`]) takes its decode tokens (the first
 ///   [`QuantizedActivations::integer_tokens`] rows) on the fused dequantize-and-dot path and
@@ -384,13 +404,18 @@ pub fn matmul_quantized_many(
         let (w, first, outs) = &tasks[i];
         let mut outs = outs.lock().unwrap_or_else(PoisonError::into_inner);
         let rows = *first..*first + outs[0].len();
-        match &w.packed {
-            Some(p) => gemv_packed_tokens(p, rows, x, &mut outs),
-            None => {
-                for (t, out) in outs.iter_mut().enumerate() {
-                    gemv_rows(isa, &w.view, rows.clone(), x, t, out);
-                }
-            }
+        // The tokens before `by_panels` take the row kernel on the file's rows.
+        let by_panels = match &w.packed {
+            Some(_) if w.decode_from_file => decode.min(outs.len()),
+            Some(_) => 0,
+            None => outs.len(),
+        };
+        let (by_rows, rest) = outs.split_at_mut(by_panels);
+        for (t, out) in by_rows.iter_mut().enumerate() {
+            gemv_rows(isa, &w.view, rows.clone(), x, t, out);
+        }
+        if let (Some(p), false) = (&w.packed, rest.is_empty()) {
+            gemv_packed_tokens(p, rows, x, by_panels, rest);
         }
     });
 }

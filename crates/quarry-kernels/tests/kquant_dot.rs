@@ -281,7 +281,7 @@ fn kquant_panels_equal_the_reference_bit_for_bit() {
             let p = PackedRows::for_isa(&w, isa).expect("AVX2 and AVX-512 pack the K-quants");
             let mut got = vec![vec![f32::NAN; range.len()]; tokens];
             let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|v| v.as_mut_slice()).collect();
-            gemv_packed_tokens(&p, range.clone(), &xq, &mut outs);
+            gemv_packed_tokens(&p, range.clone(), &xq, 0, &mut outs);
             assert_eq!(
                 got, want,
                 "{isa:?} {dtype} {rows}x{cols}, {tokens} tokens from row {}",

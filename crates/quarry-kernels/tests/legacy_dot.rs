@@ -65,7 +65,7 @@ fn panels(
         .filter_map(|isa| PackedRows::for_isa(w, isa))
         .map(|p| {
             let mut out = vec![f32::NAN; rows.end];
-            gemv_packed_tokens(&p, 0..rows.end, x, &mut [&mut out[..]]);
+            gemv_packed_tokens(&p, 0..rows.end, x, 0, &mut [&mut out[..]]);
             (p.isa(), out[rows.clone()].to_vec())
         })
         .collect()
@@ -174,7 +174,7 @@ fn packed_and_reference(
     };
     let acts: Vec<_> = (0..x.n_tokens()).map(|t| x.q8x32(t)).collect();
     (
-        run(&|o| gemv_packed_tokens(p, rows.clone(), x, o)),
+        run(&|o| gemv_packed_tokens(p, rows.clone(), x, 0, o)),
         run(&|o| packed::reference(w, rows.clone(), &acts, o)),
     )
 }

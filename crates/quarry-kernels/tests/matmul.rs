@@ -201,6 +201,7 @@ fn decode_tokens_of_a_batch_equal_each_token_alone() {
     let cols = 512;
     for (dtype, rows) in [
         (GgmlType::Q4_K, 130),
+        (GgmlType::Q6_K, 45),
         (GgmlType::Q4_1, 67),
         (GgmlType::Q8_0, 35),
         (GgmlType::F32, 9),
@@ -224,13 +225,14 @@ fn decode_tokens_of_a_batch_equal_each_token_alone() {
                 "{dtype} token {t}"
             );
         }
-        // The other rows: on a panel kernel in 8 bits, each as if it were a decode token
+        // The other rows: on a panel kernel in 8 bits, each as if it were a prompt row
         // alone; otherwise in f32, as `matmul` computes them.
         let mut rest = vec![f32::NAN; (n - decode) * rows];
         if w.is_packed() {
             for (t, y) in rest.chunks_mut(rows).enumerate() {
                 let row = &x[(decode + t) * cols..(decode + t + 1) * cols];
-                matmul_quantized(&w, &QuantizedActivations::new(row, 1, cols), y);
+                let alone = QuantizedActivations::new(row, 1, cols).with_integer_tokens(0);
+                matmul_quantized(&w, &alone, y);
             }
         } else {
             matmul(&view, &x[decode * cols..], n - decode, &mut rest);
@@ -245,7 +247,12 @@ fn decode_tokens_of_a_batch_equal_each_token_alone() {
 fn each_segment_of_a_batch_equals_that_segment_alone() {
     let mut rng = StdRng::seed_from_u64(14);
     let cols = 512;
-    for dtype in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K] {
+    for dtype in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
         let rows = 77;
         let data = random_encoded(&mut rng, dtype, rows * cols);
         let w = Matrix::new(WeightView::new(dtype, rows, cols, &data).unwrap());
@@ -268,13 +275,14 @@ fn each_segment_of_a_batch_equals_that_segment_alone() {
                 &y[..],
                 "{dtype} segment at {first}"
             );
-            // A packed matrix multiplies every row in 8 bits, each as a decode token alone;
+            // A packed matrix multiplies every row in 8 bits, each as a prompt row alone;
             // another takes the f32 paths on its file view.
             let mut expected = vec![f32::NAN; len * rows];
             if w.is_packed() {
                 for (t, e) in expected.chunks_mut(rows).enumerate() {
                     let row = &alone_x[t * cols..(t + 1) * cols];
-                    matmul_quantized(&w, &QuantizedActivations::new(row, 1, cols), e);
+                    let one = QuantizedActivations::new(row, 1, cols).with_integer_tokens(0);
+                    matmul_quantized(&w, &one, e);
                 }
             } else {
                 matmul(&w.view(), alone_x, len, &mut expected);

@@ -1115,7 +1115,7 @@ impl<'a> Weights<'a> {
 
     /// `matrix`, with the file's pages of it released when the kernels keep a packed copy.
     fn released(&self, matrix: Matrix<'a>) -> Matrix<'a> {
-        if matrix.is_packed() {
+        if !matrix.reads_file() {
             self.file.release(matrix.view().data());
         }
         matrix

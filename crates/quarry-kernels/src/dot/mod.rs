@@ -123,16 +123,17 @@ pub fn gemv_rows(
 }
 
 /// Several tokens' [`gemv_rows`] on a matrix repacked into panels: `outs[t][i] = row
-/// rows.start + i · x.row(t)`, with `rows.start` a multiple of [`packed::PANEL`]. Each
+/// rows.start + i · x.row(first_token + t)`, with `rows.start` a multiple of [`packed::PANEL`]. Each
 /// token's result is bit-identical whichever tokens share the call.
 pub fn gemv_packed_tokens(
     p: &PackedRows,
     rows: Range<usize>,
     x: &QuantizedActivations<'_>,
+    first_token: usize,
     outs: &mut [&mut [f32]],
 ) {
     if kquant_panels::supports(p.dtype()) {
-        let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x256(t)).collect();
+        let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x256(first_token + t)).collect();
         kquant_panels::gemv_tokens(
             p.isa(),
             p.dtype(),
@@ -145,6 +146,6 @@ pub fn gemv_packed_tokens(
         );
         return;
     }
-    let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x32(t)).collect();
+    let acts: Vec<&[_]> = (0..outs.len()).map(|t| x.q8x32(first_token + t)).collect();
     packed::gemv_tokens(p, rows, &acts, outs);
 }
