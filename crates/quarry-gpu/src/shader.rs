@@ -320,6 +320,15 @@ fn k4_scale_min(s: vec3<u32>, j: u32) -> vec2<f32> {
     let m = (sb(s, j + 4u) >> 4u) | ((sb(s, j) >> 6u) << 4u);
     return vec2<f32>(f32(sc), f32(m));
 }
+// Scales and mins of chunk c's two sub-blocks (2c, 2c + 1) of the Q4_K/Q5_K super-block at
+// word w: (d1, m1, d2, m2).
+fn k4_chunk(w: u32, c: u32) -> vec4<f32> {
+    let dm = unpack2x16float(W[w]);
+    let s = vec3<u32>(W[w + 1u], W[w + 2u], W[w + 3u]);
+    let sm1 = k4_scale_min(s, 2u * c);
+    let sm2 = k4_scale_min(s, 2u * c + 1u);
+    return vec4<f32>(dm.x * sm1.x, dm.y * sm1.y, dm.x * sm2.x, dm.y * sm2.y);
+}
 "#;
 
 const LOAD_TILE_VEC: &str = r#"
@@ -443,15 +452,11 @@ const Q4_K: &str = r#"
 fn xbase(u: u32) -> u32 { return 64u * (u >> 1u) + 16u * (u & 1u); }
 fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let c = u >> 1u;
-    let w = wb >> 2u;
-    let dm = unpack2x16float(W[w]);
-    let s = vec3<u32>(W[w + 1u], W[w + 2u], W[w + 3u]);
-    let sm1 = k4_scale_min(s, 2u * c);
-    let sm2 = k4_scale_min(s, 2u * c + 1u);
-    let d1 = dm.x * sm1.x;
-    let m1 = dm.y * sm1.y;
-    let d2 = dm.x * sm2.x;
-    let m2 = dm.y * sm2.y;
+    let k = k4_chunk(wb >> 2u, c);
+    let d1 = k.x;
+    let m1 = k.y;
+    let d2 = k.z;
+    let m2 = k.w;
     let q = W4[(wb + 16u + 32u * c + 16u * (u & 1u)) >> 4u];
     return array<VT, NV>(
         d1 * nib_lo(q.x) - m1, d1 * nib_lo(q.y) - m1, d1 * nib_lo(q.z) - m1, d1 * nib_lo(q.w) - m1,
@@ -470,15 +475,11 @@ fn q5k(n: vec4<u32>, h: u32, b: u32) -> vec4<f32> { return u2f_minus(n | q5k_bit
 fn decode(wb: u32, u: u32) -> array<VT, NV> {
     let c = u >> 1u;
     let hf = u & 1u;
-    let w = wb >> 2u;
-    let dm = unpack2x16float(W[w]);
-    let s = vec3<u32>(W[w + 1u], W[w + 2u], W[w + 3u]);
-    let sm1 = k4_scale_min(s, 2u * c);
-    let sm2 = k4_scale_min(s, 2u * c + 1u);
-    let d1 = dm.x * sm1.x;
-    let m1 = dm.y * sm1.y;
-    let d2 = dm.x * sm2.x;
-    let m2 = dm.y * sm2.y;
+    let k = k4_chunk(wb >> 2u, c);
+    let d1 = k.x;
+    let m1 = k.y;
+    let d2 = k.z;
+    let m2 = k.w;
     let qh = W4[(wb + 16u + 16u * hf) >> 4u];
     let q = W4[(wb + 48u + 32u * c + 16u * hf) >> 4u];
     let b1 = 2u * c;
