@@ -49,6 +49,9 @@ struct Loaded {
     config: ModelConfig,
     token_embd: WeightView<'static>,
     output: Matrix<'static>,
+    /// The embedding is the output head (tied): looked up through `output`, whose file pages
+    /// may have been released for a repacked copy.
+    embed_from_head: bool,
     output_norm: Vec<f32>,
     layers: Vec<Layer<'static>>,
     rope_global: Rope,
@@ -234,6 +237,7 @@ impl Model {
             Err(_) => token_embd,
         };
         let output = weights.prepared_head(output);
+        let embed_from_head = bytes.tensor("output.weight").is_err();
         let spec = config.spec;
         let layers = (0..config.n_layers)
             .map(|i| {
@@ -349,6 +353,7 @@ impl Model {
             config,
             token_embd,
             output,
+            embed_from_head,
             layers,
             rope_global,
             rope_long,
@@ -682,7 +687,10 @@ impl Model {
                     vocab: cfg.vocab_size,
                 });
             }
-            w.token_embd.dequantize_row(id as usize, row);
+            match w.embed_from_head {
+                true => w.output.dequantize_row(id as usize, row),
+                false => w.token_embd.dequantize_row(id as usize, row),
+            }
             if cfg.embed_scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= cfg.embed_scale);
             }
