@@ -160,23 +160,15 @@ impl fmt::Debug for WeightView<'_> {
 pub struct Matrix<'a> {
     view: WeightView<'a>,
     packed: Option<PackedRows>,
-    /// Decode tokens read the file's rows on the row kernel, prompt rows the panels: for
-    /// Q6_K, whose row kernel reads a single token's products about twice as fast as its
-    /// panel kernel (1024 × 2560 and 2048 × 8192, 2 threads, 2-core Zen 4: 31 and 26 GB/s
-    /// against 14.5 and 15), while prompts gain from the panels (Llama-3.2-1B-shaped Q4_K_M,
-    /// pp256: 270 tok/s with Q6_K panels, 202 without).
-    decode_from_file: bool,
 }
 
 impl<'a> Matrix<'a> {
     /// Wraps `view`, repacking it when the kernel level in use ([`Isa::best`]) has a panel
     /// kernel for its type.
     pub fn new(view: WeightView<'a>) -> Matrix<'a> {
-        let packed = PackedRows::new(&view);
         Matrix {
-            decode_from_file: packed.is_some() && view.dtype == GgmlType::Q6_K,
             view,
-            packed,
+            packed: PackedRows::new(&view),
         }
     }
 
@@ -187,11 +179,7 @@ impl<'a> Matrix<'a> {
     /// Zen 4: 34–39 tok/s with the head row by row, 28 with it in panels).
     pub fn for_single_rows(view: WeightView<'a>) -> Matrix<'a> {
         if kquant_panels::supports(view.dtype) {
-            Matrix {
-                view,
-                packed: None,
-                decode_from_file: false,
-            }
+            Matrix { view, packed: None }
         } else {
             Matrix::new(view)
         }
@@ -221,7 +209,17 @@ impl<'a> Matrix<'a> {
     /// Whether products read the file's rows, whose pages must then stay: every product of
     /// a matrix that is not repacked, and the decode tokens of a Q6_K one.
     pub fn reads_file(&self) -> bool {
-        self.packed.is_none() || self.decode_from_file
+        self.packed.is_none() || self.decodes_from_file()
+    }
+
+    /// Whether decode tokens read the file's rows on the row kernel while prompt rows read
+    /// the panels: for a repacked Q6_K matrix, whose row kernel reads a single token's
+    /// products about twice as fast as its panel kernel (1024 × 2560 and 2048 × 8192,
+    /// 2 threads, 2-core Zen 4: 31 and 26 GB/s against 14.5 and 15), while prompts gain from
+    /// the panels (Llama-3.2-1B-shaped Q4_K_M, pp256: 270 tok/s with Q6_K panels, 202
+    /// without).
+    fn decodes_from_file(&self) -> bool {
+        self.packed.is_some() && self.view.dtype == GgmlType::Q6_K
     }
 }
 
@@ -416,7 +414,7 @@ pub fn matmul_quantized_many(
         let rows = *first..*first + outs[0].len();
         // The tokens before `by_panels` take the row kernel on the file's rows.
         let by_panels = match &w.packed {
-            Some(_) if w.decode_from_file => decode.min(outs.len()),
+            Some(_) if w.decodes_from_file() => decode.min(outs.len()),
             Some(_) => 0,
             None => outs.len(),
         };

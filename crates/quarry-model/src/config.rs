@@ -372,6 +372,8 @@ impl ModelConfig {
             item: key("rope.scaling.type"),
             problem,
         };
+        let rope_original_context =
+            get_usize_or("rope.scaling.original_context_length", context_length)?;
         let (rope_scale, rope_yarn) =
             match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
                 Some("linear") => (get_f32_or("rope.scaling.factor", 1.0)?, None),
@@ -386,9 +388,7 @@ impl ModelConfig {
                         ));
                     }
                     let factor = get_f32_or("rope.scaling.factor", 1.0)?;
-                    let original =
-                        get_usize_or("rope.scaling.original_context_length", context_length)?;
-                    (1.0, Some((factor, original)))
+                    (1.0, Some((factor, rope_original_context)))
                 }
                 Some(other) => {
                     return Err(unsupported(format!(
@@ -398,8 +398,6 @@ impl ModelConfig {
                 }
             };
         let rope_attn_factor = get_f32_or("rope.scaling.attn_factor", 1.0)?;
-        let rope_original_context =
-            get_usize_or("rope.scaling.original_context_length", context_length)?;
         let attn_softcap = get_f32("attn_logit_softcapping")?;
         let final_softcap = get_f32("final_logit_softcapping")?;
         // A window of 0 (Phi-3's converter writes one for "none") means no window.

@@ -80,16 +80,6 @@ impl FeatureOwner {
     }
 }
 
-impl std::fmt::Display for FeatureOwner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FeatureOwner::Dense { neuron } => write!(f, "neuron {neuron}"),
-            FeatureOwner::Expert { expert, neuron } => write!(f, "expert {expert} neuron {neuron}"),
-            FeatureOwner::Shared { neuron } => write!(f, "shared expert neuron {neuron}"),
-        }
-    }
-}
-
 impl FfnFeatures<'_, '_> {
     /// Features in the layer: the sum of the blocks' widths.
     pub fn width(&self) -> usize {
@@ -132,20 +122,25 @@ impl FfnFeatures<'_, '_> {
         y
     }
 
-    /// `down_f · k` for every feature, in `f64`: what one unit of each feature adds along
-    /// `k` (the transpose of [`FfnFeatures::write`]).
-    pub fn read_back(&self, k: &[f64]) -> Vec<f64> {
-        let mut out = Vec::with_capacity(self.width());
+    /// `down_f · k` for every feature and every `k` of `ks`, in `f64`: what one unit of each
+    /// feature adds along `k` (the transpose of [`FfnFeatures::write`]). The down matrices are
+    /// decoded once for all of `ks`.
+    pub fn read_back(&self, ks: &[&[f64]]) -> Vec<Vec<f64>> {
+        let mut out = vec![Vec::with_capacity(self.width()); ks.len()];
         for block in &self.blocks {
-            let mut acc = vec![0.0f64; block.width()];
+            let mut acc = vec![vec![0.0f64; block.width()]; ks.len()];
             let mut row = vec![0.0f32; block.width()];
-            for (j, &kj) in k.iter().enumerate() {
+            for j in 0..self.d_model() {
                 block.down.dequantize_row(j, &mut row);
-                acc.iter_mut()
-                    .zip(&row)
-                    .for_each(|(a, &w)| *a += kj * w as f64);
+                for (acc, k) in acc.iter_mut().zip(ks) {
+                    acc.iter_mut()
+                        .zip(&row)
+                        .for_each(|(a, &w)| *a += k[j] * w as f64);
+                }
             }
-            out.extend(acc);
+            for (out, acc) in out.iter_mut().zip(acc) {
+                out.extend(acc);
+            }
         }
         out
     }

@@ -232,12 +232,12 @@ impl Model {
         let weights = Weights { file: bytes };
         let token_embd = weights.matrix("token_embd.weight", config.vocab_size, d)?;
         // Tied embeddings: without an output matrix the embedding doubles as the head.
-        let output = match bytes.tensor("output.weight") {
-            Ok(_) => weights.matrix("output.weight", config.vocab_size, d)?,
-            Err(_) => token_embd,
+        let embed_from_head = bytes.tensor("output.weight").is_err();
+        let output = match embed_from_head {
+            false => weights.matrix("output.weight", config.vocab_size, d)?,
+            true => token_embd,
         };
         let output = weights.prepared_head(output);
-        let embed_from_head = bytes.tensor("output.weight").is_err();
         let spec = config.spec;
         let layers = (0..config.n_layers)
             .map(|i| {

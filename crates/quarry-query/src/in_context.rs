@@ -120,30 +120,44 @@ pub(crate) fn edges(
         }
     }
 
+    // Per edge, the layer of the scope that raised its token most, and what one unit of each
+    // of that layer's features adds to the token (post-FFN and final gains; the norms'
+    // scales are positive and common to all features).
     let mut head_row = vec![0.0f32; d];
-    let mut found = Vec::with_capacity(picked.len());
-    for (id, score) in picked {
+    let mut best = Vec::with_capacity(picked.len());
+    for &(id, _) in &picked {
         head.dequantize_row(id as usize, &mut head_row);
         let dot = |x: &[f32]| x.iter().zip(&head_row).map(|(a, b)| a * b).sum::<f32>();
-        let (at, best_share) = deltas
+        let (at, share) = deltas
             .iter()
             .enumerate()
             .map(|(i, delta)| (i, dot(delta)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .expect("the scope has layers");
-        let layer = layers[at];
-        // What one unit of each feature adds to this token (post-FFN and final gains; the
-        // norms' scales are positive and common to all features).
-        let w = model.ffn_features(layer);
+        let post = model.ffn_features(layers[at]).post_norm;
         let k: Vec<f64> = (0..d)
-            .map(|j| {
-                (head_row[j] * model.output_norm()[j] * w.post_norm.map_or(1.0, |p| p[j])) as f64
-            })
+            .map(|j| (head_row[j] * model.output_norm()[j] * post.map_or(1.0, |p| p[j])) as f64)
             .collect();
-        let shares: Vec<f64> = w
-            .read_back(&k)
+        best.push((at, share, k));
+    }
+    // Each layer's down matrices are decoded once for all the edges it is best for.
+    let mut per_unit: Vec<Vec<f64>> = vec![Vec::new(); picked.len()];
+    for (at, &layer) in layers.iter().enumerate() {
+        let edges: Vec<usize> = (0..best.len()).filter(|&e| best[e].0 == at).collect();
+        if edges.is_empty() {
+            continue;
+        }
+        let ks: Vec<&[f64]> = edges.iter().map(|&e| &best[e].2[..]).collect();
+        let units = model.ffn_features(layer).read_back(&ks);
+        for (&e, units) in edges.iter().zip(units) {
+            per_unit[e] = units;
+        }
+    }
+    let mut found = Vec::with_capacity(picked.len());
+    for ((&(id, score), (at, best_share, _)), units) in picked.iter().zip(&best).zip(&per_unit) {
+        let shares: Vec<f64> = units
             .iter()
-            .zip(&changes[at])
+            .zip(&changes[*at])
             .map(|(u, &c)| u * c as f64)
             .collect();
         let feature = (0..shares.len())
@@ -152,7 +166,7 @@ pub(crate) fn edges(
         found.push(Edge {
             token: id,
             score,
-            best: (layer, feature, best_share),
+            best: (layers[*at], feature, *best_share),
             features: shares.iter().filter(|&&s| s > 0.0).count(),
         });
     }

@@ -224,7 +224,7 @@ pub(crate) fn ffn_feature_shares(
         .zip(&gains)
         .map(|(r, g)| r * g)
         .collect();
-    w.read_back(&k)
+    w.read_back(&[&k])[0]
         .iter()
         .zip(a)
         .map(|(&unit, &act)| unit * act as f64)

@@ -362,26 +362,25 @@ pub fn check_model(index: &Index, config: &ModelConfig, path: &str) -> Result<()
     // Features per layer: the dense FFN's, or per expert (the shared expert's width is the
     // manifest's, which the configuration cannot confirm: only the file's tensors say
     // whether there is one).
-    let describe = |e: Option<&quarry_model::Experts>| match e {
-        None => format!("a dense FFN of {} features", config.ff_dim),
-        Some(c) => format!(
-            "{} experts of {} features, {} used (normalize {}, scale {})",
-            c.count, c.ff_dim, c.used, c.normalize, c.scale
+    let ffn = |experts: Option<(usize, usize, usize, bool, f32)>, ff: usize| match experts {
+        None => format!("a dense FFN of {ff} features"),
+        Some((count, ff, used, normalize, scale)) => format!(
+            "{count} experts of {ff} features, {used} used (normalize {normalize}, scale {scale})"
         ),
     };
-    let (manifest_ffn, model_ffn) = match &m.experts {
-        None => (
-            format!("a dense FFN of {} features", m.ff_dim),
-            describe(config.experts.as_ref()),
-        ),
-        Some(e) => (
-            format!(
-                "{} experts of {} features, {} used (normalize {}, scale {})",
-                e.count, e.ff_dim, e.used, e.normalize, e.scale
-            ),
-            describe(config.experts.as_ref()),
-        ),
-    };
+    let manifest_ffn = ffn(
+        m.experts
+            .as_ref()
+            .map(|e| (e.count, e.ff_dim, e.used, e.normalize, e.scale)),
+        m.ff_dim,
+    );
+    let model_ffn = ffn(
+        config
+            .experts
+            .as_ref()
+            .map(|e| (e.count, e.ff_dim, e.used, e.normalize, e.scale)),
+        config.ff_dim,
+    );
     let pairs = [
         (
             "n_layers",

@@ -157,8 +157,9 @@ fn write_all(
 ) -> Result<Index, VindexError> {
     let cfg = model.config();
     let (n_layers, d, vocab) = (cfg.n_layers, cfg.d_model, cfg.vocab_size);
-    let ff = model.ffn_features(0).width();
-    let experts = expert_info(model);
+    let first = model.ffn_features(0);
+    let ff = first.width();
+    let experts = expert_info(model, &first);
     let dtype = options.dtype;
     let mut files = Vec::new();
 
@@ -353,7 +354,7 @@ fn write_all(
             activation: check::activation_name(cfg.activation).into(),
             norm_eps: cfg.norm_eps,
             embed_scale: cfg.embed_scale,
-            ffn_reads_residual: model.ffn_features(0).norm.is_none(),
+            ffn_reads_residual: first.norm.is_none(),
             experts,
         },
         provenance: Provenance {
@@ -392,8 +393,7 @@ fn calibration_inputs(model: &Model) -> Vec<f32> {
 }
 
 /// The routing of a mixture-of-experts model as the manifest records it (`None`: dense).
-fn expert_info(model: &Model) -> Option<ExpertInfo> {
-    let w = model.ffn_features(0);
+fn expert_info(model: &Model, w: &FfnFeatures<'_, '_>) -> Option<ExpertInfo> {
     let r = w.router?;
     let spec = model.config().experts.as_ref()?;
     Some(ExpertInfo {
