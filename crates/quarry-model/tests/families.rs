@@ -523,6 +523,14 @@ fn broken_safetensors_directories_are_named_errors() {
             },
             "rope_scaling.factor: must be a number ≥ 1",
         ),
+        (
+            &|j: &mut serde_json::Value| {
+                j["rope_scaling"] = serde_json::json!(
+                    {"rope_type": "longrope", "long_factor": [1.0, -2.0], "short_factor": [1.0]}
+                )
+            },
+            "rope_scaling.long_factor: must be a list of positive numbers",
+        ),
     ] {
         let dir = hf_copy("qwen2");
         config(dir.path(), edit);
