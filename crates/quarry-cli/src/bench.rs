@@ -187,13 +187,15 @@ pub fn run(model: &Model, source: &str, bos: Option<u32>, a: &BenchArgs) -> Resu
             rows.push((format!("tg{} ×{b}", a.tg), samples, false));
         }
     }
-    let bandwidth = if a.no_bandwidth {
+    // The probe measures host memory: no yardstick for a model on a device.
+    let bandwidth = if a.no_bandwidth || model.device().is_some() {
         None
     } else {
         Some(read_bandwidth_gb_s(3))
     };
     let bytes_per_token = model.weight_bytes_per_token();
     let threads = pool::global().n_threads();
+    let device = model.device().unwrap_or_else(|| "cpu".to_string());
 
     let tests: Vec<serde_json::Value> = rows
         .iter()
@@ -215,7 +217,7 @@ pub fn run(model: &Model, source: &str, bos: Option<u32>, a: &BenchArgs) -> Resu
         .collect();
     if a.json {
         let v = json!({
-            "model": source, "threads": threads, "reps": a.reps,
+            "model": source, "device": device, "threads": threads, "reps": a.reps,
             "weight_bytes_per_token": bytes_per_token,
             "read_bandwidth_gb_s": bandwidth, "tests": tests,
         });
@@ -223,7 +225,7 @@ pub fn run(model: &Model, source: &str, bos: Option<u32>, a: &BenchArgs) -> Resu
         return Ok(());
     }
     println!(
-        "model {source}, {threads} threads, {} reps, weights read per token {:.1} MB",
+        "model {source} on {device}, {threads} threads, {} reps, weights read per token {:.1} MB",
         a.reps,
         bytes_per_token as f64 / 1e6
     );

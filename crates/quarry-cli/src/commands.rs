@@ -27,6 +27,54 @@ pub(crate) const DEFAULT_CTX_LIMIT: usize = 4096;
 /// How `--quantize` asked safetensors weights to be stored (set once, from the command line).
 static QUANTIZE: OnceLock<Option<GgmlType>> = OnceLock::new();
 
+/// Where `--device` asked the forward pass to run (set once, from the command line).
+static DEVICE: OnceLock<Device> = OnceLock::new();
+
+/// The `--device` choices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// The CPU kernels (the default).
+    Cpu,
+    /// The first GPU adapter wgpu finds, software ones (lavapipe) included; an error if none.
+    Gpu,
+    /// A discrete or integrated GPU if there is one, else the CPU.
+    Auto,
+}
+
+/// Records `--device` for every model `run`, `chat`, `perplexity` and `bench` load.
+pub(crate) fn set_device(device: Device) {
+    DEVICE.get_or_init(|| device);
+}
+
+/// `model` on the device `--device` names (unchanged for the CPU); says where it runs on
+/// stderr when that is not the CPU, and why when `auto` falls back to the CPU.
+pub(crate) fn on_device(model: Model) -> Result<Model> {
+    let device = DEVICE.get().copied().unwrap_or(Device::Cpu);
+    let gpu = match device {
+        Device::Cpu => return Ok(model),
+        Device::Gpu => quarry_gpu::Gpu::new().context("--device gpu")?,
+        Device::Auto => match quarry_gpu::Gpu::new() {
+            Ok(gpu) if gpu.adapter().kind != quarry_gpu::DeviceKind::Cpu => gpu,
+            Ok(gpu) => {
+                eprintln!(
+                    "device: cpu (--device auto: the only GPU adapter, {}, is a software one)",
+                    gpu.adapter().name
+                );
+                return Ok(model);
+            }
+            Err(e) => {
+                eprintln!("device: cpu (--device auto: {e})");
+                return Ok(model);
+            }
+        },
+    };
+    let model = model
+        .on_device(quarry_gpu::GpuBackend::new(gpu))
+        .context("--device")?;
+    eprintln!("device: {}", model.device().unwrap_or_default());
+    Ok(model)
+}
+
 /// Records `--quantize` (`q8_0`, `q4_k`; any case) for every model this process opens.
 pub(crate) fn set_quantize(name: Option<&str>) -> Result<()> {
     let dtype = match name {
@@ -65,7 +113,7 @@ pub(crate) fn open(model: &str) -> Result<Arc<GgufFile>> {
 /// overlay: the adapter is opened like any model file (a regular file, validated as GGUF) and
 /// checked against the model's shapes; every error names the adapter file.
 pub(crate) fn load_model(file: Arc<GgufFile>, lora: Option<&Path>) -> Result<Model> {
-    with_lora(Model::load(file)?, lora)
+    on_device(with_lora(Model::load(file)?, lora)?)
 }
 
 /// `model` with the LoRA adapter `lora` as its overlay, if given (see [`load_model`]).
@@ -348,7 +396,13 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
 }
 
 pub fn info(a: InfoArgs) -> Result<()> {
-    let file = open(&a.model)?;
+    if a.devices {
+        return list_devices(a.json);
+    }
+    let Some(model) = &a.model else {
+        anyhow::bail!("info needs a model (or --devices)");
+    };
+    let file = open(model)?;
     let model = Model::load(Arc::clone(&file))?;
     let c = model.config();
     let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
@@ -459,6 +513,45 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "  {t:<6} {n:>4} tensors {:>9.1} MiB",
             *bytes as f64 / 1048576.0
         );
+    }
+    Ok(())
+}
+
+/// `info --devices`: every adapter wgpu finds, best first (the one `--device gpu` takes), and
+/// whether `--device auto` would use it.
+fn list_devices(json_out: bool) -> Result<()> {
+    let adapters = quarry_gpu::list_adapters();
+    let auto = |a: &quarry_gpu::AdapterSummary| a.kind != quarry_gpu::DeviceKind::Cpu;
+    if json_out {
+        let list: Vec<serde_json::Value> = adapters
+            .iter()
+            .map(|a| {
+                json!({
+                    "name": a.name,
+                    "backend": a.backend,
+                    "kind": format!("{:?}", a.kind),
+                    "driver": a.driver,
+                    "max_binding_bytes": a.max_binding_bytes,
+                    "auto": auto(a),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "adapters": list }))?
+        );
+        return Ok(());
+    }
+    if adapters.is_empty() {
+        println!("no GPU adapter (Vulkan, Metal or DX12); --device gpu fails, auto uses the CPU");
+    }
+    for (i, a) in adapters.iter().enumerate() {
+        let used = match (i, auto(a)) {
+            (0, true) => "  [--device gpu, --device auto]",
+            (0, false) => "  [--device gpu; auto skips software adapters]",
+            _ => "",
+        };
+        println!("{i}: {a}{used}");
     }
     Ok(())
 }

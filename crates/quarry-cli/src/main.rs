@@ -27,6 +27,11 @@ struct Cli {
     /// it, so the integer kernels serve them.
     #[arg(long, global = true, value_name = "TYPE")]
     quantize: Option<String>,
+    /// Where `run`, `chat`, `perplexity` and `bench` run the forward pass: `cpu`, `gpu` (the
+    /// first adapter, software ones included) or `auto` (a hardware GPU if there is one, else
+    /// the CPU). `quarry info --devices` lists the adapters.
+    #[arg(long, global = true, value_enum, default_value = "cpu")]
+    device: commands::Device,
 }
 
 #[derive(Subcommand)]
@@ -288,7 +293,11 @@ pub struct TokenizeArgs {
 #[derive(Args)]
 pub struct InfoArgs {
     /// GGUF file, or a model alias.
-    pub model: String,
+    #[arg(required_unless_present = "devices")]
+    pub model: Option<String>,
+    /// List the GPU adapters `--device` can use instead.
+    #[arg(long)]
+    pub devices: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -326,6 +335,18 @@ pub struct BenchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let runs_models = matches!(
+        cli.command,
+        Command::Run(_) | Command::Chat(_) | Command::Perplexity(_) | Command::Bench(_)
+    );
+    if cli.device == commands::Device::Gpu && !runs_models {
+        eprintln!(
+            "error: --device gpu applies to run, chat, perplexity and bench; serve and the \
+             vindex commands run on the CPU for now"
+        );
+        return ExitCode::from(2);
+    }
+    commands::set_device(cli.device);
     if let Err(e) = commands::set_quantize(cli.quantize.as_deref()) {
         eprintln!("error: {}", one_line(&e));
         return ExitCode::from(1);

@@ -157,7 +157,7 @@ fn the_dense_tail_is_the_model() {
         let hidden = model
             .forward_observed(&tokens, &mut cache, 0..n, &mut seen)
             .unwrap();
-        let logits = model.logits(&hidden);
+        let logits = model.logits(&hidden).unwrap();
         let vocab = model.config().vocab_size;
         let rows: Vec<usize> = (0..n).collect();
         let probe = Probe {

@@ -68,7 +68,7 @@ pub fn perplexity(
         let hidden = model.forward_hidden(&window, &mut cache, first..ctx - 1)?;
         let d = model.config().d_model;
         for (block, rows) in hidden.chunks(LOGIT_ROWS_PER_PASS * d).enumerate() {
-            let logits = model.logits(rows);
+            let logits = model.logits(rows)?;
             for (r, row) in logits.chunks_exact(vocab).enumerate() {
                 let pos = first + block * LOGIT_ROWS_PER_PASS + r;
                 let target = tokens[c * ctx + pos + 1] as usize;

@@ -126,7 +126,10 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
     let instance = instance();
     let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
     adapters.sort_by_key(|a| DeviceKind::of(a.get_info().device_type));
-    adapters.iter().map(|a| summarize(a, false)).collect()
+    adapters
+        .iter()
+        .map(|a| summarize(a, a.features().contains(wgpu::Features::SUBGROUP)))
+        .collect()
 }
 
 fn instance() -> wgpu::Instance {
@@ -415,14 +418,34 @@ impl Gpu {
 
     /// Copies the first `n` f32 of `buffer` back to the host.
     pub fn read_f32(&self, buffer: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
-        let bytes = n as u64 * 4;
-        if bytes > buffer.size() {
+        let encoder = self
+            .inner
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
+        self.finish_and_read(encoder, buffer, 0, n)
+    }
+
+    /// Submits `encoder` (work recorded but not yet submitted) with a copy of the `n` f32 of
+    /// `buffer` from f32 index `first` appended, waits, and returns them.
+    pub(crate) fn finish_and_read(
+        &self,
+        mut encoder: wgpu::CommandEncoder,
+        buffer: &wgpu::Buffer,
+        first: usize,
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let (offset, bytes) = (first as u64 * 4, n as u64 * 4);
+        if offset + bytes > buffer.size() {
             return Err(GpuError::Shape(format!(
-                "cannot read {n} f32 from a buffer of {} bytes",
+                "cannot read f32 {first}..{} from a buffer of {} bytes",
+                first + n,
                 buffer.size()
             )));
         }
         if n == 0 {
+            self.submit_and_wait(encoder.finish())?;
             return Ok(Vec::new());
         }
         let staging = self.create_buffer(
@@ -430,13 +453,7 @@ impl Gpu {
             bytes,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         )?;
-        let mut encoder =
-            self.inner
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("readback"),
-                });
-        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes);
         self.submit_and_wait(encoder.finish())?;
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {

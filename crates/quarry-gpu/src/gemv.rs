@@ -91,7 +91,9 @@ impl GemvConfig {
     }
 }
 
-/// A weight matrix on the device, `rows × cols` values of `dtype`, held as the file's bytes.
+/// A weight matrix on the device, `rows × cols` values of `dtype`, held as the file's bytes:
+/// in one buffer, or in runs of rows when it is larger than one binding may be (Gemma 3's
+/// 262 144-row output head is 178 MB; lavapipe binds at most 128 MiB).
 pub struct GpuMatrix {
     gpu: Gpu,
     dtype: GgmlType,
@@ -99,7 +101,14 @@ pub struct GpuMatrix {
     cols: usize,
     row_bytes: usize,
     layout: Layout,
+    parts: Vec<Part>,
+}
+
+/// Rows `first_row .. first_row + rows` of a matrix, in a buffer of their own.
+struct Part {
     buffer: wgpu::Buffer,
+    first_row: usize,
+    rows: usize,
 }
 
 impl std::fmt::Debug for GpuMatrix {
@@ -152,25 +161,37 @@ impl GpuMatrix {
                 bytes.len()
             )));
         }
-        // Offsets inside the kernel are u32 bytes, and the whole matrix is one binding.
-        let padded = (expected as u64).next_multiple_of(16);
+        // Offsets inside the kernel are u32 bytes, and each part is one binding.
         let limit = gpu
             .limits()
             .max_storage_buffer_binding_size
-            .min(u32::MAX as u64);
-        if padded > limit {
+            .min(u32::MAX as u64)
+            .min(gpu.limits().max_buffer_size);
+        let rows_per_part = (limit.saturating_sub(16) / row_bytes as u64) as usize;
+        if rows_per_part == 0 {
             return Err(GpuError::TooLarge {
-                what: "a weight matrix",
-                bytes: padded,
+                what: "a weight matrix row",
+                bytes: row_bytes as u64,
                 limit,
             });
         }
-        let buffer = gpu.create_buffer_with(
-            "weights",
-            bytes,
-            16,
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-        )?;
+        let parts = (0..rows)
+            .step_by(rows_per_part)
+            .map(|first_row| {
+                let n = rows_per_part.min(rows - first_row);
+                let buffer = gpu.create_buffer_with(
+                    "weights",
+                    &bytes[first_row * row_bytes..(first_row + n) * row_bytes],
+                    16,
+                    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                )?;
+                Ok(Part {
+                    buffer,
+                    first_row,
+                    rows: n,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             gpu: gpu.clone(),
             dtype,
@@ -178,7 +199,7 @@ impl GpuMatrix {
             cols,
             row_bytes,
             layout,
-            buffer,
+            parts,
         })
     }
 
@@ -195,8 +216,9 @@ impl GpuMatrix {
     pub fn weight_bytes(&self) -> usize {
         self.rows * self.row_bytes
     }
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
+    /// Buffers the matrix is held in (more than one when it exceeds a binding).
+    pub fn buffers(&self) -> usize {
+        self.parts.len()
     }
 
     /// `y = W·x` for `tokens` activation rows of `cols` values (`x` is `[tokens][cols]`,
@@ -309,104 +331,110 @@ impl GpuMatrix {
             )));
         }
 
-        let groups = self.rows.div_ceil(rows_per_wg as usize);
-        let max_dim = gpu.limits().max_compute_workgroups_per_dimension as usize;
-        let groups_x = groups.min(max_dim);
-        let groups_y = groups.div_ceil(groups_x);
-        if groups_y > max_dim {
-            return Err(GpuError::Shape(format!(
-                "{} rows need {groups} workgroups, more than this adapter dispatches",
-                self.rows
-            )));
-        }
         let units = (self.cols / self.layout.vals_per_block as usize)
             * self.layout.units_per_block as usize;
-
         let chunks: Vec<(usize, usize)> = (0..tokens)
             .step_by(MAX_TOKENS_PER_PASS)
             .map(|t0| (t0, (tokens - t0).min(MAX_TOKENS_PER_PASS)))
             .collect();
-        let mut params = vec![0u8; chunks.len() * PARAMS_STRIDE as usize];
-        for (i, &(t0, _)) in chunks.iter().enumerate() {
-            let p: [u32; 12] = [
-                self.rows as u32,
-                self.cols as u32,
-                self.row_bytes as u32,
-                units as u32,
-                0,
-                (t0 * self.cols) as u32,
-                self.cols as u32,
-                (t0 * self.rows) as u32,
-                self.rows as u32,
-                groups_x as u32,
-                0,
-                0,
-            ];
-            params[i * PARAMS_STRIDE as usize..][..48].copy_from_slice(bytemuck::bytes_of(&p));
+        let max_dim = gpu.limits().max_compute_workgroups_per_dimension as usize;
+        let mut params = vec![0u8; self.parts.len() * chunks.len() * PARAMS_STRIDE as usize];
+        let mut grids = Vec::with_capacity(self.parts.len());
+        for (pi, part) in self.parts.iter().enumerate() {
+            let groups = part.rows.div_ceil(rows_per_wg as usize);
+            let groups_x = groups.min(max_dim);
+            let groups_y = groups.div_ceil(groups_x);
+            if groups_y > max_dim {
+                return Err(GpuError::Shape(format!(
+                    "{} rows need {groups} workgroups, more than this adapter dispatches",
+                    part.rows
+                )));
+            }
+            grids.push((groups_x as u32, groups_y as u32));
+            for (ci, &(t0, _)) in chunks.iter().enumerate() {
+                // Part rows land at their own rows of y, whose rows are the whole matrix's.
+                let p: [u32; 12] = [
+                    part.rows as u32,
+                    self.cols as u32,
+                    self.row_bytes as u32,
+                    units as u32,
+                    0,
+                    (t0 * self.cols) as u32,
+                    self.cols as u32,
+                    (t0 * self.rows + part.first_row) as u32,
+                    self.rows as u32,
+                    groups_x as u32,
+                    0,
+                    0,
+                ];
+                let at = (pi * chunks.len() + ci) * PARAMS_STRIDE as usize;
+                params[at..at + 48].copy_from_slice(bytemuck::bytes_of(&p));
+            }
         }
         let params =
             gpu.create_buffer_with("gemv params", &params, 16, wgpu::BufferUsages::UNIFORM)?;
-        let bind_group = gpu.scoped("binding a GEMV", 0, |d| {
-            d.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("gemv"),
-                layout: &gpu.inner.layout,
-                entries: &[
-                    wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: &params,
-                            offset: 0,
-                            size: wgpu::BufferSize::new(48),
-                        }),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: self.buffer.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 2,
-                        resource: self.buffer.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 3,
-                        resource: x.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 4,
-                        resource: y.as_entire_binding(),
-                    },
-                ],
-            })
-        })?;
-        let bind_group = Arc::new(bind_group);
-
-        let mut steps = Vec::with_capacity(chunks.len());
-        for (i, &(_, n)) in chunks.iter().enumerate() {
-            let key = ShaderKey {
-                dtype: self.dtype,
-                vec: self.layout.vec,
-                tokens: n as u32,
-                workgroup_size: wg,
-                rows_per_workgroup: rows_per_wg,
-                tiled: config.tiled,
-                subgroups,
-            };
-            let need = shader::workgroup_bytes(&key);
-            let have = gpu.limits().max_compute_workgroup_storage_size;
-            if need > have {
-                return Err(GpuError::Unsupported(format!(
-                    "{config:?} with {n} tokens needs {need} bytes of workgroup memory; \
-                     the adapter has {have}"
-                )));
+        let mut steps = Vec::with_capacity(self.parts.len() * chunks.len());
+        for (pi, part) in self.parts.iter().enumerate() {
+            let bind_group = gpu.scoped("binding a GEMV", 0, |d| {
+                d.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("gemv"),
+                    layout: &gpu.inner.layout,
+                    entries: &[
+                        wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: &params,
+                                offset: 0,
+                                size: wgpu::BufferSize::new(48),
+                            }),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 1,
+                            resource: part.buffer.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 2,
+                            resource: part.buffer.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 3,
+                            resource: x.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 4,
+                            resource: y.as_entire_binding(),
+                        },
+                    ],
+                })
+            })?;
+            let bind_group = Arc::new(bind_group);
+            for (ci, &(_, n)) in chunks.iter().enumerate() {
+                let key = ShaderKey {
+                    dtype: self.dtype,
+                    vec: self.layout.vec,
+                    tokens: n as u32,
+                    workgroup_size: wg,
+                    rows_per_workgroup: rows_per_wg,
+                    tiled: config.tiled,
+                    subgroups,
+                };
+                let need = shader::workgroup_bytes(&key);
+                let have = gpu.limits().max_compute_workgroup_storage_size;
+                if need > have {
+                    return Err(GpuError::Unsupported(format!(
+                        "{config:?} with {n} tokens needs {need} bytes of workgroup memory; \
+                         the adapter has {have}"
+                    )));
+                }
+                let layout = self.layout;
+                let pipeline = gpu.pipeline(key, || shader::source(&key, &layout))?;
+                steps.push(Step {
+                    pipeline,
+                    bind_group: bind_group.clone(),
+                    offset: ((pi * chunks.len() + ci) as u64 * PARAMS_STRIDE) as u32,
+                    groups: grids[pi],
+                });
             }
-            let layout = self.layout;
-            let pipeline = gpu.pipeline(key, || shader::source(&key, &layout))?;
-            steps.push(Step {
-                pipeline,
-                bind_group: bind_group.clone(),
-                offset: (i as u64 * PARAMS_STRIDE) as u32,
-                groups: (groups_x as u32, groups_y as u32),
-            });
         }
         Ok(PreparedGemv { steps })
     }

@@ -5,7 +5,12 @@
 //! system's loader, `libvulkan.so.1`, and a driver), and one kernel source serves every
 //! vendor's GPU and a CPU-only CI machine alike.
 //!
-//! This first step is the decode-time product: GEMV over weights uploaded *exactly as the GGUF
+//! A model runs here through [`GpuBackend`], this crate's side of `quarry_model::Backend`:
+//! the forward pass's operations (RMS norm, RoPE, attention over keys and values kept on the
+//! device, gated activation, soft-cap, bias and residual adds: `ops.rs`) around the products
+//! below. `quarry_model::Model::on_device` uploads a model's weights and runs it there.
+//!
+//! The products are GEMV over weights uploaded *exactly as the GGUF
 //! file stores them* (no f32 copy; the kernel decodes each block), for F32, F16, Q8_0, Q4_0,
 //! Q4_1, Q5_0, Q4_K, Q5_K and Q6_K, with up to 8 tokens per weight read ("batched"), a tiled
 //! variant that stages x in workgroup memory, and subgroup reductions where the adapter has
@@ -13,12 +18,15 @@
 //! scalar dequantization (tests/). Errors (no adapter, out of memory, a lost device) are
 //! `GpuError` values, never panics.
 
+mod backend;
 mod context;
 mod error;
 mod gemv;
+mod ops;
 pub mod reference;
 mod shader;
 
+pub use backend::{GpuBackend, GpuKv, GpuTensor};
 pub use context::{list_adapters, AdapterSummary, DeviceKind, Gpu, GpuOptions};
 pub use error::{GpuError, Result};
 pub use gemv::{row_bytes, GemvConfig, GpuMatrix, PreparedGemv, Reduction, MAX_TOKENS_PER_PASS};

@@ -54,4 +54,7 @@ pub enum ModelError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("overlay delta for layer {layer} does not fit the model: {reason}")]
     BadOverlay { layer: usize, reason: String },
+    /// A device backend's failure, or something it does not run (the message names both).
+    #[error("{0}")]
+    Device(String),
 }

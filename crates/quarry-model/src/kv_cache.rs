@@ -8,6 +8,7 @@
 //! default cache does): attention reads every one of them at every step, and half the bytes
 //! is nearly half the time (see `quarry_kernels::half_rows`).
 
+use std::any::Any;
 use std::ops::Range;
 
 use half::f16;
@@ -44,6 +45,34 @@ pub trait KvCache {
     fn advance(&mut self, n: usize);
     /// Drops every position at or after `len` (to rewind or reuse a prefix).
     fn truncate(&mut self, len: usize);
+    /// Room for a device backend's own keys and values (a model on a GPU keeps them there
+    /// and this cache only counts positions); `None` for a cache that has none.
+    fn device_slot(&mut self) -> Option<&mut DeviceSlot> {
+        None
+    }
+}
+
+/// A device backend's keys and values for one sequence, held by the sequence's cache so they
+/// live and die with it; the backend fills it on first use ([`crate::Backend::Kv`]).
+#[derive(Default)]
+pub struct DeviceSlot(pub(crate) Option<Box<dyn Any + Send + Sync>>);
+
+impl std::fmt::Debug for DeviceSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "DeviceSlot(filled)"
+        } else {
+            "DeviceSlot(empty)"
+        })
+    }
+}
+
+impl Clone for DeviceSlot {
+    /// A clone starts empty: device buffers are not copied, and a device model refuses a
+    /// cache that counts positions its slot does not hold.
+    fn clone(&self) -> Self {
+        DeviceSlot(None)
+    }
 }
 
 /// One contiguous buffer per layer, sized for the whole context up front.
@@ -54,6 +83,7 @@ pub struct ContiguousKvCache {
     len: usize,
     keys: Vec<Vec<f16>>,
     values: Vec<Vec<f16>>,
+    device: DeviceSlot,
 }
 
 impl ContiguousKvCache {
@@ -63,13 +93,15 @@ impl ContiguousKvCache {
             capacity,
             len: 0,
             // One zeroed allocation per buffer (not clones of one), so the OS maps pages on
-            // first write and a cache sized for a long context costs memory only as it fills.
+            // first write and a cache sized for a long context costs memory only as it fills
+            // (nothing at all for a model on a device, which keeps its own in `device`).
             keys: (0..n_layers)
                 .map(|_| bytemuck::zeroed_vec(kv_dim * capacity))
                 .collect(),
             values: (0..n_layers)
                 .map(|_| bytemuck::zeroed_vec(kv_dim * capacity))
                 .collect(),
+            device: DeviceSlot::default(),
         }
     }
 }
@@ -107,5 +139,9 @@ impl KvCache for ContiguousKvCache {
 
     fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    fn device_slot(&mut self) -> Option<&mut DeviceSlot> {
+        Some(&mut self.device)
     }
 }

@@ -5,6 +5,7 @@
 //! one forward pass all families share, and keeps attention state in a [`KvCache`].
 
 mod attention;
+mod backend;
 mod config;
 mod error;
 mod export;
@@ -16,13 +17,15 @@ mod model;
 pub mod ops;
 mod overlay;
 
+pub use attention::AttentionSpec;
+pub use backend::Backend;
 pub use config::{
     Activation, ArchSpec, Experts, ModelConfig, QkNorm, RopeStyle, SlidingLayers, ARCHITECTURES,
 };
 pub use error::ModelError;
 pub use export::{write_patched_model, DEFAULT_PATCHED_TYPE, PATCHED_TYPES};
 pub use ffn::{FeatureBlock, FeatureOwner, FfnFeatures, Router};
-pub use kv_cache::{ContiguousKvCache, KvCache, KV_BYTES_PER_VALUE};
+pub use kv_cache::{ContiguousKvCache, DeviceSlot, KvCache, KV_BYTES_PER_VALUE};
 pub use lora::{read_adapter, write_adapter};
 pub use model::{AttentionWeights, FfnWeights, ForwardObserver, Model, SequenceBatch};
 pub use overlay::{FfnOverlay, LowRank, NeuronRows};

@@ -21,7 +21,8 @@ use quarry_kernels::{
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::attention::{attend, AttentionSpec, SequenceAttention};
+use crate::attention::{attend, SequenceAttention};
+use crate::backend::{attention_spec, Backend, DeviceForward, DeviceModel};
 use crate::config::{Experts, ModelConfig, QkNorm};
 use crate::ffn::{FeatureBlock, FfnFeatures, Router};
 use crate::kv_cache::{ContiguousKvCache, KvCache};
@@ -36,6 +37,9 @@ use crate::ModelError;
 pub struct Model {
     weights: Arc<Loaded>,
     overlay: Option<Arc<FfnOverlay>>,
+    /// The device the forward pass runs on, its weights uploaded ([`Model::on_device`]);
+    /// `None`: the CPU.
+    device: Option<Arc<dyn DeviceForward>>,
 }
 
 /// What [`Model::load`] builds over a file, shared by every clone of the model.
@@ -45,20 +49,20 @@ pub struct Model {
 /// `GgufFile` lives, and the `Arc` keeps it alive as long as this value. So the views are
 /// valid for as long as `Loaded` exists; they never leave it with that lifetime (every
 /// accessor ties what it returns to `&self`).
-struct Loaded {
-    config: ModelConfig,
+pub(crate) struct Loaded {
+    pub(crate) config: ModelConfig,
     token_embd: WeightView<'static>,
-    output: Matrix<'static>,
+    pub(crate) output: Matrix<'static>,
     /// The embedding is the output head (tied): looked up through `output`, whose file pages
     /// may have been released for a repacked copy.
     embed_from_head: bool,
-    output_norm: Vec<f32>,
-    layers: Vec<Layer<'static>>,
+    pub(crate) output_norm: Vec<f32>,
+    pub(crate) layers: Vec<Layer<'static>>,
     rope_global: Rope,
     /// LongRoPE's long factors, for sequences whose cache holds more than the original
     /// context ([`ModelConfig::rope_original_context`]).
     rope_long: Option<Rope>,
-    rope_local: Rope,
+    pub(crate) rope_local: Rope,
     /// Declared last, so dropped after the views into it.
     file: Arc<GgufFile>,
 }
@@ -141,9 +145,9 @@ pub struct FfnWeights<'m, 'a> {
 }
 
 /// A projection `W · x + b`, the bias where the file has one.
-struct Linear<'a> {
-    weight: Matrix<'a>,
-    bias: Option<Vec<f32>>,
+pub(crate) struct Linear<'a> {
+    pub(crate) weight: Matrix<'a>,
+    pub(crate) bias: Option<Vec<f32>>,
 }
 
 impl Linear<'_> {
@@ -158,37 +162,37 @@ impl Linear<'_> {
 }
 
 /// One transformer layer; which norms exist is the family's [`crate::ArchSpec`].
-struct Layer<'a> {
-    attn_norm: Option<Vec<f32>>,
-    wq: Linear<'a>,
-    wk: Linear<'a>,
-    wv: Linear<'a>,
-    wo: Linear<'a>,
-    q_norm: Option<Vec<f32>>,
-    k_norm: Option<Vec<f32>>,
-    post_attn_norm: Option<Vec<f32>>,
-    ffn_norm: Option<Vec<f32>>,
-    ffn: Ffn<'a>,
-    post_ffn_norm: Option<Vec<f32>>,
+pub(crate) struct Layer<'a> {
+    pub(crate) attn_norm: Option<Vec<f32>>,
+    pub(crate) wq: Linear<'a>,
+    pub(crate) wk: Linear<'a>,
+    pub(crate) wv: Linear<'a>,
+    pub(crate) wo: Linear<'a>,
+    pub(crate) q_norm: Option<Vec<f32>>,
+    pub(crate) k_norm: Option<Vec<f32>>,
+    pub(crate) post_attn_norm: Option<Vec<f32>>,
+    pub(crate) ffn_norm: Option<Vec<f32>>,
+    pub(crate) ffn: Ffn<'a>,
+    pub(crate) post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// A layer's FFN: one gated FFN, or a router over several (mixture of experts).
-enum Ffn<'a> {
+pub(crate) enum Ffn<'a> {
     Dense(GatedFfn<'a>),
     Experts(MoeFfn<'a>),
 }
 
 /// `down · (act(gate · x) ⊙ (up · x))`.
-struct GatedFfn<'a> {
-    gate: Matrix<'a>,
-    up: Matrix<'a>,
-    down: Matrix<'a>,
+pub(crate) struct GatedFfn<'a> {
+    pub(crate) gate: Matrix<'a>,
+    pub(crate) up: Matrix<'a>,
+    pub(crate) down: Matrix<'a>,
 }
 
 /// A mixture-of-experts FFN: the router's softmax picks each token's top experts, whose
 /// outputs are summed with those weights; a shared expert (Qwen2-MoE) runs on every token,
 /// scaled by the sigmoid of its own one-row gate.
-struct MoeFfn<'a> {
+pub(crate) struct MoeFfn<'a> {
     /// `count × d_model`, in `f32` ([`Router::weights`]).
     router: Vec<f32>,
     experts: Vec<GatedFfn<'a>>,
@@ -200,7 +204,7 @@ impl Loaded {
     /// The rotation of global layers for a sequence whose cache holds `capacity` tokens: the
     /// long LongRoPE factors when that is more than the context the factors were made for
     /// (llama.cpp chooses by its `n_ctx` the same way), the model's own otherwise.
-    fn global_rope(&self, capacity: usize) -> &Rope {
+    pub(crate) fn global_rope(&self, capacity: usize) -> &Rope {
         match &self.rope_long {
             Some(long) if capacity > self.config.rope_original_context => long,
             _ => &self.rope_global,
@@ -363,6 +367,7 @@ impl Model {
         Ok(Model {
             weights: Arc::new(loaded),
             overlay: None,
+            device: None,
         })
     }
 
@@ -372,11 +377,46 @@ impl Model {
     pub fn with_overlay(&self, overlay: Option<Arc<FfnOverlay>>) -> Result<Model, ModelError> {
         if let Some(o) = &overlay {
             self.check_overlay(o)?;
+            self.refuse_on_device("edit overlays (LoRA adapters, patches)")?;
         }
         Ok(Model {
             weights: Arc::clone(&self.weights),
             overlay,
+            device: self.device.clone(),
         })
+    }
+
+    /// This model with its forward pass on `backend`, every weight uploaded there once; a
+    /// model with an overlay, or with experts, is refused by name.
+    pub fn on_device<B: Backend>(&self, backend: B) -> Result<Model, ModelError> {
+        if self.overlay.is_some() {
+            return Err(ModelError::Device(format!(
+                "{} does not run edit overlays (LoRA adapters, patches) yet",
+                backend.describe()
+            )));
+        }
+        let device = DeviceModel::upload(backend, &self.weights)?;
+        Ok(Model {
+            weights: Arc::clone(&self.weights),
+            overlay: None,
+            device: Some(Arc::new(device)),
+        })
+    }
+
+    /// The device the forward pass runs on, described (`None`: the CPU).
+    pub fn device(&self) -> Option<String> {
+        self.device.as_ref().map(|d| d.describe())
+    }
+
+    /// An error naming `what` when the model runs on a device, which does not do it.
+    fn refuse_on_device(&self, what: &str) -> Result<(), ModelError> {
+        match &self.device {
+            Some(d) => Err(ModelError::Device(format!(
+                "{} does not run {what} yet (use the CPU)",
+                d.describe()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The overlay sequences run under unless they name their own.
@@ -580,7 +620,7 @@ impl Model {
         rows: Range<usize>,
     ) -> Result<Vec<f32>, ModelError> {
         let hidden = self.forward_hidden(tokens, cache, rows)?;
-        Ok(self.logits(&hidden))
+        self.logits(&hidden)
     }
 
     /// Like [`Model::forward`] but stops before the output head: the final-normed hidden states
@@ -592,7 +632,15 @@ impl Model {
         cache: &mut C,
         rows: Range<usize>,
     ) -> Result<Vec<f32>, ModelError> {
-        self.forward_observed(tokens, cache, rows, &mut NoObserver)
+        self.run(
+            &mut [SequenceBatch {
+                tokens,
+                cache,
+                rows,
+                overlay: None,
+            }],
+            &mut NoObserver,
+        )
     }
 
     /// [`Model::forward_hidden`] that also shows `observer` the inside of every layer.
@@ -603,6 +651,7 @@ impl Model {
         rows: Range<usize>,
         observer: &mut dyn ForwardObserver,
     ) -> Result<Vec<f32>, ModelError> {
+        self.refuse_on_device("observed forward passes (TRACE, extraction, editing)")?;
         self.run(
             &mut [SequenceBatch {
                 tokens,
@@ -629,7 +678,7 @@ impl Model {
     ) -> Result<Vec<f32>, ModelError> {
         let hidden = self.run(batch, &mut NoObserver)?;
         let rows = hidden.len() / self.config().d_model;
-        Ok(self.weights.project(&hidden, rows))
+        self.project(&hidden, rows)
     }
 
     fn run<C: KvCache + Sync>(
@@ -637,6 +686,9 @@ impl Model {
         batch: &mut [SequenceBatch<'_, '_, C>],
         observer: &mut dyn ForwardObserver,
     ) -> Result<Vec<f32>, ModelError> {
+        if let Some(device) = &self.device {
+            return self.run_on_device(device.as_ref(), batch);
+        }
         let w = &*self.weights;
         let cfg = &w.config;
         let mut plans = Vec::with_capacity(batch.len());
@@ -678,23 +730,8 @@ impl Model {
             n += len;
         }
         let d = cfg.d_model;
-        let mut x = vec![0.0f32; n * d];
-        let tokens = batch.iter().flat_map(|s| s.tokens);
-        for (row, &id) in x.chunks_exact_mut(d).zip(tokens) {
-            if id as usize >= cfg.vocab_size {
-                return Err(ModelError::TokenOutOfRange {
-                    id,
-                    vocab: cfg.vocab_size,
-                });
-            }
-            match w.embed_from_head {
-                true => w.output.dequantize_row(id as usize, row),
-                false => w.token_embd.dequantize_row(id as usize, row),
-            }
-            if cfg.embed_scale != 1.0 {
-                row.iter_mut().for_each(|v| *v *= cfg.embed_scale);
-            }
-        }
+        let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens).copied().collect();
+        let mut x = w.embed(&tokens)?;
         let mut scratch = Scratch::new(cfg, n);
         scratch.decode_rows = batch.iter().take_while(|s| s.tokens.len() == 1).count();
         scratch.segments = batch[scratch.decode_rows..]
@@ -718,14 +755,92 @@ impl Model {
         Ok(hidden)
     }
 
+    /// [`Model::run`] on the model's device: each sequence of the batch in turn (the device
+    /// keeps its keys and values in the cache's [`crate::DeviceSlot`]).
+    fn run_on_device<C: KvCache + Sync>(
+        &self,
+        device: &dyn DeviceForward,
+        batch: &mut [SequenceBatch<'_, '_, C>],
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut hidden = Vec::new();
+        for seq in batch.iter_mut() {
+            if seq.overlay.is_some() {
+                self.refuse_on_device("edit overlays (LoRA adapters, patches)")?;
+            }
+            let (len, start, capacity) = (seq.tokens.len(), seq.cache.len(), seq.cache.capacity());
+            if start + len > capacity {
+                return Err(ModelError::ContextOverflow {
+                    needed: start + len,
+                    capacity,
+                });
+            }
+            assert!(len > 0, "a sequence of the batch has no tokens");
+            assert!(
+                seq.rows.start <= seq.rows.end && seq.rows.end <= len,
+                "rows {:?} outside a batch of {len}",
+                seq.rows
+            );
+            let Some(slot) = seq.cache.device_slot() else {
+                return Err(ModelError::Device(format!(
+                    "{} needs a KV cache with room for device buffers (the paged cache of \
+                     `serve` has none yet)",
+                    device.describe()
+                )));
+            };
+            let rows = seq.rows.clone();
+            hidden.extend(device.forward(
+                &self.weights,
+                seq.tokens,
+                slot,
+                start,
+                capacity,
+                rows,
+            )?);
+            seq.cache.advance(len);
+        }
+        Ok(hidden)
+    }
+
     /// Projects final hidden states (from [`Model::forward_hidden`]) onto the vocabulary.
-    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+    pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>, ModelError> {
         let n = hidden.len() / self.config().d_model;
-        self.weights.project(hidden, usize::from(n == 1))
+        self.project(hidden, usize::from(n == 1))
+    }
+
+    /// [`Model::logits`] with the first `decode_rows` rows projected as decode steps are
+    /// (on the CPU; a device projects every row alike).
+    fn project(&self, hidden: &[f32], decode_rows: usize) -> Result<Vec<f32>, ModelError> {
+        match &self.device {
+            Some(device) => device.logits(self.config(), hidden),
+            None => Ok(self.weights.project(hidden, decode_rows)),
+        }
     }
 }
 
 impl Loaded {
+    /// The scaled embeddings of `tokens`, `d_model` floats each.
+    pub(crate) fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let cfg = &self.config;
+        let d = cfg.d_model;
+        let mut x = vec![0.0f32; tokens.len() * d];
+        for (row, &id) in x.chunks_exact_mut(d).zip(tokens) {
+            if id as usize >= cfg.vocab_size {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    vocab: cfg.vocab_size,
+                });
+            }
+            match self.embed_from_head {
+                true => self.output.dequantize_row(id as usize, row),
+                false => self.token_embd.dequantize_row(id as usize, row),
+            }
+            if cfg.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= cfg.embed_scale);
+            }
+        }
+        Ok(x)
+    }
+
     /// [`Model::logits`] with the first `decode_rows` rows projected as decode steps are.
     fn project(&self, hidden: &[f32], decode_rows: usize) -> Vec<f32> {
         let n = hidden.len() / self.config.d_model;
@@ -794,14 +909,7 @@ impl Loaded {
             seq.cache.write(index, &s.k[kv.clone()], &s.v[kv]);
         }
 
-        let spec = AttentionSpec {
-            n_heads: cfg.n_heads,
-            n_kv_heads: cfg.n_kv_heads,
-            head_dim: hd,
-            scale: cfg.attn_scale,
-            softcap: cfg.attn_softcap,
-            window: if global { None } else { cfg.sliding_window },
-        };
+        let spec = attention_spec(cfg, global);
         let sequences: Vec<_> = batch
             .iter()
             .zip(plans)

@@ -201,6 +201,25 @@ pub struct RopeTable<'a> {
 }
 
 impl RopeTable<'_> {
+    /// The rotation's `[cos, sin]` per pair as `f32`, `dims / 2` pairs per position, for a
+    /// backend that rotates on its own device.
+    pub fn cos_sin_f32(&self) -> Vec<[f32; 2]> {
+        self.cos_sin
+            .iter()
+            .map(|&[c, s]| [c as f32, s as f32])
+            .collect()
+    }
+
+    /// Which dimensions form a pair.
+    pub fn style(&self) -> RopeStyle {
+        self.rope.style
+    }
+
+    /// Dimensions rotated at the start of each head (the rest pass through).
+    pub fn dims(&self) -> usize {
+        self.rope.dims
+    }
+
     /// Positions in the table.
     fn positions(&self) -> usize {
         self.cos_sin.len() / self.rope.inv_freq.len().max(1)

@@ -91,7 +91,7 @@ pub(crate) fn run(model: &Model, tokenizer: &Tokenizer, prompt: &str) -> Result<
     let hidden = model
         .forward_observed(tail, &mut cache, tail.len() - 1..tail.len(), &mut pieces)
         .map_err(|e| e.to_string())?;
-    let logits = model.logits(&hidden);
+    let logits = model.logits(&hidden).map_err(|e| e.to_string())?;
     Ok(Run {
         tokens,
         pieces,

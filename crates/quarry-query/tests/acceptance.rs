@@ -58,7 +58,7 @@ fn plain_forward(model: TestModel, prompt: &str) -> (Vec<f32>, Vec<f32>, Vec<f32
     let hidden = m
         .forward_hidden(&ids, &mut m.new_cache(n), n - 1..n)
         .unwrap();
-    let logits = m.logits(&hidden);
+    let logits = m.logits(&hidden).unwrap();
     let mut head_row = vec![0.0f32; hidden.len()];
     let best = (0..logits.len())
         .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))

@@ -272,7 +272,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 };
                 let mut o = map.apply(&states[layer]);
                 rms_norm(&mut o, model.output_norm(), cfg.norm_eps);
-                let logits = model.logits(&o);
+                let logits = model.logits(&o)?;
                 let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let sum: f32 = logits.iter().map(|v| (v - max).exp()).sum();
                 let (best, _) =

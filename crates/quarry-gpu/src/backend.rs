@@ -1,0 +1,550 @@
+//! The GPU as a [`quarry_model::Backend`]: weights uploaded once as the file stores them,
+//! every activation and the keys and values kept on the device, and only the rows asked for
+//! read back.
+//!
+//! Operations are recorded into one command encoder and submitted in batches of
+//! [`DISPATCHES_PER_SUBMIT`] (so the device starts while the host records the rest); only a
+//! read waits. Errors wgpu reports late (validation, a lost device) surface at that read.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use quarry_kernels::WeightView;
+use quarry_model::ops::RopeTable;
+use quarry_model::{Activation, AttentionSpec, ModelError, RopeStyle};
+
+use crate::context::Gpu;
+use crate::error::GpuError;
+use crate::gemv::{GemvConfig, GpuMatrix};
+use crate::ops::{Op, WORKGROUP};
+
+/// Dispatches recorded before the encoder is submitted without waiting.
+const DISPATCHES_PER_SUBMIT: usize = 128;
+
+/// Score values one attention dispatch may keep (query rows × heads × positions); longer
+/// prompts are attended in several dispatches of fewer rows.
+const MAX_SCORES: usize = 1 << 24;
+
+/// A device buffer of `rows × cols` `f32`.
+pub struct GpuTensor {
+    buffer: wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+}
+
+/// A sequence's keys and values on the device: one buffer per layer for each, `capacity`
+/// positions of `kv_dim` `f32`.
+pub struct GpuKv {
+    keys: Vec<wgpu::Buffer>,
+    values: Vec<wgpu::Buffer>,
+    kv_dim: usize,
+    capacity: usize,
+}
+
+/// A GPU running a model's forward pass.
+pub struct GpuBackend {
+    gpu: Gpu,
+    recording: Mutex<Recording>,
+    pipelines: Mutex<HashMap<Op, Arc<wgpu::ComputePipeline>>>,
+}
+
+/// Work recorded and not yet submitted.
+struct Recording {
+    encoder: Option<wgpu::CommandEncoder>,
+    dispatches: usize,
+}
+
+fn device_error(e: GpuError) -> ModelError {
+    ModelError::Device(format!("gpu: {e}"))
+}
+
+impl GpuBackend {
+    pub fn new(gpu: Gpu) -> Self {
+        Self {
+            gpu,
+            recording: Mutex::new(Recording {
+                encoder: None,
+                dispatches: 0,
+            }),
+            pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    fn recording(&self) -> MutexGuard<'_, Recording> {
+        self.recording.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `record` on the open encoder; submits it (without waiting) once it holds enough.
+    fn record(&self, dispatches: usize, record: impl FnOnce(&mut wgpu::CommandEncoder)) {
+        let mut r = self.recording();
+        let device = self.gpu.device();
+        let encoder = r.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("forward"),
+            })
+        });
+        record(encoder);
+        r.dispatches += dispatches;
+        if r.dispatches >= DISPATCHES_PER_SUBMIT {
+            let encoder = r.encoder.take().expect("just used");
+            self.gpu.queue().submit([encoder.finish()]);
+            r.dispatches = 0;
+        }
+    }
+
+    fn pipeline(&self, op: Op) -> Result<Arc<wgpu::ComputePipeline>, ModelError> {
+        let mut cache = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = cache.get(&op) {
+            return Ok(p.clone());
+        }
+        let pipeline = self
+            .gpu
+            .scoped("compiling a forward-pass kernel", 0, |d| {
+                let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some("forward op"),
+                    source: wgpu::ShaderSource::Wgsl(op.source().into()),
+                });
+                d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some("forward op"),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some("main"),
+                    compilation_options: Default::default(),
+                    cache: None,
+                })
+            })
+            .map_err(device_error)?;
+        let pipeline = Arc::new(pipeline);
+        cache.insert(op, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Records one dispatch of `op` over `groups` workgroups with the parameters `params`
+    /// (three `vec4<u32>`) and `buffers` bound from 1 on.
+    fn dispatch(
+        &self,
+        op: Op,
+        params: [u32; 12],
+        buffers: &[&wgpu::Buffer],
+        groups: (u32, u32),
+    ) -> Result<(), ModelError> {
+        let pipeline = self.pipeline(op)?;
+        let uniform = self
+            .gpu
+            .create_buffer_with(
+                "op parameters",
+                bytemuck::bytes_of(&params),
+                16,
+                wgpu::BufferUsages::UNIFORM,
+            )
+            .map_err(device_error)?;
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
+        entries.extend(
+            buffers
+                .iter()
+                .enumerate()
+                .map(|(i, b)| wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: b.as_entire_binding(),
+                }),
+        );
+        let bind_group = self
+            .gpu
+            .device()
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("forward op"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
+        self.record(1, |encoder| {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("forward op"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, Some(&bind_group), &[]);
+            pass.dispatch_workgroups(groups.0, groups.1, 1);
+        });
+        Ok(())
+    }
+
+    /// A 2-D grid of `n` workgroups, and its width (for kernels that flatten it).
+    fn grid(&self, n: usize) -> Result<(u32, u32), ModelError> {
+        let max = self.gpu.limits().max_compute_workgroups_per_dimension as usize;
+        let x = n.clamp(1, max);
+        let y = n.div_ceil(x).max(1);
+        if y > max {
+            return Err(ModelError::Device(format!(
+                "gpu: {n} workgroups exceed what one dispatch may hold"
+            )));
+        }
+        Ok((x as u32, y as u32))
+    }
+
+    /// An element-wise `op` over every value of `x` (`extra`: its `a.z` parameter), with
+    /// `other` bound after `x`.
+    fn elementwise(
+        &self,
+        op: Op,
+        x: &GpuTensor,
+        other: Option<&wgpu::Buffer>,
+        extra: u32,
+    ) -> Result<(), ModelError> {
+        let n = x.rows * x.cols;
+        let (gx, gy) = self.grid(n.div_ceil(WORKGROUP as usize))?;
+        let params = [n as u32, gx, extra, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut buffers = vec![&x.buffer];
+        buffers.extend(other);
+        self.dispatch(op, params, &buffers, (gx, gy))
+    }
+
+    fn same_shape(what: &str, a: &GpuTensor, b: &GpuTensor) -> Result<(), ModelError> {
+        if (a.rows, a.cols) != (b.rows, b.cols) {
+            return Err(ModelError::Device(format!(
+                "gpu: {what}: {}×{} and {}×{} differ",
+                a.rows, a.cols, b.rows, b.cols
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of a buffer for `n` f32 (at least 16, a multiple of 16, as bindings want).
+fn bytes_of(n: usize) -> u64 {
+    (n as u64 * 4).max(16).next_multiple_of(16)
+}
+
+impl quarry_model::Backend for GpuBackend {
+    type Tensor = GpuTensor;
+    type Matrix = GpuMatrix;
+    type Vector = GpuTensor;
+    type Kv = GpuKv;
+
+    fn describe(&self) -> String {
+        let a = self.gpu.adapter();
+        format!("gpu {} ({})", a.name, a.backend)
+    }
+
+    fn matrix(&self, name: &str, view: WeightView<'_>) -> Result<GpuMatrix, ModelError> {
+        GpuMatrix::upload(
+            &self.gpu,
+            view.dtype(),
+            view.rows(),
+            view.cols(),
+            view.data(),
+        )
+        .map_err(|e| ModelError::Device(format!("gpu: tensor '{name}': {e}")))
+    }
+
+    fn vector(&self, name: &str, values: &[f32]) -> Result<GpuTensor, ModelError> {
+        self.tensor(1, values.len(), values)
+            .map_err(|e| ModelError::Device(format!("{e} (vector '{name}')")))
+    }
+
+    fn kv(&self, layers: usize, kv_dim: usize, capacity: usize) -> Result<GpuKv, ModelError> {
+        let bytes = bytes_of(kv_dim * capacity);
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        let buffer = || self.gpu.create_buffer("KV cache", bytes, usage);
+        let keys = (0..layers).map(|_| buffer()).collect::<Result<Vec<_>, _>>();
+        let values = (0..layers).map(|_| buffer()).collect::<Result<Vec<_>, _>>();
+        Ok(GpuKv {
+            keys: keys.map_err(device_error)?,
+            values: values.map_err(device_error)?,
+            kv_dim,
+            capacity,
+        })
+    }
+
+    fn tensor(&self, rows: usize, cols: usize, values: &[f32]) -> Result<GpuTensor, ModelError> {
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        let buffer = match values.len() {
+            0 => self
+                .gpu
+                .create_buffer("activations", bytes_of(rows * cols), usage),
+            n if n == rows * cols => {
+                self.gpu
+                    .create_buffer_with("activations", bytemuck::cast_slice(values), 16, usage)
+            }
+            n => {
+                return Err(ModelError::Device(format!(
+                    "gpu: {n} values for a {rows}×{cols} tensor"
+                )))
+            }
+        }
+        .map_err(device_error)?;
+        Ok(GpuTensor { buffer, rows, cols })
+    }
+
+    fn copy(&self, x: &GpuTensor, out: &mut GpuTensor) -> Result<(), ModelError> {
+        Self::same_shape("copy", x, out)?;
+        let bytes = (x.rows * x.cols * 4) as u64;
+        self.record(0, |e| {
+            e.copy_buffer_to_buffer(&x.buffer, 0, &out.buffer, 0, bytes)
+        });
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &mut GpuTensor, gain: &GpuTensor, eps: f32) -> Result<(), ModelError> {
+        let width = gain.cols;
+        if width == 0 || !(x.rows * x.cols).is_multiple_of(width) {
+            return Err(ModelError::Device(format!(
+                "gpu: a norm of {width} values over rows of {}",
+                x.cols
+            )));
+        }
+        let runs = x.rows * x.cols / width;
+        let (gx, gy) = self.grid(runs)?;
+        let params = [
+            width as u32,
+            runs as u32,
+            eps.to_bits(),
+            gx,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        self.dispatch(Op::RmsNorm, params, &[&x.buffer, &gain.buffer], (gx, gy))
+    }
+
+    fn matmul(&self, w: &GpuMatrix, x: &GpuTensor, out: &mut GpuTensor) -> Result<(), ModelError> {
+        if x.cols != w.cols() || out.cols != w.rows() || out.rows != x.rows {
+            return Err(ModelError::Device(format!(
+                "gpu: a {}×{} matrix times {}×{} into {}×{}",
+                w.rows(),
+                w.cols(),
+                x.rows,
+                x.cols,
+                out.rows,
+                out.cols
+            )));
+        }
+        let prepared = w
+            .prepare(&x.buffer, &out.buffer, x.rows, &GemvConfig::default())
+            .map_err(device_error)?;
+        let dispatches = x.rows.div_ceil(crate::MAX_TOKENS_PER_PASS);
+        self.record(dispatches, |encoder| {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("matmul"),
+                timestamp_writes: None,
+            });
+            prepared.record(&mut pass);
+        });
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut GpuTensor, bias: &GpuTensor) -> Result<(), ModelError> {
+        if bias.cols != x.cols {
+            return Err(ModelError::Device(format!(
+                "gpu: a bias of {} over rows of {}",
+                bias.cols, x.cols
+            )));
+        }
+        self.elementwise(Op::Bias, x, Some(&bias.buffer), x.cols as u32)
+    }
+
+    fn rope(
+        &self,
+        x: &mut GpuTensor,
+        table: &RopeTable<'_>,
+        head_dim: usize,
+    ) -> Result<(), ModelError> {
+        let cos_sin = table.cos_sin_f32();
+        let half = table.dims() / 2;
+        if half == 0 {
+            return Ok(());
+        }
+        if cos_sin.len() != x.rows * half || !x.cols.is_multiple_of(head_dim) {
+            return Err(ModelError::Device(format!(
+                "gpu: a rotation table of {} pairs for {} rows of {} in heads of {head_dim}",
+                cos_sin.len(),
+                x.rows,
+                x.cols
+            )));
+        }
+        let cs = self
+            .gpu
+            .create_buffer_with(
+                "rope table",
+                bytemuck::cast_slice(&cos_sin),
+                16,
+                wgpu::BufferUsages::STORAGE,
+            )
+            .map_err(device_error)?;
+        let heads = x.cols / head_dim;
+        let n = x.rows * heads * half;
+        let (gx, gy) = self.grid(n.div_ceil(WORKGROUP as usize))?;
+        let style = match table.style() {
+            RopeStyle::Interleaved => 0,
+            RopeStyle::Halves => 1,
+        };
+        let params = [
+            n as u32,
+            gx,
+            heads as u32,
+            half as u32,
+            head_dim as u32,
+            style,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        self.dispatch(Op::Rope, params, &[&x.buffer, &cs], (gx, gy))
+    }
+
+    fn kv_write(
+        &self,
+        kv: &mut GpuKv,
+        layer: usize,
+        start: usize,
+        k: &GpuTensor,
+        v: &GpuTensor,
+    ) -> Result<(), ModelError> {
+        Self::same_shape("keys and values", k, v)?;
+        if k.cols != kv.kv_dim || start + k.rows > kv.capacity || layer >= kv.keys.len() {
+            return Err(ModelError::Device(format!(
+                "gpu: {} positions of {} at {start} in layer {layer} of a cache of {} × {}",
+                k.rows, k.cols, kv.capacity, kv.kv_dim
+            )));
+        }
+        let (offset, bytes) = ((start * kv.kv_dim * 4) as u64, (k.rows * k.cols * 4) as u64);
+        self.record(0, |e| {
+            e.copy_buffer_to_buffer(&k.buffer, 0, &kv.keys[layer], offset, bytes);
+            e.copy_buffer_to_buffer(&v.buffer, 0, &kv.values[layer], offset, bytes);
+        });
+        Ok(())
+    }
+
+    fn attend(
+        &self,
+        spec: &AttentionSpec,
+        kv: &GpuKv,
+        layer: usize,
+        start: usize,
+        q: &GpuTensor,
+        out: &mut GpuTensor,
+    ) -> Result<(), ModelError> {
+        Self::same_shape("queries and attention output", q, out)?;
+        let (heads, hd) = (spec.n_heads, spec.head_dim);
+        if q.cols != heads * hd
+            || spec.n_kv_heads == 0
+            || !heads.is_multiple_of(spec.n_kv_heads)
+            || spec.n_kv_heads * hd != kv.kv_dim
+            || start + q.rows > kv.capacity
+            || layer >= kv.keys.len()
+        {
+            return Err(ModelError::Device(format!(
+                "gpu: attention of {} heads of {hd} ({} KV heads) over rows of {} at {start} \
+                 in a cache of {} × {}",
+                heads, spec.n_kv_heads, q.cols, kv.capacity, kv.kv_dim
+            )));
+        }
+        // Rows per dispatch so that one dispatch's scores fit MAX_SCORES.
+        let stride = start + q.rows;
+        let per = (MAX_SCORES / (heads * stride)).clamp(1, q.rows.max(1));
+        let max_y = self.gpu.limits().max_compute_workgroups_per_dimension as usize;
+        let per = per.min(max_y);
+        let scores = self
+            .gpu
+            .create_buffer(
+                "attention scores",
+                bytes_of(per * heads * stride),
+                wgpu::BufferUsages::STORAGE,
+            )
+            .map_err(device_error)?;
+        for first in (0..q.rows).step_by(per) {
+            let rows = per.min(q.rows - first);
+            let params = [
+                q.rows as u32,
+                heads as u32,
+                hd as u32,
+                (heads / spec.n_kv_heads) as u32,
+                kv.kv_dim as u32,
+                start as u32,
+                spec.window.unwrap_or(0) as u32,
+                stride as u32,
+                spec.scale.to_bits(),
+                spec.softcap.unwrap_or(0.0).to_bits(),
+                first as u32,
+                0,
+            ];
+            self.dispatch(
+                Op::Attention,
+                params,
+                &[
+                    &q.buffer,
+                    &kv.keys[layer],
+                    &kv.values[layer],
+                    &out.buffer,
+                    &scores,
+                ],
+                (heads as u32, rows as u32),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn gated_activation(
+        &self,
+        gate: &mut GpuTensor,
+        up: &GpuTensor,
+        act: Activation,
+    ) -> Result<(), ModelError> {
+        Self::same_shape("gate and up", gate, up)?;
+        let act = match act {
+            Activation::Silu => 0,
+            Activation::GeluTanh => 1,
+        };
+        self.elementwise(Op::Gated, gate, Some(&up.buffer), act)
+    }
+
+    fn softcap(&self, x: &mut GpuTensor, cap: f32) -> Result<(), ModelError> {
+        self.elementwise(Op::Softcap, x, None, cap.to_bits())
+    }
+
+    fn add(&self, x: &mut GpuTensor, y: &GpuTensor) -> Result<(), ModelError> {
+        Self::same_shape("add", x, y)?;
+        self.elementwise(Op::Add, x, Some(&y.buffer), 0)
+    }
+
+    fn read(&self, x: &GpuTensor, rows: Range<usize>) -> Result<Vec<f32>, ModelError> {
+        if rows.start > rows.end || rows.end > x.rows {
+            return Err(ModelError::Device(format!(
+                "gpu: rows {rows:?} of a tensor of {}",
+                x.rows
+            )));
+        }
+        let encoder = {
+            let mut r = self.recording();
+            r.dispatches = 0;
+            r.encoder.take()
+        };
+        let encoder = encoder.unwrap_or_else(|| {
+            self.gpu
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("readback"),
+                })
+        });
+        self.gpu
+            .finish_and_read(encoder, &x.buffer, rows.start * x.cols, rows.len() * x.cols)
+            .map_err(device_error)
+    }
+}

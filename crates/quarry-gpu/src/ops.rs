@@ -1,0 +1,203 @@
+//! The forward pass's operations other than the matrix products, as WGSL kernels: RMS norm,
+//! bias, residual add, gated activation, soft-cap, RoPE and attention over a sequence's
+//! stored keys and values.
+//!
+//! Every kernel reads its parameters from one uniform of three `vec4<u32>` (floats as their
+//! bits), so one binding layout serves all of them; wgpu derives each pipeline's layout from
+//! its shader. Element-wise kernels index a 2-D grid of workgroups (`x + y · groups_x`), as
+//! one dimension holds at most 65 535 of them. They compute in `f32`, as the CPU does; the
+//! CPU reference they are tested against is `quarry_model::ops` (tests/forward.rs).
+
+/// A kernel of this module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Op {
+    Add,
+    Bias,
+    Softcap,
+    Gated,
+    RmsNorm,
+    Rope,
+    Attention,
+}
+
+/// Invocations per workgroup of every kernel here.
+pub(crate) const WORKGROUP: u32 = 64;
+
+const PARAMS: &str = "struct P { a: vec4<u32>, b: vec4<u32>, c: vec4<u32> }
+@group(0) @binding(0) var<uniform> p: P;
+";
+
+/// `tanh` with its argument bounded: some drivers compute it from `exp`, which overflows.
+const TANH: &str = "fn tanh_safe(x: f32) -> f32 { return tanh(clamp(x, -15.0, 15.0)); }
+";
+
+/// An element-wise kernel over `p.a.x` values: `body` sees the index `i`.
+fn elementwise(bindings: &str, body: &str) -> String {
+    format!(
+        "{PARAMS}{TANH}{bindings}
+@compute @workgroup_size({WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
+    let i = (wid.x + wid.y * p.a.y) * {WORKGROUP}u + lid;
+    if (i >= p.a.x) {{ return; }}
+    {body}
+}}
+"
+    )
+}
+
+impl Op {
+    /// The WGSL source of the kernel.
+    pub(crate) fn source(self) -> String {
+        let x_rw = "@group(0) @binding(1) var<storage, read_write> x: array<f32>;\n";
+        match self {
+            // a.x = values, a.y = groups_x.
+            Op::Add => elementwise(
+                &format!("{x_rw}@group(0) @binding(2) var<storage, read> y: array<f32>;\n"),
+                "x[i] = x[i] + y[i];",
+            ),
+            // a.z = row length.
+            Op::Bias => elementwise(
+                &format!("{x_rw}@group(0) @binding(2) var<storage, read> b: array<f32>;\n"),
+                "x[i] = x[i] + b[i % p.a.z];",
+            ),
+            // a.z = the cap's bits.
+            Op::Softcap => elementwise(
+                x_rw,
+                "let cap = bitcast<f32>(p.a.z); x[i] = cap * tanh_safe(x[i] / cap);",
+            ),
+            // a.z = 0 for SiLU, 1 for GELU (tanh approximation).
+            Op::Gated => elementwise(
+                &format!("{x_rw}@group(0) @binding(2) var<storage, read> up: array<f32>;\n"),
+                "let g = x[i];
+    var a: f32;
+    if (p.a.z == 0u) {
+        a = g / (1.0 + exp(-g));
+    } else {
+        a = 0.5 * g * (1.0 + tanh_safe(0.7978845608028654 * (g + 0.044715 * g * g * g)));
+    }
+    x[i] = a * up[i];",
+            ),
+            Op::RmsNorm => RMS_NORM.to_string(),
+            Op::Rope => format!("{PARAMS}{ROPE}"),
+            Op::Attention => format!("{PARAMS}{TANH}{ATTENTION}"),
+        }
+    }
+}
+
+/// One workgroup per run of `a.x` values (`a.y` runs, `a.w` = groups_x), `x ← x · g / rms(x)`
+/// with `a.z` the bits of epsilon.
+const RMS_NORM: &str = "struct P { a: vec4<u32>, b: vec4<u32>, c: vec4<u32> }
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read_write> x: array<f32>;
+@group(0) @binding(2) var<storage, read> g: array<f32>;
+var<workgroup> part: array<f32, 64>;
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let run = wid.x + wid.y * p.a.w;
+    let width = p.a.x;
+    let base = run * width;
+    var s = 0.0;
+    if (run < p.a.y) {
+        for (var i = lid; i < width; i += 64u) { let v = x[base + i]; s += v * v; }
+    }
+    part[lid] = s;
+    workgroupBarrier();
+    for (var k = 32u; k > 0u; k >>= 1u) {
+        if (lid < k) { part[lid] += part[lid + k]; }
+        workgroupBarrier();
+    }
+    if (run >= p.a.y) { return; }
+    let inv = 1.0 / sqrt(part[0] / f32(width) + bitcast<f32>(p.a.z));
+    for (var i = lid; i < width; i += 64u) { x[base + i] = x[base + i] * inv * g[i]; }
+}
+";
+
+/// One invocation per pair of one head of one row: `a.x` pairs in all, `a.y` = groups_x,
+/// `a.z` heads per row, `a.w` pairs per head (rotated dims / 2); `b.x` head_dim, `b.y` 0 for
+/// adjacent pairs and 1 for halves; `cs` holds `[cos, sin]` per row and pair.
+const ROPE: &str = "@group(0) @binding(1) var<storage, read_write> x: array<f32>;
+@group(0) @binding(2) var<storage, read> cs: array<vec2<f32>>;
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * p.a.y) * 64u + lid;
+    if (i >= p.a.x) { return; }
+    let half = p.a.w;
+    let pair = i % half;
+    let rh = i / half;
+    let head = rh % p.a.z;
+    let row = rh / p.a.z;
+    let base = (row * p.a.z + head) * p.b.x;
+    var a = base + 2u * pair;
+    var b = a + 1u;
+    if (p.b.y == 1u) { a = base + pair; b = a + half; }
+    let c = cs[row * half + pair];
+    let x0 = x[a];
+    let x1 = x[b];
+    x[a] = x0 * c.x - x1 * c.y;
+    x[b] = x0 * c.y + x1 * c.x;
+}
+";
+
+/// One workgroup per (head, query row): scores of the visible positions into `sc`, their
+/// softmax, and the weighted sum of values. `a` = (rows, heads, head_dim, heads per KV head),
+/// `b` = (kv_dim, position of query row 0, window or 0, positions per score row),
+/// `c` = (scale bits, soft-cap bits or 0, first query row of this dispatch).
+const ATTENTION: &str = "@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> kc: array<f32>;
+@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(4) var<storage, read_write> o: array<f32>;
+@group(0) @binding(5) var<storage, read_write> sc: array<f32>;
+var<workgroup> red: array<f32, 64>;
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wid.x;
+    let t = wid.y;
+    let row = p.c.z + t;
+    let hd = p.a.z;
+    let pos = p.b.y + row;
+    var first = 0u;
+    if (p.b.z > 0u && pos + 1u > p.b.z) { first = pos + 1u - p.b.z; }
+    let kb = (h / p.a.w) * hd;
+    let qb = (row * p.a.y + h) * hd;
+    let sb = (t * p.a.y + h) * p.b.w;
+    let scale = bitcast<f32>(p.c.x);
+    let cap = bitcast<f32>(p.c.y);
+    var m = -3.0e38;
+    for (var j = first + lid; j <= pos; j += 64u) {
+        var s = 0.0;
+        let kr = j * p.b.x + kb;
+        for (var e = 0u; e < hd; e++) { s += q[qb + e] * kc[kr + e]; }
+        s = s * scale;
+        if (cap > 0.0) { s = cap * tanh_safe(s / cap); }
+        sc[sb + j] = s;
+        m = max(m, s);
+    }
+    red[lid] = m;
+    workgroupBarrier();
+    for (var k = 32u; k > 0u; k >>= 1u) {
+        if (lid < k) { red[lid] = max(red[lid], red[lid + k]); }
+        workgroupBarrier();
+    }
+    let mx = red[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var j = first + lid; j <= pos; j += 64u) {
+        let e = exp(sc[sb + j] - mx);
+        sc[sb + j] = e;
+        sum += e;
+    }
+    red[lid] = sum;
+    workgroupBarrier();
+    for (var k = 32u; k > 0u; k >>= 1u) {
+        if (lid < k) { red[lid] += red[lid + k]; }
+        workgroupBarrier();
+    }
+    let total = red[0];
+    storageBarrier();
+    for (var e = lid; e < hd; e += 64u) {
+        var acc = 0.0;
+        for (var j = first; j <= pos; j++) { acc += sc[sb + j] * vc[j * p.b.x + kb + e]; }
+        o[qb + e] = acc / total;
+    }
+}
+";
