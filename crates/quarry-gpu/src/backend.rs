@@ -5,6 +5,8 @@
 //! Operations are recorded into one command encoder and submitted in batches of
 //! [`DISPATCHES_PER_SUBMIT`] (so the device starts while the host records the rest); only a
 //! read waits. Errors wgpu reports late (validation, a lost device) surface at that read.
+//! Threads may share a backend: the encoder is taken and submitted under one lock, so the
+//! work each thread records runs in the order it recorded it.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -531,20 +533,22 @@ impl quarry_model::Backend for GpuBackend {
                 x.rows
             )));
         }
-        let encoder = {
+        // Submitted under the lock, so that work recorded by other threads into the encoder
+        // after this one is never submitted before it.
+        let readback = {
             let mut r = self.recording();
             r.dispatches = 0;
-            r.encoder.take()
-        };
-        let encoder = encoder.unwrap_or_else(|| {
+            let encoder = r.encoder.take().unwrap_or_else(|| {
+                self.gpu
+                    .device()
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("readback"),
+                    })
+            });
             self.gpu
-                .device()
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("readback"),
-                })
-        });
-        self.gpu
-            .finish_and_read(encoder, &x.buffer, rows.start * x.cols, rows.len() * x.cols)
-            .map_err(device_error)
+                .submit_readback(encoder, &x.buffer, rows.start * x.cols, rows.len() * x.cols)
+                .map_err(device_error)?
+        };
+        self.gpu.finish_readback(readback).map_err(device_error)
     }
 }

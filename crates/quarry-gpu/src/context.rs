@@ -107,6 +107,13 @@ pub(crate) struct Inner {
     wait_timeout: Duration,
 }
 
+/// A copy back to the host, submitted and not yet waited for.
+pub(crate) struct Readback {
+    staging: Option<wgpu::Buffer>,
+    index: wgpu::SubmissionIndex,
+    bytes: u64,
+}
+
 /// A GPU device and queue. Cheap to clone (shared inside).
 #[derive(Clone)]
 pub struct Gpu {
@@ -424,18 +431,21 @@ impl Gpu {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("readback"),
             });
-        self.finish_and_read(encoder, buffer, 0, n)
+        let readback = self.submit_readback(encoder, buffer, 0, n)?;
+        self.finish_readback(readback)
     }
 
     /// Submits `encoder` (work recorded but not yet submitted) with a copy of the `n` f32 of
-    /// `buffer` from f32 index `first` appended, waits, and returns them.
-    pub(crate) fn finish_and_read(
+    /// `buffer` from f32 index `first` appended; [`Gpu::finish_readback`] waits for them.
+    /// Separate steps, so that a caller ordering submissions under a lock need not hold it
+    /// while the device works.
+    pub(crate) fn submit_readback(
         &self,
         mut encoder: wgpu::CommandEncoder,
         buffer: &wgpu::Buffer,
         first: usize,
         n: usize,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Readback> {
         let (offset, bytes) = (first as u64 * 4, n as u64 * 4);
         if offset + bytes > buffer.size() {
             return Err(GpuError::Shape(format!(
@@ -444,23 +454,40 @@ impl Gpu {
                 buffer.size()
             )));
         }
-        if n == 0 {
-            self.submit_and_wait(encoder.finish())?;
-            return Ok(Vec::new());
-        }
-        let staging = self.create_buffer(
-            "readback staging",
+        let staging = match n {
+            0 => None,
+            _ => {
+                let staging = self.create_buffer(
+                    "readback staging",
+                    bytes,
+                    wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                )?;
+                encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes);
+                Some(staging)
+            }
+        };
+        self.check()?;
+        let index = self.inner.queue.submit([encoder.finish()]);
+        Ok(Readback {
+            staging,
+            index,
             bytes,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        )?;
-        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes);
-        self.submit_and_wait(encoder.finish())?;
+        })
+    }
+
+    /// Waits for a readback's submission and returns its values.
+    pub(crate) fn finish_readback(&self, r: Readback) -> Result<Vec<f32>> {
+        self.wait(Some(r.index))?;
+        let Some(staging) = r.staging else {
+            return Ok(Vec::new());
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
         self.wait(None)?;
-        match rx.try_recv() {
+        // Another thread's poll may be the one that runs the callback, a moment later.
+        match rx.recv_timeout(self.inner.wait_timeout) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(GpuError::Readback(e.to_string())),
             Err(_) => return Err(GpuError::Readback("buffer was not mapped".into())),
@@ -469,7 +496,7 @@ impl Gpu {
             let view = staging
                 .get_mapped_range(..)
                 .map_err(|e| GpuError::Readback(e.to_string()))?;
-            bytemuck::pod_collect_to_vec::<u8, f32>(&view[..bytes as usize])
+            bytemuck::pod_collect_to_vec::<u8, f32>(&view[..r.bytes as usize])
         };
         staging.unmap();
         Ok(out)

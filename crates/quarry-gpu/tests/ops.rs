@@ -1,0 +1,158 @@
+//! Each forward-pass operation of `GpuBackend` against its CPU reference (`quarry_model::ops`,
+//! or the textbook formula for attention) on awkward sizes: rows and widths that are not
+//! multiples of the workgroup, per-head norms, partial rotary dimensions, grouped-query
+//! attention with a sliding window and a soft-cap, queries placed after cached positions.
+
+mod common;
+
+use common::test_gpu;
+use proptest::prelude::*;
+use quarry_gpu::{GpuBackend, GpuTensor};
+use quarry_model::ops::{gated_activation, rms_norm, softcap, Rope};
+use quarry_model::{Activation, AttentionSpec, Backend, RopeStyle};
+use std::sync::OnceLock;
+
+fn backend() -> Option<&'static GpuBackend> {
+    static B: OnceLock<Option<GpuBackend>> = OnceLock::new();
+    B.get_or_init(|| test_gpu().map(GpuBackend::new)).as_ref()
+}
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    quarry_gpu::reference::random_activations(n, seed)
+}
+
+fn tensor(b: &GpuBackend, rows: usize, cols: usize, v: &[f32]) -> GpuTensor {
+    b.tensor(rows, cols, v).unwrap()
+}
+
+fn close(gpu: &[f32], cpu: &[f32], tol: f32, what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    for (i, (a, b)) in gpu.iter().zip(cpu).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{what}: value {i}: GPU {a}, CPU {b}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    #[test]
+    fn norm_bias_add_softcap_and_activation_match_the_cpu(
+        rows in 1usize..6, heads in 1usize..4, width in 1usize..70, seed in 0u64..1000,
+        per_head in any::<bool>(), gelu in any::<bool>(),
+    ) {
+        let Some(b) = backend() else { return Ok(()) };
+        let cols = heads * width;
+        let x = values(rows * cols, seed);
+        let y = values(rows * cols, seed + 1);
+        let gain = values(if per_head { width } else { cols }, seed + 2);
+        let bias = values(cols, seed + 3);
+
+        let mut t = tensor(b, rows, cols, &x);
+        b.rms_norm(&mut t, &tensor(b, 1, gain.len(), &gain), 1e-5).unwrap();
+        let mut cpu = x.clone();
+        rms_norm(&mut cpu, &gain, 1e-5);
+        close(&b.read(&t, 0..rows).unwrap(), &cpu, 1e-5, "rms_norm");
+
+        let mut t = tensor(b, rows, cols, &x);
+        b.add_bias(&mut t, &tensor(b, 1, cols, &bias)).unwrap();
+        b.add(&mut t, &tensor(b, rows, cols, &y)).unwrap();
+        b.softcap(&mut t, 1.5).unwrap();
+        let mut cpu: Vec<f32> = (0..rows * cols).map(|i| x[i] + bias[i % cols] + y[i]).collect();
+        softcap(&mut cpu, 1.5);
+        close(&b.read(&t, 0..rows).unwrap(), &cpu, 1e-5, "bias, add, softcap");
+
+        let act = if gelu { Activation::GeluTanh } else { Activation::Silu };
+        let mut t = tensor(b, rows, cols, &x);
+        b.gated_activation(&mut t, &tensor(b, rows, cols, &y), act).unwrap();
+        let mut cpu = x.clone();
+        gated_activation(&mut cpu, &y, act);
+        close(&b.read(&t, 0..rows).unwrap(), &cpu, 1e-5, "gated activation");
+    }
+
+    #[test]
+    fn rope_matches_the_cpu(
+        rows in 1usize..7, heads in 1usize..4, half_head in 1usize..9, partial in any::<bool>(),
+        halves in any::<bool>(), start in 0usize..3000, seed in 0u64..1000,
+    ) {
+        let Some(b) = backend() else { return Ok(()) };
+        let head_dim = 2 * half_head;
+        // Partial rotary: only the first dims of each head turn.
+        let dims = if partial && half_head > 1 { head_dim - 2 } else { head_dim };
+        let style = if halves { RopeStyle::Halves } else { RopeStyle::Interleaved };
+        let rope = Rope::new(style, dims, 10_000.0, 1.0);
+        let cols = heads * head_dim;
+        let x = values(rows * cols, seed);
+        let mut t = tensor(b, rows, cols, &x);
+        b.rope(&mut t, &rope.table(start, rows), head_dim).unwrap();
+        let mut cpu = x.clone();
+        for (r, row) in cpu.chunks_exact_mut(cols).enumerate() {
+            rope.rotate_heads(start + r, row, head_dim, false);
+        }
+        close(&b.read(&t, 0..rows).unwrap(), &cpu, 1e-4, "rope");
+    }
+
+    #[test]
+    fn attention_matches_the_softmax_formula(
+        kv_heads in 1usize..3, group in 1usize..4, head_dim in 1usize..20, start in 0usize..70,
+        rows in 1usize..6, window in proptest::option::of(1usize..40),
+        cap in proptest::option::of(5.0f32..30.0), seed in 0u64..1000,
+    ) {
+        let Some(b) = backend() else { return Ok(()) };
+        let heads = kv_heads * group;
+        let (q_dim, kv_dim, len) = (heads * head_dim, kv_heads * head_dim, start + rows);
+        let spec = AttentionSpec {
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: cap,
+            window,
+        };
+        let (keys, vals) = (values(len * kv_dim, seed), values(len * kv_dim, seed + 1));
+        let q = values(rows * q_dim, seed + 2);
+        let mut kv = b.kv(2, kv_dim, len + 3).unwrap();
+        // Cached positions first, then this batch's, into layer 1.
+        if start > 0 {
+            let (k0, v0) = (&keys[..start * kv_dim], &vals[..start * kv_dim]);
+            b.kv_write(&mut kv, 1, 0, &tensor(b, start, kv_dim, k0), &tensor(b, start, kv_dim, v0))
+                .unwrap();
+        }
+        let (k1, v1) = (&keys[start * kv_dim..], &vals[start * kv_dim..]);
+        b.kv_write(&mut kv, 1, start, &tensor(b, rows, kv_dim, k1), &tensor(b, rows, kv_dim, v1))
+            .unwrap();
+        let mut out = tensor(b, rows, q_dim, &[]);
+        b.attend(&spec, &kv, 1, start, &tensor(b, rows, q_dim, &q), &mut out).unwrap();
+
+        let mut cpu = vec![0f32; rows * q_dim];
+        for t in 0..rows {
+            let pos = start + t;
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            for h in 0..heads {
+                let qh = &q[(t * heads + h) * head_dim..][..head_dim];
+                let kvh = h / group;
+                let scores: Vec<f64> = (first..=pos)
+                    .map(|j| {
+                        let k = &keys[j * kv_dim + kvh * head_dim..][..head_dim];
+                        let s: f64 = qh.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let s = s * spec.scale as f64;
+                        cap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..head_dim {
+                    let acc: f64 = (first..=pos)
+                        .zip(&e)
+                        .map(|(j, p)| p * vals[j * kv_dim + kvh * head_dim + d] as f64)
+                        .sum();
+                    cpu[(t * heads + h) * head_dim + d] = (acc / sum) as f32;
+                }
+            }
+        }
+        close(&b.read(&out, 0..rows).unwrap(), &cpu, 1e-4, "attention");
+    }
+}
