@@ -41,7 +41,7 @@ pub enum Device {
     Auto,
 }
 
-/// Records `--device` for every model `run`, `chat`, `perplexity` and `bench` load.
+/// Records `--device` for every model `run`, `chat`, `perplexity`, `bench` and `serve` load.
 pub(crate) fn set_device(device: Device) {
     DEVICE.get_or_init(|| device);
 }
@@ -68,11 +68,18 @@ pub(crate) fn on_device(model: Model) -> Result<Model> {
             }
         },
     };
-    let model = model
-        .on_device(quarry_gpu::GpuBackend::new(gpu))
-        .context("--device")?;
-    eprintln!("device: {}", model.device().unwrap_or_default());
-    Ok(model)
+    match model.on_device(quarry_gpu::GpuBackend::new(gpu)) {
+        Ok(on_gpu) => {
+            eprintln!("device: {}", on_gpu.device().unwrap_or_default());
+            Ok(on_gpu)
+        }
+        // Auto falls back (a model larger than the device's memory, experts, an overlay).
+        Err(e) if device == Device::Auto => {
+            eprintln!("device: cpu (--device auto: {e})");
+            Ok(model)
+        }
+        Err(e) => Err(e).context("--device gpu"),
+    }
 }
 
 /// Records `--quantize` (`q8_0`, `q4_k`; any case) for every model this process opens.

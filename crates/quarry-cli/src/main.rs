@@ -27,7 +27,7 @@ struct Cli {
     /// it, so the integer kernels serve them.
     #[arg(long, global = true, value_name = "TYPE")]
     quantize: Option<String>,
-    /// Where `run`, `chat`, `perplexity` and `bench` run the forward pass: `cpu`, `gpu` (the
+    /// Where `run`, `chat`, `perplexity`, `bench` and `serve` run the forward pass: `cpu`, `gpu` (the
     /// first adapter, software ones included) or `auto` (a hardware GPU if there is one, else
     /// the CPU). `quarry info --devices` lists the adapters.
     #[arg(long, global = true, value_enum, default_value = "cpu")]
@@ -337,11 +337,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let runs_models = matches!(
         cli.command,
-        Command::Run(_) | Command::Chat(_) | Command::Perplexity(_) | Command::Bench(_)
+        Command::Run(_)
+            | Command::Chat(_)
+            | Command::Perplexity(_)
+            | Command::Bench(_)
+            | Command::Serve(_)
     );
     if cli.device == commands::Device::Gpu && !runs_models {
         eprintln!(
-            "error: --device gpu applies to run, chat, perplexity and bench; serve and the \
+            "error: --device gpu applies to run, chat, perplexity, bench and serve; the \
              vindex commands run on the CPU for now"
         );
         return ExitCode::from(2);

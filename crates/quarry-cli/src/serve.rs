@@ -230,7 +230,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         None => Model::load(crate::commands::open(&model_path.to_string_lossy())?)?,
     };
     // With --lora the adapter is the overlay generation starts under.
-    let model = with_lora(model, a.lora.as_deref())?;
+    let model = crate::commands::on_device(with_lora(model, a.lora.as_deref())?)?;
     // The server lives as long as the process: the tokenizer and template are leaked so that
     // request handlers on any thread can borrow them (the engine thread owns the model).
     let tokenizer: &'static Tokenizer = Box::leak(Box::new(Tokenizer::from_gguf(model.file())?));

@@ -182,6 +182,74 @@ fn greedy_run_starts_like_llamacpp() {
     }
 }
 
+/// `--device gpu` (lavapipe in CI): `run` follows llama.cpp's greedy path as on the CPU, `bench`
+/// reports the device, `info --devices` lists adapters, and the vindex commands, which do not
+/// run on a GPU, refuse the flag.
+#[test]
+fn device_gpu_runs_and_says_where() {
+    let listed = quarry_json(&["info", "--devices", "--json"]);
+    let adapters = listed["adapters"].as_array().unwrap();
+    if adapters.is_empty() {
+        assert_eq!(
+            std::env::var("QUARRY_GPU_TESTS").as_deref(),
+            Ok("skip"),
+            "no GPU adapter (scripts/install-vulkan installs lavapipe)"
+        );
+        return;
+    }
+    let path = model_path(TestModel::SmolLm2);
+    let g = &model_goldens(TestModel::SmolLm2)["greedy_fa_on"]["The capital of France is"]
+        ["model_default"];
+    let expected = ids(&g["greedy_ids"]);
+    let out = quarry(&[
+        "--device",
+        "gpu",
+        "run",
+        path_str(&path),
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "-n",
+        "6",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("device: gpu"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gaps = g["step_top1_minus_top2"].as_array().unwrap();
+    for (step, (a, b)) in ids(&v["ids"]).iter().zip(&expected).enumerate() {
+        if a != b {
+            assert!(
+                gaps[step].as_f64().unwrap() < 0.5,
+                "step {step}: {a} vs {b}"
+            );
+            break;
+        }
+    }
+    let bench = quarry_json(&[
+        "--device",
+        "gpu",
+        "bench",
+        path_str(&path),
+        "--pp",
+        "8",
+        "--tg",
+        "2",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    assert!(bench["device"].as_str().unwrap().starts_with("gpu"));
+    assert!(bench["read_bandwidth_gb_s"].is_null());
+    let refused = quarry(&["--device", "gpu", "verify", "x.vindex"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--device gpu applies to"));
+}
+
 #[test]
 fn same_seed_same_text() {
     let model = model_path(TestModel::SmolLm2);

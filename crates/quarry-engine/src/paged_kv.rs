@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use half::f16;
 use quarry_kernels::half_rows::narrow;
-use quarry_model::KvCache;
+use quarry_model::{DeviceSlot, KvCache};
 
 /// The shape of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +81,8 @@ pub struct PagedSequence {
     hashes: Vec<u64>,
     /// The parent of its first block: the version of the weights it is computed with.
     root: u64,
+    /// A device model's keys and values for this sequence (the blocks only count positions).
+    device: DeviceSlot,
 }
 
 impl PagedSequence {
@@ -154,6 +156,12 @@ impl KvCache for PagedSequence {
     fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+
+    /// Room for the positions reserved at admission, not the whole context.
+    fn device_slot(&mut self) -> Option<(&mut DeviceSlot, usize)> {
+        let positions = (self.reserved * self.shape.block_size).min(self.capacity);
+        Some((&mut self.device, positions))
+    }
 }
 
 impl PagedSequence {
@@ -202,6 +210,9 @@ pub struct BlockPool {
     created: usize,
     recycled: Vec<KvBlock>,
     prefix: HashMap<u64, CachedBlock>,
+    /// Whether full blocks are kept for later prompts (not for a model on a device, whose
+    /// keys and values live in each sequence's own device buffers, not in the blocks).
+    reuse: bool,
     /// Sum of [`PagedSequence::outstanding`] over admitted sequences.
     outstanding: usize,
     clock: u64,
@@ -216,9 +227,16 @@ impl BlockPool {
             created: 0,
             recycled: Vec::new(),
             prefix: HashMap::new(),
+            reuse: true,
             outstanding: 0,
             clock: 0,
         }
+    }
+
+    /// This pool without the prefix cache: every sequence computes its prompt from the start.
+    pub fn without_prefix_cache(mut self) -> BlockPool {
+        self.reuse = false;
+        self
     }
 
     pub fn shape(&self) -> BlockShape {
@@ -260,7 +278,10 @@ impl BlockPool {
         let mut hashes = Vec::new();
         let mut parent = weights;
         // The last prompt token is always evaluated: its logits choose the first new token.
-        let reusable = &tokens[..tokens.len().saturating_sub(1)];
+        let reusable = match self.reuse {
+            true => &tokens[..tokens.len().saturating_sub(1)],
+            false => &[],
+        };
         for chunk in reusable.chunks_exact(bs) {
             let hash = block_hash(parent, chunk);
             match self.prefix.get(&hash) {
@@ -280,6 +301,7 @@ impl BlockPool {
             reserved,
             hashes,
             root: weights,
+            device: DeviceSlot::default(),
         };
         let used = self.counts().used;
         if used + self.outstanding + sequence.outstanding() > self.total {
@@ -389,6 +411,9 @@ impl BlockPool {
     /// Registers the full blocks of `sequence` (whose tokens so far are `tokens`) in the
     /// prefix cache.
     pub fn register_full_blocks(&mut self, sequence: &mut PagedSequence, tokens: &[u32]) {
+        if !self.reuse {
+            return;
+        }
         let bs = self.shape.block_size;
         let full = sequence.len.min(tokens.len()) / bs;
         self.clock += 1;

@@ -21,6 +21,10 @@
 //! deltas; one batch mixes both. The prefix cache keys blocks by the overlay too, so no KV state
 //! computed under other weights is reused.
 //!
+//! A model on a device (GPU) keeps each sequence's keys and values in device buffers of its
+//! own, sized to the positions reserved for it; the blocks then only count positions, and the
+//! prefix cache is off (a cached block would hold no keys or values).
+//!
 //! A cancelled request stops at the next step boundary: at most one step (`step_tokens`
 //! prompt tokens plus one token per decoding sequence) runs after [`Cancel::cancel`], then its
 //! blocks are back in the pool. A sink that refuses an event cancels its request too.
@@ -361,12 +365,16 @@ impl<'m> Engine<'m> {
             model: model.clone(),
             overlay: RwLock::new(overlay),
         });
+        let pool = match model.device() {
+            Some(_) => BlockPool::new(shape, blocks).without_prefix_cache(),
+            None => BlockPool::new(shape, blocks),
+        };
         let engine = Engine {
             model,
             tokenizer,
             shared: Arc::clone(&shared),
             commands: receiver,
-            pool: BlockPool::new(shape, blocks),
+            pool,
             waiting: VecDeque::new(),
             running: Vec::new(),
             steps: 0,

@@ -311,3 +311,75 @@ fn what_the_gpu_does_not_run_is_refused_by_name() {
         .unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }
+
+/// The batching engine (what `serve` runs) over the GPU model: concurrent greedy requests,
+/// the same prompt twice among them (the prefix cache is off on a device), give what a lone
+/// session on the GPU gives.
+#[test]
+fn the_engine_on_the_gpu_equals_lone_gpu_sessions() {
+    use quarry_engine::{
+        Engine, EngineConfig, Event, GenerateOptions, Request, SamplingParams, Session,
+    };
+    let Some((_, gpu)) = models(TestModel::SmolLm2) else {
+        return;
+    };
+    let tokenizer = Tokenizer::from_gguf(gpu.file()).unwrap();
+    let options = GenerateOptions {
+        max_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        stop_at_eog: true,
+    };
+    let config = EngineConfig {
+        parallel: 3,
+        context: 256,
+        kv_bytes: 64 << 20,
+        block_size: 16,
+        step_tokens: 24,
+        queue_timeout: std::time::Duration::from_secs(600),
+    };
+    let texts = [
+        "The capital of France is",
+        "Here is a list of the planets of the solar system, in order from the sun: Mercury,",
+        "The capital of France is",
+        "def fibonacci(n):",
+    ];
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenizer.encode(t, true, true))
+        .collect();
+    let (engine, handle) = Engine::new(gpu.clone(), &tokenizer, config).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(move || engine.run());
+        for (i, p) in prompts.iter().enumerate() {
+            let tx = tx.clone();
+            let request = Request {
+                prompt: p.clone(),
+                options: options.clone(),
+                logprobs: None,
+                deadline: None,
+                cancel: None,
+            };
+            handle
+                .submit(request, Box::new(move |e| tx.send((i, e)).is_ok()))
+                .unwrap();
+        }
+        drop(tx);
+        drop(handle);
+    });
+    let mut got = vec![Vec::new(); prompts.len()];
+    for (i, event) in rx {
+        match event {
+            Event::Token { id, .. } => got[i].push(id),
+            Event::Done { .. } => {}
+            Event::Failed(e) => panic!("request {i}: {e}"),
+        }
+    }
+    for (p, tokens) in prompts.iter().zip(&got) {
+        let lone = Session::new(&gpu, &tokenizer, 256)
+            .generate(p, &options, |_| {})
+            .unwrap();
+        assert_eq!(tokens, &lone.tokens, "prompt {p:?}");
+    }
+}

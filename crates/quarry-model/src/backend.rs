@@ -312,29 +312,36 @@ pub(crate) fn attention_spec(cfg: &ModelConfig, global: bool) -> AttentionSpec {
     }
 }
 
+/// Where a batch of one sequence goes: its first position, the cache's capacity (which picks
+/// LongRoPE's factors) and how many positions the device keeps for it.
+pub(crate) struct DevicePosition {
+    pub start: usize,
+    pub capacity: usize,
+    pub positions: usize,
+}
+
 /// A [`DeviceModel`] behind a type-erased face, so [`crate::Model`] holds one whatever its
 /// backend.
 pub(crate) trait DeviceForward: Send + Sync {
     fn describe(&self) -> String;
     /// [`DeviceModel::forward`] with the sequence's keys and values in `slot`, created there
-    /// on first use; `start` positions must already be in it.
+    /// on first use; the `at.start` positions before the batch must already be in it.
     fn forward(
         &self,
         w: &Loaded,
         tokens: &[u32],
         slot: &mut DeviceSlot,
-        start: usize,
-        capacity: usize,
+        at: DevicePosition,
         rows: Range<usize>,
     ) -> Result<Vec<f32>, ModelError>;
     fn logits(&self, cfg: &ModelConfig, hidden: &[f32]) -> Result<Vec<f32>, ModelError>;
 }
 
-/// What a device backend keeps in a cache's [`DeviceSlot`]: its keys and values and the
-/// capacity they were made for.
+/// What a device backend keeps in a cache's [`DeviceSlot`]: its keys and values and how many
+/// positions they hold.
 struct SlotKv<K> {
     kv: K,
-    capacity: usize,
+    positions: usize,
 }
 
 impl<B: Backend> DeviceForward for DeviceModel<B> {
@@ -347,15 +354,25 @@ impl<B: Backend> DeviceForward for DeviceModel<B> {
         w: &Loaded,
         tokens: &[u32],
         slot: &mut DeviceSlot,
-        start: usize,
-        capacity: usize,
+        at: DevicePosition,
         rows: Range<usize>,
     ) -> Result<Vec<f32>, ModelError> {
+        let DevicePosition {
+            start,
+            capacity,
+            positions,
+        } = at;
+        if start + tokens.len() > positions {
+            return Err(ModelError::ContextOverflow {
+                needed: start + tokens.len(),
+                capacity: positions,
+            });
+        }
         let held = slot
             .0
             .as_mut()
             .and_then(|k| k.downcast_mut::<SlotKv<B::Kv>>())
-            .filter(|k| k.capacity == capacity);
+            .filter(|k| k.positions == positions);
         let kv = match held {
             Some(held) => &mut held.kv,
             None if start > 0 => {
@@ -367,8 +384,8 @@ impl<B: Backend> DeviceForward for DeviceModel<B> {
             }
             None => {
                 let cfg = &w.config;
-                let kv = self.backend.kv(cfg.n_layers, cfg.kv_dim(), capacity)?;
-                let boxed = slot.0.insert(Box::new(SlotKv { kv, capacity }));
+                let kv = self.backend.kv(cfg.n_layers, cfg.kv_dim(), positions)?;
+                let boxed = slot.0.insert(Box::new(SlotKv { kv, positions }));
                 &mut boxed
                     .downcast_mut::<SlotKv<B::Kv>>()
                     .expect("just stored")

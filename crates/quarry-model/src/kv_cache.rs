@@ -46,8 +46,9 @@ pub trait KvCache {
     /// Drops every position at or after `len` (to rewind or reuse a prefix).
     fn truncate(&mut self, len: usize);
     /// Room for a device backend's own keys and values (a model on a GPU keeps them there
-    /// and this cache only counts positions); `None` for a cache that has none.
-    fn device_slot(&mut self) -> Option<&mut DeviceSlot> {
+    /// and this cache only counts positions), and how many positions the device should make
+    /// room for (at most [`KvCache::capacity`]); `None` for a cache that has none.
+    fn device_slot(&mut self) -> Option<(&mut DeviceSlot, usize)> {
         None
     }
 }
@@ -141,7 +142,7 @@ impl KvCache for ContiguousKvCache {
         self.len = self.len.min(len);
     }
 
-    fn device_slot(&mut self) -> Option<&mut DeviceSlot> {
-        Some(&mut self.device)
+    fn device_slot(&mut self) -> Option<(&mut DeviceSlot, usize)> {
+        Some((&mut self.device, self.capacity))
     }
 }

@@ -22,7 +22,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::attention::{attend, SequenceAttention};
-use crate::backend::{attention_spec, Backend, DeviceForward, DeviceModel};
+use crate::backend::{attention_spec, Backend, DeviceForward, DeviceModel, DevicePosition};
 use crate::config::{Experts, ModelConfig, QkNorm};
 use crate::ffn::{FeatureBlock, FfnFeatures, Router};
 use crate::kv_cache::{ContiguousKvCache, KvCache};
@@ -780,22 +780,19 @@ impl Model {
                 "rows {:?} outside a batch of {len}",
                 seq.rows
             );
-            let Some(slot) = seq.cache.device_slot() else {
+            let Some((slot, positions)) = seq.cache.device_slot() else {
                 return Err(ModelError::Device(format!(
-                    "{} needs a KV cache with room for device buffers (the paged cache of \
-                     `serve` has none yet)",
+                    "{} needs a KV cache with room for device buffers",
                     device.describe()
                 )));
             };
             let rows = seq.rows.clone();
-            hidden.extend(device.forward(
-                &self.weights,
-                seq.tokens,
-                slot,
+            let at = DevicePosition {
                 start,
                 capacity,
-                rows,
-            )?);
+                positions,
+            };
+            hidden.extend(device.forward(&self.weights, seq.tokens, slot, at, rows)?);
             seq.cache.advance(len);
         }
         Ok(hidden)
