@@ -83,6 +83,35 @@ pub fn family_dir(name: &str) -> PathBuf {
     workspace_root().join("fixtures/families").join(name)
 }
 
+/// The token ids the reference logits of family `name` were computed on (`ids.json`).
+pub fn family_ids(name: &str) -> Vec<u32> {
+    let path = family_dir(name).join("ids.json");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    ids(&json["ids"])
+}
+
+/// A little-endian `f32` file of family `name`'s directory (`logits.f32`: transformers' logits
+/// on [`family_ids`]; `llamacpp-*.f32`: llama.cpp's on each GGUF).
+pub fn family_floats(name: &str, file: &str) -> Vec<f32> {
+    std::fs::read(family_dir(name).join(file))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// The index of the largest value of a row of logits (the first of equals).
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Path of a real test model, fetched into the cache on first use.
 ///
 /// Panics with the script's message when the model cannot be fetched: a test on real data must

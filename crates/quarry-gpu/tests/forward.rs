@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use quarry_engine::perplexity::perplexity;
 use quarry_fixtures::{
-    family_dir, ids, model_goldens, model_path, perplexity_text, TestModel, FAMILIES,
+    argmax, family_dir, family_floats, family_ids, ids, model_goldens, model_path, perplexity_text,
+    TestModel, FAMILIES,
 };
 use quarry_format::GgufFile;
 use quarry_gpu::GpuBackend;
@@ -59,16 +60,6 @@ fn models(model: TestModel) -> Option<(Model, Model)> {
         t.elapsed().as_secs_f64()
     );
     Some((cpu, on_gpu))
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// The logits of the prompt's last token and then of each of `forced` fed one decode step at
@@ -240,19 +231,8 @@ fn every_dense_family_on_the_gpu_equals_transformers() {
             continue;
         }
         let model = cpu.on_device(backend()).unwrap();
-        let ids: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("ids.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = ids["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let golden: Vec<f32> = std::fs::read(dir.join("logits.f32"))
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let ids = family_ids(family);
+        let golden = family_floats(family, "logits.f32");
         let logits = model
             .forward(&ids, &mut model.new_cache(ids.len()), 0..ids.len())
             .unwrap();

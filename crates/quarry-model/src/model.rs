@@ -632,15 +632,7 @@ impl Model {
         cache: &mut C,
         rows: Range<usize>,
     ) -> Result<Vec<f32>, ModelError> {
-        self.run(
-            &mut [SequenceBatch {
-                tokens,
-                cache,
-                rows,
-                overlay: None,
-            }],
-            &mut NoObserver,
-        )
+        self.run_one(tokens, cache, rows, &mut NoObserver)
     }
 
     /// [`Model::forward_hidden`] that also shows `observer` the inside of every layer.
@@ -652,15 +644,24 @@ impl Model {
         observer: &mut dyn ForwardObserver,
     ) -> Result<Vec<f32>, ModelError> {
         self.refuse_on_device("observed forward passes (TRACE, extraction, editing)")?;
-        self.run(
-            &mut [SequenceBatch {
-                tokens,
-                cache,
-                rows,
-                overlay: None,
-            }],
-            observer,
-        )
+        self.run_one(tokens, cache, rows, observer)
+    }
+
+    /// [`Model::run`] of one sequence under the model's overlay.
+    fn run_one<C: KvCache + Sync>(
+        &self,
+        tokens: &[u32],
+        cache: &mut C,
+        rows: Range<usize>,
+        observer: &mut dyn ForwardObserver,
+    ) -> Result<Vec<f32>, ModelError> {
+        let seq = SequenceBatch {
+            tokens,
+            cache,
+            rows,
+            overlay: None,
+        };
+        self.run(&mut [seq], observer)
     }
 
     /// Runs the tokens of several sequences, each after what its own cache holds and under

@@ -7,40 +7,18 @@
 
 use std::sync::Arc;
 
-use quarry_fixtures::{family_dir, FAMILIES};
+use quarry_fixtures::{family_dir, family_floats, family_ids, FAMILIES};
 use std::borrow::Cow;
 
 use quarry_format::{gguf::GgufWriter, GgmlType, GgufFile, Value};
 use quarry_model::hf::open_hf_dir;
 use quarry_model::{Model, ModelConfig, SequenceBatch};
 
-/// The fixture's token ids (`ids.json`) of `family`.
-fn fixture_ids(family: &str) -> Vec<u32> {
-    let ids: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(family_dir(family).join("ids.json")).unwrap())
-            .unwrap();
-    ids["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// A little-endian `f32` golden of `family`'s fixture directory.
-fn fixture_floats(family: &str, name: &str) -> Vec<f32> {
-    std::fs::read(family_dir(family).join(name))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
 /// Quarry's logits on `file` (the model of `family`, from `source`) against transformers' f32
 /// logits, within 1e-3 of their range.
 fn check_logits(family: &str, source: &str, file: Arc<GgufFile>) {
-    let ids = fixture_ids(family);
-    let golden = fixture_floats(family, "logits.f32");
+    let ids = family_ids(family);
+    let golden = family_floats(family, "logits.f32");
     let model = Model::load(file).unwrap_or_else(|e| panic!("{family} ({source}): {e}"));
     let vocab = model.config().vocab_size;
     assert_eq!(golden.len(), ids.len() * vocab, "{family}");
@@ -99,13 +77,13 @@ fn log_probs(row: &[f32]) -> Vec<f64> {
 #[test]
 fn every_gguf_agrees_with_llama_cpp() {
     for family in FAMILIES {
-        let ids = fixture_ids(family);
+        let ids = family_ids(family);
         for copy in ["f32", "q8_0", "q4_k_m"] {
             let path = family_dir(family).join(format!("model-{copy}.gguf"));
             let model = Model::load(Arc::new(GgufFile::open(&path).unwrap()))
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let vocab = model.config().vocab_size;
-            let golden = fixture_floats(family, &format!("llamacpp-{copy}.f32"));
+            let golden = family_floats(family, &format!("llamacpp-{copy}.f32"));
             assert_eq!(golden.len(), ids.len() * vocab, "{family} {copy}");
             let mut cache = model.new_cache(ids.len());
             let prompt = model.forward(&ids, &mut cache, 0..ids.len()).unwrap();
@@ -313,7 +291,7 @@ fn longrope_takes_the_long_factors_beyond_the_original_context() {
     let logits = |family: &str, capacity: usize| {
         let path = family_dir(family).join("model-f32.gguf");
         let model = Model::load(Arc::new(GgufFile::open(path).unwrap())).unwrap();
-        let ids = &fixture_ids(family)[..24];
+        let ids = &family_ids(family)[..24];
         let mut cache = model.new_cache(capacity);
         model.forward(ids, &mut cache, 0..ids.len()).unwrap()
     };

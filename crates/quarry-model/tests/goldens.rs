@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use quarry_fixtures::{ids, model_goldens, model_path, TestModel};
+use quarry_fixtures::{argmax, ids, model_goldens, model_path, TestModel};
 use quarry_format::GgufFile;
 use quarry_model::Model;
 use serde_json::Value;
@@ -19,16 +19,6 @@ const DECISIVE_GAP: f64 = 0.5;
 /// and llama.cpp's own logits lie up to 0.485 from transformers' on these goldens (Gemma 3,
 /// "The capital of France is", token 9079); Quarry's lie at most 0.36 from the nearer one.
 const FIRST_LOGIT_TOLERANCE: f64 = 0.5;
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 fn teacher_forced(model: TestModel) {
     let m = Model::load(Arc::new(GgufFile::open(model_path(model)).unwrap())).unwrap();
