@@ -395,3 +395,36 @@ fn the_encoder_round_trips_its_codes() {
     dequantize(GgmlType::Q5_1, &bytes, &mut back).unwrap();
     assert_eq!(back.to_vec(), x);
 }
+
+/// A matrix larger than one slab ([`packed::SLAB_BYTES`]) is packed slab by slab: the hook
+/// sees every byte of the file's rows exactly once, in order, in more than one piece, each
+/// after its panels are written, and unpacking gives the file's bytes back (Q8_0 and Q4_K:
+/// the 32-value and the K-quant packers).
+#[test]
+fn packing_hands_over_the_file_a_slab_at_a_time() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for (dtype, rows, cols) in [(GgmlType::Q8_0, 8200, 2048), (GgmlType::Q4_K, 12000, 2560)] {
+        let rb = cols / dtype.block_size() * dtype.type_size();
+        let bytes: Vec<u8> = (0..rows * rb).map(|_| rng.gen()).collect();
+        assert!(bytes.len() > packed::SLAB_BYTES);
+        let w = WeightView::new(dtype, rows, cols, &bytes).unwrap();
+        for isa in Isa::available() {
+            let seen = std::sync::Mutex::new(Vec::new());
+            let hook = |part: &[u8]| {
+                let start = part.as_ptr() as usize - bytes.as_ptr() as usize;
+                seen.lock().unwrap().push(start..start + part.len());
+            };
+            let Some(p) = PackedRows::for_isa_releasing(&w, isa, &hook) else {
+                continue;
+            };
+            let seen = seen.into_inner().unwrap();
+            assert!(seen.len() > 1, "{dtype} {isa:?}: one piece");
+            assert_eq!(seen.first().unwrap().start, 0);
+            assert_eq!(seen.last().unwrap().end, bytes.len());
+            assert!(seen.windows(2).all(|p| p[0].end == p[1].start), "{seen:?}");
+            let mut back = vec![0u8; bytes.len()];
+            p.unpack_rows(0, rows, &mut back);
+            assert!(back == bytes, "{dtype} {isa:?}: unpacked bytes differ");
+        }
+    }
+}

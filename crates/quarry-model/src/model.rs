@@ -1216,23 +1216,16 @@ impl<'a> Weights<'a> {
     }
 
     /// `view` ready for products; when the kernels keep a packed copy, the file's pages of
-    /// it are released, since nothing reads them again (prompts read the copy too).
+    /// it are released as it is packed, since nothing reads them again (prompts read the
+    /// copy too).
     fn prepared(&self, view: WeightView<'a>) -> Matrix<'a> {
-        self.released(Matrix::new(view))
+        Matrix::releasing(view, false, &|bytes| self.file.release(bytes))
     }
 
     /// [`Weights::prepared`] for the output head, which products read a row at a time
     /// ([`Matrix::for_single_rows`]).
     fn prepared_head(&self, view: WeightView<'a>) -> Matrix<'a> {
-        self.released(Matrix::for_single_rows(view))
-    }
-
-    /// `matrix`, with the file's pages of it released when the kernels keep a packed copy.
-    fn released(&self, matrix: Matrix<'a>) -> Matrix<'a> {
-        if !matrix.reads_file() {
-            self.file.release(matrix.view().data());
-        }
-        matrix
+        Matrix::releasing(view, true, &|bytes| self.file.release(bytes))
     }
 
     /// A vector of `len` values, dequantized to `f32`.

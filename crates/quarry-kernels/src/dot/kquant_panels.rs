@@ -43,9 +43,10 @@ use std::ops::Range;
 
 use crate::act::BlockQ8x256;
 use crate::dot::kquants::k4_scales_mins;
+use crate::dot::legacy::packed::pack_in_slabs;
 use crate::dot::legacy::runnable;
 use crate::dot::Isa;
-use crate::{pool, GgmlType, WeightView, QK_K};
+use crate::{GgmlType, WeightView, QK_K};
 
 /// Rows per panel: one 32-bit lane each in a 512-bit vector.
 pub const PANEL: usize = 16;
@@ -139,18 +140,14 @@ fn scale_bytes(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
 }
 
 /// Bytes of `w` (one of [`supports`]) in panels; panels are filled in parallel.
-pub fn pack(w: &WeightView<'_>) -> Vec<u8> {
+pub fn pack(w: &WeightView<'_>, packed: &dyn Fn(&[u8])) -> Vec<u8> {
     assert!(supports(w.dtype()), "kquant_panels::pack of {}", w.dtype());
     let supers = w.cols() / QK_K;
     let sb = super_bytes(w.dtype());
     let panel_bytes = supers * sb;
-    let mut out = vec![0u8; w.rows().div_ceil(PANEL) * panel_bytes];
-    if panel_bytes == 0 {
-        return out;
-    }
     let rb = w.row_bytes();
     let q4k = w.dtype() == GgmlType::Q4_K;
-    pool::global().for_each_chunk_mut(&mut out, panel_bytes, &|p, panel| {
+    pack_in_slabs(w, panel_bytes, packed, &|p, panel| {
         for r in 0..PANEL.min(w.rows() - p * PANEL) {
             let row = &w.data()[(p * PANEL + r) * rb..][..rb];
             for (b, dst) in row
@@ -164,8 +161,7 @@ pub fn pack(w: &WeightView<'_>) -> Vec<u8> {
                 }
             }
         }
-    });
-    out
+    })
 }
 
 /// Row r's Q4_K super-block `b` into the panel super-block `dst`.

@@ -71,12 +71,23 @@ impl PackedRows {
     /// and `w`'s type is one of the 32-value types, or Q4_K or Q6_K (their panels are
     /// [`kquant_panels`]'s); `None` otherwise.
     pub fn for_isa(w: &WeightView<'_>, isa: Isa) -> Option<PackedRows> {
+        PackedRows::for_isa_releasing(w, isa, &|_| {})
+    }
+
+    /// [`PackedRows::for_isa`], handing `packed` the bytes of `w` of each run of rows once its
+    /// copy is written (about [`SLAB_BYTES`] at a time), so that a caller can let the file's
+    /// pages of them go while the rest is packed.
+    pub fn for_isa_releasing(
+        w: &WeightView<'_>,
+        isa: Isa,
+        packed: &dyn Fn(&[u8]),
+    ) -> Option<PackedRows> {
         if isa == Isa::Scalar || !runnable(isa) {
             return None;
         }
         let bytes = match w.dtype() {
-            t if kquant_panels::supports(t) => kquant_panels::pack(w),
-            _ => by_layout!(w.dtype(), L => pack::<L>(w), _ => return None),
+            t if kquant_panels::supports(t) => kquant_panels::pack(w, packed),
+            _ => by_layout!(w.dtype(), L => pack::<L>(w, packed), _ => return None),
         };
         Some(PackedRows {
             isa,
@@ -202,16 +213,12 @@ const fn block_bytes<L: Layout>() -> usize {
 /// `w` in panels; panels are filled in parallel. Every move is of four bytes: a nibble
 /// type's code byte m already holds codes m and m + 16, which is what the panel wants, and a
 /// Q8_0 byte becomes its code by flipping the sign bit.
-fn pack<L: Layout>(w: &WeightView<'_>) -> Vec<u8> {
+fn pack<L: Layout>(w: &WeightView<'_>, packed: &dyn Fn(&[u8])) -> Vec<u8> {
     let blocks = w.cols() / 32;
     let panel_bytes = blocks * block_bytes::<L>();
-    let mut out = vec![0u8; w.rows().div_ceil(PANEL) * panel_bytes];
-    if panel_bytes == 0 {
-        return out;
-    }
     let rb = w.row_bytes();
     let flip: u32 = if nibbles::<L>() { 0 } else { 0x8080_8080 };
-    pool::global().for_each_chunk_mut(&mut out, panel_bytes, &|p, panel| {
+    pack_in_slabs(w, panel_bytes, packed, &|p, panel| {
         for r in 0..PANEL.min(w.rows() - p * PANEL) {
             let row = &w.data()[(p * PANEL + r) * rb..][..rb];
             for (block, dst) in row
@@ -247,7 +254,38 @@ fn pack<L: Layout>(w: &WeightView<'_>) -> Vec<u8> {
                 }
             }
         }
-    });
+    })
+}
+
+/// Bytes of a matrix's file rows packed between two calls of the `packed` hook of
+/// [`pack_in_slabs`]: small beside a model, large beside a page.
+pub const SLAB_BYTES: usize = 16 << 20;
+
+/// Panels of `panel_bytes` for every 16 rows of `w`, each filled by `pack_panel(p, panel)`
+/// (in parallel), one slab of about [`SLAB_BYTES`] of `w`'s rows after another; `packed`
+/// gets each slab's rows of `w` once their panels are written. The copy is allocated zeroed
+/// (untouched pages cost nothing) and fills as the slabs go, so a caller that releases what
+/// `packed` hands it holds one slab twice at most, never the whole matrix.
+pub(crate) fn pack_in_slabs(
+    w: &WeightView<'_>,
+    panel_bytes: usize,
+    packed: &dyn Fn(&[u8]),
+    pack_panel: &(dyn Fn(usize, &mut [u8]) + Sync),
+) -> Vec<u8> {
+    let panels = w.rows().div_ceil(PANEL);
+    let mut out = vec![0u8; panels * panel_bytes];
+    if panel_bytes == 0 {
+        return out;
+    }
+    let panel_source = PANEL * w.row_bytes();
+    let per_slab = (SLAB_BYTES / panel_source.max(1)).max(1);
+    for (s, slab) in out.chunks_mut(per_slab * panel_bytes).enumerate() {
+        let first = s * per_slab;
+        pool::global()
+            .for_each_chunk_mut(slab, panel_bytes, &|p, panel| pack_panel(first + p, panel));
+        let rows = first * PANEL..((first + per_slab) * PANEL).min(w.rows());
+        packed(&w.data()[rows.start * w.row_bytes()..rows.end * w.row_bytes()]);
+    }
     out
 }
 
