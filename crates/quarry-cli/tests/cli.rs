@@ -541,7 +541,7 @@ fn copy_with_metadata(model: &Path, out: &Path, key: &str, value: Value) {
     let mut w = GgufWriter::new();
     for (k, v) in file.metadata() {
         let v = if k == key { value.clone() } else { v.clone() };
-        w.add_metadata(k.clone(), v).unwrap();
+        w.add_metadata(k, v).unwrap();
     }
     for info in file.tensors() {
         let view = file.tensor(&info.name).unwrap();

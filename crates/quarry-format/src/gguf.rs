@@ -38,7 +38,7 @@ mod value;
 mod writer;
 
 pub use error::FormatError;
-pub use reader::{GgufFile, TensorInfo, TensorView};
+pub use reader::{ArrayItems, GgufFile, TensorInfo, TensorView};
 pub use value::{Value, ValueType};
 pub use writer::GgufWriter;
 

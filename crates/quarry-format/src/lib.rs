@@ -12,4 +12,6 @@ pub mod input;
 pub mod safetensors;
 
 pub use ggml_type::{GgmlType, QK_K};
-pub use gguf::{FormatError, GgufFile, GgufWriter, TensorInfo, TensorView, Value, ValueType};
+pub use gguf::{
+    ArrayItems, FormatError, GgufFile, GgufWriter, TensorInfo, TensorView, Value, ValueType,
+};

@@ -105,7 +105,6 @@ fn touch_everything(file: &GgufFile) -> u64 {
     }
     let meta: u64 = file
         .metadata()
-        .iter()
         .map(|(_, v)| walk(v))
         .fold(0, u64::wrapping_add);
     let data: u64 = file
@@ -168,7 +167,7 @@ proptest! {
         prop_assert_eq!(file.alignment(), alignment);
         prop_assert_eq!(file.data_offset() % alignment, 0);
         prop_assert_eq!(file.metadata().len(), expected.len());
-        for ((k, v), (ek, ev)) in file.metadata().iter().zip(&expected) {
+        for ((k, v), (ek, ev)) in file.metadata().zip(&expected) {
             prop_assert_eq!(k, ek);
             prop_assert!(same(v, ev), "{k}: {v:?} != {ev:?}");
             prop_assert!(same(file.get(k).unwrap(), ev));
@@ -243,7 +242,7 @@ fn write_is_atomic_and_replaces_existing_files() {
 
     let mut w = GgufWriter::new();
     for (k, v) in original.metadata() {
-        w.add_metadata(k.clone(), v.clone()).unwrap();
+        w.add_metadata(k, v.clone()).unwrap();
     }
     for t in original.tensors() {
         let view = original.tensor(&t.name).unwrap();
@@ -255,7 +254,10 @@ fn write_is_atomic_and_replaces_existing_files() {
     assert_eq!(std::fs::read(&path).unwrap(), common::sample_file());
     let reread = GgufFile::open(&path).unwrap();
     assert_eq!(reread.source(), path.display().to_string());
-    assert_eq!(reread.metadata(), original.metadata());
+    assert_eq!(
+        reread.metadata().collect::<Vec<_>>(),
+        original.metadata().collect::<Vec<_>>()
+    );
     assert_eq!(reread.tensors(), original.tensors());
     let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(entries.len(), 1, "temporary files were left behind");
@@ -271,7 +273,7 @@ fn write_is_atomic_and_replaces_existing_files() {
 #[test]
 fn an_empty_writer_writes_a_valid_file() {
     let file = GgufFile::from_bytes(GgufWriter::default().to_bytes(), "empty.gguf").unwrap();
-    assert!(file.metadata().is_empty());
+    assert_eq!(file.metadata().len(), 0);
     assert!(file.tensors().is_empty());
     assert_eq!(file.alignment(), 32);
 }
@@ -316,7 +318,7 @@ fn write_new_never_replaces_a_file() {
     let original = GgufFile::from_bytes(common::sample_file(), "sample.gguf").unwrap();
     let mut w = GgufWriter::new();
     for (k, v) in original.metadata() {
-        w.add_metadata(k.clone(), v.clone()).unwrap();
+        w.add_metadata(k, v.clone()).unwrap();
     }
     for t in original.tensors() {
         let view = original.tensor(&t.name).unwrap();
@@ -360,4 +362,50 @@ fn write_new_never_replaces_a_file() {
         &["new.gguf", "taken.gguf"]
     };
     assert_eq!(names, expected, "temporary files were left behind");
+}
+
+/// Long arrays (a vocabulary's size) are kept as offsets and decoded on demand: `get`,
+/// `array_items` and `metadata` all give back what was written; one bad element among many
+/// is still refused when the file is opened.
+#[test]
+fn long_arrays_read_back_on_demand_and_are_validated_at_open() {
+    let n = 5000;
+    let texts = Value::Array(
+        ValueType::String,
+        (0..n).map(|i| Value::String(format!("tok{i}"))).collect(),
+    );
+    let scores = Value::Array(
+        ValueType::F32,
+        (0..n).map(|i| Value::F32(i as f32)).collect(),
+    );
+    let mut w = GgufWriter::new();
+    w.add_metadata("t", texts.clone()).unwrap();
+    w.add_metadata("s", scores.clone()).unwrap();
+    w.add_metadata("short", Value::U32(7)).unwrap();
+    let bytes = w.to_bytes();
+    let file = GgufFile::from_bytes(bytes.clone(), "long.gguf").unwrap();
+    assert_eq!(file.array_items("t").unwrap().len(), n);
+    assert_eq!(
+        file.array_items("s").unwrap().collect::<Vec<_>>(),
+        scores.as_array().unwrap()
+    );
+    assert_eq!(file.get("t"), Some(&texts));
+    assert!(file
+        .array_items("t")
+        .unwrap()
+        .eq(texts.as_array().unwrap().iter().cloned()));
+    let listed: Vec<_> = file.metadata().map(|(k, _)| k.to_owned()).collect();
+    assert_eq!(listed, ["t", "s", "short"]);
+    assert!(file.array_items("short").is_err());
+    assert!(file.array_items("missing").is_err());
+
+    // "tok4321" → an invalid UTF-8 byte in its place.
+    let at = bytes.windows(7).position(|w| w == b"tok4321").unwrap();
+    let mut bad = bytes;
+    bad[at + 3] = 0xFF;
+    let err = GgufFile::from_bytes(bad, "bad.gguf").err().unwrap();
+    assert!(
+        matches!(err, quarry_format::FormatError::InvalidUtf8 { .. }),
+        "{err}"
+    );
 }

@@ -352,7 +352,7 @@ impl ModelConfig {
         let context_length = get_usize_or("context_length", 4096)?;
         let vocab_size = match file.get(&key("vocab_size")) {
             Some(_) => get_usize("vocab_size")?,
-            None => file.get_array("tokenizer.ggml.tokens")?.len(),
+            None => file.array_items("tokenizer.ggml.tokens")?.len(),
         };
         let norm_eps = get_f32_or("attention.layer_norm_rms_epsilon", 1e-5)?;
         let rope_dims = get_usize_or("rope.dimension_count", head_dim)?;

@@ -82,7 +82,7 @@ pub fn write_patched_model(
     // Copying general.alignment (when present) sets the writer's alignment, so tensors land
     // on the base's boundaries.
     for (key, value) in base.metadata() {
-        w.add_metadata(key.clone(), value.clone())?;
+        w.add_metadata(key, value.clone())?;
     }
     for info in base.tensors() {
         let view = base.tensor(&info.name)?;

@@ -148,8 +148,8 @@ fn rewritten(
     let file = GgufFile::open(&path).unwrap();
     let mut w = GgufWriter::new();
     for (key, value) in file.metadata() {
-        if key != "general.alignment" && !set.iter().any(|(k, _)| k == key) {
-            w.add_metadata(key.clone(), value.clone()).unwrap();
+        if key != "general.alignment" && !set.iter().any(|(k, _)| *k == key) {
+            w.add_metadata(key, value.clone()).unwrap();
         }
     }
     for (key, value) in set {

@@ -403,7 +403,7 @@ fn with_dense_deltas(
 ) -> Arc<GgufFile> {
     let mut w = GgufWriter::new();
     for (key, value) in file.metadata() {
-        w.add_metadata(key.clone(), value.clone()).unwrap();
+        w.add_metadata(key, value.clone()).unwrap();
     }
     for info in file.tensors() {
         let data = file.tensor(&info.name).unwrap().data;

@@ -30,21 +30,18 @@ impl Tokenizer {
 }
 
 fn read_spec(file: &GgufFile) -> Result<TokenizerSpec, TokenizeError> {
-    let texts = elements(file.get_array(TOKENS)?, TOKENS, "a string", Value::as_str)?;
-    let n_vocab = texts.len();
-    let scores = per_token(file, SCORES, n_vocab, "a number", Value::as_f32)?;
-    let types = per_token(file, TOKEN_TYPE, n_vocab, "an integer", Value::as_i64)?;
-    let tokens = texts
-        .iter()
-        .enumerate()
-        .map(|(i, text)| {
-            let score = scores.as_ref().map_or(0.0, |s| s[i]);
-            let kind = types
-                .as_ref()
-                .map_or(TokenType::Normal, |t| TokenType::from_gguf(t[i]));
-            Token::new(text, score, kind)
-        })
-        .collect();
+    // Texts are decoded one at a time into the tokens (never all as `Value`s at once).
+    let n_vocab = file.array_items(TOKENS)?.len();
+    let scores = per_token(file, SCORES, n_vocab, "a number", |v| v.as_f32())?;
+    let types = per_token(file, TOKEN_TYPE, n_vocab, "an integer", |v| v.as_i64())?;
+    let tokens = elements(file, TOKENS, "a string", |v, i| {
+        let text = v.as_str()?;
+        let score = scores.as_ref().map_or(0.0, |s| s[i]);
+        let kind = types
+            .as_ref()
+            .map_or(TokenType::Normal, |t| TokenType::from_gguf(t[i]));
+        Some(Token::new(text, score, kind))
+    })?;
 
     let id = |key: &'static str| -> Result<Option<u32>, TokenizeError> {
         Ok(match file.get(key) {
@@ -80,11 +77,14 @@ fn read_spec(file: &GgufFile) -> Result<TokenizerSpec, TokenizeError> {
                 };
                 let pre = PreTokenizer::from_name(name)
                     .ok_or_else(|| TokenizeError::UnknownPreTokenizer(name.to_string()))?;
-                let merges = elements(file.get_array(MERGES)?, MERGES, "a string", Value::as_str)?;
+                let merges = elements(file, MERGES, "a string", |v, _| match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                })?;
                 (
                     ModelSpec::Bpe {
                         pre,
-                        merges: Merges::new(merges),
+                        merges: Merges::new(merges.iter().map(String::as_str)),
                     },
                     None,
                     None,
@@ -128,18 +128,18 @@ fn hf_tokenizer(file: &GgufFile) -> Result<HfTokenizer, TokenizeError> {
     })
 }
 
-/// Converts every element of an array, naming the first one that has the wrong type.
-fn elements<'v, T>(
-    values: &'v [Value],
+/// Converts every element of the array `key` (`convert` gets each with its index), naming the
+/// first one that has the wrong type.
+fn elements<T>(
+    file: &GgufFile,
     key: &'static str,
     expected: &'static str,
-    convert: impl Fn(&'v Value) -> Option<T>,
+    convert: impl Fn(Value, usize) -> Option<T>,
 ) -> Result<Vec<T>, TokenizeError> {
-    values
-        .iter()
+    file.array_items(key)?
         .enumerate()
         .map(|(index, v)| {
-            convert(v).ok_or(TokenizeError::BadElement {
+            convert(v, index).ok_or(TokenizeError::BadElement {
                 key,
                 index,
                 expected,
@@ -149,25 +149,26 @@ fn elements<'v, T>(
 }
 
 /// An optional array with one entry per token (extra entries are ignored, as llama.cpp does).
-fn per_token<'v, T>(
-    file: &'v GgufFile,
+fn per_token<T>(
+    file: &GgufFile,
     key: &'static str,
     n_vocab: usize,
     expected: &'static str,
-    convert: impl Fn(&'v Value) -> Option<T>,
+    convert: impl Fn(&Value) -> Option<T>,
 ) -> Result<Option<Vec<T>>, TokenizeError> {
-    if file.get(key).is_none() {
+    if !file.contains(key) {
         return Ok(None);
     }
-    let values = file.get_array(key)?;
-    if values.len() < n_vocab {
-        return Err(TokenizeError::LengthMismatch {
-            key,
-            len: values.len(),
-            n_vocab,
-        });
+    let len = file.array_items(key)?.len();
+    if len < n_vocab {
+        return Err(TokenizeError::LengthMismatch { key, len, n_vocab });
     }
-    elements(&values[..n_vocab], key, expected, convert).map(Some)
+    let mut values = elements(file, key, expected, |v, i| match i < n_vocab {
+        true => convert(&v).map(Some),
+        false => Some(None),
+    })?;
+    values.truncate(n_vocab);
+    Ok(Some(values.into_iter().flatten().collect()))
 }
 
 #[cfg(test)]

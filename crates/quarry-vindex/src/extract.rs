@@ -529,7 +529,7 @@ fn write_tokenizer(file: &GgufFile, dir: &Path) -> Result<FileEntry, VindexError
     let mut w = GgufWriter::new();
     for (key, value) in file.metadata() {
         if key.starts_with("tokenizer.") || key == "general.architecture" {
-            w.add_metadata(key.clone(), value.clone())?;
+            w.add_metadata(key, value.clone())?;
         }
     }
     let path = dir.join(TOKENIZER);

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use memmap2::{Mmap, UncheckedAdvice};
 
@@ -82,13 +83,86 @@ impl Backing {
     }
 }
 
+/// Arrays at least this long (a vocabulary's tokens, scores and types, a BPE model's merges)
+/// are validated when the file is opened but not kept decoded: a tokenizer reads them once,
+/// through [`GgufFile::array_items`], into tables of its own, and as [`Value`]s Gemma 3's three
+/// 262 144-entry arrays alone take ~33 MB.
+const LONG_ARRAY: u64 = 4096;
+
+/// A metadata value as the file keeps it.
+enum Stored {
+    Value(Value),
+    /// A long array of scalars or strings, by where its value (element type, count, items)
+    /// starts in the file; decoded, and kept, only if [`GgufFile::get`] asks for it.
+    Long {
+        at: usize,
+        decoded: OnceLock<Option<Value>>,
+    },
+}
+
+/// What [`GgufFile::metadata`] shows for a long array that no longer decodes: only possible
+/// if the file was rewritten in place while open, which the map cannot guard against.
+static UNREADABLE: Value = Value::Array(ValueType::U8, Vec::new());
+
+/// The elements of one metadata array, in order ([`GgufFile::array_items`]).
+pub struct ArrayItems<'f> {
+    inner: Items<'f>,
+}
+
+enum Items<'f> {
+    Decoded(std::slice::Iter<'f, Value>),
+    Streamed {
+        cursor: Cursor<'f>,
+        key: &'f str,
+        elem: ValueType,
+        left: u64,
+    },
+}
+
+impl Iterator for ArrayItems<'_> {
+    type Item = Value;
+
+    fn next(&mut self) -> Option<Value> {
+        match &mut self.inner {
+            Items::Decoded(items) => items.next().cloned(),
+            Items::Streamed {
+                cursor,
+                key,
+                elem,
+                left,
+            } => {
+                if *left == 0 {
+                    return None;
+                }
+                *left -= 1;
+                // Validated at open; an error means the file changed under the map: stop.
+                let item = cursor.value(*elem, Field::Value(key), 1);
+                if item.is_err() {
+                    *left = 0;
+                }
+                item.ok()
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = match &self.inner {
+            Items::Decoded(items) => items.len(),
+            Items::Streamed { left, .. } => *left as usize,
+        };
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for ArrayItems<'_> {}
+
 /// An opened, fully validated GGUF file.
 pub struct GgufFile {
     source: String,
     backing: Backing,
     version: u32,
     alignment: u64,
-    metadata: Vec<(String, Value)>,
+    metadata: Vec<(String, Stored)>,
     keys: HashMap<String, usize>,
     tensors: Vec<TensorInfo>,
     names: HashMap<String, usize>,
@@ -137,6 +211,7 @@ impl GgufFile {
     }
 
     fn parse(source: String, backing: Backing) -> Result<GgufFile, FormatError> {
+        // `Parsed::read` keeps only offsets of long arrays, so the bytes can move with `backing`.
         let parsed = Parsed::read(&source, backing.bytes())?;
         Ok(GgufFile {
             source,
@@ -166,16 +241,84 @@ impl GgufFile {
         self.alignment
     }
 
-    /// All metadata entries in file order.
-    pub fn metadata(&self) -> &[(String, Value)] {
-        &self.metadata
+    /// All metadata entries in file order (long arrays decoded, and kept, as they are met).
+    pub fn metadata(&self) -> impl ExactSizeIterator<Item = (&str, &Value)> + '_ {
+        self.metadata.iter().map(|(k, stored)| {
+            let value = self.stored(k, stored);
+            (k.as_str(), value.unwrap_or(&UNREADABLE))
+        })
+    }
+
+    /// Whether the file has the key (without decoding its value).
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys.contains_key(key)
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.keys
-            .get(key)
-            .and_then(|&i| self.metadata.get(i))
-            .map(|(_, v)| v)
+        let (k, stored) = self.metadata.get(*self.keys.get(key)?)?;
+        self.stored(k, stored)
+    }
+
+    fn stored<'s>(&'s self, key: &str, stored: &'s Stored) -> Option<&'s Value> {
+        match stored {
+            Stored::Value(v) => Some(v),
+            Stored::Long { at, decoded } => decoded
+                .get_or_init(|| {
+                    let mut cur = self.cursor(*at);
+                    cur.value(ValueType::Array, Field::Value(key), 0).ok()
+                })
+                .as_ref(),
+        }
+    }
+
+    fn cursor(&self, pos: usize) -> Cursor<'_> {
+        Cursor {
+            file: &self.source,
+            buf: self.backing.bytes(),
+            pos,
+        }
+    }
+
+    /// The elements of the array `key`, each decoded as it is reached (a long array is read
+    /// from the file again, never kept): what a caller that builds tables of its own reads.
+    pub fn array_items(&self, key: &str) -> Result<ArrayItems<'_>, FormatError> {
+        let Some((k, stored)) = self.keys.get(key).and_then(|&i| self.metadata.get(i)) else {
+            return Err(FormatError::MissingKey {
+                file: self.source.clone(),
+                key: key.to_owned(),
+            });
+        };
+        match stored {
+            Stored::Value(Value::Array(_, items)) => Ok(ArrayItems {
+                inner: Items::Decoded(items.iter()),
+            }),
+            Stored::Value(other) => Err(FormatError::WrongType {
+                file: self.source.clone(),
+                key: key.to_owned(),
+                expected: "an array",
+                found: other.describe(),
+            }),
+            Stored::Long { at, .. } => {
+                let mut cursor = self.cursor(*at);
+                let field = Field::Value(k);
+                // Validated at open: the header reads again as it did then.
+                let header = cursor
+                    .value_type(field)
+                    .and_then(|elem| Ok((elem, cursor.u64(field)?)));
+                let (elem, count) = header.map_err(|_| FormatError::MissingKey {
+                    file: self.source.clone(),
+                    key: key.to_owned(),
+                })?;
+                Ok(ArrayItems {
+                    inner: Items::Streamed {
+                        cursor,
+                        key: k,
+                        elem,
+                        left: count,
+                    },
+                })
+            }
+        }
     }
 
     /// The value of `key` converted by `convert`, or an error naming the key and the file.
@@ -412,6 +555,29 @@ impl<'b> Cursor<'b> {
         })
     }
 
+    /// Reads a metadata entry's value of type `ty`: decoded, or, for a long array of scalars
+    /// or strings, validated element by element (each dropped at once) and kept as its
+    /// offset.
+    fn stored(&mut self, ty: ValueType, field: Field<'_>) -> Result<Stored, FormatError> {
+        let at = self.pos;
+        if ty == ValueType::Array {
+            let elem = self.value_type(field)?;
+            let count = self.u64(field)?;
+            if count >= LONG_ARRAY && elem != ValueType::Array {
+                let n = self.count(count, elem.min_encoded_size(), field)?;
+                for _ in 0..n {
+                    self.value(elem, field, 1)?;
+                }
+                return Ok(Stored::Long {
+                    at,
+                    decoded: OnceLock::new(),
+                });
+            }
+            self.pos = at;
+        }
+        self.value(ty, field, 0).map(Stored::Value)
+    }
+
     /// Reads one value of type `ty`; `depth` is the number of arrays enclosing it.
     fn value(
         &mut self,
@@ -474,7 +640,7 @@ impl<'b> Cursor<'b> {
 struct Parsed {
     version: u32,
     alignment: u64,
-    metadata: Vec<(String, Value)>,
+    metadata: Vec<(String, Stored)>,
     keys: HashMap<String, usize>,
     tensors: Vec<TensorInfo>,
     names: HashMap<String, usize>,
@@ -516,18 +682,21 @@ impl Parsed {
                 });
             }
             let ty = cur.value_type(Field::Value(&key))?;
-            let value = cur.value(ty, Field::Value(&key), 0)?;
+            let stored = cur.stored(ty, Field::Value(&key))?;
             keys.insert(key.clone(), i);
-            metadata.push((key, value));
+            metadata.push((key, stored));
         }
 
         let alignment = match keys.get(ALIGNMENT_KEY).and_then(|&i| metadata.get(i)) {
             None => DEFAULT_ALIGNMENT,
-            Some((_, Value::U32(a))) if a.is_power_of_two() => u64::from(*a),
+            Some((_, Stored::Value(Value::U32(a)))) if a.is_power_of_two() => u64::from(*a),
             Some((_, other)) => {
                 return Err(FormatError::BadAlignment {
                     file: file.to_owned(),
-                    found: other.describe(),
+                    found: match other {
+                        Stored::Value(v) => v.describe(),
+                        Stored::Long { .. } => "a long array".to_owned(),
+                    },
                 })
             }
         };
