@@ -64,7 +64,7 @@ impl Merges {
     /// `merges[rank]` is "left right". Like llama.cpp, the separator is the first space after the
     /// first byte (so a part may itself start with a space); an entry without one, or a pair
     /// listed twice, keeps its first rank.
-    pub(crate) fn new<'a>(merges: impl IntoIterator<Item = &'a str>) -> Merges {
+    pub(crate) fn new<S: AsRef<str>>(merges: impl IntoIterator<Item = S>) -> Merges {
         let mut pieces: HashMap<Box<str>, u32> = HashMap::new();
         let mut ranks = HashMap::new();
         let mut intern = |s: &str| {
@@ -72,6 +72,7 @@ impl Merges {
             *pieces.entry(s.into()).or_insert(n)
         };
         for (rank, merge) in (0u32..).zip(merges) {
+            let merge = merge.as_ref();
             // Searched as bytes: the first character may be longer than one byte.
             let Some(split) = merge.bytes().skip(1).position(|b| b == b' ').map(|i| i + 1) else {
                 continue;

@@ -77,14 +77,17 @@ fn read_spec(file: &GgufFile) -> Result<TokenizerSpec, TokenizeError> {
                 };
                 let pre = PreTokenizer::from_name(name)
                     .ok_or_else(|| TokenizeError::UnknownPreTokenizer(name.to_string()))?;
-                let merges = elements(file, MERGES, "a string", |v, _| match v {
+                // Checked first, then read again straight into the merge table: no list of
+                // every merge is held beside it.
+                elements(file, MERGES, "a string", |v, _| v.as_str().map(drop))?;
+                let merges = file.array_items(MERGES)?.filter_map(|v| match v {
                     Value::String(s) => Some(s),
                     _ => None,
-                })?;
+                });
                 (
                     ModelSpec::Bpe {
                         pre,
-                        merges: Merges::new(merges.iter().map(String::as_str)),
+                        merges: Merges::new(merges),
                     },
                     None,
                     None,
