@@ -101,6 +101,31 @@ pub fn family_floats(name: &str, file: &str) -> Vec<f32> {
         .collect()
 }
 
+/// Asserts that `logits` (of family `name`'s model, run by `source`, over [`family_ids`]) equal
+/// transformers' f32 logits (`logits.f32`): max abs difference ≤ 1e-3 × their range (issue 17's
+/// bar), printed for the record.
+pub fn assert_family_logits(name: &str, source: &str, logits: &[f32]) {
+    let golden = family_floats(name, "logits.f32");
+    assert_eq!(logits.len(), golden.len(), "{name} ({source})");
+    let (lo, hi) = golden
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let worst = logits
+        .iter()
+        .zip(&golden)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!(
+        "{name} ({source}): max |Δ| {worst:.2e} over a logit range of {:.3}",
+        hi - lo
+    );
+    assert!(
+        worst <= 1e-3 * (hi - lo),
+        "{name} ({source}): max |Δ| {worst} against range {}",
+        hi - lo
+    );
+}
+
 /// The index of the largest value of a row of logits (the first of equals).
 pub fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;

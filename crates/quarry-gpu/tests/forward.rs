@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use quarry_engine::perplexity::perplexity;
 use quarry_fixtures::{
-    argmax, family_dir, family_floats, family_ids, ids, model_goldens, model_path, perplexity_text,
-    TestModel, FAMILIES,
+    argmax, assert_family_logits, family_dir, family_ids, ids, model_goldens, model_path,
+    perplexity_text, TestModel, FAMILIES,
 };
 use quarry_format::GgufFile;
 use quarry_gpu::GpuBackend;
@@ -232,24 +232,10 @@ fn every_dense_family_on_the_gpu_equals_transformers() {
         }
         let model = cpu.on_device(backend()).unwrap();
         let ids = family_ids(family);
-        let golden = family_floats(family, "logits.f32");
         let logits = model
             .forward(&ids, &mut model.new_cache(ids.len()), 0..ids.len())
             .unwrap();
-        assert_eq!(logits.len(), golden.len(), "{family}");
-        let (lo, hi) = golden
-            .iter()
-            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
-        let worst = logits
-            .iter()
-            .zip(&golden)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        eprintln!(
-            "{family} on the GPU: max |Δ| {worst:.2e} over a logit range of {:.3}",
-            hi - lo
-        );
-        assert!(worst <= 1e-3 * (hi - lo), "{family}: max |Δ| {worst}");
+        assert_family_logits(family, "GGUF on the GPU", &logits);
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use quarry_fixtures::{family_dir, family_floats, family_ids, FAMILIES};
+use quarry_fixtures::{assert_family_logits, family_dir, family_floats, family_ids, FAMILIES};
 use std::borrow::Cow;
 
 use quarry_format::{gguf::GgufWriter, GgmlType, GgufFile, Value};
@@ -18,29 +18,10 @@ use quarry_model::{Model, ModelConfig, SequenceBatch};
 /// logits, within 1e-3 of their range.
 fn check_logits(family: &str, source: &str, file: Arc<GgufFile>) {
     let ids = family_ids(family);
-    let golden = family_floats(family, "logits.f32");
     let model = Model::load(file).unwrap_or_else(|e| panic!("{family} ({source}): {e}"));
-    let vocab = model.config().vocab_size;
-    assert_eq!(golden.len(), ids.len() * vocab, "{family}");
     let mut cache = model.new_cache(ids.len());
     let logits = model.forward(&ids, &mut cache, 0..ids.len()).unwrap();
-    let (lo, hi) = golden
-        .iter()
-        .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
-    let worst = logits
-        .iter()
-        .zip(&golden)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    eprintln!(
-        "{family} ({source}): max |Δ| {worst:.2e} over a logit range of {:.3}",
-        hi - lo
-    );
-    assert!(
-        worst <= 1e-3 * (hi - lo),
-        "{family} ({source}): max |Δ| {worst} against range {}",
-        hi - lo
-    );
+    assert_family_logits(family, source, &logits);
 }
 
 #[test]
