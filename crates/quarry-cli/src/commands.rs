@@ -46,39 +46,53 @@ pub(crate) fn set_device(device: Device) {
     DEVICE.get_or_init(|| device);
 }
 
-/// `model` on the device `--device` names (unchanged for the CPU); says where it runs on
-/// stderr when that is not the CPU, and why when `auto` falls back to the CPU.
-pub(crate) fn on_device(model: Model) -> Result<Model> {
-    let device = DEVICE.get().copied().unwrap_or(Device::Cpu);
-    let gpu = match device {
-        Device::Cpu => return Ok(model),
-        Device::Gpu => quarry_gpu::Gpu::new().context("--device gpu")?,
+/// The GPU `--device` asks for, `None` for the CPU; says on stderr why `auto` stays on the
+/// CPU.
+fn chosen_gpu() -> Result<Option<quarry_gpu::Gpu>> {
+    match DEVICE.get().copied().unwrap_or(Device::Cpu) {
+        Device::Cpu => Ok(None),
+        Device::Gpu => Ok(Some(quarry_gpu::Gpu::new().context("--device gpu")?)),
         Device::Auto => match quarry_gpu::Gpu::new() {
-            Ok(gpu) if gpu.adapter().kind != quarry_gpu::DeviceKind::Cpu => gpu,
+            Ok(gpu) if gpu.adapter().kind != quarry_gpu::DeviceKind::Cpu => Ok(Some(gpu)),
             Ok(gpu) => {
                 eprintln!(
                     "device: cpu (--device auto: the only GPU adapter, {}, is a software one)",
                     gpu.adapter().name
                 );
-                return Ok(model);
+                Ok(None)
             }
             Err(e) => {
                 eprintln!("device: cpu (--device auto: {e})");
-                return Ok(model);
+                Ok(None)
             }
         },
+    }
+}
+
+/// What to do when a model cannot go to the GPU: `auto` says why and stays on the CPU
+/// (`None`), `gpu` fails.
+fn device_refused(e: quarry_model::ModelError) -> Result<()> {
+    match DEVICE.get() {
+        Some(Device::Auto) => {
+            eprintln!("device: cpu (--device auto: {e})");
+            Ok(())
+        }
+        _ => Err(e).context("--device gpu"),
+    }
+}
+
+/// `model` (already loaded for the CPU) on the device `--device` names; says where it runs
+/// on stderr when that is not the CPU.
+pub(crate) fn on_device(model: Model) -> Result<Model> {
+    let Some(gpu) = chosen_gpu()? else {
+        return Ok(model);
     };
     match model.on_device(quarry_gpu::GpuBackend::new(gpu)) {
         Ok(on_gpu) => {
             eprintln!("device: {}", on_gpu.device().unwrap_or_default());
             Ok(on_gpu)
         }
-        // Auto falls back (a model larger than the device's memory, experts, an overlay).
-        Err(e) if device == Device::Auto => {
-            eprintln!("device: cpu (--device auto: {e})");
-            Ok(model)
-        }
-        Err(e) => Err(e).context("--device gpu"),
+        Err(e) => device_refused(e).map(|()| model),
     }
 }
 
@@ -118,9 +132,24 @@ pub(crate) fn open(model: &str) -> Result<Arc<GgufFile>> {
 
 /// Loads the model in `file` with the LoRA adapter `lora` (`--lora`), if given, as its
 /// overlay: the adapter is opened like any model file (a regular file, validated as GGUF) and
-/// checked against the model's shapes; every error names the adapter file.
+/// checked against the model's shapes; every error names the adapter file. On the device
+/// `--device` names, when it can run there.
 pub(crate) fn load_model(file: Arc<GgufFile>, lora: Option<&Path>) -> Result<Model> {
-    on_device(with_lora(Model::load(file)?, lora)?)
+    if lora.is_some() {
+        // The device refuses the adapter's overlay (or `auto` stays on the CPU) by name.
+        return on_device(with_lora(Model::load(file)?, lora)?);
+    }
+    if let Some(gpu) = chosen_gpu()? {
+        // Loaded for the GPU: no host copies of the weights beside the device's.
+        match Model::load_on_device(Arc::clone(&file), quarry_gpu::GpuBackend::new(gpu)) {
+            Ok(model) => {
+                eprintln!("device: {}", model.device().unwrap_or_default());
+                return Ok(model);
+            }
+            Err(e) => device_refused(e)?,
+        }
+    }
+    Ok(Model::load(file)?)
 }
 
 /// `model` with the LoRA adapter `lora` as its overlay, if given (see [`load_model`]).

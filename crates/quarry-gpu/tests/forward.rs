@@ -48,13 +48,16 @@ fn ppl_chunks(model: TestModel) -> usize {
     }
 }
 
-/// The model on the CPU and on the GPU (`None` where there is no adapter and
+/// The model on the CPU and, loaded for it, on the GPU (`None` where there is no adapter and
 /// `QUARRY_GPU_TESTS=skip`).
 fn models(model: TestModel) -> Option<(Model, Model)> {
     let gpu = test_gpu()?;
-    let cpu = Model::load(Arc::new(GgufFile::open(model_path(model)).unwrap())).unwrap();
+    let file = Arc::new(GgufFile::open(model_path(model)).unwrap());
+    let cpu = Model::load(Arc::clone(&file)).unwrap();
     let t = Instant::now();
-    let on_gpu = cpu.on_device(GpuBackend::new(gpu)).unwrap();
+    // Loaded for the device, as the CLI does (the family test covers `on_device` of a CPU
+    // model).
+    let on_gpu = Model::load_on_device(file, GpuBackend::new(gpu)).unwrap();
     eprintln!(
         "{model:?}: weights uploaded in {:.1} s",
         t.elapsed().as_secs_f64()

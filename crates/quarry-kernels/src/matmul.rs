@@ -169,6 +169,13 @@ impl<'a> Matrix<'a> {
         Matrix::releasing(view, false, &|_| {})
     }
 
+    /// Wraps `view` without a repacked copy: products read the file's rows with the row
+    /// kernels. For a model whose products run on another device, where a copy would only
+    /// take host memory.
+    pub fn unpacked(view: WeightView<'a>) -> Matrix<'a> {
+        Matrix { view, packed: None }
+    }
+
     /// [`Matrix::new`] (or, with `single_rows`, [`Matrix::for_single_rows`]) that hands
     /// `release` the file bytes of each run of rows as soon as their repacked copy is written,
     /// when no product will read them again ([`Matrix::reads_file`] is false), so that a
@@ -180,7 +187,7 @@ impl<'a> Matrix<'a> {
         release: &dyn Fn(&[u8]),
     ) -> Matrix<'a> {
         if single_rows && kquant_panels::supports(view.dtype) {
-            return Matrix { view, packed: None };
+            return Matrix::unpacked(view);
         }
         let keep = |_: &[u8]| {};
         let release = match view.dtype == GgmlType::Q6_K {

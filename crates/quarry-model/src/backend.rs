@@ -17,7 +17,7 @@
 
 use std::ops::Range;
 
-use quarry_kernels::WeightView;
+use quarry_kernels::{Matrix, WeightView};
 
 use crate::attention::AttentionSpec;
 use crate::config::{Activation, ModelConfig};
@@ -145,14 +145,20 @@ pub(crate) struct DeviceModel<B: Backend> {
 }
 
 impl<B: Backend> DeviceModel<B> {
-    /// Uploads every weight of `w` (matrices as the file stores them, never an `f32` copy).
+    /// Uploads every weight of `w` (matrices as the file stores them, never an `f32` copy),
+    /// letting the file's pages of each go once it is uploaded.
     pub(crate) fn upload(backend: B, w: &Loaded) -> Result<Self, ModelError> {
         let b = &backend;
+        let matrix = |name: &str, m: &Matrix<'_>| {
+            let uploaded = b.matrix(name, m.view())?;
+            w.file.release(m.view().data());
+            Ok::<_, ModelError>(uploaded)
+        };
         let vector =
             |name: String, v: &Option<Vec<f32>>| v.as_ref().map(|v| b.vector(&name, v)).transpose();
         let linear = |name: String, l: &Linear<'_>| -> Result<DeviceLinear<B>, ModelError> {
             Ok(DeviceLinear {
-                weight: b.matrix(&name, l.weight.view())?,
+                weight: matrix(&name, &l.weight)?,
                 bias: vector(format!("{name} bias"), &l.bias)?,
             })
         };
@@ -179,15 +185,15 @@ impl<B: Backend> DeviceModel<B> {
                     k_norm: vector(name("attn_k_norm"), &layer.k_norm)?,
                     post_attn_norm: vector(name("post_attention_norm"), &layer.post_attn_norm)?,
                     ffn_norm: vector(name("ffn_norm"), &layer.ffn_norm)?,
-                    gate: b.matrix(&name("ffn_gate"), ffn.gate.view())?,
-                    up: b.matrix(&name("ffn_up"), ffn.up.view())?,
-                    down: b.matrix(&name("ffn_down"), ffn.down.view())?,
+                    gate: matrix(&name("ffn_gate"), &ffn.gate)?,
+                    up: matrix(&name("ffn_up"), &ffn.up)?,
+                    down: matrix(&name("ffn_down"), &ffn.down)?,
                     post_ffn_norm: vector(name("post_ffw_norm"), &layer.post_ffn_norm)?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(DeviceModel {
-            output: b.matrix("output", w.output.view())?,
+            output: matrix("output", &w.output)?,
             output_norm: b.vector("output_norm", &w.output_norm)?,
             layers,
             backend,

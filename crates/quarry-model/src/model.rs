@@ -64,7 +64,7 @@ pub(crate) struct Loaded {
     rope_long: Option<Rope>,
     pub(crate) rope_local: Rope,
     /// Declared last, so dropped after the views into it.
-    file: Arc<GgufFile>,
+    pub(crate) file: Arc<GgufFile>,
 }
 
 /// Sees the inside of a forward pass (for tracing and attribution). Every slice holds one
@@ -222,6 +222,22 @@ impl Model {
     /// Builds a model over `file`'s tensors, checking every shape against the configuration.
     /// The model keeps the file open (and mapped) for as long as it or a clone lives.
     pub fn load(file: Arc<GgufFile>) -> Result<Model, ModelError> {
+        Model::load_packed(file, true)
+    }
+
+    /// The model over `file` with its forward pass on `backend` ([`Model::on_device`]), loaded
+    /// for it: no repacked host copies are made, so the host keeps only norms, biases and the
+    /// embedding rows it looks up.
+    pub fn load_on_device<B: Backend>(
+        file: Arc<GgufFile>,
+        backend: B,
+    ) -> Result<Model, ModelError> {
+        Model::load_packed(file, false)?.on_device(backend)
+    }
+
+    /// [`Model::load`], with repacked copies where the CPU kernels read them (`pack`) or
+    /// without any.
+    fn load_packed(file: Arc<GgufFile>, pack: bool) -> Result<Model, ModelError> {
         // SAFETY: the views made from this reference are stored in `Loaded` beside `file`, an
         // `Arc` of the same `GgufFile`, which keeps it alive (and its bytes in place) for as
         // long as they exist; see `Loaded`.
@@ -233,7 +249,7 @@ impl Model {
             config.kv_dim(),
             config.ff_dim,
         );
-        let weights = Weights { file: bytes };
+        let weights = Weights { file: bytes, pack };
         let token_embd = weights.matrix("token_embd.weight", config.vocab_size, d)?;
         // Tied embeddings: without an output matrix the embedding doubles as the head.
         let embed_from_head = bytes.tensor("output.weight").is_err();
@@ -386,7 +402,8 @@ impl Model {
         })
     }
 
-    /// This model with its forward pass on `backend`, every weight uploaded there once; a
+    /// This model with its forward pass on `backend`, every weight uploaded there once (and
+    /// the file's pages of it let go as it is: they come back from the file if read again); a
     /// model with an overlay, or with experts, is refused by name.
     pub fn on_device<B: Backend>(&self, backend: B) -> Result<Model, ModelError> {
         if self.overlay.is_some() {
@@ -1187,6 +1204,8 @@ impl Scratch {
 /// Looks tensors up by name and checks them against the shapes the configuration implies.
 struct Weights<'a> {
     file: &'a GgufFile,
+    /// Whether matrices get the CPU kernels' repacked copies.
+    pack: bool,
 }
 
 impl<'a> Weights<'a> {
@@ -1219,13 +1238,19 @@ impl<'a> Weights<'a> {
     /// it are released as it is packed, since nothing reads them again (prompts read the
     /// copy too).
     fn prepared(&self, view: WeightView<'a>) -> Matrix<'a> {
-        Matrix::releasing(view, false, &|bytes| self.file.release(bytes))
+        match self.pack {
+            true => Matrix::releasing(view, false, &|bytes| self.file.release(bytes)),
+            false => Matrix::unpacked(view),
+        }
     }
 
     /// [`Weights::prepared`] for the output head, which products read a row at a time
     /// ([`Matrix::for_single_rows`]).
     fn prepared_head(&self, view: WeightView<'a>) -> Matrix<'a> {
-        Matrix::releasing(view, true, &|bytes| self.file.release(bytes))
+        match self.pack {
+            true => Matrix::releasing(view, true, &|bytes| self.file.release(bytes)),
+            false => Matrix::unpacked(view),
+        }
     }
 
     /// A vector of `len` values, dequantized to `f32`.
