@@ -35,6 +35,16 @@ pub struct GpuTensor {
     cols: usize,
 }
 
+/// A rotary table on the device: `[cos, sin]` per row and pair.
+pub struct GpuRotation {
+    buffer: wgpu::Buffer,
+    rows: usize,
+    /// Pairs per head (rotated dims / 2).
+    half: usize,
+    /// 0 for adjacent pairs, 1 for halves (the kernel's `b.y`).
+    style: u32,
+}
+
 /// A sequence's keys and values on the device: one buffer per layer for each, `capacity`
 /// positions of `kv_dim` `f32`.
 pub struct GpuKv {
@@ -77,6 +87,12 @@ impl GpuBackend {
         &self.gpu
     }
 
+    fn new_encoder(&self, label: &'static str) -> wgpu::CommandEncoder {
+        self.gpu
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+    }
+
     fn recording(&self) -> MutexGuard<'_, Recording> {
         self.recording.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -84,12 +100,7 @@ impl GpuBackend {
     /// Runs `record` on the open encoder; submits it (without waiting) once it holds enough.
     fn record(&self, dispatches: usize, record: impl FnOnce(&mut wgpu::CommandEncoder)) {
         let mut r = self.recording();
-        let device = self.gpu.device();
-        let encoder = r.encoder.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("forward"),
-            })
-        });
+        let encoder = r.encoder.get_or_insert_with(|| self.new_encoder("forward"));
         record(encoder);
         r.dispatches += dispatches;
         if r.dispatches >= DISPATCHES_PER_SUBMIT {
@@ -229,6 +240,7 @@ impl quarry_model::Backend for GpuBackend {
     type Matrix = GpuMatrix;
     type Vector = GpuTensor;
     type Kv = GpuKv;
+    type Rotation = GpuRotation;
 
     fn describe(&self) -> String {
         let a = self.gpu.adapter();
@@ -359,26 +371,10 @@ impl quarry_model::Backend for GpuBackend {
         self.elementwise(Op::Bias, x, Some(&bias.buffer), x.cols as u32)
     }
 
-    fn rope(
-        &self,
-        x: &mut GpuTensor,
-        table: &RopeTable<'_>,
-        head_dim: usize,
-    ) -> Result<(), ModelError> {
+    fn rotation(&self, table: &RopeTable<'_>) -> Result<GpuRotation, ModelError> {
         let cos_sin = table.cos_sin_f32();
         let half = table.dims() / 2;
-        if half == 0 {
-            return Ok(());
-        }
-        if cos_sin.len() != x.rows * half || !x.cols.is_multiple_of(head_dim) {
-            return Err(ModelError::Device(format!(
-                "gpu: a rotation table of {} pairs for {} rows of {} in heads of {head_dim}",
-                cos_sin.len(),
-                x.rows,
-                x.cols
-            )));
-        }
-        let cs = self
+        let buffer = self
             .gpu
             .create_buffer_with(
                 "rope table",
@@ -387,20 +383,43 @@ impl quarry_model::Backend for GpuBackend {
                 wgpu::BufferUsages::STORAGE,
             )
             .map_err(device_error)?;
+        Ok(GpuRotation {
+            buffer,
+            rows: cos_sin.len().checked_div(half).unwrap_or(0),
+            half,
+            style: match table.style() {
+                RopeStyle::Interleaved => 0,
+                RopeStyle::Halves => 1,
+            },
+        })
+    }
+
+    fn rope(
+        &self,
+        x: &mut GpuTensor,
+        rotation: &GpuRotation,
+        head_dim: usize,
+    ) -> Result<(), ModelError> {
+        let half = rotation.half;
+        if half == 0 {
+            return Ok(());
+        }
+        if rotation.rows != x.rows || !x.cols.is_multiple_of(head_dim) {
+            return Err(ModelError::Device(format!(
+                "gpu: a rotation table of {} rows for {} rows of {} in heads of {head_dim}",
+                rotation.rows, x.rows, x.cols
+            )));
+        }
         let heads = x.cols / head_dim;
         let n = x.rows * heads * half;
         let (gx, gy) = self.grid(n.div_ceil(WORKGROUP as usize))?;
-        let style = match table.style() {
-            RopeStyle::Interleaved => 0,
-            RopeStyle::Halves => 1,
-        };
         let params = [
             n as u32,
             gx,
             heads as u32,
             half as u32,
             head_dim as u32,
-            style,
+            rotation.style,
             0,
             0,
             0,
@@ -408,7 +427,7 @@ impl quarry_model::Backend for GpuBackend {
             0,
             0,
         ];
-        self.dispatch(Op::Rope, params, &[&x.buffer, &cs], (gx, gy))
+        self.dispatch(Op::Rope, params, &[&x.buffer, &rotation.buffer], (gx, gy))
     }
 
     fn kv_write(
@@ -538,13 +557,10 @@ impl quarry_model::Backend for GpuBackend {
         let readback = {
             let mut r = self.recording();
             r.dispatches = 0;
-            let encoder = r.encoder.take().unwrap_or_else(|| {
-                self.gpu
-                    .device()
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                        label: Some("readback"),
-                    })
-            });
+            let encoder = r
+                .encoder
+                .take()
+                .unwrap_or_else(|| self.new_encoder("readback"));
             self.gpu
                 .submit_readback(encoder, &x.buffer, rows.start * x.cols, rows.len() * x.cols)
                 .map_err(device_error)?

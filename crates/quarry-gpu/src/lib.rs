@@ -26,7 +26,7 @@ mod ops;
 pub mod reference;
 mod shader;
 
-pub use backend::{GpuBackend, GpuKv, GpuTensor};
+pub use backend::{GpuBackend, GpuKv, GpuRotation, GpuTensor};
 pub use context::{list_adapters, AdapterSummary, DeviceKind, Gpu, GpuOptions};
 pub use error::{GpuError, Result};
 pub use gemv::{row_bytes, GemvConfig, GpuMatrix, PreparedGemv, Reduction, MAX_TOKENS_PER_PASS};

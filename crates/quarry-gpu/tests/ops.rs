@@ -86,7 +86,8 @@ proptest! {
         let cols = heads * head_dim;
         let x = values(rows * cols, seed);
         let mut t = tensor(b, rows, cols, &x);
-        b.rope(&mut t, &rope.table(start, rows), head_dim).unwrap();
+        let rotation = b.rotation(&rope.table(start, rows)).unwrap();
+        b.rope(&mut t, &rotation, head_dim).unwrap();
         let mut cpu = x.clone();
         for (r, row) in cpu.chunks_exact_mut(cols).enumerate() {
             rope.rotate_heads(start + r, row, head_dim, false);

@@ -39,6 +39,9 @@ pub trait Backend: Send + Sync + 'static {
     type Vector: Send + Sync;
     /// One sequence's keys and values for every layer, up to a capacity of positions.
     type Kv: Send + Sync + 'static;
+    /// A rotary table on the device ([`Backend::rotation`]), made once per forward pass and
+    /// read by every layer that uses it.
+    type Rotation;
 
     /// What the backend runs on, for messages (`"gpu: NVIDIA H200 (vulkan)"`).
     fn describe(&self) -> String;
@@ -68,11 +71,13 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<(), ModelError>;
     /// Adds `bias` to every row of `x`.
     fn add_bias(&self, x: &mut Self::Tensor, bias: &Self::Vector) -> Result<(), ModelError>;
+    /// `table` on the device.
+    fn rotation(&self, table: &RopeTable<'_>) -> Result<Self::Rotation, ModelError>;
     /// Rotates every `head_dim`-wide head of row `t` of `x` by the table's position `t`.
     fn rope(
         &self,
         x: &mut Self::Tensor,
-        table: &RopeTable<'_>,
+        rotation: &Self::Rotation,
         head_dim: usize,
     ) -> Result<(), ModelError>;
     /// Stores the keys and values of `k.rows` positions from `start` for `layer`.
@@ -248,8 +253,8 @@ impl<B: Backend> DeviceModel<B> {
         let mut attn = b.tensor(n, q_dim, &[])?;
         let mut gate = b.tensor(n, cfg.ff_dim, &[])?;
         let mut up = b.tensor(n, cfg.ff_dim, &[])?;
-        let rope_global = w.global_rope(capacity).table(start, n);
-        let rope_local = w.rope_local.table(start, n);
+        let rope_global = b.rotation(&w.global_rope(capacity).table(start, n))?;
+        let rope_local = b.rotation(&w.rope_local.table(start, n))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let global = cfg.global_layers[i];
             b.copy(&x, &mut h)?;
