@@ -409,3 +409,78 @@ fn long_arrays_read_back_on_demand_and_are_validated_at_open() {
         "{err}"
     );
 }
+
+/// Pages of the map of `path` this process has mapped in (`/proc/self/pagemap`'s present bit).
+#[cfg(target_os = "linux")]
+fn resident_pages(path: &std::path::Path) -> usize {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let name = path.to_str().unwrap();
+    let mut pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut resident = 0;
+    for line in maps.lines().filter(|l| l.ends_with(name)) {
+        let range = line.split_whitespace().next().unwrap();
+        let (lo, hi) = range.split_once('-').unwrap();
+        let (lo, hi) = (
+            usize::from_str_radix(lo, 16).unwrap() / 4096,
+            usize::from_str_radix(hi, 16).unwrap() / 4096,
+        );
+        let mut entries = vec![0u8; (hi - lo) * 8];
+        pagemap.seek(SeekFrom::Start(lo as u64 * 8)).unwrap();
+        pagemap.read_exact(&mut entries).unwrap();
+        resident += entries
+            .chunks_exact(8)
+            .filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1)
+            .count();
+    }
+    resident
+}
+
+/// Metadata is read once: after opening, and after a long array is streamed or decoded, its
+/// pages leave the process (at most the two pages a run shares with its neighbours stay),
+/// and every value still reads back as written.
+#[cfg(target_os = "linux")]
+#[test]
+fn metadata_pages_are_let_go_once_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vocab.gguf");
+    let n = 50_000;
+    let texts = Value::Array(
+        ValueType::String,
+        (0..n)
+            .map(|i| Value::String(format!("token{i:08}")))
+            .collect(),
+    );
+    let mut w = GgufWriter::new();
+    w.add_metadata("t", texts.clone()).unwrap();
+    w.write(&path).unwrap();
+    assert!(std::fs::metadata(&path).unwrap().len() > 200 * 4096);
+
+    let file = GgufFile::open(&path).unwrap();
+    assert!(
+        resident_pages(&path) <= 2,
+        "{} pages after open",
+        resident_pages(&path)
+    );
+    let mut items = file.array_items("t").unwrap();
+    assert_eq!(items.by_ref().take(n / 2).count(), n / 2);
+    assert!(resident_pages(&path) > 50, "the stream reads the file");
+    drop(items);
+    assert!(
+        resident_pages(&path) <= 2,
+        "{} pages after a stream",
+        resident_pages(&path)
+    );
+
+    assert!(file
+        .array_items("t")
+        .unwrap()
+        .eq(texts.as_array().unwrap().iter().cloned()));
+    assert_eq!(file.get("t"), Some(&texts));
+    assert!(
+        resident_pages(&path) <= 2,
+        "{} pages after get",
+        resident_pages(&path)
+    );
+    assert_eq!(file.get("t"), Some(&texts));
+}

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -95,7 +96,7 @@ enum Stored {
     /// A long array of scalars or strings, by where its value (element type, count, items)
     /// starts in the file; decoded, and kept, only if [`GgufFile::get`] asks for it.
     Long {
-        at: usize,
+        bytes: Range<usize>,
         decoded: OnceLock<Option<Value>>,
     },
 }
@@ -112,11 +113,24 @@ pub struct ArrayItems<'f> {
 enum Items<'f> {
     Decoded(std::slice::Iter<'f, Value>),
     Streamed {
+        file: &'f GgufFile,
+        /// The array's value in the file, whose pages are let go when the stream is dropped.
+        bytes: Range<usize>,
         cursor: Cursor<'f>,
         key: &'f str,
         elem: ValueType,
         left: u64,
     },
+}
+
+impl Drop for ArrayItems<'_> {
+    /// A long array is read once, by a caller building tables of its own: the pages it
+    /// went through go again (they come back from the file if it is read a second time).
+    fn drop(&mut self) {
+        if let Items::Streamed { file, bytes, .. } = &self.inner {
+            file.release(&file.backing.bytes()[bytes.clone()]);
+        }
+    }
 }
 
 impl Iterator for ArrayItems<'_> {
@@ -130,6 +144,7 @@ impl Iterator for ArrayItems<'_> {
                 key,
                 elem,
                 left,
+                ..
             } => {
                 if *left == 0 {
                     return None;
@@ -200,6 +215,13 @@ impl GgufFile {
             // reader we rely on nobody truncating or rewriting the file while it is open;
             // GgufWriter never does (it replaces files by renaming a new one over them).
             let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err("map", e))?;
+            // Pages a model keeps reading (a Q6_K matrix's rows) sit between tensors whose
+            // pages it lets go (`release`). Where the page cache holds the file in 2 MiB
+            // folios, a read fault would map a whole folio back with those neighbours (Gemma
+            // 3, Linux 6.18: 27 MB of them); without huge mappings a fault maps a few pages.
+            // Failing to advise only costs that memory.
+            #[cfg(target_os = "linux")]
+            let _ = map.advise(memmap2::Advice::NoHugePage);
             Backing::Mapped(map)
         };
         GgufFile::parse(source, backing)
@@ -213,7 +235,7 @@ impl GgufFile {
     fn parse(source: String, backing: Backing) -> Result<GgufFile, FormatError> {
         // `Parsed::read` keeps only offsets of long arrays, so the bytes can move with `backing`.
         let parsed = Parsed::read(&source, backing.bytes())?;
-        Ok(GgufFile {
+        let file = GgufFile {
             source,
             backing,
             version: parsed.version,
@@ -223,7 +245,13 @@ impl GgufFile {
             tensors: parsed.tensors,
             names: parsed.names,
             data_offset: parsed.data_offset,
-        })
+        };
+        // Validating went through every metadata value; what is kept decoded now lives on
+        // the heap, and the long arrays are read again only by whoever streams them (a
+        // tokenizer, once): the metadata's pages (6.5 MB for Gemma 3's vocabulary) can go.
+        let bytes = file.backing.bytes();
+        file.release(&bytes[..bytes.len().min(file.data_offset as usize)]);
+        Ok(file)
     }
 
     /// The path or name the file was opened with, as used in error messages.
@@ -262,10 +290,13 @@ impl GgufFile {
     fn stored<'s>(&'s self, key: &str, stored: &'s Stored) -> Option<&'s Value> {
         match stored {
             Stored::Value(v) => Some(v),
-            Stored::Long { at, decoded } => decoded
+            Stored::Long { bytes, decoded } => decoded
                 .get_or_init(|| {
-                    let mut cur = self.cursor(*at);
-                    cur.value(ValueType::Array, Field::Value(key), 0).ok()
+                    let mut cur = self.cursor(bytes.start);
+                    let value = cur.value(ValueType::Array, Field::Value(key), 0).ok();
+                    // Kept decoded from now on: the file's pages of it are not read again.
+                    self.release(&self.backing.bytes()[bytes.clone()]);
+                    value
                 })
                 .as_ref(),
         }
@@ -298,8 +329,8 @@ impl GgufFile {
                 expected: "an array",
                 found: other.describe(),
             }),
-            Stored::Long { at, .. } => {
-                let mut cursor = self.cursor(*at);
+            Stored::Long { bytes, .. } => {
+                let mut cursor = self.cursor(bytes.start);
                 let field = Field::Value(k);
                 // Validated at open: the header reads again as it did then.
                 let header = cursor
@@ -311,6 +342,8 @@ impl GgufFile {
                 })?;
                 Ok(ArrayItems {
                     inner: Items::Streamed {
+                        file: self,
+                        bytes: bytes.clone(),
                         cursor,
                         key: k,
                         elem,
@@ -569,7 +602,7 @@ impl<'b> Cursor<'b> {
                     self.value(elem, field, 1)?;
                 }
                 return Ok(Stored::Long {
-                    at,
+                    bytes: at..self.pos,
                     decoded: OnceLock::new(),
                 });
             }
