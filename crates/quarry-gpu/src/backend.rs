@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use quarry_kernels::WeightView;
 use quarry_model::ops::RopeTable;
-use quarry_model::{Activation, AttentionSpec, ModelError, RopeStyle};
+use quarry_model::{Activation, AttentionSpec, ModelError, RopeStyle, RowPlan, SequenceRows};
 
 use crate::context::Gpu;
 use crate::error::GpuError;
@@ -235,18 +235,7 @@ fn bytes_of(n: usize) -> u64 {
     (n as u64 * 4).max(16).next_multiple_of(16)
 }
 
-impl quarry_model::Backend for GpuBackend {
-    type Tensor = GpuTensor;
-    type Matrix = GpuMatrix;
-    type Vector = GpuTensor;
-    type Kv = GpuKv;
-    type Rotation = GpuRotation;
-
-    fn describe(&self) -> String {
-        let a = self.gpu.adapter();
-        format!("gpu {} ({})", a.name, a.backend)
-    }
-
+impl quarry_model::DeviceBackend for GpuBackend {
     fn matrix(&self, name: &str, view: WeightView<'_>) -> Result<GpuMatrix, ModelError> {
         GpuMatrix::upload(
             &self.gpu,
@@ -259,7 +248,7 @@ impl quarry_model::Backend for GpuBackend {
     }
 
     fn vector(&self, name: &str, values: &[f32]) -> Result<GpuTensor, ModelError> {
-        self.tensor(1, values.len(), values)
+        self.buffer_tensor(1, values.len(), values)
             .map_err(|e| ModelError::Device(format!("{e} (vector '{name}')")))
     }
 
@@ -276,8 +265,17 @@ impl quarry_model::Backend for GpuBackend {
             capacity,
         })
     }
+}
 
-    fn tensor(&self, rows: usize, cols: usize, values: &[f32]) -> Result<GpuTensor, ModelError> {
+/// The operations' single-sequence forms, which the trait's batch forms call.
+impl GpuBackend {
+    /// A tensor of `rows × cols` holding `values` (zeros when `values` is empty).
+    fn buffer_tensor(
+        &self,
+        rows: usize,
+        cols: usize,
+        values: &[f32],
+    ) -> Result<GpuTensor, ModelError> {
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
             | wgpu::BufferUsages::COPY_DST;
@@ -297,6 +295,87 @@ impl quarry_model::Backend for GpuBackend {
         }
         .map_err(device_error)?;
         Ok(GpuTensor { buffer, rows, cols })
+    }
+
+    /// `out ← x · wᵀ`.
+    fn product(&self, w: &GpuMatrix, x: &GpuTensor, out: &mut GpuTensor) -> Result<(), ModelError> {
+        if x.cols != w.cols() || out.cols != w.rows() || out.rows != x.rows {
+            return Err(ModelError::Device(format!(
+                "gpu: a {}×{} matrix times {}×{} into {}×{}",
+                w.rows(),
+                w.cols(),
+                x.rows,
+                x.cols,
+                out.rows,
+                out.cols
+            )));
+        }
+        let prepared = w
+            .prepare(&x.buffer, &out.buffer, x.rows, &GemvConfig::default())
+            .map_err(device_error)?;
+        let dispatches = x.rows.div_ceil(crate::MAX_TOKENS_PER_PASS);
+        self.record(dispatches, |encoder| {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("matmul"),
+                timestamp_writes: None,
+            });
+            prepared.record(&mut pass);
+        });
+        Ok(())
+    }
+
+    /// Rotates every `head_dim`-wide head of row `t` of `x` by the table's row `t`.
+    fn rotate(
+        &self,
+        x: &mut GpuTensor,
+        rotation: &GpuRotation,
+        head_dim: usize,
+    ) -> Result<(), ModelError> {
+        let half = rotation.half;
+        if half == 0 {
+            return Ok(());
+        }
+        if rotation.rows != x.rows || !x.cols.is_multiple_of(head_dim) {
+            return Err(ModelError::Device(format!(
+                "gpu: a rotation table of {} rows for {} rows of {} in heads of {head_dim}",
+                rotation.rows, x.rows, x.cols
+            )));
+        }
+        let heads = x.cols / head_dim;
+        let n = x.rows * heads * half;
+        let (gx, gy) = self.grid(n.div_ceil(WORKGROUP as usize))?;
+        let params = [
+            n as u32,
+            gx,
+            heads as u32,
+            half as u32,
+            head_dim as u32,
+            rotation.style,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        self.dispatch(Op::Rope, params, &[&x.buffer, &rotation.buffer], (gx, gy))
+    }
+}
+
+impl quarry_model::Backend for GpuBackend {
+    type Tensor = GpuTensor;
+    type Matrix = GpuMatrix;
+    type Vector = GpuTensor;
+    type Kv = GpuKv;
+    type Rotation<'r> = GpuRotation;
+
+    fn describe(&self) -> String {
+        let a = self.gpu.adapter();
+        format!("gpu {} ({})", a.name, a.backend)
+    }
+
+    fn tensor(&self, plan: &RowPlan, cols: usize, values: &[f32]) -> Result<GpuTensor, ModelError> {
+        self.buffer_tensor(plan.rows, cols, values)
     }
 
     fn copy(&self, x: &GpuTensor, out: &mut GpuTensor) -> Result<(), ModelError> {
@@ -335,30 +414,14 @@ impl quarry_model::Backend for GpuBackend {
         self.dispatch(Op::RmsNorm, params, &[&x.buffer, &gain.buffer], (gx, gy))
     }
 
-    fn matmul(&self, w: &GpuMatrix, x: &GpuTensor, out: &mut GpuTensor) -> Result<(), ModelError> {
-        if x.cols != w.cols() || out.cols != w.rows() || out.rows != x.rows {
-            return Err(ModelError::Device(format!(
-                "gpu: a {}×{} matrix times {}×{} into {}×{}",
-                w.rows(),
-                w.cols(),
-                x.rows,
-                x.cols,
-                out.rows,
-                out.cols
-            )));
-        }
-        let prepared = w
-            .prepare(&x.buffer, &out.buffer, x.rows, &GemvConfig::default())
-            .map_err(device_error)?;
-        let dispatches = x.rows.div_ceil(crate::MAX_TOKENS_PER_PASS);
-        self.record(dispatches, |encoder| {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("matmul"),
-                timestamp_writes: None,
-            });
-            prepared.record(&mut pass);
-        });
-        Ok(())
+    fn matmul_many(
+        &self,
+        products: &mut [(&GpuMatrix, &mut GpuTensor)],
+        x: &GpuTensor,
+    ) -> Result<(), ModelError> {
+        products
+            .iter_mut()
+            .try_for_each(|(w, out)| self.product(w, x, out))
     }
 
     fn add_bias(&self, x: &mut GpuTensor, bias: &GpuTensor) -> Result<(), ModelError> {
@@ -371,9 +434,13 @@ impl quarry_model::Backend for GpuBackend {
         self.elementwise(Op::Bias, x, Some(&bias.buffer), x.cols as u32)
     }
 
-    fn rotation(&self, table: &RopeTable<'_>) -> Result<GpuRotation, ModelError> {
-        let cos_sin = table.cos_sin_f32();
-        let half = table.dims() / 2;
+    /// One table on the device: the sequences' tables one after another.
+    fn rotation(&self, tables: Vec<RopeTable<'_>>) -> Result<GpuRotation, ModelError> {
+        let cos_sin: Vec<[f32; 2]> = tables.iter().flat_map(|t| t.cos_sin_f32()).collect();
+        let Some(first) = tables.first() else {
+            return Err(ModelError::Device("gpu: a rotation of no sequence".into()));
+        };
+        let half = first.dims() / 2;
         let buffer = self
             .gpu
             .create_buffer_with(
@@ -387,7 +454,7 @@ impl quarry_model::Backend for GpuBackend {
             buffer,
             rows: cos_sin.len().checked_div(half).unwrap_or(0),
             half,
-            style: match table.style() {
+            style: match first.style() {
                 RopeStyle::Interleaved => 0,
                 RopeStyle::Halves => 1,
             },
@@ -396,73 +463,73 @@ impl quarry_model::Backend for GpuBackend {
 
     fn rope(
         &self,
-        x: &mut GpuTensor,
+        q: &mut GpuTensor,
+        k: &mut GpuTensor,
         rotation: &GpuRotation,
         head_dim: usize,
     ) -> Result<(), ModelError> {
-        let half = rotation.half;
-        if half == 0 {
-            return Ok(());
-        }
-        if rotation.rows != x.rows || !x.cols.is_multiple_of(head_dim) {
-            return Err(ModelError::Device(format!(
-                "gpu: a rotation table of {} rows for {} rows of {} in heads of {head_dim}",
-                rotation.rows, x.rows, x.cols
-            )));
-        }
-        let heads = x.cols / head_dim;
-        let n = x.rows * heads * half;
-        let (gx, gy) = self.grid(n.div_ceil(WORKGROUP as usize))?;
-        let params = [
-            n as u32,
-            gx,
-            heads as u32,
-            half as u32,
-            head_dim as u32,
-            rotation.style,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        ];
-        self.dispatch(Op::Rope, params, &[&x.buffer, &rotation.buffer], (gx, gy))
+        self.rotate(q, rotation, head_dim)?;
+        self.rotate(k, rotation, head_dim)
     }
 
     fn kv_write(
         &self,
-        kv: &mut GpuKv,
+        kv: &mut [&mut GpuKv],
+        spans: &[SequenceRows],
         layer: usize,
-        start: usize,
         k: &GpuTensor,
         v: &GpuTensor,
     ) -> Result<(), ModelError> {
         Self::same_shape("keys and values", k, v)?;
-        if k.cols != kv.kv_dim || start + k.rows > kv.capacity || layer >= kv.keys.len() {
-            return Err(ModelError::Device(format!(
-                "gpu: {} positions of {} at {start} in layer {layer} of a cache of {} × {}",
-                k.rows, k.cols, kv.capacity, kv.kv_dim
-            )));
+        for (kv, span) in kv.iter_mut().zip(spans) {
+            let (start, rows) = (span.start, span.rows.clone());
+            if k.cols != kv.kv_dim
+                || rows.end > k.rows
+                || start + rows.len() > kv.capacity
+                || layer >= kv.keys.len()
+            {
+                return Err(ModelError::Device(format!(
+                    "gpu: rows {rows:?} of {} × {} at {start} in layer {layer} of a cache of \
+                     {} × {}",
+                    k.rows, k.cols, kv.capacity, kv.kv_dim
+                )));
+            }
+            let row_bytes = (k.cols * 4) as u64;
+            let from = rows.start as u64 * row_bytes;
+            let (offset, bytes) = (start as u64 * row_bytes, rows.len() as u64 * row_bytes);
+            self.record(0, |e| {
+                e.copy_buffer_to_buffer(&k.buffer, from, &kv.keys[layer], offset, bytes);
+                e.copy_buffer_to_buffer(&v.buffer, from, &kv.values[layer], offset, bytes);
+            });
         }
-        let (offset, bytes) = ((start * kv.kv_dim * 4) as u64, (k.rows * k.cols * 4) as u64);
-        self.record(0, |e| {
-            e.copy_buffer_to_buffer(&k.buffer, 0, &kv.keys[layer], offset, bytes);
-            e.copy_buffer_to_buffer(&v.buffer, 0, &kv.values[layer], offset, bytes);
-        });
         Ok(())
     }
 
+    /// The queries of one sequence only: the model runs a batch's sequences one at a time on
+    /// this backend.
     fn attend(
         &self,
         spec: &AttentionSpec,
-        kv: &GpuKv,
+        kv: &[&mut GpuKv],
+        spans: &[SequenceRows],
         layer: usize,
-        start: usize,
         q: &GpuTensor,
         out: &mut GpuTensor,
     ) -> Result<(), ModelError> {
         Self::same_shape("queries and attention output", q, out)?;
+        let ([kv], [span]) = (kv, spans) else {
+            return Err(ModelError::Device(format!(
+                "gpu: attention over {} sequences in one pass",
+                spans.len()
+            )));
+        };
+        if span.rows != (0..q.rows) {
+            return Err(ModelError::Device(format!(
+                "gpu: attention of rows {:?} of {}",
+                span.rows, q.rows
+            )));
+        }
+        let start = span.start;
         let (heads, hd) = (spec.n_heads, spec.head_dim);
         if q.cols != heads * hd
             || spec.n_kv_heads == 0

@@ -9,7 +9,9 @@ use common::test_gpu;
 use proptest::prelude::*;
 use quarry_gpu::{GpuBackend, GpuTensor};
 use quarry_model::ops::{gated_activation, rms_norm, softcap, Rope};
-use quarry_model::{Activation, AttentionSpec, Backend, RopeStyle};
+use quarry_model::{
+    Activation, AttentionSpec, Backend, DeviceBackend, RopeStyle, RowPlan, SequenceRows,
+};
 use std::sync::OnceLock;
 
 fn backend() -> Option<&'static GpuBackend> {
@@ -22,7 +24,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn tensor(b: &GpuBackend, rows: usize, cols: usize, v: &[f32]) -> GpuTensor {
-    b.tensor(rows, cols, v).unwrap()
+    b.tensor(&RowPlan::of_rows(rows), cols, v).unwrap()
 }
 
 fn close(gpu: &[f32], cpu: &[f32], tol: f32, what: &str) {
@@ -74,8 +76,9 @@ proptest! {
 
     #[test]
     fn rope_matches_the_cpu(
-        rows in 1usize..7, heads in 1usize..4, half_head in 1usize..9, partial in any::<bool>(),
-        halves in any::<bool>(), start in 0usize..3000, seed in 0u64..1000,
+        rows in 1usize..7, heads in 1usize..4, kv_heads in 1usize..3, half_head in 1usize..9,
+        partial in any::<bool>(), halves in any::<bool>(), start in 0usize..3000,
+        split in 0usize..7, later in 0usize..3000, seed in 0u64..1000,
     ) {
         let Some(b) = backend() else { return Ok(()) };
         let head_dim = 2 * half_head;
@@ -83,16 +86,28 @@ proptest! {
         let dims = if partial && half_head > 1 { head_dim - 2 } else { head_dim };
         let style = if halves { RopeStyle::Halves } else { RopeStyle::Interleaved };
         let rope = Rope::new(style, dims, 10_000.0, 1.0);
-        let cols = heads * head_dim;
-        let x = values(rows * cols, seed);
-        let mut t = tensor(b, rows, cols, &x);
-        let rotation = b.rotation(&rope.table(start, rows)).unwrap();
-        b.rope(&mut t, &rotation, head_dim).unwrap();
-        let mut cpu = x.clone();
-        for (r, row) in cpu.chunks_exact_mut(cols).enumerate() {
-            rope.rotate_heads(start + r, row, head_dim, false);
+        // Two sequences of a batch, the second `split` rows in (when there are rows left)
+        // at a position of its own.
+        let split = split.min(rows - 1).max(1).min(rows);
+        let mut positions: Vec<usize> = (start..start + split).collect();
+        let mut tables = vec![rope.table(start, split)];
+        if split < rows {
+            positions.extend(later..later + rows - split);
+            tables.push(rope.table(later, rows - split));
         }
-        close(&b.read(&t, 0..rows).unwrap(), &cpu, 1e-4, "rope");
+        let (q_cols, k_cols) = (heads * head_dim, kv_heads * head_dim);
+        let (x, y) = (values(rows * q_cols, seed), values(rows * k_cols, seed + 1));
+        let (mut q, mut k) = (tensor(b, rows, q_cols, &x), tensor(b, rows, k_cols, &y));
+        let rotation = b.rotation(tables).unwrap();
+        b.rope(&mut q, &mut k, &rotation, head_dim).unwrap();
+        let rotated = |mut v: Vec<f32>, cols: usize| {
+            for (row, &pos) in v.chunks_exact_mut(cols).zip(&positions) {
+                rope.rotate_heads(pos, row, head_dim, false);
+            }
+            v
+        };
+        close(&b.read(&q, 0..rows).unwrap(), &rotated(x, q_cols), 1e-4, "rope of q");
+        close(&b.read(&k, 0..rows).unwrap(), &rotated(y, k_cols), 1e-4, "rope of k");
     }
 
     #[test]
@@ -115,17 +130,17 @@ proptest! {
         let (keys, vals) = (values(len * kv_dim, seed), values(len * kv_dim, seed + 1));
         let q = values(rows * q_dim, seed + 2);
         let mut kv = b.kv(2, kv_dim, len + 3).unwrap();
-        // Cached positions first, then this batch's, into layer 1.
+        // Cached positions first, then this batch's (rows of the same tensors further in),
+        // into layer 1.
+        let (k, v) = (tensor(b, len, kv_dim, &keys), tensor(b, len, kv_dim, &vals));
+        let span = |start, rows| [SequenceRows { start, rows }];
         if start > 0 {
-            let (k0, v0) = (&keys[..start * kv_dim], &vals[..start * kv_dim]);
-            b.kv_write(&mut kv, 1, 0, &tensor(b, start, kv_dim, k0), &tensor(b, start, kv_dim, v0))
-                .unwrap();
+            b.kv_write(&mut [&mut kv], &span(0, 0..start), 1, &k, &v).unwrap();
         }
-        let (k1, v1) = (&keys[start * kv_dim..], &vals[start * kv_dim..]);
-        b.kv_write(&mut kv, 1, start, &tensor(b, rows, kv_dim, k1), &tensor(b, rows, kv_dim, v1))
-            .unwrap();
+        b.kv_write(&mut [&mut kv], &span(start, start..len), 1, &k, &v).unwrap();
         let mut out = tensor(b, rows, q_dim, &[]);
-        b.attend(&spec, &kv, 1, start, &tensor(b, rows, q_dim, &q), &mut out).unwrap();
+        let q_t = tensor(b, rows, q_dim, &q);
+        b.attend(&spec, &[&mut kv], &span(start, 0..rows), 1, &q_t, &mut out).unwrap();
 
         let mut cpu = vec![0f32; rows * q_dim];
         for t in 0..rows {

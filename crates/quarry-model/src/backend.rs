@@ -1,19 +1,15 @@
 //! The backend seam: the operations one forward pass is made of, over buffers a backend owns
-//! ([`Backend`]), and the one program that strings them together for every family
-//! ([`DeviceModel`]).
+//! ([`Backend`]); the uploads that put a model on a device ([`DeviceBackend`]), and the model
+//! on one ([`DeviceModel`]).
 //!
 //! Why operations and not tensors: a GPU keeps the weights, the KV cache and every activation
 //! in its own memory and hands back only hidden states or logits, so the seam has to be where
 //! work is recorded, not where values are read. Which norm runs where, biases, QK-norm, which
 //! rotation a layer uses, sliding windows, soft-caps and post-norms belong to the family (the
-//! [`ModelConfig`]), not to the device, so the program is written once, here, and a backend
-//! only supplies the operations.
-//!
-//! The CPU forward pass ([`Model::forward_batch`](crate::Model::forward_batch)) does not run
-//! through this seam yet: beyond these operations it multiplies several sequences in one
-//! product, reads edit overlays, shows observers the inside of a layer, routes experts and
-//! picks 8-bit or `f32` products row by row. A model on a device refuses overlays, observers
-//! and experts by name instead of running them somewhere else.
+//! [`ModelConfig`]), not to the device, so the program is written once
+//! ([`crate::forward`]) and a backend only supplies the operations. The CPU is one such
+//! backend ([`crate::cpu::Cpu`]); its policies (8-bit decode rows, repacked panels, one pool
+//! dispatch for several products) stay inside its operations.
 
 use std::ops::Range;
 
@@ -21,37 +17,41 @@ use quarry_kernels::{Matrix, WeightView};
 
 use crate::attention::AttentionSpec;
 use crate::config::{Activation, ModelConfig};
+use crate::cpu::CpuLayer;
+use crate::forward::{
+    Ffn, GatedFfn, Layer, Layers, Linear, Program, RowPlan, SequenceInput, SequenceRows,
+};
 use crate::kv_cache::DeviceSlot;
-use crate::model::{Ffn, Layer, Linear, Loaded};
+use crate::model::{Loaded, NoObserver};
 use crate::ops::RopeTable;
 use crate::ModelError;
 
-/// A device that runs a forward pass's operations. Operations are recorded in order and may
-/// run later; only [`Backend::read`] waits for them. Every operation reads and writes buffers
-/// of this backend; shapes are checked by the program, which only passes buffers of the sizes
-/// stated.
-pub trait Backend: Send + Sync + 'static {
-    /// Activations: `rows × cols` `f32`, row major.
+/// What runs a forward pass's operations. Operations may be recorded and run later; only
+/// [`Backend::read`] (and [`Backend::host`]) must see them done. Every operation reads and
+/// writes buffers of this backend; shapes are checked by the program, which only passes
+/// buffers of the sizes stated.
+pub trait Backend {
+    /// Activations: `rows × cols` `f32`, row major, multiplied as their [`RowPlan`] says.
     type Tensor;
-    /// A weight matrix, in the blocks the file stores it in.
-    type Matrix: Send + Sync;
+    /// A weight matrix, in the blocks the file stores it in (or a layout of the backend's).
+    type Matrix;
     /// A vector of `f32` (norm gains, biases).
-    type Vector: Send + Sync;
-    /// One sequence's keys and values for every layer, up to a capacity of positions.
-    type Kv: Send + Sync + 'static;
-    /// A rotary table on the device ([`Backend::rotation`]), made once per forward pass and
-    /// read by every layer that uses it.
-    type Rotation;
+    type Vector;
+    /// One sequence's keys and values for every layer.
+    type Kv;
+    /// The rotary tables of a batch's sequences ([`Backend::rotation`]), made once per
+    /// forward pass and read by every layer that uses them.
+    type Rotation<'r>;
 
     /// What the backend runs on, for messages (`"gpu: NVIDIA H200 (vulkan)"`).
     fn describe(&self) -> String;
-    /// Uploads a weight matrix (`name` is for messages).
-    fn matrix(&self, name: &str, view: WeightView<'_>) -> Result<Self::Matrix, ModelError>;
-    fn vector(&self, name: &str, values: &[f32]) -> Result<Self::Vector, ModelError>;
-    /// Room for `capacity` positions of `layers` layers, `kv_dim` keys and values each.
-    fn kv(&self, layers: usize, kv_dim: usize, capacity: usize) -> Result<Self::Kv, ModelError>;
-    /// A tensor of `rows × cols` holding `values` (or zeros when `values` is empty).
-    fn tensor(&self, rows: usize, cols: usize, values: &[f32]) -> Result<Self::Tensor, ModelError>;
+    /// A tensor of `plan.rows × cols` holding `values` (or zeros when `values` is empty).
+    fn tensor(
+        &self,
+        plan: &RowPlan,
+        cols: usize,
+        values: &[f32],
+    ) -> Result<Self::Tensor, ModelError>;
 
     /// `out ← x`.
     fn copy(&self, x: &Self::Tensor, out: &mut Self::Tensor) -> Result<(), ModelError>;
@@ -68,35 +68,46 @@ pub trait Backend: Send + Sync + 'static {
         w: &Self::Matrix,
         x: &Self::Tensor,
         out: &mut Self::Tensor,
+    ) -> Result<(), ModelError> {
+        self.matmul_many(&mut [(w, out)], x)
+    }
+    /// Several products of the same `x` ([`Backend::matmul`] for each).
+    fn matmul_many(
+        &self,
+        products: &mut [(&Self::Matrix, &mut Self::Tensor)],
+        x: &Self::Tensor,
     ) -> Result<(), ModelError>;
     /// Adds `bias` to every row of `x`.
     fn add_bias(&self, x: &mut Self::Tensor, bias: &Self::Vector) -> Result<(), ModelError>;
-    /// `table` on the device.
-    fn rotation(&self, table: &RopeTable<'_>) -> Result<Self::Rotation, ModelError>;
-    /// Rotates every `head_dim`-wide head of row `t` of `x` by the table's position `t`.
+    /// The rotations of a batch: `tables[s]` for the rows of its sequence `s`, in order.
+    fn rotation<'r>(&self, tables: Vec<RopeTable<'r>>) -> Result<Self::Rotation<'r>, ModelError>;
+    /// Rotates every `head_dim`-wide head of each row of `q` and of `k` by its position.
     fn rope(
         &self,
-        x: &mut Self::Tensor,
-        rotation: &Self::Rotation,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
+        rotation: &Self::Rotation<'_>,
         head_dim: usize,
     ) -> Result<(), ModelError>;
-    /// Stores the keys and values of `k.rows` positions from `start` for `layer`.
+    /// Stores the keys and values of each sequence's rows (`spans[s]`, into `kv[s]` from its
+    /// position `start`) for `layer`.
     fn kv_write(
         &self,
-        kv: &mut Self::Kv,
+        kv: &mut [&mut Self::Kv],
+        spans: &[SequenceRows],
         layer: usize,
-        start: usize,
         k: &Self::Tensor,
         v: &Self::Tensor,
     ) -> Result<(), ModelError>;
-    /// Causal attention of the queries `q` (row `t` at position `start + t`) over `layer`'s
-    /// stored keys and values up to each row's own position; `out` like `q`.
+    /// Causal attention of each sequence's queries (`spans[s]`, row `t` at position
+    /// `start + t`) over `layer`'s keys and values in `kv[s]` up to each row's own position;
+    /// `out` like `q`.
     fn attend(
         &self,
         spec: &AttentionSpec,
-        kv: &Self::Kv,
+        kv: &[&mut Self::Kv],
+        spans: &[SequenceRows],
         layer: usize,
-        start: usize,
         q: &Self::Tensor,
         out: &mut Self::Tensor,
     ) -> Result<(), ModelError>;
@@ -113,43 +124,41 @@ pub trait Backend: Send + Sync + 'static {
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), ModelError>;
     /// Runs what was recorded and returns rows `rows` of `x`.
     fn read(&self, x: &Self::Tensor, rows: Range<usize>) -> Result<Vec<f32>, ModelError>;
+    /// `x`'s values where they live on the host, for what reads and writes activations
+    /// there (observers, overlays, expert routing); `None` on a device.
+    fn host<'t>(&self, _x: &'t Self::Tensor) -> Option<&'t [f32]> {
+        None
+    }
+    /// [`Backend::host`], writable.
+    fn host_mut<'t>(&self, _x: &'t mut Self::Tensor) -> Option<&'t mut [f32]> {
+        None
+    }
+}
+
+/// A backend that holds a model of its own: weights uploaded once, and each sequence's keys
+/// and values kept in a cache's [`DeviceSlot`].
+pub trait DeviceBackend:
+    Backend<Kv: Send + Sync + 'static, Matrix: Send + Sync, Vector: Send + Sync> + Send + Sync + 'static
+{
+    /// Uploads a weight matrix (`name` is for messages).
+    fn matrix(&self, name: &str, view: WeightView<'_>) -> Result<Self::Matrix, ModelError>;
+    fn vector(&self, name: &str, values: &[f32]) -> Result<Self::Vector, ModelError>;
+    /// Room for `capacity` positions of `layers` layers, `kv_dim` keys and values each.
+    fn kv(&self, layers: usize, kv_dim: usize, capacity: usize) -> Result<Self::Kv, ModelError>;
 }
 
 /// Rows of logits one device product computes.
 const LOGIT_ROWS: usize = 32;
 
-/// A projection on the device, its bias where the file has one.
-struct DeviceLinear<B: Backend> {
-    weight: B::Matrix,
-    bias: Option<B::Vector>,
-}
-
-/// One layer's weights on the device; the norms the family has.
-struct DeviceLayer<B: Backend> {
-    attn_norm: Option<B::Vector>,
-    wq: DeviceLinear<B>,
-    wk: DeviceLinear<B>,
-    wv: DeviceLinear<B>,
-    wo: DeviceLinear<B>,
-    q_norm: Option<B::Vector>,
-    k_norm: Option<B::Vector>,
-    post_attn_norm: Option<B::Vector>,
-    ffn_norm: Option<B::Vector>,
-    gate: B::Matrix,
-    up: B::Matrix,
-    down: B::Matrix,
-    post_ffn_norm: Option<B::Vector>,
-}
-
-/// A model's weights uploaded to a backend, and the forward pass over its operations.
-pub(crate) struct DeviceModel<B: Backend> {
+/// A model's weights uploaded to a device backend.
+pub(crate) struct DeviceModel<B: DeviceBackend> {
     backend: B,
-    layers: Vec<DeviceLayer<B>>,
+    layers: Vec<Layer<B::Matrix, B::Vector>>,
     output: B::Matrix,
     output_norm: B::Vector,
 }
 
-impl<B: Backend> DeviceModel<B> {
+impl<B: DeviceBackend> DeviceModel<B> {
     /// Uploads every weight of `w` (matrices as the file stores them, never an `f32` copy),
     /// letting the file's pages of each go once it is uploaded.
     pub(crate) fn upload(backend: B, w: &Loaded) -> Result<Self, ModelError> {
@@ -161,8 +170,8 @@ impl<B: Backend> DeviceModel<B> {
         };
         let vector =
             |name: String, v: &Option<Vec<f32>>| v.as_ref().map(|v| b.vector(&name, v)).transpose();
-        let linear = |name: String, l: &Linear<'_>| -> Result<DeviceLinear<B>, ModelError> {
-            Ok(DeviceLinear {
+        let linear = |name: String, l: &Linear<Matrix<'_>, Vec<f32>>| {
+            Ok::<_, ModelError>(Linear {
                 weight: matrix(&name, &l.weight)?,
                 bias: vector(format!("{name} bias"), &l.bias)?,
             })
@@ -171,7 +180,7 @@ impl<B: Backend> DeviceModel<B> {
             .layers
             .iter()
             .enumerate()
-            .map(|(i, layer): (usize, &Layer<'_>)| {
+            .map(|(i, layer): (usize, &CpuLayer)| {
                 let name = |s: &str| format!("blk.{i}.{s}");
                 let Ffn::Dense(ffn) = &layer.ffn else {
                     return Err(ModelError::Device(format!(
@@ -180,7 +189,7 @@ impl<B: Backend> DeviceModel<B> {
                         b.describe()
                     )));
                 };
-                Ok(DeviceLayer {
+                Ok(Layer {
                     attn_norm: vector(name("attn_norm"), &layer.attn_norm)?,
                     wq: linear(name("attn_q"), &layer.wq)?,
                     wk: linear(name("attn_k"), &layer.wk)?,
@@ -190,9 +199,11 @@ impl<B: Backend> DeviceModel<B> {
                     k_norm: vector(name("attn_k_norm"), &layer.k_norm)?,
                     post_attn_norm: vector(name("post_attention_norm"), &layer.post_attn_norm)?,
                     ffn_norm: vector(name("ffn_norm"), &layer.ffn_norm)?,
-                    gate: matrix(&name("ffn_gate"), &ffn.gate)?,
-                    up: matrix(&name("ffn_up"), &ffn.up)?,
-                    down: matrix(&name("ffn_down"), &ffn.down)?,
+                    ffn: Ffn::Dense(GatedFfn {
+                        gate: matrix(&name("ffn_gate"), &ffn.gate)?,
+                        up: matrix(&name("ffn_up"), &ffn.up)?,
+                        down: matrix(&name("ffn_down"), &ffn.down)?,
+                    }),
                     post_ffn_norm: vector(name("post_ffw_norm"), &layer.post_ffn_norm)?,
                 })
             })
@@ -203,88 +214,6 @@ impl<B: Backend> DeviceModel<B> {
             layers,
             backend,
         })
-    }
-
-    fn project(
-        &self,
-        l: &DeviceLinear<B>,
-        x: &B::Tensor,
-        out: &mut B::Tensor,
-    ) -> Result<(), ModelError> {
-        self.backend.matmul(&l.weight, x, out)?;
-        match &l.bias {
-            Some(bias) => self.backend.add_bias(out, bias),
-            None => Ok(()),
-        }
-    }
-
-    /// `x ← norm(x)` where the family has the norm.
-    fn norm(
-        &self,
-        x: &mut B::Tensor,
-        gain: &Option<B::Vector>,
-        eps: f32,
-    ) -> Result<(), ModelError> {
-        match gain {
-            Some(g) => self.backend.rms_norm(x, g, eps),
-            None => Ok(()),
-        }
-    }
-
-    /// The forward pass of `tokens` placed at `start` of a sequence whose keys and values are
-    /// in `kv` (sized for `capacity` positions): the final-normed hidden states of `rows`.
-    fn forward(
-        &self,
-        w: &Loaded,
-        tokens: &[u32],
-        kv: &mut B::Kv,
-        start: usize,
-        capacity: usize,
-        rows: Range<usize>,
-    ) -> Result<Vec<f32>, ModelError> {
-        let (b, cfg) = (&self.backend, &w.config);
-        let (n, d, eps) = (tokens.len(), cfg.d_model, cfg.norm_eps);
-        let (q_dim, kv_dim, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-        let mut x = b.tensor(n, d, &w.embed(tokens)?)?;
-        let mut h = b.tensor(n, d, &[])?;
-        let mut q = b.tensor(n, q_dim, &[])?;
-        let mut k = b.tensor(n, kv_dim, &[])?;
-        let mut v = b.tensor(n, kv_dim, &[])?;
-        let mut attn = b.tensor(n, q_dim, &[])?;
-        let mut gate = b.tensor(n, cfg.ff_dim, &[])?;
-        let mut up = b.tensor(n, cfg.ff_dim, &[])?;
-        let rope_global = b.rotation(&w.global_rope(capacity).table(start, n))?;
-        let rope_local = b.rotation(&w.rope_local.table(start, n))?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let global = cfg.global_layers[i];
-            b.copy(&x, &mut h)?;
-            self.norm(&mut h, &layer.attn_norm, eps)?;
-            self.project(&layer.wq, &h, &mut q)?;
-            self.project(&layer.wk, &h, &mut k)?;
-            self.project(&layer.wv, &h, &mut v)?;
-            self.norm(&mut q, &layer.q_norm, eps)?;
-            self.norm(&mut k, &layer.k_norm, eps)?;
-            let rope = if global { &rope_global } else { &rope_local };
-            b.rope(&mut q, rope, hd)?;
-            b.rope(&mut k, rope, hd)?;
-            b.kv_write(kv, i, start, &k, &v)?;
-            let spec = attention_spec(cfg, global);
-            b.attend(&spec, kv, i, start, &q, &mut attn)?;
-            self.project(&layer.wo, &attn, &mut h)?;
-            self.norm(&mut h, &layer.post_attn_norm, eps)?;
-            b.add(&mut x, &h)?;
-
-            b.copy(&x, &mut h)?;
-            self.norm(&mut h, &layer.ffn_norm, eps)?;
-            b.matmul(&layer.gate, &h, &mut gate)?;
-            b.matmul(&layer.up, &h, &mut up)?;
-            b.gated_activation(&mut gate, &up, cfg.activation)?;
-            b.matmul(&layer.down, &gate, &mut h)?;
-            self.norm(&mut h, &layer.post_ffn_norm, eps)?;
-            b.add(&mut x, &h)?;
-        }
-        b.rms_norm(&mut x, &self.output_norm, eps)?;
-        b.read(&x, rows)
     }
 
     /// The output head (and final soft-cap) over final-normed hidden states.
@@ -298,28 +227,16 @@ impl<B: Backend> DeviceModel<B> {
         // device buffer.
         let mut logits = Vec::with_capacity(n * cfg.vocab_size);
         for rows in hidden.chunks(LOGIT_ROWS * cfg.d_model) {
-            let m = rows.len() / cfg.d_model;
-            let x = b.tensor(m, cfg.d_model, rows)?;
-            let mut y = b.tensor(m, cfg.vocab_size, &[])?;
+            let plan = RowPlan::of_rows(rows.len() / cfg.d_model);
+            let x = b.tensor(&plan, cfg.d_model, rows)?;
+            let mut y = b.tensor(&plan, cfg.vocab_size, &[])?;
             b.matmul(&self.output, &x, &mut y)?;
             if let Some(cap) = cfg.final_softcap {
                 b.softcap(&mut y, cap)?;
             }
-            logits.extend(b.read(&y, 0..m)?);
+            logits.extend(b.read(&y, 0..plan.rows)?);
         }
         Ok(logits)
-    }
-}
-
-/// Layer attention as the family defines it: global or sliding window.
-pub(crate) fn attention_spec(cfg: &ModelConfig, global: bool) -> AttentionSpec {
-    AttentionSpec {
-        n_heads: cfg.n_heads,
-        n_kv_heads: cfg.n_kv_heads,
-        head_dim: cfg.head_dim,
-        scale: cfg.attn_scale,
-        softcap: cfg.attn_softcap,
-        window: if global { None } else { cfg.sliding_window },
     }
 }
 
@@ -335,8 +252,9 @@ pub(crate) struct DevicePosition {
 /// backend.
 pub(crate) trait DeviceForward: Send + Sync {
     fn describe(&self) -> String;
-    /// [`DeviceModel::forward`] with the sequence's keys and values in `slot`, created there
-    /// on first use; the `at.start` positions before the batch must already be in it.
+    /// The forward pass of one sequence's `tokens` with its keys and values in `slot`,
+    /// created there on first use; the `at.start` positions before them must already be in
+    /// it. Returns the final-normed hidden states of `rows`.
     fn forward(
         &self,
         w: &Loaded,
@@ -355,7 +273,7 @@ struct SlotKv<K> {
     positions: usize,
 }
 
-impl<B: Backend> DeviceForward for DeviceModel<B> {
+impl<B: DeviceBackend> DeviceForward for DeviceModel<B> {
     fn describe(&self) -> String {
         self.backend.describe()
     }
@@ -403,7 +321,19 @@ impl<B: Backend> DeviceForward for DeviceModel<B> {
                     .kv
             }
         };
-        DeviceModel::forward(self, w, tokens, kv, start, capacity, rows)
+        let program = Program {
+            backend: &self.backend,
+            model: w,
+            layers: &self.layers as &Layers<B>,
+            output_norm: &self.output_norm,
+        };
+        let sequence = SequenceInput {
+            tokens,
+            start,
+            capacity,
+            rows,
+        };
+        program.forward(&[sequence], &mut [kv], &[], &mut NoObserver)
     }
 
     fn logits(&self, cfg: &ModelConfig, hidden: &[f32]) -> Result<Vec<f32>, ModelError> {

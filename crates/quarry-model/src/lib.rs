@@ -7,9 +7,11 @@
 mod attention;
 mod backend;
 mod config;
+mod cpu;
 mod error;
 mod export;
 pub mod ffn;
+mod forward;
 pub mod hf;
 mod kv_cache;
 mod lora;
@@ -18,13 +20,14 @@ pub mod ops;
 mod overlay;
 
 pub use attention::AttentionSpec;
-pub use backend::Backend;
+pub use backend::{Backend, DeviceBackend};
 pub use config::{
     Activation, ArchSpec, Experts, ModelConfig, QkNorm, RopeStyle, SlidingLayers, ARCHITECTURES,
 };
 pub use error::ModelError;
 pub use export::{write_patched_model, DEFAULT_PATCHED_TYPE, PATCHED_TYPES};
 pub use ffn::{FeatureBlock, FeatureOwner, FfnFeatures, Router};
+pub use forward::{RowPlan, SequenceRows};
 pub use kv_cache::{ContiguousKvCache, DeviceSlot, KvCache, KV_BYTES_PER_VALUE};
 pub use lora::{read_adapter, write_adapter};
 pub use model::{AttentionWeights, FfnWeights, ForwardObserver, Model, SequenceBatch};

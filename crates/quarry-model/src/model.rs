@@ -1,12 +1,12 @@
-//! A model's weights, held over its GGUF file, and the one forward pass every family shares.
+//! A model's weights, held over its GGUF file, and where its forward pass runs.
 //!
 //! Matrices stay in their quantized blocks inside the memory map ([`WeightView`]), plus, where
 //! the decode kernel reads a layout of its own, one repacked copy made at load ([`Matrix`]);
-//! only norm vectors (a few KiB each) are copied out as `f32`. The forward pass processes a batch of
-//! tokens — the whole prompt at once during prefill, one token during decoding, or any mix of
-//! several sequences' prompt chunks and decode tokens when serving — so every weight matrix is
-//! read once per call whatever the batch size. Only RoPE, the KV cache writes and attention
-//! look at which sequence a token belongs to.
+//! only norm vectors (a few KiB each) are copied out as `f32`. The forward pass is
+//! [`crate::forward`]'s program, on the CPU backend ([`crate::cpu`]) or on the device the model
+//! was put on ([`Model::on_device`]); it takes a batch of tokens — the whole prompt at once
+//! during prefill, one token during decoding, or any mix of several sequences' prompt chunks
+//! and decode tokens when serving.
 //!
 //! A [`Model`] owns what it reads: the file (an `Arc`, so the map lives as long as any model
 //! over it) and the copies made at load, behind one more `Arc`, so a clone is cheap and the
@@ -15,18 +15,17 @@
 //! ([`SequenceBatch::overlay`]), or by default for a whole model value ([`Model::with_overlay`]).
 
 use quarry_format::{GgufFile, TensorView};
-use quarry_kernels::{
-    matmul_quantized, matmul_quantized_many, Matrix, QuantizedActivations, WeightView,
-};
+use quarry_kernels::{matmul_quantized, Matrix, QuantizedActivations, WeightView};
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::attention::{attend, SequenceAttention};
-use crate::backend::{attention_spec, Backend, DeviceForward, DeviceModel, DevicePosition};
+use crate::backend::{DeviceBackend, DeviceForward, DeviceModel, DevicePosition};
 use crate::config::{Experts, ModelConfig, QkNorm};
-use crate::ffn::{FeatureBlock, FfnFeatures, Router};
+use crate::cpu::{Cpu, CpuLayer};
+use crate::ffn::{FeatureBlock, FfnFeatures};
+use crate::forward::{Ffn, GatedFfn, Layer, Linear, MoeFfn, Program, SequenceInput};
 use crate::kv_cache::{ContiguousKvCache, KvCache};
-use crate::ops::{gated_activation, rms_norm, rotate_each, softcap, Rope, RopeTable};
+use crate::ops::{softcap, Rope};
 use crate::overlay::FfnOverlay;
 use crate::ModelError;
 
@@ -57,7 +56,7 @@ pub(crate) struct Loaded {
     /// may have been released for a repacked copy.
     embed_from_head: bool,
     pub(crate) output_norm: Vec<f32>,
-    pub(crate) layers: Vec<Layer<'static>>,
+    pub(crate) layers: Vec<CpuLayer>,
     rope_global: Rope,
     /// LongRoPE's long factors, for sequences whose cache holds more than the original
     /// context ([`ModelConfig::rope_original_context`]).
@@ -92,7 +91,7 @@ pub trait ForwardObserver {
     fn final_residual(&mut self, _x: &[f32]) {}
 }
 
-struct NoObserver;
+pub(crate) struct NoObserver;
 
 /// One sequence's part of a batched forward pass ([`Model::forward_batch`]).
 pub struct SequenceBatch<'t, 'c, C> {
@@ -144,62 +143,6 @@ pub struct FfnWeights<'m, 'a> {
     pub post_norm: Option<&'m [f32]>,
 }
 
-/// A projection `W · x + b`, the bias where the file has one.
-pub(crate) struct Linear<'a> {
-    pub(crate) weight: Matrix<'a>,
-    pub(crate) bias: Option<Vec<f32>>,
-}
-
-impl Linear<'_> {
-    /// Adds the bias (if any) to each row of `y`, the product of `weight`.
-    fn add_bias(&self, y: &mut [f32]) {
-        if let Some(b) = &self.bias {
-            for row in y.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-            }
-        }
-    }
-}
-
-/// One transformer layer; which norms exist is the family's [`crate::ArchSpec`].
-pub(crate) struct Layer<'a> {
-    pub(crate) attn_norm: Option<Vec<f32>>,
-    pub(crate) wq: Linear<'a>,
-    pub(crate) wk: Linear<'a>,
-    pub(crate) wv: Linear<'a>,
-    pub(crate) wo: Linear<'a>,
-    pub(crate) q_norm: Option<Vec<f32>>,
-    pub(crate) k_norm: Option<Vec<f32>>,
-    pub(crate) post_attn_norm: Option<Vec<f32>>,
-    pub(crate) ffn_norm: Option<Vec<f32>>,
-    pub(crate) ffn: Ffn<'a>,
-    pub(crate) post_ffn_norm: Option<Vec<f32>>,
-}
-
-/// A layer's FFN: one gated FFN, or a router over several (mixture of experts).
-pub(crate) enum Ffn<'a> {
-    Dense(GatedFfn<'a>),
-    Experts(MoeFfn<'a>),
-}
-
-/// `down · (act(gate · x) ⊙ (up · x))`.
-pub(crate) struct GatedFfn<'a> {
-    pub(crate) gate: Matrix<'a>,
-    pub(crate) up: Matrix<'a>,
-    pub(crate) down: Matrix<'a>,
-}
-
-/// A mixture-of-experts FFN: the router's softmax picks each token's top experts, whose
-/// outputs are summed with those weights; a shared expert (Qwen2-MoE) runs on every token,
-/// scaled by the sigmoid of its own one-row gate.
-pub(crate) struct MoeFfn<'a> {
-    /// `count × d_model`, in `f32` ([`Router::weights`]).
-    router: Vec<f32>,
-    experts: Vec<GatedFfn<'a>>,
-    shared: Option<GatedFfn<'a>>,
-    shared_gate: Option<Vec<f32>>,
-}
-
 impl Loaded {
     /// The rotation of global layers for a sequence whose cache holds `capacity` tokens: the
     /// long LongRoPE factors when that is more than the context the factors were made for
@@ -209,12 +152,6 @@ impl Loaded {
             Some(long) if capacity > self.config.rope_original_context => long,
             _ => &self.rope_global,
         }
-    }
-}
-
-impl MoeFfn<'_> {
-    fn router(&self, spec: &Experts) -> Router<'_> {
-        Router::new(spec, &self.router, self.shared_gate.as_deref())
     }
 }
 
@@ -228,7 +165,7 @@ impl Model {
     /// The model over `file` with its forward pass on `backend` ([`Model::on_device`]), loaded
     /// for it: no repacked host copies are made, so the host keeps only norms, biases and the
     /// embedding rows it looks up.
-    pub fn load_on_device<B: Backend>(
+    pub fn load_on_device<B: DeviceBackend>(
         file: Arc<GgufFile>,
         backend: B,
     ) -> Result<Model, ModelError> {
@@ -264,12 +201,13 @@ impl Model {
                 let name = |s: &str| format!("blk.{i}.{s}.weight");
                 let bias =
                     |s: &str, len| weights.optional_vector(&format!("blk.{i}.{s}.bias"), len);
-                let linear = |s: &str, view| -> Result<Linear<'static>, ModelError> {
-                    Ok(Linear {
-                        weight: weights.prepared(view),
-                        bias: bias(s, view.rows())?,
-                    })
-                };
+                let linear =
+                    |s: &str, view| -> Result<Linear<Matrix<'static>, Vec<f32>>, ModelError> {
+                        Ok(Linear {
+                            weight: weights.prepared(view),
+                            bias: bias(s, view.rows())?,
+                        })
+                    };
                 // A norm the family has must be in the file; one it lacks is not read.
                 let norm = |present: bool, s: &str, len| match present {
                     true => weights.vector(&name(s), len).map(Some),
@@ -405,7 +343,7 @@ impl Model {
     /// This model with its forward pass on `backend`, every weight uploaded there once (and
     /// the file's pages of it let go as it is: they come back from the file if read again); a
     /// model with an overlay, or with experts, is refused by name.
-    pub fn on_device<B: Backend>(&self, backend: B) -> Result<Model, ModelError> {
+    pub fn on_device<B: DeviceBackend>(&self, backend: B) -> Result<Model, ModelError> {
         if self.overlay.is_some() {
             return Err(ModelError::Device(format!(
                 "{} does not run edit overlays (LoRA adapters, patches) yet",
@@ -545,7 +483,7 @@ impl Model {
     /// Panics if `layer >= n_layers`.
     pub fn ffn_features(&self, layer: usize) -> FfnFeatures<'_, '_> {
         let l = &self.weights.layers[layer];
-        let block = |f: &GatedFfn<'static>| FeatureBlock {
+        let block = |f: &GatedFfn<Matrix<'static>>| FeatureBlock {
             gate: f.gate.view(),
             up: f.up.view(),
             down: f.down.view(),
@@ -597,7 +535,7 @@ impl Model {
     pub fn weight_bytes_per_token(&self) -> usize {
         let w = &self.weights;
         let bytes = |m: &Matrix<'_>| m.view().data().len();
-        let gated = |f: &GatedFfn<'_>| bytes(&f.gate) + bytes(&f.up) + bytes(&f.down);
+        let gated = |f: &GatedFfn<Matrix<'_>>| bytes(&f.gate) + bytes(&f.up) + bytes(&f.down);
         let layers: usize = w
             .layers
             .iter()
@@ -708,13 +646,13 @@ impl Model {
             return self.run_on_device(device.as_ref(), batch);
         }
         let w = &*self.weights;
-        let cfg = &w.config;
-        let mut plans = Vec::with_capacity(batch.len());
+        let mut inputs = Vec::with_capacity(batch.len());
+        let mut caches = Vec::with_capacity(batch.len());
         // Runs of consecutive sequences under the same overlay: each gets one product per
         // edited layer.
         let mut overlays: Vec<(Range<usize>, &FfnOverlay)> = Vec::new();
         let mut n = 0;
-        for seq in batch.iter() {
+        for seq in batch.iter_mut() {
             let (len, start) = (seq.tokens.len(), seq.cache.len());
             if start + len > seq.cache.capacity() {
                 return Err(ModelError::ContextOverflow {
@@ -739,37 +677,26 @@ impl Model {
                     }
                 }
             }
-            plans.push(SequencePlan {
+            inputs.push(SequenceInput {
+                tokens: seq.tokens,
                 start,
-                rows: n..n + len,
-                rope_global: w.global_rope(seq.cache.capacity()).table(start, len),
-                rope_local: w.rope_local.table(start, len),
+                capacity: seq.cache.capacity(),
+                rows: seq.rows.clone(),
             });
+            caches.push(&mut *seq.cache);
             n += len;
         }
-        let d = cfg.d_model;
-        let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens).copied().collect();
-        let mut x = w.embed(&tokens)?;
-        let mut scratch = Scratch::new(cfg, n);
-        scratch.decode_rows = batch.iter().take_while(|s| s.tokens.len() == 1).count();
-        scratch.segments = batch[scratch.decode_rows..]
-            .iter()
-            .map(|s| s.tokens.len())
-            .collect();
-        observer.embeddings(&x);
-        for (index, layer) in w.layers.iter().enumerate() {
-            w.attention_block(index, layer, &mut x, batch, &plans, &mut scratch);
-            observer.attention_output(index, &scratch.norm);
-            w.ffn_block(index, layer, &mut x, &mut scratch, &overlays, observer);
+        let program = Program {
+            backend: &Cpu::<C>::new(),
+            model: w,
+            layers: &w.layers,
+            output_norm: &w.output_norm,
+        };
+        let hidden = program.forward(&inputs, &mut caches, &overlays, observer)?;
+        drop(caches);
+        for seq in batch.iter_mut() {
+            seq.cache.advance(seq.tokens.len());
         }
-        observer.final_residual(&x);
-        let mut hidden = Vec::new();
-        for (seq, plan) in batch.iter_mut().zip(&plans) {
-            seq.cache.advance(plan.rows.len());
-            let first = plan.rows.start;
-            hidden.extend_from_slice(&x[(first + seq.rows.start) * d..(first + seq.rows.end) * d]);
-        }
-        rms_norm(&mut hidden, &w.output_norm, cfg.norm_eps);
         Ok(hidden)
     }
 
@@ -868,337 +795,6 @@ impl Loaded {
         }
         logits
     }
-
-    fn attention_block<C: KvCache + Sync>(
-        &self,
-        index: usize,
-        layer: &Layer<'static>,
-        x: &mut [f32],
-        batch: &mut [SequenceBatch<'_, '_, C>],
-        plans: &[SequencePlan<'_>],
-        s: &mut Scratch,
-    ) {
-        let cfg = &self.config;
-        let hd = cfg.head_dim;
-        s.norm.copy_from_slice(x);
-        if let Some(w) = &layer.attn_norm {
-            rms_norm(&mut s.norm, w, cfg.norm_eps);
-        }
-        let xq = s.activations(&s.norm, cfg.d_model);
-        matmul_quantized_many(
-            &mut [
-                (&layer.wq.weight, &mut s.q),
-                (&layer.wk.weight, &mut s.k),
-                (&layer.wv.weight, &mut s.v),
-            ],
-            &xq,
-        );
-        layer.wq.add_bias(&mut s.q);
-        layer.wk.add_bias(&mut s.k);
-        layer.wv.add_bias(&mut s.v);
-        if let Some(w) = &layer.q_norm {
-            rms_norm(&mut s.q, w, cfg.norm_eps);
-        }
-        if let Some(w) = &layer.k_norm {
-            rms_norm(&mut s.k, w, cfg.norm_eps);
-        }
-        let global = cfg.global_layers[index];
-        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-        let mut rotations = Vec::with_capacity(2 * plans.len());
-        let (mut q_rest, mut k_rest) = (s.q.as_mut_slice(), s.k.as_mut_slice());
-        for plan in plans {
-            let rope = if global {
-                &plan.rope_global
-            } else {
-                &plan.rope_local
-            };
-            let (q, q_tail) = q_rest.split_at_mut(plan.rows.len() * q_dim);
-            let (k, k_tail) = k_rest.split_at_mut(plan.rows.len() * kv_dim);
-            rotations.extend([(rope, q), (rope, k)]);
-            (q_rest, k_rest) = (q_tail, k_tail);
-        }
-        rotate_each(&mut rotations, hd);
-        drop(rotations);
-        for (seq, plan) in batch.iter_mut().zip(plans) {
-            let kv = plan.rows.start * kv_dim..plan.rows.end * kv_dim;
-            seq.cache.write(index, &s.k[kv.clone()], &s.v[kv]);
-        }
-
-        let spec = attention_spec(cfg, global);
-        let sequences: Vec<_> = batch
-            .iter()
-            .zip(plans)
-            .map(|(seq, plan)| SequenceAttention {
-                cache: &*seq.cache,
-                start: plan.start,
-                rows: plan.rows.clone(),
-            })
-            .collect();
-        attend(&spec, index, &sequences, &s.q, &mut s.attn);
-        let attn = s.activations(&s.attn, cfg.q_dim());
-        matmul_quantized(&layer.wo.weight, &attn, &mut s.norm);
-        layer.wo.add_bias(&mut s.norm);
-        if let Some(w) = &layer.post_attn_norm {
-            rms_norm(&mut s.norm, w, cfg.norm_eps);
-        }
-        x.iter_mut().zip(&s.norm).for_each(|(a, b)| *a += b);
-    }
-
-    fn ffn_block(
-        &self,
-        index: usize,
-        layer: &Layer<'static>,
-        x: &mut [f32],
-        s: &mut Scratch,
-        overlays: &[(Range<usize>, &FfnOverlay)],
-        observer: &mut dyn ForwardObserver,
-    ) {
-        let cfg = &self.config;
-        s.norm.copy_from_slice(x);
-        if let Some(w) = &layer.ffn_norm {
-            rms_norm(&mut s.norm, w, cfg.norm_eps);
-        }
-        let ffn = match &layer.ffn {
-            Ffn::Dense(ffn) => ffn,
-            Ffn::Experts(moe) => {
-                let y = self.experts(index, moe, &s.norm, s, observer);
-                s.norm.copy_from_slice(&y);
-                return self.ffn_finish(index, layer, x, s, observer);
-            }
-        };
-        let xq = s.activations(&s.norm, cfg.d_model);
-        matmul_quantized_many(&mut [(&ffn.gate, &mut s.gate), (&ffn.up, &mut s.up)], &xq);
-        gated_activation(&mut s.gate, &s.up, cfg.activation);
-        let (ff, d) = (cfg.ff_dim, cfg.d_model);
-        for (rows, overlay) in overlays {
-            if let Some(neurons) = overlay.neurons(index) {
-                neurons.apply(
-                    &s.norm[rows.start * d..rows.end * d],
-                    &mut s.gate[rows.start * ff..rows.end * ff],
-                    cfg.activation,
-                );
-            }
-        }
-        observer.ffn_activations(index, &s.norm, &s.gate);
-        let hidden = s.activations(&s.gate, cfg.ff_dim);
-        matmul_quantized(&ffn.down, &hidden, &mut s.norm);
-        // The overlay adds to the projection itself, so the post-FFN norm sees W + B·A.
-        for (rows, overlay) in overlays {
-            if let Some(delta) = overlay.layer(index) {
-                delta.apply(
-                    &s.gate[rows.start * ff..rows.end * ff],
-                    &mut s.norm[rows.start * d..rows.end * d],
-                );
-            }
-        }
-        self.ffn_finish(index, layer, x, s, observer);
-    }
-
-    /// The FFN's projection (in `s.norm`) through the post-FFN norm and into the residual.
-    fn ffn_finish(
-        &self,
-        index: usize,
-        layer: &Layer<'static>,
-        x: &mut [f32],
-        s: &mut Scratch,
-        observer: &mut dyn ForwardObserver,
-    ) {
-        let cfg = &self.config;
-        observer.ffn_projection(index, &s.norm);
-        if let Some(w) = &layer.post_ffn_norm {
-            rms_norm(&mut s.norm, w, cfg.norm_eps);
-        }
-        observer.ffn_output(index, &s.norm);
-        x.iter_mut().zip(&s.norm).for_each(|(a, b)| *a += b);
-    }
-
-    /// A mixture-of-experts FFN over the normalised rows `xn`: each row's top experts by
-    /// the router's softmax, the rows routed to one expert multiplied together, and the
-    /// weighted outputs summed (plus the gated shared expert, where there is one). An
-    /// observer that wants them is shown the weighted activations of every expert's features
-    /// (zeros where a row was not routed), then the shared expert's.
-    fn experts(
-        &self,
-        index: usize,
-        moe: &MoeFfn<'static>,
-        xn: &[f32],
-        s: &Scratch,
-        observer: &mut dyn ForwardObserver,
-    ) -> Vec<f32> {
-        let cfg = &self.config;
-        let spec = cfg
-            .experts
-            .as_ref()
-            .expect("a model with expert layers has experts");
-        let router = moe.router(spec);
-        let d = cfg.d_model;
-        let n = xn.len() / d;
-        let features =
-            moe.experts.len() * spec.ff_dim + moe.shared.as_ref().map_or(0, |_| spec.shared_ff_dim);
-        let mut observed = match observer.observes_ffn_activations() {
-            true => vec![0.0f32; n * features],
-            false => Vec::new(),
-        };
-        let mut observe = |row: usize, offset: usize, weight: f32, hidden: &[f32]| {
-            if let Some(out) = observed.get_mut(row * features + offset..) {
-                out.iter_mut()
-                    .zip(hidden)
-                    .for_each(|(o, h)| *o = weight * h);
-            }
-        };
-        let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); moe.experts.len()];
-        for (row, x) in xn.chunks_exact(d).enumerate() {
-            for (expert, weight) in router.route(x) {
-                routed[expert].push((row, weight));
-            }
-        }
-        let mut y = vec![0.0f32; n * d];
-        for (expert, (ffn, rows)) in moe.experts.iter().zip(&routed).enumerate() {
-            if rows.is_empty() {
-                continue;
-            }
-            let picked: Vec<usize> = rows.iter().map(|&(r, _)| r).collect();
-            let xe: Vec<f32> = picked
-                .iter()
-                .flat_map(|&r| xn[r * d..(r + 1) * d].iter().copied())
-                .collect();
-            let (out, hidden) = self.gated_ffn(ffn, &xe, spec.ff_dim, s, &picked);
-            for ((&(row, weight), o), h) in rows
-                .iter()
-                .zip(out.chunks_exact(d))
-                .zip(hidden.chunks_exact(spec.ff_dim))
-            {
-                y[row * d..(row + 1) * d]
-                    .iter_mut()
-                    .zip(o)
-                    .for_each(|(a, b)| *a += weight * b);
-                observe(row, expert * spec.ff_dim, weight, h);
-            }
-        }
-        if let Some(shared) = &moe.shared {
-            let all: Vec<usize> = (0..n).collect();
-            let (out, hidden) = self.gated_ffn(shared, xn, spec.shared_ff_dim, s, &all);
-            for (row, ((yr, o), x)) in y
-                .chunks_exact_mut(d)
-                .zip(out.chunks_exact(d))
-                .zip(xn.chunks_exact(d))
-                .enumerate()
-            {
-                let g = router.shared_weight(x);
-                yr.iter_mut().zip(o).for_each(|(a, b)| *a += g * b);
-                let h = &hidden[row * spec.shared_ff_dim..(row + 1) * spec.shared_ff_dim];
-                observe(row, moe.experts.len() * spec.ff_dim, g, h);
-            }
-        }
-        if !observed.is_empty() {
-            observer.ffn_activations(index, xn, &observed);
-        }
-        y
-    }
-
-    /// One gated FFN of hidden width `ff` over `x`, whose rows are the batch rows `rows` (in
-    /// order): its output and hidden activations. The products are split as those rows' own
-    /// would be (decode rows in 8 bits, each later sequence's rows apart), so a sequence's
-    /// result does not depend on the batch.
-    fn gated_ffn(
-        &self,
-        ffn: &GatedFfn<'static>,
-        x: &[f32],
-        ff: usize,
-        s: &Scratch,
-        rows: &[usize],
-    ) -> (Vec<f32>, Vec<f32>) {
-        let d = self.config.d_model;
-        let m = rows.len();
-        let (mut gate, mut up) = (vec![0.0f32; m * ff], vec![0.0f32; m * ff]);
-        let xq = s.activations_of(x, d, rows);
-        matmul_quantized_many(&mut [(&ffn.gate, &mut gate), (&ffn.up, &mut up)], &xq);
-        gated_activation(&mut gate, &up, self.config.activation);
-        let mut out = vec![0.0f32; m * d];
-        matmul_quantized(&ffn.down, &s.activations_of(&gate, ff, rows), &mut out);
-        (out, gate)
-    }
-}
-
-/// What every layer needs to know of one sequence of a batch: where its tokens start in the
-/// sequence, which rows of the batch they are, and their rotary tables for layers with global
-/// and with local attention.
-struct SequencePlan<'a> {
-    start: usize,
-    rows: Range<usize>,
-    rope_global: RopeTable<'a>,
-    rope_local: RopeTable<'a>,
-}
-
-/// Activation buffers of one forward call, allocated once and reused by every layer; how
-/// many leading rows are decode steps (single-token sequences: 8-bit products) and how many
-/// rows each later sequence has (multiplied apart, as if alone).
-struct Scratch {
-    decode_rows: usize,
-    segments: Vec<usize>,
-    norm: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-}
-
-impl Scratch {
-    /// `x` (rows of `cols`) for the products of this batch: decode rows in 8 bits, each
-    /// later sequence's rows multiplied apart.
-    fn activations<'x>(&self, x: &'x [f32], cols: usize) -> QuantizedActivations<'x> {
-        QuantizedActivations::new(x, x.len() / cols, cols)
-            .with_integer_tokens(self.decode_rows)
-            .with_segments(self.segments.clone())
-    }
-
-    /// [`Scratch::activations`] for `x`, whose rows are the batch rows `rows` (ascending): the
-    /// decode rows among them in 8 bits, the rest split by the sequence they belong to.
-    fn activations_of<'x>(
-        &self,
-        x: &'x [f32],
-        cols: usize,
-        rows: &[usize],
-    ) -> QuantizedActivations<'x> {
-        let decode = rows.iter().take_while(|&&r| r < self.decode_rows).count();
-        // The first batch row after each sequence that is multiplied apart.
-        let ends: Vec<usize> = self
-            .segments
-            .iter()
-            .scan(self.decode_rows, |end, len| {
-                *end += len;
-                Some(*end)
-            })
-            .collect();
-        let mut segments: Vec<(usize, usize)> = Vec::new();
-        for &row in &rows[decode..] {
-            let seq = ends.partition_point(|&end| end <= row);
-            match segments.last_mut() {
-                Some((last, len)) if *last == seq => *len += 1,
-                _ => segments.push((seq, 1)),
-            }
-        }
-        let segments = segments.into_iter().map(|(_, len)| len).collect();
-        QuantizedActivations::new(x, rows.len(), cols)
-            .with_integer_tokens(decode)
-            .with_segments(segments)
-    }
-
-    fn new(cfg: &ModelConfig, n: usize) -> Scratch {
-        Scratch {
-            decode_rows: usize::from(n == 1),
-            segments: Vec::new(),
-            norm: vec![0.0; n * cfg.d_model],
-            q: vec![0.0; n * cfg.q_dim()],
-            k: vec![0.0; n * cfg.kv_dim()],
-            v: vec![0.0; n * cfg.kv_dim()],
-            attn: vec![0.0; n * cfg.q_dim()],
-            gate: vec![0.0; n * cfg.ff_dim],
-            up: vec![0.0; n * cfg.ff_dim],
-        }
-    }
 }
 
 /// Looks tensors up by name and checks them against the shapes the configuration implies.
@@ -1268,7 +864,7 @@ impl<'a> Weights<'a> {
         name: impl Fn(&str) -> String,
         ff: usize,
         d: usize,
-    ) -> Result<GatedFfn<'a>, ModelError> {
+    ) -> Result<GatedFfn<Matrix<'a>>, ModelError> {
         Ok(GatedFfn {
             gate: self.prepared(self.matrix(&name("gate"), ff, d)?),
             up: self.prepared(self.matrix(&name("up"), ff, d)?),
@@ -1278,7 +874,7 @@ impl<'a> Weights<'a> {
 
     /// Layer `i`'s mixture of experts: the router, the experts (3-D tensors, one expert's
     /// matrix after another), and the shared expert with its gate where the file has them.
-    fn moe(&self, i: usize, experts: &Experts, d: usize) -> Result<MoeFfn<'a>, ModelError> {
+    fn moe(&self, i: usize, experts: &Experts, d: usize) -> Result<MoeFfn<Matrix<'a>>, ModelError> {
         let (count, ff) = (experts.count, experts.ff_dim);
         let name = |s: &str| format!("blk.{i}.{s}.weight");
         let stacked = |s: &str, rows: usize, cols: usize| -> Result<WeightView<'a>, ModelError> {

@@ -221,7 +221,7 @@ impl RopeTable<'_> {
     }
 
     /// Positions in the table.
-    fn positions(&self) -> usize {
+    pub fn positions(&self) -> usize {
         self.cos_sin.len() / self.rope.inv_freq.len().max(1)
     }
 
