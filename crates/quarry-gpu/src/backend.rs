@@ -360,6 +360,76 @@ impl GpuBackend {
         ];
         self.dispatch(Op::Rope, params, &[&x.buffer, &rotation.buffer], (gx, gy))
     }
+
+    /// Attention of one sequence's rows `span.rows` of `q` over its keys and values.
+    fn attend_one(
+        &self,
+        spec: &AttentionSpec,
+        kv: &GpuKv,
+        span: &SequenceRows,
+        layer: usize,
+        q: &GpuTensor,
+        out: &GpuTensor,
+    ) -> Result<(), ModelError> {
+        let (heads, hd) = (spec.n_heads, spec.head_dim);
+        let (start, rows) = (span.start, span.rows.len());
+        if q.cols != heads * hd
+            || spec.n_kv_heads == 0
+            || !heads.is_multiple_of(spec.n_kv_heads)
+            || spec.n_kv_heads * hd != kv.kv_dim
+            || span.rows.end > q.rows
+            || start + rows > kv.capacity
+            || layer >= kv.keys.len()
+        {
+            return Err(ModelError::Device(format!(
+                "gpu: attention of {} heads of {hd} ({} KV heads), rows {:?} of {} × {} at \
+                 {start}, in a cache of {} × {}",
+                heads, spec.n_kv_heads, span.rows, q.rows, q.cols, kv.capacity, kv.kv_dim
+            )));
+        }
+        // Rows per dispatch so that one dispatch's scores fit MAX_SCORES.
+        let stride = start + rows;
+        let per = (MAX_SCORES / (heads * stride)).clamp(1, rows.max(1));
+        let max_y = self.gpu.limits().max_compute_workgroups_per_dimension as usize;
+        let per = per.min(max_y);
+        let scores = self
+            .gpu
+            .create_buffer(
+                "attention scores",
+                bytes_of(per * heads * stride),
+                wgpu::BufferUsages::STORAGE,
+            )
+            .map_err(device_error)?;
+        for first in (0..rows).step_by(per) {
+            let params = [
+                q.rows as u32,
+                heads as u32,
+                hd as u32,
+                (heads / spec.n_kv_heads) as u32,
+                kv.kv_dim as u32,
+                start as u32,
+                spec.window.unwrap_or(0) as u32,
+                stride as u32,
+                spec.scale.to_bits(),
+                spec.softcap.unwrap_or(0.0).to_bits(),
+                first as u32,
+                span.rows.start as u32,
+            ];
+            self.dispatch(
+                Op::Attention,
+                params,
+                &[
+                    &q.buffer,
+                    &kv.keys[layer],
+                    &kv.values[layer],
+                    &out.buffer,
+                    &scores,
+                ],
+                (heads as u32, per.min(rows - first) as u32),
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl quarry_model::Backend for GpuBackend {
@@ -505,8 +575,6 @@ impl quarry_model::Backend for GpuBackend {
         Ok(())
     }
 
-    /// The queries of one sequence only: the model runs a batch's sequences one at a time on
-    /// this backend.
     fn attend(
         &self,
         spec: &AttentionSpec,
@@ -517,74 +585,8 @@ impl quarry_model::Backend for GpuBackend {
         out: &mut GpuTensor,
     ) -> Result<(), ModelError> {
         Self::same_shape("queries and attention output", q, out)?;
-        let ([kv], [span]) = (kv, spans) else {
-            return Err(ModelError::Device(format!(
-                "gpu: attention over {} sequences in one pass",
-                spans.len()
-            )));
-        };
-        if span.rows != (0..q.rows) {
-            return Err(ModelError::Device(format!(
-                "gpu: attention of rows {:?} of {}",
-                span.rows, q.rows
-            )));
-        }
-        let start = span.start;
-        let (heads, hd) = (spec.n_heads, spec.head_dim);
-        if q.cols != heads * hd
-            || spec.n_kv_heads == 0
-            || !heads.is_multiple_of(spec.n_kv_heads)
-            || spec.n_kv_heads * hd != kv.kv_dim
-            || start + q.rows > kv.capacity
-            || layer >= kv.keys.len()
-        {
-            return Err(ModelError::Device(format!(
-                "gpu: attention of {} heads of {hd} ({} KV heads) over rows of {} at {start} \
-                 in a cache of {} × {}",
-                heads, spec.n_kv_heads, q.cols, kv.capacity, kv.kv_dim
-            )));
-        }
-        // Rows per dispatch so that one dispatch's scores fit MAX_SCORES.
-        let stride = start + q.rows;
-        let per = (MAX_SCORES / (heads * stride)).clamp(1, q.rows.max(1));
-        let max_y = self.gpu.limits().max_compute_workgroups_per_dimension as usize;
-        let per = per.min(max_y);
-        let scores = self
-            .gpu
-            .create_buffer(
-                "attention scores",
-                bytes_of(per * heads * stride),
-                wgpu::BufferUsages::STORAGE,
-            )
-            .map_err(device_error)?;
-        for first in (0..q.rows).step_by(per) {
-            let rows = per.min(q.rows - first);
-            let params = [
-                q.rows as u32,
-                heads as u32,
-                hd as u32,
-                (heads / spec.n_kv_heads) as u32,
-                kv.kv_dim as u32,
-                start as u32,
-                spec.window.unwrap_or(0) as u32,
-                stride as u32,
-                spec.scale.to_bits(),
-                spec.softcap.unwrap_or(0.0).to_bits(),
-                first as u32,
-                0,
-            ];
-            self.dispatch(
-                Op::Attention,
-                params,
-                &[
-                    &q.buffer,
-                    &kv.keys[layer],
-                    &kv.values[layer],
-                    &out.buffer,
-                    &scores,
-                ],
-                (heads as u32, rows as u32),
-            )?;
+        for (kv, span) in kv.iter().zip(spans) {
+            self.attend_one(spec, kv, span, layer, q, out)?;
         }
         Ok(())
     }

@@ -138,10 +138,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 ";
 
-/// One workgroup per (head, query row): scores of the visible positions into `sc`, their
-/// softmax, and the weighted sum of values. `a` = (rows, heads, head_dim, heads per KV head),
-/// `b` = (kv_dim, position of query row 0, window or 0, positions per score row),
-/// `c` = (scale bits, soft-cap bits or 0, first query row of this dispatch).
+/// One workgroup per (head, query row) of one sequence: scores of the visible positions into
+/// `sc`, their softmax, and the weighted sum of values. `a` = (rows, heads, head_dim, heads per
+/// KV head), `b` = (kv_dim, position of the sequence's row 0, window or 0, positions per score
+/// row), `c` = (scale bits, soft-cap bits or 0, the sequence's first row of this dispatch, the
+/// sequence's row 0 in `q` and `o`).
 const ATTENTION: &str = "@group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> kc: array<f32>;
 @group(0) @binding(3) var<storage, read> vc: array<f32>;
@@ -158,7 +159,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var first = 0u;
     if (p.b.z > 0u && pos + 1u > p.b.z) { first = pos + 1u - p.b.z; }
     let kb = (h / p.a.w) * hd;
-    let qb = (row * p.a.y + h) * hd;
+    let qb = ((p.c.w + row) * p.a.y + h) * hd;
     let sb = (t * p.a.y + h) * p.b.w;
     let scale = bitcast<f32>(p.c.x);
     let cap = bitcast<f32>(p.c.y);

@@ -129,18 +129,22 @@ proptest! {
         };
         let (keys, vals) = (values(len * kv_dim, seed), values(len * kv_dim, seed + 1));
         let q = values(rows * q_dim, seed + 2);
-        let mut kv = b.kv(2, kv_dim, len + 3).unwrap();
-        // Cached positions first, then this batch's (rows of the same tensors further in),
-        // into layer 1.
+        // Two sequences with the same keys, values and queries in one batch: the second's
+        // rows follow the first's, in caches of their own. Cached positions first, then the
+        // batch's (rows of the same tensors further in), into layer 1.
+        let (mut kv, mut kv2) = (b.kv(2, kv_dim, len + 3).unwrap(), b.kv(2, kv_dim, len + 1).unwrap());
         let (k, v) = (tensor(b, len, kv_dim, &keys), tensor(b, len, kv_dim, &vals));
-        let span = |start, rows| [SequenceRows { start, rows }];
+        let span = |start, rows| SequenceRows { start, rows };
         if start > 0 {
-            b.kv_write(&mut [&mut kv], &span(0, 0..start), 1, &k, &v).unwrap();
+            let cached = [span(0, 0..start), span(0, 0..start)];
+            b.kv_write(&mut [&mut kv, &mut kv2], &cached, 1, &k, &v).unwrap();
         }
-        b.kv_write(&mut [&mut kv], &span(start, start..len), 1, &k, &v).unwrap();
-        let mut out = tensor(b, rows, q_dim, &[]);
-        let q_t = tensor(b, rows, q_dim, &q);
-        b.attend(&spec, &[&mut kv], &span(start, 0..rows), 1, &q_t, &mut out).unwrap();
+        let batch = [span(start, start..len), span(start, start..len)];
+        b.kv_write(&mut [&mut kv, &mut kv2], &batch, 1, &k, &v).unwrap();
+        let mut out = tensor(b, 2 * rows, q_dim, &[]);
+        let q_t = tensor(b, 2 * rows, q_dim, &[q.clone(), q.clone()].concat());
+        let spans = [span(start, 0..rows), span(start, rows..2 * rows)];
+        b.attend(&spec, &[&mut kv, &mut kv2], &spans, 1, &q_t, &mut out).unwrap();
 
         let mut cpu = vec![0f32; rows * q_dim];
         for t in 0..rows {
@@ -170,5 +174,6 @@ proptest! {
             }
         }
         close(&b.read(&out, 0..rows).unwrap(), &cpu, 1e-4, "attention");
+        close(&b.read(&out, rows..2 * rows).unwrap(), &cpu, 1e-4, "attention, second sequence");
     }
 }

@@ -240,28 +240,19 @@ impl<B: DeviceBackend> DeviceModel<B> {
     }
 }
 
-/// Where a batch of one sequence goes: its first position, the cache's capacity (which picks
-/// LongRoPE's factors) and how many positions the device keeps for it.
-pub(crate) struct DevicePosition {
-    pub start: usize,
-    pub capacity: usize,
-    pub positions: usize,
-}
-
 /// A [`DeviceModel`] behind a type-erased face, so [`crate::Model`] holds one whatever its
 /// backend.
 pub(crate) trait DeviceForward: Send + Sync {
     fn describe(&self) -> String;
-    /// The forward pass of one sequence's `tokens` with its keys and values in `slot`,
-    /// created there on first use; the `at.start` positions before them must already be in
-    /// it. Returns the final-normed hidden states of `rows`.
+    /// The forward pass of a batch of sequences, each with its keys and values in its slot
+    /// (`slots[s]`: the slot and how many positions the device keeps for the sequence),
+    /// created there on first use; the `start` positions before a sequence's tokens must
+    /// already be in it. Returns the final-normed hidden states of every sequence's rows.
     fn forward(
         &self,
         w: &Loaded,
-        tokens: &[u32],
-        slot: &mut DeviceSlot,
-        at: DevicePosition,
-        rows: Range<usize>,
+        batch: &[SequenceInput<'_>],
+        slots: Vec<(&mut DeviceSlot, usize)>,
     ) -> Result<Vec<f32>, ModelError>;
     fn logits(&self, cfg: &ModelConfig, hidden: &[f32]) -> Result<Vec<f32>, ModelError>;
 }
@@ -273,6 +264,47 @@ struct SlotKv<K> {
     positions: usize,
 }
 
+impl<B: DeviceBackend> DeviceModel<B> {
+    /// The keys and values in `slot` for a sequence whose tokens go at `start..end`, made
+    /// there (room for `positions`) when the sequence starts.
+    fn slot_kv<'s>(
+        &self,
+        cfg: &ModelConfig,
+        slot: &'s mut DeviceSlot,
+        positions: usize,
+        start: usize,
+        end: usize,
+    ) -> Result<&'s mut B::Kv, ModelError> {
+        if end > positions {
+            return Err(ModelError::ContextOverflow {
+                needed: end,
+                capacity: positions,
+            });
+        }
+        let held = slot
+            .0
+            .as_ref()
+            .and_then(|k| k.downcast_ref::<SlotKv<B::Kv>>())
+            .is_some_and(|k| k.positions == positions);
+        if !held {
+            if start > 0 {
+                return Err(ModelError::Device(format!(
+                    "the KV cache holds {start} positions that are not on the {} device (a \
+                     cache filled on the CPU, or cloned)",
+                    self.backend.describe()
+                )));
+            }
+            let kv = self.backend.kv(cfg.n_layers, cfg.kv_dim(), positions)?;
+            slot.0 = Some(Box::new(SlotKv { kv, positions }));
+        }
+        let held = slot
+            .0
+            .as_mut()
+            .and_then(|k| k.downcast_mut::<SlotKv<B::Kv>>());
+        Ok(&mut held.expect("held or just stored").kv)
+    }
+}
+
 impl<B: DeviceBackend> DeviceForward for DeviceModel<B> {
     fn describe(&self) -> String {
         self.backend.describe()
@@ -281,59 +313,21 @@ impl<B: DeviceBackend> DeviceForward for DeviceModel<B> {
     fn forward(
         &self,
         w: &Loaded,
-        tokens: &[u32],
-        slot: &mut DeviceSlot,
-        at: DevicePosition,
-        rows: Range<usize>,
+        batch: &[SequenceInput<'_>],
+        slots: Vec<(&mut DeviceSlot, usize)>,
     ) -> Result<Vec<f32>, ModelError> {
-        let DevicePosition {
-            start,
-            capacity,
-            positions,
-        } = at;
-        if start + tokens.len() > positions {
-            return Err(ModelError::ContextOverflow {
-                needed: start + tokens.len(),
-                capacity: positions,
-            });
+        let mut kv = Vec::with_capacity(batch.len());
+        for (s, (slot, positions)) in batch.iter().zip(slots) {
+            let end = s.start + s.tokens.len();
+            kv.push(self.slot_kv(&w.config, slot, positions, s.start, end)?);
         }
-        let held = slot
-            .0
-            .as_mut()
-            .and_then(|k| k.downcast_mut::<SlotKv<B::Kv>>())
-            .filter(|k| k.positions == positions);
-        let kv = match held {
-            Some(held) => &mut held.kv,
-            None if start > 0 => {
-                return Err(ModelError::Device(format!(
-                    "the KV cache holds {start} positions that are not on the {} device (a \
-                     cache filled on the CPU, or cloned)",
-                    self.backend.describe()
-                )))
-            }
-            None => {
-                let cfg = &w.config;
-                let kv = self.backend.kv(cfg.n_layers, cfg.kv_dim(), positions)?;
-                let boxed = slot.0.insert(Box::new(SlotKv { kv, positions }));
-                &mut boxed
-                    .downcast_mut::<SlotKv<B::Kv>>()
-                    .expect("just stored")
-                    .kv
-            }
-        };
         let program = Program {
             backend: &self.backend,
             model: w,
             layers: &self.layers as &Layers<B>,
             output_norm: &self.output_norm,
         };
-        let sequence = SequenceInput {
-            tokens,
-            start,
-            capacity,
-            rows,
-        };
-        program.forward(&[sequence], &mut [kv], &[], &mut NoObserver)
+        program.forward(batch, &mut kv, &[], &mut NoObserver)
     }
 
     fn logits(&self, cfg: &ModelConfig, hidden: &[f32]) -> Result<Vec<f32>, ModelError> {

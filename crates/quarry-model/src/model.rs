@@ -19,7 +19,7 @@ use quarry_kernels::{matmul_quantized, Matrix, QuantizedActivations, WeightView}
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::backend::{DeviceBackend, DeviceForward, DeviceModel, DevicePosition};
+use crate::backend::{DeviceBackend, DeviceForward, DeviceModel};
 use crate::config::{Experts, ModelConfig, QkNorm};
 use crate::cpu::{Cpu, CpuLayer};
 use crate::ffn::{FeatureBlock, FfnFeatures};
@@ -700,14 +700,15 @@ impl Model {
         Ok(hidden)
     }
 
-    /// [`Model::run`] on the model's device: each sequence of the batch in turn (the device
-    /// keeps its keys and values in the cache's [`crate::DeviceSlot`]).
+    /// [`Model::run`] on the model's device, whose keys and values each sequence's cache
+    /// holds in its [`crate::DeviceSlot`].
     fn run_on_device<C: KvCache + Sync>(
         &self,
         device: &dyn DeviceForward,
         batch: &mut [SequenceBatch<'_, '_, C>],
     ) -> Result<Vec<f32>, ModelError> {
-        let mut hidden = Vec::new();
+        let mut inputs = Vec::with_capacity(batch.len());
+        let mut slots = Vec::with_capacity(batch.len());
         for seq in batch.iter_mut() {
             if seq.overlay.is_some() {
                 self.refuse_on_device("edit overlays (LoRA adapters, patches)")?;
@@ -725,20 +726,23 @@ impl Model {
                 "rows {:?} outside a batch of {len}",
                 seq.rows
             );
-            let Some((slot, positions)) = seq.cache.device_slot() else {
+            inputs.push(SequenceInput {
+                tokens: seq.tokens,
+                start,
+                capacity,
+                rows: seq.rows.clone(),
+            });
+            let Some(slot) = seq.cache.device_slot() else {
                 return Err(ModelError::Device(format!(
                     "{} needs a KV cache with room for device buffers",
                     device.describe()
                 )));
             };
-            let rows = seq.rows.clone();
-            let at = DevicePosition {
-                start,
-                capacity,
-                positions,
-            };
-            hidden.extend(device.forward(&self.weights, seq.tokens, slot, at, rows)?);
-            seq.cache.advance(len);
+            slots.push(slot);
+        }
+        let hidden = device.forward(&self.weights, &inputs, slots)?;
+        for seq in batch.iter_mut() {
+            seq.cache.advance(seq.tokens.len());
         }
         Ok(hidden)
     }
