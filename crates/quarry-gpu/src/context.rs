@@ -281,6 +281,18 @@ impl Gpu {
         Ok(())
     }
 
+    /// `e`, unless the device is lost, which is then the error to report: every operation on
+    /// a lost device fails (as a validation error, say), and wgpu tells of the loss only when
+    /// the device is polled.
+    fn or_lost(&self, e: GpuError) -> GpuError {
+        let _ = self.inner.device.poll(wgpu::PollType::Poll);
+        let f = self.inner.faults.lock().unwrap_or_else(|p| p.into_inner());
+        match &f.lost {
+            Some(lost) => GpuError::DeviceLost(lost.clone()),
+            None => e,
+        }
+    }
+
     /// Runs `f` inside error scopes, so an out-of-memory or validation error it causes comes
     /// back as a `GpuError` (wgpu reports both asynchronously otherwise).
     pub(crate) fn scoped<T>(
@@ -297,13 +309,13 @@ impl Gpu {
         let oom = pollster::block_on(oom.pop());
         let validation = pollster::block_on(validation.pop());
         if oom.is_some() {
-            return Err(GpuError::OutOfMemory { what, bytes });
+            return Err(self.or_lost(GpuError::OutOfMemory { what, bytes }));
         }
         if let Some(e) = validation {
-            return Err(GpuError::Validation {
+            return Err(self.or_lost(GpuError::Validation {
                 what,
                 message: e.to_string(),
-            });
+            }));
         }
         self.check()?;
         Ok(out)
@@ -346,14 +358,12 @@ impl Gpu {
             })
         })?;
         {
-            let mut view =
-                buffer
-                    .slice(..)
-                    .get_mapped_range_mut()
-                    .map_err(|e| GpuError::Validation {
-                        what,
-                        message: e.to_string(),
-                    })?;
+            let mut view = buffer.slice(..).get_mapped_range_mut().map_err(|e| {
+                self.or_lost(GpuError::Validation {
+                    what,
+                    message: e.to_string(),
+                })
+            })?;
             let mut dst = view.slice(..);
             dst.slice(..bytes.len()).copy_from_slice(bytes);
             if (bytes.len() as u64) < size {
@@ -489,13 +499,16 @@ impl Gpu {
         // Another thread's poll may be the one that runs the callback, a moment later.
         match rx.recv_timeout(self.inner.wait_timeout) {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(GpuError::Readback(e.to_string())),
-            Err(_) => return Err(GpuError::Readback("buffer was not mapped".into())),
+            Ok(Err(e)) => return Err(self.or_lost(GpuError::Readback(e.to_string()))),
+            Err(_) => {
+                let e = GpuError::Readback("buffer was not mapped".into());
+                return Err(self.or_lost(e));
+            }
         }
         let out = {
             let view = staging
                 .get_mapped_range(..)
-                .map_err(|e| GpuError::Readback(e.to_string()))?;
+                .map_err(|e| self.or_lost(GpuError::Readback(e.to_string())))?;
             bytemuck::pod_collect_to_vec::<u8, f32>(&view[..r.bytes as usize])
         };
         staging.unmap();

@@ -352,3 +352,26 @@ fn the_engine_on_the_gpu_equals_lone_gpu_sessions() {
         assert_eq!(tokens, &lone.tokens, "prompt {p:?}");
     }
 }
+
+/// A device lost mid-run (destroyed here between two forward passes of one sequence) makes
+/// the next pass fail with one error naming the loss, never a hang or a panic; so does a new
+/// sequence on it.
+#[test]
+fn a_device_lost_mid_run_is_a_named_error() {
+    let Some(gpu) = test_gpu() else { return };
+    let file = Arc::new(GgufFile::open(family_dir("llama").join("model-f32.gguf")).unwrap());
+    let model = Model::load(file)
+        .unwrap()
+        .on_device(GpuBackend::new(gpu.clone()))
+        .unwrap();
+    let ids = family_ids("llama");
+    let mut cache = model.new_cache(ids.len() + 1);
+    model.forward(&ids, &mut cache, 0..1).unwrap();
+    gpu.device().destroy();
+    let err = model.forward(&ids[..1], &mut cache, 0..1).unwrap_err();
+    assert!(err.to_string().contains("device lost"), "{err}");
+    let err = model
+        .forward(&ids, &mut model.new_cache(ids.len()), 0..1)
+        .unwrap_err();
+    assert!(err.to_string().contains("device lost"), "{err}");
+}
