@@ -24,6 +24,13 @@ use crate::ops::{Op, WORKGROUP};
 /// Dispatches recorded before the encoder is submitted without waiting.
 const DISPATCHES_PER_SUBMIT: usize = 128;
 
+/// Bytes between two ops' parameters in an encoder's parameter buffer (dynamic offsets must
+/// be multiples of the adapter's alignment, 256 at most).
+const PARAMS_STRIDE: usize = 256;
+
+/// Ops whose parameters one encoder's buffer holds; one more submits the encoder first.
+const PARAMS_SLOTS: usize = 128;
+
 /// Score values one attention dispatch may keep (query rows × heads × positions); longer
 /// prompts are attended in several dispatches of fewer rows.
 const MAX_SCORES: usize = 1 << 24;
@@ -58,13 +65,42 @@ pub struct GpuKv {
 pub struct GpuBackend {
     gpu: Gpu,
     recording: Mutex<Recording>,
-    pipelines: Mutex<HashMap<Op, Arc<wgpu::ComputePipeline>>>,
+    pipelines: Mutex<HashMap<Op, Arc<OpPipeline>>>,
 }
 
-/// Work recorded and not yet submitted.
+/// An op's pipeline and the layout of its bind group (parameters at a dynamic offset).
+struct OpPipeline {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+}
+
+/// Work recorded and not yet submitted: the encoder, and the parameters of its ops, which
+/// go to the device in one buffer (`params`, mapped until the encoder is submitted) instead
+/// of one buffer per op.
 struct Recording {
     encoder: Option<wgpu::CommandEncoder>,
     dispatches: usize,
+    params: Option<wgpu::Buffer>,
+    /// The ops' parameters so far, `PARAMS_STRIDE` bytes each.
+    staged: Vec<u8>,
+}
+
+impl Recording {
+    /// The encoder with every op's parameters in place, ready to submit; the recording is
+    /// left empty.
+    fn take(&mut self) -> Option<wgpu::CommandEncoder> {
+        if let Some(params) = self.params.take() {
+            // Fails only on a lost device, which the next check reports.
+            if let Ok(mut view) = params.slice(..).get_mapped_range_mut() {
+                let mut dst = view.slice(..);
+                dst.slice(..self.staged.len()).copy_from_slice(&self.staged);
+            }
+            params.unmap();
+        }
+        self.staged.clear();
+        self.dispatches = 0;
+        self.encoder.take()
+    }
 }
 
 fn device_error(e: GpuError) -> ModelError {
@@ -78,6 +114,8 @@ impl GpuBackend {
             recording: Mutex::new(Recording {
                 encoder: None,
                 dispatches: 0,
+                params: None,
+                staged: Vec::new(),
             }),
             pipelines: Mutex::new(HashMap::new()),
         }
@@ -100,41 +138,85 @@ impl GpuBackend {
     /// Runs `record` on the open encoder; submits it (without waiting) once it holds enough.
     fn record(&self, dispatches: usize, record: impl FnOnce(&mut wgpu::CommandEncoder)) {
         let mut r = self.recording();
+        self.record_locked(&mut r, dispatches, record);
+    }
+
+    /// [`GpuBackend::record`] under the recording lock, held by the caller.
+    fn record_locked(
+        &self,
+        r: &mut Recording,
+        dispatches: usize,
+        record: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) {
         let encoder = r.encoder.get_or_insert_with(|| self.new_encoder("forward"));
         record(encoder);
         r.dispatches += dispatches;
         if r.dispatches >= DISPATCHES_PER_SUBMIT {
-            let encoder = r.encoder.take().expect("just used");
+            let encoder = r.take().expect("just used");
             self.gpu.queue().submit([encoder.finish()]);
-            r.dispatches = 0;
         }
     }
 
-    fn pipeline(&self, op: Op) -> Result<Arc<wgpu::ComputePipeline>, ModelError> {
+    fn pipeline(&self, op: Op) -> Result<Arc<OpPipeline>, ModelError> {
         let mut cache = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = cache.get(&op) {
             return Ok(p.clone());
         }
-        let pipeline = self
+        let params = wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: true,
+                min_binding_size: wgpu::BufferSize::new(48),
+            },
+            count: None,
+        };
+        let storage =
+            op.storage()
+                .iter()
+                .enumerate()
+                .map(|(i, &read_only)| wgpu::BindGroupLayoutEntry {
+                    binding: i as u32 + 1,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                });
+        let entries: Vec<_> = std::iter::once(params).chain(storage).collect();
+        let compiled = self
             .gpu
             .scoped("compiling a forward-pass kernel", 0, |d| {
+                let layout = d.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some("forward op"),
+                    entries: &entries,
+                });
+                let pipeline_layout = d.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some("forward op"),
+                    bind_group_layouts: &[Some(&layout)],
+                    immediate_size: 0,
+                });
                 let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some("forward op"),
                     source: wgpu::ShaderSource::Wgsl(op.source().into()),
                 });
-                d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                let pipeline = d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some("forward op"),
-                    layout: None,
+                    layout: Some(&pipeline_layout),
                     module: &module,
                     entry_point: Some("main"),
                     compilation_options: Default::default(),
                     cache: None,
-                })
+                });
+                OpPipeline { pipeline, layout }
             })
             .map_err(device_error)?;
-        let pipeline = Arc::new(pipeline);
-        cache.insert(op, pipeline.clone());
-        Ok(pipeline)
+        let compiled = Arc::new(compiled);
+        cache.insert(op, compiled.clone());
+        Ok(compiled)
     }
 
     /// Records one dispatch of `op` over `groups` workgroups with the parameters `params`
@@ -147,18 +229,32 @@ impl GpuBackend {
         groups: (u32, u32),
     ) -> Result<(), ModelError> {
         let pipeline = self.pipeline(op)?;
-        let uniform = self
-            .gpu
-            .create_buffer_with(
-                "op parameters",
-                bytemuck::bytes_of(&params),
-                16,
-                wgpu::BufferUsages::UNIFORM,
-            )
-            .map_err(device_error)?;
+        let mut r = self.recording();
+        if r.staged.len() == PARAMS_SLOTS * PARAMS_STRIDE {
+            let encoder = r.take().expect("an encoder holds the staged ops");
+            self.gpu.queue().submit([encoder.finish()]);
+        }
+        if r.params.is_none() {
+            let params = self
+                .gpu
+                .create_buffer_mapped(
+                    "op parameters",
+                    (PARAMS_SLOTS * PARAMS_STRIDE) as u64,
+                    wgpu::BufferUsages::UNIFORM,
+                )
+                .map_err(device_error)?;
+            r.params = Some(params);
+        }
+        let offset = r.staged.len();
+        r.staged.extend_from_slice(bytemuck::bytes_of(&params));
+        r.staged.resize(offset + PARAMS_STRIDE, 0);
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
-            resource: uniform.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: r.params.as_ref().expect("just made"),
+                offset: 0,
+                size: wgpu::BufferSize::new(48),
+            }),
         }];
         entries.extend(
             buffers
@@ -174,16 +270,16 @@ impl GpuBackend {
             .device()
             .create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("forward op"),
-                layout: &pipeline.get_bind_group_layout(0),
+                layout: &pipeline.layout,
                 entries: &entries,
             });
-        self.record(1, |encoder| {
+        self.record_locked(&mut r, 1, |encoder| {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("forward op"),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, Some(&bind_group), &[]);
+            pass.set_pipeline(&pipeline.pipeline);
+            pass.set_bind_group(0, Some(&bind_group), &[offset as u32]);
             pass.dispatch_workgroups(groups.0, groups.1, 1);
         });
         Ok(())
@@ -625,11 +721,7 @@ impl quarry_model::Backend for GpuBackend {
         // after this one is never submitted before it.
         let readback = {
             let mut r = self.recording();
-            r.dispatches = 0;
-            let encoder = r
-                .encoder
-                .take()
-                .unwrap_or_else(|| self.new_encoder("readback"));
+            let encoder = r.take().unwrap_or_else(|| self.new_encoder("readback"));
             self.gpu
                 .submit_readback(encoder, &x.buffer, rows.start * x.cols, rows.len() * x.cols)
                 .map_err(device_error)?

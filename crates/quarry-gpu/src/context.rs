@@ -339,6 +339,24 @@ impl Gpu {
         })
     }
 
+    /// A buffer of `size` bytes (a multiple of 4) mapped for writing until it is unmapped.
+    pub fn create_buffer_mapped(
+        &self,
+        what: &'static str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        self.check_size(what, size)?;
+        self.scoped(what, size, |d| {
+            d.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(what),
+                size,
+                usage,
+                mapped_at_creation: true,
+            })
+        })
+    }
+
     /// A buffer holding `bytes`, zero-padded to a multiple of `align` (a power of two ≥ 4).
     pub fn create_buffer_with(
         &self,
@@ -348,15 +366,7 @@ impl Gpu {
         usage: wgpu::BufferUsages,
     ) -> Result<wgpu::Buffer> {
         let size = (bytes.len() as u64).max(1).next_multiple_of(align.max(4));
-        self.check_size(what, size)?;
-        let buffer = self.scoped(what, size, |d| {
-            d.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(what),
-                size,
-                usage,
-                mapped_at_creation: true,
-            })
-        })?;
+        let buffer = self.create_buffer_mapped(what, size, usage)?;
         {
             let mut view = buffer.slice(..).get_mapped_range_mut().map_err(|e| {
                 self.or_lost(GpuError::Validation {

@@ -20,6 +20,18 @@ pub(crate) enum Op {
     Attention,
 }
 
+impl Op {
+    /// Whether each storage binding (from binding 1 on) is read only, in binding order.
+    pub(crate) fn storage(self) -> &'static [bool] {
+        match self {
+            Op::Add | Op::Bias | Op::Gated | Op::RmsNorm | Op::Rope => &[false, true],
+            Op::Softcap => &[false],
+            // q, keys, values, output, scores.
+            Op::Attention => &[true, true, true, false, false],
+        }
+    }
+}
+
 /// Invocations per workgroup of every kernel here.
 pub(crate) const WORKGROUP: u32 = 64;
 
