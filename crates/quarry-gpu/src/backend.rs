@@ -18,7 +18,7 @@ use quarry_model::{Activation, AttentionSpec, ModelError, RopeStyle, RowPlan, Se
 
 use crate::context::Gpu;
 use crate::error::GpuError;
-use crate::gemv::{GemvConfig, GpuMatrix};
+use crate::gemv::{params_and_storage_layout, GemvConfig, GpuMatrix};
 use crate::ops::{Op, WORKGROUP};
 
 /// Dispatches recorded before the encoder is submitted without waiting.
@@ -162,38 +162,10 @@ impl GpuBackend {
         if let Some(p) = cache.get(&op) {
             return Ok(p.clone());
         }
-        let params = wgpu::BindGroupLayoutEntry {
-            binding: 0,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: true,
-                min_binding_size: wgpu::BufferSize::new(48),
-            },
-            count: None,
-        };
-        let storage =
-            op.storage()
-                .iter()
-                .enumerate()
-                .map(|(i, &read_only)| wgpu::BindGroupLayoutEntry {
-                    binding: i as u32 + 1,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage { read_only },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    count: None,
-                });
-        let entries: Vec<_> = std::iter::once(params).chain(storage).collect();
         let compiled = self
             .gpu
             .scoped("compiling a forward-pass kernel", 0, |d| {
-                let layout = d.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                    label: Some("forward op"),
-                    entries: &entries,
-                });
+                let layout = params_and_storage_layout(d, "forward op", op.storage());
                 let pipeline_layout = d.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                     label: Some("forward op"),
                     bind_group_layouts: &[Some(&layout)],

@@ -464,33 +464,43 @@ impl PreparedGemv {
 }
 
 pub(crate) fn bind_group_layout(device: &wgpu::Device) -> wgpu::BindGroupLayout {
-    let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
-        binding,
+    params_and_storage_layout(device, "gemv", &[true, true, true, false])
+}
+
+/// The bind group layout every kernel of this crate uses: 48 bytes of parameters at a
+/// dynamic offset (binding 0), then storage buffers from binding 1 on, each read only or not
+/// as `read_only` says.
+pub(crate) fn params_and_storage_layout(
+    device: &wgpu::Device,
+    label: &str,
+    read_only: &[bool],
+) -> wgpu::BindGroupLayout {
+    let params = wgpu::BindGroupLayoutEntry {
+        binding: 0,
         visibility: wgpu::ShaderStages::COMPUTE,
         ty: wgpu::BindingType::Buffer {
-            ty: wgpu::BufferBindingType::Storage { read_only },
-            has_dynamic_offset: false,
-            min_binding_size: None,
+            ty: wgpu::BufferBindingType::Uniform,
+            has_dynamic_offset: true,
+            min_binding_size: wgpu::BufferSize::new(48),
         },
         count: None,
     };
-    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-        label: Some("gemv"),
-        entries: &[
-            wgpu::BindGroupLayoutEntry {
-                binding: 0,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Uniform,
-                    has_dynamic_offset: true,
-                    min_binding_size: wgpu::BufferSize::new(48),
-                },
-                count: None,
+    let storage = read_only
+        .iter()
+        .enumerate()
+        .map(|(i, &read_only)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32 + 1,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
             },
-            storage(1, true),
-            storage(2, true),
-            storage(3, true),
-            storage(4, false),
-        ],
+            count: None,
+        });
+    let entries: Vec<_> = std::iter::once(params).chain(storage).collect();
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(label),
+        entries: &entries,
     })
 }
