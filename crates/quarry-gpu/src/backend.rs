@@ -18,18 +18,15 @@ use quarry_model::{Activation, AttentionSpec, ModelError, RopeStyle, RowPlan, Se
 
 use crate::context::Gpu;
 use crate::error::GpuError;
-use crate::gemv::{params_and_storage_layout, GemvConfig, GpuMatrix};
+use crate::gemv::{params_and_storage_layout, params_entry, GemvConfig, GpuMatrix, PARAMS_STRIDE};
 use crate::ops::{Op, WORKGROUP};
 
 /// Dispatches recorded before the encoder is submitted without waiting.
 const DISPATCHES_PER_SUBMIT: usize = 128;
 
-/// Bytes between two ops' parameters in an encoder's parameter buffer (dynamic offsets must
-/// be multiples of the adapter's alignment, 256 at most).
-const PARAMS_STRIDE: usize = 256;
-
-/// Ops whose parameters one encoder's buffer holds; one more submits the encoder first.
-const PARAMS_SLOTS: usize = 128;
+/// Ops whose parameters one encoder's buffer holds. Every op counts as a dispatch, and an
+/// encoder is submitted at [`DISPATCHES_PER_SUBMIT`], so its ops never need more.
+const PARAMS_SLOTS: usize = DISPATCHES_PER_SUBMIT;
 
 /// Score values one attention dispatch may keep (query rows × heads × positions); longer
 /// prompts are attended in several dispatches of fewer rows.
@@ -202,10 +199,7 @@ impl GpuBackend {
     ) -> Result<(), ModelError> {
         let pipeline = self.pipeline(op)?;
         let mut r = self.recording();
-        if r.staged.len() == PARAMS_SLOTS * PARAMS_STRIDE {
-            let encoder = r.take().expect("an encoder holds the staged ops");
-            self.gpu.queue().submit([encoder.finish()]);
-        }
+        debug_assert!(r.staged.len() < PARAMS_SLOTS * PARAMS_STRIDE);
         if r.params.is_none() {
             let params = self
                 .gpu
@@ -220,14 +214,7 @@ impl GpuBackend {
         let offset = r.staged.len();
         r.staged.extend_from_slice(bytemuck::bytes_of(&params));
         r.staged.resize(offset + PARAMS_STRIDE, 0);
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: r.params.as_ref().expect("just made"),
-                offset: 0,
-                size: wgpu::BufferSize::new(48),
-            }),
-        }];
+        let mut entries = vec![params_entry(r.params.as_ref().expect("just made"))];
         entries.extend(
             buffers
                 .iter()
@@ -335,7 +322,8 @@ impl quarry_model::DeviceBackend for GpuBackend {
     }
 }
 
-/// The operations' single-sequence forms, which the trait's batch forms call.
+/// Helpers of the trait's operations: a tensor from values, one product, one rotation, one
+/// sequence's attention.
 impl GpuBackend {
     /// A tensor of `rows × cols` holding `values` (zeros when `values` is empty).
     fn buffer_tensor(

@@ -17,7 +17,10 @@ pub const MAX_TOKENS_PER_PASS: usize = 8;
 
 /// Bytes of one dispatch's parameters in the uniform buffer (dynamic offsets must be
 /// multiples of the adapter's alignment, 256 at most).
-const PARAMS_STRIDE: u64 = 256;
+pub(crate) const PARAMS_STRIDE: usize = 256;
+
+/// Bytes of one dispatch's parameters: three `vec4<u32>`.
+pub(crate) const PARAMS_BYTES: usize = 48;
 
 /// Which reduction the kernel ends with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -338,7 +341,7 @@ impl GpuMatrix {
             .map(|t0| (t0, (tokens - t0).min(MAX_TOKENS_PER_PASS)))
             .collect();
         let max_dim = gpu.limits().max_compute_workgroups_per_dimension as usize;
-        let mut params = vec![0u8; self.parts.len() * chunks.len() * PARAMS_STRIDE as usize];
+        let mut params = vec![0u8; self.parts.len() * chunks.len() * PARAMS_STRIDE];
         let mut grids = Vec::with_capacity(self.parts.len());
         for (pi, part) in self.parts.iter().enumerate() {
             let groups = part.rows.div_ceil(rows_per_wg as usize);
@@ -367,8 +370,8 @@ impl GpuMatrix {
                     0,
                     0,
                 ];
-                let at = (pi * chunks.len() + ci) * PARAMS_STRIDE as usize;
-                params[at..at + 48].copy_from_slice(bytemuck::bytes_of(&p));
+                let at = (pi * chunks.len() + ci) * PARAMS_STRIDE;
+                params[at..at + PARAMS_BYTES].copy_from_slice(bytemuck::bytes_of(&p));
             }
         }
         let params =
@@ -380,14 +383,7 @@ impl GpuMatrix {
                     label: Some("gemv"),
                     layout: &gpu.inner.layout,
                     entries: &[
-                        wgpu::BindGroupEntry {
-                            binding: 0,
-                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: &params,
-                                offset: 0,
-                                size: wgpu::BufferSize::new(48),
-                            }),
-                        },
+                        params_entry(&params),
                         wgpu::BindGroupEntry {
                             binding: 1,
                             resource: part.buffer.as_entire_binding(),
@@ -431,7 +427,7 @@ impl GpuMatrix {
                 steps.push(Step {
                     pipeline,
                     bind_group: bind_group.clone(),
-                    offset: ((pi * chunks.len() + ci) as u64 * PARAMS_STRIDE) as u32,
+                    offset: ((pi * chunks.len() + ci) * PARAMS_STRIDE) as u32,
                     groups: grids[pi],
                 });
             }
@@ -467,6 +463,19 @@ pub(crate) fn bind_group_layout(device: &wgpu::Device) -> wgpu::BindGroupLayout 
     params_and_storage_layout(device, "gemv", &[true, true, true, false])
 }
 
+/// Binding 0 of [`params_and_storage_layout`]: one dispatch's parameters in `params`, at the
+/// dynamic offset the dispatch sets.
+pub(crate) fn params_entry(params: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding: 0,
+        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: params,
+            offset: 0,
+            size: wgpu::BufferSize::new(PARAMS_BYTES as u64),
+        }),
+    }
+}
+
 /// The bind group layout every kernel of this crate uses: 48 bytes of parameters at a
 /// dynamic offset (binding 0), then storage buffers from binding 1 on, each read only or not
 /// as `read_only` says.
@@ -481,7 +490,7 @@ pub(crate) fn params_and_storage_layout(
         ty: wgpu::BindingType::Buffer {
             ty: wgpu::BufferBindingType::Uniform,
             has_dynamic_offset: true,
-            min_binding_size: wgpu::BufferSize::new(48),
+            min_binding_size: wgpu::BufferSize::new(PARAMS_BYTES as u64),
         },
         count: None,
     };

@@ -168,12 +168,14 @@ pub(crate) struct Program<'m, B: Backend> {
     pub(crate) output_norm: &'m B::Vector,
 }
 
+/// The error for `what`, which the device `described` does not run.
+pub(crate) fn not_on_device(described: &str, what: &str) -> ModelError {
+    ModelError::Device(format!("{described} does not run {what} yet (use the CPU)"))
+}
+
 /// An error naming what `b` cannot do because it keeps its activations off the host.
 fn off_host<B: Backend>(b: &B, what: &str) -> ModelError {
-    ModelError::Device(format!(
-        "{} does not run {what} yet (use the CPU)",
-        b.describe()
-    ))
+    not_on_device(&b.describe(), what)
 }
 
 impl<B: Backend> Program<'_, B> {

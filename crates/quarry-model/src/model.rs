@@ -23,7 +23,7 @@ use crate::backend::{DeviceBackend, DeviceForward, DeviceModel};
 use crate::config::{Experts, ModelConfig, QkNorm};
 use crate::cpu::{Cpu, CpuLayer};
 use crate::ffn::{FeatureBlock, FfnFeatures};
-use crate::forward::{Ffn, GatedFfn, Layer, Linear, MoeFfn, Program, SequenceInput};
+use crate::forward::{not_on_device, Ffn, GatedFfn, Layer, Linear, MoeFfn, Program, SequenceInput};
 use crate::kv_cache::{ContiguousKvCache, KvCache};
 use crate::ops::{softcap, Rope};
 use crate::overlay::FfnOverlay;
@@ -366,10 +366,7 @@ impl Model {
     /// An error naming `what` when the model runs on a device, which does not do it.
     fn refuse_on_device(&self, what: &str) -> Result<(), ModelError> {
         match &self.device {
-            Some(d) => Err(ModelError::Device(format!(
-                "{} does not run {what} yet (use the CPU)",
-                d.describe()
-            ))),
+            Some(d) => Err(not_on_device(&d.describe(), what)),
             None => Ok(()),
         }
     }
@@ -642,77 +639,8 @@ impl Model {
         batch: &mut [SequenceBatch<'_, '_, C>],
         observer: &mut dyn ForwardObserver,
     ) -> Result<Vec<f32>, ModelError> {
-        if let Some(device) = &self.device {
-            return self.run_on_device(device.as_ref(), batch);
-        }
-        let w = &*self.weights;
         let mut inputs = Vec::with_capacity(batch.len());
-        let mut caches = Vec::with_capacity(batch.len());
-        // Runs of consecutive sequences under the same overlay: each gets one product per
-        // edited layer.
-        let mut overlays: Vec<(Range<usize>, &FfnOverlay)> = Vec::new();
-        let mut n = 0;
-        for seq in batch.iter_mut() {
-            let (len, start) = (seq.tokens.len(), seq.cache.len());
-            if start + len > seq.cache.capacity() {
-                return Err(ModelError::ContextOverflow {
-                    needed: start + len,
-                    capacity: seq.cache.capacity(),
-                });
-            }
-            assert!(len > 0, "a sequence of the batch has no tokens");
-            assert!(
-                seq.rows.start <= seq.rows.end && seq.rows.end <= len,
-                "rows {:?} outside a batch of {len}",
-                seq.rows
-            );
-            if let Some(overlay) = seq.overlay.or(self.overlay.as_deref()) {
-                match overlays.last_mut() {
-                    Some((rows, last)) if rows.end == n && last.version() == overlay.version() => {
-                        rows.end += len
-                    }
-                    _ => {
-                        self.check_overlay(overlay)?;
-                        overlays.push((n..n + len, overlay));
-                    }
-                }
-            }
-            inputs.push(SequenceInput {
-                tokens: seq.tokens,
-                start,
-                capacity: seq.cache.capacity(),
-                rows: seq.rows.clone(),
-            });
-            caches.push(&mut *seq.cache);
-            n += len;
-        }
-        let program = Program {
-            backend: &Cpu::<C>::new(),
-            model: w,
-            layers: &w.layers,
-            output_norm: &w.output_norm,
-        };
-        let hidden = program.forward(&inputs, &mut caches, &overlays, observer)?;
-        drop(caches);
-        for seq in batch.iter_mut() {
-            seq.cache.advance(seq.tokens.len());
-        }
-        Ok(hidden)
-    }
-
-    /// [`Model::run`] on the model's device, whose keys and values each sequence's cache
-    /// holds in its [`crate::DeviceSlot`].
-    fn run_on_device<C: KvCache + Sync>(
-        &self,
-        device: &dyn DeviceForward,
-        batch: &mut [SequenceBatch<'_, '_, C>],
-    ) -> Result<Vec<f32>, ModelError> {
-        let mut inputs = Vec::with_capacity(batch.len());
-        let mut slots = Vec::with_capacity(batch.len());
-        for seq in batch.iter_mut() {
-            if seq.overlay.is_some() {
-                self.refuse_on_device("edit overlays (LoRA adapters, patches)")?;
-            }
+        for seq in batch.iter() {
             let (len, start, capacity) = (seq.tokens.len(), seq.cache.len(), seq.cache.capacity());
             if start + len > capacity {
                 return Err(ModelError::ContextOverflow {
@@ -732,6 +660,68 @@ impl Model {
                 capacity,
                 rows: seq.rows.clone(),
             });
+        }
+        let hidden = match &self.device {
+            Some(device) => self.run_on_device(device.as_ref(), batch, &inputs)?,
+            None => self.run_on_cpu(batch, &inputs, observer)?,
+        };
+        for seq in batch.iter_mut() {
+            seq.cache.advance(seq.tokens.len());
+        }
+        Ok(hidden)
+    }
+
+    /// [`Model::run`]'s forward pass on the CPU, each sequence under its overlay (or the
+    /// model's).
+    fn run_on_cpu<C: KvCache + Sync>(
+        &self,
+        batch: &mut [SequenceBatch<'_, '_, C>],
+        inputs: &[SequenceInput<'_>],
+        observer: &mut dyn ForwardObserver,
+    ) -> Result<Vec<f32>, ModelError> {
+        let w = &*self.weights;
+        // Runs of consecutive sequences under the same overlay: each gets one product per
+        // edited layer.
+        let mut overlays: Vec<(Range<usize>, &FfnOverlay)> = Vec::new();
+        let mut n = 0;
+        for seq in batch.iter() {
+            let len = seq.tokens.len();
+            if let Some(overlay) = seq.overlay.or(self.overlay.as_deref()) {
+                match overlays.last_mut() {
+                    Some((rows, last)) if rows.end == n && last.version() == overlay.version() => {
+                        rows.end += len
+                    }
+                    _ => {
+                        self.check_overlay(overlay)?;
+                        overlays.push((n..n + len, overlay));
+                    }
+                }
+            }
+            n += len;
+        }
+        let mut caches: Vec<&mut C> = batch.iter_mut().map(|seq| &mut *seq.cache).collect();
+        let program = Program {
+            backend: &Cpu::<C>::new(),
+            model: w,
+            layers: &w.layers,
+            output_norm: &w.output_norm,
+        };
+        program.forward(inputs, &mut caches, &overlays, observer)
+    }
+
+    /// [`Model::run`]'s forward pass on the model's device, whose keys and values each
+    /// sequence's cache holds in its [`crate::DeviceSlot`].
+    fn run_on_device<C: KvCache + Sync>(
+        &self,
+        device: &dyn DeviceForward,
+        batch: &mut [SequenceBatch<'_, '_, C>],
+        inputs: &[SequenceInput<'_>],
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut slots = Vec::with_capacity(batch.len());
+        for seq in batch.iter_mut() {
+            if seq.overlay.is_some() {
+                self.refuse_on_device("edit overlays (LoRA adapters, patches)")?;
+            }
             let Some(slot) = seq.cache.device_slot() else {
                 return Err(ModelError::Device(format!(
                     "{} needs a KV cache with room for device buffers",
@@ -740,11 +730,7 @@ impl Model {
             };
             slots.push(slot);
         }
-        let hidden = device.forward(&self.weights, &inputs, slots)?;
-        for seq in batch.iter_mut() {
-            seq.cache.advance(seq.tokens.len());
-        }
-        Ok(hidden)
+        device.forward(&self.weights, inputs, slots)
     }
 
     /// Projects final hidden states (from [`Model::forward_hidden`]) onto the vocabulary.

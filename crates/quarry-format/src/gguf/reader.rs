@@ -94,7 +94,7 @@ const LONG_ARRAY: u64 = 4096;
 enum Stored {
     Value(Value),
     /// A long array of scalars or strings, by where its value (element type, count, items)
-    /// starts in the file; decoded, and kept, only if [`GgufFile::get`] asks for it.
+    /// lies in the file; decoded, and kept, only if [`GgufFile::get`] asks for it.
     Long {
         bytes: Range<usize>,
         decoded: OnceLock<Option<Value>>,
