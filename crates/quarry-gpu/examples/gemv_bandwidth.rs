@@ -7,6 +7,7 @@
 //! target/release/examples/gemv_bandwidth            # decode shapes, < 60 s on a real GPU
 //! target/release/examples/gemv_bandwidth --quick    # small shapes, for lavapipe
 //! target/release/examples/gemv_bandwidth --sweep    # also workgroup shapes, Q4_K/Q8_0/F16
+//! target/release/examples/gemv_bandwidth --prompt   # also GEMV against GEMM at 16..256 tokens
 //! ```
 //!
 //! Needs at run time only the Vulkan loader (`libvulkan.so.1`) and a driver's ICD (or Metal /
@@ -20,11 +21,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use quarry_gpu::reference::{random_activations, random_weights};
-use quarry_gpu::{DeviceKind, GemvConfig, GgmlType, Gpu, GpuMatrix, Reduction, SUPPORTED};
+use quarry_gpu::{DeviceKind, GemmUse, GemvConfig, GgmlType, Gpu, GpuMatrix, Reduction, SUPPORTED};
 
 struct Opts {
     quick: bool,
     sweep: bool,
+    prompt: bool,
     types: Vec<GgmlType>,
 }
 
@@ -32,6 +34,7 @@ fn parse() -> Result<Opts, String> {
     let mut o = Opts {
         quick: false,
         sweep: false,
+        prompt: false,
         types: SUPPORTED.to_vec(),
     };
     let mut args = std::env::args().skip(1);
@@ -39,6 +42,7 @@ fn parse() -> Result<Opts, String> {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--sweep" => o.sweep = true,
+            "--prompt" => o.prompt = true,
             "--types" => {
                 let list = args.next().ok_or("--types needs a list, e.g. q4_k,q8_0")?;
                 o.types = list
@@ -53,7 +57,7 @@ fn parse() -> Result<Opts, String> {
                     .collect::<Result<_, _>>()?;
             }
             "-h" | "--help" => {
-                println!("gemv_bandwidth [--quick] [--sweep] [--types f32,q4_k,...]");
+                println!("gemv_bandwidth [--quick] [--sweep] [--prompt] [--types f32,q4_k,...]");
                 std::process::exit(0);
             }
             _ => return Err(format!("unknown argument {a}")),
@@ -186,18 +190,25 @@ fn main() {
                     config: &GemvConfig,
                     cache: &mut Uploaded| {
         let config = &config.resolved(&gpu, tokens);
-        let label = format!(
-            "{:<5} {rows:>5}x{cols:<5} T={tokens} wg={} rows/wg={}{}{}",
-            format!("{dtype:?}"),
-            config.workgroup_size,
-            config.rows_per_workgroup,
-            if config.tiled { " tiled" } else { "" },
-            if config.reduction == Reduction::Shared {
-                " shared-reduce"
-            } else {
-                ""
-            },
-        );
+        let label = if config.gemm == GemmUse::Always {
+            format!(
+                "{:<5} {rows:>5}x{cols:<5} T={tokens} GEMM",
+                format!("{dtype:?}")
+            )
+        } else {
+            format!(
+                "{:<5} {rows:>5}x{cols:<5} T={tokens} wg={} rows/wg={}{}{}",
+                format!("{dtype:?}"),
+                config.workgroup_size,
+                config.rows_per_workgroup,
+                if config.tiled { " tiled" } else { "" },
+                if config.reduction == Reduction::Shared {
+                    " shared-reduce"
+                } else {
+                    ""
+                },
+            )
+        };
         match measure(&gpu, (dtype, rows, cols, tokens), config, opts.quick, cache) {
             Ok(m) => println!(
                 "{} | {label:<48} | {:>9.4} ms | {:>8.1} GB/s | max rel err {:.1e}",
@@ -220,6 +231,22 @@ fn main() {
                     &GemvConfig::default(),
                     &mut cache,
                 );
+            }
+        }
+    }
+    if opts.prompt {
+        // Prompt token counts through each kernel (GB/s: weight bytes per call over its time,
+        // so the GEMM's edge shows as more of them).
+        for &dtype in &opts.types {
+            let (rows, cols) = shapes[shapes.len() - 1];
+            for &tokens in &[16usize, 32, 64, 256] {
+                for gemm in [GemmUse::Never, GemmUse::Always] {
+                    let c = GemvConfig {
+                        gemm,
+                        ..GemvConfig::default()
+                    };
+                    line(dtype, rows, cols, tokens, &c, &mut cache);
+                }
             }
         }
     }

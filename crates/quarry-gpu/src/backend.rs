@@ -369,8 +369,7 @@ impl GpuBackend {
         let prepared = w
             .prepare(&x.buffer, &out.buffer, x.rows, &GemvConfig::default())
             .map_err(device_error)?;
-        let dispatches = x.rows.div_ceil(crate::MAX_TOKENS_PER_PASS);
-        self.record(dispatches, |encoder| {
+        self.record(prepared.dispatches(), |encoder| {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("matmul"),
                 timestamp_writes: None,

@@ -74,6 +74,9 @@ pub struct GpuOptions {
     pub disable_subgroups: bool,
     /// How long one wait for the device may take before it is reported as `Timeout`.
     pub wait_timeout: Duration,
+    /// Bind at most this many bytes of weights at once, below the adapter's limit, so that
+    /// matrices split into more row parts (what tests of the split set).
+    pub max_binding_bytes: Option<u64>,
 }
 
 impl Default for GpuOptions {
@@ -84,6 +87,7 @@ impl Default for GpuOptions {
                 .filter(|s| !s.is_empty()),
             disable_subgroups: false,
             wait_timeout: Duration::from_secs(120),
+            max_binding_bytes: None,
         }
     }
 }
@@ -230,7 +234,13 @@ impl Gpu {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        let summary = summarize(&adapter, subgroups);
+        let mut summary = summarize(&adapter, subgroups);
+        let mut limits = limits;
+        if let Some(bytes) = options.max_binding_bytes {
+            limits.max_storage_buffer_binding_size =
+                limits.max_storage_buffer_binding_size.min(bytes);
+            summary.max_binding_bytes = limits.max_storage_buffer_binding_size;
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 device,

@@ -44,7 +44,27 @@ pub struct GemvConfig {
     /// Stage x through workgroup memory, 256 columns at a time.
     pub tiled: bool,
     pub reduction: Reduction,
+    pub gemm: GemmUse,
 }
+
+/// Whether a product runs as the prompt GEMM (32 rows × 32 tokens per workgroup, weights
+/// decoded once per tile into workgroup memory) instead of the GEMV (8 tokens per weight
+/// read). The GEMV's fields above do not apply to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GemmUse {
+    /// From [`GEMM_MIN_TOKENS`] tokens on, where the matrix and adapter allow it.
+    #[default]
+    Auto,
+    Never,
+    /// Whatever the token count (an error where the matrix or adapter does not allow it).
+    Always,
+}
+
+/// Tokens from which `GemmUse::Auto` takes the GEMM. On lavapipe, where decoding is the cost,
+/// the GEMM overtakes the GEMV between 16 tokens (Q4_K, Q6_K) and 24 (Q4_1, Q8_0), and is
+/// 1.4–2.6× faster at 256 (`examples/gemv_bandwidth --quick --prompt`); an H200 is yet to
+/// be measured.
+pub const GEMM_MIN_TOKENS: usize = 24;
 
 impl Default for GemvConfig {
     fn default() -> Self {
@@ -53,6 +73,7 @@ impl Default for GemvConfig {
             rows_per_workgroup: 0,
             tiled: false,
             reduction: Reduction::Auto,
+            gemm: GemmUse::Auto,
         }
     }
 }
@@ -305,6 +326,9 @@ impl GpuMatrix {
         in_u32(tokens * self.cols, "x length")?;
         in_u32(tokens * self.rows, "y length")?;
 
+        if self.use_gemm(tokens, config)? {
+            return self.prepare_gemm(x, y, tokens);
+        }
         let subgroups = match config.reduction {
             Reduction::Auto => gpu.subgroups(),
             Reduction::Shared => false,
@@ -333,78 +357,11 @@ impl GpuMatrix {
                 "rows per workgroup {rows_per_wg}: must be 1..=16"
             )));
         }
-
-        let units = (self.cols / self.layout.vals_per_block as usize)
-            * self.layout.units_per_block as usize;
-        let chunks: Vec<(usize, usize)> = (0..tokens)
-            .step_by(MAX_TOKENS_PER_PASS)
-            .map(|t0| (t0, (tokens - t0).min(MAX_TOKENS_PER_PASS)))
-            .collect();
-        let max_dim = gpu.limits().max_compute_workgroups_per_dimension as usize;
-        let mut params = vec![0u8; self.parts.len() * chunks.len() * PARAMS_STRIDE];
-        let mut grids = Vec::with_capacity(self.parts.len());
+        let mut dispatches = Vec::new();
         for (pi, part) in self.parts.iter().enumerate() {
-            let groups = part.rows.div_ceil(rows_per_wg as usize);
-            let groups_x = groups.min(max_dim);
-            let groups_y = groups.div_ceil(groups_x);
-            if groups_y > max_dim {
-                return Err(GpuError::Shape(format!(
-                    "{} rows need {groups} workgroups, more than this adapter dispatches",
-                    part.rows
-                )));
-            }
-            grids.push((groups_x as u32, groups_y as u32));
-            for (ci, &(t0, _)) in chunks.iter().enumerate() {
-                // Part rows land at their own rows of y, whose rows are the whole matrix's.
-                let p: [u32; 12] = [
-                    part.rows as u32,
-                    self.cols as u32,
-                    self.row_bytes as u32,
-                    units as u32,
-                    0,
-                    (t0 * self.cols) as u32,
-                    self.cols as u32,
-                    (t0 * self.rows + part.first_row) as u32,
-                    self.rows as u32,
-                    groups_x as u32,
-                    0,
-                    0,
-                ];
-                let at = (pi * chunks.len() + ci) * PARAMS_STRIDE;
-                params[at..at + PARAMS_BYTES].copy_from_slice(bytemuck::bytes_of(&p));
-            }
-        }
-        let params =
-            gpu.create_buffer_with("gemv params", &params, 16, wgpu::BufferUsages::UNIFORM)?;
-        let mut steps = Vec::with_capacity(self.parts.len() * chunks.len());
-        for (pi, part) in self.parts.iter().enumerate() {
-            let bind_group = gpu.scoped("binding a GEMV", 0, |d| {
-                d.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("gemv"),
-                    layout: &gpu.inner.layout,
-                    entries: &[
-                        params_entry(&params),
-                        wgpu::BindGroupEntry {
-                            binding: 1,
-                            resource: part.buffer.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 2,
-                            resource: part.buffer.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 3,
-                            resource: x.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 4,
-                            resource: y.as_entire_binding(),
-                        },
-                    ],
-                })
-            })?;
-            let bind_group = Arc::new(bind_group);
-            for (ci, &(_, n)) in chunks.iter().enumerate() {
+            let (gx, gy) = self.grid(part.rows, rows_per_wg as usize)?;
+            for t0 in (0..tokens).step_by(MAX_TOKENS_PER_PASS) {
+                let n = (tokens - t0).min(MAX_TOKENS_PER_PASS);
                 let key = ShaderKey {
                     dtype: self.dtype,
                     vec: self.layout.vec,
@@ -413,6 +370,7 @@ impl GpuMatrix {
                     rows_per_workgroup: rows_per_wg,
                     tiled: config.tiled,
                     subgroups,
+                    gemm: false,
                 };
                 let need = shader::workgroup_bytes(&key);
                 let have = gpu.limits().max_compute_workgroup_storage_size;
@@ -422,25 +380,216 @@ impl GpuMatrix {
                          the adapter has {have}"
                     )));
                 }
-                let layout = self.layout;
-                let pipeline = gpu.pipeline(key, || shader::source(&key, &layout))?;
-                steps.push(Step {
-                    pipeline,
-                    bind_group: bind_group.clone(),
-                    offset: ((pi * chunks.len() + ci) * PARAMS_STRIDE) as u32,
-                    groups: grids[pi],
+                dispatches.push(Dispatch {
+                    part: pi,
+                    key,
+                    // Part rows land at their own rows of y, whose rows are the whole matrix's.
+                    x_off: t0 * self.cols,
+                    y_off: t0 * self.rows + part.first_row,
+                    tokens: n,
+                    groups: (gx, gy, 1),
                 });
             }
         }
+        self.bind(x, y, &dispatches)
+    }
+
+    /// Whether `config` multiplies `tokens` with the GEMM (an error where it asks for the GEMM
+    /// and this matrix or adapter cannot run it).
+    fn use_gemm(&self, tokens: usize, config: &GemvConfig) -> Result<bool> {
+        let gpu = &self.gpu;
+        let need = shader::gemm_workgroup_bytes(&self.layout);
+        let have = gpu.limits().max_compute_workgroup_storage_size;
+        let step = shader::gemm_step(&self.layout) as usize;
+        let why_not = if !self.layout.vec || !self.cols.is_multiple_of(step) {
+            Some(format!(
+                "{:?} rows of {} columns are not whole steps of {step}",
+                self.dtype, self.cols
+            ))
+        } else if need > have {
+            Some(format!(
+                "it needs {need} bytes of workgroup memory; the adapter has {have}"
+            ))
+        } else if shader::GEMM_WG > gpu.limits().max_compute_invocations_per_workgroup {
+            Some(format!(
+                "it needs {} invocations per workgroup",
+                shader::GEMM_WG
+            ))
+        } else {
+            None
+        };
+        match (config.gemm, why_not) {
+            (GemmUse::Never, _) => Ok(false),
+            (GemmUse::Auto, why_not) => Ok(tokens >= GEMM_MIN_TOKENS && why_not.is_none()),
+            (GemmUse::Always, None) => Ok(true),
+            (GemmUse::Always, Some(why)) => Err(GpuError::Unsupported(format!(
+                "the prompt GEMM was requested for a {}×{} {:?} matrix, but {why}",
+                self.rows, self.cols, self.dtype
+            ))),
+        }
+    }
+
+    /// One GEMM dispatch per part: 32-row tiles in x/y, 32-token tiles in z.
+    fn prepare_gemm(
+        &self,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        tokens: usize,
+    ) -> Result<PreparedGemv> {
+        let token_tiles = tokens.div_ceil(shader::GEMM_TOKENS as usize);
+        let max_dim = self.gpu.limits().max_compute_workgroups_per_dimension as usize;
+        if token_tiles > max_dim {
+            return Err(GpuError::Shape(format!(
+                "{tokens} tokens need {token_tiles} workgroups, more than this adapter dispatches"
+            )));
+        }
+        let key = ShaderKey {
+            dtype: self.dtype,
+            vec: self.layout.vec,
+            tokens: shader::GEMM_TOKENS,
+            workgroup_size: shader::GEMM_WG,
+            rows_per_workgroup: shader::GEMM_ROWS,
+            tiled: true,
+            subgroups: false,
+            gemm: true,
+        };
+        let dispatches = self
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(pi, part)| {
+                let (gx, gy) = self.grid(part.rows, shader::GEMM_ROWS as usize)?;
+                Ok(Dispatch {
+                    part: pi,
+                    key,
+                    x_off: 0,
+                    y_off: part.first_row,
+                    tokens,
+                    groups: (gx, gy, token_tiles as u32),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.bind(x, y, &dispatches)
+    }
+
+    /// Workgroups (x, y) for `rows` rows at `rows_per_group` each, x within the adapter's
+    /// per-dimension limit.
+    fn grid(&self, rows: usize, rows_per_group: usize) -> Result<(u32, u32)> {
+        let max_dim = self.gpu.limits().max_compute_workgroups_per_dimension as usize;
+        let groups = rows.div_ceil(rows_per_group);
+        let groups_x = groups.min(max_dim);
+        let groups_y = groups.div_ceil(groups_x);
+        if groups_y > max_dim {
+            return Err(GpuError::Shape(format!(
+                "{rows} rows need {groups} workgroups, more than this adapter dispatches"
+            )));
+        }
+        Ok((groups_x as u32, groups_y as u32))
+    }
+
+    /// Parameters, pipelines and one bind group per part for `dispatches`.
+    fn bind(
+        &self,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        dispatches: &[Dispatch],
+    ) -> Result<PreparedGemv> {
+        let gpu = &self.gpu;
+        let units = (self.cols / self.layout.vals_per_block as usize)
+            * self.layout.units_per_block as usize;
+        let mut params = vec![0u8; dispatches.len() * PARAMS_STRIDE];
+        for (i, d) in dispatches.iter().enumerate() {
+            let p: [u32; 12] = [
+                self.parts[d.part].rows as u32,
+                self.cols as u32,
+                self.row_bytes as u32,
+                units as u32,
+                0,
+                d.x_off as u32,
+                self.cols as u32,
+                d.y_off as u32,
+                self.rows as u32,
+                d.groups.0,
+                d.tokens as u32,
+                0,
+            ];
+            params[i * PARAMS_STRIDE..i * PARAMS_STRIDE + PARAMS_BYTES]
+                .copy_from_slice(bytemuck::bytes_of(&p));
+        }
+        let params =
+            gpu.create_buffer_with("gemv params", &params, 16, wgpu::BufferUsages::UNIFORM)?;
+        let mut bind_groups: Vec<Option<Arc<wgpu::BindGroup>>> = vec![None; self.parts.len()];
+        let mut steps = Vec::with_capacity(dispatches.len());
+        for (i, d) in dispatches.iter().enumerate() {
+            let bind_group = match &bind_groups[d.part] {
+                Some(b) => b.clone(),
+                None => {
+                    let part = &self.parts[d.part].buffer;
+                    let b = Arc::new(gpu.scoped("binding a GEMV", 0, |dev| {
+                        dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                            label: Some("gemv"),
+                            layout: &gpu.inner.layout,
+                            entries: &[
+                                params_entry(&params),
+                                wgpu::BindGroupEntry {
+                                    binding: 1,
+                                    resource: part.as_entire_binding(),
+                                },
+                                wgpu::BindGroupEntry {
+                                    binding: 2,
+                                    resource: part.as_entire_binding(),
+                                },
+                                wgpu::BindGroupEntry {
+                                    binding: 3,
+                                    resource: x.as_entire_binding(),
+                                },
+                                wgpu::BindGroupEntry {
+                                    binding: 4,
+                                    resource: y.as_entire_binding(),
+                                },
+                            ],
+                        })
+                    })?);
+                    bind_groups[d.part] = Some(b.clone());
+                    b
+                }
+            };
+            let layout = self.layout;
+            let key = d.key;
+            let pipeline = gpu.pipeline(key, || {
+                if key.gemm {
+                    shader::gemm_source(&layout)
+                } else {
+                    shader::source(&key, &layout)
+                }
+            })?;
+            steps.push(Step {
+                pipeline,
+                bind_group,
+                offset: (i * PARAMS_STRIDE) as u32,
+                groups: d.groups,
+            });
+        }
         Ok(PreparedGemv { steps })
     }
+}
+
+/// One dispatch of a product: which part, which kernel, where its x and y start and how many
+/// tokens it multiplies.
+struct Dispatch {
+    part: usize,
+    key: ShaderKey,
+    x_off: usize,
+    y_off: usize,
+    tokens: usize,
+    groups: (u32, u32, u32),
 }
 
 struct Step {
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: Arc<wgpu::BindGroup>,
     offset: u32,
-    groups: (u32, u32),
+    groups: (u32, u32, u32),
 }
 
 /// A GEMV ready to record: its pipelines, bindings and parameters.
@@ -454,8 +603,13 @@ impl PreparedGemv {
         for s in &self.steps {
             pass.set_pipeline(&s.pipeline);
             pass.set_bind_group(0, Some(s.bind_group.as_ref()), &[s.offset]);
-            pass.dispatch_workgroups(s.groups.0, s.groups.1, 1);
+            pass.dispatch_workgroups(s.groups.0, s.groups.1, s.groups.2);
         }
+    }
+
+    /// Dispatches `record` makes (for an encoder's submission budget).
+    pub fn dispatches(&self) -> usize {
+        self.steps.len()
     }
 }
 

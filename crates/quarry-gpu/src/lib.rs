@@ -29,7 +29,10 @@ mod shader;
 pub use backend::{GpuBackend, GpuKv, GpuRotation, GpuTensor};
 pub use context::{list_adapters, AdapterSummary, DeviceKind, Gpu, GpuOptions};
 pub use error::{GpuError, Result};
-pub use gemv::{row_bytes, GemvConfig, GpuMatrix, PreparedGemv, Reduction, MAX_TOKENS_PER_PASS};
+pub use gemv::{
+    row_bytes, GemmUse, GemvConfig, GpuMatrix, PreparedGemv, Reduction, GEMM_MIN_TOKENS,
+    MAX_TOKENS_PER_PASS,
+};
 pub use quarry_format::GgmlType;
 pub use shader::SUPPORTED;
 /// The wgpu this crate is built on, for callers recording their own passes.

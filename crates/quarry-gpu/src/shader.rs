@@ -40,6 +40,9 @@ pub(crate) struct Layout {
     /// x is read four values at a time (`array<vec4<f32>>`): every quantized type, and F32/F16
     /// rows whose length allows it.
     pub vec: bool,
+    /// Columns that a run of consecutive units, starting at a multiple of the run, covers
+    /// exactly (the GEMM's column steps are multiples of it).
+    pub span: u32,
     /// Column offsets, from `xbase(u)`, of the unit's decoded values (vec4s or scalars).
     offsets: &'static [u32],
     /// WGSL `xbase` and `decode` for this type.
@@ -48,27 +51,29 @@ pub(crate) struct Layout {
 
 /// The layout for `dtype` with rows of `cols` values, or `None` for a type with no kernel.
 pub(crate) fn layout(dtype: GgmlType, cols: usize) -> Option<Layout> {
-    let l = |vals_per_block, block_bytes, units_per_block, vec, offsets, body| Layout {
+    let l = |vals_per_block, block_bytes, units_per_block, vec, span, offsets, body| Layout {
         vals_per_block,
         block_bytes,
         units_per_block,
         vec,
+        span,
         offsets,
         body,
     };
     const K_OFFS: &[u32] = &[0, 4, 8, 12, 32, 36, 40, 44];
+    const Q6_OFFS: &[u32] = &[0, 32, 64, 96, 4, 36, 68, 100];
     Some(match dtype {
-        GgmlType::F32 if cols.is_multiple_of(4) => l(4, 16, 1, true, &[0], F32_VEC),
-        GgmlType::F32 => l(1, 4, 1, false, &[0], F32_SCALAR),
-        GgmlType::F16 if cols.is_multiple_of(8) => l(8, 16, 1, true, &[0, 4], F16_VEC),
-        GgmlType::F16 => l(1, 2, 1, false, &[0], F16_SCALAR),
-        GgmlType::Q8_0 => l(32, 34, 2, true, &[0, 4, 8, 12], Q8_0),
-        GgmlType::Q4_0 => l(32, 18, 2, true, &[0, 4, 16, 20], Q4_0),
-        GgmlType::Q4_1 => l(32, 20, 2, true, &[0, 4, 16, 20], Q4_1),
-        GgmlType::Q5_0 => l(32, 22, 2, true, &[0, 4, 16, 20], Q5_0),
-        GgmlType::Q4_K => l(256, 144, 8, true, K_OFFS, Q4_K),
-        GgmlType::Q5_K => l(256, 176, 8, true, K_OFFS, Q5_K),
-        GgmlType::Q6_K => l(256, 210, 8, true, &[0, 32, 64, 96, 4, 36, 68, 100], Q6_K),
+        GgmlType::F32 if cols.is_multiple_of(4) => l(4, 16, 1, true, 4, &[0], F32_VEC),
+        GgmlType::F32 => l(1, 4, 1, false, 1, &[0], F32_SCALAR),
+        GgmlType::F16 if cols.is_multiple_of(8) => l(8, 16, 1, true, 8, &[0, 4], F16_VEC),
+        GgmlType::F16 => l(1, 2, 1, false, 1, &[0], F16_SCALAR),
+        GgmlType::Q8_0 => l(32, 34, 2, true, 16, &[0, 4, 8, 12], Q8_0),
+        GgmlType::Q4_0 => l(32, 18, 2, true, 32, &[0, 4, 16, 20], Q4_0),
+        GgmlType::Q4_1 => l(32, 20, 2, true, 32, &[0, 4, 16, 20], Q4_1),
+        GgmlType::Q5_0 => l(32, 22, 2, true, 32, &[0, 4, 16, 20], Q5_0),
+        GgmlType::Q4_K => l(256, 144, 8, true, 64, K_OFFS, Q4_K),
+        GgmlType::Q5_K => l(256, 176, 8, true, 64, K_OFFS, Q5_K),
+        GgmlType::Q6_K => l(256, 210, 8, true, 128, Q6_OFFS, Q6_K),
         _ => return None,
     })
 }
@@ -96,6 +101,9 @@ pub(crate) struct ShaderKey {
     pub rows_per_workgroup: u32,
     pub tiled: bool,
     pub subgroups: bool,
+    /// The prompt GEMM ([`gemm_source`]); the fields above it but `dtype` and `vec` are then
+    /// the GEMM's constants.
+    pub gemm: bool,
 }
 
 /// Bytes of workgroup memory the kernel for `key` declares.
@@ -125,6 +133,7 @@ pub(crate) fn source(key: &ShaderKey, layout: &Layout) -> String {
         key.workgroup_size, layout.vals_per_block, layout.block_bytes, layout.units_per_block,
     );
     s.push_str(&PRELUDE.replace("XELEM", vt));
+    s.push_str("var<workgroup> RED: array<f32, K * WG>;\n");
     if key.tiled {
         let _ = writeln!(
             s,
@@ -266,11 +275,124 @@ pub(crate) fn source(key: &ShaderKey, layout: &Layout) -> String {
     s
 }
 
+/// Rows and tokens of one GEMM workgroup's output tile; 64 invocations as 8 × 8, each
+/// summing 4 rows × 4 tokens in registers.
+pub(crate) const GEMM_ROWS: u32 = 32;
+pub(crate) const GEMM_TOKENS: u32 = 32;
+pub(crate) const GEMM_WG: u32 = 64;
+
+/// Columns of one GEMM step for `layout`: whole runs of units, at least 32.
+pub(crate) fn gemm_step(layout: &Layout) -> u32 {
+    layout.span.max(32)
+}
+
+/// Bytes of workgroup memory the GEMM for `layout` declares: one step of the tile's weights
+/// (decoded to f32) and of its tokens' x.
+pub(crate) fn gemm_workgroup_bytes(layout: &Layout) -> u32 {
+    (GEMM_ROWS + GEMM_TOKENS) * gemm_step(layout) * 4
+}
+
+/// The WGSL of the prompt GEMM for `layout` (a `vec` layout): `Y = W·Xᵀ` for up to
+/// [`GEMM_TOKENS`] tokens per workgroup in z, [`GEMM_ROWS`] rows per workgroup in x/y.
+///
+/// Each step decodes the tile's weights once into workgroup memory (every invocation a few
+/// units, with the GEMV's `decode`) and stages the tokens' x beside them; every decoded value
+/// then serves 32 tokens, where the GEMV's serves 8. Rows past the end repeat the last row
+/// and tokens past the end read zeros; neither is written.
+pub(crate) fn gemm_source(layout: &Layout) -> String {
+    let kc = gemm_step(layout);
+    let vpu = layout.vals_per_block / layout.units_per_block;
+    let mut s = String::with_capacity(16384);
+    let _ = writeln!(
+        s,
+        "const VPB: u32 = {}u;\nconst BB: u32 = {}u;\nconst UPB: u32 = {}u;\n\
+         const NV: u32 = {}u;\nalias VT = vec4<f32>;\nconst BR: u32 = {GEMM_ROWS}u;\n\
+         const BT: u32 = {GEMM_TOKENS}u;\nconst WG: u32 = {GEMM_WG}u;\nconst KC: u32 = {kc}u;\n\
+         const KC4: u32 = KC / 4u;\nconst UPS: u32 = {}u;\nconst VPU: u32 = {vpu}u;",
+        layout.vals_per_block,
+        layout.block_bytes,
+        layout.units_per_block,
+        layout.offsets.len(),
+        kc / vpu,
+    );
+    s.push_str(&PRELUDE.replace("XELEM", "vec4<f32>"));
+    s.push_str(layout.body);
+    s.push_str(
+        "var<workgroup> WS: array<vec4<f32>, BR * KC4>;\nvar<workgroup> XS: array<vec4<f32>, BT * KC4>;\n",
+    );
+    let mut stores = String::new();
+    for (i, off) in layout.offsets.iter().enumerate() {
+        let _ = writeln!(
+            stores,
+            "            WS[r * KC4 + ((col + {off}u) >> 2u)] = w[{i}];"
+        );
+    }
+    // Each x loaded serves the invocation's 4 rows (unrolled: constant accumulator indices).
+    let mut products = String::new();
+    for j in 0..4 {
+        let _ = writeln!(
+            products,
+            "            let x{j} = XS[(tx + {}u) * KC4 + k];",
+            8 * j
+        );
+        for i in 0..4 {
+            let _ = writeln!(
+                products,
+                "            acc[{}] += dot(w{i}, x{j});",
+                4 * i + j
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        r#"@compute @workgroup_size(WG)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {{
+    let row0 = (wid.y * P.groups_x + wid.x) * BR;
+    let tok0 = wid.z * BT;
+    let tokens = P.tokens;
+    let tx = lid % 8u;
+    let ty = lid / 8u;
+    var acc: array<f32, 16>;
+    for (var k0 = 0u; k0 < P.cols; k0 += KC) {{
+        workgroupBarrier();
+        for (var i = lid; i < BR * UPS; i += WG) {{
+            let r = i / UPS;
+            let u = k0 / VPU + i % UPS;
+            let blk = u / UPB;
+            let ub = u - blk * UPB;
+            let rb = P.w_off + min(row0 + r, P.rows - 1u) * P.row_bytes;
+            let w = decode(rb + blk * BB, ub);
+            let col = blk * VPB + xbase(ub) - k0;
+{stores}        }}
+        for (var i = lid; i < BT * KC4; i += WG) {{
+            let t = tok0 + i / KC4;
+            var v = vec4<f32>(0.0);
+            if (t < tokens) {{ v = X[(P.x_off + t * P.x_stride + k0 + 4u * (i % KC4)) >> 2u]; }}
+            XS[i] = v;
+        }}
+        workgroupBarrier();
+        for (var k = 0u; k < KC4; k++) {{
+            let w0 = WS[ty * KC4 + k];
+            let w1 = WS[(ty + 8u) * KC4 + k];
+            let w2 = WS[(ty + 16u) * KC4 + k];
+            let w3 = WS[(ty + 24u) * KC4 + k];
+{products}        }}
+    }}
+    for (var q = 0u; q < 16u; q++) {{
+        let row = row0 + ty + 8u * (q / 4u);
+        let t = tok0 + tx + 8u * (q % 4u);
+        if (row < P.rows && t < tokens) {{ Y[P.y_off + t * P.y_stride + row] = acc[q]; }}
+    }}
+}}"#
+    );
+    s
+}
+
 const PRELUDE: &str = r#"
 struct Params {
     rows: u32, cols: u32, row_bytes: u32, units: u32,
     w_off: u32, x_off: u32, x_stride: u32, y_off: u32,
-    y_stride: u32, groups_x: u32, pad0: u32, pad1: u32,
+    y_stride: u32, groups_x: u32, tokens: u32, pad: u32,
 }
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> W: array<u32>;
@@ -278,7 +400,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read> X: array<XELEM>;
 @group(0) @binding(4) var<storage, read_write> Y: array<f32>;
 
-var<workgroup> RED: array<f32, K * WG>;
 fn mul1(a: f32, b: f32) -> f32 { return a * b; }
 
 // Four bytes at any byte offset.

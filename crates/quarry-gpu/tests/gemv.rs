@@ -4,7 +4,7 @@ mod common;
 
 use common::{max_rel_error, reference, test_gpu};
 use quarry_gpu::reference::{random_activations, random_weights};
-use quarry_gpu::{GemvConfig, GgmlType, Gpu, GpuMatrix, Reduction, SUPPORTED};
+use quarry_gpu::{GemmUse, GemvConfig, GgmlType, Gpu, GpuMatrix, GpuOptions, Reduction, SUPPORTED};
 
 const TOL: f64 = 1e-4;
 
@@ -125,6 +125,7 @@ fn kernel_shapes_workgroups_and_rows_per_group() {
                     rows_per_workgroup: rpw,
                     tiled,
                     reduction,
+                    gemm: GemmUse::Never,
                 };
                 for &dtype in &[GgmlType::F32, GgmlType::Q4_K, GgmlType::Q8_0] {
                     let many = wg < rpw * 8; // 8 tokens: more accumulators than invocations
@@ -152,8 +153,98 @@ fn kernel_shapes_workgroups_and_rows_per_group() {
 #[test]
 fn more_than_eight_tokens_split_into_passes() {
     let Some(gpu) = test_gpu() else { return };
-    check(&gpu, GgmlType::Q6_K, 19, 512, 19, &GemvConfig::default(), 3);
+    let gemv = GemvConfig {
+        gemm: GemmUse::Never,
+        ..GemvConfig::default()
+    };
+    check(&gpu, GgmlType::Q6_K, 19, 512, 19, &gemv, 3);
     check(&gpu, GgmlType::F32, 5, 13, 17, &GemvConfig::tiled(), 4);
+}
+
+const GEMM: GemvConfig = GemvConfig {
+    workgroup_size: 0,
+    rows_per_workgroup: 0,
+    tiled: false,
+    reduction: Reduction::Auto,
+    gemm: GemmUse::Always,
+};
+
+/// Whether the GEMM takes `dtype` rows of `cols` on `gpu`: whole 32-column steps (64 for the
+/// K types, 128 for Q6_K, whose 32 + 32 rows of a step are 32 KiB of workgroup memory).
+fn gemm_runs(gpu: &Gpu, dtype: GgmlType, cols: usize) -> bool {
+    let step = match dtype {
+        GgmlType::Q6_K => 128,
+        GgmlType::Q4_K | GgmlType::Q5_K => 64,
+        _ => 32,
+    };
+    cols.is_multiple_of(step)
+        && 256 * step as u32 <= gpu.limits().max_compute_workgroup_storage_size
+}
+
+#[test]
+fn prompt_gemm_every_type_and_shape() {
+    let Some(gpu) = test_gpu() else { return };
+    for (i, &dtype) in SUPPORTED.iter().enumerate() {
+        for (j, &(rows, cols)) in shapes(dtype).iter().enumerate() {
+            // Within one token tile, a partial one, several (the last partial).
+            for &tokens in &[1usize, 5, 32, 70] {
+                if gemm_runs(&gpu, dtype, cols) {
+                    check(
+                        &gpu,
+                        dtype,
+                        rows,
+                        cols,
+                        tokens,
+                        &GEMM,
+                        (i * 1000 + j * 10 + tokens) as u64,
+                    );
+                } else {
+                    let m = GpuMatrix::upload(
+                        &gpu,
+                        dtype,
+                        rows,
+                        cols,
+                        &random_weights(dtype, rows, cols, 1).unwrap(),
+                    )
+                    .unwrap();
+                    let err = m
+                        .gemv_with(&vec![0.0; tokens * cols], tokens, &GEMM)
+                        .unwrap_err();
+                    assert!(
+                        err.to_string().contains("GEMM"),
+                        "{dtype:?} {rows}x{cols}: {err}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matrices_split_into_row_parts() {
+    // Bindings of 4 KiB: a 300 × 256 Q8_0 matrix (272 bytes a row) is 20 parts of 15 rows.
+    let Ok(gpu) = Gpu::with_options(GpuOptions {
+        max_binding_bytes: Some(4096),
+        ..GpuOptions::default()
+    }) else {
+        assert!(test_gpu().is_none(), "an adapter exists but would not open");
+        return;
+    };
+    let dtype = GgmlType::Q8_0;
+    let m = GpuMatrix::upload(
+        &gpu,
+        dtype,
+        300,
+        256,
+        &random_weights(dtype, 300, 256, 5).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m.buffers(), 20);
+    for config in [GemvConfig::default(), GEMM] {
+        for tokens in [1, 9, 40] {
+            check(&gpu, dtype, 300, 256, tokens, &config, 5);
+        }
+    }
 }
 
 #[test]

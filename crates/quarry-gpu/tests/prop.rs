@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use common::{max_rel_error, reference, test_gpu};
 use proptest::prelude::*;
 use quarry_gpu::reference::{random_activations, random_weights};
-use quarry_gpu::{GemvConfig, Gpu, GpuMatrix, Reduction, SUPPORTED};
+use quarry_gpu::{GemmUse, GemvConfig, Gpu, GpuMatrix, Reduction, SUPPORTED};
 
 fn gpu() -> Option<&'static Gpu> {
     static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
@@ -22,9 +22,10 @@ proptest! {
         rows in 1usize..70,
         blocks in 1usize..5,
         odd_cols in 1usize..300,
-        tokens in 1usize..11,
+        tokens in 1usize..40,
         tiled in any::<bool>(),
         shared in any::<bool>(),
+        gemm in any::<bool>(),
         seed in any::<u64>(),
     ) {
         let Some(gpu) = gpu() else { return Ok(()) };
@@ -36,6 +37,8 @@ proptest! {
         let config = GemvConfig {
             tiled,
             reduction: if shared { Reduction::Shared } else { Reduction::Auto },
+            // The GEMM where it runs (whole steps of columns), else the GEMV whatever the tokens.
+            gemm: if gemm { GemmUse::Auto } else { GemmUse::Never },
             ..GemvConfig::default()
         };
         let m = GpuMatrix::upload(gpu, dtype, rows, cols, &bytes).unwrap();
