@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use half::f16;
 use quarry_kernels::half_rows::narrow;
-use quarry_model::{DeviceSlot, KvCache};
+use quarry_model::{DeviceKv, DeviceKvPool, KvCache};
 
 /// The shape of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,10 +60,12 @@ impl BlockShape {
     }
 }
 
-/// `block_size` positions of keys and values for every layer.
+/// `block_size` positions of keys and values for every layer: in `data`, or for a model on a
+/// device, in block `index` of the device's pool (`data` then stays empty).
 #[derive(Debug)]
 pub struct KvBlock {
     data: Vec<f16>,
+    index: usize,
 }
 
 /// One sequence's KV cache: its block table and length. Implements [`KvCache`] for the
@@ -81,8 +83,8 @@ pub struct PagedSequence {
     hashes: Vec<u64>,
     /// The parent of its first block: the version of the weights it is computed with.
     root: u64,
-    /// A device model's keys and values for this sequence (the blocks only count positions).
-    device: DeviceSlot,
+    /// The device pool its blocks index, for a model on a device.
+    device: Option<DeviceKvPool>,
 }
 
 impl PagedSequence {
@@ -157,10 +159,13 @@ impl KvCache for PagedSequence {
         self.len = self.len.min(len);
     }
 
-    /// Room for the positions reserved at admission, not the whole context.
-    fn device_slot(&mut self) -> Option<(&mut DeviceSlot, usize)> {
-        let positions = (self.reserved * self.shape.block_size).min(self.capacity);
-        Some((&mut self.device, positions))
+    /// The device pool's blocks this sequence holds.
+    fn device_kv(&mut self) -> Option<DeviceKv<'_>> {
+        let pool = self.device.as_ref()?;
+        Some(DeviceKv::Pages {
+            pool,
+            blocks: self.blocks.iter().map(|b| b.index).collect(),
+        })
     }
 }
 
@@ -210,9 +215,8 @@ pub struct BlockPool {
     created: usize,
     recycled: Vec<KvBlock>,
     prefix: HashMap<u64, CachedBlock>,
-    /// Whether full blocks are kept for later prompts (not for a model on a device, whose
-    /// keys and values live in each sequence's own device buffers, not in the blocks).
-    reuse: bool,
+    /// Where the blocks' keys and values live for a model on a device.
+    device: Option<DeviceKvPool>,
     /// Sum of [`PagedSequence::outstanding`] over admitted sequences.
     outstanding: usize,
     clock: u64,
@@ -227,16 +231,20 @@ impl BlockPool {
             created: 0,
             recycled: Vec::new(),
             prefix: HashMap::new(),
-            reuse: true,
+            device: None,
             outstanding: 0,
             clock: 0,
         }
     }
 
-    /// This pool without the prefix cache: every sequence computes its prompt from the start.
-    pub fn without_prefix_cache(mut self) -> BlockPool {
-        self.reuse = false;
-        self
+    /// A pool whose blocks are those of `device` (one per block of `device`, of its size):
+    /// the blocks here only count positions and are shared and cached as on the CPU.
+    pub fn on_device(shape: BlockShape, device: DeviceKvPool) -> BlockPool {
+        debug_assert_eq!(device.block_size(), shape.block_size);
+        BlockPool {
+            device: Some(device.clone()),
+            ..BlockPool::new(shape, device.blocks())
+        }
     }
 
     pub fn shape(&self) -> BlockShape {
@@ -278,10 +286,7 @@ impl BlockPool {
         let mut hashes = Vec::new();
         let mut parent = weights;
         // The last prompt token is always evaluated: its logits choose the first new token.
-        let reusable = match self.reuse {
-            true => &tokens[..tokens.len().saturating_sub(1)],
-            false => &[],
-        };
+        let reusable = &tokens[..tokens.len().saturating_sub(1)];
         for chunk in reusable.chunks_exact(bs) {
             let hash = block_hash(parent, chunk);
             match self.prefix.get(&hash) {
@@ -301,7 +306,7 @@ impl BlockPool {
             reserved,
             hashes,
             root: weights,
-            device: DeviceSlot::default(),
+            device: self.device.clone(),
         };
         let used = self.counts().used;
         if used + self.outstanding + sequence.outstanding() > self.total {
@@ -346,13 +351,29 @@ impl BlockPool {
     fn copy_partial(&mut self, sequence: &mut PagedSequence, hash: u64, agreeing: usize) {
         let source = Arc::clone(&self.prefix[&hash].block);
         // Held here, the source cannot be evicted to make room for its own copy.
+        let mut copied = agreeing;
         let block = match self.take_block() {
             Some(mut block) => {
-                let len = agreeing * self.shape.kv_dim;
-                for layer in 0..self.shape.n_layers {
-                    for values in [false, true] {
-                        let at = self.shape.offset(layer, values);
-                        block.data[at..at + len].copy_from_slice(&source.data[at..at + len]);
+                match &self.device {
+                    Some(device) => {
+                        // Where the copy fails (a lost device), the positions are computed
+                        // again, and the forward pass reports the device's state.
+                        if device
+                            .copy_positions(source.index, block.index, agreeing)
+                            .is_err()
+                        {
+                            copied = 0;
+                        }
+                    }
+                    None => {
+                        let len = agreeing * self.shape.kv_dim;
+                        for layer in 0..self.shape.n_layers {
+                            for values in [false, true] {
+                                let at = self.shape.offset(layer, values);
+                                block.data[at..at + len]
+                                    .copy_from_slice(&source.data[at..at + len]);
+                            }
+                        }
                     }
                 }
                 block
@@ -366,7 +387,7 @@ impl BlockPool {
             }
         };
         sequence.blocks.push(Arc::new(block));
-        sequence.len += agreeing;
+        sequence.len += copied;
         self.outstanding -= 1;
     }
 
@@ -395,8 +416,13 @@ impl BlockPool {
         }
         if self.created < self.total {
             self.created += 1;
+            let values = match self.device {
+                Some(_) => 0,
+                None => self.shape.values(),
+            };
             return Some(KvBlock {
-                data: bytemuck::zeroed_vec(self.shape.values()),
+                data: bytemuck::zeroed_vec(values),
+                index: self.created - 1,
             });
         }
         let (&hash, _) = self
@@ -411,9 +437,6 @@ impl BlockPool {
     /// Registers the full blocks of `sequence` (whose tokens so far are `tokens`) in the
     /// prefix cache.
     pub fn register_full_blocks(&mut self, sequence: &mut PagedSequence, tokens: &[u32]) {
-        if !self.reuse {
-            return;
-        }
         let bs = self.shape.block_size;
         let full = sequence.len.min(tokens.len()) / bs;
         self.clock += 1;

@@ -21,9 +21,9 @@
 //! deltas; one batch mixes both. The prefix cache keys blocks by the overlay too, so no KV state
 //! computed under other weights is reused.
 //!
-//! A model on a device (GPU) keeps each sequence's keys and values in device buffers of its
-//! own, sized to the positions reserved for it; the blocks then only count positions, and the
-//! prefix cache is off (a cached block would hold no keys or values).
+//! A model on a device (GPU) keeps the keys and values in a pool of blocks on the device, one
+//! for each block of the engine's pool; the blocks here then only count positions and name
+//! the device's, so sharing and the prefix cache work as on the CPU.
 //!
 //! A cancelled request stops at the next step boundary: at most one step (`step_tokens`
 //! prompt tokens plus one token per decoding sequence) runs after [`Cancel::cancel`], then its
@@ -365,9 +365,10 @@ impl<'m> Engine<'m> {
             model: model.clone(),
             overlay: RwLock::new(overlay),
         });
-        let pool = match model.device() {
-            Some(_) => BlockPool::new(shape, blocks).without_prefix_cache(),
-            None => BlockPool::new(shape, blocks),
+        let pool = match model.device_kv_pool(shape.block_size, blocks) {
+            Ok(Some(device)) => BlockPool::on_device(shape, device),
+            Ok(None) => BlockPool::new(shape, blocks),
+            Err(e) => return invalid("kv_bytes", e.to_string()),
         };
         let engine = Engine {
             model,

@@ -49,12 +49,28 @@ pub struct GpuRotation {
     style: u32,
 }
 
-/// A sequence's keys and values on the device: one buffer per layer for each, `capacity`
-/// positions of `kv_dim` `f32`.
-pub struct GpuKv {
+/// Keys and values of `blocks` blocks of `block_size` positions: per layer one buffer of keys
+/// and one of values, each position `kv_dim` values rounded to `f16` (as the CPU's caches
+/// round them) and packed in pairs into `u32`.
+pub struct GpuKvPool {
     keys: Vec<wgpu::Buffer>,
     values: Vec<wgpu::Buffer>,
     kv_dim: usize,
+    block_size: usize,
+    blocks: usize,
+}
+
+/// A sequence's keys and values: its blocks of a pool, through a block table on the device
+/// (position `p` is row `table[p / block_size] · block_size + p % block_size` of the pool).
+pub struct GpuKv {
+    keys: Vec<wgpu::Buffer>,
+    values: Vec<wgpu::Buffer>,
+    /// The block table, on the host (for the rows `kv_write` stores to) and on the device
+    /// (for attention).
+    blocks: Vec<u32>,
+    table: wgpu::Buffer,
+    kv_dim: usize,
+    block_size: usize,
     capacity: usize,
 }
 
@@ -63,6 +79,9 @@ pub struct GpuBackend {
     gpu: Gpu,
     recording: Mutex<Recording>,
     pipelines: Mutex<HashMap<Op, Arc<OpPipeline>>>,
+    /// The last pool rows `kv_write` stored to and their buffer: every layer of a pass stores
+    /// to the same rows, so a pass uploads them once.
+    store_rows: Mutex<Option<(Vec<u32>, wgpu::Buffer)>>,
 }
 
 /// An op's pipeline and the layout of its bind group (parameters at a dynamic offset).
@@ -115,6 +134,7 @@ impl GpuBackend {
                 staged: Vec::new(),
             }),
             pipelines: Mutex::new(HashMap::new()),
+            store_rows: Mutex::new(None),
         }
     }
 
@@ -291,6 +311,8 @@ fn bytes_of(n: usize) -> u64 {
 }
 
 impl quarry_model::DeviceBackend for GpuBackend {
+    type KvPool = GpuKvPool;
+
     fn matrix(&self, name: &str, view: WeightView<'_>) -> Result<GpuMatrix, ModelError> {
         GpuMatrix::upload(
             &self.gpu,
@@ -307,18 +329,117 @@ impl quarry_model::DeviceBackend for GpuBackend {
             .map_err(|e| ModelError::Device(format!("{e} (vector '{name}')")))
     }
 
-    fn kv(&self, layers: usize, kv_dim: usize, capacity: usize) -> Result<GpuKv, ModelError> {
-        let bytes = bytes_of(kv_dim * capacity);
-        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-        let buffer = || self.gpu.create_buffer("KV cache", bytes, usage);
+    fn kv_pool(
+        &self,
+        layers: usize,
+        kv_dim: usize,
+        block_size: usize,
+        blocks: usize,
+    ) -> Result<GpuKvPool, ModelError> {
+        if !kv_dim.is_multiple_of(2) {
+            return Err(ModelError::Device(format!(
+                "gpu: keys of {kv_dim} values (the device packs them in pairs)"
+            )));
+        }
+        let bytes = (blocks as u64)
+            .saturating_mul(block_size as u64)
+            .saturating_mul(kv_dim as u64 * 2);
+        let limit = self.gpu.limits().max_storage_buffer_binding_size;
+        if bytes > limit {
+            return Err(ModelError::Device(format!(
+                "gpu: {blocks} KV blocks of {block_size} positions need {} MiB per layer, \
+                 more than the {} MiB one binding of {} may hold; lower the KV memory or the \
+                 context",
+                bytes >> 20,
+                limit >> 20,
+                self.gpu.adapter().name
+            )));
+        }
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC;
+        let buffer = || self.gpu.create_buffer("KV cache", bytes.max(16), usage);
         let keys = (0..layers).map(|_| buffer()).collect::<Result<Vec<_>, _>>();
         let values = (0..layers).map(|_| buffer()).collect::<Result<Vec<_>, _>>();
-        Ok(GpuKv {
+        Ok(GpuKvPool {
             keys: keys.map_err(device_error)?,
             values: values.map_err(device_error)?,
             kv_dim,
-            capacity,
+            block_size,
+            blocks,
         })
+    }
+
+    fn kv_view(&self, pool: &GpuKvPool, blocks: &[usize]) -> Result<GpuKv, ModelError> {
+        let table = blocks
+            .iter()
+            .map(|&b| match b < pool.blocks {
+                true => Ok(b as u32),
+                false => Err(ModelError::Device(format!(
+                    "gpu: block {b} of a pool of {}",
+                    pool.blocks
+                ))),
+            })
+            .collect::<Result<Vec<u32>, _>>()?;
+        let table_ids = table;
+        let table = self
+            .gpu
+            .create_buffer_with(
+                "KV block table",
+                bytemuck::cast_slice(&table_ids),
+                16,
+                wgpu::BufferUsages::STORAGE,
+            )
+            .map_err(device_error)?;
+        Ok(GpuKv {
+            keys: pool.keys.clone(),
+            values: pool.values.clone(),
+            blocks: table_ids,
+            table,
+            kv_dim: pool.kv_dim,
+            block_size: pool.block_size,
+            capacity: blocks.len() * pool.block_size,
+        })
+    }
+
+    fn kv_copy(
+        &self,
+        pool: &GpuKvPool,
+        from: usize,
+        to: usize,
+        positions: usize,
+    ) -> Result<(), ModelError> {
+        if from.max(to) >= pool.blocks || positions > pool.block_size {
+            return Err(ModelError::Device(format!(
+                "gpu: {positions} positions from block {from} to {to} of a pool of {} × {}",
+                pool.blocks, pool.block_size
+            )));
+        }
+        // Words (f16 pairs) of a block and of the positions copied.
+        let block_words = pool.block_size * pool.kv_dim / 2;
+        let words = positions * pool.kv_dim / 2;
+        if words == 0 || from == to {
+            return Ok(());
+        }
+        let (gx, gy) = self.grid(words.div_ceil(WORKGROUP as usize))?;
+        let params = [
+            words as u32,
+            gx,
+            (from * block_words) as u32,
+            (to * block_words) as u32,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        for (keys, values) in pool.keys.iter().zip(&pool.values) {
+            self.dispatch(Op::KvCopy, params, &[keys, values], (gx, gy))?;
+        }
+        Ok(())
     }
 }
 
@@ -379,6 +500,27 @@ impl GpuBackend {
         Ok(())
     }
 
+    /// A buffer holding `rows` (the one made last, when they are the same).
+    fn store_rows(&self, rows: Vec<u32>) -> Result<wgpu::Buffer, ModelError> {
+        let mut last = self.store_rows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((held, buffer)) = last.as_ref() {
+            if *held == rows {
+                return Ok(buffer.clone());
+            }
+        }
+        let buffer = self
+            .gpu
+            .create_buffer_with(
+                "KV rows",
+                bytemuck::cast_slice(&rows),
+                16,
+                wgpu::BufferUsages::STORAGE,
+            )
+            .map_err(device_error)?;
+        *last = Some((rows, buffer.clone()));
+        Ok(buffer)
+    }
+
     /// Rotates every `head_dim`-wide head of row `t` of `x` by the table's row `t`.
     fn rotate(
         &self,
@@ -435,6 +577,7 @@ impl GpuBackend {
             || span.rows.end > q.rows
             || start + rows > kv.capacity
             || layer >= kv.keys.len()
+            || !hd.is_multiple_of(2)
         {
             return Err(ModelError::Device(format!(
                 "gpu: attention of {} heads of {hd} ({} KV heads), rows {:?} of {} × {} at \
@@ -457,7 +600,7 @@ impl GpuBackend {
             .map_err(device_error)?;
         for first in (0..rows).step_by(per) {
             let params = [
-                q.rows as u32,
+                kv.block_size as u32,
                 heads as u32,
                 hd as u32,
                 (heads / spec.n_kv_heads) as u32,
@@ -479,6 +622,7 @@ impl GpuBackend {
                     &kv.values[layer],
                     &out.buffer,
                     &scores,
+                    &kv.table,
                 ],
                 (heads as u32, per.min(rows - first) as u32),
             )?;
@@ -606,26 +750,61 @@ impl quarry_model::Backend for GpuBackend {
         v: &GpuTensor,
     ) -> Result<(), ModelError> {
         Self::same_shape("keys and values", k, v)?;
-        for (kv, span) in kv.iter_mut().zip(spans) {
-            let (start, rows) = (span.start, span.rows.clone());
-            if k.cols != kv.kv_dim
+        for (seq, span) in kv.iter().zip(spans) {
+            let (start, rows) = (span.start, &span.rows);
+            if k.cols != seq.kv_dim
+                || rows.start > rows.end
                 || rows.end > k.rows
-                || start + rows.len() > kv.capacity
-                || layer >= kv.keys.len()
+                || start + rows.len() > seq.capacity
+                || layer >= seq.keys.len()
             {
                 return Err(ModelError::Device(format!(
                     "gpu: rows {rows:?} of {} × {} at {start} in layer {layer} of a cache of \
                      {} × {}",
-                    k.rows, k.cols, kv.capacity, kv.kv_dim
+                    k.rows, k.cols, seq.capacity, seq.kv_dim
                 )));
             }
-            let row_bytes = (k.cols * 4) as u64;
-            let from = rows.start as u64 * row_bytes;
-            let (offset, bytes) = (start as u64 * row_bytes, rows.len() as u64 * row_bytes);
-            self.record(0, |e| {
-                e.copy_buffer_to_buffer(&k.buffer, from, &kv.keys[layer], offset, bytes);
-                e.copy_buffer_to_buffer(&v.buffer, from, &kv.values[layer], offset, bytes);
-            });
+        }
+        // Sequences whose pools are the same buffers, and whose rows of `k` differ (as a
+        // batch's do), are stored by one dispatch.
+        let mut done = vec![false; kv.len()];
+        for first in 0..kv.len() {
+            if done[first] {
+                continue;
+            }
+            // The pool row of every row of `k` this group stores (u32::MAX: none).
+            let mut rows = vec![u32::MAX; k.rows];
+            for s in first..kv.len() {
+                let (seq, span) = (&kv[s], &spans[s]);
+                let taken = span.rows.clone().any(|t| rows[t] != u32::MAX);
+                if done[s] || seq.keys.get(layer) != kv[first].keys.get(layer) || taken {
+                    continue;
+                }
+                done[s] = true;
+                let (start, rows_in) = (span.start, span.rows.clone());
+                let bs = seq.block_size;
+                for (t, pos) in rows_in.zip(start..) {
+                    rows[t] = seq.blocks[pos / bs] * bs as u32 + (pos % bs) as u32;
+                }
+            }
+            let pool = &kv[first];
+            let pairs = k.cols / 2;
+            let n = k.rows * pairs;
+            let (gx, gy) = self.grid(n.div_ceil(WORKGROUP as usize))?;
+            let params = [n as u32, gx, pairs as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            let rows = self.store_rows(rows)?;
+            self.dispatch(
+                Op::KvStore,
+                params,
+                &[
+                    &k.buffer,
+                    &v.buffer,
+                    &rows,
+                    &pool.keys[layer],
+                    &pool.values[layer],
+                ],
+                (gx, gy),
+            )?;
         }
         Ok(())
     }

@@ -6,15 +6,16 @@
 //! vendor's GPU and a CPU-only CI machine alike.
 //!
 //! A model runs here through [`GpuBackend`], this crate's side of `quarry_model::Backend`:
-//! the forward pass's operations (RMS norm, RoPE, attention over keys and values kept on the
-//! device, gated activation, soft-cap, bias and residual adds: `ops.rs`) around the products
-//! below. `quarry_model::Model::on_device` uploads a model's weights and runs it there.
+//! the forward pass's operations (RMS norm, RoPE, storing keys and values into a pool of
+//! blocks and attention over them through a block table, gated activation, soft-cap, bias and
+//! residual adds: `ops.rs`) around the products below. `quarry_model::Model::on_device`
+//! uploads a model's weights and runs it there.
 //!
-//! The products are GEMV over weights uploaded *exactly as the GGUF
-//! file stores them* (no f32 copy; the kernel decodes each block), for F32, F16, Q8_0, Q4_0,
-//! Q4_1, Q5_0, Q4_K, Q5_K and Q6_K, with up to 8 tokens per weight read ("batched"), a tiled
-//! variant that stages x in workgroup memory, and subgroup reductions where the adapter has
-//! them (a shared-memory tree otherwise). The kernels are checked against quarry-kernels'
+//! The products are over weights uploaded *exactly as the GGUF file stores them* (no f32
+//! copy; the kernel decodes each block), for F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K and
+//! Q6_K: GEMV with up to 8 tokens per weight read ("batched"), a tiled variant that stages x
+//! in workgroup memory, subgroup reductions where the adapter has them (a shared-memory tree
+//! otherwise), and for prompts a tiled GEMM that decodes each weight once per 32 tokens. The kernels are checked against quarry-kernels'
 //! scalar dequantization (tests/). Errors (no adapter, out of memory, a lost device) are
 //! `GpuError` values, never panics.
 
@@ -26,7 +27,7 @@ mod ops;
 pub mod reference;
 mod shader;
 
-pub use backend::{GpuBackend, GpuKv, GpuRotation, GpuTensor};
+pub use backend::{GpuBackend, GpuKv, GpuKvPool, GpuRotation, GpuTensor};
 pub use context::{list_adapters, AdapterSummary, DeviceKind, Gpu, GpuOptions};
 pub use error::{GpuError, Result};
 pub use gemv::{

@@ -1,6 +1,7 @@
 //! The forward pass's operations other than the matrix products, as WGSL kernels: RMS norm,
-//! bias, residual add, gated activation, soft-cap, RoPE and attention over a sequence's
-//! stored keys and values.
+//! bias, residual add, gated activation, soft-cap, RoPE, storing keys and values into a pool's
+//! blocks (and copying a block's first positions), and attention over them through a
+//! sequence's block table.
 //!
 //! Every kernel reads its parameters from one uniform of three `vec4<u32>` (floats as their
 //! bits), so one binding layout serves all of them; wgpu derives each pipeline's layout from
@@ -17,6 +18,8 @@ pub(crate) enum Op {
     Gated,
     RmsNorm,
     Rope,
+    KvStore,
+    KvCopy,
     Attention,
 }
 
@@ -26,8 +29,12 @@ impl Op {
         match self {
             Op::Add | Op::Bias | Op::Gated | Op::RmsNorm | Op::Rope => &[false, true],
             Op::Softcap => &[false],
-            // q, keys, values, output, scores.
-            Op::Attention => &[true, true, true, false, false],
+            // k, v, the pool row of each row, the pool's keys, its values.
+            Op::KvStore => &[true, true, true, false, false],
+            // The pool's keys, its values.
+            Op::KvCopy => &[false, false],
+            // q, keys, values, output, scores, block table.
+            Op::Attention => &[true, true, true, false, false, true],
         }
     }
 }
@@ -91,6 +98,15 @@ impl Op {
             ),
             Op::RmsNorm => RMS_NORM.to_string(),
             Op::Rope => format!("{PARAMS}{ROPE}"),
+            Op::KvStore => format!("{PARAMS}{KV_STORE}"),
+            // a.x = words, a.y = groups_x, a.z = first word read, a.w = first word written
+            // (a copy within one buffer, which a buffer-to-buffer copy may not do).
+            Op::KvCopy => elementwise(
+                "@group(0) @binding(1) var<storage, read_write> kc: array<u32>;
+@group(0) @binding(2) var<storage, read_write> vc: array<u32>;
+",
+                "kc[p.a.w + i] = kc[p.a.z + i]; vc[p.a.w + i] = vc[p.a.z + i];",
+            ),
             Op::Attention => format!("{PARAMS}{TANH}{ATTENTION}"),
         }
     }
@@ -150,17 +166,41 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 ";
 
+/// One invocation per pair of values of one row of `k` and `v` (`a.z` pairs a row, `a.x`
+/// pairs in all, `a.y` = groups_x): row `t` goes to row `rows[t]` of the pool (none where it
+/// is `u32::MAX`), as `f16` pairs.
+const KV_STORE: &str = "@group(0) @binding(1) var<storage, read> k: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read> v: array<vec2<f32>>;
+@group(0) @binding(3) var<storage, read> rows: array<u32>;
+@group(0) @binding(4) var<storage, read_write> kc: array<u32>;
+@group(0) @binding(5) var<storage, read_write> vc: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * p.a.y) * 64u + lid;
+    if (i >= p.a.x) { return; }
+    let t = i / p.a.z;
+    let e = i % p.a.z;
+    let row = rows[t];
+    if (row == 0xFFFFFFFFu) { return; }
+    kc[row * p.a.z + e] = pack2x16float(k[i]);
+    vc[row * p.a.z + e] = pack2x16float(v[i]);
+}
+";
+
 /// One workgroup per (head, query row) of one sequence: scores of the visible positions into
-/// `sc`, their softmax, and the weighted sum of values. `a` = (rows, heads, head_dim, heads per
-/// KV head), `b` = (kv_dim, position of the sequence's row 0, window or 0, positions per score
-/// row), `c` = (scale bits, soft-cap bits or 0, the sequence's first row of this dispatch, the
-/// sequence's row 0 in `q` and `o`).
+/// `sc`, their softmax, and the weighted sum of values. Keys and values are `f16` pairs in the
+/// pool's rows, position `j` at row `tab[j / a.x] · a.x + j % a.x`. `a` = (positions per
+/// block, heads, head_dim (even), heads per KV head), `b` = (kv_dim, position of the
+/// sequence's row 0, window or 0, positions per score row), `c` = (scale bits, soft-cap bits
+/// or 0, the sequence's first row of this dispatch, the sequence's row 0 in `q` and `o`).
 const ATTENTION: &str = "@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> kc: array<f32>;
-@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(2) var<storage, read> kc: array<u32>;
+@group(0) @binding(3) var<storage, read> vc: array<u32>;
 @group(0) @binding(4) var<storage, read_write> o: array<f32>;
 @group(0) @binding(5) var<storage, read_write> sc: array<f32>;
+@group(0) @binding(6) var<storage, read> tab: array<u32>;
 var<workgroup> red: array<f32, 64>;
+fn krow(j: u32) -> u32 { return tab[j / p.a.x] * p.a.x + j % p.a.x; }
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
@@ -178,8 +218,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var m = -3.0e38;
     for (var j = first + lid; j <= pos; j += 64u) {
         var s = 0.0;
-        let kr = j * p.b.x + kb;
-        for (var e = 0u; e < hd; e++) { s += q[qb + e] * kc[kr + e]; }
+        let kr = (krow(j) * p.b.x + kb) >> 1u;
+        for (var e = 0u; e < hd; e += 2u) {
+            let kv = unpack2x16float(kc[kr + (e >> 1u)]);
+            s += q[qb + e] * kv.x + q[qb + e + 1u] * kv.y;
+        }
         s = s * scale;
         if (cap > 0.0) { s = cap * tanh_safe(s / cap); }
         sc[sb + j] = s;
@@ -207,10 +250,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let total = red[0];
     storageBarrier();
-    for (var e = lid; e < hd; e += 64u) {
-        var acc = 0.0;
-        for (var j = first; j <= pos; j++) { acc += sc[sb + j] * vc[j * p.b.x + kb + e]; }
-        o[qb + e] = acc / total;
+    // Each invocation a pair of the head's values, a block's positions at a time (one table
+    // lookup per block, not per position).
+    let bs = p.a.x;
+    for (var e = 2u * lid; e < hd; e += 128u) {
+        var acc = vec2<f32>(0.0);
+        var j = first;
+        while (j <= pos) {
+            let blk = j / bs;
+            let end = min(pos, blk * bs + bs - 1u);
+            // Row of position j: tab[blk] · bs + (j − blk · bs).
+            let shift = tab[blk] * bs - blk * bs;
+            for (; j <= end; j++) {
+                acc += sc[sb + j] * unpack2x16float(vc[((j + shift) * p.b.x + kb + e) >> 1u]);
+            }
+        }
+        o[qb + e] = acc.x / total;
+        o[qb + e + 1u] = acc.y / total;
     }
 }
 ";

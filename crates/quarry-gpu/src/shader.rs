@@ -1,4 +1,5 @@
-//! WGSL for the GEMV kernels, generated from one template.
+//! WGSL for the GEMV kernels, generated from one template, and for the prompt GEMM, which
+//! reuses its unit decoders ([`gemm_source`]).
 //!
 //! A kernel is four parts: a prelude (bindings, byte readers), a *unit decoder* for the weight
 //! type (`decode`: a few values of one block, decoded straight from the file's bytes into

@@ -282,12 +282,14 @@ fn what_the_gpu_does_not_run_is_refused_by_name() {
 }
 
 /// The batching engine (what `serve` runs) over the GPU model: concurrent greedy requests,
-/// the same prompt twice among them (the prefix cache is off on a device), give what a lone
+/// then prompts that start like earlier ones (their keys and values taken from the device's
+/// prefix cache: whole blocks, and part of a block copied on the device), give what a lone
 /// session on the GPU gives.
 #[test]
 fn the_engine_on_the_gpu_equals_lone_gpu_sessions() {
     use quarry_engine::{
-        Engine, EngineConfig, Event, GenerateOptions, Request, SamplingParams, Session,
+        Engine, EngineConfig, EngineHandle, Event, GenerateOptions, Request, SamplingParams,
+        Session,
     };
     let Some((_, gpu)) = models(TestModel::SmolLm2) else {
         return;
@@ -307,20 +309,21 @@ fn the_engine_on_the_gpu_equals_lone_gpu_sessions() {
         step_tokens: 24,
         queue_timeout: std::time::Duration::from_secs(600),
     };
-    let texts = [
+    let planets =
+        "Here is a list of the planets of the solar system, in order from the sun: Mercury,";
+    let encode = |t: &str| tokenizer.encode(t, true, true);
+    let first = [
         "The capital of France is",
-        "Here is a list of the planets of the solar system, in order from the sun: Mercury,",
+        planets,
         "The capital of France is",
         "def fibonacci(n):",
     ];
-    let prompts: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| tokenizer.encode(t, true, true))
-        .collect();
-    let (engine, handle) = Engine::new(gpu.clone(), &tokenizer, config).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::scope(|s| {
-        s.spawn(move || engine.run());
+    // The same prompt again (its first block cached), and one whose start agrees with the
+    // middle of a cached block.
+    let second = [planets, "Here is a list of the planets of the solar"];
+    // Each request's tokens and the prompt tokens it took from the cache.
+    let wave = |handle: &EngineHandle, prompts: &[Vec<u32>]| {
+        let (tx, rx) = std::sync::mpsc::channel();
         for (i, p) in prompts.iter().enumerate() {
             let tx = tx.clone();
             let request = Request {
@@ -335,17 +338,39 @@ fn the_engine_on_the_gpu_equals_lone_gpu_sessions() {
                 .unwrap();
         }
         drop(tx);
-        drop(handle);
-    });
-    let mut got = vec![Vec::new(); prompts.len()];
-    for (i, event) in rx {
-        match event {
-            Event::Token { id, .. } => got[i].push(id),
-            Event::Done { .. } => {}
-            Event::Failed(e) => panic!("request {i}: {e}"),
+        let mut got = vec![(Vec::new(), 0); prompts.len()];
+        for (i, event) in rx {
+            match event {
+                Event::Token { id, .. } => got[i].0.push(id),
+                Event::Done { usage, .. } => got[i].1 = usage.cached_tokens,
+                Event::Failed(e) => panic!("request {i}: {e}"),
+            }
         }
-    }
-    for (p, tokens) in prompts.iter().zip(&got) {
+        got
+    };
+    let first: Vec<Vec<u32>> = first.iter().map(|t| encode(t)).collect();
+    let second: Vec<Vec<u32>> = second.iter().map(|t| encode(t)).collect();
+    let (engine, handle) = Engine::new(gpu.clone(), &tokenizer, config).unwrap();
+    let (got_first, got_second) = std::thread::scope(|s| {
+        s.spawn(move || engine.run());
+        let got = (wave(&handle, &first), wave(&handle, &second));
+        drop(handle);
+        got
+    });
+    let cached: Vec<usize> = got_second.iter().map(|g| g.1).collect();
+    assert!(
+        cached[0] >= 16,
+        "the repeated prompt's first block comes from the cache: {cached:?}"
+    );
+    assert!(
+        cached[1] > 0 && !cached[1].is_multiple_of(16),
+        "the shorter prompt takes part of a cached block: {cached:?}"
+    );
+    for (p, (tokens, _)) in first
+        .iter()
+        .chain(&second)
+        .zip(got_first.iter().chain(&got_second))
+    {
         let lone = Session::new(&gpu, &tokenizer, 256)
             .generate(p, &options, |_| {})
             .unwrap();

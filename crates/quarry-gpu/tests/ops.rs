@@ -112,11 +112,13 @@ proptest! {
 
     #[test]
     fn attention_matches_the_softmax_formula(
-        kv_heads in 1usize..3, group in 1usize..4, head_dim in 1usize..20, start in 0usize..70,
+        kv_heads in 1usize..3, group in 1usize..4, half_dim in 1usize..10, start in 0usize..70,
         rows in 1usize..6, window in proptest::option::of(1usize..40),
-        cap in proptest::option::of(5.0f32..30.0), seed in 0u64..1000,
+        cap in proptest::option::of(5.0f32..30.0), block_size in 1usize..9, seed in 0u64..1000,
+        same_pool in any::<bool>(),
     ) {
         let Some(b) = backend() else { return Ok(()) };
+        let head_dim = 2 * half_dim;
         let heads = kv_heads * group;
         let (q_dim, kv_dim, len) = (heads * head_dim, kv_heads * head_dim, start + rows);
         let spec = AttentionSpec {
@@ -128,11 +130,28 @@ proptest! {
             window,
         };
         let (keys, vals) = (values(len * kv_dim, seed), values(len * kv_dim, seed + 1));
+        // The device stores keys and values as f16, as the CPU's caches do.
+        let f16 = |v: &[f32]| -> Vec<f32> {
+            v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+        };
+        let (keys16, vals16) = (f16(&keys), f16(&vals));
         let q = values(rows * q_dim, seed + 2);
         // Two sequences with the same keys, values and queries in one batch: the second's
-        // rows follow the first's, in caches of their own. Cached positions first, then the
-        // batch's (rows of the same tensors further in), into layer 1.
-        let (mut kv, mut kv2) = (b.kv(2, kv_dim, len + 3).unwrap(), b.kv(2, kv_dim, len + 1).unwrap());
+        // rows follow the first's. The first's positions are in blocks of a shared pool, in
+        // reverse order and not from block 0; the second's in other blocks of that pool, or
+        // in a pool of one block of its own. Cached positions first, then the batch's (rows
+        // of the same tensors further in), into layer 1.
+        let n_blocks = (len + 3).div_ceil(block_size);
+        let shared = b.kv_pool(2, kv_dim, block_size, 2 * n_blocks + 2).unwrap();
+        let table: Vec<usize> = (2..n_blocks + 2).rev().collect();
+        let own = b.kv_pool(2, kv_dim, len + 1, 1).unwrap();
+        let mut kv = b.kv_view(&shared, &table).unwrap();
+        let mut kv2 = if same_pool {
+            let other: Vec<usize> = [0, 1].into_iter().chain(n_blocks + 2..2 * n_blocks + 2).collect();
+            b.kv_view(&shared, &other[..(len + 1).div_ceil(block_size)]).unwrap()
+        } else {
+            b.kv_view(&own, &[0]).unwrap()
+        };
         let (k, v) = (tensor(b, len, kv_dim, &keys), tensor(b, len, kv_dim, &vals));
         let span = |start, rows| SequenceRows { start, rows };
         if start > 0 {
@@ -155,7 +174,7 @@ proptest! {
                 let kvh = h / group;
                 let scores: Vec<f64> = (first..=pos)
                     .map(|j| {
-                        let k = &keys[j * kv_dim + kvh * head_dim..][..head_dim];
+                        let k = &keys16[j * kv_dim + kvh * head_dim..][..head_dim];
                         let s: f64 = qh.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum();
                         let s = s * spec.scale as f64;
                         cap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
@@ -167,7 +186,7 @@ proptest! {
                 for d in 0..head_dim {
                     let acc: f64 = (first..=pos)
                         .zip(&e)
-                        .map(|(j, p)| p * vals[j * kv_dim + kvh * head_dim + d] as f64)
+                        .map(|(j, p)| p * vals16[j * kv_dim + kvh * head_dim + d] as f64)
                         .sum();
                     cpu[(t * heads + h) * head_dim + d] = (acc / sum) as f32;
                 }
@@ -176,4 +195,52 @@ proptest! {
         close(&b.read(&out, 0..rows).unwrap(), &cpu, 1e-4, "attention");
         close(&b.read(&out, rows..2 * rows).unwrap(), &cpu, 1e-4, "attention, second sequence");
     }
+}
+
+/// A block's first positions copied to another block (the prefix cache's partial reuse) give
+/// the same attention there as in the original, and positions after them are not taken.
+#[test]
+fn a_block_copy_carries_its_positions() {
+    let Some(b) = backend() else { return };
+    let (kv_dim, bs) = (8, 4);
+    let spec = AttentionSpec {
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: kv_dim,
+        scale: 0.3,
+        softcap: None,
+        window: None,
+    };
+    let pool = b.kv_pool(1, kv_dim, bs, 3).unwrap();
+    let (k, v) = (
+        tensor(b, bs, kv_dim, &values(bs * kv_dim, 1)),
+        tensor(b, bs, kv_dim, &values(bs * kv_dim, 2)),
+    );
+    let q = tensor(b, 1, 2 * kv_dim, &values(2 * kv_dim, 3));
+    let span = |start, rows| SequenceRows { start, rows };
+    let mut source = b.kv_view(&pool, &[1]).unwrap();
+    b.kv_write(&mut [&mut source], &[span(0, 0..bs)], 0, &k, &v)
+        .unwrap();
+    b.kv_copy(&pool, 1, 2, 3).unwrap();
+    let mut copy = b.kv_view(&pool, &[2]).unwrap();
+    let attend = |kv: &mut quarry_gpu::GpuKv, pos| {
+        let mut out = tensor(b, 1, 2 * kv_dim, &[]);
+        b.attend(&spec, &[kv], &[span(pos, 0..1)], 0, &q, &mut out)
+            .unwrap();
+        b.read(&out, 0..1).unwrap()
+    };
+    // Position 2 sees positions 0..=2, all copied.
+    close(
+        &attend(&mut copy, 2),
+        &attend(&mut source, 2),
+        0.0,
+        "attention over a copy",
+    );
+    // Position 3 of the copy was not copied (zeros), so attention there differs.
+    assert_ne!(attend(&mut copy, 3), attend(&mut source, 3));
+    assert!(b.kv_copy(&pool, 1, 3, 2).is_err(), "block 3 of a pool of 3");
+    assert!(
+        b.kv_copy(&pool, 1, 2, bs + 1).is_err(),
+        "more positions than a block"
+    );
 }

@@ -11,7 +11,9 @@
 //! backend ([`crate::cpu::Cpu`]); its policies (8-bit decode rows, repacked panels, one pool
 //! dispatch for several products) stay inside its operations.
 
+use std::any::Any;
 use std::ops::Range;
+use std::sync::Arc;
 
 use quarry_kernels::{Matrix, WeightView};
 
@@ -21,7 +23,7 @@ use crate::cpu::CpuLayer;
 use crate::forward::{
     Ffn, GatedFfn, Layer, Layers, Linear, Program, RowPlan, SequenceInput, SequenceRows,
 };
-use crate::kv_cache::DeviceSlot;
+use crate::kv_cache::DeviceKv;
 use crate::model::{Loaded, NoObserver};
 use crate::ops::RopeTable;
 use crate::ModelError;
@@ -135,16 +137,101 @@ pub trait Backend {
     }
 }
 
-/// A backend that holds a model of its own: weights uploaded once, and each sequence's keys
-/// and values kept in a cache's [`DeviceSlot`].
+/// A backend that holds a model of its own: weights uploaded once, and keys and values in
+/// pools of blocks ([`DeviceBackend::kv_pool`]): an engine's pool shared by its sequences,
+/// or a cache's own pool of one block.
 pub trait DeviceBackend:
-    Backend<Kv: Send + Sync + 'static, Matrix: Send + Sync, Vector: Send + Sync> + Send + Sync + 'static
+    Backend<Matrix: Send + Sync, Vector: Send + Sync> + Send + Sync + 'static
 {
+    /// Keys and values of `blocks` blocks of positions.
+    type KvPool: Send + Sync + 'static;
     /// Uploads a weight matrix (`name` is for messages).
     fn matrix(&self, name: &str, view: WeightView<'_>) -> Result<Self::Matrix, ModelError>;
     fn vector(&self, name: &str, values: &[f32]) -> Result<Self::Vector, ModelError>;
-    /// Room for `capacity` positions of `layers` layers, `kv_dim` keys and values each.
-    fn kv(&self, layers: usize, kv_dim: usize, capacity: usize) -> Result<Self::Kv, ModelError>;
+    /// Room for `blocks` blocks of `block_size` positions of `layers` layers, `kv_dim` keys
+    /// and values each.
+    fn kv_pool(
+        &self,
+        layers: usize,
+        kv_dim: usize,
+        block_size: usize,
+        blocks: usize,
+    ) -> Result<Self::KvPool, ModelError>;
+    /// One sequence's keys and values: `blocks` of `pool`, in order (`blocks[i]` holds its
+    /// positions `i · block_size ..`).
+    fn kv_view(&self, pool: &Self::KvPool, blocks: &[usize]) -> Result<Self::Kv, ModelError>;
+    /// Copies the first `positions` positions of block `from` into block `to`, every layer.
+    fn kv_copy(
+        &self,
+        pool: &Self::KvPool,
+        from: usize,
+        to: usize,
+        positions: usize,
+    ) -> Result<(), ModelError>;
+}
+
+/// A device's pool of KV blocks ([`crate::Model::device_kv_pool`]), shared by the sequences
+/// of a paged cache: the engine hands out its blocks by index and shares full ones between
+/// sequences with the same prefix, as on the CPU.
+#[derive(Clone)]
+pub struct DeviceKvPool {
+    pages: Arc<dyn DevicePages>,
+    block_size: usize,
+    blocks: usize,
+}
+
+impl std::fmt::Debug for DeviceKvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceKvPool({} blocks of {} positions)",
+            self.blocks, self.block_size
+        )
+    }
+}
+
+impl DeviceKvPool {
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+    /// Copies the first `positions` positions of block `from` into block `to`, every layer
+    /// (a prefix reused up to the middle of a block).
+    pub fn copy_positions(
+        &self,
+        from: usize,
+        to: usize,
+        positions: usize,
+    ) -> Result<(), ModelError> {
+        if from.max(to) >= self.blocks || positions > self.block_size {
+            return Err(ModelError::Device(format!(
+                "{positions} positions from block {from} to {to} of {self:?}"
+            )));
+        }
+        self.pages.copy_positions(from, to, positions)
+    }
+}
+
+/// A pool and the device it lives on, behind a type-erased face.
+trait DevicePages: Send + Sync {
+    fn copy_positions(&self, from: usize, to: usize, positions: usize) -> Result<(), ModelError>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+struct PagesOf<B: DeviceBackend> {
+    device: Arc<DeviceModel<B>>,
+    pool: B::KvPool,
+}
+
+impl<B: DeviceBackend> DevicePages for PagesOf<B> {
+    fn copy_positions(&self, from: usize, to: usize, positions: usize) -> Result<(), ModelError> {
+        self.device.backend.kv_copy(&self.pool, from, to, positions)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
 /// Rows of logits one device product computes.
@@ -244,64 +331,99 @@ impl<B: DeviceBackend> DeviceModel<B> {
 /// backend.
 pub(crate) trait DeviceForward: Send + Sync {
     fn describe(&self) -> String;
-    /// The forward pass of a batch of sequences, each with its keys and values in its slot
-    /// (`slots[s]`: the slot and how many positions the device keeps for the sequence),
-    /// created there on first use; the `start` positions before a sequence's tokens must
-    /// already be in it. Returns the final-normed hidden states of every sequence's rows.
+    /// The forward pass of a batch of sequences, each with its keys and values where `kv[s]`
+    /// says (a cache's own buffers are made on first use); the `start` positions before a
+    /// sequence's tokens must already be there. Returns the final-normed hidden states of
+    /// every sequence's rows.
     fn forward(
         &self,
         w: &Loaded,
         batch: &[SequenceInput<'_>],
-        slots: Vec<(&mut DeviceSlot, usize)>,
+        kv: Vec<DeviceKv<'_>>,
     ) -> Result<Vec<f32>, ModelError>;
     fn logits(&self, cfg: &ModelConfig, hidden: &[f32]) -> Result<Vec<f32>, ModelError>;
+    /// A pool of `blocks` blocks of `block_size` positions on this device.
+    fn kv_pool(
+        self: Arc<Self>,
+        cfg: &ModelConfig,
+        block_size: usize,
+        blocks: usize,
+    ) -> Result<DeviceKvPool, ModelError>;
 }
 
-/// What a device backend keeps in a cache's [`DeviceSlot`]: its keys and values and how many
-/// positions they hold.
-struct SlotKv<K> {
-    kv: K,
+/// What a device backend keeps in a cache's [`crate::DeviceSlot`]: a pool of one block of
+/// `positions`.
+struct SlotKv<P> {
+    pool: P,
     positions: usize,
 }
 
 impl<B: DeviceBackend> DeviceModel<B> {
-    /// The keys and values in `slot` for a sequence whose tokens go at `start..end`, made
-    /// there (room for `positions`) when the sequence starts.
-    fn slot_kv<'s>(
+    /// The keys and values `kv` names for a sequence whose tokens go at `start..end`; a
+    /// cache's own are made when the sequence starts.
+    fn kv_view(
         &self,
         cfg: &ModelConfig,
-        slot: &'s mut DeviceSlot,
-        positions: usize,
+        kv: DeviceKv<'_>,
         start: usize,
         end: usize,
-    ) -> Result<&'s mut B::Kv, ModelError> {
-        if end > positions {
-            return Err(ModelError::ContextOverflow {
+    ) -> Result<B::Kv, ModelError> {
+        let overflow = |capacity| {
+            Err(ModelError::ContextOverflow {
                 needed: end,
-                capacity: positions,
-            });
-        }
-        let held = slot
-            .0
-            .as_ref()
-            .and_then(|k| k.downcast_ref::<SlotKv<B::Kv>>())
-            .is_some_and(|k| k.positions == positions);
-        if !held {
-            if start > 0 {
-                return Err(ModelError::Device(format!(
-                    "the KV cache holds {start} positions that are not on the {} device (a \
-                     cache filled on the CPU, or cloned)",
-                    self.backend.describe()
-                )));
+                capacity,
+            })
+        };
+        match kv {
+            DeviceKv::Own { slot, positions } => {
+                if end > positions {
+                    return overflow(positions);
+                }
+                let held = slot
+                    .0
+                    .as_ref()
+                    .and_then(|k| k.downcast_ref::<SlotKv<B::KvPool>>())
+                    .is_some_and(|k| k.positions == positions);
+                if !held {
+                    if start > 0 {
+                        return Err(ModelError::Device(format!(
+                            "the KV cache holds {start} positions that are not on the {} \
+                             device (a cache filled on the CPU, or cloned)",
+                            self.backend.describe()
+                        )));
+                    }
+                    let pool = self
+                        .backend
+                        .kv_pool(cfg.n_layers, cfg.kv_dim(), positions, 1)?;
+                    slot.0 = Some(Box::new(SlotKv { pool, positions }));
+                }
+                let own = slot
+                    .0
+                    .as_ref()
+                    .and_then(|k| k.downcast_ref::<SlotKv<B::KvPool>>())
+                    .expect("held or just stored");
+                self.backend.kv_view(&own.pool, &[0])
             }
-            let kv = self.backend.kv(cfg.n_layers, cfg.kv_dim(), positions)?;
-            slot.0 = Some(Box::new(SlotKv { kv, positions }));
+            DeviceKv::Pages { pool, blocks } => {
+                let capacity = blocks.len() * pool.block_size;
+                if end > capacity {
+                    return overflow(capacity);
+                }
+                let Some(pages) = pool.pages.as_any().downcast_ref::<PagesOf<B>>() else {
+                    return Err(ModelError::Device(format!(
+                        "a KV pool made for another device than {}",
+                        self.backend.describe()
+                    )));
+                };
+                if let Some(&b) = blocks.iter().find(|&&b| b >= pool.blocks) {
+                    return Err(ModelError::Device(format!(
+                        "block {b} of a pool of {}",
+                        pool.blocks
+                    )));
+                }
+                self.backend.kv_view(&pages.pool, &blocks)
+            }
         }
-        let held = slot
-            .0
-            .as_mut()
-            .and_then(|k| k.downcast_mut::<SlotKv<B::Kv>>());
-        Ok(&mut held.expect("held or just stored").kv)
     }
 }
 
@@ -314,23 +436,45 @@ impl<B: DeviceBackend> DeviceForward for DeviceModel<B> {
         &self,
         w: &Loaded,
         batch: &[SequenceInput<'_>],
-        slots: Vec<(&mut DeviceSlot, usize)>,
+        kv: Vec<DeviceKv<'_>>,
     ) -> Result<Vec<f32>, ModelError> {
-        let mut kv = Vec::with_capacity(batch.len());
-        for (s, (slot, positions)) in batch.iter().zip(slots) {
+        let mut views = Vec::with_capacity(batch.len());
+        for (s, kv) in batch.iter().zip(kv) {
             let end = s.start + s.tokens.len();
-            kv.push(self.slot_kv(&w.config, slot, positions, s.start, end)?);
+            views.push(self.kv_view(&w.config, kv, s.start, end)?);
         }
+        let mut views: Vec<&mut B::Kv> = views.iter_mut().collect();
         let program = Program {
             backend: &self.backend,
             model: w,
             layers: &self.layers as &Layers<B>,
             output_norm: &self.output_norm,
         };
-        program.forward(batch, &mut kv, &[], &mut NoObserver)
+        program.forward(batch, &mut views, &[], &mut NoObserver)
     }
 
     fn logits(&self, cfg: &ModelConfig, hidden: &[f32]) -> Result<Vec<f32>, ModelError> {
         DeviceModel::logits(self, cfg, hidden)
+    }
+
+    fn kv_pool(
+        self: Arc<Self>,
+        cfg: &ModelConfig,
+        block_size: usize,
+        blocks: usize,
+    ) -> Result<DeviceKvPool, ModelError> {
+        if block_size == 0 || blocks == 0 {
+            return Err(ModelError::Device(format!(
+                "a KV pool of {blocks} blocks of {block_size} positions"
+            )));
+        }
+        let pool = self
+            .backend
+            .kv_pool(cfg.n_layers, cfg.kv_dim(), block_size, blocks)?;
+        Ok(DeviceKvPool {
+            pages: Arc::new(PagesOf { device: self, pool }),
+            block_size,
+            blocks,
+        })
     }
 }

@@ -14,6 +14,8 @@ use std::ops::Range;
 use half::f16;
 use quarry_kernels::half_rows::narrow;
 
+use crate::backend::DeviceKvPool;
+
 /// Bytes a cache spends on one stored key or value (an `f16`).
 pub const KV_BYTES_PER_VALUE: usize = std::mem::size_of::<f16>();
 
@@ -45,12 +47,26 @@ pub trait KvCache {
     fn advance(&mut self, n: usize);
     /// Drops every position at or after `len` (to rewind or reuse a prefix).
     fn truncate(&mut self, len: usize);
-    /// Room for a device backend's own keys and values (a model on a GPU keeps them there
-    /// and this cache only counts positions), and how many positions the device should make
-    /// room for (at most [`KvCache::capacity`]); `None` for a cache that has none.
-    fn device_slot(&mut self) -> Option<(&mut DeviceSlot, usize)> {
+    /// Where a model on a device keeps this cache's keys and values (this cache then only
+    /// counts positions); `None` for a cache that has no room for them.
+    fn device_kv(&mut self) -> Option<DeviceKv<'_>> {
         None
     }
+}
+
+/// Where a device keeps one sequence's keys and values ([`KvCache::device_kv`]).
+pub enum DeviceKv<'a> {
+    /// Buffers of the cache's own, made in `slot` on first use, for `positions` positions.
+    Own {
+        slot: &'a mut DeviceSlot,
+        positions: usize,
+    },
+    /// Blocks of a pool shared with other sequences: `blocks[i]` holds positions
+    /// `i · block_size ..` of the sequence.
+    Pages {
+        pool: &'a DeviceKvPool,
+        blocks: Vec<usize>,
+    },
 }
 
 /// A device backend's keys and values for one sequence, held by the sequence's cache so they
@@ -142,7 +158,10 @@ impl KvCache for ContiguousKvCache {
         self.len = self.len.min(len);
     }
 
-    fn device_slot(&mut self) -> Option<(&mut DeviceSlot, usize)> {
-        Some((&mut self.device, self.capacity))
+    fn device_kv(&mut self) -> Option<DeviceKv<'_>> {
+        Some(DeviceKv::Own {
+            slot: &mut self.device,
+            positions: self.capacity,
+        })
     }
 }

@@ -20,7 +20,7 @@ pub mod ops;
 mod overlay;
 
 pub use attention::AttentionSpec;
-pub use backend::{Backend, DeviceBackend};
+pub use backend::{Backend, DeviceBackend, DeviceKvPool};
 pub use config::{
     Activation, ArchSpec, Experts, ModelConfig, QkNorm, RopeStyle, SlidingLayers, ARCHITECTURES,
 };
@@ -28,7 +28,7 @@ pub use error::ModelError;
 pub use export::{write_patched_model, DEFAULT_PATCHED_TYPE, PATCHED_TYPES};
 pub use ffn::{FeatureBlock, FeatureOwner, FfnFeatures, Router};
 pub use forward::{RowPlan, SequenceRows};
-pub use kv_cache::{ContiguousKvCache, DeviceSlot, KvCache, KV_BYTES_PER_VALUE};
+pub use kv_cache::{ContiguousKvCache, DeviceKv, DeviceSlot, KvCache, KV_BYTES_PER_VALUE};
 pub use lora::{read_adapter, write_adapter};
 pub use model::{AttentionWeights, FfnWeights, ForwardObserver, Model, SequenceBatch};
 pub use overlay::{FfnOverlay, LowRank, NeuronRows};

@@ -19,7 +19,7 @@ use quarry_kernels::{matmul_quantized, Matrix, QuantizedActivations, WeightView}
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::backend::{DeviceBackend, DeviceForward, DeviceModel};
+use crate::backend::{DeviceBackend, DeviceForward, DeviceKvPool, DeviceModel};
 use crate::config::{Experts, ModelConfig, QkNorm};
 use crate::cpu::{Cpu, CpuLayer};
 use crate::ffn::{FeatureBlock, FfnFeatures};
@@ -361,6 +361,19 @@ impl Model {
     /// The device the forward pass runs on, described (`None`: the CPU).
     pub fn device(&self) -> Option<String> {
         self.device.as_ref().map(|d| d.describe())
+    }
+
+    /// A pool of `blocks` KV blocks of `block_size` positions on the model's device, for a
+    /// paged cache whose sequences share them; `None` for a model on the CPU.
+    pub fn device_kv_pool(
+        &self,
+        block_size: usize,
+        blocks: usize,
+    ) -> Result<Option<DeviceKvPool>, ModelError> {
+        self.device
+            .as_ref()
+            .map(|d| Arc::clone(d).kv_pool(self.config(), block_size, blocks))
+            .transpose()
     }
 
     /// An error naming `what` when the model runs on a device, which does not do it.
@@ -709,8 +722,8 @@ impl Model {
         program.forward(inputs, &mut caches, &overlays, observer)
     }
 
-    /// [`Model::run`]'s forward pass on the model's device, whose keys and values each
-    /// sequence's cache holds in its [`crate::DeviceSlot`].
+    /// [`Model::run`]'s forward pass on the model's device, where each sequence's cache says
+    /// its keys and values are ([`KvCache::device_kv`]).
     fn run_on_device<C: KvCache + Sync>(
         &self,
         device: &dyn DeviceForward,
@@ -722,13 +735,13 @@ impl Model {
             if seq.overlay.is_some() {
                 self.refuse_on_device("edit overlays (LoRA adapters, patches)")?;
             }
-            let Some(slot) = seq.cache.device_slot() else {
+            let Some(kv) = seq.cache.device_kv() else {
                 return Err(ModelError::Device(format!(
                     "{} needs a KV cache with room for device buffers",
                     device.describe()
                 )));
             };
-            slots.push(slot);
+            slots.push(kv);
         }
         device.forward(&self.weights, inputs, slots)
     }
