@@ -18,7 +18,7 @@ use quarry_model::{Activation, AttentionSpec, ModelError, RopeStyle, RowPlan, Se
 
 use crate::context::Gpu;
 use crate::error::GpuError;
-use crate::gemv::{params_and_storage_layout, params_entry, GemvConfig, GpuMatrix, PARAMS_STRIDE};
+use crate::gemv::{params_and_storage_layout, params_entry, GpuMatrix, PARAMS_STRIDE};
 use crate::ops::{Op, WORKGROUP};
 
 /// Dispatches recorded before the encoder is submitted without waiting.
@@ -37,11 +37,68 @@ pub struct GpuTensor {
     buffer: wgpu::Buffer,
     rows: usize,
     cols: usize,
+    /// Where the buffer goes when the tensor is dropped (activations; `None` for weights).
+    spare: Option<Arc<Mutex<Spare>>>,
+}
+
+impl Drop for GpuTensor {
+    fn drop(&mut self) {
+        if let Some(spare) = &self.spare {
+            spare
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(self.buffer.clone());
+        }
+    }
+}
+
+/// Bytes of activation buffers kept for later tensors at most.
+const SPARE_BYTES: u64 = 128 << 20;
+
+/// Activation buffers no tensor holds, by size, for the next tensors of that size: a pass
+/// makes the same tensors as the one before it, so a steady decode makes none. A buffer given
+/// back while work is being recorded may still be read by that work: it is `pending` until
+/// the work is submitted. Any spare may be cleared by recorded work (which runs after its
+/// earlier holder's, in order), but only a `ready` one may be filled by a queued write, which
+/// the device runs before the open encoder's work.
+#[derive(Default)]
+struct Spare {
+    ready: HashMap<u64, Vec<wgpu::Buffer>>,
+    pending: HashMap<u64, Vec<wgpu::Buffer>>,
+    bytes: u64,
+}
+
+impl Spare {
+    /// A spare of `size` bytes; only a ready one when `ready_only`.
+    fn take(&mut self, size: u64, ready_only: bool) -> Option<wgpu::Buffer> {
+        let from = |map: &mut HashMap<u64, Vec<wgpu::Buffer>>| map.get_mut(&size)?.pop();
+        let buffer = match ready_only {
+            true => from(&mut self.ready),
+            false => from(&mut self.ready).or_else(|| from(&mut self.pending)),
+        }?;
+        self.bytes -= size;
+        Some(buffer)
+    }
+
+    fn put(&mut self, buffer: wgpu::Buffer) {
+        let size = buffer.size();
+        if self.bytes + size <= SPARE_BYTES {
+            self.bytes += size;
+            self.pending.entry(size).or_default().push(buffer);
+        }
+    }
+
+    /// The recorded work was submitted: every spare may be written by the queue.
+    fn submitted(&mut self) {
+        for (size, buffers) in self.pending.drain() {
+            self.ready.entry(size).or_default().extend(buffers);
+        }
+    }
 }
 
 /// A rotary table on the device: `[cos, sin]` per row and pair.
 pub struct GpuRotation {
-    buffer: wgpu::Buffer,
+    table: GpuTensor,
     rows: usize,
     /// Pairs per head (rotated dims / 2).
     half: usize,
@@ -65,9 +122,6 @@ pub struct GpuKvPool {
 pub struct GpuKv {
     keys: Vec<wgpu::Buffer>,
     values: Vec<wgpu::Buffer>,
-    /// The block table, on the host (for the rows `kv_write` stores to) and on the device
-    /// (for attention).
-    blocks: Vec<u32>,
     table: wgpu::Buffer,
     kv_dim: usize,
     block_size: usize,
@@ -79,10 +133,17 @@ pub struct GpuBackend {
     gpu: Gpu,
     recording: Mutex<Recording>,
     pipelines: Mutex<HashMap<Op, Arc<OpPipeline>>>,
-    /// The last pool rows `kv_write` stored to and their buffer: every layer of a pass stores
-    /// to the same rows, so a pass uploads them once.
-    store_rows: Mutex<Option<(Vec<u32>, wgpu::Buffer)>>,
+    spare: Arc<Mutex<Spare>>,
+    /// Each op's bind group for the buffers it was given (its parameters are at a dynamic
+    /// offset of the one parameter buffer): a steady pass binds the same buffers each time.
+    bind_groups: Mutex<HashMap<(Op, Vec<wgpu::Buffer>), wgpu::BindGroup>>,
+    /// Block tables uploaded lately, newest last: a sequence's stays the same from one pass to
+    /// the next until it takes another block.
+    indices: Mutex<Vec<(Vec<u32>, wgpu::Buffer)>>,
 }
+
+/// Block tables [`GpuBackend::indices`] keeps (a batch's, and some).
+const RECENT_INDICES: usize = 64;
 
 /// An op's pipeline and the layout of its bind group (parameters at a dynamic offset).
 struct OpPipeline {
@@ -90,9 +151,10 @@ struct OpPipeline {
     layout: wgpu::BindGroupLayout,
 }
 
-/// Work recorded and not yet submitted: the encoder, and the parameters of its ops, which
-/// go to the device in one buffer (`params`, mapped until the encoder is submitted) instead
-/// of one buffer per op.
+/// Work recorded and not yet submitted: the encoder, and the parameters of its ops. These go
+/// to the device in one buffer (`params`, one slot per op of an encoder, written when the
+/// encoder is submitted) instead of one buffer per op; the buffer stays the same from one
+/// encoder to the next, so an op's bind group can too.
 struct Recording {
     encoder: Option<wgpu::CommandEncoder>,
     dispatches: usize,
@@ -102,22 +164,23 @@ struct Recording {
 }
 
 impl Recording {
-    /// The encoder with every op's parameters in place, ready to submit; the recording is
-    /// left empty.
-    fn take(&mut self) -> Option<wgpu::CommandEncoder> {
-        if let Some(params) = self.params.take() {
-            // Fails only on a lost device, which the next check reports.
-            if let Ok(mut view) = params.slice(..).get_mapped_range_mut() {
-                let mut dst = view.slice(..);
-                dst.slice(..self.staged.len()).copy_from_slice(&self.staged);
-            }
-            params.unmap();
+    /// The encoder, ready to submit, with its ops' parameters queued for the device (a
+    /// queued write runs after the work submitted before it and before the encoder's); the
+    /// recording is left empty.
+    fn take(&mut self, queue: &wgpu::Queue, spare: &Mutex<Spare>) -> Option<wgpu::CommandEncoder> {
+        if let (Some(params), false) = (&self.params, self.staged.is_empty()) {
+            queue.write_buffer(params, 0, &self.staged);
         }
+        // Submitted right after this (under the recording lock the caller holds).
+        spare.lock().unwrap_or_else(|p| p.into_inner()).submitted();
         self.staged.clear();
         self.dispatches = 0;
         self.encoder.take()
     }
 }
+
+/// Bind groups of ops [`GpuBackend::dispatch`] keeps (all are dropped when there are more).
+const BIND_GROUPS: usize = 1024;
 
 fn device_error(e: GpuError) -> ModelError {
     ModelError::Device(format!("gpu: {e}"))
@@ -134,7 +197,9 @@ impl GpuBackend {
                 staged: Vec::new(),
             }),
             pipelines: Mutex::new(HashMap::new()),
-            store_rows: Mutex::new(None),
+            spare: Arc::default(),
+            bind_groups: Mutex::new(HashMap::new()),
+            indices: Mutex::new(Vec::new()),
         }
     }
 
@@ -169,7 +234,7 @@ impl GpuBackend {
         record(encoder);
         r.dispatches += dispatches;
         if r.dispatches >= DISPATCHES_PER_SUBMIT {
-            let encoder = r.take().expect("just used");
+            let encoder = r.take(self.gpu.queue(), &self.spare).expect("just used");
             self.gpu.queue().submit([encoder.finish()]);
         }
     }
@@ -223,10 +288,10 @@ impl GpuBackend {
         if r.params.is_none() {
             let params = self
                 .gpu
-                .create_buffer_mapped(
+                .create_buffer(
                     "op parameters",
                     (PARAMS_SLOTS * PARAMS_STRIDE) as u64,
-                    wgpu::BufferUsages::UNIFORM,
+                    wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
                 )
                 .map_err(device_error)?;
             r.params = Some(params);
@@ -234,24 +299,29 @@ impl GpuBackend {
         let offset = r.staged.len();
         r.staged.extend_from_slice(bytemuck::bytes_of(&params));
         r.staged.resize(offset + PARAMS_STRIDE, 0);
-        let mut entries = vec![params_entry(r.params.as_ref().expect("just made"))];
-        entries.extend(
-            buffers
-                .iter()
-                .enumerate()
-                .map(|(i, b)| wgpu::BindGroupEntry {
-                    binding: i as u32 + 1,
-                    resource: b.as_entire_binding(),
-                }),
-        );
-        let bind_group = self
-            .gpu
-            .device()
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("forward op"),
-                layout: &pipeline.layout,
-                entries: &entries,
-            });
+        let params_buffer = r.params.as_ref().expect("just made");
+        let key = (op, buffers.iter().map(|&b| b.clone()).collect::<Vec<_>>());
+        let bind_group =
+            {
+                let mut groups = self.bind_groups.lock().unwrap_or_else(|p| p.into_inner());
+                if groups.len() >= BIND_GROUPS && !groups.contains_key(&key) {
+                    groups.clear();
+                }
+                groups
+                    .entry(key)
+                    .or_insert_with(|| {
+                        let mut entries = vec![params_entry(params_buffer)];
+                        entries.extend(buffers.iter().enumerate().map(|(i, b)| {
+                            wgpu::BindGroupEntry {
+                                binding: i as u32 + 1,
+                                resource: b.as_entire_binding(),
+                            }
+                        }));
+                        self.gpu
+                            .bind_group("forward op", &pipeline.layout, &entries)
+                    })
+                    .clone()
+            };
         self.record_locked(&mut r, 1, |encoder| {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("forward op"),
@@ -325,7 +395,7 @@ impl quarry_model::DeviceBackend for GpuBackend {
     }
 
     fn vector(&self, name: &str, values: &[f32]) -> Result<GpuTensor, ModelError> {
-        self.buffer_tensor(1, values.len(), values)
+        self.buffer_tensor(1, values.len(), values, false)
             .map_err(|e| ModelError::Device(format!("{e} (vector '{name}')")))
     }
 
@@ -381,20 +451,10 @@ impl quarry_model::DeviceBackend for GpuBackend {
                 ))),
             })
             .collect::<Result<Vec<u32>, _>>()?;
-        let table_ids = table;
-        let table = self
-            .gpu
-            .create_buffer_with(
-                "KV block table",
-                bytemuck::cast_slice(&table_ids),
-                16,
-                wgpu::BufferUsages::STORAGE,
-            )
-            .map_err(device_error)?;
+        let table = self.indices(table)?;
         Ok(GpuKv {
             keys: pool.keys.clone(),
             values: pool.values.clone(),
-            blocks: table_ids,
             table,
             kv_dim: pool.kv_dim,
             block_size: pool.block_size,
@@ -446,32 +506,56 @@ impl quarry_model::DeviceBackend for GpuBackend {
 /// Helpers of the trait's operations: a tensor from values, one product, one rotation, one
 /// sequence's attention.
 impl GpuBackend {
-    /// A tensor of `rows × cols` holding `values` (zeros when `values` is empty).
+    /// A tensor of `rows × cols` holding `values` (zeros when `values` is empty); an
+    /// activation's buffer (`spare`) goes back to the spares when it is dropped.
     fn buffer_tensor(
         &self,
         rows: usize,
         cols: usize,
         values: &[f32],
+        spare: bool,
     ) -> Result<GpuTensor, ModelError> {
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
             | wgpu::BufferUsages::COPY_DST;
-        let buffer = match values.len() {
-            0 => self
-                .gpu
-                .create_buffer("activations", bytes_of(rows * cols), usage),
-            n if n == rows * cols => {
-                self.gpu
-                    .create_buffer_with("activations", bytemuck::cast_slice(values), 16, usage)
-            }
-            n => {
-                return Err(ModelError::Device(format!(
-                    "gpu: {n} values for a {rows}×{cols} tensor"
-                )))
-            }
+        if !values.is_empty() && values.len() != rows * cols {
+            return Err(ModelError::Device(format!(
+                "gpu: {} values for a {rows}×{cols} tensor",
+                values.len()
+            )));
         }
-        .map_err(device_error)?;
-        Ok(GpuTensor { buffer, rows, cols })
+        let size = bytes_of(rows * cols);
+        let reused = match spare {
+            true => self.take_spare(size, !values.is_empty()),
+            false => None,
+        };
+        let buffer = match (reused, values.is_empty()) {
+            (Some(buffer), true) => {
+                // Zeros, as a new buffer holds, after its earlier holder's work.
+                self.record(0, |e| e.clear_buffer(&buffer, 0, None));
+                buffer
+            }
+            (Some(buffer), false) => {
+                self.gpu
+                    .queue()
+                    .write_buffer(&buffer, 0, bytemuck::cast_slice(values));
+                buffer
+            }
+            (None, true) => self
+                .gpu
+                .create_buffer("activations", size, usage)
+                .map_err(device_error)?,
+            (None, false) => self
+                .gpu
+                .create_buffer_with("activations", bytemuck::cast_slice(values), 16, usage)
+                .map_err(device_error)?,
+        };
+        Ok(GpuTensor {
+            buffer,
+            rows,
+            cols,
+            spare: spare.then(|| self.spare.clone()),
+        })
     }
 
     /// `out ← x · wᵀ`.
@@ -488,7 +572,7 @@ impl GpuBackend {
             )));
         }
         let prepared = w
-            .prepare(&x.buffer, &out.buffer, x.rows, &GemvConfig::default())
+            .prepare_cached(&x.buffer, &out.buffer, x.rows)
             .map_err(device_error)?;
         self.record(prepared.dispatches(), |encoder| {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -500,24 +584,60 @@ impl GpuBackend {
         Ok(())
     }
 
-    /// A buffer holding `rows` (the one made last, when they are the same).
-    fn store_rows(&self, rows: Vec<u32>) -> Result<wgpu::Buffer, ModelError> {
-        let mut last = self.store_rows.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((held, buffer)) = last.as_ref() {
-            if *held == rows {
-                return Ok(buffer.clone());
-            }
+    fn take_spare(&self, size: u64, ready_only: bool) -> Option<wgpu::Buffer> {
+        self.spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(size, ready_only)
+    }
+
+    /// Room for `n` `f32` of scratch (whatever it holds), back with the spares once dropped;
+    /// sizes go up in powers of two, so one spare serves a sequence as it grows.
+    fn scratch(&self, n: usize) -> Result<GpuTensor, ModelError> {
+        let size = bytes_of(n).next_power_of_two();
+        let buffer = match self.take_spare(size, false) {
+            Some(buffer) => buffer,
+            None => self
+                .gpu
+                .create_buffer(
+                    "scratch",
+                    size,
+                    wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                )
+                .map_err(device_error)?,
+        };
+        Ok(GpuTensor {
+            buffer,
+            rows: n,
+            cols: 1,
+            spare: Some(self.spare.clone()),
+        })
+    }
+
+    /// A storage buffer holding `values` (one uploaded lately, when it held the same).
+    fn indices(&self, values: Vec<u32>) -> Result<wgpu::Buffer, ModelError> {
+        let mut recent = self.indices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = recent.iter().position(|(held, _)| *held == values) {
+            let entry = recent.remove(i);
+            let buffer = entry.1.clone();
+            recent.push(entry);
+            return Ok(buffer);
         }
         let buffer = self
             .gpu
             .create_buffer_with(
-                "KV rows",
-                bytemuck::cast_slice(&rows),
+                "indices",
+                bytemuck::cast_slice(&values),
                 16,
                 wgpu::BufferUsages::STORAGE,
             )
             .map_err(device_error)?;
-        *last = Some((rows, buffer.clone()));
+        if recent.len() == RECENT_INDICES {
+            recent.remove(0);
+        }
+        recent.push((values, buffer.clone()));
         Ok(buffer)
     }
 
@@ -555,7 +675,12 @@ impl GpuBackend {
             0,
             0,
         ];
-        self.dispatch(Op::Rope, params, &[&x.buffer, &rotation.buffer], (gx, gy))
+        self.dispatch(
+            Op::Rope,
+            params,
+            &[&x.buffer, &rotation.table.buffer],
+            (gx, gy),
+        )
     }
 
     /// Attention of one sequence's rows `span.rows` of `q` over its keys and values.
@@ -590,14 +715,7 @@ impl GpuBackend {
         let per = (MAX_SCORES / (heads * stride)).clamp(1, rows.max(1));
         let max_y = self.gpu.limits().max_compute_workgroups_per_dimension as usize;
         let per = per.min(max_y);
-        let scores = self
-            .gpu
-            .create_buffer(
-                "attention scores",
-                bytes_of(per * heads * stride),
-                wgpu::BufferUsages::STORAGE,
-            )
-            .map_err(device_error)?;
+        let scores = self.scratch(per * heads * stride)?;
         for first in (0..rows).step_by(per) {
             let params = [
                 kv.block_size as u32,
@@ -621,7 +739,7 @@ impl GpuBackend {
                     &kv.keys[layer],
                     &kv.values[layer],
                     &out.buffer,
-                    &scores,
+                    &scores.buffer,
                     &kv.table,
                 ],
                 (heads as u32, per.min(rows - first) as u32),
@@ -644,7 +762,7 @@ impl quarry_model::Backend for GpuBackend {
     }
 
     fn tensor(&self, plan: &RowPlan, cols: usize, values: &[f32]) -> Result<GpuTensor, ModelError> {
-        self.buffer_tensor(plan.rows, cols, values)
+        self.buffer_tensor(plan.rows, cols, values, true)
     }
 
     fn copy(&self, x: &GpuTensor, out: &mut GpuTensor) -> Result<(), ModelError> {
@@ -710,17 +828,10 @@ impl quarry_model::Backend for GpuBackend {
             return Err(ModelError::Device("gpu: a rotation of no sequence".into()));
         };
         let half = first.dims() / 2;
-        let buffer = self
-            .gpu
-            .create_buffer_with(
-                "rope table",
-                bytemuck::cast_slice(&cos_sin),
-                16,
-                wgpu::BufferUsages::STORAGE,
-            )
-            .map_err(device_error)?;
+        let values: &[f32] = bytemuck::cast_slice(&cos_sin);
+        let table = self.buffer_tensor(values.len(), 1, values, true)?;
         Ok(GpuRotation {
-            buffer,
+            table,
             rows: cos_sin.len().checked_div(half).unwrap_or(0),
             half,
             style: match first.style() {
@@ -764,44 +875,35 @@ impl quarry_model::Backend for GpuBackend {
                     k.rows, k.cols, seq.capacity, seq.kv_dim
                 )));
             }
-        }
-        // Sequences whose pools are the same buffers, and whose rows of `k` differ (as a
-        // batch's do), are stored by one dispatch.
-        let mut done = vec![false; kv.len()];
-        for first in 0..kv.len() {
-            if done[first] {
+            let pairs = k.cols / 2;
+            let n = span.rows.len() * pairs;
+            if n == 0 {
                 continue;
             }
-            // The pool row of every row of `k` this group stores (u32::MAX: none).
-            let mut rows = vec![u32::MAX; k.rows];
-            for s in first..kv.len() {
-                let (seq, span) = (&kv[s], &spans[s]);
-                let taken = span.rows.clone().any(|t| rows[t] != u32::MAX);
-                if done[s] || seq.keys.get(layer) != kv[first].keys.get(layer) || taken {
-                    continue;
-                }
-                done[s] = true;
-                let (start, rows_in) = (span.start, span.rows.clone());
-                let bs = seq.block_size;
-                for (t, pos) in rows_in.zip(start..) {
-                    rows[t] = seq.blocks[pos / bs] * bs as u32 + (pos % bs) as u32;
-                }
-            }
-            let pool = &kv[first];
-            let pairs = k.cols / 2;
-            let n = k.rows * pairs;
             let (gx, gy) = self.grid(n.div_ceil(WORKGROUP as usize))?;
-            let params = [n as u32, gx, pairs as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-            let rows = self.store_rows(rows)?;
+            let params = [
+                n as u32,
+                gx,
+                pairs as u32,
+                seq.block_size as u32,
+                span.rows.start as u32,
+                span.start as u32,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ];
             self.dispatch(
                 Op::KvStore,
                 params,
                 &[
                     &k.buffer,
                     &v.buffer,
-                    &rows,
-                    &pool.keys[layer],
-                    &pool.values[layer],
+                    &seq.table,
+                    &seq.keys[layer],
+                    &seq.values[layer],
                 ],
                 (gx, gy),
             )?;
@@ -859,7 +961,9 @@ impl quarry_model::Backend for GpuBackend {
         // after this one is never submitted before it.
         let readback = {
             let mut r = self.recording();
-            let encoder = r.take().unwrap_or_else(|| self.new_encoder("readback"));
+            let encoder = r
+                .take(self.gpu.queue(), &self.spare)
+                .unwrap_or_else(|| self.new_encoder("readback"));
             self.gpu
                 .submit_readback(encoder, &x.buffer, rows.start * x.cols, rows.len() * x.cols)
                 .map_err(device_error)?

@@ -2,6 +2,7 @@
 //! wgpu's callbacks into `GpuError`s, and the cache of compiled GEMV pipelines.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,7 +110,14 @@ pub(crate) struct Inner {
     pub(crate) pipelines: Mutex<Pipelines>,
     faults: Arc<Mutex<Faults>>,
     wait_timeout: Duration,
+    /// Buffers and bind groups made so far (what a pass costs the host; see `objects_made`).
+    made: AtomicU64,
+    /// Readback staging buffers done with, for the next reads of their size.
+    staging: Mutex<Vec<wgpu::Buffer>>,
 }
+
+/// Readback staging buffers [`Inner::staging`] keeps (a pass reads hidden states and logits).
+const SPARE_STAGING: usize = 4;
 
 /// A copy back to the host, submitted and not yet waited for.
 pub(crate) struct Readback {
@@ -252,6 +260,8 @@ impl Gpu {
                 pipelines: Mutex::new(HashMap::new()),
                 faults,
                 wait_timeout: options.wait_timeout,
+                made: AtomicU64::new(0),
+                staging: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -331,6 +341,29 @@ impl Gpu {
         Ok(out)
     }
 
+    /// Buffers and bind groups made through this handle so far: each costs the host time
+    /// (and a buffer device memory), so a steady decode step should make few.
+    pub fn objects_made(&self) -> u64 {
+        self.inner.made.load(Ordering::Relaxed)
+    }
+
+    /// A bind group (counted in [`Gpu::objects_made`]).
+    pub(crate) fn bind_group(
+        &self,
+        label: &'static str,
+        layout: &wgpu::BindGroupLayout,
+        entries: &[wgpu::BindGroupEntry<'_>],
+    ) -> wgpu::BindGroup {
+        self.inner.made.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(label),
+                layout,
+                entries,
+            })
+    }
+
     /// A buffer of `size` bytes (checked against the adapter's limits and for memory).
     pub fn create_buffer(
         &self,
@@ -339,6 +372,7 @@ impl Gpu {
         usage: wgpu::BufferUsages,
     ) -> Result<wgpu::Buffer> {
         self.check_size(what, size)?;
+        self.inner.made.fetch_add(1, Ordering::Relaxed);
         self.scoped(what, size, |d| {
             d.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(what),
@@ -357,6 +391,7 @@ impl Gpu {
         usage: wgpu::BufferUsages,
     ) -> Result<wgpu::Buffer> {
         self.check_size(what, size)?;
+        self.inner.made.fetch_add(1, Ordering::Relaxed);
         self.scoped(what, size, |d| {
             d.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(what),
@@ -487,11 +522,19 @@ impl Gpu {
         let staging = match n {
             0 => None,
             _ => {
-                let staging = self.create_buffer(
-                    "readback staging",
-                    bytes,
-                    wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                )?;
+                let spare = {
+                    let mut spare = self.inner.staging.lock().unwrap_or_else(|p| p.into_inner());
+                    let found = spare.iter().position(|b| b.size() == bytes);
+                    found.map(|i| spare.swap_remove(i))
+                };
+                let staging = match spare {
+                    Some(staging) => staging,
+                    None => self.create_buffer(
+                        "readback staging",
+                        bytes,
+                        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    )?,
+                };
                 encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes);
                 Some(staging)
             }
@@ -532,6 +575,11 @@ impl Gpu {
             bytemuck::pod_collect_to_vec::<u8, f32>(&view[..r.bytes as usize])
         };
         staging.unmap();
+        let mut spare = self.inner.staging.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() == SPARE_STAGING {
+            spare.remove(0);
+        }
+        spare.push(staging);
         Ok(out)
     }
 

@@ -1,7 +1,7 @@
 //! Weight matrices on the device and the GEMV `y[t][r] = Σ_c W[r][c] · x[t][c]` over them.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use quarry_format::GgmlType;
 
@@ -126,7 +126,22 @@ pub struct GpuMatrix {
     row_bytes: usize,
     layout: Layout,
     parts: Vec<Part>,
+    /// Decode-sized products prepared lately, newest last ([`GpuMatrix::prepare_cached`]).
+    recent: Mutex<Vec<Recent>>,
 }
+
+/// A product prepared for `x`, `y` and `tokens`, kept for the next call with the same: a
+/// decode step multiplies the same buffers as the one before it.
+struct Recent {
+    x: wgpu::Buffer,
+    y: wgpu::Buffer,
+    tokens: usize,
+    prepared: Arc<PreparedGemv>,
+}
+
+/// Prepared products a matrix keeps (their buffers are decode-sized: at most
+/// [`MAX_TOKENS_PER_PASS`] rows).
+const RECENT_PRODUCTS: usize = 4;
 
 /// Rows `first_row .. first_row + rows` of a matrix, in a buffer of their own.
 struct Part {
@@ -224,6 +239,7 @@ impl GpuMatrix {
             row_bytes,
             layout,
             parts,
+            recent: Mutex::new(Vec::new()),
         })
     }
 
@@ -296,6 +312,45 @@ impl GpuMatrix {
         });
         prepared.record(&mut pass);
         Ok(())
+    }
+
+    /// [`GpuMatrix::prepare`] with the default kernel, the same as last time for the same
+    /// buffers and a decode-sized token count (no new parameters or bindings).
+    pub fn prepare_cached(
+        &self,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        tokens: usize,
+    ) -> Result<Arc<PreparedGemv>> {
+        if tokens > MAX_TOKENS_PER_PASS {
+            return Ok(Arc::new(self.prepare(
+                x,
+                y,
+                tokens,
+                &GemvConfig::default(),
+            )?));
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = recent
+            .iter()
+            .position(|r| r.x == *x && r.y == *y && r.tokens == tokens)
+        {
+            let entry = recent.remove(i);
+            let prepared = entry.prepared.clone();
+            recent.push(entry);
+            return Ok(prepared);
+        }
+        let prepared = Arc::new(self.prepare(x, y, tokens, &GemvConfig::default())?);
+        if recent.len() == RECENT_PRODUCTS {
+            recent.remove(0);
+        }
+        recent.push(Recent {
+            x: x.clone(),
+            y: y.clone(),
+            tokens,
+            prepared: prepared.clone(),
+        });
+        Ok(prepared)
     }
 
     /// Pipelines, parameters and bindings for `y = W·x`, to be recorded into compute passes
@@ -525,31 +580,29 @@ impl GpuMatrix {
                 Some(b) => b.clone(),
                 None => {
                     let part = &self.parts[d.part].buffer;
-                    let b = Arc::new(gpu.scoped("binding a GEMV", 0, |dev| {
-                        dev.create_bind_group(&wgpu::BindGroupDescriptor {
-                            label: Some("gemv"),
-                            layout: &gpu.inner.layout,
-                            entries: &[
-                                params_entry(&params),
-                                wgpu::BindGroupEntry {
-                                    binding: 1,
-                                    resource: part.as_entire_binding(),
-                                },
-                                wgpu::BindGroupEntry {
-                                    binding: 2,
-                                    resource: part.as_entire_binding(),
-                                },
-                                wgpu::BindGroupEntry {
-                                    binding: 3,
-                                    resource: x.as_entire_binding(),
-                                },
-                                wgpu::BindGroupEntry {
-                                    binding: 4,
-                                    resource: y.as_entire_binding(),
-                                },
-                            ],
-                        })
-                    })?);
+                    let b = Arc::new(gpu.bind_group(
+                        "gemv",
+                        &gpu.inner.layout,
+                        &[
+                            params_entry(&params),
+                            wgpu::BindGroupEntry {
+                                binding: 1,
+                                resource: part.as_entire_binding(),
+                            },
+                            wgpu::BindGroupEntry {
+                                binding: 2,
+                                resource: part.as_entire_binding(),
+                            },
+                            wgpu::BindGroupEntry {
+                                binding: 3,
+                                resource: x.as_entire_binding(),
+                            },
+                            wgpu::BindGroupEntry {
+                                binding: 4,
+                                resource: y.as_entire_binding(),
+                            },
+                        ],
+                    ));
                     bind_groups[d.part] = Some(b.clone());
                     b
                 }

@@ -29,7 +29,7 @@ impl Op {
         match self {
             Op::Add | Op::Bias | Op::Gated | Op::RmsNorm | Op::Rope => &[false, true],
             Op::Softcap => &[false],
-            // k, v, the pool row of each row, the pool's keys, its values.
+            // k, v, block table, the pool's keys, its values.
             Op::KvStore => &[true, true, true, false, false],
             // The pool's keys, its values.
             Op::KvCopy => &[false, false],
@@ -166,12 +166,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 ";
 
-/// One invocation per pair of values of one row of `k` and `v` (`a.z` pairs a row, `a.x`
-/// pairs in all, `a.y` = groups_x): row `t` goes to row `rows[t]` of the pool (none where it
-/// is `u32::MAX`), as `f16` pairs.
+/// One invocation per pair of values of one row: rows `b.x ..` of `k` and `v` (`a.z` pairs
+/// each) go to positions `b.y ..` of the sequence, through its block table (`a.w` positions
+/// a block), as `f16` pairs. `a.x` pairs in all, `a.y` = groups_x.
 const KV_STORE: &str = "@group(0) @binding(1) var<storage, read> k: array<vec2<f32>>;
 @group(0) @binding(2) var<storage, read> v: array<vec2<f32>>;
-@group(0) @binding(3) var<storage, read> rows: array<u32>;
+@group(0) @binding(3) var<storage, read> tab: array<u32>;
 @group(0) @binding(4) var<storage, read_write> kc: array<u32>;
 @group(0) @binding(5) var<storage, read_write> vc: array<u32>;
 @compute @workgroup_size(64)
@@ -180,10 +180,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (i >= p.a.x) { return; }
     let t = i / p.a.z;
     let e = i % p.a.z;
-    let row = rows[t];
-    if (row == 0xFFFFFFFFu) { return; }
-    kc[row * p.a.z + e] = pack2x16float(k[i]);
-    vc[row * p.a.z + e] = pack2x16float(v[i]);
+    let pos = p.b.y + t;
+    let dst = (tab[pos / p.a.w] * p.a.w + pos % p.a.w) * p.a.z + e;
+    let src = (p.b.x + t) * p.a.z + e;
+    kc[dst] = pack2x16float(k[src]);
+    vc[dst] = pack2x16float(v[src]);
 }
 ";
 

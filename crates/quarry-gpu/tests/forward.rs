@@ -400,3 +400,32 @@ fn a_device_lost_mid_run_is_a_named_error() {
         .unwrap_err();
     assert!(err.to_string().contains("device lost"), "{err}");
 }
+
+/// A steady decode step makes few device objects: activations come back from earlier steps
+/// and a product's bindings are kept for the buffers it saw last. Each object costs the host
+/// time that, on a fast GPU, bounds how fast decode can go.
+#[test]
+fn a_decode_step_reuses_its_buffers_and_bindings() {
+    let Some(gpu) = test_gpu() else { return };
+    let file = Arc::new(GgufFile::open(family_dir("llama").join("model-f32.gguf")).unwrap());
+    let model = Model::load(file)
+        .unwrap()
+        .on_device(GpuBackend::new(gpu.clone()))
+        .unwrap();
+    let ids = family_ids("llama");
+    let mut cache = model.new_cache(ids.len() + 12);
+    model.forward(&ids, &mut cache, 0..1).unwrap();
+    let mut made = Vec::new();
+    for step in 0..8 {
+        let before = gpu.objects_made();
+        let pos = quarry_model::KvCache::len(&cache);
+        model
+            .forward(&ids[step..step + 1], &mut cache, 0..1)
+            .unwrap();
+        assert_eq!(quarry_model::KvCache::len(&cache), pos + 1);
+        made.push(gpu.objects_made() - before);
+    }
+    eprintln!("objects made per decode step: {made:?}");
+    // After the first steps (which make the spares), none.
+    assert!(made[3..].iter().all(|&n| n == 0), "{made:?}");
+}
