@@ -167,12 +167,10 @@ impl Recording {
     /// The encoder, ready to submit, with its ops' parameters queued for the device (a
     /// queued write runs after the work submitted before it and before the encoder's); the
     /// recording is left empty.
-    fn take(&mut self, queue: &wgpu::Queue, spare: &Mutex<Spare>) -> Option<wgpu::CommandEncoder> {
+    fn take(&mut self, queue: &wgpu::Queue) -> Option<wgpu::CommandEncoder> {
         if let (Some(params), false) = (&self.params, self.staged.is_empty()) {
             queue.write_buffer(params, 0, &self.staged);
         }
-        // Submitted right after this (under the recording lock the caller holds).
-        spare.lock().unwrap_or_else(|p| p.into_inner()).submitted();
         self.staged.clear();
         self.dispatches = 0;
         self.encoder.take()
@@ -234,8 +232,9 @@ impl GpuBackend {
         record(encoder);
         r.dispatches += dispatches;
         if r.dispatches >= DISPATCHES_PER_SUBMIT {
-            let encoder = r.take(self.gpu.queue(), &self.spare).expect("just used");
+            let encoder = r.take(self.gpu.queue()).expect("just used");
             self.gpu.queue().submit([encoder.finish()]);
+            self.submitted();
         }
     }
 
@@ -582,6 +581,15 @@ impl GpuBackend {
             prepared.record(&mut pass);
         });
         Ok(())
+    }
+
+    /// The recorded work was submitted (a queued write now runs after it): every spare is
+    /// ready. Called under the recording lock, after the submission.
+    fn submitted(&self) {
+        self.spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .submitted();
     }
 
     fn take_spare(&self, size: u64, ready_only: bool) -> Option<wgpu::Buffer> {
@@ -962,11 +970,14 @@ impl quarry_model::Backend for GpuBackend {
         let readback = {
             let mut r = self.recording();
             let encoder = r
-                .take(self.gpu.queue(), &self.spare)
+                .take(self.gpu.queue())
                 .unwrap_or_else(|| self.new_encoder("readback"));
-            self.gpu
+            let readback = self
+                .gpu
                 .submit_readback(encoder, &x.buffer, rows.start * x.cols, rows.len() * x.cols)
-                .map_err(device_error)?
+                .map_err(device_error)?;
+            self.submitted();
+            readback
         };
         self.gpu.finish_readback(readback).map_err(device_error)
     }
