@@ -55,45 +55,71 @@ impl Drop for GpuTensor {
 /// Bytes of activation buffers kept for later tensors at most.
 const SPARE_BYTES: u64 = 128 << 20;
 
-/// Activation buffers no tensor holds, by size, for the next tensors of that size: a pass
-/// makes the same tensors as the one before it, so a steady decode makes none. A buffer given
-/// back while work is being recorded may still be read by that work: it is `pending` until
-/// the work is submitted. Any spare may be cleared by recorded work (which runs after its
-/// earlier holder's, in order), but only a `ready` one may be filled by a queued write, which
-/// the device runs before the open encoder's work.
-#[derive(Default)]
+/// Activation buffers no tensor holds, for the next tensors of their size: a pass makes the
+/// same tensors as the one before it, so a steady decode makes none. A buffer given back while
+/// work is being recorded may still be read by that work: it is `pending` until the work is
+/// submitted. Any spare may be cleared by recorded work (which runs after its earlier
+/// holder's, in order), but only a `ready` one may be filled by a queued write, which the
+/// device runs before the open encoder's work. Over [`SPARE_BYTES`], the oldest go (and the
+/// bind groups that hold them).
 struct Spare {
-    ready: HashMap<u64, Vec<wgpu::Buffer>>,
-    pending: HashMap<u64, Vec<wgpu::Buffer>>,
+    /// Oldest first, in both.
+    ready: Vec<wgpu::Buffer>,
+    pending: Vec<wgpu::Buffer>,
     bytes: u64,
+    bind_groups: BindGroupCache,
 }
 
 impl Spare {
-    /// A spare of `size` bytes; only a ready one when `ready_only`.
+    /// The newest spare of `size` bytes; only a ready one when `ready_only`.
     fn take(&mut self, size: u64, ready_only: bool) -> Option<wgpu::Buffer> {
-        let from = |map: &mut HashMap<u64, Vec<wgpu::Buffer>>| map.get_mut(&size)?.pop();
+        let pick = |list: &mut Vec<wgpu::Buffer>| {
+            let i = list.iter().rposition(|b| b.size() == size)?;
+            Some(list.remove(i))
+        };
         let buffer = match ready_only {
-            true => from(&mut self.ready),
-            false => from(&mut self.ready).or_else(|| from(&mut self.pending)),
+            true => pick(&mut self.ready),
+            false => pick(&mut self.ready).or_else(|| pick(&mut self.pending)),
         }?;
         self.bytes -= size;
         Some(buffer)
     }
 
     fn put(&mut self, buffer: wgpu::Buffer) {
-        let size = buffer.size();
-        if self.bytes + size <= SPARE_BYTES {
-            self.bytes += size;
-            self.pending.entry(size).or_default().push(buffer);
+        self.bytes += buffer.size();
+        self.pending.push(buffer);
+        let mut evicted = Vec::new();
+        while self.bytes > SPARE_BYTES {
+            let list = match self.ready.is_empty() {
+                true => &mut self.pending,
+                false => &mut self.ready,
+            };
+            let old = list.remove(0);
+            self.bytes -= old.size();
+            evicted.push(old);
         }
+        forget(&self.bind_groups, &evicted);
     }
 
     /// The recorded work was submitted: every spare may be written by the queue.
     fn submitted(&mut self) {
-        for (size, buffers) in self.pending.drain() {
-            self.ready.entry(size).or_default().extend(buffers);
-        }
+        self.ready.append(&mut self.pending);
     }
+}
+
+/// Each op's bind group for the buffers it was given; see [`GpuBackend::dispatch`].
+type BindGroupCache = Arc<Mutex<HashMap<(Op, Vec<wgpu::Buffer>), wgpu::BindGroup>>>;
+
+/// Drops the cached bind groups that hold any of `buffers`, whose owner let them go (a bind
+/// group would keep a buffer's memory).
+fn forget(cache: &BindGroupCache, buffers: &[wgpu::Buffer]) {
+    if buffers.is_empty() {
+        return;
+    }
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(_, bound), _| !bound.iter().any(|b| buffers.contains(b)));
 }
 
 /// A rotary table on the device: `[cos, sin]` per row and pair.
@@ -115,6 +141,14 @@ pub struct GpuKvPool {
     kv_dim: usize,
     block_size: usize,
     blocks: usize,
+    bind_groups: BindGroupCache,
+}
+
+impl Drop for GpuKvPool {
+    fn drop(&mut self) {
+        let buffers: Vec<_> = self.keys.iter().chain(&self.values).cloned().collect();
+        forget(&self.bind_groups, &buffers);
+    }
 }
 
 /// A sequence's keys and values: its blocks of a pool, through a block table on the device
@@ -136,14 +170,15 @@ pub struct GpuBackend {
     spare: Arc<Mutex<Spare>>,
     /// Each op's bind group for the buffers it was given (its parameters are at a dynamic
     /// offset of the one parameter buffer): a steady pass binds the same buffers each time.
-    bind_groups: Mutex<HashMap<(Op, Vec<wgpu::Buffer>), wgpu::BindGroup>>,
+    /// Entries go when a buffer's owner lets it go (a KV pool dropped, a spare evicted).
+    bind_groups: BindGroupCache,
     /// Block tables uploaded lately, newest last: a sequence's stays the same from one pass to
     /// the next until it takes another block.
     indices: Mutex<Vec<(Vec<u32>, wgpu::Buffer)>>,
 }
 
 /// Block tables [`GpuBackend::indices`] keeps (a batch's, and some).
-const RECENT_INDICES: usize = 64;
+const RECENT_INDICES: usize = 512;
 
 /// An op's pipeline and the layout of its bind group (parameters at a dynamic offset).
 struct OpPipeline {
@@ -177,8 +212,10 @@ impl Recording {
     }
 }
 
-/// Bind groups of ops [`GpuBackend::dispatch`] keeps (all are dropped when there are more).
-const BIND_GROUPS: usize = 1024;
+/// Bind groups of ops [`GpuBackend::dispatch`] keeps (all are dropped when there are more):
+/// two a layer for each sequence of a batch (KV store and attention bind its blocks), and the
+/// rest, for batches of a few hundred sequences.
+const BIND_GROUPS: usize = 1 << 15;
 
 fn device_error(e: GpuError) -> ModelError {
     ModelError::Device(format!("gpu: {e}"))
@@ -186,6 +223,7 @@ fn device_error(e: GpuError) -> ModelError {
 
 impl GpuBackend {
     pub fn new(gpu: Gpu) -> Self {
+        let bind_groups = BindGroupCache::default();
         Self {
             gpu,
             recording: Mutex::new(Recording {
@@ -195,14 +233,27 @@ impl GpuBackend {
                 staged: Vec::new(),
             }),
             pipelines: Mutex::new(HashMap::new()),
-            spare: Arc::default(),
-            bind_groups: Mutex::new(HashMap::new()),
+            spare: Arc::new(Mutex::new(Spare {
+                ready: Vec::new(),
+                pending: Vec::new(),
+                bytes: 0,
+                bind_groups: bind_groups.clone(),
+            })),
+            bind_groups,
             indices: Mutex::new(Vec::new()),
         }
     }
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Bind groups of ops kept for later passes (a diagnostic: they hold their buffers).
+    pub fn bind_groups_held(&self) -> usize {
+        self.bind_groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     fn new_encoder(&self, label: &'static str) -> wgpu::CommandEncoder {
@@ -295,20 +346,14 @@ impl GpuBackend {
                 .map_err(device_error)?;
             r.params = Some(params);
         }
-        let offset = r.staged.len();
-        r.staged.extend_from_slice(bytemuck::bytes_of(&params));
-        r.staged.resize(offset + PARAMS_STRIDE, 0);
         let params_buffer = r.params.as_ref().expect("just made");
         let key = (op, buffers.iter().map(|&b| b.clone()).collect::<Vec<_>>());
         let bind_group =
             {
                 let mut groups = self.bind_groups.lock().unwrap_or_else(|p| p.into_inner());
-                if groups.len() >= BIND_GROUPS && !groups.contains_key(&key) {
-                    groups.clear();
-                }
-                groups
-                    .entry(key)
-                    .or_insert_with(|| {
+                match groups.get(&key) {
+                    Some(group) => group.clone(),
+                    None => {
                         let mut entries = vec![params_entry(params_buffer)];
                         entries.extend(buffers.iter().enumerate().map(|(i, b)| {
                             wgpu::BindGroupEntry {
@@ -316,11 +361,21 @@ impl GpuBackend {
                                 resource: b.as_entire_binding(),
                             }
                         }));
-                        self.gpu
-                            .bind_group("forward op", &pipeline.layout, &entries)
-                    })
-                    .clone()
+                        let group = self
+                            .gpu
+                            .bind_group("binding a forward op", &pipeline.layout, &entries)
+                            .map_err(device_error)?;
+                        if groups.len() >= BIND_GROUPS {
+                            groups.clear();
+                        }
+                        groups.insert(key, group.clone());
+                        group
+                    }
+                }
             };
+        let offset = r.staged.len();
+        r.staged.extend_from_slice(bytemuck::bytes_of(&params));
+        r.staged.resize(offset + PARAMS_STRIDE, 0);
         self.record_locked(&mut r, 1, |encoder| {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("forward op"),
@@ -335,15 +390,7 @@ impl GpuBackend {
 
     /// A 2-D grid of `n` workgroups, and its width (for kernels that flatten it).
     fn grid(&self, n: usize) -> Result<(u32, u32), ModelError> {
-        let max = self.gpu.limits().max_compute_workgroups_per_dimension as usize;
-        let x = n.clamp(1, max);
-        let y = n.div_ceil(x).max(1);
-        if y > max {
-            return Err(ModelError::Device(format!(
-                "gpu: {n} workgroups exceed what one dispatch may hold"
-            )));
-        }
-        Ok((x as u32, y as u32))
+        self.gpu.grid(n).map_err(device_error)
     }
 
     /// An element-wise `op` over every value of `x` (`extra`: its `a.z` parameter), with
@@ -413,7 +460,12 @@ impl quarry_model::DeviceBackend for GpuBackend {
         let bytes = (blocks as u64)
             .saturating_mul(block_size as u64)
             .saturating_mul(kv_dim as u64 * 2);
-        let limit = self.gpu.limits().max_storage_buffer_binding_size;
+        // The kernels index a pool in u32 words.
+        let limit = self
+            .gpu
+            .limits()
+            .max_storage_buffer_binding_size
+            .min(u32::MAX as u64);
         if bytes > limit {
             return Err(ModelError::Device(format!(
                 "gpu: {blocks} KV blocks of {block_size} positions need {} MiB per layer, \
@@ -436,6 +488,7 @@ impl quarry_model::DeviceBackend for GpuBackend {
             kv_dim,
             block_size,
             blocks,
+            bind_groups: self.bind_groups.clone(),
         })
     }
 

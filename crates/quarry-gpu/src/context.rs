@@ -341,27 +341,42 @@ impl Gpu {
         Ok(out)
     }
 
+    /// A 2-D grid of `n` workgroups, `x` within the adapter's limit per dimension (kernels
+    /// flatten it as `x + y · groups_x`).
+    pub(crate) fn grid(&self, n: usize) -> Result<(u32, u32)> {
+        let max = self.inner.limits.max_compute_workgroups_per_dimension as usize;
+        let x = n.clamp(1, max);
+        let y = n.div_ceil(x).max(1);
+        if y > max {
+            return Err(GpuError::Shape(format!(
+                "{n} workgroups exceed what one dispatch may hold"
+            )));
+        }
+        Ok((x as u32, y as u32))
+    }
+
     /// Buffers and bind groups made through this handle so far: each costs the host time
     /// (and a buffer device memory), so a steady decode step should make few.
     pub fn objects_made(&self) -> u64 {
         self.inner.made.load(Ordering::Relaxed)
     }
 
-    /// A bind group (counted in [`Gpu::objects_made`]).
+    /// A bind group (counted in [`Gpu::objects_made`]); a binding the device refuses is an
+    /// error here, not at the next check.
     pub(crate) fn bind_group(
         &self,
         label: &'static str,
         layout: &wgpu::BindGroupLayout,
         entries: &[wgpu::BindGroupEntry<'_>],
-    ) -> wgpu::BindGroup {
+    ) -> Result<wgpu::BindGroup> {
         self.inner.made.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
+        self.scoped(label, 0, |d| {
+            d.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(label),
                 layout,
                 entries,
             })
+        })
     }
 
     /// A buffer of `size` bytes (checked against the adapter's limits and for memory).

@@ -414,7 +414,7 @@ impl GpuMatrix {
         }
         let mut dispatches = Vec::new();
         for (pi, part) in self.parts.iter().enumerate() {
-            let (gx, gy) = self.grid(part.rows, rows_per_wg as usize)?;
+            let (gx, gy) = gpu.grid(part.rows.div_ceil(rows_per_wg as usize))?;
             for t0 in (0..tokens).step_by(MAX_TOKENS_PER_PASS) {
                 let n = (tokens - t0).min(MAX_TOKENS_PER_PASS);
                 let key = ShaderKey {
@@ -513,7 +513,9 @@ impl GpuMatrix {
             .iter()
             .enumerate()
             .map(|(pi, part)| {
-                let (gx, gy) = self.grid(part.rows, shader::GEMM_ROWS as usize)?;
+                let (gx, gy) = self
+                    .gpu
+                    .grid(part.rows.div_ceil(shader::GEMM_ROWS as usize))?;
                 Ok(Dispatch {
                     part: pi,
                     key,
@@ -525,21 +527,6 @@ impl GpuMatrix {
             })
             .collect::<Result<Vec<_>>>()?;
         self.bind(x, y, &dispatches)
-    }
-
-    /// Workgroups (x, y) for `rows` rows at `rows_per_group` each, x within the adapter's
-    /// per-dimension limit.
-    fn grid(&self, rows: usize, rows_per_group: usize) -> Result<(u32, u32)> {
-        let max_dim = self.gpu.limits().max_compute_workgroups_per_dimension as usize;
-        let groups = rows.div_ceil(rows_per_group);
-        let groups_x = groups.min(max_dim);
-        let groups_y = groups.div_ceil(groups_x);
-        if groups_y > max_dim {
-            return Err(GpuError::Shape(format!(
-                "{rows} rows need {groups} workgroups, more than this adapter dispatches"
-            )));
-        }
-        Ok((groups_x as u32, groups_y as u32))
     }
 
     /// Parameters, pipelines and one bind group per part for `dispatches`.
@@ -602,7 +589,7 @@ impl GpuMatrix {
                                 resource: y.as_entire_binding(),
                             },
                         ],
-                    ));
+                    )?);
                     bind_groups[d.part] = Some(b.clone());
                     b
                 }

@@ -244,3 +244,28 @@ fn a_block_copy_carries_its_positions() {
         "more positions than a block"
     );
 }
+
+/// The bind groups kept for a KV pool's buffers go with the pool, so a dropped cache's memory
+/// is not held by them.
+#[test]
+fn a_dropped_pool_takes_its_bind_groups_along() {
+    let Some(gpu) = test_gpu() else { return };
+    let b = GpuBackend::new(gpu);
+    let (kv_dim, bs) = (4, 2);
+    let held = b.bind_groups_held();
+    let pool = b.kv_pool(2, kv_dim, bs, 2).unwrap();
+    let mut kv = b.kv_view(&pool, &[1, 0]).unwrap();
+    let k = tensor(&b, 3, kv_dim, &values(3 * kv_dim, 4));
+    for layer in 0..2 {
+        let span = SequenceRows {
+            start: 0,
+            rows: 0..3,
+        };
+        b.kv_write(&mut [&mut kv], &[span], layer, &k, &k).unwrap();
+    }
+    b.read(&k, 0..1).unwrap();
+    assert_eq!(b.bind_groups_held(), held + 2, "one KV store a layer");
+    drop(kv);
+    drop(pool);
+    assert_eq!(b.bind_groups_held(), held);
+}

@@ -158,9 +158,10 @@ pub trait DeviceBackend:
         blocks: usize,
     ) -> Result<Self::KvPool, ModelError>;
     /// One sequence's keys and values: `blocks` of `pool`, in order (`blocks[i]` holds its
-    /// positions `i · block_size ..`).
+    /// positions `i · block_size ..`); an error for a block outside the pool.
     fn kv_view(&self, pool: &Self::KvPool, blocks: &[usize]) -> Result<Self::Kv, ModelError>;
-    /// Copies the first `positions` positions of block `from` into block `to`, every layer.
+    /// Copies the first `positions` positions of block `from` into block `to`, every layer
+    /// (an error for a block outside the pool, or more positions than a block holds).
     fn kv_copy(
         &self,
         pool: &Self::KvPool,
@@ -205,11 +206,6 @@ impl DeviceKvPool {
         to: usize,
         positions: usize,
     ) -> Result<(), ModelError> {
-        if from.max(to) >= self.blocks || positions > self.block_size {
-            return Err(ModelError::Device(format!(
-                "{positions} positions from block {from} to {to} of {self:?}"
-            )));
-        }
         self.pages.copy_positions(from, to, positions)
     }
 }
@@ -415,12 +411,6 @@ impl<B: DeviceBackend> DeviceModel<B> {
                         self.backend.describe()
                     )));
                 };
-                if let Some(&b) = blocks.iter().find(|&&b| b >= pool.blocks) {
-                    return Err(ModelError::Device(format!(
-                        "block {b} of a pool of {}",
-                        pool.blocks
-                    )));
-                }
                 self.backend.kv_view(&pages.pool, &blocks)
             }
         }
