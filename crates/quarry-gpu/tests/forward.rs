@@ -378,18 +378,25 @@ fn the_engine_on_the_gpu_equals_lone_gpu_sessions() {
     }
 }
 
-/// A device lost mid-run (destroyed here between two forward passes of one sequence) makes
-/// the next pass fail with one error naming the loss, never a hang or a panic; so does a new
-/// sequence on it.
-#[test]
-fn a_device_lost_mid_run_is_a_named_error() {
-    let Some(gpu) = test_gpu() else { return };
+/// The llama fixture family's model on the test GPU, the GPU handle and the fixture's ids.
+fn fixture_on_the_gpu() -> Option<(quarry_gpu::Gpu, Model, Vec<u32>)> {
+    let gpu = test_gpu()?;
     let file = Arc::new(GgufFile::open(family_dir("llama").join("model-f32.gguf")).unwrap());
     let model = Model::load(file)
         .unwrap()
         .on_device(GpuBackend::new(gpu.clone()))
         .unwrap();
-    let ids = family_ids("llama");
+    Some((gpu, model, family_ids("llama")))
+}
+
+/// A device lost mid-run (destroyed here between two forward passes of one sequence) makes
+/// the next pass fail with one error naming the loss, never a hang or a panic; so does a new
+/// sequence on it.
+#[test]
+fn a_device_lost_mid_run_is_a_named_error() {
+    let Some((gpu, model, ids)) = fixture_on_the_gpu() else {
+        return;
+    };
     let mut cache = model.new_cache(ids.len() + 1);
     model.forward(&ids, &mut cache, 0..1).unwrap();
     gpu.device().destroy();
@@ -406,13 +413,9 @@ fn a_device_lost_mid_run_is_a_named_error() {
 /// time that, on a fast GPU, bounds how fast decode can go.
 #[test]
 fn a_decode_step_reuses_its_buffers_and_bindings() {
-    let Some(gpu) = test_gpu() else { return };
-    let file = Arc::new(GgufFile::open(family_dir("llama").join("model-f32.gguf")).unwrap());
-    let model = Model::load(file)
-        .unwrap()
-        .on_device(GpuBackend::new(gpu.clone()))
-        .unwrap();
-    let ids = family_ids("llama");
+    let Some((gpu, model, ids)) = fixture_on_the_gpu() else {
+        return;
+    };
     let mut cache = model.new_cache(ids.len() + 12);
     model.forward(&ids, &mut cache, 0..1).unwrap();
     let mut made = Vec::new();

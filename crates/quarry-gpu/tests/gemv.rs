@@ -51,23 +51,22 @@ fn shapes(dtype: GgmlType) -> Vec<(usize, usize)> {
     out
 }
 
-fn all_shapes(config: GemvConfig) {
+/// `f(gpu, dtype, rows, cols, tokens, seed)` for every type, shape and token count.
+fn each_shape(tokens: &[usize], mut f: impl FnMut(&Gpu, GgmlType, usize, usize, usize, u64)) {
     let Some(gpu) = test_gpu() else { return };
     for (i, &dtype) in SUPPORTED.iter().enumerate() {
         for (j, &(rows, cols)) in shapes(dtype).iter().enumerate() {
-            for &tokens in &[1usize, 3, 8] {
-                check(
-                    &gpu,
-                    dtype,
-                    rows,
-                    cols,
-                    tokens,
-                    &config,
-                    (i * 1000 + j * 10 + tokens) as u64,
-                );
+            for &t in tokens {
+                f(&gpu, dtype, rows, cols, t, (i * 1000 + j * 10 + t) as u64);
             }
         }
     }
+}
+
+fn all_shapes(config: GemvConfig) {
+    each_shape(&[1, 3, 8], |gpu, dtype, rows, cols, tokens, seed| {
+        check(gpu, dtype, rows, cols, tokens, &config, seed)
+    });
 }
 
 #[test]
@@ -183,41 +182,22 @@ fn gemm_runs(gpu: &Gpu, dtype: GgmlType, cols: usize) -> bool {
 
 #[test]
 fn prompt_gemm_every_type_and_shape() {
-    let Some(gpu) = test_gpu() else { return };
-    for (i, &dtype) in SUPPORTED.iter().enumerate() {
-        for (j, &(rows, cols)) in shapes(dtype).iter().enumerate() {
-            // Within one token tile, a partial one, several (the last partial).
-            for &tokens in &[1usize, 5, 32, 70] {
-                if gemm_runs(&gpu, dtype, cols) {
-                    check(
-                        &gpu,
-                        dtype,
-                        rows,
-                        cols,
-                        tokens,
-                        &GEMM,
-                        (i * 1000 + j * 10 + tokens) as u64,
-                    );
-                } else {
-                    let m = GpuMatrix::upload(
-                        &gpu,
-                        dtype,
-                        rows,
-                        cols,
-                        &random_weights(dtype, rows, cols, 1).unwrap(),
-                    )
-                    .unwrap();
-                    let err = m
-                        .gemv_with(&vec![0.0; tokens * cols], tokens, &GEMM)
-                        .unwrap_err();
-                    assert!(
-                        err.to_string().contains("GEMM"),
-                        "{dtype:?} {rows}x{cols}: {err}"
-                    );
-                }
-            }
+    // Within one token tile, a partial one, several (the last partial).
+    each_shape(&[1, 5, 32, 70], |gpu, dtype, rows, cols, tokens, seed| {
+        if gemm_runs(gpu, dtype, cols) {
+            check(gpu, dtype, rows, cols, tokens, &GEMM, seed);
+        } else {
+            let bytes = random_weights(dtype, rows, cols, 1).unwrap();
+            let m = GpuMatrix::upload(gpu, dtype, rows, cols, &bytes).unwrap();
+            let err = m
+                .gemv_with(&vec![0.0; tokens * cols], tokens, &GEMM)
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("GEMM"),
+                "{dtype:?} {rows}x{cols}: {err}"
+            );
         }
-    }
+    });
 }
 
 #[test]
