@@ -21,7 +21,7 @@ use crate::attention::AttentionSpec;
 use crate::config::{Activation, ModelConfig};
 use crate::cpu::CpuLayer;
 use crate::forward::{
-    Ffn, GatedFfn, Layer, Layers, Linear, Program, RowPlan, SequenceInput, SequenceRows,
+    Ffn, GatedFfn, Layer, Layers, Linear, MoeFfn, Program, RowPlan, SequenceInput, SequenceRows,
 };
 use crate::kv_cache::DeviceKv;
 use crate::model::{Loaded, NoObserver};
@@ -265,12 +265,31 @@ impl<B: DeviceBackend> DeviceModel<B> {
             .enumerate()
             .map(|(i, layer): (usize, &CpuLayer)| {
                 let name = |s: &str| format!("blk.{i}.{s}");
-                let Ffn::Dense(ffn) = &layer.ffn else {
-                    return Err(ModelError::Device(format!(
-                        "layer {i} is a mixture of experts, which the {} backend does not run \
-                         yet (run it with --device cpu)",
-                        b.describe()
-                    )));
+                let gated = |what: &str, f: &GatedFfn<Matrix<'_>>| {
+                    Ok::<_, ModelError>(GatedFfn {
+                        gate: matrix(&name(&format!("{what}_gate")), &f.gate)?,
+                        up: matrix(&name(&format!("{what}_up")), &f.up)?,
+                        down: matrix(&name(&format!("{what}_down")), &f.down)?,
+                    })
+                };
+                // A router stays on the host, where experts are chosen.
+                let ffn = match &layer.ffn {
+                    Ffn::Dense(f) => Ffn::Dense(gated("ffn", f)?),
+                    Ffn::Experts(moe) => Ffn::Experts(MoeFfn {
+                        router: moe.router.clone(),
+                        experts: moe
+                            .experts
+                            .iter()
+                            .enumerate()
+                            .map(|(e, f)| gated(&format!("ffn_exps.{e}"), f))
+                            .collect::<Result<_, _>>()?,
+                        shared: moe
+                            .shared
+                            .as_ref()
+                            .map(|f| gated("ffn_shexp", f))
+                            .transpose()?,
+                        shared_gate: moe.shared_gate.clone(),
+                    }),
                 };
                 Ok(Layer {
                     attn_norm: vector(name("attn_norm"), &layer.attn_norm)?,
@@ -282,11 +301,7 @@ impl<B: DeviceBackend> DeviceModel<B> {
                     k_norm: vector(name("attn_k_norm"), &layer.k_norm)?,
                     post_attn_norm: vector(name("post_attention_norm"), &layer.post_attn_norm)?,
                     ffn_norm: vector(name("ffn_norm"), &layer.ffn_norm)?,
-                    ffn: Ffn::Dense(GatedFfn {
-                        gate: matrix(&name("ffn_gate"), &ffn.gate)?,
-                        up: matrix(&name("ffn_up"), &ffn.up)?,
-                        down: matrix(&name("ffn_down"), &ffn.down)?,
-                    }),
+                    ffn,
                     post_ffn_norm: vector(name("post_ffw_norm"), &layer.post_ffn_norm)?,
                 })
             })

@@ -355,6 +355,9 @@ impl<B: Backend> Program<'_, B> {
     /// together, and the weighted outputs summed (plus the gated shared expert, where there
     /// is one). An observer that wants them is shown the weighted activations of every
     /// expert's features (zeros where a row was not routed), then the shared expert's.
+    ///
+    /// Routing and the weighted sum run on the host (the router is a small `f32` matrix):
+    /// on a device that is one read of `h` and one of each expert's output per layer.
     fn experts(
         &self,
         index: usize,
@@ -371,14 +374,12 @@ impl<B: Backend> Program<'_, B> {
             .expect("a model with expert layers has experts");
         let router = moe.router(spec);
         let d = cfg.d_model;
-        let xn = b
-            .host(h)
-            .ok_or_else(|| off_host(b, "mixtures of experts"))?
-            .to_vec();
-        let n = xn.len() / d;
+        let xn = b.read(h, 0..plan.rows)?;
+        let n = plan.rows;
+        let observing = observer.observes_ffn_activations();
         let features =
             moe.experts.len() * spec.ff_dim + moe.shared.as_ref().map_or(0, |_| spec.shared_ff_dim);
-        let mut observed = match observer.observes_ffn_activations() {
+        let mut observed = match observing {
             true => vec![0.0f32; n * features],
             false => Vec::new(),
         };
@@ -405,21 +406,22 @@ impl<B: Backend> Program<'_, B> {
                 .iter()
                 .flat_map(|&r| xn[r * d..(r + 1) * d].iter().copied())
                 .collect();
-            let (out, hidden) = self.gated_ffn(ffn, &xe, spec.ff_dim, plan.select(&picked))?;
-            for ((&(row, weight), o), h) in rows
-                .iter()
-                .zip(out.chunks_exact(d))
-                .zip(hidden.chunks_exact(spec.ff_dim))
-            {
+            let (out, hidden) =
+                self.gated_ffn(ffn, &xe, spec.ff_dim, plan.select(&picked), observing)?;
+            for (i, (&(row, weight), o)) in rows.iter().zip(out.chunks_exact(d)).enumerate() {
                 y[row * d..(row + 1) * d]
                     .iter_mut()
                     .zip(o)
                     .for_each(|(a, b)| *a += weight * b);
-                observe(row, expert * spec.ff_dim, weight, h);
+                if let Some(hidden) = &hidden {
+                    let h = &hidden[i * spec.ff_dim..(i + 1) * spec.ff_dim];
+                    observe(row, expert * spec.ff_dim, weight, h);
+                }
             }
         }
         if let Some(shared) = &moe.shared {
-            let (out, hidden) = self.gated_ffn(shared, &xn, spec.shared_ff_dim, plan.clone())?;
+            let (out, hidden) =
+                self.gated_ffn(shared, &xn, spec.shared_ff_dim, plan.clone(), observing)?;
             for (row, ((yr, o), x)) in y
                 .chunks_exact_mut(d)
                 .zip(out.chunks_exact(d))
@@ -428,28 +430,28 @@ impl<B: Backend> Program<'_, B> {
             {
                 let g = router.shared_weight(x);
                 yr.iter_mut().zip(o).for_each(|(a, b)| *a += g * b);
-                let h = &hidden[row * spec.shared_ff_dim..(row + 1) * spec.shared_ff_dim];
-                observe(row, moe.experts.len() * spec.ff_dim, g, h);
+                if let Some(hidden) = &hidden {
+                    let h = &hidden[row * spec.shared_ff_dim..(row + 1) * spec.shared_ff_dim];
+                    observe(row, moe.experts.len() * spec.ff_dim, g, h);
+                }
             }
         }
         if !observed.is_empty() {
             observer.ffn_activations(index, &xn, &observed);
         }
-        b.host_mut(h)
-            .expect("read on the host above")
-            .copy_from_slice(&y);
-        Ok(())
+        b.copy(&b.tensor(plan, d, &y)?, h)
     }
 
     /// One gated FFN of hidden width `ff` over the rows `x`, multiplied as `plan` says: its
-    /// output and hidden activations, on the host.
+    /// output and (when `hidden`) its hidden activations, on the host.
     fn gated_ffn(
         &self,
         ffn: &GatedFfn<B::Matrix>,
         x: &[f32],
         ff: usize,
         plan: RowPlan,
-    ) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
+        hidden: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>), ModelError> {
         let b = self.backend;
         let cfg = &self.model.config;
         let rows = plan.rows;
@@ -459,7 +461,11 @@ impl<B: Backend> Program<'_, B> {
         b.gated_activation(&mut gate, &up, cfg.activation)?;
         let mut out = b.tensor(&plan, cfg.d_model, &[])?;
         b.matmul(&ffn.down, &gate, &mut out)?;
-        Ok((b.read(&out, 0..rows)?, b.read(&gate, 0..rows)?))
+        let hidden = match hidden {
+            true => Some(b.read(&gate, 0..rows)?),
+            false => None,
+        };
+        Ok((b.read(&out, 0..rows)?, hidden))
     }
 }
 
