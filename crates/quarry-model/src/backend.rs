@@ -127,7 +127,7 @@ pub trait Backend {
     /// Runs what was recorded and returns rows `rows` of `x`.
     fn read(&self, x: &Self::Tensor, rows: Range<usize>) -> Result<Vec<f32>, ModelError>;
     /// `x`'s values where they live on the host, for what reads and writes activations
-    /// there (observers, overlays, expert routing); `None` on a device.
+    /// there (observers, overlays); `None` on a device.
     fn host<'t>(&self, _x: &'t Self::Tensor) -> Option<&'t [f32]> {
         None
     }

@@ -12,8 +12,10 @@
 //! backend needs to multiply each row exactly as it would be multiplied alone (the CPU's
 //! 8-bit decode rows, each prompt's rows apart) travels with every tensor as its [`RowPlan`].
 //!
-//! Overlays, observers and experts read and write activations on the host
-//! ([`Backend::host`]); a backend that keeps them elsewhere refuses those by name.
+//! Overlays and observers read and write activations in place on the host
+//! ([`Backend::host`]); a backend that keeps them elsewhere refuses those by name. Experts
+//! are routed on the host too, but through [`Backend::read`] and a tensor written back, so
+//! they run on any backend.
 
 use std::ops::Range;
 
