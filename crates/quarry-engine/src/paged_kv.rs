@@ -351,44 +351,45 @@ impl BlockPool {
     fn copy_partial(&mut self, sequence: &mut PagedSequence, hash: u64, agreeing: usize) {
         let source = Arc::clone(&self.prefix[&hash].block);
         // Held here, the source cannot be evicted to make room for its own copy.
-        let mut copied = agreeing;
-        let block = match self.take_block() {
+        let (block, copied) = match self.take_block() {
             Some(mut block) => {
-                match &self.device {
-                    Some(device) => {
-                        // Where the copy fails (a lost device), the positions are computed
-                        // again, and the forward pass reports the device's state.
-                        if device
-                            .copy_positions(source.index, block.index, agreeing)
-                            .is_err()
-                        {
-                            copied = 0;
-                        }
-                    }
-                    None => {
-                        let len = agreeing * self.shape.kv_dim;
-                        for layer in 0..self.shape.n_layers {
-                            for values in [false, true] {
-                                let at = self.shape.offset(layer, values);
-                                block.data[at..at + len]
-                                    .copy_from_slice(&source.data[at..at + len]);
-                            }
-                        }
-                    }
-                }
-                block
+                let copied = self.copy_positions(&source, &mut block, agreeing);
+                (block, copied)
             }
             None => {
                 // The source is the only block that can be evicted: it becomes the copy, its
                 // positions already in place (later ones are overwritten before being read).
                 drop(source);
                 let cached = self.prefix.remove(&hash).expect("the source is cached");
-                Arc::into_inner(cached.block).expect("only the prefix cache held the source")
+                let block =
+                    Arc::into_inner(cached.block).expect("only the prefix cache held the source");
+                (block, agreeing)
             }
         };
         sequence.blocks.push(Arc::new(block));
         sequence.len += copied;
         self.outstanding -= 1;
+    }
+
+    /// Copies the first `positions` positions of `source` into `block` (every layer's keys
+    /// and values, wherever the pool keeps them); how many it copied. Where a device's copy
+    /// fails (a lost device) that is none: the positions are computed again, and the forward
+    /// pass reports the device's state.
+    fn copy_positions(&self, source: &KvBlock, block: &mut KvBlock, positions: usize) -> usize {
+        if let Some(device) = &self.device {
+            return match device.copy_positions(source.index, block.index, positions) {
+                Ok(()) => positions,
+                Err(_) => 0,
+            };
+        }
+        let len = positions * self.shape.kv_dim;
+        for layer in 0..self.shape.n_layers {
+            for values in [false, true] {
+                let at = self.shape.offset(layer, values);
+                block.data[at..at + len].copy_from_slice(&source.data[at..at + len]);
+            }
+        }
+        positions
     }
 
     /// Gives `sequence` the blocks it needs to hold `positions` positions.

@@ -20,6 +20,7 @@ use crate::context::Gpu;
 use crate::error::GpuError;
 use crate::gemv::{params_and_storage_layout, params_entry, GpuMatrix, PARAMS_STRIDE};
 use crate::ops::{Op, WORKGROUP};
+use crate::recent::Recent;
 
 /// Dispatches recorded before the encoder is submitted without waiting.
 const DISPATCHES_PER_SUBMIT: usize = 128;
@@ -51,6 +52,11 @@ impl Drop for GpuTensor {
         }
     }
 }
+
+/// How activation (and scratch) buffers are used: bound, copied from, cleared or written.
+const ACTIVATIONS: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
 
 /// Bytes of activation buffers kept for later tensors at most.
 const SPARE_BYTES: u64 = 128 << 20;
@@ -174,11 +180,11 @@ pub struct GpuBackend {
     bind_groups: BindGroupCache,
     /// Block tables uploaded lately, newest last: a sequence's stays the same from one pass to
     /// the next until it takes another block.
-    indices: Mutex<Vec<(Vec<u32>, wgpu::Buffer)>>,
+    tables: Mutex<Recent<(Vec<u32>, wgpu::Buffer)>>,
 }
 
-/// Block tables [`GpuBackend::indices`] keeps (a batch's, and some).
-const RECENT_INDICES: usize = 512;
+/// Block tables [`GpuBackend::block_table`] keeps (a batch's, and some).
+const RECENT_TABLES: usize = 512;
 
 /// An op's pipeline and the layout of its bind group (parameters at a dynamic offset).
 struct OpPipeline {
@@ -240,7 +246,7 @@ impl GpuBackend {
                 bind_groups: bind_groups.clone(),
             })),
             bind_groups,
-            indices: Mutex::new(Vec::new()),
+            tables: Mutex::new(Recent::new(RECENT_TABLES)),
         }
     }
 
@@ -503,7 +509,7 @@ impl quarry_model::DeviceBackend for GpuBackend {
                 ))),
             })
             .collect::<Result<Vec<u32>, _>>()?;
-        let table = self.indices(table)?;
+        let table = self.block_table(table)?;
         Ok(GpuKv {
             keys: pool.keys.clone(),
             values: pool.values.clone(),
@@ -567,9 +573,6 @@ impl GpuBackend {
         values: &[f32],
         spare: bool,
     ) -> Result<GpuTensor, ModelError> {
-        let usage = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST;
         if !values.is_empty() && values.len() != rows * cols {
             return Err(ModelError::Device(format!(
                 "gpu: {} values for a {rows}×{cols} tensor",
@@ -595,11 +598,11 @@ impl GpuBackend {
             }
             (None, true) => self
                 .gpu
-                .create_buffer("activations", size, usage)
+                .create_buffer("activations", size, ACTIVATIONS)
                 .map_err(device_error)?,
             (None, false) => self
                 .gpu
-                .create_buffer_with("activations", bytemuck::cast_slice(values), 16, usage)
+                .create_buffer_with("activations", bytemuck::cast_slice(values), 16, ACTIVATIONS)
                 .map_err(device_error)?,
         };
         Ok(GpuTensor {
@@ -660,13 +663,7 @@ impl GpuBackend {
             Some(buffer) => buffer,
             None => self
                 .gpu
-                .create_buffer(
-                    "scratch",
-                    size,
-                    wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_SRC
-                        | wgpu::BufferUsages::COPY_DST,
-                )
+                .create_buffer("scratch", size, ACTIVATIONS)
                 .map_err(device_error)?,
         };
         Ok(GpuTensor {
@@ -678,28 +675,24 @@ impl GpuBackend {
     }
 
     /// A storage buffer holding `values` (one uploaded lately, when it held the same).
-    fn indices(&self, values: Vec<u32>) -> Result<wgpu::Buffer, ModelError> {
-        let mut recent = self.indices.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = recent.iter().position(|(held, _)| *held == values) {
-            let entry = recent.remove(i);
-            let buffer = entry.1.clone();
-            recent.push(entry);
-            return Ok(buffer);
-        }
-        let buffer = self
-            .gpu
-            .create_buffer_with(
-                "indices",
-                bytemuck::cast_slice(&values),
-                16,
-                wgpu::BufferUsages::STORAGE,
-            )
-            .map_err(device_error)?;
-        if recent.len() == RECENT_INDICES {
-            recent.remove(0);
-        }
-        recent.push((values, buffer.clone()));
-        Ok(buffer)
+    fn block_table(&self, values: Vec<u32>) -> Result<wgpu::Buffer, ModelError> {
+        let mut recent = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, buffer) = recent.get_or_make(
+            |(held, _)| *held == values,
+            || {
+                let buffer = self
+                    .gpu
+                    .create_buffer_with(
+                        "KV block table",
+                        bytemuck::cast_slice(&values),
+                        16,
+                        wgpu::BufferUsages::STORAGE,
+                    )
+                    .map_err(device_error)?;
+                Ok::<_, ModelError>((values.clone(), buffer))
+            },
+        )?;
+        Ok(buffer.clone())
     }
 
     /// Rotates every `head_dim`-wide head of row `t` of `x` by the table's row `t`.

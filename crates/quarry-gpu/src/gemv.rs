@@ -7,6 +7,7 @@ use quarry_format::GgmlType;
 
 use crate::context::Gpu;
 use crate::error::{GpuError, Result};
+use crate::recent::Recent;
 use crate::shader::{self, Layout, ShaderKey};
 
 pub(crate) type PipelineKey = ShaderKey;
@@ -126,13 +127,13 @@ pub struct GpuMatrix {
     row_bytes: usize,
     layout: Layout,
     parts: Vec<Part>,
-    /// Decode-sized products prepared lately, newest last ([`GpuMatrix::prepare_cached`]).
-    recent: Mutex<Vec<Recent>>,
+    /// Decode-sized products prepared lately ([`GpuMatrix::prepare_cached`]).
+    recent: Mutex<Recent<Prepared>>,
 }
 
 /// A product prepared for `x`, `y` and `tokens`, kept for the next call with the same: a
 /// decode step multiplies the same buffers as the one before it.
-struct Recent {
+struct Prepared {
     x: wgpu::Buffer,
     y: wgpu::Buffer,
     tokens: usize,
@@ -239,7 +240,7 @@ impl GpuMatrix {
             row_bytes,
             layout,
             parts,
-            recent: Mutex::new(Vec::new()),
+            recent: Mutex::new(Recent::new(RECENT_PRODUCTS)),
         })
     }
 
@@ -331,26 +332,18 @@ impl GpuMatrix {
             )?));
         }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = recent
-            .iter()
-            .position(|r| r.x == *x && r.y == *y && r.tokens == tokens)
-        {
-            let entry = recent.remove(i);
-            let prepared = entry.prepared.clone();
-            recent.push(entry);
-            return Ok(prepared);
-        }
-        let prepared = Arc::new(self.prepare(x, y, tokens, &GemvConfig::default())?);
-        if recent.len() == RECENT_PRODUCTS {
-            recent.remove(0);
-        }
-        recent.push(Recent {
-            x: x.clone(),
-            y: y.clone(),
-            tokens,
-            prepared: prepared.clone(),
-        });
-        Ok(prepared)
+        let entry = recent.get_or_make(
+            |r| r.x == *x && r.y == *y && r.tokens == tokens,
+            || {
+                Ok::<_, GpuError>(Prepared {
+                    x: x.clone(),
+                    y: y.clone(),
+                    tokens,
+                    prepared: Arc::new(self.prepare(x, y, tokens, &GemvConfig::default())?),
+                })
+            },
+        )?;
+        Ok(entry.prepared.clone())
     }
 
     /// Pipelines, parameters and bindings for `y = W·x`, to be recorded into compute passes

@@ -24,6 +24,7 @@ mod context;
 mod error;
 mod gemv;
 mod ops;
+mod recent;
 pub mod reference;
 mod shader;
 

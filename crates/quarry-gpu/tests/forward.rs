@@ -430,3 +430,42 @@ fn a_decode_step_reuses_its_buffers_and_bindings() {
     // After the first steps (which make the spares), none.
     assert!(made[3..].iter().all(|&n| n == 0), "{made:?}");
 }
+
+/// A KV cache the device cannot bind is refused where it is asked for, naming the sizes: the
+/// engine's pool (as its `kv_bytes`), and a pool of no blocks.
+#[test]
+fn a_kv_cache_the_device_cannot_bind_is_refused_by_name() {
+    use quarry_engine::{Engine, EngineConfig};
+    let options = quarry_gpu::GpuOptions {
+        max_binding_bytes: Some(1 << 16),
+        ..quarry_gpu::GpuOptions::default()
+    };
+    let Ok(gpu) = quarry_gpu::Gpu::with_options(options) else {
+        assert!(test_gpu().is_none(), "an adapter exists but would not open");
+        return;
+    };
+    let file = Arc::new(GgufFile::open(family_dir("llama").join("model-f32.gguf")).unwrap());
+    let model = Model::load(file)
+        .unwrap()
+        .on_device(GpuBackend::new(gpu))
+        .unwrap();
+    let err = model.device_kv_pool(16, 0).unwrap_err().to_string();
+    assert!(err.contains("0 blocks"), "{err}");
+    let tokenizer = Tokenizer::from_gguf(model.file()).unwrap();
+    let config = EngineConfig {
+        parallel: 1,
+        context: 64,
+        kv_bytes: 64 << 20,
+        block_size: 16,
+        step_tokens: 16,
+        queue_timeout: std::time::Duration::from_secs(1),
+    };
+    let err = Engine::new(model, &tokenizer, config)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("kv_bytes") && err.contains("one binding"),
+        "{err}"
+    );
+}

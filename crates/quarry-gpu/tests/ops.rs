@@ -269,3 +269,15 @@ fn a_dropped_pool_takes_its_bind_groups_along() {
     drop(pool);
     assert_eq!(b.bind_groups_held(), held);
 }
+
+/// Pools and views the device cannot hold are refused by name: keys of an odd width (stored
+/// in pairs), a block outside the pool.
+#[test]
+fn kv_pools_and_views_out_of_shape_are_refused() {
+    let Some(b) = backend() else { return };
+    let err = b.kv_pool(1, 3, 4, 2).err().unwrap().to_string();
+    assert!(err.contains("keys of 3 values"), "{err}");
+    let pool = b.kv_pool(1, 4, 4, 2).unwrap();
+    let err = b.kv_view(&pool, &[1, 2]).err().unwrap().to_string();
+    assert!(err.contains("block 2 of a pool of 2"), "{err}");
+}

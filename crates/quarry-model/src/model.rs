@@ -730,20 +730,20 @@ impl Model {
         batch: &mut [SequenceBatch<'_, '_, C>],
         inputs: &[SequenceInput<'_>],
     ) -> Result<Vec<f32>, ModelError> {
-        let mut slots = Vec::with_capacity(batch.len());
+        let mut kv = Vec::with_capacity(batch.len());
         for seq in batch.iter_mut() {
             if seq.overlay.is_some() {
                 self.refuse_on_device("edit overlays (LoRA adapters, patches)")?;
             }
-            let Some(kv) = seq.cache.device_kv() else {
+            let Some(seq_kv) = seq.cache.device_kv() else {
                 return Err(ModelError::Device(format!(
                     "{} needs a KV cache with room for device buffers",
                     device.describe()
                 )));
             };
-            slots.push(kv);
+            kv.push(seq_kv);
         }
-        device.forward(&self.weights, inputs, slots)
+        device.forward(&self.weights, inputs, kv)
     }
 
     /// Projects final hidden states (from [`Model::forward_hidden`]) onto the vocabulary.
